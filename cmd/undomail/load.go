@@ -1,0 +1,65 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/undomail/undomail/internal/loadtest"
+	"github.com/undomail/undomail/internal/testbed"
+)
+
+func loadCmd() *cobra.Command {
+	o := loadtest.Options{Messages: 1000, Size: 4096, Sessions: 8, Rounds: 3}
+	var dir string
+	cmd := &cobra.Command{
+		Use:   "load",
+		Short: "Measure undomail's throughput against the upstream driven directly, in one run",
+		Long: `load starts a private Dovecot + Postfix with undomail in front (as demo does)
+and sends the same load with Postfix's smtp-source to the upstream directly and
+through undomail, alternating, then prints messages/s for both and the ratio.
+With --lmtp it compares undomail's LMTP capture with Dovecot's LMTP instead of
+the SMTP front door with Postfix's smtpd. Needs root and smtp-source (postfix).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if os.Geteuid() != 0 {
+				return errors.New("load must run as root: it starts a private Postfix")
+			}
+			if dir == "" {
+				var err error
+				if dir, err = os.MkdirTemp("", "undomail-load-"); err != nil {
+					return err
+				}
+				defer os.RemoveAll(dir)
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, Logger: logger})
+			if err != nil {
+				return err
+			}
+			defer tb.Stop()
+			res, err := loadtest.Measure(ctx, tb, o, cmd.OutOrStdout())
+			if err != nil {
+				return err
+			}
+			res.Report(cmd.OutOrStdout())
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&o.Messages, "messages", o.Messages, "messages per run")
+	f.IntVar(&o.Size, "size", o.Size, "message size in bytes")
+	f.IntVar(&o.Sessions, "sessions", o.Sessions, "concurrent sessions")
+	f.IntVar(&o.Rounds, "rounds", o.Rounds, "direct/undomail pairs of runs")
+	f.BoolVar(&o.Reuse, "reuse", false, "send each session's messages over one connection (smtp-source -d)")
+	f.BoolVar(&o.LMTP, "lmtp", false, "measure the LMTP capture against Dovecot's LMTP")
+	f.StringVar(&dir, "dir", "", "directory for the stack and log (default: a temporary one, removed afterwards)")
+	return cmd
+}

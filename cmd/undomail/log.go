@@ -1,0 +1,161 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+func logCmd() *cobra.Command {
+	var dataDir, user, since, until string
+	var kinds []string
+	var asJSON bool
+	var limit int
+	var after int64
+	cmd := &cobra.Command{
+		Use:   "log",
+		Short: "Print the verbs recorded in the undo log, with their outcomes",
+		Long: `log prints recorded verbs (intents) in sequence order, each with the
+outcome its client was given. A verb without an outcome was cut off by a crash
+between logging and answering: its client got no acknowledgement.
+
+--since and --until take RFC 3339 times ("2026-11-21T10:00:00Z"), dates
+("2026-11-21") or durations back from now ("90m", "48h").`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f := undolog.Filter{User: user, Kinds: kinds, AfterSeq: after, Limit: limit}
+			var err error
+			if f.Since, err = parseTime(since); err != nil {
+				return fmt.Errorf("--since: %w", err)
+			}
+			if f.Until, err = parseTime(until); err != nil {
+				return fmt.Errorf("--until: %w", err)
+			}
+			l, err := undolog.OpenReadOnly(dataDir)
+			if err != nil {
+				return err
+			}
+			defer l.Close()
+			verbs, err := l.Verbs(context.Background(), f)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return printVerbsJSON(cmd.OutOrStdout(), verbs)
+			}
+			printVerbs(cmd.OutOrStdout(), verbs)
+			return nil
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
+	fl.StringVar(&user, "user", "", "only verbs by or affecting this user (login name or address)")
+	fl.StringVar(&since, "since", "", "only verbs at or after this time")
+	fl.StringVar(&until, "until", "", "only verbs before this time")
+	fl.StringSliceVar(&kinds, "kind", nil, "only these verb kinds (smtp.submit, lmtp.deliver, ...)")
+	fl.Int64Var(&after, "after", 0, "only verbs with a sequence number above this one")
+	fl.IntVar(&limit, "limit", 0, "print at most this many verbs (0: all)")
+	fl.BoolVar(&asJSON, "json", false, "one JSON object per line")
+	return cmd
+}
+
+// parseTime accepts RFC 3339, a date, or a duration back from now.
+func parseTime(s string) (time.Time, error) {
+	if s == "" {
+		return time.Time{}, nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		return t, nil
+	}
+	if t, err := time.ParseInLocation(time.DateOnly, s, time.Local); err == nil {
+		return t, nil
+	}
+	if t, err := time.ParseInLocation(time.DateTime, s, time.Local); err == nil {
+		return t, nil
+	}
+	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
+		return time.Now().Add(-d), nil
+	}
+	return time.Time{}, fmt.Errorf("%q is not a time (2026-11-21T10:00:00Z, 2026-11-21, or a duration like 90m)", s)
+}
+
+// describe renders a verb's arguments and outcome for people. Verb kinds
+// the CLI does not know are shown as their raw JSON.
+func describe(v undolog.Verb) (what, outcome string) {
+	what = string(v.Args)
+	switch v.Kind {
+	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver:
+		var a proxy.DeliveryArgs
+		if json.Unmarshal(v.Args, &a) == nil {
+			what = a.Summary()
+		}
+	}
+	if v.Outcome == nil {
+		return what, "(no outcome: cut off before the client was answered)"
+	}
+	outcome = string(v.Outcome.Outcome)
+	switch v.Kind {
+	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver:
+		var o proxy.DeliveryOutcome
+		if json.Unmarshal(v.Outcome.Outcome, &o) == nil {
+			outcome = o.Summary()
+		}
+	}
+	return what, outcome
+}
+
+func printVerbs(w io.Writer, verbs []undolog.Verb) {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tUSER\tWHAT\tOUTCOME")
+	for _, v := range verbs {
+		what, outcome := describe(v)
+		user := v.User
+		if user == "" {
+			user = "-"
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", v.Seq, v.Time.Local().Format("2006-01-02 15:04:05.000"),
+			v.Kind, user, what, outcome)
+	}
+	tw.Flush()
+	if len(verbs) == 0 {
+		fmt.Fprintln(w, "(no verbs match)")
+	}
+}
+
+// verbJSON is the --json form of a verb: stable field names for scripts.
+type verbJSON struct {
+	Seq        int64           `json:"seq"`
+	Time       time.Time       `json:"time"`
+	User       string          `json:"user"`
+	Session    string          `json:"session"`
+	Kind       string          `json:"kind"`
+	Users      []string        `json:"users,omitempty"`
+	Blob       string          `json:"blob,omitempty"`
+	Args       json.RawMessage `json:"args,omitempty"`
+	OutcomeSeq int64           `json:"outcome_seq,omitempty"`
+	Outcome    json.RawMessage `json:"outcome,omitempty"`
+}
+
+func printVerbsJSON(w io.Writer, verbs []undolog.Verb) error {
+	enc := json.NewEncoder(w)
+	for _, v := range verbs {
+		j := verbJSON{Seq: v.Seq, Time: v.Time, User: v.User, Session: v.Session, Kind: v.Kind,
+			Users: v.Users, Blob: v.Blob, Args: v.Args}
+		if v.Outcome != nil {
+			j.OutcomeSeq, j.Outcome = v.Outcome.Seq, v.Outcome.Outcome
+		}
+		if err := enc.Encode(j); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+

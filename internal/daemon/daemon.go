@@ -1,0 +1,137 @@
+// Package daemon assembles what `undomail serve` runs: the undo log and the
+// listeners in front of the mail server. The demo and the end-to-end tests
+// run the same assembly in-process.
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+// ProbeTimeout bounds how long Start waits for an upstream to answer.
+const ProbeTimeout = 30 * time.Second
+
+// Daemon is a running undomail.
+type Daemon struct {
+	Log      *undolog.Log
+	SMTP     *proxy.SMTPProxy // nil when the front door is disabled
+	LMTP     *proxy.SMTPProxy // nil when delivery capture is disabled
+	SMTPAddr net.Addr
+	LMTPAddr net.Addr
+
+	logger *slog.Logger
+	errc   chan error
+}
+
+// Start opens the undo log, probes the upstreams and starts listening.
+// It returns once every listener accepts connections.
+func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daemon, err error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("invalid configuration:\n%w", err)
+	}
+	l, err := undolog.Open(cfg.DataDir, undolog.Options{Logger: logger})
+	if err != nil {
+		return nil, fmt.Errorf("open undo log: %w", err)
+	}
+	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 2)}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+	pctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
+	defer cancel()
+	if cfg.LMTP.Listen != "" {
+		d.LMTP, d.LMTPAddr, err = d.listen(pctx, cfg.LMTP.Listen, proxy.SMTPConfig{
+			Upstream:        cfg.LMTP.Upstream,
+			LMTP:            true,
+			Hostname:        cfg.Hostname,
+			MaxMessageBytes: cfg.LMTP.MaxMessageBytes,
+			UpstreamTimeout: time.Duration(cfg.LMTP.UpstreamTimeout),
+			ClientTimeout:   time.Duration(cfg.LMTP.ClientTimeout),
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	if cfg.SMTP.Listen != "" {
+		sc := proxy.SMTPConfig{
+			Upstream:          cfg.SMTP.Upstream,
+			Hostname:          cfg.Hostname,
+			MaxMessageBytes:   cfg.SMTP.MaxMessageBytes,
+			UpstreamTimeout:   time.Duration(cfg.SMTP.UpstreamTimeout),
+			ClientTimeout:     time.Duration(cfg.SMTP.ClientTimeout),
+			XClient:           cfg.SMTP.XClientEnabled(),
+			AllowInsecureAuth: cfg.SMTP.AllowInsecureAuth,
+		}
+		if cfg.SMTP.TLSCert != "" {
+			cert, err := tls.LoadX509KeyPair(cfg.SMTP.TLSCert, cfg.SMTP.TLSKey)
+			if err != nil {
+				return nil, fmt.Errorf("smtp.tls_cert/smtp.tls_key: %w", err)
+			}
+			sc.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		}
+		d.SMTP, d.SMTPAddr, err = d.listen(pctx, cfg.SMTP.Listen, sc)
+		if err != nil {
+			return nil, err
+		}
+	}
+	return d, nil
+}
+
+func (d *Daemon) listen(ctx context.Context, addr string, sc proxy.SMTPConfig) (*proxy.SMTPProxy, net.Addr, error) {
+	p, err := proxy.NewSMTP(ctx, sc, d.Log, d.logger)
+	if err != nil {
+		return nil, nil, err
+	}
+	// Listen ourselves: go-smtp's ListenAndServe in LMTP mode would create
+	// a Unix socket named after the address.
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	go func() { d.errc <- p.Serve(ln) }()
+	return p, ln.Addr(), nil
+}
+
+// Wait blocks until ctx ends or a listener fails.
+func (d *Daemon) Wait(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+		return nil
+	case err := <-d.errc:
+		if err == nil {
+			return errors.New("listener stopped")
+		}
+		return fmt.Errorf("listener failed: %w", err)
+	}
+}
+
+// ShutdownGrace is how long Close lets client connections finish.
+const ShutdownGrace = 10 * time.Second
+
+// Close stops the listeners (connections get ShutdownGrace to finish),
+// then closes the log after its pending appends are committed.
+func (d *Daemon) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), ShutdownGrace)
+	defer cancel()
+	var errs []error
+	for _, p := range []*proxy.SMTPProxy{d.SMTP, d.LMTP} {
+		if p != nil {
+			errs = append(errs, p.Close(ctx))
+		}
+	}
+	if d.Log != nil {
+		errs = append(errs, d.Log.Close())
+	}
+	return errors.Join(errs...)
+}

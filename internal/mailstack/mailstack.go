@@ -1,0 +1,301 @@
+// Package mailstack runs a private, self-contained Dovecot and Postfix on
+// loopback ports for tests and for the demo command.
+//
+// A Stack is one instance: Dovecot serves IMAP, LMTP and SASL auth from a
+// passwd-file with a master user; Postfix accepts SMTP for one virtual domain
+// and delivers it over LMTP, either to Dovecot or to a relay address (where
+// undomail's LMTP capture listener sits). Every file of the instance lives in
+// Options.Dir, except Dovecot's base_dir, which must be short because it holds
+// unix sockets (108-byte limit) and therefore lives in /run/umdc-<id>.
+//
+// Nothing is shared between instances, so several stacks can run at once,
+// in one process or in parallel test binaries. Running one requires root:
+// Postfix cannot run unprivileged, and Dovecot switches to the mail user.
+//
+// IMAP login names: a user logs in as the bare name ("alice") or as the full
+// address ("alice@example.test"); both map to the same mailbox because Dovecot
+// is configured with auth_username_format = %Ln. A master user logs in as
+// "alice*" + MasterUser with MasterPassword.
+package mailstack
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+)
+
+// User is a mailbox on the stack; its address is Name@Domain.
+type User struct{ Name, Password string }
+
+// Options configure Start. The zero value is usable except for Dir.
+type Options struct {
+	// Dir is the instance directory. It is created if missing, and it and
+	// its parents are made traversable (0755): Dovecot's and Postfix's
+	// unprivileged processes fail on a 0700 directory such as t.TempDir().
+	Dir string
+	// Domain is the virtual mailbox domain; default "example.test".
+	Domain string
+	// Users are the mailboxes; default alice, bob and carol, each with the
+	// password "secret-<name>".
+	Users []User
+	// LMTPRelay, if set, makes Postfix deliver to lmtp:inet:<LMTPRelay>
+	// instead of Dovecot's LMTP listener.
+	LMTPRelay string
+	// Logger receives the stack's own log lines; nil means slog.Default().
+	Logger *slog.Logger
+}
+
+// DefaultDomain is the virtual domain used when Options.Domain is empty.
+const DefaultDomain = "example.test"
+
+// DefaultUsers returns the users created when Options.Users is empty.
+func DefaultUsers() []User {
+	return []User{
+		{Name: "alice", Password: "secret-alice"},
+		{Name: "bob", Password: "secret-bob"},
+		{Name: "carol", Password: "secret-carol"},
+	}
+}
+
+// Stack is a running Dovecot + Postfix pair. Its fields are read-only.
+type Stack struct {
+	Dir, Domain string
+	Users       []User
+	// MasterUser and MasterPassword log in as any user over IMAP:
+	// login name "alice*"+MasterUser, password MasterPassword.
+	MasterUser, MasterPassword string
+	// IMAPAddr is Dovecot's IMAP listener, 127.0.0.1:port.
+	IMAPAddr string
+	// LMTPAddr is Dovecot's LMTP listener (TCP).
+	LMTPAddr string
+	// AuthAddr is Dovecot's auth listener that Postfix uses for SASL.
+	AuthAddr string
+	// SMTPAddr is Postfix's smtpd listener.
+	SMTPAddr string
+	// MailRoot holds the maildirs, at MailRoot/<user>/Maildir.
+	MailRoot string
+
+	id     string // random instance id: names base_dir and marks processes
+	logger *slog.Logger
+
+	dovecotConf    string // dovecot.conf path
+	dovecotBaseDir string // /run/umdc-<id>
+	postfixConf    string // Postfix config_directory
+	postfixQueue   string // Postfix queue_directory
+	logDir         string
+
+	mu      sync.Mutex
+	stopped bool
+}
+
+// Layout of the instance directory. Postfix's queue lives beside, never
+// inside, its config directory (postfix check rejects that).
+const (
+	dovecotSubdir      = "dovecot"
+	dovecotStateSubdir = "dovecot-state"
+	postfixSubdir      = "postfix"
+	postfixQueueSubdir = "postfix-queue"
+	postfixDataSubdir  = "postfix-data"
+	logSubdir          = "log"
+	mailSubdir         = "mail"
+
+	dovecotLogName = "dovecot.log"
+	postfixLogName = "postfix.log"
+	dovecotOutName = "dovecot.out" // stdio of the dovecot command
+	postfixOutName = "postfix.out" // stdio of the postfix command
+)
+
+// envMarker is set, with the instance id as value, in the environment of both
+// daemons; both pass it down to their children (import_environment), so the
+// processes of one instance can be found in /proc even after Dovecot's master
+// has exited and its imap children were reparented.
+const envMarker = "UNDOMAIL_MAILSTACK"
+
+// startTimeout bounds Start when ctx has no deadline.
+const startTimeout = 60 * time.Second
+
+// Start writes the configuration into opts.Dir, starts Dovecot and then
+// Postfix, and returns once both are ready. On failure it stops whatever it
+// started and returns an error that includes the tail of the relevant log.
+func Start(ctx context.Context, opts Options) (*Stack, error) {
+	if missing := Missing(); len(missing) > 0 {
+		return nil, fmt.Errorf("start mail stack: missing Debian packages %v", missing)
+	}
+	if os.Geteuid() != 0 {
+		return nil, errors.New("start mail stack: must run as root (Postfix cannot run unprivileged)")
+	}
+	if opts.Dir == "" {
+		return nil, errors.New("start mail stack: Options.Dir is empty")
+	}
+	if _, ok := ctx.Deadline(); !ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, startTimeout)
+		defer cancel()
+	}
+	dir, err := filepath.Abs(opts.Dir)
+	if err != nil {
+		return nil, fmt.Errorf("start mail stack: resolve dir %q: %w", opts.Dir, err)
+	}
+	if err := makeTraversable(dir); err != nil {
+		return nil, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	}
+
+	// Another process may grab one of our free ports between choosing it
+	// and the daemon binding it; retry with fresh ports in that case only.
+	const attempts = 3
+	for attempt := 1; ; attempt++ {
+		s, err := start(ctx, dir, opts)
+		if err == nil {
+			return s, nil
+		}
+		if attempt == attempts || !errors.Is(err, errPortInUse) || ctx.Err() != nil {
+			return nil, err
+		}
+		s.logger.Warn("mail stack port taken, retrying with new ports", "dir", dir, "attempt", attempt, "err", err)
+	}
+}
+
+// start makes one attempt at Start. It always returns a non-nil Stack so the
+// caller can log with it, already stopped on error.
+func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
+	begin := time.Now()
+	s := &Stack{
+		Dir:        dir,
+		Domain:     opts.Domain,
+		Users:      append([]User(nil), opts.Users...),
+		MasterUser: "master",
+		logger:     opts.Logger,
+	}
+	if s.Domain == "" {
+		s.Domain = DefaultDomain
+	}
+	if len(s.Users) == 0 {
+		s.Users = DefaultUsers()
+	}
+	if s.logger == nil {
+		s.logger = slog.Default()
+	}
+	var err error
+	if s.id, err = randomHex(8); err != nil {
+		return s, fmt.Errorf("start mail stack in %s: instance id: %w", dir, err)
+	}
+	if s.MasterPassword, err = randomHex(12); err != nil {
+		return s, fmt.Errorf("start mail stack in %s: master password: %w", dir, err)
+	}
+	s.MailRoot = filepath.Join(dir, mailSubdir)
+	s.logDir = filepath.Join(dir, logSubdir)
+	s.dovecotConf = filepath.Join(dir, dovecotSubdir, "dovecot.conf")
+	s.dovecotBaseDir = shortBaseDir(s.id)
+	s.postfixConf = filepath.Join(dir, postfixSubdir)
+	s.postfixQueue = filepath.Join(dir, postfixQueueSubdir)
+
+	ports, err := freePorts(4)
+	if err != nil {
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	}
+	s.IMAPAddr, s.LMTPAddr, s.AuthAddr, s.SMTPAddr = ports[0], ports[1], ports[2], ports[3]
+
+	if err := s.writeDovecotConfig(); err != nil {
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	}
+	relay := opts.LMTPRelay
+	if relay == "" {
+		relay = s.LMTPAddr
+	}
+	if err := s.writePostfixConfig(relay); err != nil {
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	}
+
+	if err := s.startDovecot(ctx); err != nil {
+		s.stopQuietly()
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	}
+	if err := s.startPostfix(ctx); err != nil {
+		s.stopQuietly()
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	}
+	s.logger.Info("mail stack started", "dir", dir, "imap", s.IMAPAddr, "smtp", s.SMTPAddr,
+		"lmtp", s.LMTPAddr, "auth", s.AuthAddr, "lmtp_relay", opts.LMTPRelay, "duration", time.Since(begin))
+	return s, nil
+}
+
+// stopQuietly stops a half-started stack; the start error is what matters.
+func (s *Stack) stopQuietly() {
+	if err := s.Stop(); err != nil {
+		s.logger.Warn("stop half-started mail stack", "dir", s.Dir, "err", err)
+	}
+}
+
+// Address returns user's mail address, user@Domain.
+func (s *Stack) Address(user string) string { return user + "@" + s.Domain }
+
+// Password returns user's password, or "" if there is no such user.
+func (s *Stack) Password(user string) string {
+	for _, u := range s.Users {
+		if u.Name == user {
+			return u.Password
+		}
+	}
+	return ""
+}
+
+// DovecotLog returns the path of Dovecot's log file.
+func (s *Stack) DovecotLog() string { return filepath.Join(s.logDir, dovecotLogName) }
+
+// PostfixLog returns the path of Postfix's log file (maillog_file).
+func (s *Stack) PostfixLog() string { return filepath.Join(s.logDir, postfixLogName) }
+
+// DovecotConfig returns the path of the dovecot.conf for `-c`.
+func (s *Stack) DovecotConfig() string { return s.dovecotConf }
+
+// PostfixConfigDir returns Postfix's config_directory for `-c`.
+func (s *Stack) PostfixConfigDir() string { return s.postfixConf }
+
+// Stop stops Postfix, then Dovecot, and waits until no process of this
+// instance is left, killing stragglers after a bounded wait. It removes
+// Dovecot's base_dir. Calling it again does nothing.
+func (s *Stack) Stop() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopped {
+		return nil
+	}
+	s.stopped = true
+	begin := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	var errs []error
+	if err := s.stopPostfix(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if err := s.stopDovecot(ctx); err != nil {
+		errs = append(errs, err)
+	}
+	if err := s.reapInstance(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := os.RemoveAll(s.dovecotBaseDir); err != nil {
+		errs = append(errs, fmt.Errorf("remove dovecot base_dir %s: %w", s.dovecotBaseDir, err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("stop mail stack in %s: %w", s.Dir, err)
+	}
+	s.logger.Info("mail stack stopped", "dir", s.Dir, "duration", time.Since(begin))
+	return nil
+}
+
+func randomHex(n int) (string, error) {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("read random bytes: %w", err)
+	}
+	return hex.EncodeToString(b), nil
+}

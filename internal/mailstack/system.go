@@ -1,0 +1,256 @@
+package mailstack
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// binaries maps each program the stack runs to the Debian package that
+// ships it.
+var binaries = []struct{ path, pkg string }{
+	{"/usr/sbin/dovecot", "dovecot-core"},
+	{"/usr/bin/doveadm", "dovecot-core"},
+	{"/usr/lib/dovecot/imap", "dovecot-imapd"},
+	{"/usr/lib/dovecot/lmtp", "dovecot-lmtpd"},
+	{"/usr/sbin/postfix", "postfix"},
+	{"/usr/sbin/postconf", "postfix"},
+}
+
+// Program paths. They are absolute so the stack works whatever PATH is
+// (/usr/sbin is often missing from a non-login PATH).
+const (
+	dovecotBin   = "/usr/sbin/dovecot"
+	doveadmBin   = "/usr/bin/doveadm"
+	postfixBin   = "/usr/sbin/postfix"
+	postconfBin  = "/usr/sbin/postconf"
+	postqueueBin = "/usr/sbin/postqueue"
+)
+
+// Missing returns the Debian packages the stack needs that are not
+// installed, each once; it is empty when everything is present.
+func Missing() []string {
+	var missing []string
+	seen := map[string]bool{}
+	for _, b := range binaries {
+		if seen[b.pkg] {
+			continue
+		}
+		if st, err := os.Stat(b.path); err != nil || st.Mode()&0o111 == 0 {
+			seen[b.pkg] = true
+			missing = append(missing, b.pkg)
+		}
+	}
+	return missing
+}
+
+// makeTraversable creates dir and adds r-x for group and others to it and to
+// every parent that lacks them. It only adds bits, so /tmp keeps its sticky
+// world-writable mode.
+func makeTraversable(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("create instance dir: %w", err)
+	}
+	for d := dir; ; d = filepath.Dir(d) {
+		st, err := os.Stat(d)
+		if err != nil {
+			return fmt.Errorf("stat %s: %w", d, err)
+		}
+		if mode := st.Mode().Perm(); mode&0o055 != 0o055 {
+			if err := os.Chmod(d, mode|0o755); err != nil {
+				return fmt.Errorf("make %s traversable: %w", d, err)
+			}
+		}
+		if d == filepath.Dir(d) {
+			return nil
+		}
+	}
+}
+
+// shortBaseDir returns Dovecot's base_dir for instance id. It holds unix
+// sockets, whose paths are limited to 108 bytes, so it cannot live in a test's
+// deep temporary directory.
+func shortBaseDir(id string) string {
+	if st, err := os.Stat("/run"); err == nil && st.IsDir() {
+		return "/run/umdc-" + id
+	}
+	return filepath.Join(os.TempDir(), "umdc-"+id)
+}
+
+// errPortInUse marks a start failure caused by a port taken between choosing
+// it and binding it; Start retries those.
+var errPortInUse = errors.New("port already in use")
+
+// freePorts returns n distinct free loopback addresses. All listeners stay
+// open until every port is chosen so the kernel cannot hand out one twice.
+func freePorts(n int) ([]string, error) {
+	addrs := make([]string, 0, n)
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, fmt.Errorf("find free loopback port: %w", err)
+		}
+		defer l.Close()
+		addrs = append(addrs, l.Addr().String())
+	}
+	return addrs, nil
+}
+
+// port returns the port part of a host:port address.
+func port(addr string) string {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return p
+}
+
+// run runs a short-lived command and returns its stdout; a failure includes
+// its stderr. Stdout and stderr are separate buffers, never pipes held by a
+// daemon: commands that daemonise get openDaemonOutput instead.
+func run(ctx context.Context, name string, args ...string) ([]byte, error) {
+	var stdout, stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	cmd.WaitDelay = 5 * time.Second
+	if err := cmd.Run(); err != nil {
+		return stdout.Bytes(), fmt.Errorf("%s %s: %w: %s", filepath.Base(name), strings.Join(args, " "),
+			err, strings.TrimSpace(stderr.String()+"\n"+stdout.String()))
+	}
+	return stdout.Bytes(), nil
+}
+
+// runDaemonCommand runs a command that daemonises (dovecot, postfix start)
+// with stdin from /dev/null and stdout/stderr appended to outPath: a daemon
+// that inherits a pipe keeps it open and the caller would hang reading it.
+func (s *Stack) runDaemonCommand(ctx context.Context, outPath string, name string, args ...string) error {
+	out, err := os.OpenFile(outPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", outPath, err)
+	}
+	defer out.Close()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.Env = append(os.Environ(), envMarker+"="+s.id)
+	s.logger.Debug("mail stack command", "cmd", name, "args", args)
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s %s: %w", filepath.Base(name), strings.Join(args, " "), err)
+	}
+	return nil
+}
+
+// logTail returns the last lines of the given files, labelled, for error
+// messages; unreadable files are skipped.
+func logTail(lines int, paths ...string) string {
+	var b strings.Builder
+	for _, p := range paths {
+		data, err := os.ReadFile(p)
+		if err != nil || len(bytes.TrimSpace(data)) == 0 {
+			continue
+		}
+		ls := strings.Split(strings.TrimRight(string(data), "\n"), "\n")
+		if len(ls) > lines {
+			ls = ls[len(ls)-lines:]
+		}
+		fmt.Fprintf(&b, "\n--- tail of %s ---\n%s", p, strings.Join(ls, "\n"))
+	}
+	return b.String()
+}
+
+// instancePIDs returns the processes that carry this instance's marker in
+// their environment: every Dovecot and Postfix process of the stack.
+func (s *Stack) instancePIDs() []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	want := []byte(envMarker + "=" + s.id)
+	var pids []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() {
+			continue
+		}
+		env, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
+		if err != nil {
+			continue // gone, or a zombie: nothing left to stop
+		}
+		for _, kv := range bytes.Split(env, []byte{0}) {
+			if bytes.Equal(kv, want) {
+				pids = append(pids, pid)
+				break
+			}
+		}
+	}
+	return pids
+}
+
+// Bounds for reapInstance. Dovecot's imap processes can outlive the master by
+// about 9 s; a stopped stack should not make every test wait that long, and
+// they hold nothing worth keeping once the master is gone.
+const (
+	gracefulExitWait = 3 * time.Second
+	termExitWait     = 3 * time.Second
+	killExitWait     = 2 * time.Second
+)
+
+// reapInstance waits for the instance's processes to exit after the daemons
+// were told to stop, then sends SIGTERM and finally SIGKILL to stragglers.
+func (s *Stack) reapInstance() error {
+	if s.waitNoProcesses(gracefulExitWait) {
+		return nil
+	}
+	for _, sig := range []struct {
+		sig  syscall.Signal
+		wait time.Duration
+	}{{syscall.SIGTERM, termExitWait}, {syscall.SIGKILL, killExitWait}} {
+		pids := s.instancePIDs()
+		s.logger.Warn("mail stack processes left after stop, signalling", "dir", s.Dir, "pids", pids, "signal", sig.sig)
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, sig.sig) // it may have exited meanwhile
+		}
+		if s.waitNoProcesses(sig.wait) {
+			return nil
+		}
+	}
+	return fmt.Errorf("processes %v still running after SIGKILL", s.instancePIDs())
+}
+
+// waitNoProcesses polls until no instance process is left or d has passed.
+func (s *Stack) waitNoProcesses(d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for {
+		if len(s.instancePIDs()) == 0 {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// waitFor polls check every interval until it returns nil or ctx ends, and
+// then returns check's last error.
+func waitFor(ctx context.Context, interval time.Duration, check func() error) error {
+	for {
+		err := check()
+		if err == nil {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+		case <-time.After(interval):
+		}
+	}
+}

@@ -1,0 +1,93 @@
+// Package testbed runs undomail the way it is deployed, in front of a
+// private mail stack: Postfix's smtpd behind undomail's SMTP front door,
+// and Postfix's deliveries through undomail's LMTP capture into Dovecot.
+// `undomail demo`, `undomail load` and the end-to-end tests share it.
+package testbed
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/daemon"
+	"github.com/undomail/undomail/internal/mailstack"
+)
+
+// Options configure Start.
+type Options struct {
+	// Dir holds the mail stack (Dir/stack) and the undo log (Dir/undo).
+	Dir string
+	// SMTPListen is the front door's address; default 127.0.0.1:0.
+	SMTPListen string
+	// Logger receives both undomail's and the stack's logs.
+	Logger *slog.Logger
+	// Tweak, if set, may change undomail's configuration before it starts.
+	Tweak func(*config.Config)
+}
+
+// Testbed is a running stack with undomail in front of it.
+type Testbed struct {
+	Stack  *mailstack.Stack
+	Daemon *daemon.Daemon
+	Config config.Config
+}
+
+// Start starts Dovecot and Postfix, then undomail (its LMTP capture needs
+// Dovecot's LMTP to probe), then points Postfix's deliveries at undomail.
+func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	if o.SMTPListen == "" {
+		o.SMTPListen = "127.0.0.1:0"
+	}
+	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger})
+	if err != nil {
+		return nil, err
+	}
+	tb := &Testbed{Stack: st}
+	defer func() {
+		if err != nil {
+			tb.Stop()
+		}
+	}()
+	cfg := config.Default()
+	cfg.DataDir = filepath.Join(o.Dir, "undo")
+	cfg.Hostname = "undomail.test"
+	cfg.SMTP.Listen = o.SMTPListen
+	cfg.SMTP.Upstream = st.SMTPAddr
+	cfg.SMTP.AllowInsecureAuth = true // loopback only
+	cfg.LMTP.Listen = "127.0.0.1:0"
+	cfg.LMTP.Upstream = st.LMTPAddr
+	if o.Tweak != nil {
+		o.Tweak(&cfg)
+	}
+	tb.Config = cfg
+	if tb.Daemon, err = daemon.Start(ctx, cfg, o.Logger); err != nil {
+		return nil, fmt.Errorf("start undomail: %w", err)
+	}
+	if tb.Daemon.LMTPAddr != nil {
+		if err := st.SetLMTPRelay(ctx, tb.Daemon.LMTPAddr.String()); err != nil {
+			return nil, fmt.Errorf("point Postfix at undomail's LMTP capture: %w", err)
+		}
+	}
+	return tb, nil
+}
+
+// SMTPAddr is the front door's address.
+func (tb *Testbed) SMTPAddr() string { return tb.Daemon.SMTPAddr.String() }
+
+// Stop stops undomail, then the stack.
+func (tb *Testbed) Stop() error {
+	var errs []error
+	if tb.Daemon != nil {
+		errs = append(errs, tb.Daemon.Close())
+	}
+	if tb.Stack != nil {
+		errs = append(errs, tb.Stack.Stop())
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,75 @@
+// Package testbedtest starts a testbed (mail stack with undomail in front)
+// for a test and stops it when the test ends.
+package testbedtest
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/mailstack"
+	"github.com/undomail/undomail/internal/testbed"
+)
+
+// Start starts a testbed in a fresh directory. tweak, if not nil, may
+// change undomail's configuration. Like mailstacktest it fails, never
+// skips, without root or packages: CI provides both.
+func Start(t testing.TB, tweak func(*config.Config)) *testbed.Testbed {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Fatalf("testbedtest: the mail stack needs root (Postfix cannot run unprivileged); run the tests as root")
+	}
+	if missing := mailstack.Missing(); len(missing) > 0 {
+		t.Fatalf("testbedtest: missing Debian packages; install them with: apt-get install --no-install-recommends %s",
+			strings.Join(missing, " "))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	level := slog.LevelWarn
+	if testing.Verbose() {
+		level = slog.LevelInfo
+	}
+	tw := &testWriter{t: t}
+	logger := slog.New(slog.NewTextHandler(tw, &slog.HandlerOptions{Level: level}))
+	tb, err := testbed.Start(ctx, testbed.Options{Dir: filepath.Join(t.TempDir(), "tb"), Logger: logger, Tweak: tweak})
+	if err != nil {
+		t.Fatalf("testbedtest: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := tb.Stop(); err != nil {
+			t.Errorf("testbedtest: stop: %v", err)
+		}
+		tw.close()
+	})
+	return tb
+}
+
+// testWriter sends log lines to t.Log, so they show with the failing test.
+// Lines from goroutines that outlive the test are dropped: t.Log after a
+// test ends panics.
+type testWriter struct {
+	mu   sync.Mutex
+	t    testing.TB
+	done bool
+}
+
+func (w *testWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.done {
+		w.t.Log(strings.TrimRight(string(p), "\n"))
+	}
+	return len(p), nil
+}
+
+func (w *testWriter) close() {
+	w.mu.Lock()
+	w.done = true
+	w.mu.Unlock()
+}

@@ -1,0 +1,325 @@
+package undolog
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+)
+
+// BlobRef names a committed blob.
+type BlobRef struct {
+	SHA256 string // lowercase hex; the blob's file name and Record.Blob
+	Size   int64  // bytes
+}
+
+// BlobWriter streams one blob into the store. Write hashes as it goes;
+// Commit makes the blob durable under its hash, Abort discards it. A writer
+// is not safe for concurrent use.
+type BlobWriter struct {
+	l    *Log
+	f    *os.File
+	h    hash.Hash
+	n    int64
+	err  error // first write error; Commit returns it
+	done bool
+}
+
+// NewBlob starts a blob in DIR/blobs/tmp. The caller must call Commit or
+// Abort. Errors wrap ErrFull or ErrUnavailable.
+func (l *Log) NewBlob() (*BlobWriter, error) {
+	l.mu.Lock()
+	closed, failed := l.closed, l.failed
+	l.mu.Unlock()
+	switch {
+	case closed:
+		return nil, fmt.Errorf("new blob in %s: %w", l.dir, ErrClosed)
+	case failed != nil:
+		return nil, fmt.Errorf("new blob in %s: %w", l.dir, failed)
+	}
+	f, err := os.CreateTemp(filepath.Join(l.dir, blobsName, tmpName), "blob-*")
+	if err != nil {
+		return nil, l.blobErr(fmt.Errorf("create temporary blob: %w", err))
+	}
+	return &BlobWriter{l: l, f: f, h: sha256.New()}, nil
+}
+
+// Write appends p to the blob.
+func (w *BlobWriter) Write(p []byte) (int, error) {
+	if w.done {
+		return 0, fmt.Errorf("write blob %s: writer already committed or aborted", w.f.Name())
+	}
+	if w.err != nil {
+		return 0, w.err
+	}
+	n, err := w.f.Write(p)
+	w.h.Write(p[:n])
+	w.n += int64(n)
+	if err != nil {
+		w.err = w.l.blobErr(fmt.Errorf("write blob %s: %w", w.f.Name(), err))
+		return n, w.err
+	}
+	return n, nil
+}
+
+// Commit fsyncs the blob and renames it to DIR/blobs/ab/<sha256>. If a blob
+// with that content already exists and verifies, it is kept and the new copy
+// dropped (deduplication); a corrupt existing copy is replaced. The rename is
+// made durable by the committer, which fsyncs the fan-out directory before it
+// commits any record naming the blob; until then the blob may vanish in a
+// crash, which is harmless because nothing refers to it yet.
+func (w *BlobWriter) Commit() (BlobRef, error) {
+	if w.done {
+		return BlobRef{}, fmt.Errorf("commit blob %s: writer already committed or aborted", w.f.Name())
+	}
+	w.done = true
+	tmp := w.f.Name()
+	if w.err != nil {
+		w.f.Close()
+		os.Remove(tmp)
+		return BlobRef{}, w.err
+	}
+	if err := w.f.Sync(); err != nil {
+		w.f.Close()
+		os.Remove(tmp)
+		return BlobRef{}, w.l.blobErr(fmt.Errorf("fsync blob %s: %w", tmp, err))
+	}
+	if err := w.f.Close(); err != nil {
+		os.Remove(tmp)
+		return BlobRef{}, w.l.blobErr(fmt.Errorf("close blob %s: %w", tmp, err))
+	}
+	ref := BlobRef{SHA256: hex.EncodeToString(w.h.Sum(nil)), Size: w.n}
+	final := w.l.blobPath(ref.SHA256)
+
+	got, _, err := hashFile(final)
+	switch {
+	case err == nil && got == ref.SHA256:
+		os.Remove(tmp)
+		return ref, nil
+	case err == nil:
+		w.l.logger.Warn("existing blob corrupted, replacing it with the identical new copy", "blob", ref.SHA256, "computed", got)
+	case !errors.Is(err, fs.ErrNotExist):
+		os.Remove(tmp)
+		return BlobRef{}, w.l.blobErr(fmt.Errorf("verify existing blob %s: %w", final, err))
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		os.Remove(tmp)
+		return BlobRef{}, w.l.blobErr(fmt.Errorf("rename blob %s to %s: %w", tmp, final, err))
+	}
+	return ref, nil
+}
+
+// Abort discards the blob. It is a no-op after Commit or a previous Abort.
+func (w *BlobWriter) Abort() error {
+	if w.done {
+		return nil
+	}
+	w.done = true
+	w.f.Close()
+	if err := os.Remove(w.f.Name()); err != nil {
+		return fmt.Errorf("abort blob %s: %w", w.f.Name(), err)
+	}
+	return nil
+}
+
+// blobErr classifies a blob store error. An I/O error fails the whole log:
+// the blob store and the records share a disk, and after a failed fsync the
+// state of neither is known.
+func (l *Log) blobErr(err error) error {
+	c := classify(err)
+	if c != classFatal {
+		return wrapClass(c, err)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.failed == nil {
+		l.failed = &FailedError{Cause: err}
+		l.logger.Error("undo log failed on the blob store; refusing all appends until reopened", "err", err)
+	}
+	return l.failed
+}
+
+// OpenBlob opens a committed blob for streaming. The content is hashed while
+// it is read; the Read that reaches the end returns an error wrapping
+// ErrChecksumMismatch (a *ChecksumError) instead of io.EOF if the content
+// does not hash to sha. A missing blob is an error wrapping fs.ErrNotExist.
+func (l *Log) OpenBlob(sha string) (io.ReadCloser, error) {
+	if !validBlobName(sha) {
+		return nil, fmt.Errorf("open blob %q: not a sha256 hex name", sha)
+	}
+	f, err := os.Open(l.blobPath(sha))
+	if err != nil {
+		return nil, fmt.Errorf("open blob %s: %w", sha, err)
+	}
+	return &blobReader{f: f, h: sha256.New(), name: sha}, nil
+}
+
+// ReadBlob reads a whole blob and verifies it, see OpenBlob. Use it only for
+// blobs known to be small.
+func (l *Log) ReadBlob(sha string) ([]byte, error) {
+	r, err := l.OpenBlob(sha)
+	if err != nil {
+		return nil, err
+	}
+	defer r.Close()
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	return b, nil
+}
+
+// blobReader verifies a blob's hash when the read reaches the end.
+type blobReader struct {
+	f    *os.File
+	h    hash.Hash
+	name string
+	err  error // sticky final result: io.EOF or the checksum error
+}
+
+func (r *blobReader) Read(p []byte) (int, error) {
+	if r.err != nil {
+		return 0, r.err
+	}
+	n, err := r.f.Read(p)
+	r.h.Write(p[:n])
+	if err == io.EOF {
+		if got := hex.EncodeToString(r.h.Sum(nil)); got != r.name {
+			r.err = fmt.Errorf("read blob %s: %w", r.f.Name(), &ChecksumError{Blob: r.name, Stored: r.name, Computed: got})
+		} else {
+			r.err = io.EOF
+		}
+		return n, r.err
+	}
+	if err != nil {
+		return n, fmt.Errorf("read blob %s: %w", r.f.Name(), err)
+	}
+	return n, nil
+}
+
+func (r *blobReader) Close() error { return r.f.Close() }
+
+// blobPath returns DIR/blobs/ab/abcd...; sha must be valid.
+func (l *Log) blobPath(sha string) string {
+	return filepath.Join(l.dir, blobsName, sha[:2], sha)
+}
+
+// validBlobName reports whether s is 64 lowercase hex digits.
+func validBlobName(s string) bool { return len(s) == 64 && isLowerHex(s) }
+
+// isLowerHex reports whether s is non-empty lowercase hex.
+func isLowerHex(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+			return false
+		}
+	}
+	return true
+}
+
+// hashFile streams a file through SHA-256.
+func hashFile(path string) (string, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return "", n, fmt.Errorf("read %s: %w", path, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), n, nil
+}
+
+// prepareDirs creates the directory layout, including all 256 fan-out
+// directories up front: then a blob's durability only ever needs an fsync of
+// its fan-out directory, never of a directory created on the fly.
+func prepareDirs(dir string) error {
+	_, statErr := os.Stat(dir)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return fmt.Errorf("create directory: %w", err)
+	}
+	blobs := filepath.Join(dir, blobsName)
+	newBlobs, err := mkdir(blobs)
+	if err != nil {
+		return err
+	}
+	changed := false
+	subs := []string{tmpName}
+	for i := range 256 {
+		subs = append(subs, fmt.Sprintf("%02x", i))
+	}
+	for _, s := range subs {
+		c, err := mkdir(filepath.Join(blobs, s))
+		if err != nil {
+			return err
+		}
+		changed = changed || c
+	}
+	if changed {
+		if err := syncDir(blobs); err != nil {
+			return err
+		}
+	}
+	if newBlobs {
+		if err := syncDir(dir); err != nil {
+			return err
+		}
+	}
+	if errors.Is(statErr, fs.ErrNotExist) {
+		return syncDir(filepath.Dir(dir))
+	}
+	return nil
+}
+
+// mkdir creates path unless it exists and reports whether it did.
+func mkdir(path string) (bool, error) {
+	err := os.Mkdir(path, 0o750)
+	if err == nil {
+		return true, nil
+	}
+	if errors.Is(err, fs.ErrExist) {
+		if fi, serr := os.Stat(path); serr == nil && fi.IsDir() {
+			return false, nil
+		}
+	}
+	return false, fmt.Errorf("create directory: %w", err)
+}
+
+// removeTempBlobs deletes everything in DIR/blobs/tmp: blobs that were being
+// written when the process stopped and were never committed, so no record can
+// refer to them.
+func removeTempBlobs(dir string) (int, error) {
+	tmp := filepath.Join(dir, blobsName, tmpName)
+	entries, err := os.ReadDir(tmp)
+	if err != nil {
+		return 0, fmt.Errorf("list temporary blobs: %w", err)
+	}
+	for i, e := range entries {
+		if err := os.RemoveAll(filepath.Join(tmp, e.Name())); err != nil {
+			return i, fmt.Errorf("remove temporary blob: %w", err)
+		}
+	}
+	return len(entries), nil
+}
+
+// probeWritable creates and removes a file in dir, so a read-only file system
+// is reported by Open rather than by the first client's append.
+func probeWritable(dir string) error {
+	f, err := os.CreateTemp(dir, "probe-*")
+	if err != nil {
+		return err
+	}
+	name := f.Name()
+	f.Close()
+	return os.Remove(name)
+}

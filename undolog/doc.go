@@ -1,0 +1,24 @@
+// Package undolog is undomail's undo log: an append-only, hash-chained record
+// of every user intent (verb) the proxy forwarded, plus a content-addressed
+// store for the message blobs those verbs carry.
+//
+// On disk a log is a directory:
+//
+//	DIR/undo.db                 SQLite (WAL, synchronous=FULL): records, meta
+//	DIR/blobs/ab/<sha256 hex>   message blobs, fanned out by the first two hex digits
+//	DIR/blobs/tmp/              blobs being written; leftovers are crash debris
+//	DIR/HEAD                    "<seq> <sum hex>\n" of the last committed record
+//	DIR/LOCK                    flock held by the one process that has the log open
+//
+// The log is write-ahead for the proxy: a client is told OK only after
+// [Log.Append] returned nil, and Append returns only after the records are
+// committed and fsynced. Concurrent appends share one transaction and one
+// fsync (group commit), see [Log.Stats].
+//
+// Every record carries the SHA-256 of its own content and of the previous
+// record's sum, so a changed byte, a missing record or a lost tail is
+// detectable; [Check] reports all of them for `undomail fsck`. The approach
+// follows seeds/001 (protocol-aware recovery): detect corruption with
+// checksums and tell it apart from a torn tail after a crash, never trust the
+// file system blindly.
+package undolog

@@ -1,0 +1,682 @@
+package undolog
+
+import (
+	"context"
+	"database/sql"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	_ "github.com/mattn/go-sqlite3" // registers the "sqlite3" driver
+)
+
+// File names inside a log directory.
+const (
+	dbName    = "undo.db"
+	headName  = "HEAD"
+	lockName  = "LOCK"
+	blobsName = "blobs"
+	tmpName   = "tmp"
+)
+
+// schemaVersion is stored in meta.schema_version; Open refuses other versions
+// so a later migration can never be skipped by an old binary.
+const schemaVersion = 1
+
+// defaultMaxBatch caps the records in one group commit so one transaction (and
+// the latency of everyone waiting on it) stays bounded.
+const defaultMaxBatch = 1024
+
+const schema = `
+CREATE TABLE IF NOT EXISTS meta (
+	key   TEXT PRIMARY KEY,
+	value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS records (
+	seq      INTEGER PRIMARY KEY,  -- rowid: paging by seq needs no extra index
+	time     INTEGER NOT NULL,     -- unix nanoseconds
+	user     TEXT NOT NULL,
+	session  TEXT NOT NULL,
+	kind     TEXT NOT NULL,
+	ref      INTEGER NOT NULL,
+	blob     TEXT NOT NULL,
+	users    TEXT NOT NULL,        -- JSON array, exactly as hashed
+	args     BLOB NOT NULL,
+	outcome  BLOB NOT NULL,
+	prev_sum BLOB NOT NULL,
+	sum      BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_time ON records(time);
+CREATE INDEX IF NOT EXISTS records_kind ON records(kind);
+CREATE INDEX IF NOT EXISTS records_outcome ON records(ref) WHERE kind = 'outcome';
+
+-- record_users files each record under its actor and every affected user, so
+-- a user's timeline is an index range scan ordered by seq.
+CREATE TABLE IF NOT EXISTS record_users (
+	user TEXT NOT NULL,
+	seq  INTEGER NOT NULL,
+	PRIMARY KEY (user, seq)
+) WITHOUT ROWID;
+`
+
+// Options configure Open.
+type Options struct {
+	// Logger receives the log's own events (crash debris removed, commit
+	// failures). Nil means slog.Default().
+	Logger *slog.Logger
+
+	// MaxBatch caps the records committed in one transaction. Zero means 1024.
+	MaxBatch int
+}
+
+// Stats counts what a Log committed since Open.
+type Stats struct {
+	Records       int64 // records committed
+	Commits       int64 // successful transactions (each one fsync of the WAL)
+	FailedCommits int64 // transactions that returned an error
+}
+
+// Log is an open undo log. It is safe for concurrent use.
+type Log struct {
+	dir      string
+	db       *sql.DB
+	lock     *os.File
+	logger   *slog.Logger
+	maxBatch int
+
+	mu      sync.Mutex
+	cond    *sync.Cond // signals the committer: queue non-empty or closed
+	queue   []*appendReq
+	closed  bool
+	failed  error // *FailedError once the log failed; sticky
+	headSeq int64
+	headSum [32]byte
+	stats   Stats
+
+	committerDone chan struct{}
+}
+
+// appendReq is one Append call waiting for the committer.
+type appendReq struct {
+	recs []Record // private copies; the committer fills Seq, PrevSum, Sum
+	err  error
+	done chan struct{}
+}
+
+// Open opens the undo log in dir, creating it if needed. It verifies the last
+// record's checksum and its link to the one before, and compares the tail with
+// HEAD; it refuses (ErrCorrupt, ErrTruncated) a log that fails those checks.
+// Run Check for a full verification. Only one process may have a log open.
+func Open(dir string, opts Options) (*Log, error) {
+	logger := opts.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	logger = logger.With("dir", dir)
+	maxBatch := opts.MaxBatch
+	if maxBatch <= 0 {
+		maxBatch = defaultMaxBatch
+	}
+	if err := prepareDirs(dir); err != nil {
+		return nil, fmt.Errorf("open undo log %s: %w", dir, wrapOpen(err))
+	}
+	lock, err := lockDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open undo log %s: %w", dir, err)
+	}
+	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, committerDone: make(chan struct{})}
+	l.cond = sync.NewCond(&l.mu)
+	if err := l.open(); err != nil {
+		if l.db != nil {
+			l.db.Close()
+		}
+		lock.Close()
+		return nil, fmt.Errorf("open undo log %s: %w", dir, err)
+	}
+	go l.committer()
+	return l, nil
+}
+
+// wrapOpen classifies an error from Open. Nothing has been committed yet, so
+// even an I/O error only makes this Open fail; there is no log to mark failed.
+func wrapOpen(err error) error {
+	switch classify(err) {
+	case classFull:
+		return fmt.Errorf("%w: %w", ErrFull, err)
+	case classUnavailable:
+		return fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return err
+}
+
+// open does the part of Open that needs the Log; the caller cleans up on error.
+func (l *Log) open() error {
+	n, err := removeTempBlobs(l.dir)
+	if err != nil {
+		return wrapOpen(err)
+	}
+	if n > 0 {
+		l.logger.Info("removed leftover temporary blobs from an earlier crash", "count", n)
+	}
+	if err := probeWritable(filepath.Join(l.dir, blobsName, tmpName)); err != nil {
+		return fmt.Errorf("blob store not writable: %w", wrapOpen(err))
+	}
+
+	dsn := "file:" + escapeDSNPath(filepath.Join(l.dir, dbName)) +
+		"?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=5000&_txlock=immediate"
+	db, err := sql.Open("sqlite3", dsn)
+	if err != nil {
+		return fmt.Errorf("open database: %w", err)
+	}
+	l.db = db
+	ctx := context.Background()
+	if err := l.initSchema(ctx); err != nil {
+		return wrapOpen(err)
+	}
+	if err := l.checkPragmas(ctx); err != nil {
+		return err
+	}
+	last, ok, err := lastRecord(ctx, db)
+	if err != nil {
+		return wrapOpen(err)
+	}
+	if ok {
+		if err := verifyTail(ctx, db, last); err != nil {
+			return err
+		}
+		l.headSeq, l.headSum = last.Seq, last.Sum
+	}
+	return l.checkHead(ctx)
+}
+
+func (l *Log) initSchema(ctx context.Context) error {
+	tx, err := l.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin schema transaction: %w", err)
+	}
+	defer tx.Rollback()
+	if _, err := tx.ExecContext(ctx, schema); err != nil {
+		return fmt.Errorf("create schema: %w", err)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)`, strconv.Itoa(schemaVersion)); err != nil {
+		return fmt.Errorf("record schema version: %w", err)
+	}
+	var v string
+	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'schema_version'`).Scan(&v); err != nil {
+		return fmt.Errorf("read schema version: %w", err)
+	}
+	if v != strconv.Itoa(schemaVersion) {
+		return fmt.Errorf("schema version %s not supported (this binary knows %d)", v, schemaVersion)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit schema: %w", err)
+	}
+	return nil
+}
+
+// checkPragmas makes sure the durability settings really took effect: a file
+// system without shared memory support silently keeps a rollback journal, and
+// durability before acknowledgement depends on synchronous=FULL.
+func (l *Log) checkPragmas(ctx context.Context) error {
+	conn, err := l.db.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("check pragmas: %w", err)
+	}
+	defer conn.Close()
+	var mode string
+	var sync int
+	if err := conn.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil {
+		return fmt.Errorf("read journal_mode: %w", err)
+	}
+	if err := conn.QueryRowContext(ctx, "PRAGMA synchronous").Scan(&sync); err != nil {
+		return fmt.Errorf("read synchronous: %w", err)
+	}
+	if mode != "wal" || sync != 2 {
+		return fmt.Errorf("database runs with journal_mode=%s synchronous=%d, need wal and 2 (FULL)", mode, sync)
+	}
+	return nil
+}
+
+// verifyTail is the cheap check Open runs on every start: the last record's
+// sum recomputes and it links to the record before it. A torn tail after a
+// crash cannot fail this (SQLite only ever exposes whole transactions); a
+// failure means the content changed after it was written.
+func verifyTail(ctx context.Context, db *sql.DB, last Record) error {
+	if got := last.computeSum(); got != last.Sum {
+		return fmt.Errorf("%w: %w", ErrCorrupt, &ChecksumError{Seq: last.Seq, Stored: hex.EncodeToString(last.Sum[:]), Computed: hex.EncodeToString(got[:])})
+	}
+	if last.Seq == 1 {
+		if last.PrevSum != ([32]byte{}) {
+			return fmt.Errorf("%w: record 1: prev_sum is %s, want all zero", ErrCorrupt, shortHex(last.PrevSum[:]))
+		}
+		return nil
+	}
+	var prev []byte
+	err := db.QueryRowContext(ctx, `SELECT sum FROM records WHERE seq = ?`, last.Seq-1).Scan(&prev)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("%w: record %d missing before last record %d", ErrCorrupt, last.Seq-1, last.Seq)
+	}
+	if err != nil {
+		return fmt.Errorf("read record %d: %w", last.Seq-1, err)
+	}
+	if string(prev) != string(last.PrevSum[:]) {
+		return fmt.Errorf("%w: record %d: prev_sum %s does not match record %d's sum %s: chain broken",
+			ErrCorrupt, last.Seq, shortHex(last.PrevSum[:]), last.Seq-1, shortHex(prev))
+	}
+	return nil
+}
+
+// checkHead compares HEAD with the database tail.
+//
+// HEAD is rewritten after every commit, once the commit is durable, and is not
+// fsynced itself. After a crash it can therefore only lag behind the database
+// (or be missing), never lead: a HEAD that names a later record than the
+// database holds means committed records were lost, i.e. the log was
+// truncated (restored from an old copy, rolled back with the mail store,
+// WAL deleted). A HEAD whose sum differs from the record at its seq means that
+// record changed.
+func (l *Log) checkHead(ctx context.Context) error {
+	seq, sum, err := readHead(l.dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if l.headSeq > 0 {
+			l.logger.Warn("HEAD file missing, rewriting it from the database tail", "seq", l.headSeq)
+		}
+		l.writeHead(l.headSeq, l.headSum)
+		return nil
+	case err != nil:
+		// A torn HEAD (file system without atomic rename after a crash) says
+		// nothing; the records themselves are checksummed.
+		l.logger.Warn("HEAD file unreadable, rewriting it from the database tail", "seq", l.headSeq, "err", err)
+		l.writeHead(l.headSeq, l.headSum)
+		return nil
+	case seq > l.headSeq:
+		return fmt.Errorf("%w: records %d-%d missing (HEAD says %d, last record is %d)", ErrTruncated, l.headSeq+1, seq, seq, l.headSeq)
+	case seq == l.headSeq:
+		if sum != l.headSum {
+			return fmt.Errorf("%w: record %d: sum %s differs from HEAD's %s", ErrCorrupt, seq, shortHex(l.headSum[:]), shortHex(sum[:]))
+		}
+		return nil
+	}
+	if seq > 0 {
+		var stored []byte
+		err := l.db.QueryRowContext(ctx, `SELECT sum FROM records WHERE seq = ?`, seq).Scan(&stored)
+		if errors.Is(err, sql.ErrNoRows) {
+			return fmt.Errorf("%w: record %d named by HEAD is missing", ErrCorrupt, seq)
+		}
+		if err != nil {
+			return fmt.Errorf("read record %d named by HEAD: %w", seq, err)
+		}
+		if string(stored) != string(sum[:]) {
+			return fmt.Errorf("%w: record %d: sum %s differs from HEAD's %s", ErrCorrupt, seq, shortHex(stored), shortHex(sum[:]))
+		}
+	}
+	l.logger.Info("HEAD lagged behind the database (crash after a commit), updating it", "head_seq", seq, "seq", l.headSeq)
+	l.writeHead(l.headSeq, l.headSum)
+	return nil
+}
+
+// Close flushes pending appends, stops the committer and closes the database.
+func (l *Log) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.closed = true
+	l.cond.Broadcast()
+	l.mu.Unlock()
+	<-l.committerDone
+	return errors.Join(l.db.Close(), l.lock.Close())
+}
+
+// Dir returns the log's directory.
+func (l *Log) Dir() string { return l.dir }
+
+// Last returns the seq and sum of the last committed record (0 and zeros for
+// an empty log).
+func (l *Log) Last() (seq int64, sum [32]byte) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.headSeq, l.headSum
+}
+
+// Stats returns counters since Open. Records/Commits is the group-commit
+// factor: how many records shared one fsync on average.
+func (l *Log) Stats() Stats {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.stats
+}
+
+// Append durably logs recs, in order, with contiguous sequence numbers. It
+// returns nil only after they are committed and fsynced together with the
+// directory entries of the blobs they reference; then each record's Seq,
+// PrevSum, Sum and Time are filled in. Concurrent Appends share transactions.
+//
+// On error nothing of recs was committed, except when ctx ends first: then
+// Append returns ctx.Err() while the records may still be committed. Errors
+// wrap ErrFull or ErrUnavailable (see FailedError for the sticky case).
+func (l *Log) Append(ctx context.Context, recs ...*Record) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	req := &appendReq{recs: make([]Record, len(recs)), done: make(chan struct{})}
+	now := time.Now()
+	for i, r := range recs {
+		if err := r.validate(); err != nil {
+			return fmt.Errorf("append to undo log %s: %w", l.dir, err)
+		}
+		c := *r
+		if c.Time.IsZero() {
+			c.Time = now
+		}
+		// Normalise to what the database returns, so the sum the caller sees
+		// is the sum over what a query reads back.
+		c.Time = time.Unix(0, c.Time.UnixNano()).UTC()
+		c.Users = slices.Clone(c.Users)
+		c.Args = slices.Clone(c.Args)
+		c.Outcome = slices.Clone(c.Outcome)
+		if c.Blob != "" {
+			if _, err := os.Stat(l.blobPath(c.Blob)); err != nil {
+				return fmt.Errorf("append %s to undo log %s: blob %s: %w", c.Kind, l.dir, c.Blob, err)
+			}
+		}
+		req.recs[i] = c
+	}
+
+	l.mu.Lock()
+	switch {
+	case l.closed:
+		l.mu.Unlock()
+		return fmt.Errorf("append to undo log %s: %w", l.dir, ErrClosed)
+	case l.failed != nil:
+		err := l.failed
+		l.mu.Unlock()
+		return fmt.Errorf("append to undo log %s: %w", l.dir, err)
+	}
+	for _, r := range req.recs {
+		if r.Ref > l.headSeq {
+			l.mu.Unlock()
+			return fmt.Errorf("append %s to undo log %s: ref %d names a record not yet committed (last is %d)", r.Kind, l.dir, r.Ref, l.headSeq)
+		}
+	}
+	l.queue = append(l.queue, req)
+	l.cond.Signal()
+	l.mu.Unlock()
+
+	select {
+	case <-req.done:
+	case <-ctx.Done():
+		return fmt.Errorf("append to undo log %s: %w (the records may still be committed)", l.dir, ctx.Err())
+	}
+	if req.err != nil {
+		return req.err
+	}
+	for i, r := range recs {
+		*r = req.recs[i]
+	}
+	return nil
+}
+
+// committer is the single goroutine that writes records. Whatever queued up
+// while the previous transaction was being fsynced goes into the next one, so
+// under load many appends share one fsync (group commit) without any timer.
+func (l *Log) committer() {
+	defer close(l.committerDone)
+	for {
+		l.mu.Lock()
+		for len(l.queue) == 0 && !l.closed {
+			l.cond.Wait()
+		}
+		if len(l.queue) == 0 {
+			l.mu.Unlock()
+			return
+		}
+		var batch []*appendReq
+		n := 0
+		for len(l.queue) > 0 && (n == 0 || n+len(l.queue[0].recs) <= l.maxBatch) {
+			n += len(l.queue[0].recs)
+			batch = append(batch, l.queue[0])
+			l.queue[0] = nil
+			l.queue = l.queue[1:]
+		}
+		l.mu.Unlock()
+		l.commit(batch)
+	}
+}
+
+// commit writes one batch and wakes its callers.
+func (l *Log) commit(batch []*appendReq) {
+	finish := func(err error) {
+		for _, req := range batch {
+			req.err = err
+			close(req.done)
+		}
+	}
+	l.mu.Lock()
+	failed := l.failed
+	seq, sum := l.headSeq, l.headSum
+	l.mu.Unlock()
+	if failed != nil {
+		finish(fmt.Errorf("append to undo log %s: %w", l.dir, failed))
+		return
+	}
+
+	first := seq + 1
+	dirs := make(map[string]bool)
+	for _, req := range batch {
+		for i := range req.recs {
+			r := &req.recs[i]
+			seq++
+			r.Seq, r.PrevSum = seq, sum
+			r.Sum = r.computeSum()
+			sum = r.Sum
+			if r.Blob != "" {
+				dirs[r.Blob[:2]] = true
+			}
+		}
+	}
+
+	start := time.Now()
+	err := l.write(batch, dirs)
+	if err != nil {
+		err = l.commitFailed(first, seq, err)
+		finish(err)
+		return
+	}
+	l.mu.Lock()
+	l.headSeq, l.headSum = seq, sum
+	l.stats.Records += seq - first + 1
+	l.stats.Commits++
+	l.mu.Unlock()
+	l.writeHead(seq, sum)
+	l.logger.Debug("committed", "first_seq", first, "seq", seq, "records", seq-first+1, "duration", time.Since(start))
+	finish(nil)
+}
+
+// commitFailed classifies a failed commit of records first..last and returns
+// the error for the callers; fatal errors fail the log.
+func (l *Log) commitFailed(first, last int64, err error) error {
+	err = fmt.Errorf("commit records %d-%d to %s: %w", first, last, filepath.Join(l.dir, dbName), err)
+	class := classify(err)
+	if class != classFatal {
+		// SQLite rolled the transaction back. Confirm nothing of it is
+		// visible: the chain head in memory must still be the database tail,
+		// or the next commit would fork the chain.
+		if terr := l.checkDBTail(); terr != nil {
+			class = classFatal
+			err = fmt.Errorf("%w; afterwards: %w", err, terr)
+		}
+	}
+	l.mu.Lock()
+	l.stats.FailedCommits++
+	if class == classFatal && l.failed == nil {
+		l.failed = &FailedError{Cause: err}
+		l.logger.Error("undo log failed; refusing all appends until reopened", "first_seq", first, "seq", last, "err", err)
+	}
+	failed := l.failed
+	l.mu.Unlock()
+	if class == classFatal {
+		return failed
+	}
+	l.logger.Warn("commit failed, will retry with next append", "first_seq", first, "seq", last, "err", err)
+	return wrapClass(class, err)
+}
+
+// checkDBTail checks that the database's last record is the in-memory head.
+func (l *Log) checkDBTail() error {
+	l.mu.Lock()
+	want, wantSum := l.headSeq, l.headSum
+	l.mu.Unlock()
+	last, ok, err := lastRecord(context.Background(), l.db)
+	if err != nil {
+		return fmt.Errorf("read database tail: %w", err)
+	}
+	if !ok && want == 0 || ok && last.Seq == want && last.Sum == wantSum {
+		return nil
+	}
+	return fmt.Errorf("chain inconsistency: database tail is record %d, chain head is %d", last.Seq, want)
+}
+
+// write fsyncs the blob directories the batch references, then inserts the
+// records in one transaction. The directory fsync makes each blob's name
+// durable before any record naming it is; blob content was fsynced by
+// BlobWriter.Commit.
+func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
+	for d := range dirs {
+		if err := syncDir(filepath.Join(l.dir, blobsName, d)); err != nil {
+			return err
+		}
+	}
+	ctx := context.Background()
+	tx, err := l.db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	defer tx.Rollback()
+	ins, err := tx.PrepareContext(ctx, `INSERT INTO records
+		(seq, time, user, session, kind, ref, blob, users, args, outcome, prev_sum, sum)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+	if err != nil {
+		return fmt.Errorf("prepare insert: %w", err)
+	}
+	defer ins.Close()
+	insUser, err := tx.PrepareContext(ctx, `INSERT INTO record_users (user, seq) VALUES (?, ?)`)
+	if err != nil {
+		return fmt.Errorf("prepare insert user: %w", err)
+	}
+	defer insUser.Close()
+	for _, req := range batch {
+		for i := range req.recs {
+			r := &req.recs[i]
+			if _, err := ins.ExecContext(ctx, r.Seq, r.Time.UnixNano(), r.User, r.Session, r.Kind, r.Ref, r.Blob,
+				encodeUsers(r.Users), nonNil(r.Args), nonNil(r.Outcome), r.PrevSum[:], r.Sum[:]); err != nil {
+				return fmt.Errorf("insert record %d: %w", r.Seq, err)
+			}
+			for _, u := range r.usersKey() {
+				if _, err := insUser.ExecContext(ctx, u, r.Seq); err != nil {
+					return fmt.Errorf("index record %d under user %q: %w", r.Seq, u, err)
+				}
+			}
+		}
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit: %w", err)
+	}
+	return nil
+}
+
+// writeHead replaces DIR/HEAD with the given tail. It is written only after
+// the commit is durable and deliberately not fsynced: see checkHead for why a
+// lagging HEAD is safe. A failure only costs the truncation check some
+// precision, so it is logged, not returned.
+func (l *Log) writeHead(seq int64, sum [32]byte) {
+	tmp := filepath.Join(l.dir, headName+".tmp")
+	data := fmt.Sprintf("%d %s\n", seq, hex.EncodeToString(sum[:]))
+	err := os.WriteFile(tmp, []byte(data), 0o644)
+	if err == nil {
+		err = os.Rename(tmp, filepath.Join(l.dir, headName))
+	}
+	if err != nil {
+		l.logger.Warn("could not update HEAD; it lags until the next commit", "seq", seq, "err", err)
+	}
+}
+
+// readHead parses DIR/HEAD.
+func readHead(dir string) (int64, [32]byte, error) {
+	var sum [32]byte
+	b, err := os.ReadFile(filepath.Join(dir, headName))
+	if err != nil {
+		return 0, sum, err
+	}
+	seqStr, sumStr, ok := strings.Cut(strings.TrimSuffix(string(b), "\n"), " ")
+	seq, err := strconv.ParseInt(seqStr, 10, 64)
+	if !ok || err != nil || seq < 0 {
+		return 0, sum, fmt.Errorf("HEAD %q: want \"<seq> <sum hex>\"", b)
+	}
+	raw, err := hex.DecodeString(sumStr)
+	if err != nil || len(raw) != len(sum) {
+		return 0, sum, fmt.Errorf("HEAD %q: sum is not 64 hex digits", b)
+	}
+	copy(sum[:], raw)
+	return seq, sum, nil
+}
+
+// lockDir takes an exclusive flock on DIR/LOCK so two processes never append
+// to one chain. The file is opened read-only: a lock needs no write access,
+// and a file open for writing would keep the file system from being remounted
+// read-only.
+func lockDir(dir string) (*os.File, error) {
+	path := filepath.Join(dir, lockName)
+	f, err := os.OpenFile(path, os.O_RDONLY|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, wrapOpen(err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, syscall.EWOULDBLOCK) {
+			return nil, fmt.Errorf("%w: %s is locked by another process", ErrUnavailable, path)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return f, nil
+}
+
+// escapeDSNPath escapes the characters that end or escape the path part of a
+// SQLite URI filename.
+func escapeDSNPath(p string) string {
+	return strings.NewReplacer("%", "%25", "?", "%3f", "#", "%23").Replace(p)
+}
+
+// syncDir fsyncs a directory so the names created in it are durable.
+func syncDir(path string) error {
+	d, err := os.Open(path)
+	if err != nil {
+		return fmt.Errorf("open directory for fsync: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync directory %s: %w", path, err)
+	}
+	return nil
+}
+
+// nonNil keeps empty JSON columns NOT NULL.
+func nonNil(b []byte) []byte {
+	if b == nil {
+		return []byte{}
+	}
+	return b
+}
