@@ -160,9 +160,12 @@ func readReply(br *bufio.Reader) (int, []string, error) {
 		if len(line) < 3 {
 			return 0, nil, fmt.Errorf("malformed reply line %q", line)
 		}
-		code, err := strconv.Atoi(line[:3])
-		if err != nil {
-			return 0, nil, fmt.Errorf("malformed reply line %q", line)
+		code := 0
+		for _, c := range line[:3] {
+			if c < '0' || c > '9' {
+				return 0, nil, fmt.Errorf("malformed reply line %q", line)
+			}
+			code = code*10 + int(c-'0')
 		}
 		if len(line) > 3 {
 			lines = append(lines, line[4:])

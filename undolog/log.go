@@ -338,6 +338,9 @@ func (l *Log) Close() error {
 	l.cond.Broadcast()
 	l.mu.Unlock()
 	<-l.committerDone
+	if l.lock == nil { // OpenReadOnly takes no lock
+		return l.db.Close()
+	}
 	return errors.Join(l.db.Close(), l.lock.Close())
 }
 

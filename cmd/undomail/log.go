@@ -158,4 +158,3 @@ func printVerbsJSON(w io.Writer, verbs []undolog.Verb) error {
 	}
 	return nil
 }
-

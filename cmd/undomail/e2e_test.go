@@ -1,0 +1,400 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/internal/mailstack"
+	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+// binary is the undomail command built once for the tests that run it as
+// an operator would: as a separate process.
+var binary string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "undomail-bin-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	binary = filepath.Join(dir, "undomail")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build undomail: %v\n%s", err, out)
+		os.Exit(2)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// server is an `undomail serve` process in front of a mail stack.
+type server struct {
+	t                 *testing.T
+	st                *mailstack.Stack
+	dataDir           string
+	smtpAddr, lmtpAdr string
+	cmd               *exec.Cmd
+	logPath           string
+}
+
+func newServer(t *testing.T, st *mailstack.Stack) *server {
+	s := &server{t: t, st: st, dataDir: filepath.Join(t.TempDir(), "undo"),
+		smtpAddr: freeAddr(t), lmtpAdr: freeAddr(t)}
+	s.logPath = s.dataDir + ".log"
+	t.Cleanup(func() {
+		if s.cmd != nil {
+			s.cmd.Process.Kill()
+			s.cmd.Wait()
+		}
+	})
+	return s
+}
+
+// start runs undomail serve and waits until both listeners answer.
+func (s *server) start() {
+	t := s.t
+	t.Helper()
+	logf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	s.cmd = exec.Command(binary, "serve", "--data-dir", s.dataDir,
+		"--smtp-listen", s.smtpAddr, "--smtp-upstream", s.st.SMTPAddr, "--smtp-allow-insecure-auth",
+		"--lmtp-listen", s.lmtpAdr, "--lmtp-upstream", s.st.LMTPAddr, "--hostname", "undomail.test")
+	s.cmd.Stdout, s.cmd.Stderr = logf, logf
+	if err := s.cmd.Start(); err != nil {
+		t.Fatalf("start undomail serve: %v", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for _, addr := range []string{s.smtpAddr, s.lmtpAdr} {
+		for {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				c.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				b, _ := os.ReadFile(s.logPath)
+				t.Fatalf("undomail serve does not listen on %s after 30s:\n%s", addr, b)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+}
+
+func (s *server) kill9() {
+	s.cmd.Process.Signal(syscall.SIGKILL)
+	s.cmd.Wait()
+	s.cmd = nil
+}
+
+func (s *server) stop() {
+	s.cmd.Process.Signal(syscall.SIGTERM)
+	if err := s.cmd.Wait(); err != nil {
+		b, _ := os.ReadFile(s.logPath)
+		s.t.Errorf("undomail serve exited with %v after SIGTERM:\n%s", err, b)
+	}
+	s.cmd = nil
+}
+
+func run(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	out, err := exec.Command(binary, args...).CombinedOutput()
+	return string(out), err
+}
+
+// inboxMessageIDs returns the Message-Ids in user's INBOX with their count.
+func inboxMessageIDs(st *mailstack.Stack, user string) (map[string]int, error) {
+	c, err := imapclient.DialInsecure(st.IMAPAddr, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	if err := c.Login(user, st.Password(user)).Wait(); err != nil {
+		return nil, err
+	}
+	sel, err := c.Select("INBOX", nil).Wait()
+	if err != nil {
+		return nil, err
+	}
+	ids := map[string]int{}
+	if sel.NumMessages == 0 {
+		return ids, nil
+	}
+	all, err := c.Fetch(seqAll(), &imap.FetchOptions{Envelope: true}).Collect()
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range all {
+		if m.Envelope != nil {
+			ids[m.Envelope.MessageID]++
+		}
+	}
+	return ids, nil
+}
+
+func seqAll() imap.SeqSet {
+	var s imap.SeqSet
+	s.AddRange(1, 0)
+	return s
+}
+
+// TestSwaksThroughUndomail is the foundation's end-to-end check with a
+// real client: swaks sends through `undomail serve`, the message lands in
+// Dovecot with its undo id, and `undomail log` shows both hops with their
+// outcomes while the daemon runs.
+func TestSwaksThroughUndomail(t *testing.T) {
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	s.start()
+	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	host, port, _ := net.SplitHostPort(s.smtpAddr)
+	out, err := exec.Command("swaks", "--server", host, "--port", port, "--from", "sender@example.test",
+		"--to", "alice@example.test", "--header", "Subject: swaks through undomail",
+		"--header", "Message-Id: <swaks.1@client.test>").CombinedOutput()
+	if err != nil {
+		t.Fatalf("swaks: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "<-  250 2.0.0 Ok: queued as ") {
+		t.Fatalf("swaks did not get Postfix's own 250 reply through undomail:\n%s", out)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ids, _ := inboxMessageIDs(st, "alice")
+		if ids["swaks.1@client.test"] == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("message not in alice's INBOX after 20s: %v", ids)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	text, err := run(t, "log", "--data-dir", s.dataDir)
+	if err != nil {
+		t.Fatalf("undomail log: %v\n%s", err, text)
+	}
+	for _, want := range []string{"smtp.submit", "lmtp.deliver", `"swaks through undomail"`, "250 2.0.0 Ok: queued as", "<alice@example.test> 250 2.0.0"} {
+		if !strings.Contains(text, want) {
+			t.Errorf("undomail log lacks %q:\n%s", want, text)
+		}
+	}
+	js, err := run(t, "log", "--data-dir", s.dataDir, "--json", "--kind", "lmtp.deliver", "--user", "alice@example.test", "--since", "1h")
+	if err != nil {
+		t.Fatalf("undomail log --json: %v\n%s", err, js)
+	}
+	lines := strings.Split(strings.TrimSpace(js), "\n")
+	if len(lines) != 1 {
+		t.Fatalf("want one lmtp.deliver verb for alice in the last hour, got:\n%s", js)
+	}
+	var v struct {
+		Kind    string
+		Args    proxy.DeliveryArgs
+		Outcome proxy.DeliveryOutcome
+	}
+	if err := json.Unmarshal([]byte(lines[0]), &v); err != nil {
+		t.Fatalf("decode %s: %v", lines[0], err)
+	}
+	if v.Args.Header.Subject != "swaks through undomail" || len(v.Outcome.Rcpts) != 1 || v.Outcome.Rcpts[0].Reply.Code != 250 {
+		t.Fatalf("json verb = %+v", v)
+	}
+	if text, _ := run(t, "log", "--data-dir", s.dataDir, "--user", "nobody@example.test"); !strings.Contains(text, "(no verbs match)") {
+		t.Fatalf("log --user nobody: %s", text)
+	}
+	if text, err := run(t, "fsck", "--data-dir", s.dataDir); err != nil || !strings.Contains(text, "0 errors") {
+		t.Fatalf("fsck while serving: %v\n%s", err, text)
+	}
+	s.stop()
+}
+
+// TestKill9LosesNothingAcknowledged kills undomail with SIGKILL at random
+// moments under concurrent SMTP load, restarts it, and checks that every
+// message a client got a 250 for reached the mailbox and is in the log
+// with its blob and outcome.
+func TestKill9LosesNothingAcknowledged(t *testing.T) {
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	s.start()
+	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	const kills, senders = 5, 4
+	var mu sync.Mutex
+	acked := map[string]bool{}
+	refused := 0
+	for k := 0; k < kills; k++ {
+		stopSending := make(chan struct{})
+		var wg sync.WaitGroup
+		for g := 0; g < senders; g++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for n := 0; ; n++ {
+					select {
+					case <-stopSending:
+						return
+					default:
+					}
+					id := fmt.Sprintf("kill%d.%d.%d@client.test", k, g, n)
+					msg := "Subject: kill test\r\nMessage-Id: <" + id + ">\r\n\r\nbody " + id + "\r\n"
+					err := sendPlain(s.smtpAddr, msg)
+					mu.Lock()
+					if err == nil {
+						acked[id] = true
+					} else {
+						refused++
+					}
+					mu.Unlock()
+					if err != nil {
+						time.Sleep(20 * time.Millisecond)
+					}
+				}
+			}()
+		}
+		time.Sleep(time.Duration(300+rand.IntN(1200)) * time.Millisecond)
+		s.kill9()
+		time.Sleep(200 * time.Millisecond)
+		close(stopSending)
+		wg.Wait()
+		s.start()
+	}
+	// Deliveries Postfix deferred while the capture was down: retry now.
+	if err := st.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d kills: %d messages acknowledged, %d refused or cut off", kills, len(acked), refused)
+	if len(acked) < kills*senders {
+		t.Fatalf("only %d messages acknowledged; the load did not run", len(acked))
+	}
+	var missing []string
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		ids, err := inboxMessageIDs(st, "alice")
+		missing = missing[:0]
+		for id := range acked {
+			if err != nil || ids[id] == 0 { // go-imap gives Message-Ids without <>
+				missing = append(missing, id)
+			}
+		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d acknowledged messages lost (not in the mailbox), e.g. %v", len(missing), missing[:min(10, len(missing))])
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	s.stop()
+	l, err := undolog.Open(s.dataDir, undolog.Options{})
+	if err != nil {
+		t.Fatalf("reopen the log after the kills: %v", err)
+	}
+	defer l.Close()
+	verbs, err := l.Verbs(context.Background(), undolog.Filter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	submitted, delivered := map[string]bool{}, map[string]bool{}
+	cutOff := 0
+	for _, v := range verbs {
+		var a proxy.DeliveryArgs
+		json.Unmarshal(v.Args, &a)
+		id := strings.Trim(a.Header.MessageID, "<>")
+		if v.Outcome == nil {
+			cutOff++
+			continue
+		}
+		var o proxy.DeliveryOutcome
+		json.Unmarshal(v.Outcome.Outcome, &o)
+		switch v.Kind {
+		case proxy.KindSMTPSubmit:
+			if o.Reply != nil && o.Reply.Code == 250 {
+				if _, err := l.ReadBlob(v.Blob); err != nil {
+					t.Errorf("blob of verb %d (%s): %v", v.Seq, id, err)
+				}
+				submitted[id] = true
+			}
+		case proxy.KindLMTPDeliver:
+			if len(o.Rcpts) == 1 && o.Rcpts[0].Reply.Code == 250 {
+				delivered[id] = true
+			}
+		}
+	}
+	lostInLog := 0
+	for id := range acked {
+		if !submitted[id] || !delivered[id] {
+			lostInLog++
+			t.Errorf("acknowledged message %s: logged submission %v, logged delivery %v", id, submitted[id], delivered[id])
+		}
+	}
+	t.Logf("log: %d verbs, %d cut off before their outcome (clients got no 250), %d acknowledged messages missing from the log",
+		len(verbs), cutOff, lostInLog)
+	text, err := run(t, "fsck", "--data-dir", s.dataDir)
+	if err != nil {
+		t.Fatalf("fsck after %d kills: %v\n%s", kills, err, text)
+	}
+}
+
+// sendPlain sends one message without TLS (go-smtp's SendMail insists on
+// STARTTLS). A nil error means the client got a 250 for the DATA.
+func sendPlain(addr, msg string) error {
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.SendMail("sender@example.test", []string{"alice@example.test"}, strings.NewReader(msg)); err != nil {
+		return err
+	}
+	c.Quit()
+	return nil
+}
+
+// TestDemoOnce runs the README's demo command end to end.
+func TestDemoOnce(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "demo")
+	cmd := exec.Command(binary, "demo", "--once", "--dir", dir, "--smtp-listen", "127.0.0.1:0")
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("undomail demo --once: %v\n%s", err, out)
+	}
+	for _, want := range []string{"it arrived in alice's INBOX (checked over IMAP)", "undomail demo is running", "log --data-dir " + filepath.Join(dir, "undo")} {
+		if !strings.Contains(string(out), want) {
+			t.Fatalf("demo output lacks %q:\n%s", want, out)
+		}
+	}
+	text, err := run(t, "log", "--data-dir", filepath.Join(dir, "undo"))
+	if err != nil || strings.Count(text, "Welcome to undomail") != 2 {
+		t.Fatalf("the demo's log should show the welcome message's two hops: %v\n%s", err, text)
+	}
+}
