@@ -416,9 +416,8 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 		users = append(users, s.authUser)
 	}
 	argsJSON, _ := json.Marshal(args)
-	intent := &undolog.Record{
-		User: s.authUser, Session: s.id, Kind: kind, Blob: blob.SHA256, Users: users, Args: argsJSON,
-	}
+	intent := &undolog.Record{User: s.authUser, Session: s.id, Kind: kind, Users: users, Args: argsJSON}
+	intent.AttachBlob(blob)
 	if err := s.p.log.Append(ctx, intent); err != nil {
 		s.logger.Error("log intent failed; transaction refused", "undo_id", args.UndoID, "err", err)
 		s.Reset()
@@ -430,7 +429,12 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 	seq := intent.Seq
 	out := s.forward(args, blob.SHA256)
 	outJSON, _ := json.Marshal(out)
-	if err := s.p.log.Append(ctx, &undolog.Record{
+	// The outcome is written before the client hears it, but not fsynced
+	// first: the intent already holds everything the sender handed over,
+	// so a power failure within undolog.SyncLag can only leave the verb's
+	// outcome unknown, never lose the message. A crash of undomail itself
+	// loses nothing: the write is in the kernel.
+	if err := s.p.log.AppendNoSync(ctx, &undolog.Record{
 		User: s.authUser, Session: s.id, Kind: undolog.KindOutcome, Ref: seq, Users: users, Outcome: outJSON,
 	}); err != nil {
 		s.logger.Error("log outcome failed; client told to retry", "seq", seq, "undo_id", args.UndoID, "err", err)

@@ -30,7 +30,8 @@ func BenchmarkAppend(b *testing.B) {
 				b.Errorf("storeBlob: %v", err)
 				return
 			}
-			r := Record{User: "bench", Kind: "lmtp.deliver", Blob: ref.SHA256, Users: []string{"rcpt"}}
+			r := Record{User: "bench", Kind: "lmtp.deliver", Users: []string{"rcpt"}}
+			r.AttachBlob(ref)
 			if err := l.Append(context.Background(), &r); err != nil {
 				b.Errorf("Append: %v", err)
 				return

@@ -1,7 +1,9 @@
 package undolog
 
 import (
+	"bytes"
 	"crypto/sha256"
+	"database/sql"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -12,26 +14,40 @@ import (
 	"path/filepath"
 )
 
-// BlobRef names a committed blob.
+// BlobRef names a committed blob. Attach it to the record that refers to
+// it with Record.AttachBlob.
 type BlobRef struct {
-	SHA256 string // lowercase hex; the blob's file name and Record.Blob
+	SHA256 string // lowercase hex; the blob's name and Record.Blob
 	Size   int64  // bytes
+
+	// inline is the content of a blob small enough to live in the
+	// database; it is stored with the record it is attached to.
+	inline []byte
 }
+
+// Inline reports whether the blob is stored in the database with its
+// record rather than as a file.
+func (r BlobRef) Inline() bool { return r.inline != nil }
 
 // BlobWriter streams one blob into the store. Write hashes as it goes;
 // Commit makes the blob durable under its hash, Abort discards it. A writer
 // is not safe for concurrent use.
+//
+// A blob up to Options.InlineBlobMax stays in memory and is stored in the
+// database in the same transaction as the record it is attached to; a larger
+// one spills to a file in DIR/blobs/tmp and is never held whole in memory.
 type BlobWriter struct {
 	l    *Log
-	f    *os.File
+	buf  []byte   // content while it fits inline
+	f    *os.File // temporary file once it does not
 	h    hash.Hash
 	n    int64
 	err  error // first write error; Commit returns it
 	done bool
 }
 
-// NewBlob starts a blob in DIR/blobs/tmp. The caller must call Commit or
-// Abort. Errors wrap ErrFull or ErrUnavailable.
+// NewBlob starts a blob. The caller must call Commit or Abort. Errors wrap
+// ErrFull or ErrUnavailable.
 func (l *Log) NewBlob() (*BlobWriter, error) {
 	l.mu.Lock()
 	closed, failed := l.closed, l.failed
@@ -42,20 +58,28 @@ func (l *Log) NewBlob() (*BlobWriter, error) {
 	case failed != nil:
 		return nil, fmt.Errorf("new blob in %s: %w", l.dir, failed)
 	}
-	f, err := os.CreateTemp(filepath.Join(l.dir, blobsName, tmpName), "blob-*")
-	if err != nil {
-		return nil, l.blobErr(fmt.Errorf("create temporary blob: %w", err))
-	}
-	return &BlobWriter{l: l, f: f, h: sha256.New()}, nil
+	return &BlobWriter{l: l, buf: make([]byte, 0, 8<<10), h: sha256.New()}, nil
 }
 
 // Write appends p to the blob.
 func (w *BlobWriter) Write(p []byte) (int, error) {
 	if w.done {
-		return 0, fmt.Errorf("write blob %s: writer already committed or aborted", w.f.Name())
+		return 0, errors.New("write blob: writer already committed or aborted")
 	}
 	if w.err != nil {
 		return 0, w.err
+	}
+	if w.f == nil && len(w.buf)+len(p) <= w.l.inline {
+		w.buf = append(w.buf, p...)
+		w.h.Write(p)
+		w.n += int64(len(p))
+		return len(p), nil
+	}
+	if w.f == nil {
+		if err := w.spill(); err != nil {
+			w.err = err
+			return 0, err
+		}
 	}
 	n, err := w.f.Write(p)
 	w.h.Write(p[:n])
@@ -75,9 +99,16 @@ func (w *BlobWriter) Write(p []byte) (int, error) {
 // crash, which is harmless because nothing refers to it yet.
 func (w *BlobWriter) Commit() (BlobRef, error) {
 	if w.done {
-		return BlobRef{}, fmt.Errorf("commit blob %s: writer already committed or aborted", w.f.Name())
+		return BlobRef{}, errors.New("commit blob: writer already committed or aborted")
+	}
+	if w.f == nil && w.err == nil {
+		w.done = true
+		return BlobRef{SHA256: hex.EncodeToString(w.h.Sum(nil)), Size: w.n, inline: w.buf}, nil
 	}
 	w.done = true
+	if w.f == nil {
+		return BlobRef{}, w.err
+	}
 	tmp := w.f.Name()
 	if w.err != nil {
 		w.f.Close()
@@ -120,11 +151,54 @@ func (w *BlobWriter) Abort() error {
 		return nil
 	}
 	w.done = true
+	if w.f == nil {
+		return nil
+	}
 	w.f.Close()
 	if err := os.Remove(w.f.Name()); err != nil {
 		return fmt.Errorf("abort blob %s: %w", w.f.Name(), err)
 	}
 	return nil
+}
+
+// spill moves the in-memory content to a temporary file once the blob
+// outgrows Options.InlineBlobMax.
+func (w *BlobWriter) spill() error {
+	f, err := os.CreateTemp(filepath.Join(w.l.dir, blobsName, tmpName), "blob-*")
+	if err != nil {
+		return w.l.blobErr(fmt.Errorf("create temporary blob: %w", err))
+	}
+	if _, err := f.Write(w.buf); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return w.l.blobErr(fmt.Errorf("write blob %s: %w", f.Name(), err))
+	}
+	w.f, w.buf = f, nil
+	return nil
+}
+
+// blobStored checks that a blob a record names without attaching it (a
+// second reference to a known blob) is in the store, as a file or inline.
+func (l *Log) blobStored(sha string) error {
+	_, ferr := os.Stat(l.blobPath(sha))
+	if ferr == nil {
+		return nil
+	}
+	var n int
+	if err := l.db.QueryRow(`SELECT count(*) FROM inline_blobs WHERE sha = ?`, sha).Scan(&n); err != nil {
+		return fmt.Errorf("look up inline blob: %w", err)
+	}
+	if n == 0 {
+		return ferr
+	}
+	return nil
+}
+
+// AttachBlob makes r refer to the blob. An inline blob is stored in the
+// same transaction as r, so it is durable exactly when r is.
+func (r *Record) AttachBlob(ref BlobRef) {
+	r.Blob = ref.SHA256
+	r.inline = ref.inline
 }
 
 // blobErr classifies a blob store error. An I/O error fails the whole log:
@@ -152,11 +226,19 @@ func (l *Log) OpenBlob(sha string) (io.ReadCloser, error) {
 	if !validBlobName(sha) {
 		return nil, fmt.Errorf("open blob %q: not a sha256 hex name", sha)
 	}
+	var data []byte
+	err := l.db.QueryRow(`SELECT data FROM inline_blobs WHERE sha = ?`, sha).Scan(&data)
+	switch {
+	case err == nil:
+		return &blobReader{r: bytes.NewReader(data), h: sha256.New(), name: sha, where: "inline blob " + sha}, nil
+	case !errors.Is(err, sql.ErrNoRows):
+		return nil, fmt.Errorf("open inline blob %s: %w", sha, err)
+	}
 	f, err := os.Open(l.blobPath(sha))
 	if err != nil {
 		return nil, fmt.Errorf("open blob %s: %w", sha, err)
 	}
-	return &blobReader{f: f, h: sha256.New(), name: sha}, nil
+	return &blobReader{r: f, c: f, h: sha256.New(), name: sha, where: f.Name()}, nil
 }
 
 // ReadBlob reads a whole blob and verifies it, see OpenBlob. Use it only for
@@ -176,33 +258,40 @@ func (l *Log) ReadBlob(sha string) ([]byte, error) {
 
 // blobReader verifies a blob's hash when the read reaches the end.
 type blobReader struct {
-	f    *os.File
-	h    hash.Hash
-	name string
-	err  error // sticky final result: io.EOF or the checksum error
+	r     io.Reader
+	c     io.Closer // nil for an inline blob
+	h     hash.Hash
+	name  string
+	where string // file path or "inline blob <sha>", for errors
+	err   error  // sticky final result: io.EOF or the checksum error
 }
 
 func (r *blobReader) Read(p []byte) (int, error) {
 	if r.err != nil {
 		return 0, r.err
 	}
-	n, err := r.f.Read(p)
+	n, err := r.r.Read(p)
 	r.h.Write(p[:n])
 	if err == io.EOF {
 		if got := hex.EncodeToString(r.h.Sum(nil)); got != r.name {
-			r.err = fmt.Errorf("read blob %s: %w", r.f.Name(), &ChecksumError{Blob: r.name, Stored: r.name, Computed: got})
+			r.err = fmt.Errorf("read blob %s: %w", r.where, &ChecksumError{Blob: r.name, Stored: r.name, Computed: got})
 		} else {
 			r.err = io.EOF
 		}
 		return n, r.err
 	}
 	if err != nil {
-		return n, fmt.Errorf("read blob %s: %w", r.f.Name(), err)
+		return n, fmt.Errorf("read blob %s: %w", r.where, err)
 	}
 	return n, nil
 }
 
-func (r *blobReader) Close() error { return r.f.Close() }
+func (r *blobReader) Close() error {
+	if r.c == nil {
+		return nil
+	}
+	return r.c.Close()
+}
 
 // blobPath returns DIR/blobs/ab/abcd...; sha must be valid.
 func (l *Log) blobPath(sha string) string {

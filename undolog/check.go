@@ -3,6 +3,7 @@ package undolog
 import (
 	"cmp"
 	"context"
+	"crypto/sha256"
 	"database/sql"
 	"encoding/hex"
 	"errors"
@@ -80,7 +81,7 @@ func (s Summary) String() string {
 // keeps going after errors. The returned error is non-nil only if the check
 // could not run (dir missing, ctx done); damage is reported, not returned.
 func Check(ctx context.Context, dir string, report func(Problem)) (Summary, error) {
-	c := &checker{dir: dir, report: report, refs: make(map[string]int64)}
+	c := &checker{dir: dir, report: report, refs: make(map[string]int64), inline: make(map[string]bool)}
 	if _, err := os.Stat(dir); err != nil {
 		return c.sum, fmt.Errorf("check undo log %s: %w", dir, err)
 	}
@@ -98,6 +99,7 @@ type checker struct {
 	report func(Problem)
 	sum    Summary
 	refs   map[string]int64 // blob -> first record referencing it
+	inline map[string]bool  // blobs found in inline_blobs
 }
 
 func (c *checker) add(sev Severity, seq int64, blob, format string, args ...any) {
@@ -156,7 +158,45 @@ func (c *checker) checkDB(ctx context.Context) error {
 		c.add(Error, 0, "", "database %s: reading records stopped: %v", path, err)
 	}
 	c.checkHead(last, headSeq, headSum, sumAtHead, headErr)
+	if err := c.checkInlineBlobs(ctx, db); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		c.add(Error, 0, "", "database %s: reading inline blobs stopped: %v", path, err)
+	}
 	return nil
+}
+
+// checkInlineBlobs verifies the blobs stored in the database, which
+// walkRecords has already collected references to.
+func (c *checker) checkInlineBlobs(ctx context.Context, db *sql.DB) error {
+	rows, err := db.QueryContext(ctx, `SELECT sha, data FROM inline_blobs ORDER BY sha`)
+	if err != nil {
+		return err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var name string
+		var data []byte
+		if err := rows.Scan(&name, &data); err != nil {
+			return err
+		}
+		c.sum.Blobs++
+		seq, referenced := c.refs[name]
+		if !validBlobName(name) {
+			c.add(Error, seq, name, "inline blob %q: not a sha256 name", name)
+			continue
+		}
+		c.inline[name] = true
+		sum := sha256.Sum256(data)
+		switch got := hex.EncodeToString(sum[:]); {
+		case got != name:
+			c.add(Error, seq, name, "inline blob %s: content hashes to %s: blob corrupted%s", shortHex(mustHex(name)), shortHex(sum[:]), referencedBy(seq))
+		case !referenced:
+			c.add(Info, 0, name, "inline blob %s: not referenced by any record", shortHex(mustHex(name)))
+		}
+	}
+	return rows.Err()
 }
 
 // openReadOnly opens the database without writing to it. A WAL database
@@ -353,7 +393,7 @@ func (c *checker) checkBlobs(ctx context.Context) error {
 	}
 	missing := make([]string, 0)
 	for b := range c.refs {
-		if !seen[b] {
+		if !seen[b] && !c.inline[b] {
 			missing = append(missing, b)
 		}
 	}

@@ -7,7 +7,7 @@
 //	DIR/undo.db                 SQLite (WAL, synchronous=FULL): records, meta
 //	DIR/blobs/ab/<sha256 hex>   message blobs, fanned out by the first two hex digits
 //	DIR/blobs/tmp/              blobs being written; leftovers are crash debris
-//	DIR/HEAD                    "<seq> <sum hex>\n" of the last committed record
+//	DIR/HEAD                    "<seq, 20 digits> <sum hex>\n" of the last committed record
 //	DIR/LOCK                    flock held by the one process that has the log open
 //
 // The log is write-ahead for the proxy: a client is told OK only after

@@ -68,6 +68,14 @@ CREATE TABLE IF NOT EXISTS record_users (
 	seq  INTEGER NOT NULL,
 	PRIMARY KEY (user, seq)
 ) WITHOUT ROWID;
+
+-- inline_blobs holds blobs up to Options.InlineBlobMax, named by SHA-256 like
+-- the files in blobs/. They are written in the same transaction as the first
+-- record naming them, so one fsync makes both durable; see blob.go.
+CREATE TABLE IF NOT EXISTS inline_blobs (
+	sha  TEXT PRIMARY KEY,
+	data BLOB NOT NULL
+) WITHOUT ROWID;
 `
 
 // Options configure Open.
@@ -78,14 +86,32 @@ type Options struct {
 
 	// MaxBatch caps the records committed in one transaction. Zero means 1024.
 	MaxBatch int
+
+	// InlineBlobMax is the largest blob kept inside the database rather than
+	// as a file. Zero means DefaultInlineBlobMax; negative keeps every blob
+	// in a file.
+	InlineBlobMax int
 }
+
+// DefaultInlineBlobMax is the default Options.InlineBlobMax. SQLite reads
+// and writes blobs up to about 100 KiB faster than separate files
+// (https://www.sqlite.org/intern-v-extern-blob.html), and an inline blob
+// needs no file create, rename and fsync of its own: it rides on the
+// group commit of its record. Most mail is smaller than this.
+const DefaultInlineBlobMax = 128 << 10
 
 // Stats counts what a Log committed since Open.
 type Stats struct {
 	Records       int64 // records committed
-	Commits       int64 // successful transactions (each one fsync of the WAL)
+	Commits       int64 // successful transactions
+	Fsyncs        int64 // fsyncs of the WAL: durable commits plus deferred syncs
 	FailedCommits int64 // transactions that returned an error
 }
+
+// SyncLag bounds how long records appended with AppendNoSync may stay
+// written but not yet fsynced when no durable Append comes along to carry
+// them to disk.
+const SyncLag = 20 * time.Millisecond
 
 // Log is an open undo log. It is safe for concurrent use.
 type Log struct {
@@ -94,12 +120,22 @@ type Log struct {
 	lock     *os.File
 	logger   *slog.Logger
 	maxBatch int
+	inline   int // Options.InlineBlobMax resolved; 0 = no inline blobs
+	headFile *os.File
+
+	// Used by the committer goroutine only.
+	wconn    *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
+	syncMode string    // its current PRAGMA synchronous
+	walFile  *os.File  // undo.db-wal, for deferred fsyncs
+	unsynced bool      // a commit since the last fsync of the WAL
 
 	mu      sync.Mutex
 	cond    *sync.Cond // signals the committer: queue non-empty or closed
 	queue   []*appendReq
 	closed  bool
 	failed  error // *FailedError once the log failed; sticky
+	syncDue bool  // SyncLag passed since an unsynced commit: fsync the WAL
+	timer   *time.Timer
 	headSeq int64
 	headSum [32]byte
 	stats   Stats
@@ -109,9 +145,10 @@ type Log struct {
 
 // appendReq is one Append call waiting for the committer.
 type appendReq struct {
-	recs []Record // private copies; the committer fills Seq, PrevSum, Sum
-	err  error
-	done chan struct{}
+	recs   []Record // private copies; the committer fills Seq, PrevSum, Sum
+	noSync bool     // AppendNoSync: written, fsynced later
+	err    error
+	done   chan struct{}
 }
 
 // Open opens the undo log in dir, creating it if needed. It verifies the last
@@ -135,7 +172,14 @@ func Open(dir string, opts Options) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open undo log %s: %w", dir, err)
 	}
-	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, committerDone: make(chan struct{})}
+	inline := opts.InlineBlobMax
+	switch {
+	case inline == 0:
+		inline = DefaultInlineBlobMax
+	case inline < 0:
+		inline = 0
+	}
+	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, inline: inline, committerDone: make(chan struct{})}
 	l.cond = sync.NewCond(&l.mu)
 	if err := l.open(); err != nil {
 		if l.db != nil {
@@ -187,6 +231,10 @@ func (l *Log) open() error {
 	if err := l.checkPragmas(ctx); err != nil {
 		return err
 	}
+	if l.wconn, err = db.Conn(ctx); err != nil {
+		return fmt.Errorf("open writer connection: %w", err)
+	}
+	l.syncMode = "FULL" // from the DSN
 	last, ok, err := lastRecord(ctx, db)
 	if err != nil {
 		return wrapOpen(err)
@@ -338,6 +386,15 @@ func (l *Log) Close() error {
 	l.cond.Broadcast()
 	l.mu.Unlock()
 	<-l.committerDone
+	if l.headFile != nil {
+		l.headFile.Close()
+	}
+	if l.walFile != nil {
+		l.walFile.Close()
+	}
+	if l.wconn != nil {
+		l.wconn.Close()
+	}
 	if l.lock == nil { // OpenReadOnly takes no lock
 		return l.db.Close()
 	}
@@ -372,10 +429,25 @@ func (l *Log) Stats() Stats {
 // Append returns ctx.Err() while the records may still be committed. Errors
 // wrap ErrFull or ErrUnavailable (see FailedError for the sticky case).
 func (l *Log) Append(ctx context.Context, recs ...*Record) error {
+	return l.append(ctx, false, recs)
+}
+
+// AppendNoSync logs recs like Append but returns once they are committed to
+// the write-ahead log, before the fsync: they are visible to readers and
+// survive a crash of this process, and they reach the disk with the next
+// durable Append or within SyncLag, whichever comes first. A power failure
+// in that window can lose them. Use it only for records whose loss leaves
+// the log safe, such as the outcome of an intent that was itself appended
+// durably (the intent then reads as "outcome unknown").
+func (l *Log) AppendNoSync(ctx context.Context, recs ...*Record) error {
+	return l.append(ctx, true, recs)
+}
+
+func (l *Log) append(ctx context.Context, noSync bool, recs []*Record) error {
 	if len(recs) == 0 {
 		return nil
 	}
-	req := &appendReq{recs: make([]Record, len(recs)), done: make(chan struct{})}
+	req := &appendReq{recs: make([]Record, len(recs)), noSync: noSync, done: make(chan struct{})}
 	now := time.Now()
 	for i, r := range recs {
 		if err := r.validate(); err != nil {
@@ -391,8 +463,8 @@ func (l *Log) Append(ctx context.Context, recs ...*Record) error {
 		c.Users = slices.Clone(c.Users)
 		c.Args = slices.Clone(c.Args)
 		c.Outcome = slices.Clone(c.Outcome)
-		if c.Blob != "" {
-			if _, err := os.Stat(l.blobPath(c.Blob)); err != nil {
+		if c.Blob != "" && c.inline == nil {
+			if err := l.blobStored(c.Blob); err != nil {
 				return fmt.Errorf("append %s to undo log %s: blob %s: %w", c.Kind, l.dir, c.Blob, err)
 			}
 		}
@@ -440,12 +512,20 @@ func (l *Log) committer() {
 	defer close(l.committerDone)
 	for {
 		l.mu.Lock()
-		for len(l.queue) == 0 && !l.closed {
+		for len(l.queue) == 0 && !l.closed && !l.syncDue {
 			l.cond.Wait()
 		}
 		if len(l.queue) == 0 {
+			closed := l.closed
+			l.syncDue = false
 			l.mu.Unlock()
-			return
+			if l.unsynced {
+				l.syncWAL()
+			}
+			if closed {
+				return
+			}
+			continue
 		}
 		var batch []*appendReq
 		n := 0
@@ -478,6 +558,12 @@ func (l *Log) commit(batch []*appendReq) {
 	}
 
 	first := seq + 1
+	// One durable request makes the whole batch durable; a batch of
+	// AppendNoSync requests only is written without an fsync.
+	needSync := false
+	for _, req := range batch {
+		needSync = needSync || !req.noSync
+	}
 	dirs := make(map[string]bool)
 	for _, req := range batch {
 		for i := range req.recs {
@@ -486,14 +572,14 @@ func (l *Log) commit(batch []*appendReq) {
 			r.Seq, r.PrevSum = seq, sum
 			r.Sum = r.computeSum()
 			sum = r.Sum
-			if r.Blob != "" {
+			if r.Blob != "" && r.inline == nil {
 				dirs[r.Blob[:2]] = true
 			}
 		}
 	}
 
 	start := time.Now()
-	err := l.write(batch, dirs)
+	err := l.write(batch, dirs, needSync)
 	if err != nil {
 		err = l.commitFailed(first, seq, err)
 		finish(err)
@@ -503,8 +589,25 @@ func (l *Log) commit(batch []*appendReq) {
 	l.headSeq, l.headSum = seq, sum
 	l.stats.Records += seq - first + 1
 	l.stats.Commits++
+	if needSync {
+		l.stats.Fsyncs++
+	} else if l.timer == nil {
+		l.timer = time.AfterFunc(SyncLag, func() {
+			l.mu.Lock()
+			l.syncDue, l.timer = true, nil
+			l.cond.Signal()
+			l.mu.Unlock()
+		})
+	}
 	l.mu.Unlock()
-	l.writeHead(seq, sum)
+	// HEAD names only durable records: it must never lead what a power
+	// failure leaves on disk, or Open would call the log truncated.
+	if needSync {
+		l.unsynced = false
+		l.writeHead(seq, sum)
+	} else {
+		l.unsynced = true
+	}
 	l.logger.Debug("committed", "first_seq", first, "seq", seq, "records", seq-first+1, "duration", time.Since(start))
 	finish(nil)
 }
@@ -557,14 +660,27 @@ func (l *Log) checkDBTail() error {
 // records in one transaction. The directory fsync makes each blob's name
 // durable before any record naming it is; blob content was fsynced by
 // BlobWriter.Commit.
-func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
+func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) error {
 	for d := range dirs {
 		if err := syncDir(filepath.Join(l.dir, blobsName, d)); err != nil {
 			return err
 		}
 	}
 	ctx := context.Background()
-	tx, err := l.db.BeginTx(ctx, nil)
+	// With WAL, synchronous=FULL fsyncs the WAL at every commit, NORMAL
+	// does not; a later FULL commit's fsync covers the frames NORMAL ones
+	// wrote before it (the WAL is one file, synced whole).
+	mode := "FULL"
+	if !durable {
+		mode = "NORMAL"
+	}
+	if l.syncMode != mode {
+		if _, err := l.wconn.ExecContext(ctx, "PRAGMA synchronous="+mode); err != nil {
+			return fmt.Errorf("set synchronous=%s: %w", mode, err)
+		}
+		l.syncMode = mode
+	}
+	tx, err := l.wconn.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
@@ -581,12 +697,23 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 		return fmt.Errorf("prepare insert user: %w", err)
 	}
 	defer insUser.Close()
+	// A blob already stored (the same message twice) is kept: dedup.
+	insBlob, err := tx.PrepareContext(ctx, `INSERT OR IGNORE INTO inline_blobs (sha, data) VALUES (?, ?)`)
+	if err != nil {
+		return fmt.Errorf("prepare insert blob: %w", err)
+	}
+	defer insBlob.Close()
 	for _, req := range batch {
 		for i := range req.recs {
 			r := &req.recs[i]
 			if _, err := ins.ExecContext(ctx, r.Seq, r.Time.UnixNano(), r.User, r.Session, r.Kind, r.Ref, r.Blob,
 				encodeUsers(r.Users), nonNil(r.Args), nonNil(r.Outcome), r.PrevSum[:], r.Sum[:]); err != nil {
 				return fmt.Errorf("insert record %d: %w", r.Seq, err)
+			}
+			if r.inline != nil {
+				if _, err := insBlob.ExecContext(ctx, r.Blob, r.inline); err != nil {
+					return fmt.Errorf("insert blob %s of record %d: %w", r.Blob, r.Seq, err)
+				}
 			}
 			for _, u := range r.usersKey() {
 				if _, err := insUser.ExecContext(ctx, u, r.Seq); err != nil {
@@ -605,12 +732,50 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 // the commit is durable and deliberately not fsynced: see checkHead for why a
 // lagging HEAD is safe. A failure only costs the truncation check some
 // precision, so it is logged, not returned.
-func (l *Log) writeHead(seq int64, sum [32]byte) {
-	tmp := filepath.Join(l.dir, headName+".tmp")
-	data := fmt.Sprintf("%d %s\n", seq, hex.EncodeToString(sum[:]))
-	err := os.WriteFile(tmp, []byte(data), 0o644)
+// syncWAL makes records written by AppendNoSync durable when no durable
+// commit came along within SyncLag.
+func (l *Log) syncWAL() {
+	l.mu.Lock()
+	seq, sum := l.headSeq, l.headSum
+	l.mu.Unlock()
+	var err error
+	if l.walFile == nil {
+		l.walFile, err = os.Open(filepath.Join(l.dir, dbName+"-wal"))
+	}
 	if err == nil {
-		err = os.Rename(tmp, filepath.Join(l.dir, headName))
+		err = l.walFile.Sync()
+	}
+	if err != nil {
+		err = fmt.Errorf("fsync %s-wal: %w", dbName, err)
+		l.logger.Error("deferred fsync of the undo log failed; the log is failed", "seq", seq, "err", err)
+		l.mu.Lock()
+		if l.failed == nil {
+			l.failed = &FailedError{Cause: err}
+		}
+		l.mu.Unlock()
+		return
+	}
+	l.unsynced = false
+	l.mu.Lock()
+	l.stats.Fsyncs++
+	l.mu.Unlock()
+	l.writeHead(seq, sum)
+}
+
+func (l *Log) writeHead(seq int64, sum [32]byte) {
+	// HEAD is overwritten in place through a file kept open: a create and
+	// rename per commit cost more than the commit itself on a busy ext4.
+	// The line has a fixed width (seq padded to 20 digits) so a shorter one
+	// never leaves stale bytes behind. A torn write is possible in a crash;
+	// readHead then fails and Open treats HEAD as unreadable (a warning),
+	// which is safe because HEAD only ever lags the records.
+	data := fmt.Sprintf("%020d %s\n", seq, hex.EncodeToString(sum[:]))
+	var err error
+	if l.headFile == nil {
+		l.headFile, err = os.OpenFile(filepath.Join(l.dir, headName), os.O_WRONLY|os.O_CREATE, 0o644)
+	}
+	if err == nil {
+		_, err = l.headFile.WriteAt([]byte(data), 0)
 	}
 	if err != nil {
 		l.logger.Warn("could not update HEAD; it lags until the next commit", "seq", seq, "err", err)

@@ -1,0 +1,57 @@
+package loadtest
+
+import (
+	"context"
+	"os"
+	"testing"
+
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+// BenchmarkSMTP sends 1000 messages of 4 KiB over 8 sessions to Postfix
+// directly and through undomail's front door, alternating, and reports
+// both rates and the ratio. One iteration is one round.
+func BenchmarkSMTP(b *testing.B) { benchmark(b, false) }
+
+// BenchmarkLMTP does the same for the LMTP capture against Dovecot's LMTP.
+func BenchmarkLMTP(b *testing.B) { benchmark(b, true) }
+
+func benchmark(b *testing.B, lmtp bool) {
+	tb := testbedtest.Start(b, nil)
+	o := Options{Messages: 1000, Size: 4096, Sessions: 8, Rounds: b.N, LMTP: lmtp}
+	b.ResetTimer()
+	res, err := Measure(context.Background(), tb, o, os.Stdout)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.StopTimer()
+	res.Report(os.Stdout)
+	b.ReportMetric(res.Direct, "direct-msg/s")
+	b.ReportMetric(res.Proxy, "undomail-msg/s")
+	b.ReportMetric(res.Ratio, "ratio")
+}
+
+// TestMeasureSmall runs a tiny load through both paths so the load
+// command's machinery is exercised on every test run.
+func TestMeasureSmall(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	res, err := Measure(context.Background(), tb, Options{Messages: 20, Size: 1024, Sessions: 2, Rounds: 1}, testWriter{t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Runs) != 2 || res.Direct <= 0 || res.Proxy <= 0 {
+		t.Fatalf("result %+v", res)
+	}
+	n, err := tb.Daemon.Log.Verbs(context.Background(), verbsFilter())
+	if err != nil || len(n) < 20 {
+		t.Fatalf("undomail logged %d submissions for 20 messages sent through it (%v)", len(n), err)
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
+
+func verbsFilter() undolog.Filter { return undolog.Filter{Kinds: []string{proxy.KindSMTPSubmit}} }

@@ -1,0 +1,58 @@
+package undolog
+
+import (
+	"context"
+	"testing"
+	"time"
+)
+
+// TestAppendNoSync checks that records appended without waiting for the
+// fsync are committed and visible at once, share no fsync of their own,
+// are made durable within SyncLag, and that HEAD only names durable ones.
+func TestAppendNoSync(t *testing.T) {
+	dir := t.TempDir()
+	l, err := Open(dir, testOptions(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	intent := &Record{Kind: "smtp.submit"}
+	if err := l.Append(context.Background(), intent); err != nil {
+		t.Fatal(err)
+	}
+	before := l.Stats()
+	for i := 0; i < 20; i++ {
+		if err := l.AppendNoSync(context.Background(), &Record{Kind: KindOutcome, Ref: intent.Seq}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mid := l.Stats()
+	if got := mid.Commits - before.Commits; got != 20 {
+		t.Fatalf("20 sequential AppendNoSync made %d commits, want 20", got)
+	}
+	if mid.Fsyncs-before.Fsyncs > 2 {
+		t.Fatalf("20 AppendNoSync cost %d fsyncs; they should share the deferred one", mid.Fsyncs-before.Fsyncs)
+	}
+	recs, err := l.Records(context.Background(), Filter{})
+	if err != nil || len(recs) != 21 {
+		t.Fatalf("Records = %d, %v; want 21 visible at once", len(recs), err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		seq, _, err := readHead(dir)
+		if err == nil && seq == 21 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("HEAD = %d, %v after 5s; the deferred fsync did not run", seq, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	l = openTest(t, dir)
+	defer l.Close()
+	if seq, _ := l.Last(); seq != 21 {
+		t.Fatalf("after reopen last = %d, want 21", seq)
+	}
+}
