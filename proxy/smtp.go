@@ -427,7 +427,7 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 		return nil, replyLogUnavailable.smtpError()
 	}
 	seq := intent.Seq
-	out := s.forward(args, blob.SHA256)
+	out := s.forward(args, blob)
 	outJSON, _ := json.Marshal(out)
 	// The outcome is written before the client hears it, but not fsynced
 	// first: the intent already holds everything the sender handed over,
@@ -487,7 +487,7 @@ func (s *smtpSession) spool(r io.Reader) (undolog.BlobRef, HeaderInfo, error) {
 // forward sends the logged message upstream with the trace header and
 // collects the reply. It never returns without an outcome: failures become
 // the 4xx reply the client will get.
-func (s *smtpSession) forward(args DeliveryArgs, sha string) *DeliveryOutcome {
+func (s *smtpSession) forward(args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome {
 	fail := func(op string, err error) *DeliveryOutcome {
 		var se *smtp.SMTPError
 		out := &DeliveryOutcome{}
@@ -514,7 +514,7 @@ func (s *smtpSession) forward(args DeliveryArgs, sha string) *DeliveryOutcome {
 	if err != nil {
 		return fail("DATA", err)
 	}
-	src, err := s.p.log.OpenBlob(sha)
+	src, err := s.p.log.OpenRef(blob)
 	if err != nil {
 		s.dropUpstream() // abandon the half-sent DATA: the upstream discards it
 		return fail("open blob", err)

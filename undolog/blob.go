@@ -241,6 +241,17 @@ func (l *Log) OpenBlob(sha string) (io.ReadCloser, error) {
 	return &blobReader{r: f, c: f, h: sha256.New(), name: sha, where: f.Name()}, nil
 }
 
+// OpenRef opens a blob this process has just committed. An inline blob is
+// read from the BlobRef's own bytes, the very bytes stored with its record,
+// without a database round trip; a file blob is opened and verified like
+// OpenBlob.
+func (l *Log) OpenRef(ref BlobRef) (io.ReadCloser, error) {
+	if ref.inline != nil {
+		return io.NopCloser(bytes.NewReader(ref.inline)), nil
+	}
+	return l.OpenBlob(ref.SHA256)
+}
+
 // ReadBlob reads a whole blob and verifies it, see OpenBlob. Use it only for
 // blobs known to be small.
 func (l *Log) ReadBlob(sha string) ([]byte, error) {

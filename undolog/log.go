@@ -127,7 +127,8 @@ type Log struct {
 	wconn    *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
 	syncMode string    // its current PRAGMA synchronous
 	walFile  *os.File  // undo.db-wal, for deferred fsyncs
-	unsynced bool      // a commit since the last fsync of the WAL
+	stmts    writerStmts
+	unsynced bool // a commit since the last fsync of the WAL
 
 	mu      sync.Mutex
 	cond    *sync.Cond // signals the committer: queue non-empty or closed
@@ -235,6 +236,9 @@ func (l *Log) open() error {
 		return fmt.Errorf("open writer connection: %w", err)
 	}
 	l.syncMode = "FULL" // from the DSN
+	if err := l.prepareWriter(ctx); err != nil {
+		return err
+	}
 	last, ok, err := lastRecord(ctx, db)
 	if err != nil {
 		return wrapOpen(err)
@@ -393,6 +397,11 @@ func (l *Log) Close() error {
 		l.walFile.Close()
 	}
 	if l.wconn != nil {
+		for _, st := range []*sql.Stmt{l.stmts.ins, l.stmts.insBlob, l.stmts.insUser} {
+			if st != nil {
+				st.Close()
+			}
+		}
 		l.wconn.Close()
 	}
 	if l.lock == nil { // OpenReadOnly takes no lock
@@ -680,29 +689,18 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 		}
 		l.syncMode = mode
 	}
-	tx, err := l.wconn.BeginTx(ctx, nil)
-	if err != nil {
+	// The writer connection's statements are prepared once (open); the
+	// transaction is driven by hand so they need no re-preparing per batch.
+	if _, err := l.wconn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
 		return fmt.Errorf("begin: %w", err)
 	}
-	defer tx.Rollback()
-	ins, err := tx.PrepareContext(ctx, `INSERT INTO records
-		(seq, time, user, session, kind, ref, blob, users, args, outcome, prev_sum, sum)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
-	if err != nil {
-		return fmt.Errorf("prepare insert: %w", err)
-	}
-	defer ins.Close()
-	insUser, err := tx.PrepareContext(ctx, `INSERT INTO record_users (user, seq) VALUES (?, ?)`)
-	if err != nil {
-		return fmt.Errorf("prepare insert user: %w", err)
-	}
-	defer insUser.Close()
-	// A blob already stored (the same message twice) is kept: dedup.
-	insBlob, err := tx.PrepareContext(ctx, `INSERT OR IGNORE INTO inline_blobs (sha, data) VALUES (?, ?)`)
-	if err != nil {
-		return fmt.Errorf("prepare insert blob: %w", err)
-	}
-	defer insBlob.Close()
+	committed := false
+	defer func() {
+		if !committed {
+			l.wconn.ExecContext(ctx, "ROLLBACK")
+		}
+	}()
+	ins, insBlob, insUser := l.stmts.ins, l.stmts.insBlob, l.stmts.insUser
 	for _, req := range batch {
 		for i := range req.recs {
 			r := &req.recs[i]
@@ -722,8 +720,36 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 			}
 		}
 	}
-	if err := tx.Commit(); err != nil {
+	if _, err := l.wconn.ExecContext(ctx, "COMMIT"); err != nil {
 		return fmt.Errorf("commit: %w", err)
+	}
+	committed = true
+	return nil
+}
+
+// writerStmts are the committer's prepared statements on Log.wconn.
+type writerStmts struct {
+	ins, insBlob, insUser *sql.Stmt
+}
+
+func (l *Log) prepareWriter(ctx context.Context) error {
+	var err error
+	prep := func(q string) *sql.Stmt {
+		if err != nil {
+			return nil
+		}
+		var st *sql.Stmt
+		st, err = l.wconn.PrepareContext(ctx, q)
+		return st
+	}
+	l.stmts.ins = prep(`INSERT INTO records
+		(seq, time, user, session, kind, ref, blob, users, args, outcome, prev_sum, sum)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
+	l.stmts.insUser = prep(`INSERT INTO record_users (user, seq) VALUES (?, ?)`)
+	// A blob already stored (the same message twice) is kept: dedup.
+	l.stmts.insBlob = prep(`INSERT OR IGNORE INTO inline_blobs (sha, data) VALUES (?, ?)`)
+	if err != nil {
+		return fmt.Errorf("prepare writer statements: %w", err)
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/internal/testbed"
+	"github.com/undomail/undomail/undolog"
 )
 
 // Options describe the load.
@@ -43,6 +44,9 @@ type Result struct {
 	Direct  float64 // median messages/s sent directly
 	Proxy   float64 // median messages/s through undomail
 	Ratio   float64 // median of the per-round ratios proxy/direct
+	// Log is the undo log's activity over the whole measurement (both
+	// paths: direct runs still pass undomail's LMTP capture).
+	Log undolog.Stats
 }
 
 // Measure runs the load against tb. Progress lines go to w.
@@ -55,6 +59,7 @@ func Measure(ctx context.Context, tb *testbed.Testbed, o Options, w io.Writer) (
 	if o.LMTP {
 		direct, proxied = tb.Stack.LMTPAddr, tb.Daemon.LMTPAddr.String()
 	}
+	start := tb.Daemon.Log.Stats()
 	var dr, pr, ratios []float64
 	for round := 0; round < o.Rounds; round++ {
 		d, err := smtpSource(ctx, tb, o, "direct", direct)
@@ -70,6 +75,9 @@ func Measure(ctx context.Context, tb *testbed.Testbed, o Options, w io.Writer) (
 		fmt.Fprintf(w, "round %d: direct %.0f msg/s, undomail %.0f msg/s, ratio %.3f\n", round+1, d.Rate, p.Rate, p.Rate/d.Rate)
 	}
 	res.Direct, res.Proxy, res.Ratio = median(dr), median(pr), median(ratios)
+	end := tb.Daemon.Log.Stats()
+	res.Log = undolog.Stats{Records: end.Records - start.Records, Commits: end.Commits - start.Commits,
+		Fsyncs: end.Fsyncs - start.Fsyncs, FailedCommits: end.FailedCommits - start.FailedCommits}
 	return res, nil
 }
 
@@ -136,4 +144,8 @@ func (r Result) Report(w io.Writer) {
 	fmt.Fprintf(w, "  direct    %8.1f msg/s (median)\n", r.Direct)
 	fmt.Fprintf(w, "  undomail  %8.1f msg/s (median), every message durably logged\n", r.Proxy)
 	fmt.Fprintf(w, "  ratio     %8.3f (undomail / direct, median of rounds)\n", r.Ratio)
+	if r.Log.Fsyncs > 0 {
+		fmt.Fprintf(w, "  undo log  %d records in %d commits, %d fsyncs (%.1f records per fsync)\n",
+			r.Log.Records, r.Log.Commits, r.Log.Fsyncs, float64(r.Log.Records)/float64(r.Log.Fsyncs))
+	}
 }

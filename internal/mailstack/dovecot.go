@@ -2,13 +2,16 @@ package mailstack
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"text/template"
 	"time"
 )
@@ -20,15 +23,17 @@ instance_name = umdc-{{.ID}}
 base_dir = {{.BaseDir}}
 state_dir = {{.StateDir}}
 log_path = {{.LogPath}}
-# Keep the instance marker in every child's environment so Stop can find
-# lingering imap processes after the master exited.
-import_environment = TZ CORE_OUTOFMEM CORE_ERROR {{.Marker}}
+# Process titles become dovecot-umdc-<id>/<service>: Stop finds lingering
+# processes of this instance by that name after the master has exited.
 listen = 127.0.0.1
 protocols = imap lmtp
 ssl = no
 # Plaintext passwords over loopback only.
 disable_plaintext_auth = no
 auth_mechanisms = plain login
+# Tests try wrong passwords on purpose; neither the fixed delay nor anvil's
+# growing per-IP penalty (everything comes from 127.0.0.1) should slow them.
+auth_failure_delay = 0
 
 # Users are stored by bare name and every lookup is reduced to the local
 # part, so IMAP login as "alice" and "alice@{{.Domain}}" and LMTP delivery to
@@ -97,6 +102,12 @@ service auth {
   }
 }
 
+service anvil {
+  unix_listener anvil-auth-penalty {
+    mode = 0
+  }
+}
+
 protocol lmtp {
   postmaster_address = postmaster@{{.Domain}}
   # Deliver alice+tag@ to INBOX: mailbox placement is the proxy's business.
@@ -159,7 +170,6 @@ func (s *Stack) writeDovecotConfig() error {
 		"BaseDir":    s.dovecotBaseDir,
 		"StateDir":   stateDir,
 		"LogPath":    s.DovecotLog(),
-		"Marker":     envMarker + "=" + s.id,
 		"Domain":     s.Domain,
 		"MailRoot":   s.MailRoot,
 		"MailUID":    uid,
@@ -215,19 +225,30 @@ func (s *Stack) dovecotError(what string, err error) error {
 	return fmt.Errorf("%s: %w%s", what, err, tail)
 }
 
-// stopDovecot asks the Dovecot master to stop if it runs. Its children may
-// outlive it; reapInstance waits for them.
+// stopDovecot sends SIGTERM to the Dovecot master if it runs. Its children
+// may outlive it; reapInstance waits for them. Signalling directly is ~2 s
+// faster than `dovecot stop`, which polls for the master's exit itself.
 func (s *Stack) stopDovecot(ctx context.Context) error {
-	if _, err := os.Stat(filepath.Join(s.dovecotBaseDir, "master.pid")); err != nil {
+	pidFile := filepath.Join(s.dovecotBaseDir, "master.pid")
+	data, err := os.ReadFile(pidFile)
+	if err != nil {
 		return nil // never started, or already stopped
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(data)))
+	if err != nil {
+		return fmt.Errorf("stop dovecot: parse %s: %w", pidFile, err)
+	}
+	// A stale pid file could name an unrelated process by now.
+	if !slices.Contains(s.instancePIDs(), pid) {
+		return nil
 	}
 	// Ending IMAP sessions first lets their processes exit with the master
 	// instead of lingering; failure only means there were none to kick.
 	if _, err := s.Doveadm(ctx, "kick", "*"); err != nil {
 		s.logger.Debug("doveadm kick before stop", "dir", s.Dir, "err", err)
 	}
-	if _, err := run(ctx, dovecotBin, "-c", s.dovecotConf, "stop"); err != nil {
-		return fmt.Errorf("stop dovecot: %w%s", err, logTail(20, s.DovecotLog()))
+	if err := syscall.Kill(pid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("stop dovecot: signal master %d: %w", pid, err)
 	}
 	return nil
 }

@@ -82,7 +82,7 @@ type Stack struct {
 	// MailRoot holds the maildirs, at MailRoot/<user>/Maildir.
 	MailRoot string
 
-	id     string // random instance id: names base_dir and marks processes
+	id     string // random instance id: names base_dir, Dovecot's instance_name and Postfix's envMarker
 	logger *slog.Logger
 
 	dovecotConf    string // dovecot.conf path
@@ -112,10 +112,9 @@ const (
 	postfixOutName = "postfix.out" // stdio of the postfix command
 )
 
-// envMarker is set, with the instance id as value, in the environment of both
-// daemons; both pass it down to their children (import_environment), so the
-// processes of one instance can be found in /proc even after Dovecot's master
-// has exited and its imap children were reparented.
+// envMarker is set, with the instance id as value, in the environment of
+// every Postfix process (import_environment in main.cf), so Stop can find the
+// processes of one instance in /proc.
 const envMarker = "UNDOMAIL_MAILSTACK"
 
 // startTimeout bounds Start when ctx has no deadline.
@@ -276,9 +275,11 @@ func (s *Stack) Stop() error {
 	if err := s.stopPostfix(ctx); err != nil {
 		errs = append(errs, err)
 	}
+	s.logger.Debug("mail stack postfix stopped", "dir", s.Dir, "elapsed", time.Since(begin))
 	if err := s.stopDovecot(ctx); err != nil {
 		errs = append(errs, err)
 	}
+	s.logger.Debug("mail stack dovecot stopped", "dir", s.Dir, "elapsed", time.Since(begin))
 	if err := s.reapInstance(); err != nil {
 		errs = append(errs, err)
 	}

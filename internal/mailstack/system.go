@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -140,7 +141,6 @@ func (s *Stack) runDaemonCommand(ctx context.Context, outPath string, name strin
 	defer out.Close()
 	cmd := exec.CommandContext(ctx, name, args...)
 	cmd.Stdout, cmd.Stderr = out, out
-	cmd.Env = append(os.Environ(), envMarker+"="+s.id)
 	s.logger.Debug("mail stack command", "cmd", name, "args", args)
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("%s %s: %w", filepath.Base(name), strings.Join(args, " "), err)
@@ -166,29 +166,36 @@ func logTail(lines int, paths ...string) string {
 	return b.String()
 }
 
-// instancePIDs returns the processes that carry this instance's marker in
-// their environment: every Dovecot and Postfix process of the stack.
+// instancePIDs returns every running Dovecot and Postfix process of this
+// instance. Postfix processes carry envMarker in their environment. Dovecot
+// overwrites its environment with process titles, so its processes are known
+// by name instead: children are titled "dovecot-umdc-<id>/<service>" (from
+// instance_name), and the master still has its "dovecot -c <config>" command
+// line.
 func (s *Stack) instancePIDs() []int {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
 	}
-	want := []byte(envMarker + "=" + s.id)
+	marker := []byte(envMarker + "=" + s.id)
+	childTitle := []byte("dovecot-umdc-" + s.id + "/")
+	masterArgs := []byte("\x00-c\x00" + s.dovecotConf + "\x00")
 	var pids []int
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || pid == os.Getpid() {
 			continue
 		}
-		env, err := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
-		if err != nil {
-			continue // gone, or a zombie: nothing left to stop
+		// Unreadable means gone or a zombie: nothing left to stop.
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if bytes.HasPrefix(cmdline, childTitle) ||
+			(bytes.HasPrefix(cmdline, []byte(dovecotBin+"\x00")) && bytes.HasSuffix(cmdline, masterArgs)) {
+			pids = append(pids, pid)
+			continue
 		}
-		for _, kv := range bytes.Split(env, []byte{0}) {
-			if bytes.Equal(kv, want) {
-				pids = append(pids, pid)
-				break
-			}
+		env, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "environ"))
+		if slices.ContainsFunc(bytes.Split(env, []byte{0}), func(kv []byte) bool { return bytes.Equal(kv, marker) }) {
+			pids = append(pids, pid)
 		}
 	}
 	return pids
