@@ -66,8 +66,12 @@ func DefaultUsers() []User {
 
 // Stack is a running Dovecot + Postfix pair. Its fields are read-only.
 type Stack struct {
-	Dir, Domain string
-	Users       []User
+	// Dir is the absolute instance directory.
+	Dir string
+	// Domain is the virtual mailbox domain.
+	Domain string
+	// Users are the mailboxes, as configured.
+	Users []User
 	// MasterUser and MasterPassword log in as any user over IMAP:
 	// login name "alice*"+MasterUser, password MasterPassword.
 	MasterUser, MasterPassword string

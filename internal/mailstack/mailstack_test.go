@@ -5,7 +5,9 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"net/textproto"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -113,6 +115,10 @@ func TestDeliveryReachesIMAP(t *testing.T) {
 	sendMail(t, s, s.Address("alice"), "second message")
 	waitForBody(t, s, s.Address("alice"), s.Password("alice"), "second message")
 
+	// An address extension is delivered to the INBOX too.
+	sendMail(t, s, "alice+tag@example.test", "with a tag")
+	waitForBody(t, s, "alice", s.Password("alice"), "with a tag")
+
 	// Maildirs live where MailRoot says.
 	if _, err := os.Stat(filepath.Join(s.MailRoot, "alice", "Maildir")); err != nil {
 		t.Fatalf("alice's maildir: %v", err)
@@ -168,11 +174,64 @@ func TestRelayPolicy(t *testing.T) {
 	if err := c.Rcpt("someone@elsewhere.test", nil); err != nil {
 		t.Fatalf("relay from 127.0.0.2 after AUTH: %v", err)
 	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatalf("DATA: %v", err)
+	}
+	fmt.Fprintf(w, "Subject: outbound\r\n\r\nthis must not leave\r\n")
+	if err := w.Close(); err != nil {
+		t.Fatalf("end of DATA: %v", err)
+	}
+	// Nothing leaves the machine: the message bounces back to alice.
+	waitForBody(t, s, "alice", s.Password("alice"), "mail stack delivers nothing outside example.test")
 
 	c = dialSMTP(t, s.SMTPAddr, "127.0.0.2")
 	if err := c.Auth(sasl.NewPlainClient("", "alice", "wrong")); err == nil {
 		t.Fatalf("AUTH PLAIN alice with a wrong password succeeded")
 	}
+}
+
+// TestXCLIENT checks that the proxy's address, 127.0.0.1, may pass the real
+// client address with XCLIENT, and that Postfix then applies its relay
+// policy to that address; other clients are not offered XCLIENT.
+func TestXCLIENT(t *testing.T) {
+	s := mailstacktest.Start(t, mailstack.Options{})
+
+	outside := dialSMTP(t, s.SMTPAddr, "127.0.0.2")
+	if ok, _ := outside.Extension("XCLIENT"); ok {
+		t.Fatalf("Postfix offers XCLIENT to 127.0.0.2")
+	}
+
+	conn, err := net.DialTimeout("tcp", s.SMTPAddr, 5*time.Second)
+	if err != nil {
+		t.Fatalf("dial smtp: %v", err)
+	}
+	defer conn.Close()
+	tp := textproto.NewConn(conn)
+	expect := func(code int, format string, args ...any) string {
+		t.Helper()
+		if format != "" {
+			if err := tp.PrintfLine(format, args...); err != nil {
+				t.Fatalf("send %q: %v", fmt.Sprintf(format, args...), err)
+			}
+		}
+		_, msg, err := tp.ReadResponse(code)
+		if err != nil {
+			t.Fatalf("after %q: %v", fmt.Sprintf(format, args...), err)
+		}
+		return msg
+	}
+	expect(220, "")
+	if ehlo := expect(250, "EHLO proxy.test"); !strings.Contains(ehlo, "XCLIENT") {
+		t.Fatalf("Postfix does not offer XCLIENT to 127.0.0.1; EHLO said %q", ehlo)
+	}
+	expect(220, "XCLIENT ADDR=127.0.0.2 NAME=[UNAVAILABLE]")
+	expect(250, "EHLO client.test")
+	expect(250, "MAIL FROM:<sender@client.test>")
+	if msg := expect(554, "RCPT TO:<someone@elsewhere.test>"); !strings.Contains(msg, "Relay access denied") {
+		t.Fatalf("relay after XCLIENT ADDR=127.0.0.2: got %q, want Relay access denied", msg)
+	}
+	expect(250, "RCPT TO:<%s>", s.Address("alice"))
 }
 
 func TestMasterUserLogin(t *testing.T) {
@@ -319,6 +378,42 @@ func TestStartWithRelay(t *testing.T) {
 	case <-connected:
 	case <-time.After(15 * time.Second):
 		t.Fatalf("postfix did not connect to the LMTP relay %s; postfix log:%s", spy, tail(s.PostfixLog()))
+	}
+}
+
+// TestConcurrentLoad checks that Postfix's own load generator, with several
+// concurrent sessions from 127.0.0.1, gets every message delivered without
+// throttling or rejections.
+func TestConcurrentLoad(t *testing.T) {
+	s := mailstacktest.Start(t, mailstack.Options{})
+	const sessions, perSession = 8, 50
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "/usr/sbin/smtp-source", "-s", fmt.Sprint(sessions), "-m", fmt.Sprint(sessions*perSession),
+		"-l", "4096", "-f", "load@client.test", "-t", s.Address("carol"), s.SMTPAddr)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("smtp-source: %v: %s", err, out)
+	}
+	want := fmt.Sprint(sessions * perSession)
+	deadline := time.Now().Add(time.Minute)
+	for {
+		out, err := s.Doveadm(ctx, "-f", "flow", "mailbox", "status", "-u", "carol", "messages", "INBOX")
+		if err != nil {
+			t.Fatalf("doveadm mailbox status: %v", err)
+		}
+		var got string
+		for _, f := range strings.Fields(string(out)) {
+			if v, ok := strings.CutPrefix(f, "messages="); ok {
+				got = v
+			}
+		}
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("carol's INBOX has %s messages, want %s; postfix log:%s", got, want, tail(s.PostfixLog()))
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 

@@ -16,17 +16,6 @@ import (
 	"time"
 )
 
-// binaries maps each program the stack runs to the Debian package that
-// ships it.
-var binaries = []struct{ path, pkg string }{
-	{"/usr/sbin/dovecot", "dovecot-core"},
-	{"/usr/bin/doveadm", "dovecot-core"},
-	{"/usr/lib/dovecot/imap", "dovecot-imapd"},
-	{"/usr/lib/dovecot/lmtp", "dovecot-lmtpd"},
-	{"/usr/sbin/postfix", "postfix"},
-	{"/usr/sbin/postconf", "postfix"},
-}
-
 // Program paths. They are absolute so the stack works whatever PATH is
 // (/usr/sbin is often missing from a non-login PATH).
 const (
@@ -36,6 +25,18 @@ const (
 	postconfBin  = "/usr/sbin/postconf"
 	postqueueBin = "/usr/sbin/postqueue"
 )
+
+// binaries maps each program the stack needs to the Debian package that
+// ships it. Dovecot starts imap and lmtp from its libexec directory.
+var binaries = []struct{ path, pkg string }{
+	{dovecotBin, "dovecot-core"},
+	{doveadmBin, "dovecot-core"},
+	{"/usr/lib/dovecot/imap", "dovecot-imapd"},
+	{"/usr/lib/dovecot/lmtp", "dovecot-lmtpd"},
+	{postfixBin, "postfix"},
+	{postconfBin, "postfix"},
+	{postqueueBin, "postfix"},
+}
 
 // Missing returns the Debian packages the stack needs that are not
 // installed, each once; it is empty when everything is present.

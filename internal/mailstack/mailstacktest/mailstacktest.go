@@ -3,6 +3,7 @@ package mailstacktest
 
 import (
 	"context"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,7 +18,8 @@ import (
 //
 // Without root or with packages Missing it fails rather than skips: CI
 // installs them, and a skip would hide a broken CI. If opts.Dir is empty a
-// directory under t.TempDir() is used.
+// directory under t.TempDir() is used; if opts.Logger is nil the stack logs
+// to the test's output.
 func Start(t testing.TB, opts mailstack.Options) *mailstack.Stack {
 	t.Helper()
 	if os.Geteuid() != 0 {
@@ -26,6 +28,10 @@ func Start(t testing.TB, opts mailstack.Options) *mailstack.Stack {
 	if missing := mailstack.Missing(); len(missing) > 0 {
 		t.Fatalf("mailstacktest: missing Debian packages %v; install them with: apt-get install --no-install-recommends %v",
 			missing, strings.Join(missing, " "))
+	}
+	if opts.Logger == nil {
+		// The stack's log lines belong to the test's output.
+		opts.Logger = slog.New(slog.NewTextHandler(t.Output(), nil))
 	}
 	if opts.Dir == "" {
 		opts.Dir = filepath.Join(t.TempDir(), "mailstack")
