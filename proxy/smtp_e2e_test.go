@@ -412,7 +412,7 @@ func TestMalformedCommands(t *testing.T) {
 		{"MAIL TO:<sender@example.test>", "501"},
 		{"RCPT TO:<alice@example.test>", "502"}, // no MAIL yet
 		{"DATA", "502"},
-		{"FROBNICATE", "500"},
+		{"FROBNICATE", "50"},
 		{"MAIL FROM:<sender@example.test> FOO=BAR", "5"}, // unknown parameter
 	} {
 		fmt.Fprintf(conn, "%s\r\n", tc.send)

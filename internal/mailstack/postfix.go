@@ -258,6 +258,12 @@ func (s *Stack) stopPostfix(ctx context.Context) error {
 	if _, err := os.Stat(filepath.Join(s.postfixQueue, "pid", "master.pid")); err != nil {
 		return nil // never started, or already stopped
 	}
+	// Someone may have stopped it behind our back (a test of undomail's
+	// behaviour with its upstream down); postfix status says so in its exit
+	// status, while its "not running" message goes only to the maillog.
+	if _, err := run(ctx, postfixBin, "-c", s.postfixConf, "status"); err != nil {
+		return nil
+	}
 	if _, err := run(ctx, postfixBin, "-c", s.postfixConf, "stop"); err != nil {
 		if strings.Contains(err.Error(), "is not running") {
 			return nil // a stale pid file from a failed start
