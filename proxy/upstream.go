@@ -3,7 +3,6 @@ package proxy
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -222,11 +221,4 @@ func (d *dialer) probe(ctx context.Context) (upstreamCaps, error) {
 			"or set smtp.xclient to false if the upstream's relay policy does not trust undomail's address", d.addr)
 	}
 	return caps, nil
-}
-
-// isNetError reports whether err is a failure of the connection rather
-// than a reply from the upstream.
-func isNetError(err error) bool {
-	var se *smtp.SMTPError
-	return err != nil && !errors.As(err, &se)
 }

@@ -70,6 +70,9 @@ config file (--config); see undomail.example.yaml.`,
 			if err != nil {
 				return err
 			}
+			if cfg.Admin.Listen != "" {
+				logger.Info("admin API not served yet; admin.listen is reserved for it", "admin_listen", cfg.Admin.Listen)
+			}
 			logger.Info("undomail serving", "data_dir", cfg.DataDir)
 			werr := d.Wait(ctx)
 			logger.Info("shutting down")
