@@ -166,6 +166,8 @@ type fakeUpstream struct {
 	ln   net.Listener
 	hang string
 	log  *undolog.Log
+	// finalReply, if set, replaces the 250 after the message (raw lines).
+	finalReply string
 
 	mu          sync.Mutex
 	logAtData   []undolog.Record
@@ -233,7 +235,11 @@ func (f *fakeUpstream) serve(c net.Conn) {
 				io.Copy(io.Discard, br)
 				return
 			}
-			fmt.Fprintf(c, "250 2.0.0 Ok: queued as FAKE1\r\n")
+			if f.finalReply != "" {
+				fmt.Fprint(c, f.finalReply)
+			} else {
+				fmt.Fprintf(c, "250 2.0.0 Ok: queued as FAKE1\r\n")
+			}
 		case "QUIT":
 			fmt.Fprintf(c, "221 2.0.0 Bye\r\n")
 			return
@@ -320,5 +326,49 @@ func TestIntentLoggedBeforeForwarding(t *testing.T) {
 	all, _ := l.Records(context.Background(), undolog.Filter{})
 	if len(all) != 2 || all[1].Kind != undolog.KindOutcome || all[1].Ref != all[0].Seq {
 		t.Fatalf("log after the reply: %+v, want intent then its outcome", all)
+	}
+}
+
+// TestMultilineReplyRelayed checks that a multi-line refusal at the end of
+// DATA reaches the client line for line, with its enhanced code, and is the
+// logged outcome.
+func TestMultilineReplyRelayed(t *testing.T) {
+	f := startFakeUpstream(t, "")
+	f.finalReply = "554-5.7.1 Message rejected: looks like spam\r\n554-5.7.1 see https://postmaster.example/why\r\n554 5.7.1 reference 4711\r\n"
+	_, l, addr := startProxy(t, f.ln.Addr().String(), 5*time.Second)
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := newLineReader(conn)
+	r.expect(t, "220")
+	for _, step := range []struct{ send, want string }{
+		{"EHLO client.test", "250"},
+		{"MAIL FROM:<s@example.test>", "250"},
+		{"RCPT TO:<alice@example.test>", "250"},
+		{"DATA", "354"},
+	} {
+		fmt.Fprintf(conn, "%s\r\n", step.send)
+		r.expect(t, step.want)
+	}
+	fmt.Fprintf(conn, "Subject: spam\r\n\r\nbuy now\r\n.\r\n")
+	got := r.expect(t, "554")
+	want := []string{
+		"554-5.7.1 Message rejected: looks like spam",
+		"554-5.7.1 see https://postmaster.example/why",
+		"554 5.7.1 reference 4711",
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("client got %q, want the upstream's lines %q", got, want)
+	}
+	verbs, _ := l.Verbs(context.Background(), undolog.Filter{})
+	var o proxy.DeliveryOutcome
+	if len(verbs) != 1 || verbs[0].Outcome == nil || json.Unmarshal(verbs[0].Outcome.Outcome, &o) != nil {
+		t.Fatalf("verbs = %+v", verbs)
+	}
+	if o.Reply == nil || o.Reply.Code != 554 || o.Reply.Enhanced != "5.7.1" ||
+		o.Reply.Text != "Message rejected: looks like spam\nsee https://postmaster.example/why\nreference 4711" {
+		t.Fatalf("logged outcome %+v", o.Reply)
 	}
 }

@@ -64,10 +64,19 @@ func replyFromError(e *smtp.SMTPError) Reply {
 // rather than with a made-up X.0.0.
 func (r Reply) smtpError() *smtp.SMTPError {
 	ec := smtp.NoEnhancedCode
+	text := r.Text
 	if e, ok := parseEnhanced(r.Enhanced); ok {
 		ec = e
+		// go-smtp writes the enhanced code on the last line only; RFC 2034
+		// section 4 wants it on every line, as the upstream sent it.
+		if lines := strings.Split(text, "\n"); len(lines) > 1 {
+			for i := range lines[:len(lines)-1] {
+				lines[i] = r.Enhanced + " " + lines[i]
+			}
+			text = strings.Join(lines, "\n")
+		}
 	}
-	return &smtp.SMTPError{Code: r.Code, EnhancedCode: ec, Message: r.Text}
+	return &smtp.SMTPError{Code: r.Code, EnhancedCode: ec, Message: text}
 }
 
 // parseEnhanced parses "class.subject.detail" (RFC 3463 section 2).

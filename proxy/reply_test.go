@@ -37,7 +37,7 @@ func TestReplyRoundTrip(t *testing.T) {
 	}
 	r = replyFromError(&smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 1, 1}, Message: "line1\nline2"})
 	e := r.smtpError()
-	if e.Code != 550 || e.EnhancedCode != (smtp.EnhancedCode{5, 1, 1}) || e.Message != "line1\nline2" {
+	if e.Code != 550 || e.EnhancedCode != (smtp.EnhancedCode{5, 1, 1}) || e.Message != "5.1.1 line1\nline2" {
 		t.Fatalf("round trip = %+v", e)
 	}
 }

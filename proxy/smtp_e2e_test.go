@@ -419,3 +419,38 @@ func TestMalformedCommands(t *testing.T) {
 		r.expect(t, tc.want)
 	}
 }
+
+// TestSMTPUTF8 sends an internationalised envelope and header (RFC 6531)
+// through the front door: accepted by Postfix and logged as such. (Postfix
+// cannot deliver it on to Dovecot 2.3, whose LMTP does not offer SMTPUTF8,
+// with or without undomail; so this test stops at the front door.)
+func TestSMTPUTF8(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	c := dial(t, tb.SMTPAddr(), "")
+	if ok, _ := c.Extension("SMTPUTF8"); !ok {
+		t.Fatal("front door does not offer SMTPUTF8 though Postfix does")
+	}
+	if err := c.Mail("jörg@example.test", &smtp.MailOptions{UTF8: true}); err != nil {
+		t.Fatalf("MAIL SMTPUTF8: %v", err)
+	}
+	if err := c.Rcpt("alice@example.test", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte("From: Jörg <jörg@example.test>\r\nSubject: Grüße\r\nMessage-Id: <utf8.1@client.test>\r\n\r\nHallo.\r\n"))
+	if err := w.Close(); err != nil {
+		t.Fatalf("end of data: %v", err)
+	}
+	v := verbsOf(t, tb.Daemon.Log, "utf8.1@client.test")[proxy.KindSMTPSubmit]
+	var a proxy.DeliveryArgs
+	json.Unmarshal(v.Args, &a)
+	if a.MailFrom != "jörg@example.test" || !a.SMTPUTF8 || a.Header.Subject != "Grüße" {
+		t.Fatalf("logged %+v", a)
+	}
+	if o := outcomeOf(t, v); o.Reply == nil || o.Reply.Code != 250 {
+		t.Fatalf("logged outcome %+v, want Postfix's 250", o)
+	}
+}

@@ -158,6 +158,10 @@ type recordScan struct {
 	users   string
 	prevSum []byte
 	sum     []byte
+	// args and outcome are scanned as plain []byte: database/sql converts
+	// a TEXT value (a row edited by hand) into []byte but not into
+	// json.RawMessage, and such a row must reach the checksum comparison.
+	args, outcome []byte
 }
 
 // scanInto prepares scanning into r; pass dest() to Scan, then call finish.
@@ -166,7 +170,7 @@ func scanInto(r *Record) *recordScan { return &recordScan{r: r} }
 // dest returns Scan destinations in recordCols order.
 func (s *recordScan) dest() []any {
 	r := s.r
-	return []any{&r.Seq, &s.nanos, &r.User, &r.Session, &r.Kind, &r.Ref, &r.Blob, &s.users, &r.Args, &r.Outcome, &s.prevSum, &s.sum}
+	return []any{&r.Seq, &s.nanos, &r.User, &r.Session, &r.Kind, &r.Ref, &r.Blob, &s.users, &s.args, &s.outcome, &s.prevSum, &s.sum}
 }
 
 // finish decodes the columns Scan could not fill in directly. Sums of the
@@ -177,11 +181,12 @@ func (s *recordScan) finish() error {
 	r.Time = time.Unix(0, s.nanos).UTC()
 	copy(r.PrevSum[:], s.prevSum)
 	copy(r.Sum[:], s.sum)
-	if len(r.Args) == 0 {
-		r.Args = nil
+	r.Args, r.Outcome = nil, nil
+	if len(s.args) > 0 {
+		r.Args = s.args
 	}
-	if len(r.Outcome) == 0 {
-		r.Outcome = nil
+	if len(s.outcome) > 0 {
+		r.Outcome = s.outcome
 	}
 	users, err := decodeUsers(s.users)
 	if err != nil {

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -396,5 +397,35 @@ func TestDemoOnce(t *testing.T) {
 	text, err := run(t, "log", "--data-dir", filepath.Join(dir, "undo"))
 	if err != nil || strings.Count(text, "Welcome to undomail") != 2 {
 		t.Fatalf("the demo's log should show the welcome message's two hops: %v\n%s", err, text)
+	}
+}
+
+// TestCorruptLogRefusedLoudly damages the last record of a log: serve
+// refuses to start (clients then get connection refused, a temporary
+// failure, rather than a proxy writing to a log it cannot trust) and fsck
+// names the record.
+func TestCorruptLogRefusedLoudly(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "undo")
+	l, err := undolog.Open(dir, undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := l.Append(context.Background(), &undolog.Record{Kind: proxy.KindSMTPSubmit, User: "alice", Args: []byte(`{"undo_id":"x"}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l.Close()
+	if out, err := exec.Command("sqlite3", filepath.Join(dir, "undo.db"), `UPDATE records SET args = '{"undo_id":"y"}' WHERE seq = 3`).CombinedOutput(); err != nil {
+		t.Fatalf("tamper: %v %s", err, out)
+	}
+	out, err := run(t, "serve", "--data-dir", dir, "--smtp-listen", freeAddr(t), "--smtp-upstream", "127.0.0.1:1")
+	if err == nil || !strings.Contains(out, "record 3") || !strings.Contains(out, "checksum mismatch") {
+		t.Fatalf("serve on a corrupt log: %v\n%s\nwant a refusal naming record 3", err, out)
+	}
+	out, err = run(t, "fsck", "--data-dir", dir)
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, "record 3: checksum mismatch") {
+		t.Fatalf("fsck on a corrupt log: %v\n%s", err, out)
 	}
 }
