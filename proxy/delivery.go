@@ -30,19 +30,25 @@ const TraceHeader = "Undomail-Id"
 // DeliveryArgs are the arguments of an smtp.submit or lmtp.deliver intent:
 // the envelope and a summary of the message whose bytes, exactly as the
 // client sent them, are the record's blob. The forwarded message is the
-// blob with "Undomail-Id: <UndoID>" prepended.
+// blob with "Undomail-Id: <UndoID>" prepended, except for a delivery linked
+// to its front-door submission, which already carries that id.
 type DeliveryArgs struct {
-	UndoID   string      `json:"undo_id"`
-	Client   string      `json:"client,omitempty"`
-	Helo     string      `json:"helo,omitempty"`
-	AuthUser string      `json:"auth_user,omitempty"`
-	MailFrom string      `json:"mail_from"`
-	Body     string      `json:"body,omitempty"` // BODY= parameter (7BIT, 8BITMIME)
-	SMTPUTF8 bool        `json:"smtputf8,omitempty"`
-	Rcpts    []string    `json:"rcpts"`
-	Rejected []RcptReply `json:"rejected,omitempty"` // recipients the upstream refused at RCPT time
-	Size     int64       `json:"size"`
-	Header   HeaderInfo  `json:"header"`
+	UndoID string `json:"undo_id"`
+	// Submission is the seq of the smtp.submit verb this delivery came
+	// from, when the LMTP capture recognised the front door's id (DESIGN:
+	// "the LMTP listener recognises the undo id the front door stamped on
+	// a message and links each delivery to that record").
+	Submission int64       `json:"submission,omitempty"`
+	Client     string      `json:"client,omitempty"`
+	Helo       string      `json:"helo,omitempty"`
+	AuthUser   string      `json:"auth_user,omitempty"`
+	MailFrom   string      `json:"mail_from"`
+	Body       string      `json:"body,omitempty"` // BODY= parameter (7BIT, 8BITMIME)
+	SMTPUTF8   bool        `json:"smtputf8,omitempty"`
+	Rcpts      []string    `json:"rcpts"`
+	Rejected   []RcptReply `json:"rejected,omitempty"` // recipients the upstream refused at RCPT time
+	Size       int64       `json:"size"`
+	Header     HeaderInfo  `json:"header"`
 }
 
 // RcptReply is the reply for one recipient.
@@ -58,8 +64,8 @@ type HeaderInfo struct {
 	From      string `json:"from,omitempty"`
 	Subject   string `json:"subject,omitempty"`
 	Date      string `json:"date,omitempty"`
-	// PriorIDs are Undomail-Id fields already in the message, e.g. the
-	// front door's id on a delivery captured on the LMTP path.
+	// PriorIDs are the Undomail-Id fields the message arrived with, topmost
+	// first: on the LMTP path, the front door's.
 	PriorIDs []string `json:"prior_ids,omitempty"`
 }
 

@@ -393,7 +393,6 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 		return nil, err
 	}
 	args := DeliveryArgs{
-		UndoID:   undolog.NewID(),
 		Client:   s.client.addr.String(),
 		Helo:     s.client.helo,
 		AuthUser: s.authUser,
@@ -410,6 +409,14 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 	kind := KindSMTPSubmit
 	if s.p.cfg.LMTP {
 		kind = KindLMTPDeliver
+		if err := s.linkSubmission(ctx, &args); err != nil {
+			s.logger.Error("look up front-door submission failed; transaction refused", "err", err)
+			s.Reset()
+			return nil, replyLogUnavailable.smtpError()
+		}
+	}
+	if args.UndoID == "" {
+		args.UndoID = undolog.NewID()
 	}
 	users := append([]string(nil), s.rcpts...)
 	if s.authUser != "" {
@@ -443,6 +450,27 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 	s.logger.Info("relayed", "seq", seq, "undo_id", args.UndoID, "from", args.MailFrom, "rcpts", len(args.Rcpts),
 		"size", args.Size, "reply", out.Summary())
 	return out, nil
+}
+
+// linkSubmission recognises a delivery of a message that came in through
+// the front door: its topmost Undomail-Id (Postfix adds only a Received
+// field above it) names an smtp.submit verb in the log. The delivery then
+// shares that id instead of minting a second one. An id the log does not
+// know as a submission, e.g. one a sender wrote into its own message, is
+// ignored: only ids undomail minted can link.
+func (s *smtpSession) linkSubmission(ctx context.Context, args *DeliveryArgs) error {
+	if len(args.Header.PriorIDs) == 0 {
+		return nil
+	}
+	id := args.Header.PriorIDs[0]
+	verbs, err := s.p.log.Verbs(ctx, undolog.Filter{UndoID: id, Kinds: []string{KindSMTPSubmit}, Limit: 1})
+	if err != nil {
+		return err
+	}
+	if len(verbs) == 1 {
+		args.UndoID, args.Submission = id, verbs[0].Seq
+	}
+	return nil
 }
 
 // spool streams the client's message into a new blob, keeping the header
@@ -520,8 +548,10 @@ func (s *smtpSession) forward(args DeliveryArgs, blob undolog.BlobRef) *Delivery
 		return fail("open blob", err)
 	}
 	defer src.Close()
-	if _, err := fmt.Fprintf(wc, "%s: %s\r\n", TraceHeader, args.UndoID); err != nil {
-		return fail("send message", err)
+	if args.Submission == 0 {
+		if _, err := fmt.Fprintf(wc, "%s: %s\r\n", TraceHeader, args.UndoID); err != nil {
+			return fail("send message", err)
+		}
 	}
 	if _, err := io.Copy(wc, src); err != nil {
 		// A read error here is a blob that failed verification; never

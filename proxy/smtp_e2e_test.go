@@ -261,17 +261,13 @@ func TestDeliveryIsLoggedAndTraced(t *testing.T) {
 	var sa, da proxy.DeliveryArgs
 	json.Unmarshal(submit.Args, &sa)
 	json.Unmarshal(deliver.Args, &da)
-	// The delivery carries both ids, the delivery's own on top (Dovecot
-	// adds its Return-Path, Delivered-To and Received above them).
-	want := fmt.Sprintf("%s: %s\r\n", proxy.TraceHeader, da.UndoID)
-	if i := strings.Index(hdr, proxy.TraceHeader+":"); i < 0 || !strings.HasPrefix(hdr[i:], want) {
-		t.Fatalf("the stored message's first trace header is not the delivery's %q:\n%s", want, hdr)
+	// The delivery is linked to the submission and shares its id; the
+	// stored message carries that one trace header.
+	if da.UndoID != sa.UndoID || da.Submission != submit.Seq {
+		t.Fatalf("delivery id %s submission %d, want the front door's id %s and seq %d", da.UndoID, da.Submission, sa.UndoID, submit.Seq)
 	}
-	if !strings.Contains(hdr, fmt.Sprintf("%s: %s\r\n", proxy.TraceHeader, sa.UndoID)) {
-		t.Fatalf("stored message lacks the front door's trace header %s:\n%s", sa.UndoID, hdr)
-	}
-	if len(da.Header.PriorIDs) != 1 || da.Header.PriorIDs[0] != sa.UndoID {
-		t.Fatalf("delivery's prior ids = %v, want [%s]", da.Header.PriorIDs, sa.UndoID)
+	if n := strings.Count(hdr, proxy.TraceHeader+":"); n != 1 || !strings.Contains(hdr, fmt.Sprintf("%s: %s\r\n", proxy.TraceHeader, sa.UndoID)) {
+		t.Fatalf("stored message has %d trace headers, want one with %s:\n%s", n, sa.UndoID, hdr)
 	}
 	so := outcomeOf(t, submit)
 	if so.Reply == nil || so.Reply.Code != 250 || so.Reply.Enhanced != "2.0.0" || !strings.HasPrefix(so.Reply.Text, "Ok: queued as ") {
@@ -452,5 +448,51 @@ func TestSMTPUTF8(t *testing.T) {
 	}
 	if o := outcomeOf(t, v); o.Reply == nil || o.Reply.Code != 250 {
 		t.Fatalf("logged outcome %+v, want Postfix's 250", o)
+	}
+}
+
+// TestForgedUndoIDIsNotTrusted: a sender that writes its own Undomail-Id
+// field cannot make a delivery claim another identity. The front door puts
+// its own id on top, and the LMTP capture links only ids the log knows.
+func TestForgedUndoIDIsNotTrusted(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	forged := "Undomail-Id: 01FORGEDFORGEDFORGEDFORGED\r\n"
+	c := dial(t, tb.SMTPAddr(), "")
+	if err := c.SendMail("sender@example.test", []string{"alice@example.test"}, strings.NewReader(forged+message("forged", "forged.1@client.test"))); err != nil {
+		t.Fatal(err)
+	}
+	waitForMessage(t, tb, "alice", "forged.1@client.test")
+	verbs := verbsOf(t, tb.Daemon.Log, "forged.1@client.test")
+	var sa, da proxy.DeliveryArgs
+	json.Unmarshal(verbs[proxy.KindSMTPSubmit].Args, &sa)
+	json.Unmarshal(verbs[proxy.KindLMTPDeliver].Args, &da)
+	if da.UndoID != sa.UndoID || sa.UndoID == "01FORGEDFORGEDFORGEDFORGED" {
+		t.Fatalf("submission %s, delivery %s: want both the front door's own id", sa.UndoID, da.UndoID)
+	}
+	// Straight into the LMTP capture (no front door): the forged id is
+	// unknown, so the delivery gets a fresh one, stamped on top.
+	lc := dialLMTP(t, tb.Daemon.LMTPAddr.String())
+	if err := lc.Mail("sender@example.test", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := lc.Rcpt("alice@example.test", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := lc.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.Write([]byte(forged + message("forged lmtp", "forged.2@client.test")))
+	if _, err := w.CloseWithLMTPResponse(); err != nil {
+		t.Fatal(err)
+	}
+	hdr := waitForMessage(t, tb, "alice", "forged.2@client.test")
+	da = proxy.DeliveryArgs{}
+	json.Unmarshal(verbsOf(t, tb.Daemon.Log, "forged.2@client.test")[proxy.KindLMTPDeliver].Args, &da)
+	if da.UndoID == "" || da.UndoID == "01FORGEDFORGEDFORGEDFORGED" || da.Submission != 0 {
+		t.Fatalf("direct LMTP delivery took the forged id: %+v", da)
+	}
+	if i := strings.Index(hdr, proxy.TraceHeader+":"); i < 0 || !strings.HasPrefix(hdr[i:], proxy.TraceHeader+": "+da.UndoID+"\r\n") {
+		t.Fatalf("the delivery's own id is not the topmost trace header:\n%s", hdr)
 	}
 }

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_time ON records(time);
 CREATE INDEX IF NOT EXISTS records_kind ON records(kind);
 CREATE INDEX IF NOT EXISTS records_outcome ON records(ref) WHERE kind = 'outcome';
+CREATE INDEX IF NOT EXISTS records_undo_id ON records(` + undoIDExpr + `) WHERE ` + undoIDExpr + ` IS NOT NULL;
 
 -- record_users files each record under its actor and every affected user, so
 -- a user's timeline is an index range scan ordered by seq.

@@ -276,6 +276,7 @@ func TestFilterUsesIndexes(t *testing.T) {
 		{Since: time.Now(), Until: time.Now().Add(time.Hour)},
 		{Kinds: []string{"imap.store"}},
 		{AfterSeq: 1000, Limit: 50},
+		{UndoID: "01M7YQNTKW0CX075BND4H0BSRQ", Kinds: []string{"smtp.submit"}},
 	} {
 		q, args := buildQuery(f, recordCols, "", "")
 		rows, err := l.db.Query("EXPLAIN QUERY PLAN "+q, args...)

@@ -18,7 +18,15 @@ type Filter struct {
 	Kinds    []string  // records of one of these kinds
 	AfterSeq int64     // records with Seq > AfterSeq: pass the last Seq of a page to get the next
 	Limit    int       // at most this many records (intents for Verbs)
+	UndoID   string    // records whose Args carry this "undo_id" (a message's identity)
 }
+
+// undoIDExpr extracts a record's undo id from its JSON arguments. The same
+// expression, character for character, indexes records_undo_id: SQLite uses
+// an expression index only for the identical expression. Arguments that are
+// not JSON yield NULL rather than an error, so they can never block an
+// insert.
+const undoIDExpr = `(CASE WHEN json_valid(CAST(args AS TEXT)) THEN json_extract(CAST(args AS TEXT), '$.undo_id') END)`
 
 // Verb is an intent record with the outcome record that refers to it.
 // Outcome is nil if none was logged, e.g. the process crashed in between or
@@ -130,6 +138,10 @@ func buildQuery(f Filter, cols, join, cond string) (string, []any) {
 	if !f.Until.IsZero() {
 		where = append(where, "r.time < ?")
 		args = append(args, f.Until.UnixNano())
+	}
+	if f.UndoID != "" {
+		where = append(where, "r.seq IN (SELECT seq FROM records WHERE "+undoIDExpr+" = ?)")
+		args = append(args, f.UndoID)
 	}
 	if len(f.Kinds) > 0 {
 		where = append(where, "r.kind IN (?"+strings.Repeat(", ?", len(f.Kinds)-1)+")")

@@ -56,3 +56,26 @@ func TestAppendNoSync(t *testing.T) {
 		t.Fatalf("after reopen last = %d, want 21", seq)
 	}
 }
+
+// TestFilterByUndoID finds records by the undo id in their arguments and
+// ignores records without one.
+func TestFilterByUndoID(t *testing.T) {
+	l := openTest(t, t.TempDir())
+	defer l.Close()
+	for _, args := range []string{`{"undo_id":"A"}`, `{"other":"A"}`, ``, `{"undo_id":"B"}`, `{"undo_id":"A","x":1}`} {
+		r := &Record{Kind: "smtp.submit"}
+		if args != "" {
+			r.Args = []byte(args)
+		}
+		if err := l.Append(context.Background(), r); err != nil {
+			t.Fatalf("append %q: %v", args, err)
+		}
+	}
+	recs, err := l.Records(context.Background(), Filter{UndoID: "A"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(recs) != 2 || recs[0].Seq != 1 || recs[1].Seq != 5 {
+		t.Fatalf("records with undo id A = %+v, want seqs 1 and 5", recs)
+	}
+}
