@@ -10,13 +10,14 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/loadtest"
 	"github.com/undomail/undomail/internal/testbed"
 )
 
 func loadCmd() *cobra.Command {
 	o := loadtest.Options{Messages: 1000, Size: 4096, Sessions: 8, Rounds: 3}
-	var dir string
+	var dir, dataDir string
 	cmd := &cobra.Command{
 		Use:   "load",
 		Short: "Measure undomail's throughput against the upstream driven directly, in one run",
@@ -40,7 +41,11 @@ the SMTP front door with Postfix's smtpd. Needs root and smtp-source (postfix).`
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
-			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, Logger: logger})
+			opts := testbed.Options{Dir: dir, Logger: logger}
+			if dataDir != "" {
+				opts.Tweak = func(c *config.Config) { c.DataDir = dataDir }
+			}
+			tb, err := testbed.Start(ctx, opts)
 			if err != nil {
 				return err
 			}
@@ -61,5 +66,6 @@ the SMTP front door with Postfix's smtpd. Needs root and smtp-source (postfix).`
 	f.BoolVar(&o.Reuse, "reuse", false, "send each session's messages over one connection (smtp-source -d)")
 	f.BoolVar(&o.LMTP, "lmtp", false, "measure the LMTP capture against Dovecot's LMTP")
 	f.StringVar(&dir, "dir", "", "directory for the stack and log (default: a temporary one, removed afterwards)")
+	f.StringVar(&dataDir, "data-dir", "", "put the undo log here instead (e.g. on its own filesystem, as in production)")
 	return cmd
 }
