@@ -13,6 +13,8 @@ require (
 )
 
 require (
+	github.com/google/uuid v1.2.0 // indirect
 	github.com/inconshreveable/mousetrap v1.1.0 // indirect
+	github.com/mistifyio/go-zfs/v3 v3.0.1 // indirect
 	github.com/spf13/pflag v1.0.9 // indirect
 )
