@@ -39,3 +39,27 @@ func (r *lineReader) expect(t *testing.T, prefix string) []string {
 	}
 	return lines
 }
+
+// line reads one line (IMAP responses are read line by line).
+func (r *lineReader) line(t *testing.T) string {
+	t.Helper()
+	r.conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+	l, err := r.br.ReadString('\n')
+	if err != nil {
+		t.Fatalf("read line: %v", err)
+	}
+	return strings.TrimRight(l, "\r\n")
+}
+
+// until reads lines until one starts with prefix and returns them all.
+func (r *lineReader) until(t *testing.T, prefix string) []string {
+	t.Helper()
+	var lines []string
+	for {
+		l := r.line(t)
+		lines = append(lines, l)
+		if strings.HasPrefix(l, prefix) {
+			return lines
+		}
+	}
+}

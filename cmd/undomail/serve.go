@@ -26,7 +26,11 @@ func serveCmd() *cobra.Command {
 
   delivery capture (--lmtp-listen), an LMTP proxy between Postfix's
   virtual_transport and Dovecot's LMTP (--lmtp-upstream), which records every
-  final local delivery: the unit a replay re-delivers.
+  final local delivery: the unit a replay re-delivers;
+
+  the IMAP front end (--imap-listen), in front of Dovecot's IMAP
+  (--imap-upstream), which records every change a user makes to their mail
+  and which messages each user was shown.
 
 Every transaction is durably in the undo log (--data-dir) before it is
 forwarded, and its outcome before the client hears it. Flags override the
@@ -53,12 +57,17 @@ config file (--config); see undomail.example.yaml.`,
 			set("smtp-upstream", &cfg.SMTP.Upstream, o.SMTP.Upstream)
 			set("lmtp-listen", &cfg.LMTP.Listen, o.LMTP.Listen)
 			set("lmtp-upstream", &cfg.LMTP.Upstream, o.LMTP.Upstream)
+			set("imap-listen", &cfg.IMAP.Listen, o.IMAP.Listen)
+			set("imap-upstream", &cfg.IMAP.Upstream, o.IMAP.Upstream)
 			set("admin-listen", &cfg.Admin.Listen, o.Admin.Listen)
 			if f.Changed("smtp-xclient") {
 				cfg.SMTP.XClient = &xclient
 			}
 			if f.Changed("smtp-allow-insecure-auth") {
 				cfg.SMTP.AllowInsecureAuth = o.SMTP.AllowInsecureAuth
+			}
+			if f.Changed("imap-allow-insecure-auth") {
+				cfg.IMAP.AllowInsecureAuth = o.IMAP.AllowInsecureAuth
 			}
 			if err := cfg.Validate(); err != nil {
 				return err
@@ -93,6 +102,9 @@ config file (--config); see undomail.example.yaml.`,
 	f.BoolVar(&o.SMTP.AllowInsecureAuth, "smtp-allow-insecure-auth", false, "offer AUTH without TLS")
 	f.StringVar(&o.LMTP.Listen, "lmtp-listen", "", "delivery capture: LMTP listen address (Postfix's virtual_transport points here)")
 	f.StringVar(&o.LMTP.Upstream, "lmtp-upstream", "", "delivery capture: Dovecot LMTP address")
+	f.StringVar(&o.IMAP.Listen, "imap-listen", "", "IMAP front end: listen address for mail clients")
+	f.StringVar(&o.IMAP.Upstream, "imap-upstream", "", "IMAP front end: Dovecot IMAP address")
+	f.BoolVar(&o.IMAP.AllowInsecureAuth, "imap-allow-insecure-auth", false, "accept IMAP passwords without TLS")
 	f.StringVar(&o.Admin.Listen, "admin-listen", "", "admin HTTP API address (reserved; not served yet)")
 	return cmd
 }

@@ -27,7 +27,27 @@ type Config struct {
 
 	SMTP  SMTP  `yaml:"smtp"`
 	LMTP  LMTP  `yaml:"lmtp"`
+	IMAP  IMAP  `yaml:"imap"`
 	Admin Admin `yaml:"admin"`
+}
+
+// IMAP is the IMAP front end in front of Dovecot's IMAP.
+type IMAP struct {
+	// Listen is the address mail clients connect to; empty disables it.
+	Listen string `yaml:"listen"`
+	// Upstream is Dovecot's IMAP listener.
+	Upstream string `yaml:"upstream"`
+	// TLSCert and TLSKey enable TLS toward clients (PEM files): STARTTLS,
+	// or TLS from the first byte with ImplicitTLS (port 993).
+	TLSCert     string `yaml:"tls_cert"`
+	TLSKey      string `yaml:"tls_key"`
+	ImplicitTLS bool   `yaml:"implicit_tls"`
+	// AllowInsecureAuth accepts passwords on connections without TLS.
+	AllowInsecureAuth bool `yaml:"allow_insecure_auth"`
+	// UpstreamTimeout bounds connecting and logging in to Dovecot.
+	UpstreamTimeout Duration `yaml:"upstream_timeout"`
+	// IdleTimeout ends silent client connections (RFC 9051: at least 30m).
+	IdleTimeout Duration `yaml:"idle_timeout"`
 }
 
 // SMTP is the front door: an SMTP listener in front of Postfix's smtpd.
@@ -96,6 +116,10 @@ func Default() Config {
 			UpstreamTimeout: Duration(5 * time.Minute),
 			ClientTimeout:   Duration(5 * time.Minute),
 		},
+		IMAP: IMAP{
+			UpstreamTimeout: Duration(30 * time.Second),
+			IdleTimeout:     Duration(30 * time.Minute),
+		},
 		Admin: Admin{Listen: "127.0.0.1:8025"},
 	}
 }
@@ -142,6 +166,8 @@ func (c Config) Validate() error {
 	checkAddr("smtp.upstream", c.SMTP.Upstream)
 	checkAddr("lmtp.listen", c.LMTP.Listen)
 	checkAddr("lmtp.upstream", c.LMTP.Upstream)
+	checkAddr("imap.listen", c.IMAP.Listen)
+	checkAddr("imap.upstream", c.IMAP.Upstream)
 	checkAddr("admin.listen", c.Admin.Listen)
 	if c.SMTP.Listen != "" && c.SMTP.Upstream == "" {
 		errs = append(errs, errors.New("smtp.upstream: must be set when smtp.listen is (Postfix's smtpd address)"))
@@ -149,8 +175,17 @@ func (c Config) Validate() error {
 	if c.LMTP.Listen != "" && c.LMTP.Upstream == "" {
 		errs = append(errs, errors.New("lmtp.upstream: must be set when lmtp.listen is (Dovecot's LMTP address)"))
 	}
-	if c.SMTP.Listen == "" && c.LMTP.Listen == "" {
-		errs = append(errs, errors.New("smtp.listen, lmtp.listen: at least one listener must be set"))
+	if c.IMAP.Listen != "" && c.IMAP.Upstream == "" {
+		errs = append(errs, errors.New("imap.upstream: must be set when imap.listen is (Dovecot's IMAP address)"))
+	}
+	if c.SMTP.Listen == "" && c.LMTP.Listen == "" && c.IMAP.Listen == "" {
+		errs = append(errs, errors.New("smtp.listen, lmtp.listen, imap.listen: at least one listener must be set"))
+	}
+	if (c.IMAP.TLSCert == "") != (c.IMAP.TLSKey == "") {
+		errs = append(errs, errors.New("imap.tls_cert, imap.tls_key: set both or neither"))
+	}
+	if c.IMAP.ImplicitTLS && c.IMAP.TLSCert == "" {
+		errs = append(errs, errors.New("imap.implicit_tls: needs imap.tls_cert and imap.tls_key"))
 	}
 	if (c.SMTP.TLSCert == "") != (c.SMTP.TLSKey == "") {
 		errs = append(errs, errors.New("smtp.tls_cert, smtp.tls_key: set both or neither"))
@@ -167,6 +202,7 @@ func (c Config) Validate() error {
 	}{
 		{"smtp.upstream_timeout", c.SMTP.UpstreamTimeout}, {"smtp.client_timeout", c.SMTP.ClientTimeout},
 		{"lmtp.upstream_timeout", c.LMTP.UpstreamTimeout}, {"lmtp.client_timeout", c.LMTP.ClientTimeout},
+		{"imap.upstream_timeout", c.IMAP.UpstreamTimeout}, {"imap.idle_timeout", c.IMAP.IdleTimeout},
 	} {
 		if d.v <= 0 {
 			errs = append(errs, fmt.Errorf("%s: must be positive", d.key))

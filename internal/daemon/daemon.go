@@ -25,8 +25,10 @@ type Daemon struct {
 	Log      *undolog.Log
 	SMTP     *proxy.SMTPProxy // nil when the front door is disabled
 	LMTP     *proxy.SMTPProxy // nil when delivery capture is disabled
+	IMAP     *proxy.IMAPProxy // nil when the IMAP front end is disabled
 	SMTPAddr net.Addr
 	LMTPAddr net.Addr
+	IMAPAddr net.Addr
 
 	logger *slog.Logger
 	errc   chan error
@@ -42,7 +44,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 	if err != nil {
 		return nil, fmt.Errorf("open undo log: %w", err)
 	}
-	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 2)}
+	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3)}
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -84,6 +86,32 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 		if err != nil {
 			return nil, err
 		}
+	}
+	if cfg.IMAP.Listen != "" {
+		ic := proxy.IMAPConfig{
+			Upstream:          cfg.IMAP.Upstream,
+			Hostname:          cfg.Hostname,
+			ImplicitTLS:       cfg.IMAP.ImplicitTLS,
+			AllowInsecureAuth: cfg.IMAP.AllowInsecureAuth,
+			UpstreamTimeout:   time.Duration(cfg.IMAP.UpstreamTimeout),
+			IdleTimeout:       time.Duration(cfg.IMAP.IdleTimeout),
+		}
+		if cfg.IMAP.TLSCert != "" {
+			cert, err := tls.LoadX509KeyPair(cfg.IMAP.TLSCert, cfg.IMAP.TLSKey)
+			if err != nil {
+				return nil, fmt.Errorf("imap.tls_cert/imap.tls_key: %w", err)
+			}
+			ic.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		}
+		if d.IMAP, err = proxy.NewIMAP(pctx, ic, d.Log, d.logger); err != nil {
+			return nil, err
+		}
+		ln, err := net.Listen("tcp", cfg.IMAP.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", cfg.IMAP.Listen, err)
+		}
+		d.IMAPAddr = ln.Addr()
+		go func() { d.errc <- d.IMAP.Serve(ln) }()
 	}
 	return d, nil
 }
@@ -129,6 +157,9 @@ func (d *Daemon) Close() error {
 		if p != nil {
 			errs = append(errs, p.Close(ctx))
 		}
+	}
+	if d.IMAP != nil {
+		errs = append(errs, d.IMAP.Close(ctx))
 	}
 	if d.Log != nil {
 		errs = append(errs, d.Log.Close())

@@ -1,6 +1,7 @@
 // Package testbed runs undomail the way it is deployed, in front of a
 // private mail stack: Postfix's smtpd behind undomail's SMTP front door,
-// and Postfix's deliveries through undomail's LMTP capture into Dovecot.
+// Postfix's deliveries through undomail's LMTP capture into Dovecot, and
+// Dovecot's IMAP behind undomail's IMAP front end.
 // `undomail demo`, `undomail load` and the end-to-end tests share it.
 package testbed
 
@@ -62,6 +63,9 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.SMTP.AllowInsecureAuth = true // loopback only
 	cfg.LMTP.Listen = "127.0.0.1:0"
 	cfg.LMTP.Upstream = st.LMTPAddr
+	cfg.IMAP.Listen = "127.0.0.1:0"
+	cfg.IMAP.Upstream = st.IMAPAddr
+	cfg.IMAP.AllowInsecureAuth = true // loopback only
 	if o.Tweak != nil {
 		o.Tweak(&cfg)
 	}
@@ -79,6 +83,9 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 
 // SMTPAddr is the front door's address.
 func (tb *Testbed) SMTPAddr() string { return tb.Daemon.SMTPAddr.String() }
+
+// IMAPAddr is the IMAP front end's address.
+func (tb *Testbed) IMAPAddr() string { return tb.Daemon.IMAPAddr.String() }
 
 // Stop stops undomail, then the stack.
 func (tb *Testbed) Stop() error {

@@ -42,12 +42,12 @@ func newFramer(r io.Reader, opts Options, side string) *framer {
 	}
 }
 
-// readUnit reads and forwards one unit. literals decides from the unit's
-// first line whether a literal header at the end of a line counts as one:
-// in a server status response the header would be part of the human text.
-// refused reports that fwd refused a synchronizing literal, which ends the
-// unit at that literal's header.
-func (f *framer) readUnit(fwd Forward, literals func(first []byte) bool) (refused bool, err error) {
+// readUnit reads and forwards one unit. literalOK decides whether a literal
+// header ending the unit's first line, starting at hdr, counts as one: in a
+// server status response it would be part of the human text, and in place
+// of a command name Dovecot reads it as the name. refused reports that fwd
+// refused a synchronizing literal, which ends the unit at its header.
+func (f *framer) readUnit(fwd Forward, literalOK func(first []byte, hdr int) bool) (refused bool, err error) {
 	if f.err != nil {
 		return false, f.err
 	}
@@ -56,7 +56,6 @@ func (f *framer) readUnit(fwd Forward, literals func(first []byte) bool) (refuse
 	f.lits = nil
 	f.bareLF = false
 	f.budget = f.opts.MaxInlineLiteral
-	allow := true
 	for first := true; ; first = false {
 		segStart := len(f.line)
 		if err := f.readLine(); err != nil {
@@ -66,15 +65,13 @@ func (f *framer) readUnit(fwd Forward, literals func(first []byte) bool) (refuse
 			return false, f.fail(err)
 		}
 		seg := f.line[segStart:]
-		if first && literals != nil {
-			allow = literals(seg)
+		check := literalOK
+		if !first {
+			check = nil
 		}
-		var lit *Literal
-		if allow {
-			lit, err = f.literalHeader(segStart)
-			if err != nil {
-				return false, f.fail(err)
-			}
+		lit, err := f.literalHeader(segStart, check)
+		if err != nil {
+			return false, f.fail(err)
 		}
 		if fwd != nil {
 			if err := fwd(Part{Raw: seg}); err != nil {
@@ -132,7 +129,7 @@ func (f *framer) readLine() error {
 // and the content follows the CRLF. The header must start an argument, after
 // SP or "(", and must not sit inside a quoted string; anywhere else Dovecot
 // rejects the line without reading a literal, and so must we.
-func (f *framer) literalHeader(segStart int) (*Literal, error) {
+func (f *framer) literalHeader(segStart int, check func([]byte, int) bool) (*Literal, error) {
 	seg := f.line[segStart:]
 	body := seg[:len(seg)-1] // drop LF
 	if n := len(body); n > 0 && body[n-1] == '\r' {
@@ -165,7 +162,7 @@ func (f *framer) literalHeader(segStart int) (*Literal, error) {
 	if hdr == 0 || (body[hdr-1] != ' ' && body[hdr-1] != '(') {
 		return nil, nil
 	}
-	if inQuoted(body[:hdr]) {
+	if inQuoted(body[:hdr]) || (check != nil && !check(seg, hdr)) {
 		return nil, nil
 	}
 	hdrOff := f.off - int64(len(seg)) + int64(hdr)

@@ -14,8 +14,9 @@
 // RFC 3501 clients send, plus LITERAL+ (RFC 7888), literal8 for BINARY
 // (RFC 3516), CONDSTORE/QRESYNC (RFC 7162) and ESEARCH (RFC 4731) responses.
 // The readers are liberal where Dovecot is liberal (bare LF line ends, any
-// number of spaces between arguments, lower-case NIL), so that the tokenizer
-// frames the stream exactly as the server does.
+// number of spaces between arguments, any character after a backslash in a
+// quoted string), and they place literals exactly where Dovecot does, so
+// that the tokenizer frames the stream as the server does.
 package imapwire
 
 import (
@@ -124,14 +125,22 @@ var ErrLiteralRefused = errors.New("imapwire: synchronizing literal refused by s
 
 // SyntaxError reports input that was framed and forwarded completely but
 // does not follow the grammar. The reader stays in step with the stream and
-// Next may be called again. A proxy can relay the server's BAD or answer one.
+// Next may be called again: the server will answer BAD, and the proxy can
+// relay that, unless Ambiguous is set.
 type SyntaxError struct {
 	// Offset is the stream offset where the problem was found.
 	Offset int64
 	// Msg says what was wrong.
 	Msg string
+	// Ambiguous is set when the command also carried a non-synchronizing
+	// literal. Dovecot stops at the first error and skips to the end of
+	// that line, so it may take the literal's content for the next command
+	// where the reader took it for a literal; a proxy that must see every
+	// command should close the connection.
+	Ambiguous bool
 }
 
+// Error describes the problem and where it is.
 func (e *SyntaxError) Error() string {
 	return fmt.Sprintf("imapwire: syntax error at byte %d: %s", e.Offset, e.Msg)
 }
@@ -146,6 +155,7 @@ type LineTooLongError struct {
 	Max int
 }
 
+// Error describes which line was too long.
 func (e *LineTooLongError) Error() string {
 	return fmt.Sprintf("imapwire: line starting at byte %d is longer than %d bytes", e.Offset, e.Max)
 }
@@ -162,6 +172,7 @@ type LiteralTooLargeError struct {
 	Max int64
 }
 
+// Error describes which literal was too large.
 func (e *LiteralTooLargeError) Error() string {
 	if e.Size < 0 {
 		return fmt.Sprintf("imapwire: literal at byte %d: size does not fit in 63 bits", e.Offset)

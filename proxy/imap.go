@@ -1,0 +1,312 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/undomail/undomail/proxy/imapwire"
+	"github.com/undomail/undomail/undolog"
+)
+
+// IMAPConfig configures the IMAP front end.
+type IMAPConfig struct {
+	// Upstream is Dovecot's IMAP listener.
+	Upstream string
+	// Hostname is named in the greeting.
+	Hostname string
+	// TLS, if set, offers STARTTLS, or with ImplicitTLS wraps every
+	// connection in TLS from the first byte (port 993 style).
+	TLS         *tls.Config
+	ImplicitTLS bool
+	// AllowInsecureAuth accepts LOGIN and AUTHENTICATE without TLS.
+	// Without it the proxy advertises LOGINDISABLED on cleartext
+	// connections (RFC 9051 section 6.2.3).
+	AllowInsecureAuth bool
+	// UpstreamTimeout bounds connecting and logging in upstream.
+	UpstreamTimeout time.Duration
+	// IdleTimeout ends a client connection silent for this long. RFC 9051
+	// section 5.4 asks for at least 30 minutes.
+	IdleTimeout time.Duration
+}
+
+// IMAPProxy is the IMAP front end: it logs clients in, logs in upstream as
+// them, then relays bytes both ways unchanged through imapwire's tokenizer,
+// recording every mutating command in the undo log before it is forwarded
+// and every body or header fetch as an externalization.
+type IMAPProxy struct {
+	cfg    IMAPConfig
+	log    *undolog.Log
+	logger *slog.Logger
+	// preCaps are the upstream's capabilities before login.
+	preCaps []string
+
+	mu       sync.Mutex
+	closed   bool
+	ln       net.Listener
+	sessions map[*imapSession]struct{}
+	wg       sync.WaitGroup
+}
+
+// NewIMAP probes the upstream (retrying until ctx ends) for its pre-login
+// capabilities.
+func NewIMAP(ctx context.Context, cfg IMAPConfig, log *undolog.Log, logger *slog.Logger) (*IMAPProxy, error) {
+	if cfg.Upstream == "" {
+		return nil, errors.New("imap proxy: no upstream address")
+	}
+	if cfg.Hostname == "" {
+		cfg.Hostname = "localhost"
+	}
+	if cfg.UpstreamTimeout == 0 {
+		cfg.UpstreamTimeout = 30 * time.Second
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = 30 * time.Minute
+	}
+	p := &IMAPProxy{cfg: cfg, log: log, logger: logger.With("listener", "imap"), sessions: map[*imapSession]struct{}{}}
+	for {
+		up, err := p.dialUpstream(ctx)
+		if err == nil {
+			p.preCaps = up.caps
+			up.close()
+			break
+		}
+		p.logger.Warn("upstream probe failed; retrying", "upstream", cfg.Upstream, "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("imap proxy: probe upstream %s: %w", cfg.Upstream, err)
+		case <-time.After(time.Second):
+		}
+	}
+	p.logger.Info("upstream probed", "upstream", cfg.Upstream, "capabilities", strings.Join(p.preCaps, " "))
+	return p, nil
+}
+
+// Serve accepts connections on l until Close.
+func (p *IMAPProxy) Serve(l net.Listener) error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.ln = l
+	p.mu.Unlock()
+	p.logger.Info("listening", "addr", l.Addr().String(), "upstream", p.cfg.Upstream)
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			p.mu.Lock()
+			closed := p.closed
+			p.mu.Unlock()
+			if closed {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return err
+		}
+		if p.cfg.TLS != nil && p.cfg.ImplicitTLS {
+			c = tls.Server(c, p.cfg.TLS)
+		}
+		s := newIMAPSession(p, c)
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			c.Close()
+			return nil
+		}
+		p.sessions[s] = struct{}{}
+		p.wg.Add(1)
+		p.mu.Unlock()
+		go func() {
+			defer p.wg.Done()
+			s.serve()
+			p.mu.Lock()
+			delete(p.sessions, s)
+			p.mu.Unlock()
+		}()
+	}
+}
+
+// Close stops accepting and ends every session with BYE [UNAVAILABLE]
+// (RFC 9051 section 7.1.5), after the commands in flight have had until ctx
+// ends to complete.
+func (p *IMAPProxy) Close(ctx context.Context) error {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return nil
+	}
+	p.closed = true
+	if p.ln != nil {
+		p.ln.Close()
+	}
+	for s := range p.sessions {
+		s.shutdown("undomail is shutting down")
+	}
+	p.mu.Unlock()
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		p.mu.Lock()
+		for s := range p.sessions {
+			s.conn.Close()
+		}
+		p.mu.Unlock()
+	}
+	return nil
+}
+
+// imapUpstream is one connection to Dovecot.
+type imapUpstream struct {
+	conn net.Conn
+	r    *imapwire.ResponseReader
+	mu   sync.Mutex // serialises writes to w
+	w    *bufio.Writer
+	caps []string
+}
+
+func (u *imapUpstream) close() { u.conn.Close() }
+
+// write sends bytes upstream and flushes.
+func (u *imapUpstream) write(b []byte) error {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if _, err := u.w.Write(b); err != nil {
+		return err
+	}
+	return u.w.Flush()
+}
+
+// dialUpstream connects and reads the greeting and the pre-login
+// capabilities.
+func (p *IMAPProxy) dialUpstream(ctx context.Context) (*imapUpstream, error) {
+	d := net.Dialer{Timeout: p.cfg.UpstreamTimeout}
+	conn, err := d.DialContext(ctx, "tcp", p.cfg.Upstream)
+	if err != nil {
+		return nil, fmt.Errorf("connect to upstream %s: %w", p.cfg.Upstream, err)
+	}
+	u := &imapUpstream{conn: conn, r: imapwire.NewResponseReader(conn, imapwire.Options{}), w: bufio.NewWriter(conn)}
+	conn.SetDeadline(time.Now().Add(p.cfg.UpstreamTimeout))
+	defer conn.SetDeadline(time.Time{})
+	greet, err := u.r.Next(nil)
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("read greeting of upstream %s: %w", p.cfg.Upstream, err)
+	}
+	if greet.Kind != imapwire.Untagged || greet.Name != "OK" {
+		conn.Close()
+		return nil, fmt.Errorf("upstream %s greeted with %s %s", p.cfg.Upstream, greet.Name, greet.Text)
+	}
+	if greet.Code != nil && greet.Code.Name == "CAPABILITY" {
+		u.caps = strings.Fields(greet.Code.Text)
+		return u, nil
+	}
+	if _, err := u.command("P0 CAPABILITY\r\n", "P0"); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return u, nil
+}
+
+// command sends a command of the proxy's own, before any client traffic
+// flows, and reads responses up to its tagged completion. CAPABILITY
+// responses on the way update u.caps.
+func (u *imapUpstream) command(line, tag string) (*imapwire.Response, error) {
+	if err := u.write([]byte(line)); err != nil {
+		return nil, fmt.Errorf("send %s upstream: %w", strings.Fields(line)[1], err)
+	}
+	for {
+		r, err := u.r.Next(nil)
+		if err != nil {
+			return nil, fmt.Errorf("read upstream reply to %s: %w", strings.Fields(line)[1], err)
+		}
+		if r.Kind == imapwire.Untagged && r.Name == "CAPABILITY" {
+			u.caps = valuesText(r.Args)
+		}
+		if r.Kind == imapwire.Tagged && r.Tag == tag {
+			if r.Code != nil && r.Code.Name == "CAPABILITY" {
+				u.caps = strings.Fields(r.Code.Text)
+			}
+			return r, nil
+		}
+	}
+}
+
+func valuesText(vs []imapwire.Value) []string {
+	out := make([]string, 0, len(vs))
+	for _, v := range vs {
+		out = append(out, v.Text)
+	}
+	return out
+}
+
+// preLoginCaps are the capabilities the proxy announces before login: the
+// upstream's, with authentication limited to what the proxy can relay
+// (it needs the password to log in upstream) and STARTTLS and
+// LOGINDISABLED decided by the proxy's own TLS setup.
+func (p *IMAPProxy) preLoginCaps(tlsActive bool) []string {
+	var out []string
+	for _, c := range p.preCaps {
+		u := strings.ToUpper(c)
+		switch {
+		case u == "STARTTLS", u == "LOGINDISABLED", strings.HasPrefix(u, "AUTH="):
+			continue
+		}
+		out = append(out, c)
+	}
+	if p.cfg.TLS != nil && !tlsActive {
+		out = append(out, "STARTTLS")
+	}
+	if tlsActive || p.cfg.AllowInsecureAuth {
+		out = append(out, "AUTH=PLAIN", "AUTH=LOGIN")
+	} else {
+		out = append(out, "LOGINDISABLED")
+	}
+	return out
+}
+
+// blindingCaps are post-login capabilities the proxy removes, and why.
+var blindingCaps = map[string]string{
+	// COMPRESS=DEFLATE (RFC 4978) would turn the stream into deflate
+	// bytes the tokenizer cannot read: every later command would go
+	// unrecorded.
+	"COMPRESS=DEFLATE": "compression hides commands from the tokenizer",
+	// STARTTLS after login is not allowed anyway (RFC 9051 6.2.1).
+	"STARTTLS": "not valid after login",
+	// CATENATE (RFC 4469) builds an APPENDed message on the server from
+	// parts of other messages; the proxy logs the literal it sees, so it
+	// could not record such a message's content.
+	"CATENATE": "the appended message would be assembled where the proxy cannot log it",
+	// URLAUTH (RFC 4467) exists for CATENATE and BURL submission.
+	"URLAUTH": "only useful with CATENATE and BURL",
+	// MULTIAPPEND (RFC 3502) puts several messages in one APPEND; the
+	// proxy records one message per APPEND. Clients fall back to one
+	// APPEND per message.
+	"MULTIAPPEND": "the proxy records one message per APPEND",
+}
+
+// postLoginCaps filters the upstream's capabilities after login.
+func postLoginCaps(caps []string) []string {
+	var out []string
+	for _, c := range caps {
+		u := strings.ToUpper(c)
+		if _, blind := blindingCaps[u]; blind || strings.HasPrefix(u, "AUTH=") || u == "SASL-IR" || u == "LOGINDISABLED" {
+			continue
+		}
+		out = append(out, c)
+	}
+	return out
+}

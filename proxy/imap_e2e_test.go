@@ -1,0 +1,352 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+
+	"github.com/emersion/go-sasl"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/testbed"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+func imapLogin(t *testing.T, addr, user, pass string) *imapclient.Client {
+	t.Helper()
+	c, err := imapclient.DialInsecure(addr, nil)
+	if err != nil {
+		t.Fatalf("dial %s: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := c.Login(user, pass).Wait(); err != nil {
+		t.Fatalf("login %s at %s: %v", user, addr, err)
+	}
+	return c
+}
+
+// imapVerbs returns the logged IMAP verbs of kind in order.
+func imapVerbs(t *testing.T, l *undolog.Log, kind string) []undolog.Verb {
+	t.Helper()
+	vs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{kind}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return vs
+}
+
+func argsOf(t *testing.T, v undolog.Verb) proxy.IMAPArgs {
+	t.Helper()
+	var a proxy.IMAPArgs
+	if err := json.Unmarshal(v.Args, &a); err != nil {
+		t.Fatalf("args of %d: %v", v.Seq, err)
+	}
+	return a
+}
+
+func imapOutcome(t *testing.T, v undolog.Verb) proxy.IMAPOutcome {
+	t.Helper()
+	if v.Outcome == nil {
+		t.Fatalf("verb %d (%s) has no outcome", v.Seq, v.Kind)
+	}
+	var o proxy.IMAPOutcome
+	if err := json.Unmarshal(v.Outcome.Outcome, &o); err != nil {
+		t.Fatalf("outcome of %d: %v", v.Seq, err)
+	}
+	return o
+}
+
+// TestIMAPLoginAndCapabilities logs in through the proxy with LOGIN and
+// with AUTHENTICATE PLAIN, and checks what it advertises.
+func TestIMAPLoginAndCapabilities(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	c := imapLogin(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	caps := c.Caps()
+	for _, want := range []imap.Cap{imap.CapIMAP4rev1, imap.CapIdle, imap.CapMove, imap.CapUIDPlus, imap.CapCondStore, imap.CapESearch} {
+		if !caps.Has(want) {
+			t.Errorf("post-login capabilities lack %s: %v", want, caps)
+		}
+	}
+	for _, gone := range []imap.Cap{"COMPRESS=DEFLATE", imap.CapCatenate, imap.CapMultiAppend} {
+		if caps.Has(gone) {
+			t.Errorf("post-login capabilities offer %s, which the proxy cannot record", gone)
+		}
+	}
+	// AUTHENTICATE PLAIN with SASL-IR.
+	c2, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	if err := c2.Authenticate(plainAuth("bob", tb.Stack.Password("bob"))); err != nil {
+		t.Fatalf("AUTHENTICATE PLAIN: %v", err)
+	}
+	if _, err := c2.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatalf("SELECT after AUTHENTICATE: %v", err)
+	}
+	// A wrong password gets Dovecot's own refusal.
+	c3, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c3.Close()
+	err = c3.Login("alice", "wrong").Wait()
+	var ie *imap.Error
+	if !errors.As(err, &ie) || ie.Type != imap.StatusResponseTypeNo || ie.Code != imap.ResponseCodeAuthenticationFailed {
+		t.Fatalf("wrong password: %v, want NO [AUTHENTICATIONFAILED]", err)
+	}
+}
+
+// TestIMAPVerbsRecorded runs the mutating commands a mail client uses and
+// checks each is in the log with its mailbox, UIDs and outcome, and that
+// Dovecot really did them.
+func TestIMAPVerbsRecorded(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	l := tb.Daemon.Log
+	c := imapLogin(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+
+	if err := c.Create("Projects", nil).Wait(); err != nil {
+		t.Fatalf("CREATE: %v", err)
+	}
+	if err := c.Subscribe("Projects").Wait(); err != nil {
+		t.Fatalf("SUBSCRIBE: %v", err)
+	}
+	msg := "From: alice@example.test\r\nSubject: appended\r\nMessage-Id: <append.1@client.test>\r\n\r\nHello.\r\n"
+	for i := 0; i < 3; i++ {
+		ap := c.Append("INBOX", int64(len(msg)), &imap.AppendOptions{Flags: []imap.Flag{imap.FlagDraft}})
+		ap.Write([]byte(msg))
+		ap.Close()
+		if _, err := ap.Wait(); err != nil {
+			t.Fatalf("APPEND: %v", err)
+		}
+	}
+	sel, err := c.Select("INBOX", nil).Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Sequence-number STORE: the proxy resolves 2 to its UID.
+	if err := c.Store(imap.SeqSetNum(2), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagFlagged}}, nil).Close(); err != nil {
+		t.Fatalf("STORE: %v", err)
+	}
+	if _, err := c.Copy(imap.UIDSetNum(1), "Projects").Wait(); err != nil {
+		t.Fatalf("UID COPY: %v", err)
+	}
+	if _, err := c.Move(imap.UIDSetNum(3), "Projects").Wait(); err != nil {
+		t.Fatalf("UID MOVE: %v", err)
+	}
+	if err := c.Store(imap.UIDSetNum(1), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
+		t.Fatalf("UID STORE: %v", err)
+	}
+	if err := c.Expunge().Close(); err != nil {
+		t.Fatalf("EXPUNGE: %v", err)
+	}
+	if err := c.Rename("Projects", "Archive", nil).Wait(); err != nil {
+		t.Fatalf("RENAME: %v", err)
+	}
+
+	uv := sel.UIDValidity
+	creates := imapVerbs(t, l, proxy.KindIMAPCreate)
+	if len(creates) != 1 || argsOf(t, creates[0]).Mailbox != "Projects" || imapOutcome(t, creates[0]).Status != "OK" {
+		t.Fatalf("CREATE verbs: %+v", creates)
+	}
+	if subs := imapVerbs(t, l, proxy.KindIMAPSubscribe); len(subs) != 1 {
+		t.Fatalf("SUBSCRIBE verbs: %d", len(subs))
+	}
+	appends := imapVerbs(t, l, proxy.KindIMAPAppend)
+	if len(appends) != 3 {
+		t.Fatalf("APPEND verbs: %d, want 3", len(appends))
+	}
+	for i, v := range appends {
+		a, o := argsOf(t, v), imapOutcome(t, v)
+		if a.Mailbox != "INBOX" || a.Size != int64(len(msg)) || a.UndoID == "" || len(a.Flags) != 1 {
+			t.Fatalf("APPEND %d args %+v", i, a)
+		}
+		if want := fmt.Sprintf("%d %d", uv, i+1); o.AppendUID != want {
+			t.Fatalf("APPEND %d APPENDUID %q, want %q", i, o.AppendUID, want)
+		}
+		b, err := l.ReadBlob(v.Blob)
+		if err != nil || string(b) != msg {
+			t.Fatalf("APPEND %d blob = %q, %v", i, b, err)
+		}
+	}
+	stores := imapVerbs(t, l, proxy.KindIMAPStore)
+	if len(stores) != 2 {
+		t.Fatalf("STORE verbs: %d", len(stores))
+	}
+	if a := argsOf(t, stores[0]); a.Command != "STORE" || a.Seqs != "2" || a.UIDs != "2" || a.Op != "+" ||
+		a.Flags[0] != `\Flagged` || a.Mailbox != "INBOX" || a.UIDValidity != uv {
+		t.Fatalf("seq STORE args %+v", a)
+	}
+	copies := imapVerbs(t, l, proxy.KindIMAPCopy)
+	if len(copies) != 1 || argsOf(t, copies[0]).UIDs != "1" || argsOf(t, copies[0]).Dest != "Projects" ||
+		!strings.HasSuffix(imapOutcome(t, copies[0]).CopyUID, " 1 1") {
+		t.Fatalf("COPY verb %+v outcome %+v", argsOf(t, copies[0]), imapOutcome(t, copies[0]))
+	}
+	moves := imapVerbs(t, l, proxy.KindIMAPMove)
+	if len(moves) != 1 || argsOf(t, moves[0]).UIDs != "3" || !strings.HasSuffix(imapOutcome(t, moves[0]).CopyUID, " 3 2") {
+		t.Fatalf("MOVE verb %+v outcome %+v", argsOf(t, moves[0]), imapOutcome(t, moves[0]))
+	}
+	expunges := imapVerbs(t, l, proxy.KindIMAPExpunge)
+	if len(expunges) != 1 || argsOf(t, expunges[0]).UIDs != "1" {
+		t.Fatalf("EXPUNGE verbs %+v", expunges)
+	}
+	renames := imapVerbs(t, l, proxy.KindIMAPRename)
+	if len(renames) != 1 || argsOf(t, renames[0]).Mailbox != "Projects" || argsOf(t, renames[0]).Dest != "Archive" {
+		t.Fatalf("RENAME verbs %+v", renames)
+	}
+	// Dovecot did all of it: INBOX keeps UID 2 only, Archive has two.
+	direct := imapLogin(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
+	st, err := direct.Status("Archive", &imap.StatusOptions{NumMessages: true}).Wait()
+	if err != nil || *st.NumMessages != 2 {
+		t.Fatalf("Archive status %+v, %v", st, err)
+	}
+	st, err = direct.Status("INBOX", &imap.StatusOptions{NumMessages: true}).Wait()
+	if err != nil || *st.NumMessages != 1 {
+		t.Fatalf("INBOX status %+v, %v", st, err)
+	}
+}
+
+// TestIMAPFetchRecordedAsSeen checks the externalization record: bodies a
+// user fetched are logged by UID, one record per FETCH command.
+func TestIMAPFetchRecordedAsSeen(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	for i := 0; i < 3; i++ {
+		c := dial(t, tb.SMTPAddr(), "")
+		if err := c.SendMail("sender@example.test", []string{"bob@example.test"}, strings.NewReader(message("fetch me", fmt.Sprintf("fetch.%d@client.test", i)))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitForCount(t, tb, "bob", 3)
+	c := imapLogin(t, tb.IMAPAddr(), "bob", tb.Stack.Password("bob"))
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	// Flags only: nothing seen.
+	if _, err := c.Fetch(imap.UIDSetNum(1, 2, 3), &imap.FetchOptions{Flags: true, UID: true}).Collect(); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := c.Fetch(imap.UIDSetNum(1, 3), &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
+	if err != nil || len(msgs) != 2 {
+		t.Fatalf("UID FETCH BODY[]: %d messages, %v", len(msgs), err)
+	}
+	for _, m := range msgs {
+		for _, b := range m.BodySection {
+			if !bytes.Contains(b.Bytes, []byte("Subject: fetch me")) {
+				t.Fatalf("body relayed wrong: %q", b.Bytes)
+			}
+		}
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		vs := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPFetch)
+		if len(vs) == 1 {
+			var a proxy.IMAPFetchArgs
+			json.Unmarshal(vs[0].Args, &a)
+			if a.Mailbox != "INBOX" || a.UIDs != "1,3" || a.UIDValidity == 0 || vs[0].User != "bob" {
+				t.Fatalf("fetch record %+v by %s", a, vs[0].User)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("fetch records: %d, want 1", len(vs))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func waitForCount(t *testing.T, tb *testbed.Testbed, user string, n uint32) {
+	t.Helper()
+	c := imapLogin(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st, err := c.Status("INBOX", &imap.StatusOptions{NumMessages: true}).Wait()
+		if err == nil && *st.NumMessages >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s's INBOX did not reach %d messages", user, n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestIMAPLogUnwritable: with the log's disk full, a mutating command gets
+// NO [UNAVAILABLE] and does not reach Dovecot; reads keep working.
+func TestIMAPLogUnwritable(t *testing.T) {
+	fs := mountTmpfs(t, "8m")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.DataDir = fs + "/undo" })
+	c := imapLogin(t, tb.IMAPAddr(), "carol", tb.Stack.Password("carol"))
+	fill(t, fs)
+	err := c.Create("Never", nil).Wait()
+	var ie *imap.Error
+	if !errors.As(err, &ie) || ie.Type != imap.StatusResponseTypeNo || ie.Code != imap.ResponseCodeUnavailable {
+		t.Fatalf("CREATE with the log full: %v, want NO [UNAVAILABLE]", err)
+	}
+	if _, err := c.List("", "*", nil).Collect(); err != nil {
+		t.Fatalf("LIST with the log full: %v", err)
+	}
+	direct := imapLogin(t, tb.Stack.IMAPAddr, "carol", tb.Stack.Password("carol"))
+	boxes, err := direct.List("", "Never", nil).Collect()
+	if err != nil || len(boxes) != 0 {
+		t.Fatalf("the refused CREATE reached Dovecot: %v %v", boxes, err)
+	}
+}
+
+// TestIMAPPipelinedAndIdle pipelines commands raw and uses IDLE: a
+// delivery shows up as EXISTS through the proxy.
+func TestIMAPPipelinedAndIdle(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	conn, err := net.Dial("tcp", tb.IMAPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := newLineReader(conn)
+	r.until(t, "* OK")
+	fmt.Fprintf(conn, "a1 LOGIN dave x\r\na2 LOGIN alice %s\r\n", tb.Stack.Password("alice"))
+	if l := r.until(t, "a1 "); !strings.HasPrefix(l[len(l)-1], "a1 NO") {
+		t.Fatalf("unknown user: %q", l)
+	}
+	if l := r.until(t, "a2 "); !strings.HasPrefix(l[len(l)-1], "a2 OK") {
+		t.Fatalf("login: %q", l)
+	}
+	// Pipelined: CREATE (held for the log) between two relayed commands.
+	fmt.Fprintf(conn, "b1 SELECT INBOX\r\nb2 CREATE Pipe\r\nb3 LIST \"\" Pipe\r\n")
+	joined := strings.Join(r.until(t, "b3 "), "\n")
+	i1, i2, i3 := strings.Index(joined, "b1 OK"), strings.Index(joined, "b2 OK"), strings.Index(joined, "b3 OK")
+	if i1 < 0 || i2 < i1 || i3 < i2 || !strings.Contains(joined, "Pipe") {
+		t.Fatalf("pipelined replies out of order or missing:\n%s", joined)
+	}
+	fmt.Fprintf(conn, "c1 IDLE\r\n")
+	r.until(t, "+")
+	sc := dial(t, tb.SMTPAddr(), "")
+	if err := sc.SendMail("sender@example.test", []string{"alice@example.test"}, strings.NewReader(message("idle", "idle.1@client.test"))); err != nil {
+		t.Fatal(err)
+	}
+	for !strings.HasSuffix(r.line(t), "EXISTS") {
+	}
+	fmt.Fprintf(conn, "DONE\r\n")
+	if l := r.until(t, "c1 "); !strings.HasPrefix(l[len(l)-1], "c1 OK") {
+		t.Fatalf("IDLE end: %q", l)
+	}
+}
+
+func plainAuth(user, pass string) sasl.Client { return sasl.NewPlainClient("", user, pass) }
+
+// fill fills a tmpfs; dd stops with ENOSPC, which is the point.
+func fill(t *testing.T, dir string) {
+	t.Helper()
+	exec.Command("dd", "if=/dev/zero", "of="+dir+"/filler", "bs=64k").Run()
+}

@@ -1,0 +1,676 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/undomail/undomail/proxy/imapwire"
+	"github.com/undomail/undomail/undolog"
+)
+
+// pendingCmd is a client command forwarded upstream and not yet completed.
+type pendingCmd struct {
+	// ready is closed once the command has been read whole and its fields
+	// below are set; a relayed command is registered at its first byte.
+	ready  chan struct{}
+	name   string
+	uid    bool
+	intent *undolog.Record // the logged intent of a mutating command, nil for others
+	verb   *imapVerb
+	// Selection changes this command makes when it succeeds.
+	selects     *mailboxState // SELECT/EXAMINE
+	uidValidity uint32        // seen in its untagged OK [UIDVALIDITY]
+	deselects   bool          // CLOSE/UNSELECT
+	// What the responses told while it ran.
+	copyUID string   // MOVE: the untagged OK [COPYUID ...]
+	fetched []uint32 // FETCH: UIDs (or sequence numbers) whose body or header went to the client
+	bySeq   bool     // fetched holds sequence numbers: the FETCH responses had no UID
+}
+
+// injectedCmd is a command of the proxy's own on the client's upstream
+// connection, whose responses the client never sees.
+type injectedCmd struct {
+	uids string // ESEARCH result: the UID set, "" for none
+	done chan error
+}
+
+// splice relays commands and responses until either side ends.
+func (s *imapSession) splice() {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		err := s.relayResponses()
+		s.mu.Lock()
+		sent := s.byeSent
+		s.byeSent = true
+		s.mu.Unlock()
+		if err != nil && !sent && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
+			// RFC 9051 7.1.5: BYE before closing; UNAVAILABLE says the
+			// cause is temporary.
+			s.logger.Warn("upstream connection lost", "err", err)
+			s.say("* BYE [UNAVAILABLE] undomail: connection to the mail server lost\r\n")
+		}
+		s.conn.Close()
+	}()
+	err := s.relayCommands()
+	if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
+		s.logger.Info("client connection ended", "err", err)
+	}
+	// The client is gone: closing the upstream is expected, not a loss
+	// to report with BYE.
+	s.mu.Lock()
+	s.byeSent = true
+	s.mu.Unlock()
+	s.up.close()
+	<-done
+}
+
+var errSessionOver = errors.New("session over")
+
+// relayCommands reads client commands and forwards them, holding back
+// mutating ones until their intent is durably logged.
+func (s *imapSession) relayCommands() error {
+	for {
+		s.conn.SetReadDeadline(time.Now().Add(s.p.cfg.IdleTimeout))
+		f := &cmdForwarder{s: s}
+		cmd, err := s.cr.Next(f.forward)
+		var se *imapwire.SyntaxError
+		if err != nil && !errors.As(err, &se) {
+			f.abort()
+			return err
+		}
+		if err := f.finish(cmd); err != nil {
+			return err
+		}
+	}
+}
+
+// cmdForwarder handles one client command as its parts arrive.
+type cmdForwarder struct {
+	s       *imapSession
+	started bool
+	hold    bool        // mutating: keep everything until the intent is logged
+	pc      *pendingCmd // a relayed command, registered at its first byte
+	tag     string
+	name    string
+	uid     bool
+	raw     [][]byte       // held parts: raw lines, literal headers made non-synchronizing
+	lits    []*heldLiteral // held literal contents, interleaved with raw by index
+	order   []int          // sequence of parts: -1-i for raw[i], i for lits[i]
+}
+
+// heldLiteral is the content of a literal of a held command.
+type heldLiteral struct {
+	data []byte              // small literals
+	blob *undolog.BlobWriter // APPEND's message
+	ref  undolog.BlobRef
+	size int64
+}
+
+// appendSpoolMin is the literal size from which a held literal goes to a
+// blob as it arrives rather than to memory: only APPEND's message is ever
+// that large.
+const appendSpoolMin = 64 << 10
+
+func (f *cmdForwarder) forward(p imapwire.Part) error {
+	s := f.s
+	if !f.started {
+		f.started = true
+		f.tag, f.name, f.uid = peekCommand(p.Raw)
+		f.hold = mutating(f.name)
+		if f.name == "DONE" || f.name == "" {
+			f.hold = false
+		}
+		if !f.hold && f.tag != "" {
+			// Registered before any of it can reach the server, so no
+			// response can arrive for an unknown command.
+			f.pc = &pendingCmd{ready: make(chan struct{}), name: f.name, uid: f.uid}
+			s.register(f.tag, f.pc)
+		}
+	}
+	if f.hold {
+		if p.Literal == nil {
+			b := append([]byte(nil), p.Raw...)
+			f.order = append(f.order, -1-len(f.raw))
+			f.raw = append(f.raw, nonSyncHeader(b))
+			return nil
+		}
+		if !p.Literal.NonSync {
+			if err := s.say("+ Ready for literal data\r\n"); err != nil {
+				return err
+			}
+		}
+		h := &heldLiteral{size: p.Literal.Size}
+		if p.Literal.Size >= appendSpoolMin {
+			w, err := s.p.log.NewBlob()
+			if err != nil {
+				io.Copy(io.Discard, p.Literal.Body)
+				h.blob = nil
+			} else {
+				h.blob = w
+				if _, err := io.Copy(w, p.Literal.Body); err != nil {
+					w.Abort()
+					h.blob = nil
+				}
+			}
+		} else {
+			b, err := io.ReadAll(p.Literal.Body)
+			if err != nil {
+				return err
+			}
+			h.data = b
+		}
+		f.order = append(f.order, len(f.lits))
+		f.lits = append(f.lits, h)
+		return nil
+	}
+	// Relayed as it comes.
+	if p.Literal == nil {
+		s.up.mu.Lock()
+		_, err := s.up.w.Write(p.Raw)
+		s.up.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if endsWithSyncLiteral(p.Raw) {
+			return f.awaitContinuation()
+		}
+		return nil
+	}
+	s.up.mu.Lock()
+	defer s.up.mu.Unlock()
+	_, err := io.Copy(s.up.w, p.Literal.Body)
+	return err
+}
+
+// awaitContinuation flushes a relayed command up to a synchronizing
+// literal and waits for the upstream's "+" (relayed to the client by the
+// other direction) or its refusal.
+func (f *cmdForwarder) awaitContinuation() error {
+	s := f.s
+	ch := make(chan bool, 1)
+	s.mu.Lock()
+	s.contWait, s.contTag = ch, f.tag
+	s.mu.Unlock()
+	if err := s.up.write(nil); err != nil {
+		return err
+	}
+	if ok := <-ch; !ok {
+		return imapwire.ErrLiteralRefused
+	}
+	return nil
+}
+
+// abort discards held state after a broken command.
+func (f *cmdForwarder) abort() {
+	if f.pc != nil {
+		close(f.pc.ready)
+		f.pc = nil
+	}
+	for _, l := range f.lits {
+		if l.blob != nil {
+			l.blob.Abort()
+		}
+	}
+}
+
+// finish completes a command after it was read whole: a relayed one is
+// flushed and registered; a held one is logged, then forwarded.
+func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
+	s := f.s
+	if cmd == nil {
+		return nil
+	}
+	if !f.hold {
+		if f.pc != nil {
+			s.track(cmd, f.pc)
+			close(f.pc.ready)
+		}
+		return s.up.write(nil)
+	}
+	if cmd.Refused {
+		f.abort()
+		return nil
+	}
+	// Commands that name messages in the selected mailbox need the
+	// selection as the server will see it: wait for SELECTs in flight.
+	s.waitSelection()
+	s.mu.Lock()
+	mb := s.state
+	s.mu.Unlock()
+	verb, err := buildIMAPVerb(cmd, mb)
+	if err != nil {
+		f.abort()
+		return s.say("%s BAD %s\r\n", cmd.Tag, err)
+	}
+	if verb.needsUIDs != "" {
+		uids, err := s.searchUIDs(verb.needsUIDs)
+		if err != nil {
+			f.abort()
+			return err
+		}
+		verb.args.UIDs = uids
+	}
+	var blob *heldLiteral
+	if verb.kind == KindIMAPAppend && len(f.lits) > 0 {
+		blob = f.lits[len(f.lits)-1]
+		if err := blob.commit(s.p.log); err != nil {
+			s.logger.Error("spool APPEND message failed; command refused", "err", err)
+			f.abort()
+			return s.refuse(cmd.Tag, err)
+		}
+		verb.args.Size = blob.size
+		verb.args.UndoID = undolog.NewID()
+	}
+	argsJSON, _ := json.Marshal(verb.args)
+	intent := &undolog.Record{User: s.user, Session: s.id, Kind: verb.kind, Users: []string{s.user}, Args: argsJSON}
+	if blob != nil {
+		intent.AttachBlob(blob.ref)
+	}
+	if err := s.p.log.Append(context.Background(), intent); err != nil {
+		s.logger.Error("log intent failed; command refused", "command", cmd.Name, "err", err)
+		f.abort()
+		return s.refuse(cmd.Tag, err)
+	}
+	pc := &pendingCmd{ready: make(chan struct{}), name: cmd.Name, uid: cmd.UID, intent: intent, verb: verb}
+	s.track(cmd, pc)
+	close(pc.ready)
+	s.register(cmd.Tag, pc)
+	return f.release()
+}
+
+// refuse answers a held command that could not be logged: nothing was
+// forwarded, and the client may retry (RFC 5530 UNAVAILABLE).
+func (s *imapSession) refuse(tag string, err error) error {
+	what := "undo log unavailable"
+	if errors.Is(err, undolog.ErrFull) {
+		what = "undo log storage full"
+	}
+	return s.say("%s NO [UNAVAILABLE] undomail: %s, nothing changed; try again later.\r\n", tag, what)
+}
+
+// release writes a held command upstream, literals from memory or blob.
+func (f *cmdForwarder) release() error {
+	s := f.s
+	s.up.mu.Lock()
+	defer s.up.mu.Unlock()
+	for _, i := range f.order {
+		if i < 0 {
+			if _, err := s.up.w.Write(f.raw[-1-i]); err != nil {
+				return err
+			}
+			continue
+		}
+		l := f.lits[i]
+		if l.blob == nil && l.data != nil {
+			if _, err := s.up.w.Write(l.data); err != nil {
+				return err
+			}
+			continue
+		}
+		rc, err := s.p.log.OpenRef(l.ref)
+		if err != nil {
+			return fmt.Errorf("reopen logged APPEND message: %w", err)
+		}
+		_, err = io.Copy(s.up.w, rc)
+		rc.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return s.up.w.Flush()
+}
+
+// commit makes a held literal a blob of the log.
+func (h *heldLiteral) commit(l *undolog.Log) error {
+	if h.blob == nil {
+		if h.data == nil {
+			return errors.New("APPEND message could not be spooled")
+		}
+		w, err := l.NewBlob()
+		if err != nil {
+			return err
+		}
+		if _, err := w.Write(h.data); err != nil {
+			w.Abort()
+			return err
+		}
+		h.blob = w
+	}
+	ref, err := h.blob.Commit()
+	if err != nil {
+		return err
+	}
+	h.ref = ref
+	return nil
+}
+
+// track notes what a forwarded command will do to the selection.
+func (s *imapSession) track(cmd *imapwire.Command, pc *pendingCmd) {
+	switch cmd.Name {
+	case "SELECT", "EXAMINE":
+		name, _ := firstAString(cmd.Args)
+		pc.selects = &mailboxState{name: normalizeMailbox(name), readOnly: cmd.Name == "EXAMINE"}
+	case "CLOSE", "UNSELECT":
+		pc.deselects = true
+	default:
+		return
+	}
+	s.mu.Lock()
+	if s.selBusy == 0 {
+		s.selWait = make(chan struct{})
+	}
+	s.selBusy++
+	s.mu.Unlock()
+}
+
+func (s *imapSession) register(tag string, pc *pendingCmd) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pending[tag] = pc
+	s.order = append(s.order, tag)
+}
+
+// waitSelection blocks until no selection change is in flight.
+func (s *imapSession) waitSelection() {
+	s.mu.Lock()
+	ch := s.selWait
+	busy := s.selBusy
+	s.mu.Unlock()
+	if busy > 0 {
+		<-ch
+	}
+}
+
+// searchUIDs runs "UID SEARCH RETURN (ALL) <criteria>" on the client's
+// upstream connection, in line with the client's commands, so sequence
+// numbers resolve exactly as the server will resolve the command that
+// follows (ESEARCH, RFC 4731; its TAG correlator keeps the result apart
+// from any search of the client's).
+func (s *imapSession) searchUIDs(criteria string) (string, error) {
+	s.mu.Lock()
+	s.nextTag++
+	tag := fmt.Sprintf("UNDO%d", s.nextTag)
+	ic := &injectedCmd{done: make(chan error, 1)}
+	s.injected[tag] = ic
+	s.mu.Unlock()
+	if err := s.up.write([]byte(tag + " UID SEARCH RETURN (ALL) " + criteria + "\r\n")); err != nil {
+		return "", err
+	}
+	if err := <-ic.done; err != nil {
+		return "", err
+	}
+	return ic.uids, nil
+}
+
+// relayResponses forwards upstream responses to the client, holding back
+// the completion of a logged command until its outcome is logged.
+func (s *imapSession) relayResponses() error {
+	for {
+		rf := &respForwarder{s: s}
+		resp, err := s.up.r.Next(rf.forward)
+		if err != nil {
+			rf.release()
+			var se *imapwire.SyntaxError
+			if errors.As(err, &se) {
+				continue
+			}
+			return err
+		}
+		if err := s.observe(resp, rf); err != nil {
+			rf.release()
+			return err
+		}
+		if err := rf.release(); err != nil {
+			return err
+		}
+		if resp.Kind == imapwire.Untagged && resp.Name == "BYE" {
+			return errSessionOver
+		}
+	}
+}
+
+// respForwarder relays one response: it keeps the client writer locked
+// for the whole response, and holds back a response that must wait.
+type respForwarder struct {
+	s       *imapSession
+	started bool
+	locked  bool
+	held    *bytes.Buffer // a response kept from the client (for now or for good)
+	drop    bool          // the proxy's own: never relayed
+}
+
+func (rf *respForwarder) forward(p imapwire.Part) error {
+	s := rf.s
+	if !rf.started {
+		rf.started = true
+		tag := firstWord(p.Raw)
+		s.mu.Lock()
+		_, own := s.injected[tag]
+		pc := s.pending[tag]
+		s.mu.Unlock()
+		switch {
+		case own || (tag == "*" && isOwnESearch(p.Raw)):
+			rf.drop = true
+		case pc != nil && pc.intent != nil:
+			rf.held = &bytes.Buffer{}
+		}
+		if !rf.drop && rf.held == nil {
+			s.cwMu.Lock()
+			rf.locked = true
+		}
+	}
+	switch {
+	case rf.drop:
+		if p.Literal != nil {
+			io.Copy(io.Discard, p.Literal.Body)
+		}
+		return nil
+	case rf.held != nil:
+		if p.Literal != nil {
+			_, err := io.Copy(rf.held, p.Literal.Body)
+			return err
+		}
+		rf.held.Write(p.Raw)
+		return nil
+	}
+	if p.Literal != nil {
+		_, err := io.Copy(s.cw, p.Literal.Body)
+		return err
+	}
+	_, err := s.cw.Write(p.Raw)
+	return err
+}
+
+// release ends the response: flushes what was relayed and writes what was
+// held (after observe logged the outcome).
+func (rf *respForwarder) release() error {
+	s := rf.s
+	if rf.held != nil && !rf.drop {
+		s.cwMu.Lock()
+		rf.locked = true
+		s.cw.Write(rf.held.Bytes())
+	}
+	if !rf.locked {
+		return nil
+	}
+	err := s.cw.Flush()
+	s.cwMu.Unlock()
+	rf.locked = false
+	return err
+}
+
+// observe updates the session from a response and logs outcomes.
+func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
+	switch r.Kind {
+	case imapwire.Continuation:
+		s.mu.Lock()
+		ch := s.contWait
+		s.contWait = nil
+		s.mu.Unlock()
+		if ch != nil {
+			ch <- true
+		}
+		return nil
+	case imapwire.Untagged:
+		s.observeUntagged(r)
+		return nil
+	}
+	// Tagged.
+	s.mu.Lock()
+	if ch := s.contWait; ch != nil && s.contTag == r.Tag {
+		s.contWait = nil
+		ch <- false
+	}
+	if ic, ok := s.injected[r.Tag]; ok {
+		delete(s.injected, r.Tag)
+		s.mu.Unlock()
+		if r.Name != "OK" {
+			ic.done <- fmt.Errorf("upstream refused undomail's UID SEARCH: %s %s", r.Name, r.Text)
+		} else {
+			ic.done <- nil
+		}
+		return nil
+	}
+	pc := s.pending[r.Tag]
+	delete(s.pending, r.Tag)
+	for i, t := range s.order {
+		if t == r.Tag {
+			s.order = append(s.order[:i], s.order[i+1:]...)
+			break
+		}
+	}
+	if pc != nil {
+		s.mu.Unlock()
+		<-pc.ready
+		s.mu.Lock()
+	}
+	if pc != nil && (pc.selects != nil || pc.deselects) {
+		switch {
+		case pc.selects != nil && r.Name == "OK":
+			st := *pc.selects
+			st.uidValidity = pc.uidValidity
+			if r.Code != nil && r.Code.Name == "READ-ONLY" {
+				st.readOnly = true
+			}
+			s.state = st
+		case pc.selects != nil, pc.deselects && r.Name == "OK":
+			// A failed SELECT leaves nothing selected (RFC 9051 6.3.2).
+			s.state = mailboxState{}
+		}
+		s.selBusy--
+		if s.selBusy == 0 {
+			close(s.selWait)
+		}
+	}
+	state := s.state
+	s.mu.Unlock()
+	if pc == nil {
+		return nil
+	}
+	if pc.intent != nil {
+		return s.logOutcome(pc, r)
+	}
+	if pc.name == "FETCH" && len(pc.fetched) > 0 {
+		s.logFetch(pc, state)
+	}
+	return nil
+}
+
+// observeUntagged notes what untagged responses tell about the commands
+// in flight: UIDVALIDITY of a SELECT, COPYUID of a MOVE, bodies fetched,
+// and the proxy's own ESEARCH results.
+func (s *imapSession) observeUntagged(r *imapwire.Response) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case r.Name == "ESEARCH":
+		tag := esearchTag(r)
+		if ic, ok := s.injected[tag]; ok {
+			ic.uids = esearchAll(r)
+		}
+	case r.Name == "OK" && r.Code != nil && r.Code.Name == "UIDVALIDITY":
+		if pc := s.oldest(func(pc *pendingCmd) bool { return pc.name == "SELECT" || pc.name == "EXAMINE" }); pc != nil {
+			pc.uidValidity = parseUint32(r.Code.Text)
+		}
+	case r.Name == "OK" && r.Code != nil && r.Code.Name == "COPYUID":
+		if pc := s.oldest(func(pc *pendingCmd) bool { return pc.name == "MOVE" }); pc != nil {
+			pc.copyUID = r.Code.Text
+		}
+	case r.Name == "FETCH" && r.Fetch != nil && len(r.Fetch.Sections) > 0:
+		if pc := s.oldest(func(pc *pendingCmd) bool { return pc.name == "FETCH" }); pc != nil {
+			if r.Fetch.UID != 0 {
+				pc.fetched = append(pc.fetched, r.Fetch.UID)
+			} else {
+				pc.fetched, pc.bySeq = append(pc.fetched, r.Number), true
+			}
+		}
+	}
+}
+
+// oldest returns the earliest forwarded pending command matching ok. The
+// server runs commands in order, so that is the one a response belongs to.
+func (s *imapSession) oldest(ok func(*pendingCmd) bool) *pendingCmd {
+	for _, t := range s.order {
+		if pc := s.pending[t]; pc != nil && ok(pc) {
+			return pc
+		}
+	}
+	return nil
+}
+
+// peekCommand reads tag and command name from a command's first line
+// without the full parser, to decide how to forward it before the rest
+// arrives.
+func peekCommand(line []byte) (tag, name string, uid bool) {
+	f := strings.Fields(string(line[:min(len(line), 128)]))
+	if len(f) == 1 {
+		return "", strings.ToUpper(f[0]), false // DONE
+	}
+	if len(f) < 2 {
+		return "", "", false
+	}
+	tag, name = f[0], strings.ToUpper(f[1])
+	if name == "UID" && len(f) > 2 {
+		return tag, strings.ToUpper(f[2]), true
+	}
+	return tag, name, false
+}
+
+func firstWord(b []byte) string {
+	if i := bytes.IndexAny(b, " \r\n"); i >= 0 {
+		return string(b[:i])
+	}
+	return string(b)
+}
+
+// isOwnESearch recognises "* ESEARCH (TAG "UNDO..." on the raw line.
+func isOwnESearch(b []byte) bool {
+	return bytes.HasPrefix(bytes.ToUpper(b[:min(len(b), 30)]), []byte(`* ESEARCH (TAG "UNDO`))
+}
+
+// endsWithSyncLiteral reports whether a raw line ends in a synchronizing
+// literal header "{n}".
+func endsWithSyncLiteral(b []byte) bool {
+	b = bytes.TrimRight(b, "\r\n")
+	return len(b) > 2 && b[len(b)-1] == '}' && !bytes.HasSuffix(b, []byte("+}")) && bytes.LastIndexByte(b, '{') >= 0
+}
+
+// nonSyncHeader turns a trailing "{n}" into "{n+}" (RFC 7888): the proxy
+// already invited the literal itself, so the upstream must not.
+func nonSyncHeader(b []byte) []byte {
+	if !endsWithSyncLiteral(b) {
+		return b
+	}
+	end := len(bytes.TrimRight(b, "\r\n"))
+	out := append([]byte(nil), b[:end-1]...)
+	out = append(out, "+}"...)
+	return append(out, b[end:]...)
+}

@@ -1,0 +1,349 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/undomail/undomail/proxy/imapwire"
+	"github.com/undomail/undomail/undolog"
+)
+
+// Verb kinds recorded by the IMAP front end. Every command Dovecot offers
+// that changes a user's mail is one of them; everything else (SELECT,
+// FETCH, SEARCH, STATUS, LIST, IDLE, NOOP, ENABLE, ...) is relayed without
+// an intent. FETCH of bodies and headers is recorded afterwards as an
+// externalization (KindIMAPFetch), never held back.
+const (
+	KindIMAPAppend      = "imap.append"      // APPEND: the message is the record's blob
+	KindIMAPStore       = "imap.store"       // STORE / UID STORE: flags and keywords
+	KindIMAPCopy        = "imap.copy"        // COPY / UID COPY
+	KindIMAPMove        = "imap.move"        // MOVE / UID MOVE (RFC 6851)
+	KindIMAPExpunge     = "imap.expunge"     // EXPUNGE, UID EXPUNGE (RFC 4315), CLOSE of a writable mailbox
+	KindIMAPCreate      = "imap.create"      // CREATE
+	KindIMAPDelete      = "imap.delete"      // DELETE
+	KindIMAPRename      = "imap.rename"      // RENAME
+	KindIMAPSubscribe   = "imap.subscribe"   // SUBSCRIBE
+	KindIMAPUnsubscribe = "imap.unsubscribe" // UNSUBSCRIBE
+	KindIMAPSetMetadata = "imap.setmetadata" // SETMETADATA (RFC 5464), when the server offers METADATA
+	KindIMAPFetch       = "imap.fetch"       // externalization: bodies or headers a user was sent
+)
+
+// mutatingCommands maps each mutating command to its verb kind.
+var mutatingCommands = map[string]string{
+	"APPEND": KindIMAPAppend, "STORE": KindIMAPStore, "COPY": KindIMAPCopy, "MOVE": KindIMAPMove,
+	"EXPUNGE": KindIMAPExpunge, "CLOSE": KindIMAPExpunge, "CREATE": KindIMAPCreate, "DELETE": KindIMAPDelete,
+	"RENAME": KindIMAPRename, "SUBSCRIBE": KindIMAPSubscribe, "UNSUBSCRIBE": KindIMAPUnsubscribe,
+	"SETMETADATA": KindIMAPSetMetadata,
+}
+
+func mutating(name string) bool {
+	_, ok := mutatingCommands[name]
+	return ok
+}
+
+// IMAPArgs are the arguments of an IMAP intent. Messages are named by
+// mailbox, UIDVALIDITY and UIDs; a command given with sequence numbers is
+// resolved to UIDs before it is forwarded, and both are kept.
+type IMAPArgs struct {
+	Command     string `json:"command"` // as the client sent it: "UID STORE", "APPEND", ...
+	Mailbox     string `json:"mailbox,omitempty"`
+	UIDValidity uint32 `json:"uidvalidity,omitempty"`
+	UIDs        string `json:"uids,omitempty"` // UID set the command acts on (resolved)
+	Seqs        string `json:"seqs,omitempty"` // sequence set as sent, for non-UID forms
+	// STORE
+	Op             string   `json:"op,omitempty"` // "+", "-" or "" (replace)
+	Flags          []string `json:"flags,omitempty"`
+	Silent         bool     `json:"silent,omitempty"`
+	UnchangedSince uint64   `json:"unchangedsince,omitempty"` // CONDSTORE (RFC 7162)
+	// COPY, MOVE, RENAME
+	Dest string `json:"dest,omitempty"`
+	// APPEND
+	UndoID string `json:"undo_id,omitempty"`
+	Date   string `json:"date,omitempty"`
+	Size   int64  `json:"size,omitempty"`
+	// Raw holds the arguments of commands recorded without a structured
+	// form (SETMETADATA).
+	Raw string `json:"raw,omitempty"`
+}
+
+// IMAPOutcome is what the client was told when the command completed.
+type IMAPOutcome struct {
+	Status string `json:"status"` // OK, NO, BAD
+	Code   string `json:"code,omitempty"`
+	Text   string `json:"text,omitempty"`
+	// From the response codes (RFC 4315): where APPEND put the message,
+	// where COPY and MOVE put the copies.
+	AppendUID string `json:"appenduid,omitempty"` // "uidvalidity uid"
+	CopyUID   string `json:"copyuid,omitempty"`   // "uidvalidity source-uids dest-uids"
+}
+
+// IMAPFetchArgs is an externalization record: the bodies or headers of
+// these messages went to the user.
+type IMAPFetchArgs struct {
+	Mailbox     string `json:"mailbox"`
+	UIDValidity uint32 `json:"uidvalidity"`
+	UIDs        string `json:"uids,omitempty"`
+	// Seqs holds sequence numbers when the client's FETCH did not ask for
+	// UIDs; they are resolved against the log's mailbox history later.
+	Seqs string `json:"seqs,omitempty"`
+}
+
+// imapVerb is an intent being built from a parsed command.
+type imapVerb struct {
+	kind string
+	args IMAPArgs
+	// needsUIDs, when set, is the search that resolves the command's
+	// messages to UIDs on the client's own connection before forwarding.
+	needsUIDs string
+}
+
+// buildIMAPVerb turns a mutating command into an intent, given the
+// selected mailbox.
+func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
+	v := &imapVerb{kind: mutatingCommands[cmd.Name], args: IMAPArgs{Command: cmd.Name}}
+	if cmd.UID {
+		v.args.Command = "UID " + cmd.Name
+	}
+	a := cmd.Args
+	needSelected := func() error {
+		if mb.name == "" {
+			return fmt.Errorf("%s needs a selected mailbox", cmd.Name)
+		}
+		v.args.Mailbox, v.args.UIDValidity = mb.name, mb.uidValidity
+		return nil
+	}
+	messages := func(set string) {
+		if cmd.UID {
+			v.args.UIDs = set
+			v.needsUIDs = "UID " + set
+		} else {
+			v.args.Seqs = set
+			v.needsUIDs = set
+		}
+	}
+	switch cmd.Name {
+	case "APPEND":
+		name, ok := firstAString(a)
+		if !ok || len(a) < 2 {
+			return nil, errors.New("APPEND needs a mailbox and a message")
+		}
+		v.args.Mailbox = normalizeMailbox(name)
+		for _, x := range a[1 : len(a)-1] {
+			switch x.Kind {
+			case imapwire.List:
+				v.args.Flags = valuesText(x.List)
+			case imapwire.Quoted:
+				v.args.Date = x.Text
+			}
+		}
+	case "STORE":
+		if err := needSelected(); err != nil {
+			return nil, err
+		}
+		if len(a) < 3 {
+			return nil, errors.New("STORE needs a set, an item and flags")
+		}
+		messages(a[0].Text)
+		item := a[1]
+		i := 1
+		if item.Kind == imapwire.List { // (UNCHANGEDSINCE n)
+			for j := 0; j+1 < len(item.List); j += 2 {
+				if item.List[j].Is("UNCHANGEDSINCE") {
+					v.args.UnchangedSince = item.List[j+1].Num
+				}
+			}
+			i = 2
+			if len(a) < 4 {
+				return nil, errors.New("STORE needs flags")
+			}
+		}
+		op := strings.ToUpper(a[i].Text)
+		switch {
+		case strings.HasPrefix(op, "+"):
+			v.args.Op = "+"
+		case strings.HasPrefix(op, "-"):
+			v.args.Op = "-"
+		}
+		v.args.Silent = strings.HasSuffix(op, ".SILENT")
+		for _, x := range a[i+1:] {
+			if x.Kind == imapwire.List {
+				v.args.Flags = append(v.args.Flags, valuesText(x.List)...)
+			} else {
+				v.args.Flags = append(v.args.Flags, x.Text)
+			}
+		}
+	case "COPY", "MOVE":
+		if err := needSelected(); err != nil {
+			return nil, err
+		}
+		if len(a) != 2 {
+			return nil, fmt.Errorf("%s needs a set and a mailbox", cmd.Name)
+		}
+		messages(a[0].Text)
+		dest, _ := a[1].AString()
+		v.args.Dest = normalizeMailbox(dest)
+	case "EXPUNGE":
+		if err := needSelected(); err != nil {
+			return nil, err
+		}
+		// What EXPUNGE removes is decided by \Deleted flags at the moment
+		// it runs; the search right before it asks the same question.
+		v.needsUIDs = "DELETED"
+		if cmd.UID && len(a) == 1 {
+			v.args.UIDs = a[0].Text
+			v.needsUIDs = "UID " + a[0].Text + " DELETED"
+		}
+	case "CLOSE":
+		if mb.name == "" || mb.readOnly {
+			// CLOSE of a read-only mailbox expunges nothing: it is
+			// recorded only so the log shows the session's step; the
+			// outcome will show it changed nothing.
+			v.args.Mailbox = mb.name
+			return v, nil
+		}
+		if err := needSelected(); err != nil {
+			return nil, err
+		}
+		v.needsUIDs = "DELETED"
+	case "CREATE", "DELETE", "SUBSCRIBE", "UNSUBSCRIBE":
+		name, ok := firstAString(a)
+		if !ok {
+			return nil, fmt.Errorf("%s needs a mailbox name", cmd.Name)
+		}
+		v.args.Mailbox = normalizeMailbox(name)
+	case "RENAME":
+		if len(a) < 2 {
+			return nil, errors.New("RENAME needs two mailbox names")
+		}
+		from, _ := a[0].AString()
+		to, _ := a[1].AString()
+		v.args.Mailbox, v.args.Dest = normalizeMailbox(from), normalizeMailbox(to)
+	default:
+		parts := make([]string, len(a))
+		for i, x := range a {
+			parts[i] = x.String()
+		}
+		v.args.Raw = strings.Join(parts, " ")
+	}
+	return v, nil
+}
+
+// logOutcome records the completion of a logged command. It is written
+// before the completion reaches the client (see relayResponses) but not
+// waited for on disk: the intent is what must be durable.
+func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response) error {
+	o := IMAPOutcome{Status: r.Name, Text: r.Text}
+	if r.Code != nil {
+		o.Code = strings.TrimSpace(r.Code.Name + " " + r.Code.Text)
+		switch r.Code.Name {
+		case "APPENDUID":
+			o.AppendUID = r.Code.Text
+		case "COPYUID":
+			o.CopyUID = r.Code.Text
+		}
+	}
+	if pc.copyUID != "" {
+		o.CopyUID = pc.copyUID
+	}
+	out, _ := json.Marshal(o)
+	rec := &undolog.Record{User: s.user, Session: s.id, Kind: undolog.KindOutcome, Ref: pc.intent.Seq,
+		Users: []string{s.user}, Outcome: out}
+	if err := s.p.log.AppendNoSync(context.Background(), rec); err != nil {
+		// The command already ran upstream; the client hears the truth,
+		// and the log shows the verb without an outcome.
+		s.logger.Error("log outcome failed", "seq", pc.intent.Seq, "err", err)
+		return nil
+	}
+	s.logger.Info("recorded", "seq", pc.intent.Seq, "kind", pc.verb.kind, "mailbox", pc.verb.args.Mailbox,
+		"uids", pc.verb.args.UIDs, "status", r.Name)
+	return nil
+}
+
+// logFetch records which messages' bodies or headers a FETCH sent to the
+// user: one compact record per command.
+func (s *imapSession) logFetch(pc *pendingCmd, mb mailboxState) {
+	a := IMAPFetchArgs{Mailbox: mb.name, UIDValidity: mb.uidValidity}
+	set := compactSet(pc.fetched)
+	if pc.bySeq {
+		a.Seqs = set
+	} else {
+		a.UIDs = set
+	}
+	b, _ := json.Marshal(a)
+	rec := &undolog.Record{User: s.user, Session: s.id, Kind: KindIMAPFetch, Users: []string{s.user}, Args: b}
+	if err := s.p.log.AppendNoSync(context.Background(), rec); err != nil {
+		s.logger.Error("log fetch failed", "err", err)
+	}
+}
+
+// compactSet writes numbers as an IMAP sequence set with ranges.
+func compactSet(ns []uint32) string {
+	if len(ns) == 0 {
+		return ""
+	}
+	sorted := append([]uint32(nil), ns...)
+	for i := 1; i < len(sorted); i++ { // insertion sort: FETCH answers come in order
+		for j := i; j > 0 && sorted[j] < sorted[j-1]; j-- {
+			sorted[j], sorted[j-1] = sorted[j-1], sorted[j]
+		}
+	}
+	var b strings.Builder
+	for i := 0; i < len(sorted); {
+		j := i
+		for j+1 < len(sorted) && sorted[j+1] <= sorted[j]+1 {
+			j++
+		}
+		if b.Len() > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(strconv.FormatUint(uint64(sorted[i]), 10))
+		if sorted[j] != sorted[i] {
+			b.WriteString(":" + strconv.FormatUint(uint64(sorted[j]), 10))
+		}
+		i = j + 1
+	}
+	return b.String()
+}
+
+func firstAString(a []imapwire.Value) (string, bool) {
+	if len(a) == 0 {
+		return "", false
+	}
+	return a[0].AString()
+}
+
+// normalizeMailbox spells INBOX in upper case: it is case-insensitive
+// (RFC 9051 section 5.1), every other name is not.
+func normalizeMailbox(name string) string {
+	if strings.EqualFold(name, "INBOX") {
+		return "INBOX"
+	}
+	return name
+}
+
+func parseUint32(s string) uint32 {
+	n, _ := strconv.ParseUint(strings.Fields(s + " ")[0], 10, 32)
+	return uint32(n)
+}
+
+// esearchTag returns the correlator of an ESEARCH response (RFC 4731).
+func esearchTag(r *imapwire.Response) string {
+	if len(r.Args) > 0 && r.Args[0].Kind == imapwire.List && len(r.Args[0].List) == 2 && r.Args[0].List[0].Is("TAG") {
+		return r.Args[0].List[1].Text
+	}
+	return ""
+}
+
+// esearchAll returns the ALL result of an ESEARCH response, "" if none.
+func esearchAll(r *imapwire.Response) string {
+	for i := 0; i+1 < len(r.Args); i++ {
+		if r.Args[i].Is("ALL") {
+			return r.Args[i+1].Text
+		}
+	}
+	return ""
+}
