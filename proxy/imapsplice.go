@@ -86,6 +86,14 @@ func (s *imapSession) relayCommands() error {
 			f.abort()
 			return err
 		}
+		if se != nil && se.Ambiguous {
+			// Dovecot may read the bytes of the command's {n+} literal
+			// as further commands, which the proxy would not see: end
+			// the session rather than lose track of what is executed.
+			f.abort()
+			s.say("* BYE undomail: command syntax the proxy cannot follow safely\r\n")
+			return errSessionOver
+		}
 		if err := f.finish(cmd); err != nil {
 			return err
 		}

@@ -1,6 +1,9 @@
 package imapwire
 
-import "bufio"
+import (
+	"bufio"
+	"io"
+)
 
 // ReadLine reads one raw line, CRLF included, outside the command grammar:
 // the client's answers during AUTHENTICATE (RFC 9051 section 6.2.2) are
@@ -16,13 +19,15 @@ func (r *CommandReader) ReadLine() ([]byte, error) {
 		chunk, err := f.br.ReadSlice('\n')
 		line = append(line, chunk...)
 		f.off += int64(len(chunk))
-		if err == nil {
-			return line, nil
-		}
 		if len(line) > f.opts.MaxLine {
 			return nil, f.fail(&LineTooLongError{Offset: f.off - int64(len(line)), Max: f.opts.MaxLine})
 		}
-		if err != bufio.ErrBufferFull {
+		switch {
+		case err == nil:
+			return line, nil
+		case err == io.EOF && len(line) > 0:
+			return nil, f.fail(io.ErrUnexpectedEOF)
+		case err != bufio.ErrBufferFull:
 			return nil, f.fail(err)
 		}
 	}
