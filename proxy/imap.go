@@ -47,6 +47,8 @@ type IMAPProxy struct {
 	logger *slog.Logger
 	// preCaps are the upstream's capabilities before login.
 	preCaps []string
+	// ids maps messages to undo ids (imapids.go).
+	ids idTable
 
 	mu       sync.Mutex
 	closed   bool

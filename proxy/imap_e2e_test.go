@@ -202,6 +202,26 @@ func TestIMAPVerbsRecorded(t *testing.T) {
 	if len(expunges) != 1 || argsOf(t, expunges[0]).UIDs != "1" {
 		t.Fatalf("EXPUNGE verbs %+v", expunges)
 	}
+	// Every verb names its messages by undo id too: the ids of the
+	// APPENDs that made them.
+	ids := make([]string, 3)
+	for i, v := range appends {
+		ids[i] = argsOf(t, v).UndoID
+	}
+	for _, c := range []struct {
+		v    undolog.Verb
+		want map[string]string
+	}{
+		{stores[0], map[string]string{"2": ids[1]}},
+		{copies[0], map[string]string{"1": ids[0]}},
+		{moves[0], map[string]string{"3": ids[2]}},
+		{expunges[0], map[string]string{"1": ids[0]}},
+	} {
+		got := argsOf(t, c.v).UndoIDs
+		if fmt.Sprint(got) != fmt.Sprint(c.want) {
+			t.Errorf("%s verb %d undo ids %v, want %v", c.v.Kind, c.v.Seq, got, c.want)
+		}
+	}
 	renames := imapVerbs(t, l, proxy.KindIMAPRename)
 	if len(renames) != 1 || argsOf(t, renames[0]).Mailbox != "Projects" || argsOf(t, renames[0]).Dest != "Archive" {
 		t.Fatalf("RENAME verbs %+v", renames)
@@ -233,9 +253,14 @@ func TestIMAPFetchRecordedAsSeen(t *testing.T) {
 	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
-	// Flags only: nothing seen.
-	if _, err := c.Fetch(imap.UIDSetNum(1, 2, 3), &imap.FetchOptions{Flags: true, UID: true}).Collect(); err != nil {
+	// Flags and envelopes only: nothing seen.
+	envs, err := c.Fetch(imap.UIDSetNum(1, 2, 3), &imap.FetchOptions{Flags: true, UID: true, Envelope: true}).Collect()
+	if err != nil {
 		t.Fatal(err)
+	}
+	msgIDOf := map[string]string{}
+	for _, m := range envs {
+		msgIDOf[fmt.Sprint(m.UID)] = m.Envelope.MessageID
 	}
 	msgs, err := c.Fetch(imap.UIDSetNum(1, 3), &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
 	if err != nil || len(msgs) != 2 {
@@ -256,6 +281,15 @@ func TestIMAPFetchRecordedAsSeen(t *testing.T) {
 			json.Unmarshal(vs[0].Args, &a)
 			if a.Mailbox != "INBOX" || a.UIDs != "1,3" || a.UIDValidity == 0 || vs[0].User != "bob" {
 				t.Fatalf("fetch record %+v by %s", a, vs[0].User)
+			}
+			// The ids are those the deliveries were logged with.
+			for _, uid := range []string{"1", "3"} {
+				msgID := msgIDOf[uid]
+				var da proxy.DeliveryArgs
+				json.Unmarshal(verbsOf(t, tb.Daemon.Log, msgID)[proxy.KindLMTPDeliver].Args, &da)
+				if a.UndoIDs[uid] == "" || a.UndoIDs[uid] != da.UndoID {
+					t.Fatalf("fetch record names UID %s as %q, its delivery was %q", uid, a.UndoIDs[uid], da.UndoID)
+				}
 			}
 			return
 		}

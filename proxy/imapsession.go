@@ -34,7 +34,9 @@ type imapSession struct {
 	cw   *bufio.Writer
 
 	user string
+	pass string // kept for the side connection that reads undo ids
 	up   *imapUpstream
+	side sideConn
 
 	// State shared by the two splice directions.
 	mu       sync.Mutex
@@ -48,6 +50,7 @@ type imapSession struct {
 	selBusy  int
 	nextTag  int
 	byeSent  bool
+	bg       sync.WaitGroup // background fetch records
 }
 
 // mailboxState is what the session has selected.
@@ -327,7 +330,7 @@ func (s *imapSession) login(tag, user, pass string) bool {
 		}
 	}
 	up.conn.SetDeadline(time.Time{})
-	s.up, s.user = up, user
+	s.up, s.user, s.pass = up, user, pass
 	s.logger = s.logger.With("user", user)
 	s.logger.Info("logged in")
 	return s.say("%s OK [CAPABILITY %s] Logged in\r\n", tag, strings.Join(postLoginCaps(up.caps), " ")) == nil

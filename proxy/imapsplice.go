@@ -70,6 +70,10 @@ func (s *imapSession) splice() {
 	s.mu.Unlock()
 	s.up.close()
 	<-done
+	s.bg.Wait()
+	if s.side.up != nil {
+		s.side.up.close()
+	}
 }
 
 var errSessionOver = errors.New("session over")
@@ -265,6 +269,9 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 			return err
 		}
 		verb.args.UIDs = uids
+		if list, ok := expandSet(uids, maxUIDsPerVerb); ok && len(list) > 0 {
+			verb.args.UndoIDs = s.undoIDs(mb, list)
+		}
 	}
 	var blob *heldLiteral
 	if verb.kind == KindIMAPAppend && len(f.lits) > 0 {
@@ -587,7 +594,13 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		return s.logOutcome(pc, r)
 	}
 	if pc.name == "FETCH" && len(pc.fetched) > 0 {
-		s.logFetch(pc, state)
+		// Looking up undo ids may take a round trip on the side
+		// connection: not on the path of the client's responses.
+		s.bg.Add(1)
+		go func() {
+			defer s.bg.Done()
+			s.logFetch(pc, state)
+		}()
 	}
 	return nil
 }

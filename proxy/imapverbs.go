@@ -54,6 +54,9 @@ type IMAPArgs struct {
 	UIDValidity uint32 `json:"uidvalidity,omitempty"`
 	UIDs        string `json:"uids,omitempty"` // UID set the command acts on (resolved)
 	Seqs        string `json:"seqs,omitempty"` // sequence set as sent, for non-UID forms
+	// UndoIDs maps each UID (decimal) to the message's undo id, for the
+	// messages whose id is known (see imapids.go).
+	UndoIDs map[string]string `json:"undo_ids,omitempty"`
 	// STORE
 	Op             string   `json:"op,omitempty"` // "+", "-" or "" (replace)
 	Flags          []string `json:"flags,omitempty"`
@@ -89,13 +92,15 @@ type IMAPFetchArgs struct {
 	UIDs        string `json:"uids,omitempty"`
 	// Seqs holds sequence numbers when the client's FETCH did not ask for
 	// UIDs; they are resolved against the log's mailbox history later.
-	Seqs string `json:"seqs,omitempty"`
+	Seqs    string            `json:"seqs,omitempty"`
+	UndoIDs map[string]string `json:"undo_ids,omitempty"` // by UID, as in IMAPArgs
 }
 
 // imapVerb is an intent being built from a parsed command.
 type imapVerb struct {
-	kind string
-	args IMAPArgs
+	kind    string
+	args    IMAPArgs
+	mailbox mailboxState // the selected mailbox the command runs in
 	// needsUIDs, when set, is the search that resolves the command's
 	// messages to UIDs on the client's own connection before forwarding.
 	needsUIDs string
@@ -104,7 +109,7 @@ type imapVerb struct {
 // buildIMAPVerb turns a mutating command into an intent, given the
 // selected mailbox.
 func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
-	v := &imapVerb{kind: mutatingCommands[cmd.Name], args: IMAPArgs{Command: cmd.Name}}
+	v := &imapVerb{kind: mutatingCommands[cmd.Name], args: IMAPArgs{Command: cmd.Name}, mailbox: mb}
 	if cmd.UID {
 		v.args.Command = "UID " + cmd.Name
 	}
@@ -249,6 +254,17 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response) error {
 	if pc.copyUID != "" {
 		o.CopyUID = pc.copyUID
 	}
+	if r.Name == "OK" {
+		a := pc.verb.args
+		switch pc.verb.kind {
+		case KindIMAPAppend:
+			if f := strings.Fields(o.AppendUID); len(f) == 2 {
+				s.p.ids.put(msgKey{s.user, a.Mailbox, parseUint32(f[0]), parseUint32(f[1])}, a.UndoID)
+			}
+		case KindIMAPCopy, KindIMAPMove:
+			s.learnCopies(pc.verb.mailbox, a.Dest, o.CopyUID, a.UndoIDs)
+		}
+	}
 	out, _ := json.Marshal(o)
 	rec := &undolog.Record{User: s.user, Session: s.id, Kind: undolog.KindOutcome, Ref: pc.intent.Seq,
 		Users: []string{s.user}, Outcome: out}
@@ -272,6 +288,7 @@ func (s *imapSession) logFetch(pc *pendingCmd, mb mailboxState) {
 		a.Seqs = set
 	} else {
 		a.UIDs = set
+		a.UndoIDs = s.undoIDs(mb, pc.fetched)
 	}
 	b, _ := json.Marshal(a)
 	rec := &undolog.Record{User: s.user, Session: s.id, Kind: KindIMAPFetch, Users: []string{s.user}, Args: b}

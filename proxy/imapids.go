@@ -1,0 +1,246 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/undomail/undomail/proxy/imapwire"
+)
+
+// Message identity (DESIGN: "Message identity across replay"). IMAP names
+// messages by UID, which a replay changes; the log names them by undo id
+// as well. A message's undo id is, in order of preference:
+//
+//   - what the proxy learnt when the message was made: APPENDUID of a
+//     logged APPEND, COPYUID of a logged COPY or MOVE (a copy keeps its
+//     source's id; the mailbox tells the two apart);
+//   - the topmost Undomail-Id header field, which every delivery through
+//     undomail's LMTP capture or front door carries.
+//
+// Lookups go to an in-memory table per proxy and, for what it does not
+// know, to a second upstream connection of the session that fetches the
+// header field, so the client's own stream is never disturbed.
+
+// msgKey names one message of one user.
+type msgKey struct {
+	user, mailbox string
+	uidValidity   uint32
+	uid           uint32
+}
+
+// maxKnownIDs bounds the identity table; when full it starts over (the
+// header lookup still answers for delivered messages).
+const maxKnownIDs = 1 << 20
+
+// idTable maps messages to undo ids.
+type idTable struct {
+	mu sync.Mutex
+	m  map[msgKey]string
+}
+
+func (t *idTable) get(k msgKey) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.m[k]
+}
+
+func (t *idTable) put(k msgKey, id string) {
+	if id == "" {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.m == nil || len(t.m) >= maxKnownIDs {
+		t.m = make(map[msgKey]string)
+	}
+	t.m[k] = id
+}
+
+// sideConn is a session's second upstream connection, logged in as the
+// same user, used only to read Undomail-Id fields.
+type sideConn struct {
+	mu       sync.Mutex
+	up       *imapUpstream
+	examined mailboxState
+	tag      int
+}
+
+// undoIDs returns the undo ids of the given UIDs of a mailbox, by UID.
+// Messages without a known id are left out; an error of the side
+// connection leaves them out as well (it is logged, never fatal: the
+// client's command goes ahead with UIDs only).
+func (s *imapSession) undoIDs(mb mailboxState, uids []uint32) map[string]string {
+	out := map[string]string{}
+	var missing []uint32
+	for _, u := range uids {
+		if id := s.p.ids.get(msgKey{s.user, mb.name, mb.uidValidity, u}); id != "" {
+			out[strconv.FormatUint(uint64(u), 10)] = id
+		} else {
+			missing = append(missing, u)
+		}
+	}
+	if len(missing) == 0 || mb.name == "" {
+		return out
+	}
+	found, err := s.fetchUndoIDs(mb, missing)
+	if err != nil {
+		s.logger.Warn("undo id lookup failed; verb recorded with UIDs only", "mailbox", mb.name, "err", err)
+		return out
+	}
+	for u, id := range found {
+		s.p.ids.put(msgKey{s.user, mb.name, mb.uidValidity, u}, id)
+		out[strconv.FormatUint(uint64(u), 10)] = id
+	}
+	return out
+}
+
+// fetchUndoIDs reads the Undomail-Id field of messages over the side
+// connection.
+func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (map[uint32]string, error) {
+	sc := &s.side
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if sc.up == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), s.p.cfg.UpstreamTimeout)
+		up, err := s.p.dialUpstream(ctx)
+		cancel()
+		if err != nil {
+			return nil, err
+		}
+		r, err := up.command("S0 LOGIN "+astring(s.user)+" "+astring(s.pass)+"\r\n", "S0")
+		if err != nil || r.Name != "OK" {
+			up.close()
+			return nil, fmt.Errorf("side connection login refused: %v", err)
+		}
+		sc.up = up
+	}
+	next := func() string { sc.tag++; return "S" + strconv.Itoa(sc.tag) }
+	if sc.examined.name != mb.name || sc.examined.uidValidity != mb.uidValidity {
+		tag := next()
+		var uv uint32
+		r, err := sc.up.collect(tag+" EXAMINE "+astring(mb.name)+"\r\n", tag, func(r *imapwire.Response) {
+			if r.Code != nil && r.Code.Name == "UIDVALIDITY" {
+				uv = parseUint32(r.Code.Text)
+			}
+		})
+		if err != nil {
+			sc.up.close()
+			sc.up = nil
+			return nil, err
+		}
+		if r.Name != "OK" || uv != mb.uidValidity {
+			// Renamed, deleted or recreated meanwhile: ids cannot be
+			// matched to these UIDs.
+			sc.examined = mailboxState{}
+			return nil, fmt.Errorf("EXAMINE %s: %s %s (UIDVALIDITY %d, session has %d)", mb.name, r.Name, r.Text, uv, mb.uidValidity)
+		}
+		sc.examined = mb
+	}
+	found := map[uint32]string{}
+	tag := next()
+	_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+TraceHeader+")])\r\n", tag,
+		func(r *imapwire.Response) {
+			if r.Fetch == nil || r.Fetch.UID == 0 {
+				return
+			}
+			for _, sec := range r.Fetch.Sections {
+				if sec.Literal != nil {
+					if id := firstTraceID(sec.Literal.Data); id != "" {
+						found[r.Fetch.UID] = id
+					}
+				}
+			}
+		})
+	if err != nil {
+		sc.up.close()
+		sc.up = nil
+		return nil, err
+	}
+	return found, nil
+}
+
+// firstTraceID returns the value of the first Undomail-Id field of a
+// header section.
+func firstTraceID(hdr []byte) string {
+	sc := bufio.NewScanner(strings.NewReader(string(hdr)))
+	for sc.Scan() {
+		name, value, ok := strings.Cut(sc.Text(), ":")
+		if ok && strings.EqualFold(strings.TrimSpace(name), TraceHeader) {
+			return strings.TrimSpace(value)
+		}
+	}
+	return ""
+}
+
+// collect sends a command and hands every response up to its tagged
+// completion to each.
+func (u *imapUpstream) collect(line, tag string, each func(*imapwire.Response)) (*imapwire.Response, error) {
+	if err := u.write([]byte(line)); err != nil {
+		return nil, err
+	}
+	for {
+		r, err := u.r.Next(nil)
+		if err != nil {
+			return nil, err
+		}
+		if r.Kind == imapwire.Tagged && r.Tag == tag {
+			return r, nil
+		}
+		each(r)
+	}
+}
+
+// expandSet lists the numbers of a UID set without "*", at most limit of
+// them (ok false beyond).
+func expandSet(set string, limit int) (out []uint32, ok bool) {
+	ranges, err := imapwire.ParseSeqSet(set)
+	if err != nil {
+		return nil, false
+	}
+	for _, r := range ranges {
+		lo, hi := r.Start, r.Stop
+		if lo == imapwire.Star || hi == imapwire.Star {
+			return nil, false
+		}
+		if lo > hi {
+			lo, hi = hi, lo
+		}
+		for n := lo; n <= hi; n++ {
+			if len(out) >= limit {
+				return nil, false
+			}
+			out = append(out, n)
+			if n == hi {
+				break
+			}
+		}
+	}
+	return out, true
+}
+
+// learnCopies records that the copies COPYUID names keep their sources'
+// undo ids.
+func (s *imapSession) learnCopies(src mailboxState, dest string, copyUID string, srcIDs map[string]string) {
+	f := strings.Fields(copyUID)
+	if len(f) != 3 {
+		return
+	}
+	uv := parseUint32(f[0])
+	from, ok1 := expandSet(f[1], maxUIDsPerVerb)
+	to, ok2 := expandSet(f[2], maxUIDsPerVerb)
+	if !ok1 || !ok2 || len(from) != len(to) {
+		return
+	}
+	for i := range from {
+		if id := srcIDs[strconv.FormatUint(uint64(from[i]), 10)]; id != "" {
+			s.p.ids.put(msgKey{s.user, dest, uv, to[i]}, id)
+		}
+	}
+}
+
+// maxUIDsPerVerb bounds how many messages' undo ids one record lists.
+const maxUIDsPerVerb = 100000
