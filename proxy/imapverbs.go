@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -302,12 +303,7 @@ func compactSet(ns []uint32) string {
 	if len(ns) == 0 {
 		return ""
 	}
-	sorted := append([]uint32(nil), ns...)
-	for i := 1; i < len(sorted); i++ { // insertion sort: FETCH answers come in order
-		for j := i; j > 0 && sorted[j] < sorted[j-1]; j-- {
-			sorted[j], sorted[j-1] = sorted[j-1], sorted[j]
-		}
-	}
+	sorted := sortedUIDs(ns)
 	var b strings.Builder
 	for i := 0; i < len(sorted); {
 		j := i
@@ -363,4 +359,87 @@ func esearchAll(r *imapwire.Response) string {
 		}
 	}
 	return ""
+}
+
+// Summary describes the verb in one line for `undomail log`.
+func (a IMAPArgs) Summary() string {
+	var b strings.Builder
+	b.WriteString(a.Command)
+	if a.Mailbox != "" {
+		fmt.Fprintf(&b, " %q", a.Mailbox)
+	}
+	if a.Seqs != "" {
+		fmt.Fprintf(&b, " seq %s", a.Seqs)
+	}
+	if a.UIDs != "" {
+		fmt.Fprintf(&b, " uid %s", a.UIDs)
+	}
+	if a.Op != "" || len(a.Flags) > 0 && a.Command != "APPEND" {
+		fmt.Fprintf(&b, " %sFLAGS (%s)", a.Op, strings.Join(a.Flags, " "))
+	}
+	if a.Dest != "" {
+		fmt.Fprintf(&b, " -> %q", a.Dest)
+	}
+	if a.Size > 0 {
+		fmt.Fprintf(&b, " %d bytes id=%s", a.Size, a.UndoID)
+	}
+	if n := len(a.UndoIDs); n > 0 {
+		fmt.Fprintf(&b, " ids=%s", summarizeIDs(a.UndoIDs))
+	}
+	if a.Raw != "" {
+		b.WriteString(" " + a.Raw)
+	}
+	return b.String()
+}
+
+// Summary describes the outcome in one line for `undomail log`.
+func (o IMAPOutcome) Summary() string {
+	s := o.Status
+	if o.Code != "" {
+		s += " [" + o.Code + "]"
+	}
+	if o.CopyUID != "" && !strings.HasPrefix(o.Code, "COPYUID") {
+		s += " [COPYUID " + o.CopyUID + "]" // MOVE: from the untagged OK
+	}
+	if o.Text != "" {
+		s += " " + o.Text
+	}
+	return s
+}
+
+// Summary describes the externalization in one line for `undomail log`.
+func (a IMAPFetchArgs) Summary() string {
+	set := "uid " + a.UIDs
+	if a.Seqs != "" {
+		set = "seq " + a.Seqs
+	}
+	s := fmt.Sprintf("seen %q %s", a.Mailbox, set)
+	if len(a.UndoIDs) > 0 {
+		s += " ids=" + summarizeIDs(a.UndoIDs)
+	}
+	return s
+}
+
+// summarizeIDs lists up to three "uid:undo-id" pairs and how many more.
+func summarizeIDs(m map[string]string) string {
+	uids := make([]uint32, 0, len(m))
+	for k := range m {
+		uids = append(uids, parseUint32(k))
+	}
+	var parts []string
+	for i, u := range sortedUIDs(uids) {
+		if i == 3 {
+			parts = append(parts, fmt.Sprintf("+%d more", len(uids)-3))
+			break
+		}
+		parts = append(parts, fmt.Sprintf("%d:%s", u, m[strconv.FormatUint(uint64(u), 10)]))
+	}
+	return strings.Join(parts, ",")
+}
+
+// sortedUIDs returns a sorted copy.
+func sortedUIDs(u []uint32) []uint32 {
+	out := slices.Clone(u)
+	slices.Sort(out)
+	return out
 }

@@ -62,13 +62,14 @@ type server struct {
 	st                *mailstack.Stack
 	dataDir           string
 	smtpAddr, lmtpAdr string
+	imapAddr          string
 	cmd               *exec.Cmd
 	logPath           string
 }
 
 func newServer(t *testing.T, st *mailstack.Stack) *server {
 	s := &server{t: t, st: st, dataDir: filepath.Join(t.TempDir(), "undo"),
-		smtpAddr: freeAddr(t), lmtpAdr: freeAddr(t)}
+		smtpAddr: freeAddr(t), lmtpAdr: freeAddr(t), imapAddr: freeAddr(t)}
 	s.logPath = s.dataDir + ".log"
 	t.Cleanup(func() {
 		if s.cmd != nil {
@@ -90,13 +91,14 @@ func (s *server) start() {
 	defer logf.Close()
 	s.cmd = exec.Command(binary, "serve", "--data-dir", s.dataDir,
 		"--smtp-listen", s.smtpAddr, "--smtp-upstream", s.st.SMTPAddr, "--smtp-allow-insecure-auth",
-		"--lmtp-listen", s.lmtpAdr, "--lmtp-upstream", s.st.LMTPAddr, "--hostname", "undomail.test")
+		"--lmtp-listen", s.lmtpAdr, "--lmtp-upstream", s.st.LMTPAddr, "--hostname", "undomail.test",
+		"--imap-listen", s.imapAddr, "--imap-upstream", s.st.IMAPAddr, "--imap-allow-insecure-auth")
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {
 		t.Fatalf("start undomail serve: %v", err)
 	}
 	deadline := time.Now().Add(30 * time.Second)
-	for _, addr := range []string{s.smtpAddr, s.lmtpAdr} {
+	for _, addr := range []string{s.smtpAddr, s.lmtpAdr, s.imapAddr} {
 		for {
 			c, err := net.DialTimeout("tcp", addr, time.Second)
 			if err == nil {
@@ -428,4 +430,115 @@ func TestCorruptLogRefusedLoudly(t *testing.T) {
 	if !errors.As(err, &ee) || ee.ExitCode() != 1 || !strings.Contains(out, "record 3: checksum mismatch") {
 		t.Fatalf("fsck on a corrupt log: %v\n%s", err, out)
 	}
+}
+
+// imaplibScript exercises every command the IMAP front end records, with
+// Python's imaplib as the client. MOVE and UID EXPUNGE are not in Python
+// 3.11's command table, so they are added to it.
+const imaplibScript = `
+import imaplib, sys
+host, port, user, pw = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+imaplib.Commands["MOVE"] = ("SELECTED",)
+imaplib.Commands["EXPUNGE"] = ("SELECTED",)
+M = imaplib.IMAP4(host, port)
+def ok(r):
+    typ, data = r
+    if typ != "OK":
+        sys.exit("command failed: %r %r" % (typ, data))
+    return data
+ok(M.login(user, pw))
+ok(M.create("Work"))
+ok(M.subscribe("Work"))
+ok(M.unsubscribe("Work"))
+msg = b"From: py@example.test\r\nSubject: from imaplib\r\nMessage-Id: <py.1@client.test>\r\n\r\nHi.\r\n"
+for i in range(4):
+    ok(M.append("INBOX", "(\\Seen)", None, msg))
+ok(M.select("INBOX"))
+ok(M.store("1", "+FLAGS", "(\\Flagged)"))
+ok(M.uid("STORE", "2", "-FLAGS.SILENT", "(\\Seen)"))
+ok(M.copy("1", "Work"))
+ok(M.uid("COPY", "2", "Work"))
+ok(M._simple_command("MOVE", "3", "Work"))
+ok(M.uid("MOVE", "4", "Work"))
+ok(M.fetch("1", "(UID BODY.PEEK[])"))
+ok(M.store("1", "+FLAGS", "(\\Deleted)"))
+ok(M.expunge())
+ok(M.select("Work"))
+ok(M.uid("STORE", "1:2", "+FLAGS", "(\\Deleted)"))
+ok(M.uid("EXPUNGE", "1"))
+ok(M.close())
+ok(M.rename("Work", "Play"))
+ok(M.delete("Play"))
+M.logout()
+`
+
+// TestIMAPLibThroughUndomail runs imaplib against `undomail serve` and
+// checks that `undomail log` shows every recorded command, with UIDs and
+// undo ids.
+func TestIMAPLibThroughUndomail(t *testing.T) {
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	s.start()
+	script := filepath.Join(t.TempDir(), "session.py")
+	os.WriteFile(script, []byte(imaplibScript), 0o644)
+	host, port, _ := net.SplitHostPort(s.imapAddr)
+	if out, err := exec.Command("python3", script, host, port, "alice", st.Password("alice")).CombinedOutput(); err != nil {
+		t.Fatalf("imaplib session: %v\n%s", err, out)
+	}
+	js, err := run(t, "log", "--data-dir", s.dataDir, "--json", "--user", "alice")
+	if err != nil {
+		t.Fatalf("undomail log: %v\n%s", err, js)
+	}
+	type verb struct {
+		Kind    string
+		Args    proxy.IMAPArgs
+		Outcome *proxy.IMAPOutcome
+	}
+	var got []verb
+	for _, line := range strings.Split(strings.TrimSpace(js), "\n") {
+		var v verb
+		if err := json.Unmarshal([]byte(line), &v); err != nil {
+			t.Fatalf("decode %s: %v", line, err)
+		}
+		got = append(got, v)
+	}
+	var kinds []string
+	for _, v := range got {
+		kinds = append(kinds, v.Kind+" "+v.Args.Command)
+		if v.Kind != proxy.KindIMAPFetch && (v.Outcome == nil || v.Outcome.Status != "OK") {
+			t.Errorf("%s %s: outcome %+v, want OK", v.Kind, v.Args.Command, v.Outcome)
+		}
+	}
+	want := []string{
+		"imap.create CREATE", "imap.subscribe SUBSCRIBE", "imap.unsubscribe UNSUBSCRIBE",
+		"imap.append APPEND", "imap.append APPEND", "imap.append APPEND", "imap.append APPEND",
+		"imap.store STORE", "imap.store UID STORE", "imap.copy COPY", "imap.copy UID COPY",
+		"imap.move MOVE", "imap.move UID MOVE", "imap.fetch ", "imap.store STORE", "imap.expunge EXPUNGE",
+		"imap.store UID STORE", "imap.expunge UID EXPUNGE", "imap.expunge CLOSE", "imap.rename RENAME", "imap.delete DELETE",
+	}
+	if strings.Join(kinds, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("logged verbs:\n%s\nwant:\n%s", strings.Join(kinds, "\n"), strings.Join(want, "\n"))
+	}
+	// Spot checks: resolved UIDs and undo ids.
+	appendID := got[3].Args.UndoID
+	if s := got[7].Args; s.Seqs != "1" || s.UIDs != "1" || s.UndoIDs["1"] != appendID {
+		t.Errorf("STORE 1 recorded as %+v, want UID 1 = %s", s, appendID)
+	}
+	if m := got[12].Args; m.UIDs != "4" || m.UndoIDs["4"] != got[6].Args.UndoID || !strings.HasSuffix(got[12].Outcome.CopyUID, " 4 4") {
+		t.Errorf("UID MOVE recorded as %+v, outcome %+v", m, got[12].Outcome)
+	}
+	if e := got[15].Args; e.UIDs != "1" || e.UndoIDs["1"] != appendID {
+		t.Errorf("EXPUNGE recorded as %+v, want UID 1 = %s", e, appendID)
+	}
+	if e := got[17].Args; e.Mailbox != "Work" || e.UIDs != "1" {
+		t.Errorf("UID EXPUNGE recorded as %+v", e)
+	}
+	if c := got[18].Args; c.UIDs != "2" {
+		t.Errorf("CLOSE recorded as %+v, want it to expunge UID 2", c)
+	}
+	text, err := run(t, "log", "--data-dir", s.dataDir, "--kind", "imap.move")
+	if err != nil || !strings.Contains(text, `UID MOVE "INBOX" uid 4 -> "Work"`) || !strings.Contains(text, "OK [COPYUID") {
+		t.Fatalf("undomail log --kind imap.move:\n%s", text)
+	}
+	s.stop()
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -91,23 +92,33 @@ func parseTime(s string) (time.Time, error) {
 // the CLI does not know are shown as their raw JSON.
 func describe(v undolog.Verb) (what, outcome string) {
 	what = string(v.Args)
+	var args interface{ Summary() string }
+	var out interface{ Summary() string }
 	switch v.Kind {
 	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver:
-		var a proxy.DeliveryArgs
-		if json.Unmarshal(v.Args, &a) == nil {
-			what = a.Summary()
+		args, out = &proxy.DeliveryArgs{}, &proxy.DeliveryOutcome{}
+	case proxy.KindIMAPFetch:
+		args = &proxy.IMAPFetchArgs{}
+	default:
+		if strings.HasPrefix(v.Kind, "imap.") {
+			args, out = &proxy.IMAPArgs{}, &proxy.IMAPOutcome{}
 		}
+	}
+	if args != nil && json.Unmarshal(v.Args, args) == nil {
+		what = args.Summary()
+	}
+	if out == nil {
+		if args == nil && v.Outcome != nil { // an unknown kind: raw
+			return what, string(v.Outcome.Outcome)
+		}
+		return what, "" // a record of what happened, not a command: no outcome
 	}
 	if v.Outcome == nil {
 		return what, "(no outcome: cut off before the client was answered)"
 	}
 	outcome = string(v.Outcome.Outcome)
-	switch v.Kind {
-	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver:
-		var o proxy.DeliveryOutcome
-		if json.Unmarshal(v.Outcome.Outcome, &o) == nil {
-			outcome = o.Summary()
-		}
+	if json.Unmarshal(v.Outcome.Outcome, out) == nil {
+		outcome = out.Summary()
 	}
 	return what, outcome
 }
