@@ -7,7 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -383,4 +386,90 @@ func plainAuth(user, pass string) sasl.Client { return sasl.NewPlainClient("", u
 func fill(t *testing.T, dir string) {
 	t.Helper()
 	exec.Command("dd", "if=/dev/zero", "of="+dir+"/filler", "bs=64k").Run()
+}
+
+// TestMbsyncBothWays syncs alice's mailbox to a local maildir with mbsync
+// through the proxy, changes it locally (a flag, a new message) and syncs
+// back: Dovecot gets the changes and the log records them.
+func TestMbsyncBothWays(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	for i := 0; i < 2; i++ {
+		c := dial(t, tb.SMTPAddr(), "")
+		if err := c.SendMail("sender@example.test", []string{"alice@example.test"}, strings.NewReader(message("to sync", fmt.Sprintf("sync.%d@client.test", i)))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitForCount(t, tb, "alice", 2)
+	dir := t.TempDir()
+	local := filepath.Join(dir, "mail") + "/"
+	os.MkdirAll(local, 0o700)
+	host, port, _ := net.SplitHostPort(tb.IMAPAddr())
+	rc := fmt.Sprintf(`IMAPAccount undo
+Host %s
+Port %s
+User alice
+Pass %s
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore far
+Account undo
+
+MaildirStore near
+Path %s
+Inbox %sINBOX
+SubFolders Verbatim
+
+Channel sync
+Far :far:
+Near :near:
+Patterns INBOX
+Create Both
+Expunge Both
+SyncState *
+`, host, port, tb.Stack.Password("alice"), local, local)
+	rcPath := filepath.Join(dir, "mbsyncrc")
+	os.WriteFile(rcPath, []byte(rc), 0o600)
+	mbsync := func() {
+		t.Helper()
+		if out, err := exec.Command("mbsync", "-c", rcPath, "-a").CombinedOutput(); err != nil {
+			t.Fatalf("mbsync: %v\n%s", err, out)
+		}
+	}
+	mbsync()
+	cur, _ := filepath.Glob(local + "INBOX/*/*")
+	if len(cur) != 2 {
+		t.Fatalf("after the first sync the local INBOX has %v", cur)
+	}
+	// Locally: flag one message, add one.
+	if err := os.Rename(cur[0], cur[0]+"F"); err != nil { // mbsync names end in ":2,<flags>"
+		t.Fatal(err)
+	}
+	newMsg := "From: alice@example.test\r\nSubject: written offline\r\nMessage-Id: <offline.1@client.test>\r\n\r\nhi\r\n"
+	os.WriteFile(filepath.Join(local, "INBOX", "new", "1700000000.offline.host"), []byte(newMsg), 0o600)
+	mbsync()
+	direct := imapLogin(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
+	if _, err := direct.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	flagged, err := direct.Search(&imap.SearchCriteria{Flag: []imap.Flag{imap.FlagFlagged}}, nil).Wait()
+	if err != nil || len(flagged.AllSeqNums()) != 1 {
+		t.Fatalf("flagged on the server: %v, %v; want 1", flagged, err)
+	}
+	if hdr, _ := fetchHeader(tb, "alice", "offline.1@client.test"); hdr == "" {
+		t.Fatal("the offline message did not reach the server")
+	}
+	appends := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend)
+	stores := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore)
+	if len(appends) != 1 || argsOf(t, appends[0]).Mailbox != "INBOX" || imapOutcome(t, appends[0]).AppendUID == "" {
+		t.Fatalf("APPEND verbs %+v", appends)
+	}
+	var flaggedStore bool
+	for _, v := range stores {
+		a := argsOf(t, v)
+		flaggedStore = flaggedStore || (a.Op == "+" && slices.Contains(a.Flags, `\Flagged`) && len(a.UndoIDs) == 1)
+	}
+	if !flaggedStore {
+		t.Fatalf("no +FLAGS (\\Flagged) store with an undo id among %d STORE verbs", len(stores))
+	}
 }
