@@ -3,16 +3,20 @@ package proxy_test
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -539,5 +543,116 @@ func TestIMAPTransparency(t *testing.T) {
 	}
 	if len(direct) < 20 || !strings.Contains(strings.Join(direct, "\n"), "HIGHESTMODSEQ") {
 		t.Fatalf("the session did too little to compare:\n%s", strings.Join(direct, "\n"))
+	}
+}
+
+// bigMessage generates an n-byte message without holding it.
+type bigMessage struct{ n, off int }
+
+func (m *bigMessage) Read(p []byte) (int, error) {
+	const hdr = "From: big@example.test\r\nSubject: 25 MB\r\nMessage-Id: <big.1@client.test>\r\n\r\n"
+	if m.off >= m.n {
+		return 0, io.EOF
+	}
+	k := 0
+	for k < len(p) && m.off < m.n {
+		switch {
+		case m.off < len(hdr):
+			p[k] = hdr[m.off]
+		case (m.off-len(hdr))%78 == 76:
+			p[k] = '\r'
+		case (m.off-len(hdr))%78 == 77:
+			p[k] = '\n'
+		default:
+			p[k] = 'a' + byte(m.off%26)
+		}
+		k++
+		m.off++
+	}
+	return k, nil
+}
+
+// TestIMAPLargeAppendAndFetchStream appends and fetches a 25 MB message
+// through the proxy and checks that the proxy never held it in memory.
+func TestIMAPLargeAppendAndFetchStream(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	const size = 25 << 20
+	want := sha256.New()
+	io.Copy(want, &bigMessage{n: size})
+
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	base := ms.HeapAlloc
+	var peak atomic.Uint64
+	stop := make(chan struct{})
+	go func() {
+		var m runtime.MemStats
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+			runtime.ReadMemStats(&m)
+			if m.HeapAlloc > peak.Load() {
+				peak.Store(m.HeapAlloc)
+			}
+		}
+	}()
+
+	c := imapLogin(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	ap := c.Append("INBOX", size, nil)
+	if _, err := io.Copy(ap, &bigMessage{n: size}); err != nil {
+		t.Fatalf("APPEND write: %v", err)
+	}
+	ap.Close()
+	if _, err := ap.Wait(); err != nil {
+		t.Fatalf("APPEND: %v", err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	cmd := c.Fetch(imap.UIDSetNum(1), &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{{Peek: true}}})
+	got := sha256.New()
+	var n int64
+	for m := cmd.Next(); m != nil; m = cmd.Next() {
+		for item := m.Next(); item != nil; item = m.Next() {
+			if b, ok := item.(imapclient.FetchItemDataBodySection); ok {
+				k, err := io.Copy(got, b.Literal)
+				if err != nil {
+					t.Fatalf("read FETCH body: %v", err)
+				}
+				n += k
+			}
+		}
+	}
+	if err := cmd.Close(); err != nil {
+		t.Fatalf("FETCH: %v", err)
+	}
+	close(stop)
+	if n != size || !bytes.Equal(got.Sum(nil), want.Sum(nil)) {
+		t.Fatalf("fetched %d bytes, sha256 match %v", n, bytes.Equal(got.Sum(nil), want.Sum(nil)))
+	}
+	grew := int64(peak.Load()) - int64(base)
+	t.Logf("heap grew by at most %.1f MB while 2 x 25 MB went through", float64(grew)/(1<<20))
+	if grew > 12<<20 {
+		t.Fatalf("heap grew by %d bytes: the message was held in memory", grew)
+	}
+	v := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend)
+	if len(v) != 1 || argsOf(t, v[0]).Size != size {
+		t.Fatalf("APPEND verbs %+v", v)
+	}
+	rc, err := tb.Daemon.Log.OpenBlob(v[0].Blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logged := sha256.New()
+	if _, err := io.Copy(logged, rc); err != nil {
+		t.Fatalf("logged blob: %v", err)
+	}
+	rc.Close()
+	if !bytes.Equal(logged.Sum(nil), want.Sum(nil)) {
+		t.Fatal("the logged blob is not the appended message")
 	}
 }
