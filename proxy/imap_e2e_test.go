@@ -3,11 +3,19 @@ package proxy_test
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -654,5 +662,155 @@ func TestIMAPLargeAppendAndFetchStream(t *testing.T) {
 	rc.Close()
 	if !bytes.Equal(logged.Sum(nil), want.Sum(nil)) {
 		t.Fatal("the logged blob is not the appended message")
+	}
+}
+
+// TestIMAPRobustness: garbage gets Dovecot's own BAD and the session goes
+// on; an over-long line and an over-large literal end the session with a
+// clear BYE; the upstream dying ends it with BYE [UNAVAILABLE].
+func TestIMAPRobustness(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	login := func() (net.Conn, *lineReader) {
+		conn, err := net.Dial("tcp", tb.IMAPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		r := newLineReader(conn)
+		r.until(t, "* OK")
+		fmt.Fprintf(conn, "L LOGIN alice %s\r\n", tb.Stack.Password("alice"))
+		r.until(t, "L OK")
+		return conn, r
+	}
+	conn, r := login()
+	for _, garbage := range []string{"x FROBNICATE now", "y SELECT", "z FETCH (((", "\x01\x02 \xff", "w UID"} {
+		fmt.Fprintf(conn, "%s\r\n", garbage)
+		l := r.line(t)
+		if !strings.Contains(l, " BAD ") {
+			t.Fatalf("%q got %q, want Dovecot's BAD", garbage, l)
+		}
+	}
+	fmt.Fprintf(conn, "n NOOP\r\n")
+	if l := r.until(t, "n "); !strings.HasPrefix(l[len(l)-1], "n OK") {
+		t.Fatalf("session did not survive garbage: %q", l)
+	}
+
+	conn, r = login()
+	fmt.Fprintf(conn, "long NOOP %s\r\n", strings.Repeat("x", 70<<10))
+	if l := r.line(t); !strings.HasPrefix(l, "* BYE [LIMIT]") {
+		t.Fatalf("over-long line got %q, want BYE [LIMIT]", l)
+	}
+
+	conn, r = login()
+	fmt.Fprintf(conn, "big APPEND INBOX {2147483648}\r\n")
+	if l := r.line(t); !strings.HasPrefix(l, "* BYE [LIMIT]") {
+		t.Fatalf("2 GiB literal got %q, want BYE [LIMIT]", l)
+	}
+
+	conn, r = login()
+	fmt.Fprintf(conn, "s SELECT INBOX\r\n")
+	r.until(t, "s OK")
+	out, err := tb.Stack.Doveadm(context.Background(), "who", "-1", "alice")
+	if err != nil {
+		t.Fatalf("doveadm who: %v", err)
+	}
+	killed := 0
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 3 && f[0] == "alice" && f[1] == "imap" {
+			exec.Command("kill", "-9", strings.Trim(f[2], "()")).Run()
+			killed++
+		}
+	}
+	if killed == 0 {
+		t.Fatalf("no imap process of alice in doveadm who:\n%s", out)
+	}
+	if l := r.until(t, "* BYE"); !strings.HasPrefix(l[len(l)-1], "* BYE [UNAVAILABLE]") {
+		t.Fatalf("upstream death got %q, want BYE [UNAVAILABLE]", l)
+	}
+}
+
+// selfSigned returns a TLS server config and a client config trusting it.
+func selfSigned(t *testing.T) (*tls.Config, *tls.Config) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "undomail.test"},
+		DNSNames:     []string{"undomail.test"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}},
+		&tls.Config{RootCAs: pool, ServerName: "undomail.test"}
+}
+
+// TestIMAPTLS: STARTTLS and implicit TLS toward the client; without TLS
+// the proxy refuses passwords (LOGINDISABLED, RFC 9051 6.2.3).
+func TestIMAPTLS(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	srv, cli := selfSigned(t)
+	start := func(implicit bool) string {
+		p, err := proxy.NewIMAP(context.Background(), proxy.IMAPConfig{Upstream: tb.Stack.IMAPAddr, TLS: srv, ImplicitTLS: implicit},
+			tb.Daemon.Log, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go p.Serve(ln)
+		t.Cleanup(func() { p.Close(context.Background()) })
+		return ln.Addr().String()
+	}
+	addr := start(false)
+	plain, err := imapclient.DialInsecure(addr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	caps, err := plain.Capability().Wait()
+	if err != nil || !caps.Has(imap.CapLoginDisabled) || !caps.Has(imap.CapStartTLS) {
+		t.Fatalf("cleartext capabilities %v, %v; want LOGINDISABLED and STARTTLS", caps, err)
+	}
+	err = plain.Login("alice", tb.Stack.Password("alice")).Wait()
+	var ie *imap.Error
+	if !errors.As(err, &ie) || ie.Code != imap.ResponseCodePrivacyRequired {
+		t.Fatalf("LOGIN in cleartext: %v, want NO [PRIVACYREQUIRED]", err)
+	}
+	st, err := imapclient.DialStartTLS(addr, &imapclient.Options{TLSConfig: cli})
+	if err != nil {
+		t.Fatalf("STARTTLS: %v", err)
+	}
+	defer st.Close()
+	if err := st.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatalf("LOGIN after STARTTLS: %v", err)
+	}
+	if err := st.Create("OverTLS", nil).Wait(); err != nil {
+		t.Fatalf("CREATE over STARTTLS: %v", err)
+	}
+	it, err := imapclient.DialTLS(start(true), &imapclient.Options{TLSConfig: cli})
+	if err != nil {
+		t.Fatalf("implicit TLS: %v", err)
+	}
+	defer it.Close()
+	if err := it.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatalf("LOGIN over implicit TLS: %v", err)
+	}
+	if _, err := it.Select("OverTLS", nil).Wait(); err != nil {
+		t.Fatalf("SELECT over implicit TLS: %v", err)
 	}
 }

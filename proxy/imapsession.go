@@ -125,6 +125,7 @@ func (s *imapSession) preLogin() bool {
 			s.say("%s BAD %s\r\n", tagOr(cmd), "syntax error")
 			continue
 		case err != nil:
+			s.byeForLimit(err)
 			return false
 		}
 		_, isTLS := s.conn.(*tls.Conn)

@@ -88,6 +88,7 @@ func (s *imapSession) relayCommands() error {
 		var se *imapwire.SyntaxError
 		if err != nil && !errors.As(err, &se) {
 			f.abort()
+			s.byeForLimit(err)
 			return err
 		}
 		if se != nil && se.Ambiguous {
@@ -299,6 +300,24 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	close(pc.ready)
 	s.register(cmd.Tag, pc)
 	return f.release()
+}
+
+// byeForLimit tells the client why the session ends when a command broke
+// a limit: the stream cannot be followed past it (RFC 9051 7.1.5 BYE).
+func (s *imapSession) byeForLimit(err error) {
+	var ll *imapwire.LineTooLongError
+	var lt *imapwire.LiteralTooLargeError
+	switch {
+	case errors.As(err, &ll):
+		s.say("* BYE [LIMIT] undomail: command line longer than %d bytes\r\n", ll.Max)
+	case errors.As(err, &lt):
+		s.say("* BYE [LIMIT] undomail: literal of %d bytes is larger than the limit of %d\r\n", lt.Size, lt.Max)
+	default:
+		return
+	}
+	s.mu.Lock()
+	s.byeSent = true
+	s.mu.Unlock()
 }
 
 // refuse answers a held command that could not be logged: nothing was
