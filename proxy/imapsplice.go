@@ -466,7 +466,11 @@ func (s *imapSession) relayResponses() error {
 			return err
 		}
 		if resp.Kind == imapwire.Untagged && resp.Name == "BYE" {
-			return errSessionOver
+			// The client has its BYE; the tagged OK of a LOGOUT still
+			// follows, then the server closes (RFC 9051 6.1.3).
+			s.mu.Lock()
+			s.byeSent = true
+			s.mu.Unlock()
 		}
 	}
 }

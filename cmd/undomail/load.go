@@ -18,6 +18,8 @@ import (
 func loadCmd() *cobra.Command {
 	o := loadtest.Options{Messages: 1000, Size: 4096, Sessions: 8, Rounds: 3}
 	var dir, dataDir string
+	var imapLoad bool
+	imapOpts := loadtest.IMAPOptions{Clients: 8, Cycles: 20}
 	cmd := &cobra.Command{
 		Use:   "load",
 		Short: "Measure undomail's throughput against the upstream driven directly, in one run",
@@ -25,7 +27,9 @@ func loadCmd() *cobra.Command {
 and sends the same load with Postfix's smtp-source to the upstream directly and
 through undomail, alternating, then prints messages/s for both and the ratio.
 With --lmtp it compares undomail's LMTP capture with Dovecot's LMTP instead of
-the SMTP front door with Postfix's smtpd. Needs root and smtp-source (postfix).`,
+the SMTP front door with Postfix's smtpd; with --imap, the IMAP front end with
+Dovecot's IMAP under a mixed mail-client workload (commands/s and added
+latency). Needs root and smtp-source (postfix).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if os.Geteuid() != 0 {
@@ -50,6 +54,15 @@ the SMTP front door with Postfix's smtpd. Needs root and smtp-source (postfix).`
 				return err
 			}
 			defer tb.Stop()
+			if imapLoad {
+				imapOpts.Rounds = o.Rounds
+				res, err := loadtest.MeasureIMAP(ctx, tb, imapOpts, cmd.OutOrStdout())
+				if err != nil {
+					return err
+				}
+				res.Report(cmd.OutOrStdout())
+				return nil
+			}
 			res, err := loadtest.Measure(ctx, tb, o, cmd.OutOrStdout())
 			if err != nil {
 				return err
@@ -65,6 +78,9 @@ the SMTP front door with Postfix's smtpd. Needs root and smtp-source (postfix).`
 	f.IntVar(&o.Rounds, "rounds", o.Rounds, "direct/undomail pairs of runs")
 	f.BoolVar(&o.Reuse, "reuse", false, "send each session's messages over one connection (smtp-source -d)")
 	f.BoolVar(&o.LMTP, "lmtp", false, "measure the LMTP capture against Dovecot's LMTP")
+	f.BoolVar(&imapLoad, "imap", false, "measure the IMAP front end against Dovecot's IMAP (mixed client workload)")
+	f.IntVar(&imapOpts.Clients, "clients", imapOpts.Clients, "IMAP: concurrent clients")
+	f.IntVar(&imapOpts.Cycles, "cycles", imapOpts.Cycles, "IMAP: work cycles per client per run")
 	f.StringVar(&dir, "dir", "", "directory for the stack and log (default: a temporary one, removed afterwards)")
 	f.StringVar(&dataDir, "data-dir", "", "put the undo log here instead (e.g. on its own filesystem, as in production)")
 	return cmd

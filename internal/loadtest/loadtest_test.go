@@ -55,3 +55,37 @@ type testWriter struct{ t *testing.T }
 func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
 
 func verbsFilter() undolog.Filter { return undolog.Filter{Kinds: []string{proxy.KindSMTPSubmit}} }
+
+// BenchmarkIMAP runs the mixed IMAP workload (8 clients) against Dovecot
+// directly and through undomail's IMAP front end; one iteration is a round.
+func BenchmarkIMAP(b *testing.B) {
+	tb := testbedtest.Start(b, nil)
+	b.ResetTimer()
+	res, err := MeasureIMAP(context.Background(), tb, IMAPOptions{Clients: 8, Cycles: 20, Rounds: b.N}, os.Stdout)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.StopTimer()
+	res.Report(os.Stdout)
+	b.ReportMetric(res.Direct, "direct-cmd/s")
+	b.ReportMetric(res.Proxy, "undomail-cmd/s")
+	b.ReportMetric(res.Ratio, "ratio")
+}
+
+// TestMeasureIMAPSmall runs a tiny IMAP load through both paths.
+func TestMeasureIMAPSmall(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	res, err := MeasureIMAP(context.Background(), tb, IMAPOptions{Clients: 2, Cycles: 2, Rounds: 1}, testWriter{t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// 9 timed commands per cycle: login, select, fetch list, read, flag,
+	// append, delete, expunge, logout.
+	if len(res.Runs) != 2 || res.Runs[0].Commands != 2*2*9 || res.Runs[1].Commands != 2*2*9 {
+		t.Fatalf("runs %+v", res.Runs)
+	}
+	appends, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{proxy.KindIMAPAppend}})
+	if err != nil || len(appends) != 4 {
+		t.Fatalf("undomail logged %d APPENDs for the 4 sent through it (%v)", len(appends), err)
+	}
+}

@@ -1,0 +1,231 @@
+package loadtest
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/internal/testbed"
+)
+
+// IMAPOptions describe the IMAP load: Clients concurrent sessions, each
+// doing Cycles of a mail client's typical work.
+type IMAPOptions struct {
+	Clients int
+	Cycles  int // per client per run
+	Rounds  int // direct/proxy pairs
+}
+
+// IMAPRun is one timed run.
+type IMAPRun struct {
+	Target   string
+	Commands int
+	Elapsed  time.Duration
+	Rate     float64 // commands per second
+	P50, P99 time.Duration
+}
+
+// IMAPResult is a whole IMAP measurement.
+type IMAPResult struct {
+	Options        IMAPOptions
+	Runs           []IMAPRun
+	Direct, Proxy  float64 // median commands/s
+	Ratio          float64 // median of per-round ratios
+	AddP50, AddP99 time.Duration
+}
+
+// MeasureIMAP runs the mixed workload against Dovecot directly and through
+// undomail's IMAP front end, alternating.
+func MeasureIMAP(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, w io.Writer) (IMAPResult, error) {
+	if o.Rounds <= 0 {
+		o.Rounds = 1
+	}
+	res := IMAPResult{Options: o}
+	if err := seedMailboxes(ctx, tb, 5); err != nil {
+		return res, err
+	}
+	var dr, pr, ratios []float64
+	var dp50, dp99, pp50, pp99 []time.Duration
+	for round := 0; round < o.Rounds; round++ {
+		d, err := imapRun(ctx, tb, o, "direct", tb.Stack.IMAPAddr)
+		if err != nil {
+			return res, err
+		}
+		p, err := imapRun(ctx, tb, o, "undomail", tb.IMAPAddr())
+		if err != nil {
+			return res, err
+		}
+		res.Runs = append(res.Runs, d, p)
+		dr, pr, ratios = append(dr, d.Rate), append(pr, p.Rate), append(ratios, p.Rate/d.Rate)
+		dp50, dp99, pp50, pp99 = append(dp50, d.P50), append(dp99, d.P99), append(pp50, p.P50), append(pp99, p.P99)
+		fmt.Fprintf(w, "round %d: direct %.0f cmd/s (p50 %v, p99 %v), undomail %.0f cmd/s (p50 %v, p99 %v), ratio %.3f\n",
+			round+1, d.Rate, d.P50, d.P99, p.Rate, p.P50, p.P99, p.Rate/d.Rate)
+	}
+	res.Direct, res.Proxy, res.Ratio = median(dr), median(pr), median(ratios)
+	res.AddP50 = medianDur(pp50) - medianDur(dp50)
+	res.AddP99 = medianDur(pp99) - medianDur(dp99)
+	return res, nil
+}
+
+// seedMailboxes gives every user n messages, sent through the front door,
+// so the workload has something to list, read and flag.
+func seedMailboxes(ctx context.Context, tb *testbed.Testbed, n int) error {
+	for _, u := range tb.Stack.Users {
+		for i := 0; i < n; i++ {
+			c, err := smtp.Dial(tb.SMTPAddr())
+			if err != nil {
+				return err
+			}
+			msg := fmt.Sprintf("From: seed@example.test\r\nSubject: seed %d\r\n\r\nSomething to read.\r\n", i)
+			err = c.SendMail("seed@example.test", []string{tb.Stack.Address(u.Name)}, strings.NewReader(msg))
+			c.Close()
+			if err != nil {
+				return fmt.Errorf("seed %s: %w", u.Name, err)
+			}
+		}
+	}
+	deadline := time.Now().Add(time.Minute)
+	for _, u := range tb.Stack.Users {
+		for countMail(tb, u.Name) < n {
+			if time.Now().After(deadline) || ctx.Err() != nil {
+				return fmt.Errorf("seed messages did not reach %s's mailbox", u.Name)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// imapRun runs every client's cycles once against addr.
+func imapRun(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, target, addr string) (IMAPRun, error) {
+	var mu sync.Mutex
+	var lat []time.Duration
+	var firstErr error
+	var wg sync.WaitGroup
+	start := time.Now()
+	for c := 0; c < o.Clients; c++ {
+		user := tb.Stack.Users[c%len(tb.Stack.Users)]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l, err := imapCycles(addr, user.Name, user.Password, o.Cycles)
+			mu.Lock()
+			defer mu.Unlock()
+			lat = append(lat, l...)
+			if err != nil && firstErr == nil {
+				firstErr = fmt.Errorf("%s run, user %s: %w", target, user.Name, err)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if firstErr != nil {
+		return IMAPRun{}, firstErr
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	return IMAPRun{Target: target, Commands: len(lat), Elapsed: elapsed, Rate: float64(len(lat)) / elapsed.Seconds(),
+		P50: lat[len(lat)/2], P99: lat[len(lat)*99/100]}, nil
+}
+
+const imapLoadMessage = "From: load@example.test\r\nSubject: imap load\r\n\r\n" + "A line of an ordinary message body.\r\n"
+
+// imapCycles is one client: login, select, fetch the list, read a
+// message, flag it, append one, delete and expunge it, logout; timed per
+// command.
+func imapCycles(addr, user, pass string, cycles int) ([]time.Duration, error) {
+	var lat []time.Duration
+	timed := func(f func() error) error {
+		t0 := time.Now()
+		err := f()
+		lat = append(lat, time.Since(t0))
+		return err
+	}
+	for i := 0; i < cycles; i++ {
+		var c *imapclient.Client
+		if err := timed(func() (err error) {
+			if c, err = imapclient.DialInsecure(addr, nil); err != nil {
+				return err
+			}
+			return c.Login(user, pass).Wait()
+		}); err != nil {
+			return lat, err
+		}
+		var sel *imap.SelectData
+		err := timed(func() (err error) { sel, err = c.Select("INBOX", nil).Wait(); return err })
+		if err == nil && sel.NumMessages > 0 {
+			err = timed(func() error {
+				var all imap.SeqSet
+				all.AddRange(1, 0) // 1:*
+				_, err := c.Fetch(all, &imap.FetchOptions{UID: true, Flags: true, Envelope: true}).Collect()
+				return err
+			})
+		}
+		if err == nil && sel.NumMessages > 0 {
+			err = timed(func() error {
+				_, err := c.Fetch(imap.SeqSetNum(sel.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{Peek: true}}}).Collect()
+				return err
+			})
+		}
+		if err == nil && sel.NumMessages > 0 {
+			err = timed(func() error {
+				return c.Store(imap.SeqSetNum(sel.NumMessages), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagSeen}}, nil).Close()
+			})
+		}
+		var appended imap.UID
+		if err == nil {
+			err = timed(func() error {
+				ap := c.Append("INBOX", int64(len(imapLoadMessage)), nil)
+				ap.Write([]byte(imapLoadMessage))
+				ap.Close()
+				d, err := ap.Wait()
+				if d != nil {
+					appended = d.UID
+				}
+				return err
+			})
+		}
+		if err == nil && appended != 0 {
+			err = timed(func() error {
+				return c.Store(imap.UIDSetNum(appended), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close()
+			})
+		}
+		if err == nil && appended != 0 {
+			err = timed(func() error { return c.UIDExpunge(imap.UIDSetNum(appended)).Close() })
+		}
+		if err == nil {
+			err = timed(func() error { return c.Logout().Wait() })
+		}
+		c.Close()
+		if err != nil && !strings.Contains(err.Error(), "closed") {
+			return lat, err
+		}
+	}
+	return lat, nil
+}
+
+func medianDur(v []time.Duration) time.Duration {
+	s := append([]time.Duration(nil), v...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	if len(s) == 0 {
+		return 0
+	}
+	return s[len(s)/2]
+}
+
+// Report prints the result for people.
+func (r IMAPResult) Report(w io.Writer) {
+	fmt.Fprintf(w, "IMAP front end vs Dovecot: %d clients x %d cycles (login, select, fetch list, read, flag, append, delete+expunge, logout), %d rounds\n",
+		r.Options.Clients, r.Options.Cycles, r.Options.Rounds)
+	fmt.Fprintf(w, "  direct    %8.1f commands/s (median)\n", r.Direct)
+	fmt.Fprintf(w, "  undomail  %8.1f commands/s (median), every change durably logged\n", r.Proxy)
+	fmt.Fprintf(w, "  ratio     %8.3f (undomail / direct, median of rounds)\n", r.Ratio)
+	fmt.Fprintf(w, "  added latency per command: p50 %v, p99 %v\n", r.AddP50, r.AddP99)
+}
