@@ -104,21 +104,10 @@ func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (map[uint32]s
 	sc := &s.side
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if sc.up == nil {
-		ctx, cancel := context.WithTimeout(context.Background(), s.p.cfg.UpstreamTimeout)
-		up, err := s.p.dialUpstream(ctx)
-		cancel()
-		if err != nil {
-			return nil, err
-		}
-		r, err := up.command("S0 LOGIN "+astring(s.user)+" "+astring(s.pass)+"\r\n", "S0")
-		if err != nil || r.Name != "OK" {
-			up.close()
-			return nil, fmt.Errorf("side connection login refused: %v", err)
-		}
-		sc.up = up
+	if err := s.sideLogin(); err != nil {
+		return nil, err
 	}
-	next := func() string { sc.tag++; return "S" + strconv.Itoa(sc.tag) }
+	next := sc.next
 	if sc.examined.name != mb.name || sc.examined.uidValidity != mb.uidValidity {
 		tag := next()
 		var uv uint32
@@ -161,6 +150,63 @@ func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (map[uint32]s
 		return nil, err
 	}
 	return found, nil
+}
+
+// sideLogin opens the side connection if it is not open; s.side.mu must
+// be held.
+func (s *imapSession) sideLogin() error {
+	sc := &s.side
+	if sc.up != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.p.cfg.UpstreamTimeout)
+	up, err := s.p.dialUpstream(ctx)
+	cancel()
+	if err != nil {
+		return err
+	}
+	r, err := up.command("S0 LOGIN "+astring(s.user)+" "+astring(s.pass)+"\r\n", "S0")
+	if err != nil || r.Name != "OK" {
+		up.close()
+		return fmt.Errorf("side connection login refused: %v", err)
+	}
+	sc.up = up
+	return nil
+}
+
+func (sc *sideConn) next() string { sc.tag++; return "S" + strconv.Itoa(sc.tag) }
+
+// uidValidityOf asks for a mailbox's UIDVALIDITY over the side connection
+// (STATUS, RFC 9051 6.3.11), for verbs that name a mailbox they do not
+// select: DELETE and RENAME record which incarnation of the name they
+// acted on. 0 if it cannot be told.
+func (s *imapSession) uidValidityOf(mailbox string) uint32 {
+	sc := &s.side
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if err := s.sideLogin(); err != nil {
+		s.logger.Warn("UIDVALIDITY lookup failed", "mailbox", mailbox, "err", err)
+		return 0
+	}
+	tag := sc.next()
+	var uv uint32
+	_, err := sc.up.collect(tag+" STATUS "+astring(mailbox)+" (UIDVALIDITY)\r\n", tag, func(r *imapwire.Response) {
+		if r.Name != "STATUS" || len(r.Args) < 2 || r.Args[1].Kind != imapwire.List {
+			return
+		}
+		l := r.Args[1].List
+		for i := 0; i+1 < len(l); i += 2 {
+			if l[i].Is("UIDVALIDITY") {
+				uv = uint32(l[i+1].Num)
+			}
+		}
+	})
+	if err != nil {
+		sc.up.close()
+		sc.up = nil
+		s.logger.Warn("UIDVALIDITY lookup failed", "mailbox", mailbox, "err", err)
+	}
+	return uv
 }
 
 // firstTraceID returns the value of the first Undomail-Id field of a

@@ -274,6 +274,9 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 			verb.args.UndoIDs = s.undoIDs(mb, list)
 		}
 	}
+	if verb.kind == KindIMAPDelete || verb.kind == KindIMAPRename {
+		verb.args.UIDValidity = s.uidValidityOf(verb.args.Mailbox)
+	}
 	var blob *heldLiteral
 	if verb.kind == KindIMAPAppend && len(f.lits) > 0 {
 		blob = f.lits[len(f.lits)-1]

@@ -536,6 +536,9 @@ func TestIMAPLibThroughUndomail(t *testing.T) {
 	if c := got[18].Args; c.UIDs != "2" {
 		t.Errorf("CLOSE recorded as %+v, want it to expunge UID 2", c)
 	}
+	if r, d := got[19].Args, got[20].Args; r.UIDValidity == 0 || d.UIDValidity != r.UIDValidity {
+		t.Errorf("RENAME/DELETE name the mailbox's incarnation: %+v, %+v", r, d)
+	}
 	text, err := run(t, "log", "--data-dir", s.dataDir, "--kind", "imap.move")
 	if err != nil || !strings.Contains(text, `UID MOVE "INBOX" uid 4 -> "Work"`) || !strings.Contains(text, "OK [COPYUID") {
 		t.Fatalf("undomail log --kind imap.move:\n%s", text)
