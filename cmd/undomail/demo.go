@@ -32,7 +32,7 @@ func demoCmd() *cobra.Command {
 		Short: "Start a private Dovecot + Postfix with undomail in front and show mail flowing through it",
 		Long: `demo starts a private Dovecot and Postfix on loopback ports, undomail in
 front of them (SMTP front door before Postfix, LMTP capture between Postfix and
-Dovecot), sends a first message through it and prints where to point a mail
+Dovecot, IMAP front end before Dovecot), sends a first message through it and prints where to point a mail
 client and how to read the undo log. Ctrl-C stops everything; the data
 directory is kept so the log can still be read.
 
@@ -215,13 +215,13 @@ undomail demo is running.
 
   SMTP front door   %[1]s   (undomail, relays to Postfix at %[2]s)
   LMTP capture      %[3]s   (Postfix delivers here; undomail relays to Dovecot LMTP %[4]s)
-  IMAP              %[5]s   (Dovecot; undomail's IMAP proxy is not in front yet)
+  IMAP              %[14]s   (undomail, relays to Dovecot IMAP at %[5]s)
   users             %[6]s   (addresses <user>@%[7]s)
 
 Send mail through it:
   swaks --server %[1]s --to bob@%[7]s --from you@%[7]s --header "Subject: hello"
 Read it:
-  python3 -c 'import imaplib; m=imaplib.IMAP4("%[8]s",%[9]s); m.login("bob","secret-bob"); print(m.select("INBOX"))'
+  python3 -c 'import imaplib; m=imaplib.IMAP4("%[8]s",%[9]s); m.login("bob","secret-bob"); print(m.select("INBOX")); m.create("Undoable")'
 See the undo log and check it:
   %[10]s log --data-dir %[11]s
   %[10]s fsck --data-dir %[11]s
@@ -229,7 +229,7 @@ See the undo log and check it:
 Stack logs: %[12]s, %[13]s
 Press Ctrl-C to stop.
 `, tb.SMTPAddr(), st.SMTPAddr, tb.Daemon.LMTPAddr, st.LMTPAddr, st.IMAPAddr, strings.Join(users, ", "), st.Domain,
-		hostOf(st.IMAPAddr), portOf(st.IMAPAddr), self, tb.Config.DataDir, st.PostfixLog(), st.DovecotLog())
+		hostOf(tb.IMAPAddr()), portOf(tb.IMAPAddr()), self, tb.Config.DataDir, st.PostfixLog(), st.DovecotLog(), tb.IMAPAddr())
 }
 
 func hostOf(addr string) string { h, _, _ := net.SplitHostPort(addr); return h }
