@@ -32,6 +32,9 @@ type pendingCmd struct {
 	copyUID string   // MOVE: the untagged OK [COPYUID ...]
 	fetched []uint32 // FETCH: UIDs (or sequence numbers) whose body or header went to the client
 	bySeq   bool     // fetched holds sequence numbers: the FETCH responses had no UID
+	// seqUIDs receives the UIDs of a non-UID FETCH's sequence set,
+	// looked up right behind it (see finish).
+	seqUIDs chan string
 }
 
 // injectedCmd is a command of the proxy's own on the client's upstream
@@ -242,11 +245,30 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		return nil
 	}
 	if !f.hold {
+		var resolve bool
 		if f.pc != nil {
 			s.track(cmd, f.pc)
+			if resolve = cmd.Name == "FETCH" && !cmd.UID && fetchesContent(cmd); resolve {
+				f.pc.seqUIDs = make(chan string, 1)
+			}
 			close(f.pc.ready)
 		}
-		return s.up.write(nil)
+		if err := s.up.write(nil); err != nil {
+			return err
+		}
+		if resolve {
+			// The FETCH names messages by sequence number and its
+			// responses may not carry UIDs. Asking for the same set's
+			// UIDs right behind it, before any other command of the
+			// client, sees the same numbering: no EXPUNGE can be
+			// reported in between (RFC 9051 7.5.1).
+			uids, err := s.searchUIDs(cmd.Args[0].Text)
+			if err != nil {
+				return err
+			}
+			f.pc.seqUIDs <- uids
+		}
+		return nil
 	}
 	if cmd.Refused {
 		f.abort()
@@ -671,6 +693,31 @@ func (s *imapSession) oldest(ok func(*pendingCmd) bool) *pendingCmd {
 		}
 	}
 	return nil
+}
+
+// fetchesContent reports whether a FETCH returns message content (a
+// body section, BINARY, RFC822, RFC822.HEADER or RFC822.TEXT), which makes
+// it an externalization.
+func fetchesContent(cmd *imapwire.Command) bool {
+	if len(cmd.Args) < 2 {
+		return false
+	}
+	items := []imapwire.Value{cmd.Args[1]}
+	if cmd.Args[1].Kind == imapwire.List {
+		items = cmd.Args[1].List
+	}
+	for _, it := range items {
+		if it.Section != nil {
+			switch it.Section.Name {
+			case "BODY", "BODY.PEEK", "BINARY", "BINARY.PEEK":
+				return true
+			}
+		}
+		if it.Is("RFC822") || it.Is("RFC822.HEADER") || it.Is("RFC822.TEXT") {
+			return true
+		}
+	}
+	return false
 }
 
 // peekCommand reads tag and command name from a command's first line

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/undomail/undomail/proxy/imapwire"
 	"github.com/undomail/undomail/undolog"
@@ -91,8 +92,8 @@ type IMAPFetchArgs struct {
 	Mailbox     string `json:"mailbox"`
 	UIDValidity uint32 `json:"uidvalidity"`
 	UIDs        string `json:"uids,omitempty"`
-	// Seqs holds sequence numbers when the client's FETCH did not ask for
-	// UIDs; they are resolved against the log's mailbox history later.
+	// Seqs holds the sequence numbers of a FETCH that did not ask for
+	// UIDs; UIDs then come from a search run right behind it.
 	Seqs    string            `json:"seqs,omitempty"`
 	UndoIDs map[string]string `json:"undo_ids,omitempty"` // by UID, as in IMAPArgs
 }
@@ -285,11 +286,22 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response) error {
 func (s *imapSession) logFetch(pc *pendingCmd, mb mailboxState) {
 	a := IMAPFetchArgs{Mailbox: mb.name, UIDValidity: mb.uidValidity}
 	set := compactSet(pc.fetched)
+	uids := pc.fetched
 	if pc.bySeq {
 		a.Seqs = set
-	} else {
-		a.UIDs = set
-		a.UndoIDs = s.undoIDs(mb, pc.fetched)
+		uids = nil
+		if pc.seqUIDs != nil {
+			select {
+			case u := <-pc.seqUIDs:
+				uids, _ = expandSet(u, maxUIDsPerVerb)
+			case <-time.After(s.p.cfg.UpstreamTimeout):
+				s.logger.Warn("UIDs of a sequence-number FETCH not learnt; recorded by sequence number", "seqs", set)
+			}
+		}
+	}
+	if uids != nil {
+		a.UIDs = compactSet(uids)
+		a.UndoIDs = s.undoIDs(mb, uids)
 	}
 	b, _ := json.Marshal(a)
 	rec := &undolog.Record{User: s.user, Session: s.id, Kind: KindIMAPFetch, Users: []string{s.user}, Args: b}

@@ -460,7 +460,7 @@ ok(M.copy("1", "Work"))
 ok(M.uid("COPY", "2", "Work"))
 ok(M._simple_command("MOVE", "3", "Work"))
 ok(M.uid("MOVE", "4", "Work"))
-ok(M.fetch("1", "(UID BODY.PEEK[])"))
+ok(M.fetch("1", "(BODY.PEEK[])"))
 ok(M.store("1", "+FLAGS", "(\\Deleted)"))
 ok(M.expunge())
 ok(M.select("Work"))
@@ -526,6 +526,13 @@ func TestIMAPLibThroughUndomail(t *testing.T) {
 	}
 	if m := got[12].Args; m.UIDs != "4" || m.UndoIDs["4"] != got[6].Args.UndoID || !strings.HasSuffix(got[12].Outcome.CopyUID, " 4 4") {
 		t.Errorf("UID MOVE recorded as %+v, outcome %+v", m, got[12].Outcome)
+	}
+	var seen struct {
+		Args proxy.IMAPFetchArgs
+	}
+	json.Unmarshal([]byte(strings.Split(strings.TrimSpace(js), "\n")[13]), &seen)
+	if f := seen.Args; f.Seqs != "1" || f.UIDs != "1" || f.UndoIDs["1"] != appendID {
+		t.Errorf("sequence-number FETCH recorded as %+v, want UID 1 = %s", f, appendID)
 	}
 	if e := got[15].Args; e.UIDs != "1" || e.UndoIDs["1"] != appendID {
 		t.Errorf("EXPUNGE recorded as %+v, want UID 1 = %s", e, appendID)
