@@ -54,6 +54,7 @@ type IMAPProxy struct {
 	closed   bool
 	ln       net.Listener
 	sessions map[*imapSession]struct{}
+	sides    map[string]*sideConn // by user
 	wg       sync.WaitGroup
 }
 
@@ -72,7 +73,7 @@ func NewIMAP(ctx context.Context, cfg IMAPConfig, log *undolog.Log, logger *slog
 	if cfg.IdleTimeout == 0 {
 		cfg.IdleTimeout = 30 * time.Minute
 	}
-	p := &IMAPProxy{cfg: cfg, log: log, logger: logger.With("listener", "imap"), sessions: map[*imapSession]struct{}{}}
+	p := &IMAPProxy{cfg: cfg, log: log, logger: logger.With("listener", "imap"), sessions: map[*imapSession]struct{}{}, sides: map[string]*sideConn{}}
 	for {
 		up, err := p.dialUpstream(ctx)
 		if err == nil {

@@ -814,3 +814,27 @@ func TestIMAPTLS(t *testing.T) {
 		t.Fatalf("SELECT over implicit TLS: %v", err)
 	}
 }
+
+// TestIMAPClientAddressReachesDovecot: Dovecot sees the client's own
+// address (via ID x-originating-ip), not undomail's, so its per-address
+// limits and logs stay meaningful.
+func TestIMAPClientAddressReachesDovecot(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}
+	conn, err := d.Dial("tcp", tb.IMAPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := newLineReader(conn)
+	r.until(t, "* OK")
+	fmt.Fprintf(conn, "L LOGIN bob %s\r\n", tb.Stack.Password("bob"))
+	r.until(t, "L OK")
+	out, err := tb.Stack.Doveadm(context.Background(), "who", "-1", "bob")
+	if err != nil {
+		t.Fatalf("doveadm who: %v", err)
+	}
+	if !strings.Contains(string(out), "127.0.0.2") {
+		t.Fatalf("Dovecot does not see the client's address 127.0.0.2:\n%s", out)
+	}
+}

@@ -60,13 +60,59 @@ func (t *idTable) put(k msgKey, id string) {
 	t.m[k] = id
 }
 
-// sideConn is a session's second upstream connection, logged in as the
-// same user, used only to read Undomail-Id fields.
+// sideConn is a second upstream connection, logged in as the user, used
+// only to read Undomail-Id fields and UIDVALIDITY. One serves all of a
+// user's sessions: Dovecot limits connections per user and address
+// (mail_max_userip_connections, 10 by default), and every session arrives
+// from undomail's address.
 type sideConn struct {
 	mu       sync.Mutex
+	user     string
+	pass     string
+	refs     int // sessions using it; guarded by IMAPProxy.mu
 	up       *imapUpstream
 	examined mailboxState
 	tag      int
+}
+
+// acquireSide returns the user's side connection (not yet dialled).
+func (p *IMAPProxy) acquireSide(user, pass string) *sideConn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	sc := p.sides[user]
+	if sc == nil {
+		sc = &sideConn{user: user}
+		p.sides[user] = sc
+	}
+	sc.refs++
+	sc.mu.Lock()
+	sc.pass = pass // the latest login's: a changed password must not lock it out
+	sc.mu.Unlock()
+	return sc
+}
+
+// releaseSide closes the user's side connection with its last session.
+func (p *IMAPProxy) releaseSide(user string) {
+	p.mu.Lock()
+	sc := p.sides[user]
+	if sc == nil {
+		p.mu.Unlock()
+		return
+	}
+	sc.refs--
+	last := sc.refs == 0
+	if last {
+		delete(p.sides, user)
+	}
+	p.mu.Unlock()
+	if last {
+		sc.mu.Lock()
+		if sc.up != nil {
+			sc.up.close()
+			sc.up = nil
+		}
+		sc.mu.Unlock()
+	}
 }
 
 // undoIDs returns the undo ids of the given UIDs of a mailbox, by UID.
@@ -101,7 +147,7 @@ func (s *imapSession) undoIDs(mb mailboxState, uids []uint32) map[string]string 
 // fetchUndoIDs reads the Undomail-Id field of messages over the side
 // connection.
 func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (map[uint32]string, error) {
-	sc := &s.side
+	sc := s.side
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if err := s.sideLogin(); err != nil {
@@ -155,7 +201,7 @@ func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (map[uint32]s
 // sideLogin opens the side connection if it is not open; s.side.mu must
 // be held.
 func (s *imapSession) sideLogin() error {
-	sc := &s.side
+	sc := s.side
 	if sc.up != nil {
 		return nil
 	}
@@ -165,7 +211,7 @@ func (s *imapSession) sideLogin() error {
 	if err != nil {
 		return err
 	}
-	r, err := up.command("S0 LOGIN "+astring(s.user)+" "+astring(s.pass)+"\r\n", "S0")
+	r, err := up.command("S0 LOGIN "+astring(sc.user)+" "+astring(sc.pass)+"\r\n", "S0")
 	if err != nil || r.Name != "OK" {
 		up.close()
 		return fmt.Errorf("side connection login refused: %v", err)
@@ -181,7 +227,7 @@ func (sc *sideConn) next() string { sc.tag++; return "S" + strconv.Itoa(sc.tag) 
 // select: DELETE and RENAME record which incarnation of the name they
 // acted on. 0 if it cannot be told.
 func (s *imapSession) uidValidityOf(mailbox string) uint32 {
-	sc := &s.side
+	sc := s.side
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	if err := s.sideLogin(); err != nil {

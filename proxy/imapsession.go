@@ -34,9 +34,11 @@ type imapSession struct {
 	cw   *bufio.Writer
 
 	user string
-	pass string // kept for the side connection that reads undo ids
 	up   *imapUpstream
-	side sideConn
+	side *sideConn // shared by the user's sessions; see imapids.go
+	// tagPrefix starts the tags of the proxy's own commands: random, so no
+	// client tag can collide with them.
+	tagPrefix string
 
 	// State shared by the two splice directions.
 	mu       sync.Mutex
@@ -72,6 +74,7 @@ func newIMAPSession(p *IMAPProxy, c net.Conn) *imapSession {
 		injected: map[string]*injectedCmd{},
 	}
 	s.logger = p.logger.With("session", s.id, "client", c.RemoteAddr().String())
+	s.tagPrefix = "undo" + s.id[:8] + "."
 	s.cr = imapwire.NewCommandReader(c, imapwire.Options{})
 	return s
 }
@@ -302,6 +305,16 @@ func (s *imapSession) login(tag, user, pass string) bool {
 		return false
 	}
 	up.conn.SetDeadline(time.Now().Add(s.p.cfg.UpstreamTimeout))
+	// Tell Dovecot who the client really is, as Dovecot's own proxy does:
+	// it then logs, rate-limits and applies mail_max_userip_connections
+	// per client address, not per undomail's. Dovecot honours this only
+	// from login_trusted_networks and ignores it otherwise.
+	if _, err := up.command("UI ID "+s.originatingID()+"\r\n", "UI"); err != nil {
+		up.close()
+		s.logger.Warn("upstream ID failed", "err", err)
+		s.say("%s NO [UNAVAILABLE] undomail: mail server unavailable; try again later.\r\n", tag)
+		return false
+	}
 	r, err := up.command("U0 LOGIN "+astring(user)+" "+astring(pass)+"\r\n", "U0")
 	if err != nil {
 		up.close()
@@ -331,10 +344,31 @@ func (s *imapSession) login(tag, user, pass string) bool {
 		}
 	}
 	up.conn.SetDeadline(time.Time{})
-	s.up, s.user, s.pass = up, user, pass
+	s.up, s.user = up, user
+	s.side = s.p.acquireSide(user, pass)
 	s.logger = s.logger.With("user", user)
 	s.logger.Info("logged in")
 	return s.say("%s OK [CAPABILITY %s] Logged in\r\n", tag, strings.Join(postLoginCaps(up.caps), " ")) == nil
+}
+
+// originatingID is the ID parameter list (RFC 2971) naming the client's
+// and undomail's addresses with the x-originating-*/x-connected-* keys
+// Dovecot's login process understands.
+func (s *imapSession) originatingID() string {
+	var kv []string
+	add := func(k, v string) {
+		kv = append(kv, `"`+k+`" "`+strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(v)+`"`)
+	}
+	if h, p, err := net.SplitHostPort(s.conn.RemoteAddr().String()); err == nil {
+		add("x-originating-ip", h)
+		add("x-originating-port", p)
+	}
+	if h, p, err := net.SplitHostPort(s.conn.LocalAddr().String()); err == nil {
+		add("x-connected-ip", h)
+		add("x-connected-port", p)
+	}
+	add("x-session-ext-id", "undomail-"+s.id)
+	return "(" + strings.Join(kv, " ") + ")"
 }
 
 // astring encodes s as an IMAP astring (RFC 9051 section 4.3): an atom

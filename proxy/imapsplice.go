@@ -74,9 +74,7 @@ func (s *imapSession) splice() {
 	s.up.close()
 	<-done
 	s.bg.Wait()
-	if s.side.up != nil {
-		s.side.up.close()
-	}
+	s.p.releaseSide(s.user)
 }
 
 var errSessionOver = errors.New("session over")
@@ -456,7 +454,7 @@ func (s *imapSession) waitSelection() {
 func (s *imapSession) searchUIDs(criteria string) (string, error) {
 	s.mu.Lock()
 	s.nextTag++
-	tag := fmt.Sprintf("UNDO%d", s.nextTag)
+	tag := fmt.Sprintf("%s%d", s.tagPrefix, s.nextTag)
 	ic := &injectedCmd{done: make(chan error, 1)}
 	s.injected[tag] = ic
 	s.mu.Unlock()
@@ -520,7 +518,7 @@ func (rf *respForwarder) forward(p imapwire.Part) error {
 		pc := s.pending[tag]
 		s.mu.Unlock()
 		switch {
-		case own || (tag == "*" && isOwnESearch(p.Raw)):
+		case own || (tag == "*" && s.isOwnESearch(p.Raw)):
 			rf.drop = true
 		case pc != nil && pc.intent != nil:
 			rf.held = &bytes.Buffer{}
@@ -745,9 +743,9 @@ func firstWord(b []byte) string {
 	return string(b)
 }
 
-// isOwnESearch recognises "* ESEARCH (TAG "UNDO..." on the raw line.
-func isOwnESearch(b []byte) bool {
-	return bytes.HasPrefix(bytes.ToUpper(b[:min(len(b), 30)]), []byte(`* ESEARCH (TAG "UNDO`))
+// isOwnESearch recognises `* ESEARCH (TAG "<own prefix>` on a raw line.
+func (s *imapSession) isOwnESearch(b []byte) bool {
+	return bytes.HasPrefix(b, []byte(`* ESEARCH (TAG "`+s.tagPrefix))
 }
 
 // endsWithSyncLiteral reports whether a raw line ends in a synchronizing

@@ -26,6 +26,9 @@ log_path = {{.LogPath}}
 # Process titles become dovecot-umdc-<id>/<service>: Stop finds lingering
 # processes of this instance by that name after the master has exited.
 listen = 127.0.0.1
+# undomail's IMAP front end passes each client's address with ID
+# (x-originating-ip); Dovecot believes it only from these networks.
+login_trusted_networks = 127.0.0.1/32
 protocols = imap lmtp
 ssl = no
 # Plaintext passwords over loopback only.
