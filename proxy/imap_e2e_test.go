@@ -10,6 +10,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -836,5 +837,45 @@ func TestIMAPClientAddressReachesDovecot(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "127.0.0.2") {
 		t.Fatalf("Dovecot does not see the client's address 127.0.0.2:\n%s", out)
+	}
+}
+
+// TestIMAPAuthenticateForms: AUTHENTICATE PLAIN without an initial
+// response and AUTHENTICATE LOGIN, both with continuations, and an aborted
+// exchange.
+func TestIMAPAuthenticateForms(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	b64 := func(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
+	pass := tb.Stack.Password("carol")
+	for _, tc := range []struct {
+		name   string
+		steps  []string // lines to send after each "+" challenge
+		first  string
+		result string
+	}{
+		{"PLAIN with continuation", []string{b64("\x00carol\x00" + pass)}, "a AUTHENTICATE PLAIN", "a OK"},
+		{"LOGIN", []string{b64("carol"), b64(pass)}, "a AUTHENTICATE LOGIN", "a OK"},
+		{"LOGIN wrong password", []string{b64("carol"), b64("nope")}, "a AUTHENTICATE LOGIN", "a NO"},
+		{"aborted", []string{"*"}, "a AUTHENTICATE PLAIN", "a BAD"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			conn, err := net.Dial("tcp", tb.IMAPAddr())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			r := newLineReader(conn)
+			r.until(t, "* OK")
+			fmt.Fprintf(conn, "%s\r\n", tc.first)
+			for _, step := range tc.steps {
+				if l := r.line(t); !strings.HasPrefix(l, "+") {
+					t.Fatalf("want a continuation, got %q", l)
+				}
+				fmt.Fprintf(conn, "%s\r\n", step)
+			}
+			if l := r.until(t, "a "); !strings.HasPrefix(l[len(l)-1], tc.result) {
+				t.Fatalf("got %q, want %s", l, tc.result)
+			}
+		})
 	}
 }
