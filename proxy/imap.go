@@ -74,19 +74,17 @@ func NewIMAP(ctx context.Context, cfg IMAPConfig, log *undolog.Log, logger *slog
 		cfg.IdleTimeout = 30 * time.Minute
 	}
 	p := &IMAPProxy{cfg: cfg, log: log, logger: logger.With("listener", "imap"), sessions: map[*imapSession]struct{}{}, sides: map[string]*sideConn{}}
-	for {
+	err := probeUntil(ctx, p.logger, "imap", cfg.Upstream, func() error {
 		up, err := p.dialUpstream(ctx)
-		if err == nil {
-			p.preCaps = up.caps
-			up.close()
-			break
+		if err != nil {
+			return err
 		}
-		p.logger.Warn("upstream probe failed; retrying", "upstream", cfg.Upstream, "err", err)
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("imap proxy: probe upstream %s: %w", cfg.Upstream, err)
-		case <-time.After(time.Second):
-		}
+		p.preCaps = up.caps
+		up.close()
+		return nil
+	})
+	if err != nil {
+		return nil, err
 	}
 	p.logger.Info("upstream probed", "upstream", cfg.Upstream, "capabilities", strings.Join(p.preCaps, " "))
 	return p, nil

@@ -259,13 +259,7 @@ func TestIMAPVerbsRecorded(t *testing.T) {
 // user fetched are logged by UID, one record per FETCH command.
 func TestIMAPFetchRecordedAsSeen(t *testing.T) {
 	tb := testbedtest.Start(t, nil)
-	for i := 0; i < 3; i++ {
-		c := dial(t, tb.SMTPAddr(), "")
-		if err := c.SendMail("sender@example.test", []string{"bob@example.test"}, strings.NewReader(message("fetch me", fmt.Sprintf("fetch.%d@client.test", i)))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitForCount(t, tb, "bob", 3)
+	deliver(t, tb, "bob", "fetch me", "fetch.%d@client.test", 3)
 	c := imapLogin(t, tb.IMAPAddr(), "bob", tb.Stack.Password("bob"))
 	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
 		t.Fatal(err)
@@ -315,6 +309,19 @@ func TestIMAPFetchRecordedAsSeen(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// deliver sends n messages to user through the front door (Message-Id
+// from idFormat and the message's index) and waits until they are stored.
+func deliver(t *testing.T, tb *testbed.Testbed, user, subject, idFormat string, n int) {
+	t.Helper()
+	for i := 0; i < n; i++ {
+		c := dial(t, tb.SMTPAddr(), "")
+		if err := c.SendMail("sender@example.test", []string{tb.Stack.Address(user)}, strings.NewReader(message(subject, fmt.Sprintf(idFormat, i)))); err != nil {
+			t.Fatalf("deliver to %s: %v", user, err)
+		}
+	}
+	waitForCount(t, tb, user, uint32(n))
 }
 
 func waitForCount(t *testing.T, tb *testbed.Testbed, user string, n uint32) {
@@ -407,13 +414,7 @@ func fill(t *testing.T, dir string) {
 // back: Dovecot gets the changes and the log records them.
 func TestMbsyncBothWays(t *testing.T) {
 	tb := testbedtest.Start(t, nil)
-	for i := 0; i < 2; i++ {
-		c := dial(t, tb.SMTPAddr(), "")
-		if err := c.SendMail("sender@example.test", []string{"alice@example.test"}, strings.NewReader(message("to sync", fmt.Sprintf("sync.%d@client.test", i)))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitForCount(t, tb, "alice", 2)
+	deliver(t, tb, "alice", "to sync", "sync.%d@client.test", 2)
 	dir := t.TempDir()
 	local := filepath.Join(dir, "mail") + "/"
 	os.MkdirAll(local, 0o700)
@@ -526,13 +527,7 @@ var timing = regexp.MustCompile(` \([0-9.]+ \+ [0-9.]+( \+ [0-9.]+)? secs\)\.`)
 // measured, not assumed.
 func TestIMAPTransparency(t *testing.T) {
 	tb := testbedtest.Start(t, nil)
-	for i := 0; i < 3; i++ {
-		c := dial(t, tb.SMTPAddr(), "")
-		if err := c.SendMail("sender@example.test", []string{"carol@example.test"}, strings.NewReader(message(fmt.Sprintf("transparent %d", i), fmt.Sprintf("tr.%d@client.test", i)))); err != nil {
-			t.Fatal(err)
-		}
-	}
-	waitForCount(t, tb, "carol", 3)
+	deliver(t, tb, "carol", "transparent", "tr.%d@client.test", 3)
 	session := []string{
 		`a ENABLE QRESYNC`,
 		`b SELECT INBOX (CONDSTORE)`,

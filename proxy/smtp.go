@@ -96,20 +96,14 @@ func NewSMTP(ctx context.Context, cfg SMTPConfig, log *undolog.Log, logger *slog
 		logger: logger.With("listener", proto),
 		dialer: dialer{addr: cfg.Upstream, lmtp: cfg.LMTP, timeout: cfg.UpstreamTimeout, xclient: cfg.XClient, localName: cfg.Hostname},
 	}
-	var err error
-	for {
+	err := probeUntil(ctx, p.logger, proto, cfg.Upstream, func() (err error) {
 		pctx, cancel := context.WithTimeout(ctx, cfg.UpstreamTimeout)
+		defer cancel()
 		p.caps, err = p.dialer.probe(pctx)
-		cancel()
-		if err == nil {
-			break
-		}
-		p.logger.Warn("upstream probe failed; retrying", "upstream", cfg.Upstream, "err", err)
-		select {
-		case <-ctx.Done():
-			return nil, fmt.Errorf("smtp proxy: probe upstream %s: %w", cfg.Upstream, err)
-		case <-time.After(time.Second):
-		}
+		return err
+	})
+	if err != nil {
+		return nil, err
 	}
 	s := smtp.NewServer(p)
 	s.Domain = cfg.Hostname
@@ -167,6 +161,24 @@ func (p *SMTPProxy) Close(ctx context.Context) error {
 		return true
 	})
 	return nil
+}
+
+// probeUntil retries probe every second until it succeeds or ctx ends: an
+// upstream that starts after undomail (a container started in parallel)
+// is waited for, within the caller's limit.
+func probeUntil(ctx context.Context, logger *slog.Logger, proto, upstream string, probe func() error) error {
+	for {
+		err := probe()
+		if err == nil {
+			return nil
+		}
+		logger.Warn("upstream probe failed; retrying", "upstream", upstream, "err", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s proxy: probe upstream %s: %w", proto, upstream, err)
+		case <-time.After(time.Second):
+		}
+	}
 }
 
 type slogErrorLog struct{ l *slog.Logger }
