@@ -52,6 +52,13 @@ func MeasureIMAP(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, w io.W
 	if err := seedMailboxes(ctx, tb, 5); err != nil {
 		return res, err
 	}
+	warm := o
+	warm.Cycles = 1
+	for _, addr := range []string{tb.Stack.IMAPAddr, tb.IMAPAddr()} {
+		if _, err := imapRun(ctx, tb, warm, "warm-up", addr); err != nil {
+			return res, err
+		}
+	}
 	var dr, pr, ratios []float64
 	var dp50, dp99, pp50, pp99 []time.Duration
 	for round := 0; round < o.Rounds; round++ {

@@ -59,6 +59,16 @@ func Measure(ctx context.Context, tb *testbed.Testbed, o Options, w io.Writer) (
 	if o.LMTP {
 		direct, proxied = tb.Stack.LMTPAddr, tb.Daemon.LMTPAddr.String()
 	}
+	// Warm both paths first (Postfix spawns its smtpd and cleanup
+	// processes, Dovecot its lmtp ones, files get cached): the first run
+	// on a cold stack measures process start-up, not the paths.
+	warm := o
+	warm.Messages = min(o.Messages, 200)
+	for _, addr := range []string{direct, proxied} {
+		if _, err := smtpSource(ctx, tb, warm, "warm-up", addr); err != nil {
+			return res, err
+		}
+	}
 	start := tb.Daemon.Log.Stats()
 	var dr, pr, ratios []float64
 	for round := 0; round < o.Rounds; round++ {
