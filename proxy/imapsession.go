@@ -52,6 +52,7 @@ type imapSession struct {
 	selBusy  int
 	nextTag  int
 	byeSent  bool
+	respDone bool           // the upstream direction has ended
 	bg       sync.WaitGroup // background fetch records
 }
 

@@ -53,6 +53,16 @@ func (s *imapSession) splice() {
 		s.mu.Lock()
 		sent := s.byeSent
 		s.byeSent = true
+		// Nothing will answer the commands still waiting on the server.
+		s.respDone = true
+		for tag, ic := range s.injected {
+			delete(s.injected, tag)
+			ic.done <- errSessionOver
+		}
+		if s.contWait != nil {
+			s.contWait <- false
+			s.contWait = nil
+		}
 		s.mu.Unlock()
 		if err != nil && !sent && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
 			// RFC 9051 7.1.5: BYE before closing; UNAVAILABLE says the
@@ -211,6 +221,10 @@ func (f *cmdForwarder) awaitContinuation() error {
 	s := f.s
 	ch := make(chan bool, 1)
 	s.mu.Lock()
+	if s.respDone {
+		s.mu.Unlock()
+		return errSessionOver
+	}
 	s.contWait, s.contTag = ch, f.tag
 	s.mu.Unlock()
 	if err := s.up.write(nil); err != nil {
@@ -453,6 +467,10 @@ func (s *imapSession) waitSelection() {
 // from any search of the client's).
 func (s *imapSession) searchUIDs(criteria string) (string, error) {
 	s.mu.Lock()
+	if s.respDone {
+		s.mu.Unlock()
+		return "", errSessionOver
+	}
 	s.nextTag++
 	tag := fmt.Sprintf("%s%d", s.tagPrefix, s.nextTag)
 	ic := &injectedCmd{done: make(chan error, 1)}
