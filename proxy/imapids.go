@@ -3,12 +3,14 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"strconv"
 	"strings"
 	"sync"
 
 	"github.com/undomail/undomail/proxy/imapwire"
+	"github.com/undomail/undomail/undolog"
 )
 
 // Message identity (DESIGN: "Message identity across replay"). IMAP names
@@ -38,8 +40,9 @@ const maxKnownIDs = 1 << 20
 
 // idTable maps messages to undo ids.
 type idTable struct {
-	mu sync.Mutex
-	m  map[msgKey]string
+	mu     sync.Mutex
+	m      map[msgKey]string
+	loaded map[string]bool // users whose history was read from the log
 }
 
 func (t *idTable) get(k msgKey) string {
@@ -56,8 +59,51 @@ func (t *idTable) put(k msgKey, id string) {
 	defer t.mu.Unlock()
 	if t.m == nil || len(t.m) >= maxKnownIDs {
 		t.m = make(map[msgKey]string)
+		t.loaded = nil // forgotten: read the log again when needed
 	}
 	t.m[k] = id
+}
+
+// loadUser fills the table with what the log says about the user's
+// messages: where logged APPENDs put them and where logged COPYs and MOVEs
+// copied them. A restart of undomail then still names messages that were
+// appended over IMAP (they carry no Undomail-Id field) by their undo id.
+func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
+	p.ids.mu.Lock()
+	done := p.ids.loaded[user]
+	p.ids.mu.Unlock()
+	if done {
+		return nil
+	}
+	verbs, err := p.log.Verbs(ctx, undolog.Filter{User: user, Kinds: []string{KindIMAPAppend, KindIMAPCopy, KindIMAPMove}})
+	if err != nil {
+		return fmt.Errorf("read %s's message history: %w", user, err)
+	}
+	for _, v := range verbs {
+		if v.User != user || v.Outcome == nil {
+			continue
+		}
+		var a IMAPArgs
+		var o IMAPOutcome
+		if json.Unmarshal(v.Args, &a) != nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
+			continue
+		}
+		switch v.Kind {
+		case KindIMAPAppend:
+			if f := strings.Fields(o.AppendUID); len(f) == 2 {
+				p.ids.put(msgKey{user, a.Mailbox, parseUint32(f[0]), parseUint32(f[1])}, a.UndoID)
+			}
+		default:
+			p.learnCopies(user, a.Dest, o.CopyUID, a.UndoIDs)
+		}
+	}
+	p.ids.mu.Lock()
+	if p.ids.loaded == nil {
+		p.ids.loaded = map[string]bool{}
+	}
+	p.ids.loaded[user] = true
+	p.ids.mu.Unlock()
+	return nil
 }
 
 // sideConn is a second upstream connection, logged in as the user, used
@@ -120,6 +166,9 @@ func (p *IMAPProxy) releaseSide(user string) {
 // connection leaves them out as well (it is logged, never fatal: the
 // client's command goes ahead with UIDs only).
 func (s *imapSession) undoIDs(mb mailboxState, uids []uint32) map[string]string {
+	if err := s.p.loadUser(context.Background(), s.user); err != nil {
+		s.logger.Warn("undo ids from the log unavailable", "err", err)
+	}
 	out := map[string]string{}
 	var missing []uint32
 	for _, u := range uids {
@@ -316,7 +365,7 @@ func expandSet(set string, limit int) (out []uint32, ok bool) {
 
 // learnCopies records that the copies COPYUID names keep their sources'
 // undo ids.
-func (s *imapSession) learnCopies(src mailboxState, dest string, copyUID string, srcIDs map[string]string) {
+func (p *IMAPProxy) learnCopies(user, dest string, copyUID string, srcIDs map[string]string) {
 	f := strings.Fields(copyUID)
 	if len(f) != 3 {
 		return
@@ -329,7 +378,7 @@ func (s *imapSession) learnCopies(src mailboxState, dest string, copyUID string,
 	}
 	for i := range from {
 		if id := srcIDs[strconv.FormatUint(uint64(from[i]), 10)]; id != "" {
-			s.p.ids.put(msgKey{s.user, dest, uv, to[i]}, id)
+			p.ids.put(msgKey{user, dest, uv, to[i]}, id)
 		}
 	}
 }

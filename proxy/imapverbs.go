@@ -100,9 +100,8 @@ type IMAPFetchArgs struct {
 
 // imapVerb is an intent being built from a parsed command.
 type imapVerb struct {
-	kind    string
-	args    IMAPArgs
-	mailbox mailboxState // the selected mailbox the command runs in
+	kind string
+	args IMAPArgs
 	// needsUIDs, when set, is the search that resolves the command's
 	// messages to UIDs on the client's own connection before forwarding.
 	needsUIDs string
@@ -111,7 +110,7 @@ type imapVerb struct {
 // buildIMAPVerb turns a mutating command into an intent, given the
 // selected mailbox.
 func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
-	v := &imapVerb{kind: mutatingCommands[cmd.Name], args: IMAPArgs{Command: cmd.Name}, mailbox: mb}
+	v := &imapVerb{kind: mutatingCommands[cmd.Name], args: IMAPArgs{Command: cmd.Name}}
 	if cmd.UID {
 		v.args.Command = "UID " + cmd.Name
 	}
@@ -264,7 +263,7 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response) error {
 				s.p.ids.put(msgKey{s.user, a.Mailbox, parseUint32(f[0]), parseUint32(f[1])}, a.UndoID)
 			}
 		case KindIMAPCopy, KindIMAPMove:
-			s.learnCopies(pc.verb.mailbox, a.Dest, o.CopyUID, a.UndoIDs)
+			s.p.learnCopies(s.user, a.Dest, o.CopyUID, a.UndoIDs)
 		}
 	}
 	out, _ := json.Marshal(o)

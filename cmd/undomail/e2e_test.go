@@ -550,5 +550,33 @@ func TestIMAPLibThroughUndomail(t *testing.T) {
 	if err != nil || !strings.Contains(text, `UID MOVE "INBOX" uid 4 -> "Work"`) || !strings.Contains(text, "OK [COPYUID") {
 		t.Fatalf("undomail log --kind imap.move:\n%s", text)
 	}
+	// After a restart, a message appended over IMAP (it carries no
+	// Undomail-Id field) is still named by its APPEND's undo id.
+	s.stop()
+	s.start()
+	again := `
+import imaplib, sys
+M = imaplib.IMAP4(sys.argv[1], int(sys.argv[2]))
+M.login(sys.argv[3], sys.argv[4])
+M.select("INBOX")
+typ, data = M.uid("STORE", "2", "+FLAGS", "(\\Answered)")
+if typ != "OK":
+    sys.exit("UID STORE: %r %r" % (typ, data))
+M.logout()
+`
+	os.WriteFile(script, []byte(again), 0o644)
+	if out, err := exec.Command("python3", script, host, port, "alice", st.Password("alice")).CombinedOutput(); err != nil {
+		t.Fatalf("imaplib after restart: %v\n%s", err, out)
+	}
+	js, err = run(t, "log", "--data-dir", s.dataDir, "--json", "--kind", "imap.store", "--after", "0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(js), "\n")
+	var last verb
+	json.Unmarshal([]byte(lines[len(lines)-1]), &last)
+	if last.Args.UIDs != "2" || last.Args.UndoIDs["2"] != got[4].Args.UndoID {
+		t.Fatalf("STORE after restart recorded as %+v, want UID 2 = %s", last.Args, got[4].Args.UndoID)
+	}
 	s.stop()
 }
