@@ -64,7 +64,7 @@ func (s *imapSession) splice() {
 			s.contWait = nil
 		}
 		s.mu.Unlock()
-		if err != nil && !sent && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
+		if !sent && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
 			// RFC 9051 7.1.5: BYE before closing; UNAVAILABLE says the
 			// cause is temporary.
 			s.logger.Warn("upstream connection lost", "err", err)
