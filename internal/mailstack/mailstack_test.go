@@ -70,7 +70,9 @@ func loginIMAP(t *testing.T, s *mailstack.Stack, user, password string) *imapcli
 func waitForBody(t *testing.T, s *mailstack.Stack, login, password, want string) {
 	t.Helper()
 	c := loginIMAP(t, s, login, password)
-	deadline := time.Now().Add(15 * time.Second)
+	// Generous: a deferred message waits for Postfix's backoff, and the
+	// machine may be busy with other test packages.
+	deadline := time.Now().Add(60 * time.Second)
 	section := &imap.FetchItemBodySection{}
 	for {
 		sel, err := c.Select("INBOX", nil).Wait()
@@ -356,7 +358,7 @@ func TestSetLMTPRelay(t *testing.T) {
 	sendMail(t, s, s.Address("alice"), "through the relay")
 	select {
 	case <-connected:
-	case <-time.After(15 * time.Second):
+	case <-time.After(60 * time.Second):
 		t.Fatalf("postfix did not connect to the LMTP relay %s; postfix log:%s", spy, tail(s.PostfixLog()))
 	}
 
@@ -376,7 +378,7 @@ func TestStartWithRelay(t *testing.T) {
 	sendMail(t, s, s.Address("bob"), "relay from the start")
 	select {
 	case <-connected:
-	case <-time.After(15 * time.Second):
+	case <-time.After(60 * time.Second):
 		t.Fatalf("postfix did not connect to the LMTP relay %s; postfix log:%s", spy, tail(s.PostfixLog()))
 	}
 }
