@@ -475,12 +475,12 @@ func (s *smtpSession) linkSubmission(ctx context.Context, args *DeliveryArgs) er
 		return nil
 	}
 	id := args.Header.PriorIDs[0]
-	verbs, err := s.p.log.Verbs(ctx, undolog.Filter{UndoID: id, Kinds: []string{KindSMTPSubmit}, Limit: 1})
+	recs, err := s.p.log.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{KindSMTPSubmit}, Limit: 1})
 	if err != nil {
 		return err
 	}
-	if len(verbs) == 1 {
-		args.UndoID, args.Submission = id, verbs[0].Seq
+	if len(recs) == 1 {
+		args.UndoID, args.Submission = id, recs[0].Seq
 	}
 	return nil
 }

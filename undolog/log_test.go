@@ -298,6 +298,9 @@ func TestFilterUsesIndexes(t *testing.T) {
 				t.Fatalf("filter %+v scans a table:\n%s", f, strings.Join(plan, "\n"))
 			}
 		}
+		if f.UndoID != "" && !strings.Contains(strings.Join(plan, "\n"), "records_undo_id") {
+			t.Fatalf("undo id filter not driven by its index:\n%s", strings.Join(plan, "\n"))
+		}
 		t.Logf("%+v: %s", f, strings.Join(plan, "; "))
 	}
 }

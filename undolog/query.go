@@ -118,12 +118,24 @@ func buildQuery(f Filter, cols, join, cond string) (string, []any) {
 	var where []string
 	var args []any
 	seqCol := "r.seq"
-	if f.User != "" {
+	switch {
+	case f.UndoID != "":
+		// An undo id names a handful of records: drive the query from its
+		// index (CROSS JOIN fixes the loop order in SQLite), whatever the
+		// other filters; left to itself the planner may prefer the kind
+		// index and read every record of that kind.
+		b.WriteString("SELECT " + cols + " FROM (SELECT seq AS useq FROM records WHERE " + undoIDExpr + " = ?) ux CROSS JOIN records r ON r.seq = ux.useq ")
+		args = append(args, f.UndoID)
+		if f.User != "" {
+			where = append(where, "r.seq IN (SELECT seq FROM record_users WHERE user = ?)")
+			args = append(args, f.User)
+		}
+	case f.User != "":
 		seqCol = "u.seq"
 		b.WriteString("SELECT " + cols + " FROM record_users u JOIN records r ON r.seq = u.seq ")
 		where = append(where, "u.user = ?")
 		args = append(args, f.User)
-	} else {
+	default:
 		b.WriteString("SELECT " + cols + " FROM records r ")
 	}
 	b.WriteString(join)
@@ -138,10 +150,6 @@ func buildQuery(f Filter, cols, join, cond string) (string, []any) {
 	if !f.Until.IsZero() {
 		where = append(where, "r.time < ?")
 		args = append(args, f.Until.UnixNano())
-	}
-	if f.UndoID != "" {
-		where = append(where, "r.seq IN (SELECT seq FROM records WHERE "+undoIDExpr+" = ?)")
-		args = append(args, f.UndoID)
 	}
 	if len(f.Kinds) > 0 {
 		where = append(where, "r.kind IN (?"+strings.Repeat(", ?", len(f.Kinds)-1)+")")
