@@ -158,6 +158,18 @@ func (p *IMAPProxy) Close(ctx context.Context) error {
 	p.mu.Unlock()
 	done := make(chan struct{})
 	go func() { p.wg.Wait(); close(done) }()
+	defer func() {
+		p.mu.Lock()
+		sides := p.sides
+		p.sides = map[string]*sideConn{}
+		p.mu.Unlock()
+		for _, sc := range sides {
+			if sc.idle != nil {
+				sc.idle.Stop()
+			}
+			sc.close()
+		}
+	}()
 	select {
 	case <-done:
 	case <-ctx.Done():

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/undomail/undomail/proxy/imapwire"
 	"github.com/undomail/undomail/undolog"
@@ -115,7 +116,8 @@ type sideConn struct {
 	mu       sync.Mutex
 	user     string
 	pass     string
-	refs     int // sessions using it; guarded by IMAPProxy.mu
+	refs     int         // sessions using it; guarded by IMAPProxy.mu
+	idle     *time.Timer // closes it a while after the last session; guarded by IMAPProxy.mu
 	up       *imapUpstream
 	examined mailboxState
 	tag      int
@@ -131,33 +133,52 @@ func (p *IMAPProxy) acquireSide(user, pass string) *sideConn {
 		p.sides[user] = sc
 	}
 	sc.refs++
+	if sc.idle != nil {
+		sc.idle.Stop()
+		sc.idle = nil
+	}
 	sc.mu.Lock()
 	sc.pass = pass // the latest login's: a changed password must not lock it out
 	sc.mu.Unlock()
 	return sc
 }
 
-// releaseSide closes the user's side connection with its last session.
+// sideIdle is how long a side connection outlives its user's last
+// session: clients that log in for each check (phones, cron jobs, the
+// load benchmark) would otherwise pay a second login every time.
+const sideIdle = time.Minute
+
+// releaseSide closes the user's side connection sideIdle after its last
+// session ended, unless a new session took it up.
 func (p *IMAPProxy) releaseSide(user string) {
 	p.mu.Lock()
+	defer p.mu.Unlock()
 	sc := p.sides[user]
 	if sc == nil {
-		p.mu.Unlock()
 		return
 	}
 	sc.refs--
-	last := sc.refs == 0
-	if last {
-		delete(p.sides, user)
+	if sc.refs > 0 {
+		return
 	}
-	p.mu.Unlock()
-	if last {
-		sc.mu.Lock()
-		if sc.up != nil {
-			sc.up.close()
-			sc.up = nil
+	sc.idle = time.AfterFunc(sideIdle, func() {
+		p.mu.Lock()
+		if sc.refs > 0 || p.sides[user] != sc {
+			p.mu.Unlock()
+			return
 		}
-		sc.mu.Unlock()
+		delete(p.sides, user)
+		p.mu.Unlock()
+		sc.close()
+	})
+}
+
+func (sc *sideConn) close() {
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	if sc.up != nil {
+		sc.up.close()
+		sc.up = nil
 	}
 }
 
