@@ -168,6 +168,9 @@ type fakeUpstream struct {
 	log  *undolog.Log
 	// finalReply, if set, replaces the 250 after the message (raw lines).
 	finalReply string
+	// refuseXClient answers XCLIENT as Postfix does for a client outside
+	// smtpd_authorized_xclient_hosts.
+	refuseXClient bool
 
 	mu          sync.Mutex
 	logAtData   []undolog.Record
@@ -211,6 +214,13 @@ func (f *fakeUpstream) serve(c net.Conn) {
 		case "EHLO":
 			fmt.Fprintf(c, "250-fake\r\n250-XCLIENT ADDR HELO NAME PROTO PORT\r\n250-SIZE 1000000\r\n250 8BITMIME\r\n")
 		case "XCLIENT":
+			f.mu.Lock()
+			refuse := f.refuseXClient
+			f.mu.Unlock()
+			if refuse {
+				fmt.Fprintf(c, "550 5.7.0 Error: insufficient authorization\r\n")
+				continue
+			}
 			fmt.Fprintf(c, "220 fake ESMTP\r\n")
 		case "DATA":
 			f.mu.Lock()
@@ -370,5 +380,25 @@ func TestMultilineReplyRelayed(t *testing.T) {
 	if o.Reply == nil || o.Reply.Code != 554 || o.Reply.Enhanced != "5.7.1" ||
 		o.Reply.Text != "Message rejected: looks like spam\nsee https://postmaster.example/why\nreference 4711" {
 		t.Fatalf("logged outcome %+v", o.Reply)
+	}
+}
+
+// TestXClientRefusedIsTemporary: an upstream that stops trusting
+// undomail's XCLIENT is undomail's configuration problem; clients get a
+// temporary 451, never the upstream's permanent 550.
+func TestXClientRefusedIsTemporary(t *testing.T) {
+	f := startFakeUpstream(t, "")
+	_, _, addr := startProxy(t, f.ln.Addr().String(), 5*time.Second)
+	f.mu.Lock()
+	f.refuseXClient = true
+	f.mu.Unlock()
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.Hello("client.test")
+	if se := smtpErr(err); se == nil || se.Code != 451 {
+		t.Fatalf("EHLO with XCLIENT refused upstream: %v, want 451", err)
 	}
 }

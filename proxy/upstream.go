@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"strconv"
@@ -74,38 +75,35 @@ func (d *dialer) dial(ctx context.Context, ci clientInfo) (*smtp.Client, error) 
 	}
 	if err := c.Hello(name); err != nil {
 		c.Close()
+		var se *smtp.SMTPError
+		if d.xclient && !d.lmtp && errors.As(err, &se) {
+			// The "greeting" was the reply to XCLIENT: a refusal is
+			// undomail's configuration problem, not the client's, and
+			// must not reach it as a permanent error.
+			return nil, fmt.Errorf("upstream %s refused XCLIENT (is undomail's address in smtpd_authorized_xclient_hosts?): %v", d.addr, se)
+		}
 		return nil, fmt.Errorf("greet upstream %s: %w", d.addr, err)
 	}
 	return c, nil
 }
 
-// sendXClient reads the greeting, sends EHLO and, if XCLIENT is offered,
-// the XCLIENT command. Its reply is a fresh 220 greeting (XCLIENT_README:
-// "the server responds with a 220 greeting"), left unread for go-smtp's
-// client to consume as the session's greeting. Nothing else is buffered:
-// the upstream says nothing more until it hears from us.
+// sendXClient reads the greeting and sends XCLIENT. Its reply is a fresh
+// 220 greeting (XCLIENT_README: "the server responds with a 220
+// greeting"), left unread for go-smtp's client to consume as the session's
+// greeting. No EHLO goes first: whether the upstream offers XCLIENT to
+// undomail was checked once by probe, and Postfix accepts XCLIENT in any
+// state outside a mail transaction, so each connection saves a round trip
+// and an EHLO's worth of work in smtpd.
 func (d *dialer) sendXClient(conn net.Conn, ci clientInfo) error {
 	if err := conn.SetDeadline(time.Now().Add(d.timeout)); err != nil {
 		return err
 	}
 	defer conn.SetDeadline(time.Time{})
-	// The upstream sends nothing unasked after its greeting and after the
-	// EHLO reply, so this reader cannot consume bytes meant for go-smtp.
+	// The upstream sends nothing unasked after its greeting, so this
+	// reader cannot consume bytes meant for go-smtp.
 	br := bufio.NewReader(conn)
 	if _, _, err := readReply(br); err != nil {
 		return fmt.Errorf("read greeting from upstream %s: %w", d.addr, err)
-	}
-	if _, err := fmt.Fprintf(conn, "EHLO %s\r\n", d.localName); err != nil {
-		return fmt.Errorf("send EHLO to upstream %s: %w", d.addr, err)
-	}
-	code, lines, err := readReply(br)
-	if err != nil {
-		return fmt.Errorf("read EHLO reply from upstream %s: %w", d.addr, err)
-	}
-	if code != 250 || !hasExtension(lines, "XCLIENT") {
-		return fmt.Errorf("upstream %s does not offer XCLIENT to undomail (EHLO reply %d): "+
-			"add undomail's address to Postfix's smtpd_authorized_xclient_hosts, "+
-			"or set smtp.xclient to false if the upstream's relay policy does not trust undomail's address", d.addr, code)
 	}
 	if _, err := fmt.Fprintf(conn, "XCLIENT %s\r\n", xclientArgs(ci)); err != nil {
 		return fmt.Errorf("send XCLIENT to upstream %s: %w", d.addr, err)
@@ -178,16 +176,6 @@ func readReply(br *bufio.Reader) (int, []string, error) {
 			return 0, nil, fmt.Errorf("malformed reply line %q", line)
 		}
 	}
-}
-
-func hasExtension(ehloLines []string, ext string) bool {
-	for _, l := range ehloLines[min(1, len(ehloLines)):] {
-		name, _, _ := strings.Cut(l, " ")
-		if strings.EqualFold(name, ext) {
-			return true
-		}
-	}
-	return false
 }
 
 // probe connects once and reads the upstream's capabilities, so the proxy
