@@ -168,8 +168,8 @@ func sendWelcome(ctx context.Context, tb *testbed.Testbed, out io.Writer) error 
 	fmt.Fprintf(out, "sent %q to %s through the front door; waiting for it in Dovecot ...\n", subject, st.Address("alice"))
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		if n, err := countSubject(st, "alice", subject); err == nil && n > 0 {
-			fmt.Fprintln(out, "it arrived in alice's INBOX (checked over IMAP).")
+		if n, err := countSubject(tb, "alice", subject); err == nil && n > 0 {
+			fmt.Fprintln(out, "it arrived in alice's INBOX (checked over IMAP, through undomail's IMAP front end).")
 			return nil
 		}
 		select {
@@ -181,13 +181,13 @@ func sendWelcome(ctx context.Context, tb *testbed.Testbed, out io.Writer) error 
 	return fmt.Errorf("the welcome message did not reach alice's INBOX within 30s; see %s and %s", st.PostfixLog(), st.DovecotLog())
 }
 
-func countSubject(st *mailstack.Stack, user, subject string) (int, error) {
-	c, err := imapclient.DialInsecure(st.IMAPAddr, nil)
+func countSubject(tb *testbed.Testbed, user, subject string) (int, error) {
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
 	if err != nil {
 		return 0, err
 	}
 	defer c.Close()
-	if err := c.Login(user, st.Password(user)).Wait(); err != nil {
+	if err := c.Login(user, tb.Stack.Password(user)).Wait(); err != nil {
 		return 0, err
 	}
 	if _, err := c.Select("INBOX", nil).Wait(); err != nil {

@@ -254,6 +254,7 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 	const kills, senders = 5, 4
 	var mu sync.Mutex
 	acked := map[string]bool{}
+	ackedBoxes := map[string]bool{}
 	refused := 0
 	for k := 0; k < kills; k++ {
 		stopSending := make(chan struct{})
@@ -284,6 +285,27 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 				}
 			}()
 		}
+		// An IMAP client changes bob's mail at the same time: every
+		// mailbox whose CREATE got OK must survive, in Dovecot and the log.
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ; n++ {
+				select {
+				case <-stopSending:
+					return
+				default:
+				}
+				name := fmt.Sprintf("K%d-%d", k, n)
+				if imapCreate(s.imapAddr, st.Password("bob"), name) == nil {
+					mu.Lock()
+					ackedBoxes[name] = true
+					mu.Unlock()
+				} else {
+					time.Sleep(20 * time.Millisecond)
+				}
+			}
+		}()
 		time.Sleep(time.Duration(300+rand.IntN(1200)) * time.Millisecond)
 		s.kill9()
 		time.Sleep(200 * time.Millisecond)
@@ -362,6 +384,43 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 	}
 	t.Logf("log: %d verbs, %d cut off before their outcome (clients got no 250), %d acknowledged messages missing from the log",
 		len(verbs), cutOff, lostInLog)
+	// IMAP: every acknowledged CREATE is logged with its OK and exists.
+	creates := map[string]bool{}
+	for _, v := range verbs {
+		var a proxy.IMAPArgs
+		var o proxy.IMAPOutcome
+		if v.Kind == proxy.KindIMAPCreate && v.Outcome != nil && json.Unmarshal(v.Args, &a) == nil &&
+			json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Status == "OK" {
+			creates[a.Mailbox] = true
+		}
+	}
+	c, err := imapclient.DialInsecure(st.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("bob", st.Password("bob")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	boxes, err := c.List("", "K*", nil).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	exists := map[string]bool{}
+	for _, b := range boxes {
+		exists[b.Mailbox] = true
+	}
+	if len(ackedBoxes) < kills {
+		t.Fatalf("only %d CREATEs acknowledged; the IMAP load did not run", len(ackedBoxes))
+	}
+	lostBoxes := 0
+	for name := range ackedBoxes {
+		if !creates[name] || !exists[name] {
+			lostBoxes++
+			t.Errorf("acknowledged CREATE %s: logged %v, in Dovecot %v", name, creates[name], exists[name])
+		}
+	}
+	t.Logf("IMAP: %d CREATEs acknowledged, %d lost", len(ackedBoxes), lostBoxes)
 	text, err := run(t, "fsck", "--data-dir", s.dataDir)
 	if err != nil {
 		t.Fatalf("fsck after %d kills: %v\n%s", kills, err, text)
@@ -381,6 +440,20 @@ func sendPlain(addr, msg string) error {
 	}
 	c.Quit()
 	return nil
+}
+
+// imapCreate logs in as bob through undomail and creates one mailbox. A
+// nil error means the client got OK for the CREATE.
+func imapCreate(addr, pass, name string) error {
+	c, err := imapclient.DialInsecure(addr, nil)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.Login("bob", pass).Wait(); err != nil {
+		return err
+	}
+	return c.Create(name, nil).Wait()
 }
 
 // TestDemoOnce runs the README's demo command end to end.
