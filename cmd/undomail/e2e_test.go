@@ -464,7 +464,7 @@ func TestDemoOnce(t *testing.T) {
 	if err != nil {
 		t.Fatalf("undomail demo --once: %v\n%s", err, out)
 	}
-	for _, want := range []string{"it arrived in alice's INBOX (checked over IMAP)", "undomail demo is running", "log --data-dir " + filepath.Join(dir, "undo")} {
+	for _, want := range []string{"it arrived in alice's INBOX (checked over IMAP, through undomail's IMAP front end)", "undomail demo is running", "log --data-dir " + filepath.Join(dir, "undo")} {
 		if !strings.Contains(string(out), want) {
 			t.Fatalf("demo output lacks %q:\n%s", want, out)
 		}
