@@ -35,6 +35,9 @@ type IMAPConfig struct {
 	// IdleTimeout ends a client connection silent for this long. RFC 9051
 	// section 5.4 asks for at least 30 minutes.
 	IdleTimeout time.Duration
+	// Gate, if set, is passed by every mutating command from its intent to
+	// its completion, so a snapshot can cut between commands.
+	Gate *Gate
 }
 
 // IMAPProxy is the IMAP front end: it logs clients in, logs in upstream as

@@ -63,6 +63,15 @@ func (s *imapSession) splice() {
 			s.contWait <- false
 			s.contWait = nil
 		}
+		// Commands that will never complete leave the gate now. Their
+		// intents stay in the log without an outcome: the client was
+		// never told OK.
+		for tag, pc := range s.pending {
+			if pc.intent != nil {
+				s.p.cfg.Gate.Leave()
+			}
+			delete(s.pending, tag)
+		}
 		s.mu.Unlock()
 		if !sent && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
 			// RFC 9051 7.1.5: BYE before closing; UNAVAILABLE says the
@@ -327,15 +336,35 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	if blob != nil {
 		intent.AttachBlob(blob.ref)
 	}
+	gctx, cancel := context.WithTimeout(context.Background(), WedgeWait)
+	err = s.p.cfg.Gate.Enter(gctx)
+	cancel()
+	if err != nil {
+		f.abort()
+		return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", cmd.Tag)
+	}
 	if err := s.p.log.Append(context.Background(), intent); err != nil {
+		s.p.cfg.Gate.Leave()
 		s.logger.Error("log intent failed; command refused", "command", cmd.Name, "err", err)
 		f.abort()
 		return s.refuse(cmd.Tag, err)
 	}
+	// The gate is left when the command completes (observe) or the
+	// session ends with it pending.
 	pc := &pendingCmd{ready: make(chan struct{}), name: cmd.Name, uid: cmd.UID, intent: intent, verb: verb}
 	s.track(cmd, pc)
 	close(pc.ready)
-	s.register(cmd.Tag, pc)
+	s.mu.Lock()
+	if s.respDone {
+		// The upstream direction is gone: this command will never
+		// complete, and nothing else would leave the gate for it.
+		s.mu.Unlock()
+		s.p.cfg.Gate.Leave()
+		return errSessionOver
+	}
+	s.pending[cmd.Tag] = pc
+	s.order = append(s.order, cmd.Tag)
+	s.mu.Unlock()
 	return f.release()
 }
 
@@ -655,6 +684,7 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		return nil
 	}
 	if pc.intent != nil {
+		defer s.p.cfg.Gate.Leave()
 		return s.logOutcome(pc, r)
 	}
 	if pc.name == "FETCH" && len(pc.fetched) > 0 {

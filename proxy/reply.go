@@ -123,6 +123,9 @@ var (
 	replyUpstreamDown = Reply{Code: 451, Enhanced: "4.4.1", Text: "undomail: upstream mail server unavailable; try again later"}
 	// replyUpstreamLost: the upstream connection broke or timed out mid-command.
 	replyUpstreamLost = Reply{Code: 451, Enhanced: "4.4.2", Text: "undomail: connection to upstream mail server lost; try again later"}
+	// replyPaused: undomail holds mutations back for a snapshot or a
+	// recovery (DESIGN: "During a cycle: new SMTP gets 451 4.3.2").
+	replyPaused = Reply{Code: 451, Enhanced: "4.3.2", Text: "undomail: mail system paused for maintenance; try again later"}
 	// replyReadError: the client's message could not be read completely.
 	replyReadError = Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail: error reading message data"}
 )

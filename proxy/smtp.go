@@ -50,6 +50,9 @@ type SMTPConfig struct {
 	AllowInsecureAuth bool
 	// TLS, if set, enables STARTTLS toward clients.
 	TLS *tls.Config
+	// Gate, if set, is passed by every transaction from its intent to its
+	// outcome, so a snapshot can cut between transactions.
+	Gate *Gate
 }
 
 // SMTPProxy is a write-ahead SMTP or LMTP relay: for each transaction it
@@ -435,6 +438,15 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 		users = append(users, s.authUser)
 	}
 	argsJSON, _ := json.Marshal(args)
+	gctx, cancel := context.WithTimeout(ctx, WedgeWait)
+	err = s.p.cfg.Gate.Enter(gctx)
+	cancel()
+	if err != nil {
+		s.logger.Warn("transaction refused: paused", "undo_id", args.UndoID)
+		s.Reset()
+		return nil, replyPaused.smtpError()
+	}
+	defer s.p.cfg.Gate.Leave()
 	intent := &undolog.Record{User: s.authUser, Session: s.id, Kind: kind, Users: users, Args: argsJSON}
 	intent.AttachBlob(blob)
 	if err := s.p.log.Append(ctx, intent); err != nil {

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -25,10 +26,30 @@ type Config struct {
 	// LogLevel is debug, info, warn or error.
 	LogLevel string `yaml:"log_level"`
 
+	// Store is where snapshots of the mail store are kept:
+	// "zfs:POOL/DATASET" (the dataset holding the mail store) or
+	// "copy:DIR" (copies of MailRoot under DIR). Empty: no snapshots.
+	Store string `yaml:"store"`
+	// MailRoot is the live mail store (Dovecot's maildirs), for the copy
+	// backend; with zfs it is checked against the dataset's mountpoint.
+	MailRoot  string    `yaml:"mail_root"`
+	Snapshots Snapshots `yaml:"snapshots"`
+
 	SMTP  SMTP  `yaml:"smtp"`
 	LMTP  LMTP  `yaml:"lmtp"`
 	IMAP  IMAP  `yaml:"imap"`
 	Admin Admin `yaml:"admin"`
+}
+
+// Snapshots schedules snapshots and says how long they are kept.
+type Snapshots struct {
+	// Every takes a snapshot this often; 0 only on demand.
+	Every Duration `yaml:"every"`
+	// KeepHourly keeps the newest snapshot of each of the last N hours,
+	// KeepDaily of each of the last N days. The newest snapshot is always
+	// kept.
+	KeepHourly int `yaml:"keep_hourly"`
+	KeepDaily  int `yaml:"keep_daily"`
 }
 
 // IMAP is the IMAP front end in front of Dovecot's IMAP.
@@ -120,7 +141,8 @@ func Default() Config {
 			UpstreamTimeout: Duration(30 * time.Second),
 			IdleTimeout:     Duration(30 * time.Minute),
 		},
-		Admin: Admin{Listen: "127.0.0.1:8025"},
+		Admin:     Admin{Listen: "127.0.0.1:8025"},
+		Snapshots: Snapshots{KeepHourly: 48, KeepDaily: 14},
 	}
 }
 
@@ -189,6 +211,18 @@ func (c Config) Validate() error {
 	}
 	if (c.SMTP.TLSCert == "") != (c.SMTP.TLSKey == "") {
 		errs = append(errs, errors.New("smtp.tls_cert, smtp.tls_key: set both or neither"))
+	}
+	if c.Store != "" && !strings.HasPrefix(c.Store, "zfs:") && !strings.HasPrefix(c.Store, "copy:") {
+		errs = append(errs, fmt.Errorf("store: %q is neither zfs:POOL/DATASET nor copy:DIR", c.Store))
+	}
+	if strings.HasPrefix(c.Store, "copy:") && c.MailRoot == "" {
+		errs = append(errs, errors.New("mail_root: must be set for store copy:DIR (the live maildir tree)"))
+	}
+	if c.Snapshots.Every != 0 && c.Store == "" {
+		errs = append(errs, errors.New("snapshots.every: needs store"))
+	}
+	if c.Snapshots.Every < 0 || c.Snapshots.KeepHourly < 0 || c.Snapshots.KeepDaily < 0 {
+		errs = append(errs, errors.New("snapshots: every, keep_hourly and keep_daily must not be negative"))
 	}
 	if c.SMTP.MaxMessageBytes < 0 {
 		errs = append(errs, errors.New("smtp.max_message_bytes: must not be negative"))

@@ -10,10 +10,12 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
 )
 
@@ -29,9 +31,17 @@ type Daemon struct {
 	SMTPAddr net.Addr
 	LMTPAddr net.Addr
 	IMAPAddr net.Addr
+	// Gate is passed by every mutation the proxies relay; Snapshot wedges
+	// it for a consistent cut.
+	Gate *proxy.Gate
+	// Store keeps snapshots of the mail store; nil without `store`.
+	Store timetravel.Store
 
-	logger *slog.Logger
-	errc   chan error
+	storeSpec string
+	logger    *slog.Logger
+	errc      chan error
+	stop      context.CancelFunc // ends the snapshot schedule
+	scheduled sync.WaitGroup
 }
 
 // Start opens the undo log, probes the upstreams and starts listening.
@@ -44,12 +54,17 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 	if err != nil {
 		return nil, fmt.Errorf("open undo log: %w", err)
 	}
-	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3)}
+	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store}
 	defer func() {
 		if err != nil {
 			d.Close()
 		}
 	}()
+	if cfg.Store != "" {
+		if d.Store, err = timetravel.Open(ctx, cfg.Store, timetravel.Options{LivePath: cfg.MailRoot, Logger: logger}); err != nil {
+			return nil, fmt.Errorf("store %s: %w", cfg.Store, err)
+		}
+	}
 	pctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
 	defer cancel()
 	if cfg.LMTP.Listen != "" {
@@ -60,6 +75,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			MaxMessageBytes: cfg.LMTP.MaxMessageBytes,
 			UpstreamTimeout: time.Duration(cfg.LMTP.UpstreamTimeout),
 			ClientTimeout:   time.Duration(cfg.LMTP.ClientTimeout),
+			Gate:            d.Gate,
 		})
 		if err != nil {
 			return nil, err
@@ -74,6 +90,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			ClientTimeout:     time.Duration(cfg.SMTP.ClientTimeout),
 			XClient:           cfg.SMTP.XClientEnabled(),
 			AllowInsecureAuth: cfg.SMTP.AllowInsecureAuth,
+			Gate:              d.Gate,
 		}
 		if cfg.SMTP.TLSCert != "" {
 			cert, err := tls.LoadX509KeyPair(cfg.SMTP.TLSCert, cfg.SMTP.TLSKey)
@@ -95,6 +112,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			AllowInsecureAuth: cfg.IMAP.AllowInsecureAuth,
 			UpstreamTimeout:   time.Duration(cfg.IMAP.UpstreamTimeout),
 			IdleTimeout:       time.Duration(cfg.IMAP.IdleTimeout),
+			Gate:              d.Gate,
 		}
 		if cfg.IMAP.TLSCert != "" {
 			cert, err := tls.LoadX509KeyPair(cfg.IMAP.TLSCert, cfg.IMAP.TLSKey)
@@ -112,6 +130,15 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 		}
 		d.IMAPAddr = ln.Addr()
 		go func() { d.errc <- d.IMAP.Serve(ln) }()
+	}
+	if every := time.Duration(cfg.Snapshots.Every); every > 0 {
+		sctx, stop := context.WithCancel(context.Background())
+		d.stop = stop
+		d.scheduled.Add(1)
+		go func() {
+			defer d.scheduled.Done()
+			d.schedule(sctx, every, cfg.Snapshots.KeepHourly, cfg.Snapshots.KeepDaily)
+		}()
 	}
 	return d, nil
 }
@@ -150,6 +177,10 @@ const ShutdownGrace = 10 * time.Second
 // Close stops the listeners (connections get ShutdownGrace to finish),
 // then closes the log after its pending appends are committed.
 func (d *Daemon) Close() error {
+	if d.stop != nil {
+		d.stop()
+		d.scheduled.Wait() // a snapshot in progress finishes with the log open
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), ShutdownGrace)
 	defer cancel()
 	var errs []error

@@ -1,0 +1,129 @@
+package daemon_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/daemon"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/timetravel"
+	"github.com/undomail/undomail/undolog"
+)
+
+func TestRetain(t *testing.T) {
+	now := time.Date(2026, 11, 21, 12, 30, 0, 0, time.UTC)
+	var snaps []timetravel.Snapshot
+	// One every 20 minutes for 20 days.
+	for i := 0; i < 20*24*3; i++ {
+		snaps = append(snaps, timetravel.Snapshot{Name: fmt.Sprint(i), Created: now.Add(-time.Duration(i) * 20 * time.Minute)})
+	}
+	keep := daemon.Retain(snaps, now, 48, 14)
+	// 48 hourly buckets (the current hour included) plus the daily ones
+	// older than those two days: the 14 days are Nov 8 to 21, and the
+	// newest of Nov 19, 20 and 21 are already among the hourly ones, so
+	// 11 more.
+	hourly, daily := 0, 0
+	for _, s := range snaps {
+		if !keep[s.Name] {
+			continue
+		}
+		if now.Sub(s.Created) < 48*time.Hour {
+			hourly++
+		} else {
+			daily++
+			if s.Created.Before(time.Date(2026, 11, 8, 0, 0, 0, 0, time.UTC)) {
+				t.Errorf("kept %v, older than 14 days", s.Created)
+			}
+		}
+	}
+	if !keep["0"] || hourly != 48 || daily != 11 {
+		t.Fatalf("kept newest %v, %d hourly, %d daily; want true, 48, 11", keep["0"], hourly, daily)
+	}
+	if len(daemon.Retain(snaps, now, 0, 0)) != 1 {
+		t.Fatal("with no retention the newest snapshot must still be kept")
+	}
+}
+
+// TestSnapshotIsAConsistentCut snapshots the mail store (copy backend)
+// again and again while mail is delivered through undomail: each snapshot
+// must hold exactly the deliveries the log shows at or before its
+// position, and its position is stored with it and in the log.
+func TestSnapshotIsAConsistentCut(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snapshots")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
+	if tb.Daemon.Store == nil {
+		t.Fatal("no store")
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		exec.Command("smtp-source", "-s", "4", "-m", "300", "-l", "1024", "-f", "load@example.test",
+			"-t", tb.Stack.Address("alice"), tb.SMTPAddr()).Run()
+		close(stop)
+	}()
+	var snaps []timetravel.Snapshot
+	var pauses []time.Duration
+	for i := 0; i < 4; i++ {
+		time.Sleep(150 * time.Millisecond)
+		s, pause, err := tb.Daemon.Snapshot(context.Background(), "test")
+		if err != nil {
+			t.Fatalf("snapshot %d: %v", i, err)
+		}
+		snaps, pauses = append(snaps, s), append(pauses, pause)
+	}
+	wg.Wait()
+	<-stop
+	t.Logf("pauses: %v", pauses)
+	verbs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver, daemon.KindSnapshot}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	logged := map[string]int64{}
+	for _, s := range snaps {
+		// Deliveries that reached Dovecot at or before the cut.
+		want := 0
+		for _, v := range verbs {
+			switch v.Kind {
+			case daemon.KindSnapshot:
+				var a daemon.SnapshotArgs
+				json.Unmarshal(v.Args, &a)
+				logged[a.Name] = a.AtSeq
+			case proxy.KindLMTPDeliver:
+				if v.Seq > s.Seq || v.Outcome == nil {
+					continue
+				}
+				var o proxy.DeliveryOutcome
+				json.Unmarshal(v.Outcome.Outcome, &o)
+				if len(o.Rcpts) == 1 && o.Rcpts[0].Reply.Code == 250 {
+					want++
+				}
+			}
+		}
+		got := 0
+		for _, sub := range []string{"new", "cur"} {
+			entries, _ := os.ReadDir(filepath.Join(snapDir, s.Name, "alice", "Maildir", sub))
+			got += len(entries)
+		}
+		if got != want {
+			t.Errorf("snapshot %s at seq %d holds %d of alice's messages; the log has %d deliveries up to there", s.Name, s.Seq, got, want)
+		}
+	}
+	mismatches, err := timetravel.Verify(context.Background(), tb.Daemon.Store, logged)
+	if err != nil || len(mismatches) != 0 {
+		t.Fatalf("log and store disagree on snapshot positions: %v %v", mismatches, err)
+	}
+	if len(logged) != len(snaps) {
+		t.Fatalf("%d snapshot verbs logged for %d snapshots", len(logged), len(snaps))
+	}
+}
