@@ -63,6 +63,7 @@ type server struct {
 	dataDir           string
 	smtpAddr, lmtpAdr string
 	imapAddr          string
+	extra             []string // more serve flags
 	cmd               *exec.Cmd
 	logPath           string
 }
@@ -93,6 +94,7 @@ func (s *server) start() {
 		"--smtp-listen", s.smtpAddr, "--smtp-upstream", s.st.SMTPAddr, "--smtp-allow-insecure-auth",
 		"--lmtp-listen", s.lmtpAdr, "--lmtp-upstream", s.st.LMTPAddr, "--hostname", "undomail.test",
 		"--imap-listen", s.imapAddr, "--imap-upstream", s.st.IMAPAddr, "--imap-allow-insecure-auth")
+	s.cmd.Args = append(s.cmd.Args, s.extra...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {
 		t.Fatalf("start undomail serve: %v", err)
@@ -650,6 +652,50 @@ M.logout()
 	json.Unmarshal([]byte(lines[len(lines)-1]), &last)
 	if last.Args.UIDs != "2" || last.Args.UndoIDs["2"] != got[4].Args.UndoID {
 		t.Fatalf("STORE after restart recorded as %+v, want UID 2 = %s", last.Args, got[4].Args.UndoID)
+	}
+	s.stop()
+}
+
+// TestSnapshotCommands: undomail snapshot asks the running daemon for a
+// consistent snapshot; undomail snapshots lists it from the log.
+func TestSnapshotCommands(t *testing.T) {
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	s.extra = []string{"--store", "copy:" + snapDir, "--mail-root", st.MailRoot}
+	if out, err := run(t, "snapshot", "--data-dir", s.dataDir); err == nil || !strings.Contains(out, "no undomail serve running") {
+		t.Fatalf("snapshot without a daemon: %v %s", err, out)
+	}
+	s.start()
+	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	if err := sendPlain(s.smtpAddr, "Subject: before the snapshot\r\nMessage-Id: <snap.1@client.test>\r\n\r\nhi\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ids, _ := inboxMessageIDs(st, "alice")
+		if ids["snap.1@client.test"] == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("message not delivered")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	out, err := run(t, "snapshot", "--data-dir", s.dataDir, "--reason", "before the upgrade")
+	if err != nil || !strings.Contains(out, "at log position") {
+		t.Fatalf("undomail snapshot: %v\n%s", err, out)
+	}
+	name := strings.Fields(out)[1]
+	files, _ := filepath.Glob(filepath.Join(snapDir, name, "alice", "Maildir", "*", "*"))
+	if len(files) != 1 {
+		t.Fatalf("snapshot %s holds %v, want alice's one message", name, files)
+	}
+	list, err := run(t, "snapshots", "--data-dir", s.dataDir)
+	if err != nil || !strings.Contains(list, name) || !strings.Contains(list, "before the upgrade") || !strings.Contains(list, " ok ") {
+		t.Fatalf("undomail snapshots: %v\n%s", err, list)
 	}
 	s.stop()
 }

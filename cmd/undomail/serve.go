@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -16,6 +17,7 @@ func serveCmd() *cobra.Command {
 	var cfgPath string
 	var o config.Config
 	var xclient bool
+	var snapEvery time.Duration
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the proxies in front of Postfix and Dovecot and record every action",
@@ -60,6 +62,11 @@ config file (--config); see undomail.example.yaml.`,
 			set("imap-listen", &cfg.IMAP.Listen, o.IMAP.Listen)
 			set("imap-upstream", &cfg.IMAP.Upstream, o.IMAP.Upstream)
 			set("admin-listen", &cfg.Admin.Listen, o.Admin.Listen)
+			set("store", &cfg.Store, o.Store)
+			set("mail-root", &cfg.MailRoot, o.MailRoot)
+			if f.Changed("snapshot-every") {
+				cfg.Snapshots.Every = config.Duration(snapEvery)
+			}
 			if f.Changed("smtp-xclient") {
 				cfg.SMTP.XClient = &xclient
 			}
@@ -105,6 +112,9 @@ config file (--config); see undomail.example.yaml.`,
 	f.StringVar(&o.IMAP.Listen, "imap-listen", "", "IMAP front end: listen address for mail clients")
 	f.StringVar(&o.IMAP.Upstream, "imap-upstream", "", "IMAP front end: Dovecot IMAP address")
 	f.BoolVar(&o.IMAP.AllowInsecureAuth, "imap-allow-insecure-auth", false, "accept IMAP passwords without TLS")
+	f.StringVar(&o.Store, "store", "", "snapshots of the mail store: zfs:POOL/DATASET or copy:DIR")
+	f.StringVar(&o.MailRoot, "mail-root", "", "the live mail store (Dovecot's maildirs), for store copy:DIR")
+	f.DurationVar(&snapEvery, "snapshot-every", 0, "take a snapshot this often (0: only with undomail snapshot)")
 	f.StringVar(&o.Admin.Listen, "admin-listen", "", "admin HTTP API address (reserved; not served yet)")
 	return cmd
 }

@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/timetravel"
@@ -40,6 +41,7 @@ type Daemon struct {
 	storeSpec string
 	logger    *slog.Logger
 	errc      chan error
+	control   *admin.Control
 	stop      context.CancelFunc // ends the snapshot schedule
 	scheduled sync.WaitGroup
 }
@@ -131,6 +133,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 		d.IMAPAddr = ln.Addr()
 		go func() { d.errc <- d.IMAP.Serve(ln) }()
 	}
+	if d.control, err = admin.ServeControl(cfg.DataDir, d, logger); err != nil {
+		return nil, err
+	}
 	if every := time.Duration(cfg.Snapshots.Every); every > 0 {
 		sctx, stop := context.WithCancel(context.Background())
 		d.stop = stop
@@ -177,6 +182,9 @@ const ShutdownGrace = 10 * time.Second
 // Close stops the listeners (connections get ShutdownGrace to finish),
 // then closes the log after its pending appends are committed.
 func (d *Daemon) Close() error {
+	if d.control != nil {
+		d.control.Close()
+	}
 	if d.stop != nil {
 		d.stop()
 		d.scheduled.Wait() // a snapshot in progress finishes with the log open

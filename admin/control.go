@@ -1,0 +1,137 @@
+// Package admin serves undomail's operator interface. For now that is the
+// control socket: HTTP on a Unix socket in the data directory, readable
+// and writable by the daemon's own user only, through which the CLI asks
+// the running daemon to act (take a snapshot). The network admin API and
+// web timeline (issue 7) will grow from here.
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/undomail/undomail/timetravel"
+)
+
+// SocketName is the control socket's file name in the data directory.
+const SocketName = "control.sock"
+
+// Snapshotter takes consistent snapshots (the daemon).
+type Snapshotter interface {
+	Snapshot(ctx context.Context, reason string) (timetravel.Snapshot, time.Duration, error)
+}
+
+// SnapshotReply is the JSON answer to POST /snapshots.
+type SnapshotReply struct {
+	Name    string    `json:"name"`
+	AtSeq   int64     `json:"at_seq"`
+	Created time.Time `json:"created"`
+	PauseMS float64   `json:"pause_ms"`
+	Error   string    `json:"error,omitempty"`
+}
+
+// Control is a running control socket.
+type Control struct {
+	srv *http.Server
+	ln  net.Listener
+}
+
+// ServeControl listens on DIR/control.sock. A stale socket of a daemon
+// that died is replaced; a live one (another daemon on the same data
+// directory) is an error.
+func ServeControl(dataDir string, s Snapshotter, logger *slog.Logger) (*Control, error) {
+	path := filepath.Join(dataDir, SocketName)
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("control socket %s: another undomail is serving this data directory", path)
+	}
+	os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("control socket %s: %w", path, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /snapshots", func(w http.ResponseWriter, r *http.Request) {
+		reason := r.URL.Query().Get("reason")
+		if reason == "" {
+			reason = "on demand"
+		}
+		snap, pause, err := s.Snapshot(r.Context(), reason)
+		rep := SnapshotReply{Name: snap.Name, AtSeq: snap.Seq, Created: snap.Created, PauseMS: float64(pause.Microseconds()) / 1000}
+		w.Header().Set("Content-Type", "application/json")
+		if err != nil {
+			rep.Error = err.Error()
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		json.NewEncoder(w).Encode(rep)
+	})
+	c := &Control{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln: ln}
+	go func() {
+		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			logger.Error("control socket stopped", "err", err)
+		}
+	}()
+	return c, nil
+}
+
+// Close stops the control socket.
+func (c *Control) Close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return c.srv.Shutdown(ctx)
+}
+
+// Client talks to a running daemon's control socket.
+type Client struct {
+	http *http.Client
+	path string
+}
+
+// Dial returns a client for the daemon serving dataDir, or an error that
+// says no daemon is running there.
+func Dial(dataDir string) (*Client, error) {
+	path := filepath.Join(dataDir, SocketName)
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("no undomail serve running with data directory %s (control socket %s: %v)", dataDir, path, err)
+	}
+	c.Close()
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "unix", path)
+	}}
+	return &Client{http: &http.Client{Transport: tr}, path: path}, nil
+}
+
+// Snapshot asks the daemon for a snapshot now.
+func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, error) {
+	var rep SnapshotReply
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://undomail/snapshots?reason="+url.QueryEscape(reason), nil)
+	if err != nil {
+		return rep, err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return rep, fmt.Errorf("control socket %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+		return rep, fmt.Errorf("control socket %s: bad reply: %w", c.path, err)
+	}
+	if rep.Error != "" {
+		return rep, errors.New(rep.Error)
+	}
+	return rep, nil
+}
