@@ -1,0 +1,136 @@
+package replay_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/testbed"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/replay"
+	"github.com/undomail/undomail/undolog"
+)
+
+func deliver(t *testing.T, tb *testbed.Testbed, n, from int) {
+	t.Helper()
+	for i := from; i < from+n; i++ {
+		c, err := smtp.Dial(tb.SMTPAddr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		msg := fmt.Sprintf("Subject: m%d\r\nMessage-Id: <m%d@client.test>\r\n\r\nbody\r\n", i, i)
+		if err := c.SendMail("s@example.test", []string{"alice@example.test"}, strings.NewReader(msg)); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+}
+
+func inbox(t *testing.T, tb *testbed.Testbed) *imap.SelectData {
+	t.Helper()
+	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	sel, err := c.Select("INBOX", nil).Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sel
+}
+
+func waitCount(t *testing.T, tb *testbed.Testbed, n uint32) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for inbox(t, tb).NumMessages < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("INBOX did not reach %d messages", n)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestRewindKeepsUIDsMonotonic rolls alice's store back past two
+// deliveries and checks the rewind Dovecot's clients need: the snapshot's
+// messages, the same UIDVALIDITY, and no UID handed out again (the next
+// APPEND gets a UID above everything shown before the rewind).
+func TestRewindKeepsUIDsMonotonic(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
+	ctx := context.Background()
+	deliver(t, tb, 3, 0)
+	waitCount(t, tb, 3)
+	snap, _, err := tb.Daemon.Snapshot(ctx, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deliver(t, tb, 2, 3)
+	waitCount(t, tb, 5)
+	before := inbox(t, tb)
+
+	resume, err := tb.Daemon.Gate.Wedge(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := replay.Rewind(ctx, tb.Daemon.Log, tb.Daemon.Store,
+		replay.Upstream{Doveadm: []string{"doveadm", "-c", tb.Stack.DovecotConfig()}}, snap.Name)
+	resume()
+	if err != nil {
+		t.Fatalf("rewind: %v", err)
+	}
+	after := inbox(t, tb)
+	if after.NumMessages != 3 || after.UIDValidity != before.UIDValidity || after.UIDNext < before.UIDNext {
+		t.Fatalf("after the rewind: %d messages, UIDVALIDITY %d (was %d), UIDNEXT %d (was %d); want 3, same, >= %d",
+			after.NumMessages, after.UIDValidity, before.UIDValidity, after.UIDNext, before.UIDNext, before.UIDNext)
+	}
+	if out.Raised < 1 {
+		t.Fatalf("rewind raised no counters: %+v", out)
+	}
+	// The next message gets a fresh UID.
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	msg := "Subject: after the rewind\r\n\r\nnew\r\n"
+	ap := c.Append("INBOX", int64(len(msg)), nil)
+	ap.Write([]byte(msg))
+	ap.Close()
+	data, err := ap.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if data.UID < before.UIDNext {
+		t.Fatalf("APPEND after the rewind got UID %d: UIDs below %d were already shown", data.UID, before.UIDNext)
+	}
+	// The counters were logged before the rollback.
+	vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
+	if err != nil || len(vs) != 1 || vs[0].Outcome == nil {
+		t.Fatalf("rewind verbs %+v, %v", vs, err)
+	}
+	var a replay.RewindArgs
+	json.Unmarshal(vs[0].Args, &a)
+	found := false
+	for _, c := range a.Before {
+		found = found || (c.User == "alice" && c.Mailbox == "INBOX" && imap.UID(c.UIDNext) == before.UIDNext)
+	}
+	if !found || a.Snapshot != snap.Name || a.AtSeq != snap.Seq {
+		t.Fatalf("rewind args %+v", a)
+	}
+}
