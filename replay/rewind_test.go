@@ -73,12 +73,17 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 	ctx := context.Background()
 	deliver(t, tb, 3, 0)
 	waitCount(t, tb, 3)
+	store(t, tb, 1, imap.StoreFlagsAdd, imap.FlagFlagged)
+	atSnapshot := flagsByMessageID(t, tb)
 	snap, _, err := tb.Daemon.Snapshot(ctx, "test")
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Changes after the snapshot: more mail, flags changed both ways.
 	deliver(t, tb, 2, 3)
 	waitCount(t, tb, 5)
+	store(t, tb, 1, imap.StoreFlagsDel, imap.FlagFlagged)
+	store(t, tb, 2, imap.StoreFlagsAdd, imap.FlagSeen)
 	before := inbox(t, tb)
 
 	resume, err := tb.Daemon.Gate.Wedge(ctx)
@@ -98,6 +103,10 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 	}
 	if out.Raised < 1 {
 		t.Fatalf("rewind raised no counters: %+v", out)
+	}
+	// Exactly the snapshot's messages and flags (one of them flagged).
+	if got := flagsByMessageID(t, tb); fmt.Sprint(got) != fmt.Sprint(atSnapshot) || !strings.Contains(fmt.Sprint(got), `\Flagged`) {
+		t.Fatalf("after the rewind INBOX holds %v, at the snapshot it held %v", got, atSnapshot)
 	}
 	// The next message gets a fresh UID.
 	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
@@ -133,4 +142,56 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 	if !found || a.Snapshot != snap.Name || a.AtSeq != snap.Seq {
 		t.Fatalf("rewind args %+v", a)
 	}
+}
+
+// store changes the flags of the UID in alice's INBOX, directly on Dovecot.
+func store(t *testing.T, tb *testbed.Testbed, uid imap.UID, op imap.StoreFlagsOp, flag imap.Flag) {
+	t.Helper()
+	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Store(imap.UIDSetNum(uid), &imap.StoreFlags{Op: op, Silent: true, Flags: []imap.Flag{flag}}, nil).Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// flagsByMessageID returns alice's INBOX as Message-Id -> flags.
+func flagsByMessageID(t *testing.T, tb *testbed.Testbed) map[string]string {
+	t.Helper()
+	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	var all imap.SeqSet
+	all.AddRange(1, 0)
+	msgs, err := c.Fetch(all, &imap.FetchOptions{Flags: true, Envelope: true}).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, m := range msgs {
+		var fl []string
+		for _, f := range m.Flags {
+			if f != `\Recent` {
+				fl = append(fl, string(f))
+			}
+		}
+		out[m.Envelope.MessageID] = fmt.Sprint(fl)
+	}
+	return out
 }
