@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"sort"
 	"strconv"
 	"time"
 
@@ -92,63 +91,8 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 			d.logger.Error("scheduled snapshot failed", "err", err)
 			continue
 		}
-		if err := d.Prune(ctx, keepHourly, keepDaily); err != nil {
+		if _, err := timetravel.Prune(ctx, d.Store, time.Now(), keepHourly, keepDaily, d.logger); err != nil {
 			d.logger.Error("pruning snapshots failed", "err", err)
 		}
 	}
-}
-
-// Prune destroys undomail's snapshots the retention policy no longer
-// keeps. A snapshot in use (a clone depends on it) is kept and logged.
-func (d *Daemon) Prune(ctx context.Context, keepHourly, keepDaily int) error {
-	snaps, err := d.Store.List(ctx)
-	if err != nil {
-		return err
-	}
-	var ours []timetravel.Snapshot
-	for _, s := range snaps {
-		if s.Seq != timetravel.NoSeq {
-			ours = append(ours, s)
-		}
-	}
-	keep := Retain(ours, time.Now(), keepHourly, keepDaily)
-	for _, s := range ours {
-		if keep[s.Name] {
-			continue
-		}
-		if err := d.Store.Destroy(ctx, s.Name); err != nil {
-			d.logger.Warn("snapshot kept: cannot destroy", "snapshot", s.Name, "err", err)
-			continue
-		}
-		d.logger.Info("snapshot pruned", "snapshot", s.Name, "at_seq", s.Seq)
-	}
-	return nil
-}
-
-// Retain says which snapshots a retention policy keeps: the newest of
-// each of the last keepHourly hours and of each of the last keepDaily
-// days (UTC), and always the newest snapshot of all.
-func Retain(snaps []timetravel.Snapshot, now time.Time, keepHourly, keepDaily int) map[string]bool {
-	sorted := append([]timetravel.Snapshot(nil), snaps...)
-	sort.Slice(sorted, func(i, j int) bool { return sorted[i].Created.After(sorted[j].Created) })
-	keep := map[string]bool{}
-	if len(sorted) > 0 {
-		keep[sorted[0].Name] = true
-	}
-	bucket := func(n int, size time.Duration, trunc func(time.Time) time.Time) {
-		seen := map[time.Time]bool{}
-		for _, s := range sorted { // newest first: the first of a bucket is its newest
-			b := trunc(s.Created.UTC())
-			if now.Sub(b) >= time.Duration(n)*size || seen[b] {
-				continue
-			}
-			seen[b] = true
-			keep[s.Name] = true
-		}
-	}
-	bucket(keepHourly, time.Hour, func(t time.Time) time.Time { return t.Truncate(time.Hour) })
-	bucket(keepDaily, 24*time.Hour, func(t time.Time) time.Time {
-		return time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, time.UTC)
-	})
-	return keep
 }

@@ -3,7 +3,6 @@ package daemon_test
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,40 +17,6 @@ import (
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
 )
-
-func TestRetain(t *testing.T) {
-	now := time.Date(2026, 11, 21, 12, 30, 0, 0, time.UTC)
-	var snaps []timetravel.Snapshot
-	// One every 20 minutes for 20 days.
-	for i := 0; i < 20*24*3; i++ {
-		snaps = append(snaps, timetravel.Snapshot{Name: fmt.Sprint(i), Created: now.Add(-time.Duration(i) * 20 * time.Minute)})
-	}
-	keep := daemon.Retain(snaps, now, 48, 14)
-	// 48 hourly buckets (the current hour included) plus the daily ones
-	// older than those two days: the 14 days are Nov 8 to 21, and the
-	// newest of Nov 19, 20 and 21 are already among the hourly ones, so
-	// 11 more.
-	hourly, daily := 0, 0
-	for _, s := range snaps {
-		if !keep[s.Name] {
-			continue
-		}
-		if now.Sub(s.Created) < 48*time.Hour {
-			hourly++
-		} else {
-			daily++
-			if s.Created.Before(time.Date(2026, 11, 8, 0, 0, 0, 0, time.UTC)) {
-				t.Errorf("kept %v, older than 14 days", s.Created)
-			}
-		}
-	}
-	if !keep["0"] || hourly != 48 || daily != 11 {
-		t.Fatalf("kept newest %v, %d hourly, %d daily; want true, 48, 11", keep["0"], hourly, daily)
-	}
-	if len(daemon.Retain(snaps, now, 0, 0)) != 1 {
-		t.Fatal("with no retention the newest snapshot must still be kept")
-	}
-}
 
 // TestSnapshotIsAConsistentCut snapshots the mail store (copy backend)
 // again and again while mail is delivered through undomail: each snapshot
