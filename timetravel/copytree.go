@@ -57,8 +57,16 @@ func copyTree(src, dst string) (linked, copied int, err error) {
 		mtime time.Time
 	}
 	var dirs []dirTimes
+	// A file can vanish between listing its directory and copying it:
+	// Dovecot creates and removes lock and temporary files on its own
+	// (dovecot-uidlist.lock, tmp/), even while undomail holds every change
+	// back. What is gone was not part of the mail, so it is skipped.
+	gone := func(err error) bool { return errors.Is(err, fs.ErrNotExist) }
 	err = filepath.WalkDir(src, func(path string, d fs.DirEntry, walkErr error) error {
 		if walkErr != nil {
+			if gone(walkErr) && path != src {
+				return nil
+			}
 			return walkErr
 		}
 		rel, err := filepath.Rel(src, path)
@@ -67,6 +75,9 @@ func copyTree(src, dst string) (linked, copied int, err error) {
 		}
 		target := filepath.Join(dst, rel)
 		info, err := d.Info()
+		if gone(err) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}
@@ -87,11 +98,18 @@ func copyTree(src, dst string) (linked, copied int, err error) {
 					tc.linked++
 					return nil
 				}
+				if gone(err) {
+					return nil
+				}
 				if !errors.Is(err, syscall.EXDEV) && !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.EMLINK) {
 					return err
 				}
 			}
 			if err := copyFile(path, target, info, st); err != nil {
+				if gone(err) {
+					os.Remove(target)
+					return nil
+				}
 				return err
 			}
 			tc.copied++

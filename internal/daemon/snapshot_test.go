@@ -10,8 +10,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/daemon"
+	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/timetravel"
@@ -28,6 +32,10 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 	if tb.Daemon.Store == nil {
 		t.Fatal("no store")
 	}
+	// An IMAP client works on bob's mail at the same time: Dovecot's own
+	// lock and temporary files come and go under the snapshot.
+	stopIMAP := busyIMAP(t, tb, "bob")
+	defer stopIMAP()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -91,4 +99,39 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 	if len(logged) != len(snaps) {
 		t.Fatalf("%d snapshot verbs logged for %d snapshots", len(logged), len(snaps))
 	}
+}
+
+// busyIMAP logs in as user through undomail again and again, reading and
+// flagging, until the returned function is called.
+func busyIMAP(t *testing.T, tb *testbed.Testbed, user string) func() {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+			if err != nil {
+				continue
+			}
+			if c.Login(user, tb.Stack.Password(user)).Wait() == nil {
+				if sel, err := c.Select("INBOX", nil).Wait(); err == nil && sel.NumMessages > 0 {
+					c.Store(imap.SeqSetNum(1), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Flags: []imap.Flag{imap.FlagSeen}}, nil).Close()
+				}
+				msg := "Subject: busy\r\n\r\nx\r\n"
+				ap := c.Append("INBOX", int64(len(msg)), nil)
+				ap.Write([]byte(msg))
+				ap.Close()
+				ap.Wait()
+				c.Logout().Wait()
+			}
+			c.Close()
+		}
+	}()
+	return func() { close(done); wg.Wait() }
 }

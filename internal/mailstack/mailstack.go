@@ -50,6 +50,9 @@ type Options struct {
 	LMTPRelay string
 	// Logger receives the stack's own log lines; nil means slog.Default().
 	Logger *slog.Logger
+	// MailRoot, if set, is where the maildirs live instead of Dir/mail:
+	// a ZFS dataset, to snapshot the mail store alone.
+	MailRoot string
 }
 
 // DefaultDomain is the virtual domain used when Options.Domain is empty.
@@ -193,6 +196,9 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 		return s, fmt.Errorf("start mail stack in %s: master password: %w", dir, err)
 	}
 	s.MailRoot = filepath.Join(dir, mailSubdir)
+	if opts.MailRoot != "" {
+		s.MailRoot = opts.MailRoot
+	}
 	s.logDir = filepath.Join(dir, logSubdir)
 	s.dovecotConf = filepath.Join(dir, dovecotSubdir, "dovecot.conf")
 	s.dovecotBaseDir = shortBaseDir(s.id)

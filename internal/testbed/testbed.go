@@ -27,6 +27,8 @@ type Options struct {
 	Logger *slog.Logger
 	// Tweak, if set, may change undomail's configuration before it starts.
 	Tweak func(*config.Config)
+	// MailRoot, if set, puts the maildirs there (see mailstack.Options).
+	MailRoot string
 }
 
 // Testbed is a running stack with undomail in front of it.
@@ -45,7 +47,7 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.SMTPListen == "" {
 		o.SMTPListen = "127.0.0.1:0"
 	}
-	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger})
+	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot})
 	if err != nil {
 		return nil, err
 	}

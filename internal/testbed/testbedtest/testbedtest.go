@@ -21,6 +21,11 @@ import (
 // change undomail's configuration. Like mailstacktest it fails, never
 // skips, without root or packages: CI provides both.
 func Start(t testing.TB, tweak func(*config.Config)) *testbed.Testbed {
+	return StartWith(t, testbed.Options{Tweak: tweak})
+}
+
+// StartWith is Start with more options; Dir and Logger are filled in.
+func StartWith(t testing.TB, o testbed.Options) *testbed.Testbed {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatalf("testbedtest: the mail stack needs root (Postfix cannot run unprivileged); run the tests as root")
@@ -37,7 +42,8 @@ func Start(t testing.TB, tweak func(*config.Config)) *testbed.Testbed {
 	}
 	tw := &testWriter{t: t}
 	logger := slog.New(slog.NewTextHandler(tw, &slog.HandlerOptions{Level: level}))
-	tb, err := testbed.Start(ctx, testbed.Options{Dir: filepath.Join(t.TempDir(), "tb"), Logger: logger, Tweak: tweak})
+	o.Dir, o.Logger = filepath.Join(t.TempDir(), "tb"), logger
+	tb, err := testbed.Start(ctx, o)
 	if err != nil {
 		t.Fatalf("testbedtest: %v", err)
 	}
