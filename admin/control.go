@@ -24,9 +24,13 @@ import (
 // SocketName is the control socket's file name in the data directory.
 const SocketName = "control.sock"
 
-// Snapshotter takes consistent snapshots (the daemon).
-type Snapshotter interface {
+// Daemon is what the control socket drives.
+type Daemon interface {
+	// Snapshot takes a consistent snapshot.
 	Snapshot(ctx context.Context, reason string) (timetravel.Snapshot, time.Duration, error)
+	// Rewind rolls the mail store back to a snapshot; the reply is the
+	// rewind's outcome as JSON.
+	RewindJSON(ctx context.Context, snapshot string) (json.RawMessage, error)
 }
 
 // SnapshotReply is the JSON answer to POST /snapshots.
@@ -47,7 +51,7 @@ type Control struct {
 // ServeControl listens on DIR/control.sock. A stale socket of a daemon
 // that died is replaced; a live one (another daemon on the same data
 // directory) is an error.
-func ServeControl(dataDir string, s Snapshotter, logger *slog.Logger) (*Control, error) {
+func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, error) {
 	path := filepath.Join(dataDir, SocketName)
 	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
 		c.Close()
@@ -76,6 +80,16 @@ func ServeControl(dataDir string, s Snapshotter, logger *slog.Logger) (*Control,
 			w.WriteHeader(http.StatusServiceUnavailable)
 		}
 		json.NewEncoder(w).Encode(rep)
+	})
+	mux.HandleFunc("POST /rewind", func(w http.ResponseWriter, r *http.Request) {
+		out, err := s.RewindJSON(r.Context(), r.URL.Query().Get("snapshot"))
+		w.Header().Set("Content-Type", "application/json")
+		if err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			json.NewEncoder(w).Encode(map[string]any{"error": err.Error(), "outcome": out})
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]any{"outcome": out})
 	})
 	c := &Control{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln: ln}
 	go func() {
@@ -134,4 +148,29 @@ func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, er
 		return rep, errors.New(rep.Error)
 	}
 	return rep, nil
+}
+
+// Rewind asks the daemon to roll the mail store back to a snapshot and
+// returns the rewind's outcome as JSON.
+func (c *Client) Rewind(ctx context.Context, snapshot string) (json.RawMessage, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://undomail/rewind?snapshot="+url.QueryEscape(snapshot), nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("control socket %s: %w", c.path, err)
+	}
+	defer resp.Body.Close()
+	var rep struct {
+		Error   string          `json:"error"`
+		Outcome json.RawMessage `json:"outcome"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("control socket %s: bad reply: %w", c.path, err)
+	}
+	if rep.Error != "" {
+		return rep.Outcome, errors.New(rep.Error)
+	}
+	return rep.Outcome, nil
 }

@@ -105,8 +105,7 @@ func ensurePackages(in io.Reader, out io.Writer, yes bool) error {
 	args := append([]string{"install", "-y", "--no-install-recommends"}, missing...)
 	fmt.Fprintf(out, "undomail demo needs these Debian packages: %s\n", strings.Join(missing, " "))
 	if !yes {
-		fi, err := os.Stdin.Stat()
-		if err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		if !isTerminal(os.Stdin) {
 			return fmt.Errorf("missing packages; install them with:\n  apt-get %s\nor run undomail demo --yes", strings.Join(args, " "))
 		}
 		fmt.Fprintf(out, "install them now with apt-get? [y/N] ")

@@ -662,7 +662,7 @@ func TestSnapshotCommands(t *testing.T) {
 	st := mailstacktest.Start(t, mailstack.Options{})
 	s := newServer(t, st)
 	snapDir := filepath.Join(t.TempDir(), "snaps")
-	s.extra = []string{"--store", "copy:" + snapDir, "--mail-root", st.MailRoot}
+	s.extra = []string{"--store", "copy:" + snapDir, "--mail-root", st.MailRoot, "--doveadm", "doveadm -c " + st.DovecotConfig()}
 	if out, err := run(t, "snapshot", "--data-dir", s.dataDir); err == nil || !strings.Contains(out, "no undomail serve running") {
 		t.Fatalf("snapshot without a daemon: %v %s", err, out)
 	}
@@ -696,6 +696,30 @@ func TestSnapshotCommands(t *testing.T) {
 	list, err := run(t, "snapshots", "--data-dir", s.dataDir)
 	if err != nil || !strings.Contains(list, name) || !strings.Contains(list, "before the upgrade") || !strings.Contains(list, " ok ") {
 		t.Fatalf("undomail snapshots: %v\n%s", err, list)
+	}
+	// A second message after the snapshot, then rewind past it.
+	if err := sendPlain(s.smtpAddr, "Subject: after the snapshot\r\nMessage-Id: <snap.2@client.test>\r\n\r\nhi\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if ids, _ := inboxMessageIDs(st, "alice"); ids["snap.2@client.test"] == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("second message not delivered")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out, err := run(t, "rewind", "--data-dir", s.dataDir, "--to", name); err == nil || !strings.Contains(out, "--yes") {
+		t.Fatalf("rewind without --yes and no terminal: %v %s", err, out)
+	}
+	out, err = run(t, "rewind", "--data-dir", s.dataDir, "--to", name, "--yes")
+	if err != nil || !strings.Contains(out, `"ok":true`) {
+		t.Fatalf("undomail rewind: %v\n%s", err, out)
+	}
+	ids, err := inboxMessageIDs(st, "alice")
+	if err != nil || len(ids) != 1 || ids["snap.1@client.test"] != 1 {
+		t.Fatalf("after the rewind alice's INBOX holds %v (%v), want only the message from before the snapshot", ids, err)
 	}
 	s.stop()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -18,6 +19,7 @@ func serveCmd() *cobra.Command {
 	var o config.Config
 	var xclient bool
 	var snapEvery time.Duration
+	var doveadm string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the proxies in front of Postfix and Dovecot and record every action",
@@ -64,6 +66,9 @@ config file (--config); see undomail.example.yaml.`,
 			set("admin-listen", &cfg.Admin.Listen, o.Admin.Listen)
 			set("store", &cfg.Store, o.Store)
 			set("mail-root", &cfg.MailRoot, o.MailRoot)
+			if f.Changed("doveadm") {
+				cfg.Dovecot.Doveadm = strings.Fields(doveadm)
+			}
 			if f.Changed("snapshot-every") {
 				cfg.Snapshots.Every = config.Duration(snapEvery)
 			}
@@ -114,6 +119,7 @@ config file (--config); see undomail.example.yaml.`,
 	f.BoolVar(&o.IMAP.AllowInsecureAuth, "imap-allow-insecure-auth", false, "accept IMAP passwords without TLS")
 	f.StringVar(&o.Store, "store", "", "snapshots of the mail store: zfs:POOL/DATASET or copy:DIR")
 	f.StringVar(&o.MailRoot, "mail-root", "", "the live mail store (Dovecot's maildirs), for store copy:DIR")
+	f.StringVar(&doveadm, "doveadm", "doveadm", `how to run doveadm for rewinds, e.g. "doveadm -c /etc/dovecot/dovecot.conf"`)
 	f.DurationVar(&snapEvery, "snapshot-every", 0, "take a snapshot this often (0: only with undomail snapshot)")
 	f.StringVar(&o.Admin.Listen, "admin-listen", "", "admin HTTP API address (reserved; not served yet)")
 	return cmd

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -106,5 +109,50 @@ func snapshotsCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "one JSON object per snapshot")
+	return cmd
+}
+
+func rewindCmd() *cobra.Command {
+	var dataDir, to string
+	var yes bool
+	cmd := &cobra.Command{
+		Use:   "rewind",
+		Short: "Roll the mail store back to a snapshot (asks the running daemon)",
+		Long: `rewind rolls the mail store back to a snapshot, the first step of a 3R cycle
+done by hand: every change since the snapshot disappears from the store (it
+stays in the undo log, to be replayed). The daemon holds all changes back
+meanwhile, kicks IMAP sessions, waits until Dovecot has let go of the store,
+rolls back, and raises every mailbox's UIDNEXT and HIGHESTMODSEQ to their
+values before the rewind, so clients never see a UID reused.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if to == "" {
+				return fmt.Errorf("--to SNAPSHOT is required (undomail snapshots lists them)")
+			}
+			if !yes {
+				if !isTerminal(os.Stdin) {
+					return fmt.Errorf("rewind removes every change since %s from the mail store until it is replayed; add --yes to go ahead", to)
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "Roll the mail store back to %s? Changes since then leave the store until replayed. [y/N] ", to)
+				answer, _ := bufio.NewReader(cmd.InOrStdin()).ReadString('\n')
+				if !strings.HasPrefix(strings.ToLower(strings.TrimSpace(answer)), "y") {
+					return fmt.Errorf("not rewound")
+				}
+			}
+			c, err := admin.Dial(dataDir)
+			if err != nil {
+				return err
+			}
+			out, err := c.Rewind(context.Background(), to)
+			if err != nil {
+				return fmt.Errorf("rewind: %w", err)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "rewound to %s: %s\n", to, out)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
+	cmd.Flags().StringVar(&to, "to", "", "the snapshot to roll back to")
+	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
 	return cmd
 }

@@ -34,11 +34,25 @@ type Config struct {
 	// backend; with zfs it is checked against the dataset's mountpoint.
 	MailRoot  string    `yaml:"mail_root"`
 	Snapshots Snapshots `yaml:"snapshots"`
+	// Dovecot says how undomail makes Dovecot let go of the mail store
+	// for a rewind and take it up again.
+	Dovecot Dovecot `yaml:"dovecot"`
 
 	SMTP  SMTP  `yaml:"smtp"`
 	LMTP  LMTP  `yaml:"lmtp"`
 	IMAP  IMAP  `yaml:"imap"`
 	Admin Admin `yaml:"admin"`
+}
+
+// Dovecot holds the commands a rewind runs. Each is an argument list, so a
+// Docker deployment writes ["docker", "exec", "dovecot", "doveadm"].
+type Dovecot struct {
+	// Doveadm runs doveadm (kick, mailbox status, mailbox update).
+	Doveadm []string `yaml:"doveadm"`
+	// Quiesce and Resume run before and after the rollback, after
+	// sessions were kicked: e.g. stop and start Dovecot's LMTP service.
+	Quiesce [][]string `yaml:"quiesce"`
+	Resume  [][]string `yaml:"resume"`
 }
 
 // Snapshots schedules snapshots and says how long they are kept.
@@ -142,6 +156,7 @@ func Default() Config {
 			IdleTimeout:     Duration(30 * time.Minute),
 		},
 		Admin:     Admin{Listen: "127.0.0.1:8025"},
+		Dovecot:   Dovecot{Doveadm: []string{"doveadm"}},
 		Snapshots: Snapshots{KeepHourly: 48, KeepDaily: 14},
 	}
 }

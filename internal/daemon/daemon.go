@@ -16,6 +16,7 @@ import (
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
 )
@@ -39,6 +40,7 @@ type Daemon struct {
 	Store timetravel.Store
 
 	storeSpec string
+	upstream  replay.Upstream // how a rewind quiesces Dovecot
 	logger    *slog.Logger
 	errc      chan error
 	control   *admin.Control
@@ -56,7 +58,8 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 	if err != nil {
 		return nil, fmt.Errorf("open undo log: %w", err)
 	}
-	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store}
+	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store,
+		upstream: replay.Upstream{Doveadm: cfg.Dovecot.Doveadm, Quiesce: cfg.Dovecot.Quiesce, Resume: cfg.Dovecot.Resume, Logger: logger}}
 	defer func() {
 		if err != nil {
 			d.Close()

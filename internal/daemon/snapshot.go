@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
 )
@@ -95,4 +96,28 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 			d.logger.Error("pruning snapshots failed", "err", err)
 		}
 	}
+}
+
+// Rewind rolls the mail store back to a snapshot (replay.Rewind) with the
+// proxies wedged throughout, so no change reaches the store while it is
+// rewound; they resume when it is done.
+func (d *Daemon) Rewind(ctx context.Context, snapshot string) (replay.RewindOutcome, error) {
+	if d.Store == nil {
+		return replay.RewindOutcome{}, fmt.Errorf("rewind: no store configured")
+	}
+	wctx, cancel := context.WithTimeout(ctx, wedgeTimeout)
+	defer cancel()
+	resume, err := d.Gate.Wedge(wctx)
+	if err != nil {
+		return replay.RewindOutcome{}, fmt.Errorf("rewind to %s: mutations did not finish within %v: %w", snapshot, wedgeTimeout, err)
+	}
+	defer resume()
+	return replay.Rewind(ctx, d.Log, d.Store, d.upstream, snapshot)
+}
+
+// RewindJSON is Rewind for the control socket.
+func (d *Daemon) RewindJSON(ctx context.Context, snapshot string) (json.RawMessage, error) {
+	out, err := d.Rewind(ctx, snapshot)
+	b, _ := json.Marshal(out)
+	return b, err
 }
