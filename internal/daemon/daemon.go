@@ -136,6 +136,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 		d.IMAPAddr = ln.Addr()
 		go func() { d.errc <- d.IMAP.Serve(ln) }()
 	}
+	if d.Store != nil {
+		d.verifySnapshots(ctx)
+	}
 	if d.control, err = admin.ServeControl(cfg.DataDir, d, logger); err != nil {
 		return nil, err
 	}
@@ -179,6 +182,15 @@ func (d *Daemon) Wait(ctx context.Context) error {
 	}
 }
 
+// StopSchedule stops taking scheduled snapshots; one in progress
+// finishes first.
+func (d *Daemon) StopSchedule() {
+	if d.stop != nil {
+		d.stop()
+		d.scheduled.Wait()
+	}
+}
+
 // ShutdownGrace is how long Close lets client connections finish.
 const ShutdownGrace = 10 * time.Second
 
@@ -188,10 +200,7 @@ func (d *Daemon) Close() error {
 	if d.control != nil {
 		d.control.Close()
 	}
-	if d.stop != nil {
-		d.stop()
-		d.scheduled.Wait() // a snapshot in progress finishes with the log open
-	}
+	d.StopSchedule()
 	ctx, cancel := context.WithTimeout(context.Background(), ShutdownGrace)
 	defer cancel()
 	var errs []error

@@ -18,6 +18,10 @@ import (
 // against each other (timetravel.Verify) rather than one trusted blindly.
 const KindSnapshot = "snapshot"
 
+// KindSnapshotPruned records that retention destroyed a snapshot, so the
+// log's list of snapshots and the store's agree.
+const KindSnapshotPruned = "snapshot.pruned"
+
 // SnapshotArgs are the arguments of a snapshot verb.
 type SnapshotArgs struct {
 	Name   string `json:"name"`
@@ -92,8 +96,15 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 			d.logger.Error("scheduled snapshot failed", "err", err)
 			continue
 		}
-		if _, err := timetravel.Prune(ctx, d.Store, time.Now(), keepHourly, keepDaily, d.logger); err != nil {
+		pruned, err := timetravel.Prune(ctx, d.Store, time.Now(), keepHourly, keepDaily, d.logger)
+		if err != nil {
 			d.logger.Error("pruning snapshots failed", "err", err)
+		}
+		for _, name := range pruned {
+			args, _ := json.Marshal(SnapshotArgs{Name: name, Store: d.storeSpec, Reason: "retention"})
+			if err := d.Log.Append(ctx, &undolog.Record{Kind: KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
+				d.logger.Error("log pruned snapshot", "snapshot", name, "err", err)
+			}
 		}
 	}
 }
@@ -120,4 +131,51 @@ func (d *Daemon) RewindJSON(ctx context.Context, snapshot string) (json.RawMessa
 	out, err := d.Rewind(ctx, snapshot)
 	b, _ := json.Marshal(out)
 	return b, err
+}
+
+// LoggedSnapshots returns the snapshots the log says exist (taken, not
+// pruned), by name, with their positions.
+func LoggedSnapshots(ctx context.Context, l *undolog.Log) (map[string]int64, error) {
+	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindSnapshot, KindSnapshotPruned}})
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]int64{}
+	for _, v := range verbs {
+		var a SnapshotArgs
+		if json.Unmarshal(v.Args, &a) != nil {
+			continue
+		}
+		if v.Kind == KindSnapshotPruned {
+			delete(out, a.Name)
+			continue
+		}
+		var o SnapshotOutcome
+		if v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.OK {
+			out[a.Name] = a.AtSeq
+		}
+	}
+	return out, nil
+}
+
+// verifySnapshots compares the log's snapshots with the store's and logs
+// every disagreement loudly: which side is right is for an operator to
+// decide, never guessed.
+func (d *Daemon) verifySnapshots(ctx context.Context) {
+	logged, err := LoggedSnapshots(ctx, d.Log)
+	if err != nil {
+		d.logger.Error("verify snapshots: read log", "err", err)
+		return
+	}
+	ms, err := timetravel.Verify(ctx, d.Store, logged)
+	if err != nil {
+		d.logger.Error("verify snapshots: read store", "err", err)
+		return
+	}
+	for _, m := range ms {
+		d.logger.Error("snapshot record disagrees with the store", "mismatch", m.String())
+	}
+	if len(ms) == 0 {
+		d.logger.Info("snapshots verified", "count", len(logged))
+	}
 }

@@ -135,3 +135,46 @@ func busyIMAP(t *testing.T, tb *testbed.Testbed, user string) func() {
 	}()
 	return func() { close(done); wg.Wait() }
 }
+
+// TestScheduledSnapshotsAndRetention runs the schedule fast: snapshots
+// appear on their own, retention keeps only the newest (no hourly or
+// daily buckets configured), every prune is logged, and log and store
+// agree throughout.
+func TestScheduledSnapshotsAndRetention(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) {
+		c.Store = "copy:" + snapDir
+		c.Snapshots = config.Snapshots{Every: config.Duration(300 * time.Millisecond)}
+	})
+	ctx := context.Background()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{daemon.KindSnapshotPruned}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(vs) >= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("after 20s only %d scheduled snapshots were pruned", len(vs))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	tb.Daemon.StopSchedule()
+	logged, err := daemon.LoggedSnapshots(ctx, tb.Daemon.Log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The schedule may have stopped between a snapshot and its prune.
+	if len(logged) < 1 || len(logged) > 2 {
+		t.Fatalf("log says %d snapshots exist, want the newest (and at most one not yet pruned): %v", len(logged), logged)
+	}
+	ms, err := timetravel.Verify(ctx, tb.Daemon.Store, logged)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range ms {
+		t.Errorf("log and store disagree: %s", m)
+	}
+}
