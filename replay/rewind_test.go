@@ -35,13 +35,15 @@ func deliver(t *testing.T, tb *testbed.Testbed, n, from int) {
 	}
 }
 
-func inbox(t *testing.T, tb *testbed.Testbed) *imap.SelectData {
+// aliceInbox logs in to Dovecot directly as alice and selects her INBOX;
+// the connection is closed when the test ends.
+func aliceInbox(t *testing.T, tb *testbed.Testbed) (*imapclient.Client, *imap.SelectData) {
 	t.Helper()
 	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -49,6 +51,13 @@ func inbox(t *testing.T, tb *testbed.Testbed) *imap.SelectData {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return c, sel
+}
+
+func inbox(t *testing.T, tb *testbed.Testbed) *imap.SelectData {
+	t.Helper()
+	c, sel := aliceInbox(t, tb)
+	c.Logout().Wait()
 	return sel
 }
 
@@ -147,17 +156,7 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 // store changes the flags of the UID in alice's INBOX, directly on Dovecot.
 func store(t *testing.T, tb *testbed.Testbed, uid imap.UID, op imap.StoreFlagsOp, flag imap.Flag) {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
-		t.Fatal(err)
-	}
+	c, _ := aliceInbox(t, tb)
 	if err := c.Store(imap.UIDSetNum(uid), &imap.StoreFlags{Op: op, Silent: true, Flags: []imap.Flag{flag}}, nil).Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -166,17 +165,7 @@ func store(t *testing.T, tb *testbed.Testbed, uid imap.UID, op imap.StoreFlagsOp
 // flagsByMessageID returns alice's INBOX as Message-Id -> flags.
 func flagsByMessageID(t *testing.T, tb *testbed.Testbed) map[string]string {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
-		t.Fatal(err)
-	}
+	c, _ := aliceInbox(t, tb)
 	var all imap.SeqSet
 	all.AddRange(1, 0)
 	msgs, err := c.Fetch(all, &imap.FetchOptions{Flags: true, Envelope: true}).Collect()
