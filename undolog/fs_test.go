@@ -32,11 +32,11 @@ func run(t *testing.T, name string, args ...string) error {
 func mountTmpfs(t *testing.T, size string) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a tmpfs")
+		t.Fatal("needs root to mount a tmpfs: run the tests as root (CI does)")
 	}
 	mnt := t.TempDir()
 	if err := run(t, "mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", mnt); err != nil {
-		t.Skipf("cannot mount tmpfs: %v", err)
+		t.Fatalf("cannot mount tmpfs: %v", err)
 	}
 	t.Cleanup(func() { run(t, "umount", "-l", mnt) })
 	return mnt
@@ -148,7 +148,7 @@ func TestReadOnlyFileSystem(t *testing.T) {
 		// the blob store gives the same EROFS to the open log.
 		blobs := filepath.Join(dir, blobsName)
 		if err := run(t, "mount", "--bind", blobs, blobs); err != nil {
-			t.Skipf("bind mount: %v", err)
+			t.Fatalf("bind mount: %v", err)
 		}
 		bound := true
 		unbind := func() {
@@ -217,10 +217,10 @@ func TestReadOnlyFileSystem(t *testing.T) {
 // The log must fail and stay failed.
 func TestIOErrorFailsLog(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root for a loop-mounted ext4")
+		t.Fatal("needs root for a loop-mounted ext4: run the tests as root (CI does)")
 	}
 	if _, err := exec.LookPath("mkfs.ext4"); err != nil {
-		t.Skip("mkfs.ext4 not installed")
+		t.Fatal("mkfs.ext4 not installed (Debian package e2fsprogs; CI installs it)")
 	}
 	img := filepath.Join(t.TempDir(), "fs.img")
 	if err := os.WriteFile(img, nil, 0o600); err != nil {
@@ -230,11 +230,11 @@ func TestIOErrorFailsLog(t *testing.T) {
 		t.Fatal(err)
 	}
 	if err := run(t, "mkfs.ext4", "-q", img); err != nil {
-		t.Skipf("mkfs: %v", err)
+		t.Fatalf("mkfs: %v", err)
 	}
 	mnt := t.TempDir()
 	if err := run(t, "mount", "-o", "loop", img, mnt); err != nil {
-		t.Skipf("loop mount: %v", err)
+		t.Fatalf("loop mount: %v", err)
 	}
 	t.Cleanup(func() { run(t, "umount", "-l", mnt) })
 
@@ -252,7 +252,7 @@ func TestIOErrorFailsLog(t *testing.T) {
 	_, _, errno := syscall.Syscall(syscall.SYS_IOCTL, f.Fd(), ext4IocShutdown, uintptr(unsafe.Pointer(&flags)))
 	f.Close()
 	if errno != 0 {
-		t.Skipf("EXT4_IOC_SHUTDOWN: %v", errno)
+		t.Fatalf("EXT4_IOC_SHUTDOWN: %v", errno)
 	}
 
 	err = l.Append(context.Background(), &Record{Kind: "imap.store"})
