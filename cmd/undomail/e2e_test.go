@@ -723,3 +723,74 @@ func TestSnapshotCommands(t *testing.T) {
 	}
 	s.stop()
 }
+
+// TestServeFromExampleConfig boots undomail serve from the documented
+// example config, with flags moving its addresses onto the test stack,
+// and passes a smoke test: mail in, IMAP read through undomail, verbs
+// logged.
+func TestServeFromExampleConfig(t *testing.T) {
+	st := mailstacktest.Start(t, mailstack.Options{})
+	dataDir := filepath.Join(t.TempDir(), "undo")
+	smtpAddr, lmtpAddr, imapAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	logPath := dataDir + ".log"
+	logf, _ := os.Create(logPath)
+	cmd := exec.Command(binary, "serve", "--config", "../../undomail.example.yaml", "--data-dir", dataDir,
+		"--smtp-listen", smtpAddr, "--smtp-upstream", st.SMTPAddr, "--smtp-allow-insecure-auth",
+		"--lmtp-listen", lmtpAddr, "--lmtp-upstream", st.LMTPAddr,
+		"--imap-listen", imapAddr, "--imap-upstream", st.IMAPAddr, "--imap-allow-insecure-auth",
+		"--mail-root", st.MailRoot)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
+	for _, addr := range []string{smtpAddr, lmtpAddr, imapAddr} {
+		deadline := time.Now().Add(30 * time.Second)
+		for {
+			c, err := net.DialTimeout("tcp", addr, time.Second)
+			if err == nil {
+				c.Close()
+				break
+			}
+			if time.Now().After(deadline) {
+				b, _ := os.ReadFile(logPath)
+				t.Fatalf("serve from the example config does not listen on %s:\n%s", addr, b)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if err := st.SetLMTPRelay(context.Background(), lmtpAddr); err != nil {
+		t.Fatal(err)
+	}
+	if err := sendPlain(smtpAddr, "Subject: smoke\r\nMessage-Id: <smoke.1@client.test>\r\n\r\nhi\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := imapclient.DialInsecure(imapAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", st.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		sel, err := c.Select("INBOX", nil).Wait()
+		if err == nil && sel.NumMessages == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the message did not arrive")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if err := c.Create("Smoke", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	text, err := run(t, "log", "--data-dir", dataDir)
+	for _, want := range []string{"smtp.submit", "lmtp.deliver", "imap.create"} {
+		if err != nil || !strings.Contains(text, want) {
+			t.Fatalf("undomail log lacks %s (%v):\n%s", want, err, text)
+		}
+	}
+}
