@@ -126,7 +126,6 @@ type Log struct {
 
 	// Used by the committer goroutine only.
 	wconn    *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
-	syncMode string    // its current PRAGMA synchronous
 	walFile  *os.File  // undo.db-wal, for deferred fsyncs
 	stmts    writerStmts
 	unsynced bool // a commit since the last fsync of the WAL
@@ -236,7 +235,10 @@ func (l *Log) open() error {
 	if l.wconn, err = db.Conn(ctx); err != nil {
 		return fmt.Errorf("open writer connection: %w", err)
 	}
-	l.syncMode = "FULL" // from the DSN
+	// Commits are made durable by syncWALFile; see there.
+	if _, err := l.wconn.ExecContext(ctx, "PRAGMA synchronous=NORMAL"); err != nil {
+		return fmt.Errorf("set synchronous=NORMAL on the writer: %w", err)
+	}
 	if err := l.prepareWriter(ctx); err != nil {
 		return err
 	}
@@ -677,19 +679,6 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 		}
 	}
 	ctx := context.Background()
-	// With WAL, synchronous=FULL fsyncs the WAL at every commit, NORMAL
-	// does not; a later FULL commit's fsync covers the frames NORMAL ones
-	// wrote before it (the WAL is one file, synced whole).
-	mode := "FULL"
-	if !durable {
-		mode = "NORMAL"
-	}
-	if l.syncMode != mode {
-		if _, err := l.wconn.ExecContext(ctx, "PRAGMA synchronous="+mode); err != nil {
-			return fmt.Errorf("set synchronous=%s: %w", mode, err)
-		}
-		l.syncMode = mode
-	}
 	// The writer connection's statements are prepared once (open); the
 	// transaction is driven by hand so they need no re-preparing per batch.
 	if _, err := l.wconn.ExecContext(ctx, "BEGIN IMMEDIATE"); err != nil {
@@ -725,6 +714,29 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 		return fmt.Errorf("commit: %w", err)
 	}
 	committed = true
+	if durable {
+		return l.syncWALFile()
+	}
+	return nil
+}
+
+// syncWALFile makes every committed transaction durable: the writer runs
+// with synchronous=NORMAL, which in WAL mode writes a commit to the WAL
+// without an fsync, and this fdatasync of the WAL (one file, synced
+// whole) is the durability point. It is what synchronous=FULL does at
+// each commit, done only for the batches that need it, without switching
+// the pragma back and forth.
+func (l *Log) syncWALFile() error {
+	if l.walFile == nil {
+		f, err := os.Open(filepath.Join(l.dir, dbName+"-wal"))
+		if err != nil {
+			return fmt.Errorf("open %s-wal: %w", dbName, err)
+		}
+		l.walFile = f
+	}
+	if err := syscall.Fdatasync(int(l.walFile.Fd())); err != nil {
+		return fmt.Errorf("fdatasync %s-wal: %w", dbName, err)
+	}
 	return nil
 }
 
@@ -766,14 +778,7 @@ func (l *Log) syncWAL() {
 	seq, sum := l.headSeq, l.headSum
 	l.mu.Unlock()
 	var err error
-	if l.walFile == nil {
-		l.walFile, err = os.Open(filepath.Join(l.dir, dbName+"-wal"))
-	}
-	if err == nil {
-		err = l.walFile.Sync()
-	}
-	if err != nil {
-		err = fmt.Errorf("fsync %s-wal: %w", dbName, err)
+	if err = l.syncWALFile(); err != nil {
 		l.logger.Error("deferred fsync of the undo log failed; the log is failed", "seq", seq, "err", err)
 		l.mu.Lock()
 		if l.failed == nil {
