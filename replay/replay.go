@@ -1,0 +1,267 @@
+package replay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+// KindReplay records what replaying one logged verb did; Ref names the
+// verb. Compensation (issue 6) compares it with the verb's first outcome.
+const KindReplay = "replay"
+
+// ReplayOutcome is the result of replaying one verb.
+type ReplayOutcome struct {
+	Status string `json:"status"` // "ok", "failed", "skipped"
+	Detail string `json:"detail,omitempty"`
+}
+
+// Target is the rewound mail server replay acts on, directly: replayed
+// verbs are not new user actions and do not pass the proxies.
+type Target struct {
+	// LMTPAddr is Dovecot's LMTP, which deliveries are re-delivered to.
+	// Mail is never re-sent to other hosts (DESIGN: "Replay, repair and
+	// history").
+	LMTPAddr string
+	// IMAPAddr is Dovecot's IMAP; verbs are re-executed as their user
+	// through a master user: login "<user><Separator><MasterUser>".
+	IMAPAddr       string
+	MasterUser     string
+	MasterPassword string
+	Separator      string // default "*"
+	Logger         *slog.Logger
+}
+
+// Result counts what a replay did.
+type Result struct {
+	Replayed, Failed int
+	// Skipped counts verbs by kind that were left alone: kinds with no
+	// effect of their own (submissions at the front door, fetches) and
+	// kinds this replay cannot redo yet.
+	Skipped map[string]int
+}
+
+// Replay re-executes the logged verbs with after < seq < before against
+// the target, in log order, and records the result of each next to it.
+// It redoes deliveries (re-delivered over LMTP) and the IMAP verbs that
+// need no message translation yet: APPEND, CREATE, DELETE, RENAME,
+// SUBSCRIBE, UNSUBSCRIBE. Verbs whose client was not told OK, or whose
+// delivery was refused, had no effect and are not replayed.
+func Replay(ctx context.Context, l *undolog.Log, after, before int64, t Target) (Result, error) {
+	if t.Separator == "" {
+		t.Separator = "*"
+	}
+	if t.Logger == nil {
+		t.Logger = slog.Default()
+	}
+	res := Result{Skipped: map[string]int{}}
+	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: after})
+	if err != nil {
+		return res, fmt.Errorf("replay: read the log: %w", err)
+	}
+	r := &replayer{t: t, log: l, sessions: map[string]*imapclient.Client{}}
+	defer r.close()
+	for _, v := range verbs {
+		if before > 0 && v.Seq >= before {
+			break
+		}
+		out, err := r.verb(ctx, v)
+		switch {
+		case err != nil:
+			out = ReplayOutcome{Status: "failed", Detail: err.Error()}
+			res.Failed++
+			t.Logger.Warn("replay failed", "seq", v.Seq, "kind", v.Kind, "err", err)
+		case out.Status == "skipped":
+			res.Skipped[v.Kind]++
+			continue // nothing was done: nothing to record
+		default:
+			res.Replayed++
+		}
+		b, _ := json.Marshal(out)
+		if err := l.Append(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", User: v.User, Users: v.Users, Ref: v.Seq, Outcome: b}); err != nil {
+			return res, fmt.Errorf("replay: record the replay of verb %d: %w", v.Seq, err)
+		}
+	}
+	return res, nil
+}
+
+type replayer struct {
+	t        Target
+	log      *undolog.Log
+	sessions map[string]*imapclient.Client // by user
+}
+
+func (r *replayer) close() {
+	for _, c := range r.sessions {
+		c.Logout().Wait()
+		c.Close()
+	}
+}
+
+var skipped = ReplayOutcome{Status: "skipped"}
+
+// verb replays one verb.
+func (r *replayer) verb(ctx context.Context, v undolog.Verb) (ReplayOutcome, error) {
+	switch v.Kind {
+	case proxy.KindLMTPDeliver:
+		return r.deliver(ctx, v)
+	case proxy.KindIMAPAppend, proxy.KindIMAPCreate, proxy.KindIMAPDelete, proxy.KindIMAPRename,
+		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe:
+		var o proxy.IMAPOutcome
+		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
+			return skipped, nil // the client was not told it happened
+		}
+		var a proxy.IMAPArgs
+		if err := json.Unmarshal(v.Args, &a); err != nil {
+			return skipped, nil
+		}
+		return r.imap(ctx, v, a)
+	}
+	return skipped, nil
+}
+
+// deliver re-delivers a captured delivery to the recipients that
+// accepted it the first time, exactly as it was forwarded then.
+func (r *replayer) deliver(ctx context.Context, v undolog.Verb) (ReplayOutcome, error) {
+	var a proxy.DeliveryArgs
+	var o proxy.DeliveryOutcome
+	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
+		return skipped, nil
+	}
+	var rcpts []string
+	for _, rr := range o.Rcpts {
+		if rr.Reply.Positive() {
+			rcpts = append(rcpts, rr.Rcpt)
+		}
+	}
+	if len(rcpts) == 0 {
+		return skipped, nil
+	}
+	body, err := r.log.OpenBlob(v.Blob)
+	if err != nil {
+		return ReplayOutcome{}, fmt.Errorf("open message blob: %w", err)
+	}
+	defer body.Close()
+	conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", r.t.LMTPAddr)
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	c := smtp.NewClientLMTP(conn)
+	defer c.Close()
+	if err := c.Hello("undomail-replay"); err != nil {
+		return ReplayOutcome{}, err
+	}
+	if err := c.Mail(a.MailFrom, nil); err != nil {
+		return ReplayOutcome{}, err
+	}
+	for _, rc := range rcpts {
+		if err := c.Rcpt(rc, nil); err != nil {
+			return ReplayOutcome{}, fmt.Errorf("RCPT %s: %w", rc, err)
+		}
+	}
+	w, err := c.Data()
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	if a.Submission == 0 {
+		fmt.Fprintf(w, "%s: %s\r\n", proxy.TraceHeader, a.UndoID)
+	}
+	if _, err := io.Copy(w, body); err != nil {
+		return ReplayOutcome{}, fmt.Errorf("send message: %w", err)
+	}
+	if _, err := w.CloseWithLMTPResponse(); err != nil {
+		return ReplayOutcome{}, err
+	}
+	c.Quit()
+	return ReplayOutcome{Status: "ok", Detail: "re-delivered to " + strings.Join(rcpts, ", ")}, nil
+}
+
+// session returns an IMAP session logged in as user through the master
+// user.
+func (r *replayer) session(user string) (*imapclient.Client, error) {
+	if c := r.sessions[user]; c != nil {
+		return c, nil
+	}
+	c, err := imapclient.DialInsecure(r.t.IMAPAddr, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Login(user+r.t.Separator+r.t.MasterUser, r.t.MasterPassword).Wait(); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("log in as %s through the master user: %w", user, err)
+	}
+	r.sessions[user] = c
+	return c, nil
+}
+
+func (r *replayer) imap(ctx context.Context, v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+	c, err := r.session(v.User)
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	switch v.Kind {
+	case proxy.KindIMAPCreate:
+		err = c.Create(a.Mailbox, nil).Wait()
+	case proxy.KindIMAPDelete:
+		err = c.Delete(a.Mailbox).Wait()
+	case proxy.KindIMAPRename:
+		err = c.Rename(a.Mailbox, a.Dest, nil).Wait()
+	case proxy.KindIMAPSubscribe:
+		err = c.Subscribe(a.Mailbox).Wait()
+	case proxy.KindIMAPUnsubscribe:
+		err = c.Unsubscribe(a.Mailbox).Wait()
+	case proxy.KindIMAPAppend:
+		return r.append(c, v, a)
+	}
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	return ReplayOutcome{Status: "ok"}, nil
+}
+
+// append re-appends a logged message with its flags and date.
+func (r *replayer) append(c *imapclient.Client, v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+	data, err := r.log.ReadBlob(v.Blob)
+	if err != nil {
+		return ReplayOutcome{}, fmt.Errorf("read appended message: %w", err)
+	}
+	opts := &imap.AppendOptions{}
+	for _, f := range a.Flags {
+		if !strings.EqualFold(f, `\Recent`) {
+			opts.Flags = append(opts.Flags, imap.Flag(f))
+		}
+	}
+	if a.Date != "" {
+		if t, err := time.Parse("02-Jan-2006 15:04:05 -0700", strings.TrimSpace(a.Date)); err == nil {
+			opts.Time = t
+		}
+	}
+	cmd := c.Append(a.Mailbox, int64(len(data)), opts)
+	if _, err := cmd.Write(data); err != nil {
+		return ReplayOutcome{}, err
+	}
+	if err := cmd.Close(); err != nil {
+		return ReplayOutcome{}, err
+	}
+	res, err := cmd.Wait()
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	if res == nil || res.UID == 0 {
+		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
+	}
+	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID)}, nil
+}

@@ -1,0 +1,96 @@
+package replay_test
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/replay"
+	"github.com/undomail/undomail/undolog"
+)
+
+// TestRewindThenReplay: after a snapshot, mail is delivered and alice
+// creates a folder and appends to it through undomail; a rewind takes it
+// all away, and the replay brings it all back, with fresh UIDs.
+func TestRewindThenReplay(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
+	ctx := context.Background()
+	deliver(t, tb, 1, 0)
+	waitCount(t, tb, 1)
+	snap, _, err := tb.Daemon.Snapshot(ctx, "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	deliver(t, tb, 2, 1)
+	waitCount(t, tb, 3)
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create("Archive", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	msg := "Subject: filed away\r\nMessage-Id: <filed@client.test>\r\n\r\nkeep me\r\n"
+	ap := c.Append("Archive", int64(len(msg)), &imap.AppendOptions{Flags: []imap.Flag{imap.FlagSeen}})
+	ap.Write([]byte(msg))
+	ap.Close()
+	if _, err := ap.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	c.Logout().Wait()
+	c.Close()
+	before := flagsByMessageID(t, tb)
+
+	out, err := tb.Daemon.Rewind(ctx, snap.Name)
+	if err != nil || !out.OK {
+		t.Fatalf("rewind: %+v %v", out, err)
+	}
+	if got := flagsByMessageID(t, tb); len(got) != 1 {
+		t.Fatalf("after the rewind INBOX holds %v, want the one message of the snapshot", got)
+	}
+	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
+	res, err := replay.Replay(ctx, tb.Daemon.Log, snap.Seq, rewinds[0].Seq, replay.Target{
+		LMTPAddr: tb.Stack.LMTPAddr, IMAPAddr: tb.Stack.IMAPAddr,
+		MasterUser: tb.Stack.MasterUser, MasterPassword: tb.Stack.MasterPassword,
+	})
+	if err != nil {
+		t.Fatalf("replay: %v", err)
+	}
+	// 2 deliveries, CREATE, APPEND; the front-door submissions have no
+	// effect of their own.
+	if res.Replayed != 4 || res.Failed != 0 || res.Skipped[proxy.KindSMTPSubmit] != 2 {
+		t.Fatalf("replay result %+v", res)
+	}
+	if got := flagsByMessageID(t, tb); len(got) != 3 || got["m1@client.test"] != before["m1@client.test"] || got["m2@client.test"] == "" {
+		t.Fatalf("after the replay INBOX holds %v, before the rewind %v", got, before)
+	}
+	_, sel := aliceInbox(t, tb)
+	d, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	d.Login("alice", tb.Stack.Password("alice")).Wait()
+	arch, err := d.Select("Archive", nil).Wait()
+	if err != nil || arch.NumMessages != 1 {
+		t.Fatalf("Archive after the replay: %+v, %v", arch, err)
+	}
+	// Replayed deliveries got UIDs above everything shown before.
+	if sel.UIDNext < 6 {
+		t.Fatalf("UIDNEXT after the replay %d: replayed mail reused UIDs", sel.UIDNext)
+	}
+	recs, _ := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{replay.KindReplay}})
+	if len(recs) != 4 {
+		t.Fatalf("%d replay records, want 4", len(recs))
+	}
+}
