@@ -56,10 +56,11 @@ type Result struct {
 
 // Replay re-executes the logged verbs with after < seq < before against
 // the target, in log order, and records the result of each next to it.
-// It redoes deliveries (re-delivered over LMTP) and the IMAP verbs that
-// need no message translation yet: APPEND, CREATE, DELETE, RENAME,
-// SUBSCRIBE, UNSUBSCRIBE. Verbs whose client was not told OK, or whose
-// delivery was refused, had no effect and are not replayed.
+// It redoes deliveries (re-delivered over LMTP) and the IMAP verbs APPEND,
+// CREATE, DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, STORE, COPY, MOVE and
+// EXPUNGE, naming messages by undo id and translating to their UIDs now.
+// Verbs whose client was not told OK, or whose delivery was refused, had
+// no effect and are not replayed.
 func Replay(ctx context.Context, l *undolog.Log, after, before int64, t Target) (Result, error) {
 	if t.Separator == "" {
 		t.Separator = "*"
@@ -72,7 +73,7 @@ func Replay(ctx context.Context, l *undolog.Log, after, before int64, t Target) 
 	if err != nil {
 		return res, fmt.Errorf("replay: read the log: %w", err)
 	}
-	r := &replayer{t: t, log: l, sessions: map[string]*imapclient.Client{}}
+	r := &replayer{t: t, log: l, sessions: map[string]*imapclient.Client{}, selected: map[string]string{}, moved: map[msgRef]imap.UID{}}
 	defer r.close()
 	for _, v := range verbs {
 		if before > 0 && v.Seq >= before {
@@ -102,7 +103,15 @@ type replayer struct {
 	t        Target
 	log      *undolog.Log
 	sessions map[string]*imapclient.Client // by user
+	selected map[string]string             // mailbox selected in each user's session
+	// moved maps a message the replay made again (delivery, APPEND, COPY,
+	// MOVE) to its new UID. A message not in it existed at the snapshot
+	// and kept its UID through the rollback.
+	moved map[msgRef]imap.UID
 }
+
+// msgRef names a message for the replay: user, mailbox and undo id.
+type msgRef struct{ user, mailbox, undoID string }
 
 func (r *replayer) close() {
 	for _, c := range r.sessions {
@@ -119,7 +128,8 @@ func (r *replayer) verb(ctx context.Context, v undolog.Verb) (ReplayOutcome, err
 	case proxy.KindLMTPDeliver:
 		return r.deliver(ctx, v)
 	case proxy.KindIMAPAppend, proxy.KindIMAPCreate, proxy.KindIMAPDelete, proxy.KindIMAPRename,
-		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe:
+		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe,
+		proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
 		var o proxy.IMAPOutcome
 		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
 			return skipped, nil // the client was not told it happened
@@ -186,7 +196,160 @@ func (r *replayer) deliver(ctx context.Context, v undolog.Verb) (ReplayOutcome, 
 		return ReplayOutcome{}, err
 	}
 	c.Quit()
+	for _, rc := range rcpts {
+		if err := r.learnDelivered(rc, a.UndoID); err != nil {
+			return ReplayOutcome{}, fmt.Errorf("find the re-delivered message for %s: %w", rc, err)
+		}
+	}
 	return ReplayOutcome{Status: "ok", Detail: "re-delivered to " + strings.Join(rcpts, ", ")}, nil
+}
+
+// learnDelivered finds the UID a re-delivered message got in the
+// recipient's INBOX by its Undomail-Id field (LMTP does not say).
+func (r *replayer) learnDelivered(rcpt, undoID string) error {
+	user, _, _ := strings.Cut(rcpt, "@")
+	c, err := r.session(user)
+	if err != nil {
+		return err
+	}
+	if err := r.sel(c, user, "INBOX"); err != nil {
+		return err
+	}
+	// The session may have had INBOX selected since before the delivery:
+	// NOOP lets Dovecot show it the new message (RFC 9051 6.1.2).
+	if err := c.Noop().Wait(); err != nil {
+		return err
+	}
+	found, err := c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: proxy.TraceHeader, Value: undoID}}}, nil).Wait()
+	if err != nil {
+		return err
+	}
+	uids := found.AllUIDs()
+	if len(uids) == 0 {
+		return errors.New("not found after delivery")
+	}
+	r.moved[msgRef{user, "INBOX", undoID}] = uids[len(uids)-1]
+	return nil
+}
+
+// sel selects a mailbox in the user's session if it is not selected.
+func (r *replayer) sel(c *imapclient.Client, user, mailbox string) error {
+	if r.selected[user] == mailbox {
+		return nil
+	}
+	if _, err := c.Select(mailbox, nil).Wait(); err != nil {
+		r.selected[user] = ""
+		return fmt.Errorf("select %s: %w", mailbox, err)
+	}
+	r.selected[user] = mailbox
+	return nil
+}
+
+// translate turns the UIDs a verb named into the UIDs those messages have
+// now: a message the replay made again has a new UID; one that existed at
+// the snapshot kept its UID through the rollback. Messages the replay did
+// not make again and whose UID is above the snapshot's do not exist now
+// (their verb was not replayed) and are left out.
+func (r *replayer) translate(user string, a proxy.IMAPArgs) imap.UIDSet {
+	var set imap.UIDSet
+	for uidText, id := range a.UndoIDs {
+		if u, ok := r.moved[msgRef{user, a.Mailbox, id}]; ok {
+			set.AddNum(u)
+			continue
+		}
+		var n uint32
+		fmt.Sscan(uidText, &n)
+		if n > 0 {
+			set.AddNum(imap.UID(n))
+		}
+	}
+	return set
+}
+
+// onMessages replays STORE, COPY, MOVE and EXPUNGE on the messages the
+// verb named, translated to their UIDs now.
+func (r *replayer) onMessages(c *imapclient.Client, v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+	set := r.translate(v.User, a)
+	if len(set) == 0 {
+		return ReplayOutcome{Status: "ok", Detail: "no message left to act on"}, nil
+	}
+	if err := r.sel(c, v.User, a.Mailbox); err != nil {
+		return ReplayOutcome{}, err
+	}
+	switch v.Kind {
+	case proxy.KindIMAPStore:
+		op := imap.StoreFlagsSet
+		switch a.Op {
+		case "+":
+			op = imap.StoreFlagsAdd
+		case "-":
+			op = imap.StoreFlagsDel
+		}
+		var flags []imap.Flag
+		for _, f := range a.Flags {
+			flags = append(flags, imap.Flag(f))
+		}
+		if err := c.Store(set, &imap.StoreFlags{Op: op, Silent: true, Flags: flags}, nil).Close(); err != nil {
+			return ReplayOutcome{}, err
+		}
+	case proxy.KindIMAPExpunge:
+		// Exactly the messages the original expunged: mark them, then
+		// expunge only them (UIDPLUS), not whatever else is \Deleted now.
+		if err := c.Store(set, &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
+			return ReplayOutcome{}, err
+		}
+		if err := c.UIDExpunge(set).Close(); err != nil {
+			return ReplayOutcome{}, err
+		}
+	case proxy.KindIMAPCopy, proxy.KindIMAPMove:
+		var src, dst imap.NumSet
+		if v.Kind == proxy.KindIMAPCopy {
+			data, err := c.Copy(set, a.Dest).Wait()
+			if err != nil {
+				return ReplayOutcome{}, err
+			}
+			src, dst = data.SourceUIDs, data.DestUIDs
+		} else {
+			data, err := c.Move(set, a.Dest).Wait()
+			if err != nil {
+				return ReplayOutcome{}, err
+			}
+			src, dst = data.SourceUIDs, data.DestUIDs
+		}
+		r.learnCopies(v.User, a, src, dst)
+	}
+	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set)}, nil
+}
+
+// learnCopies notes the UIDs COPYUID gave the copies, under their
+// sources' undo ids (a copy keeps its source's id; the mailbox tells them
+// apart).
+func (r *replayer) learnCopies(user string, a proxy.IMAPArgs, srcSet, dstSet imap.NumSet) {
+	s, ok1 := srcSet.(imap.UIDSet)
+	d, ok2 := dstSet.(imap.UIDSet)
+	if !ok1 || !ok2 {
+		return
+	}
+	src, ok1 := s.Nums()
+	dst, ok2 := d.Nums()
+	if !ok1 || !ok2 || len(src) != len(dst) {
+		return
+	}
+	now := map[imap.UID]string{} // current UID -> undo id
+	for uidText, id := range a.UndoIDs {
+		if u, ok := r.moved[msgRef{user, a.Mailbox, id}]; ok {
+			now[u] = id
+			continue
+		}
+		var n uint32
+		fmt.Sscan(uidText, &n)
+		now[imap.UID(n)] = id
+	}
+	for i := range src {
+		if id := now[src[i]]; id != "" {
+			r.moved[msgRef{user, a.Dest, id}] = dst[i]
+		}
+	}
 }
 
 // session returns an IMAP session logged in as user through the master
@@ -225,6 +388,8 @@ func (r *replayer) imap(ctx context.Context, v undolog.Verb, a proxy.IMAPArgs) (
 		err = c.Unsubscribe(a.Mailbox).Wait()
 	case proxy.KindIMAPAppend:
 		return r.append(c, v, a)
+	case proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
+		return r.onMessages(c, v, a)
 	}
 	if err != nil {
 		return ReplayOutcome{}, err
@@ -263,5 +428,6 @@ func (r *replayer) append(c *imapclient.Client, v undolog.Verb, a proxy.IMAPArgs
 	if res == nil || res.UID == 0 {
 		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
 	}
+	r.moved[msgRef{v.User, a.Mailbox, a.UndoID}] = res.UID
 	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID)}, nil
 }
