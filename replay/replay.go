@@ -25,7 +25,7 @@ const KindReplay = "replay"
 
 // ReplayOutcome is the result of replaying one verb.
 type ReplayOutcome struct {
-	Status string `json:"status"` // "ok", "failed", "skipped"
+	Status string `json:"status"` // "ok", "failed", "cancelled" ("skipped" verbs are not recorded)
 	Detail string `json:"detail,omitempty"`
 }
 
@@ -47,7 +47,7 @@ type Target struct {
 
 // Result counts what a replay did.
 type Result struct {
-	Replayed, Failed int
+	Replayed, Failed, Cancelled int
 	// Skipped counts verbs by kind that were left alone: kinds with no
 	// effect of their own (submissions at the front door, fetches) and
 	// kinds this replay cannot redo yet.
@@ -61,7 +61,19 @@ type Result struct {
 // EXPUNGE, naming messages by undo id and translating to their UIDs now.
 // Verbs whose client was not told OK, or whose delivery was refused, had
 // no effect and are not replayed.
-func Replay(ctx context.Context, l *undolog.Log, after, before int64, t Target) (Result, error) {
+// Plan says which part of the log to replay and which verbs to leave out.
+type Plan struct {
+	// After and Before bound the verbs replayed: After < seq < Before
+	// (Before 0: to the end of the log).
+	After, Before int64
+	// Cancel lists verbs not to replay: the repair of a mistaken DELETE,
+	// a mass EXPUNGE, an operator's bad action. Each is recorded as
+	// cancelled.
+	Cancel map[int64]bool
+}
+
+func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, error) {
+	after, before := p.After, p.Before
 	if t.Separator == "" {
 		t.Separator = "*"
 	}
@@ -79,7 +91,14 @@ func Replay(ctx context.Context, l *undolog.Log, after, before int64, t Target) 
 		if before > 0 && v.Seq >= before {
 			break
 		}
-		out, err := r.verb(ctx, v)
+		var out ReplayOutcome
+		var err error
+		if p.Cancel[v.Seq] {
+			out = ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"}
+			res.Cancelled++
+		} else {
+			out, err = r.verb(ctx, v)
+		}
 		switch {
 		case err != nil:
 			out = ReplayOutcome{Status: "failed", Detail: err.Error()}
@@ -88,7 +107,7 @@ func Replay(ctx context.Context, l *undolog.Log, after, before int64, t Target) 
 		case out.Status == "skipped":
 			res.Skipped[v.Kind]++
 			continue // nothing was done: nothing to record
-		default:
+		case out.Status == "ok":
 			res.Replayed++
 		}
 		b, _ := json.Marshal(out)

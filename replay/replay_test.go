@@ -62,7 +62,7 @@ func TestRewindThenReplay(t *testing.T) {
 		t.Fatalf("after the rewind INBOX holds %v, want the one message of the snapshot", got)
 	}
 	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
-	res, err := replay.Replay(ctx, tb.Daemon.Log, snap.Seq, rewinds[0].Seq, replay.Target{
+	res, err := replay.Replay(ctx, tb.Daemon.Log, replay.Plan{After: snap.Seq, Before: rewinds[0].Seq}, replay.Target{
 		LMTPAddr: tb.Stack.LMTPAddr, IMAPAddr: tb.Stack.IMAPAddr,
 		MasterUser: tb.Stack.MasterUser, MasterPassword: tb.Stack.MasterPassword,
 	})
@@ -209,7 +209,7 @@ func TestReplayMessageVerbs(t *testing.T) {
 		t.Fatalf("rewind: %+v %v", out, err)
 	}
 	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
-	res, err := replay.Replay(ctx, tb.Daemon.Log, snap.Seq, rewinds[0].Seq, replay.Target{
+	res, err := replay.Replay(ctx, tb.Daemon.Log, replay.Plan{After: snap.Seq, Before: rewinds[0].Seq}, replay.Target{
 		LMTPAddr: tb.Stack.LMTPAddr, IMAPAddr: tb.Stack.IMAPAddr,
 		MasterUser: tb.Stack.MasterUser, MasterPassword: tb.Stack.MasterPassword,
 	})

@@ -53,6 +53,10 @@ type Dovecot struct {
 	// sessions were kicked: e.g. stop and start Dovecot's LMTP service.
 	Quiesce [][]string `yaml:"quiesce"`
 	Resume  [][]string `yaml:"resume"`
+	// MasterUser and MasterPassword log in as any user for replay
+	// (Dovecot's master user passdb, auth_master_user_separator "*").
+	MasterUser     string `yaml:"master_user"`
+	MasterPassword string `yaml:"master_password"`
 }
 
 // Snapshots schedules snapshots and says how long they are kept.

@@ -41,6 +41,7 @@ type Daemon struct {
 
 	storeSpec string
 	upstream  replay.Upstream // how a rewind quiesces Dovecot
+	target    replay.Target   // where a replay re-executes verbs
 	logger    *slog.Logger
 	errc      chan error
 	control   *admin.Control
@@ -59,7 +60,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 		return nil, fmt.Errorf("open undo log: %w", err)
 	}
 	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store,
-		upstream: replay.Upstream{Doveadm: cfg.Dovecot.Doveadm, Quiesce: cfg.Dovecot.Quiesce, Resume: cfg.Dovecot.Resume, Logger: logger}}
+		upstream: replay.Upstream{Doveadm: cfg.Dovecot.Doveadm, Quiesce: cfg.Dovecot.Quiesce, Resume: cfg.Dovecot.Resume, Logger: logger},
+		target: replay.Target{LMTPAddr: cfg.LMTP.Upstream, IMAPAddr: cfg.IMAP.Upstream,
+			MasterUser: cfg.Dovecot.MasterUser, MasterPassword: cfg.Dovecot.MasterPassword, Logger: logger}}
 	defer func() {
 		if err != nil {
 			d.Close()

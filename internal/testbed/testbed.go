@@ -61,6 +61,7 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.DataDir = filepath.Join(o.Dir, "undo")
 	cfg.MailRoot = st.MailRoot
 	cfg.Dovecot.Doveadm = []string{"doveadm", "-c", st.DovecotConfig()}
+	cfg.Dovecot.MasterUser, cfg.Dovecot.MasterPassword = st.MasterUser, st.MasterPassword
 	cfg.Hostname = "undomail.test"
 	cfg.SMTP.Listen = o.SMTPListen
 	cfg.SMTP.Upstream = st.SMTPAddr

@@ -1,0 +1,165 @@
+package daemon_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/testbed"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+func send(t *testing.T, tb *testbed.Testbed, id string) {
+	t.Helper()
+	c, err := smtp.Dial(tb.SMTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := "Subject: " + id + "\r\nMessage-Id: <" + id + ">\r\n\r\nbody\r\n"
+	if err := c.SendMail("s@example.test", []string{"alice@example.test"}, strings.NewReader(msg)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// aliceMail lists alice's mailboxes and the Message-Ids in each, read
+// directly from Dovecot.
+func aliceMail(t *testing.T, tb *testbed.Testbed) map[string][]string {
+	t.Helper()
+	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	boxes, err := c.List("", "*", nil).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][]string{}
+	for _, b := range boxes {
+		sel, err := c.Select(b.Mailbox, nil).Wait()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[b.Mailbox] = nil
+		if sel.NumMessages == 0 {
+			continue
+		}
+		var all imap.SeqSet
+		all.AddRange(1, 0)
+		msgs, err := c.Fetch(all, &imap.FetchOptions{Envelope: true}).Collect()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range msgs {
+			out[b.Mailbox] = append(out[b.Mailbox], m.Envelope.MessageID)
+		}
+	}
+	return out
+}
+
+func waitFor(t *testing.T, tb *testbed.Testbed, mailbox, id string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		for _, got := range aliceMail(t, tb)[mailbox] {
+			if got == id {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not in %s", id, mailbox)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestCycleCancelsAnAccidentalDelete: alice deletes a folder full of mail
+// by mistake and mail keeps arriving; a cycle that cancels the DELETE
+// brings the folder and its messages back and keeps the later mail.
+func TestCycleCancelsAnAccidentalDelete(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
+	ctx := context.Background()
+	// A folder with two messages, filed through undomail.
+	send(t, tb, "a1@client.test")
+	send(t, tb, "a2@client.test")
+	waitFor(t, tb, "INBOX", "a2@client.test")
+	waitFor(t, tb, "INBOX", "a1@client.test")
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create("Projects", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	var all imap.SeqSet
+	all.AddRange(1, 0)
+	if _, err := c.Move(all, "Projects").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	snap, _, err := tb.Daemon.Snapshot(ctx, "hourly")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The mistake, then life goes on.
+	if err := c.Delete("Projects").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	c.Logout().Wait()
+	send(t, tb, "later@client.test")
+	waitFor(t, tb, "INBOX", "later@client.test")
+	if _, gone := aliceMail(t, tb)["Projects"]; gone {
+		t.Fatal("the DELETE did not happen")
+	}
+	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindIMAPDelete}})
+	if len(deletes) != 1 {
+		t.Fatalf("DELETE verbs: %d", len(deletes))
+	}
+
+	v, err := tb.Daemon.Cycle(ctx, snap.Name, []int64{deletes[0].Seq})
+	if err != nil || !v.OK || v.Cancelled != 1 {
+		t.Fatalf("cycle verdict %+v, %v", v, err)
+	}
+	got := aliceMail(t, tb)
+	want := map[string][]string{"INBOX": {"later@client.test"}, "Projects": {"a1@client.test", "a2@client.test"}}
+	for box, ids := range want {
+		g := slices.Sorted(slices.Values(got[box]))
+		if fmt.Sprint(g) != fmt.Sprint(ids) {
+			t.Fatalf("after the cycle alice has %v, want %v", got, want)
+		}
+	}
+	// The verdict is in the log, and the cycle can be undone: the present
+	// was snapshotted first.
+	cycles, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{"cycle"}})
+	if len(cycles) != 1 || cycles[0].Outcome == nil {
+		t.Fatalf("cycle verbs %+v", cycles)
+	}
+	var a struct{ Present string }
+	json.Unmarshal(cycles[0].Args, &a)
+	if _, err := tb.Daemon.Store.Get(ctx, a.Present); err != nil {
+		t.Fatalf("the present before the cycle was not kept: %v", err)
+	}
+}
