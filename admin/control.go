@@ -6,6 +6,7 @@
 package admin
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -31,6 +32,14 @@ type Daemon interface {
 	// Rewind rolls the mail store back to a snapshot; the reply is the
 	// rewind's outcome as JSON.
 	RewindJSON(ctx context.Context, snapshot string) (json.RawMessage, error)
+	// Cycle runs a 3R cycle; the reply is its verdict as JSON.
+	CycleJSON(ctx context.Context, to string, cancel []int64) (json.RawMessage, error)
+}
+
+// CycleRequest is the body of POST /cycles.
+type CycleRequest struct {
+	To     string  `json:"to"`
+	Cancel []int64 `json:"cancel"`
 }
 
 // SnapshotReply is the JSON answer to POST /snapshots.
@@ -83,6 +92,21 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 	})
 	mux.HandleFunc("POST /rewind", func(w http.ResponseWriter, r *http.Request) {
 		out, err := s.RewindJSON(r.Context(), r.URL.Query().Get("snapshot"))
+		w.Header().Set("Content-Type", "application/json")
+		if err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			json.NewEncoder(w).Encode(map[string]any{"error": err.Error(), "outcome": out})
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]any{"outcome": out})
+	})
+	mux.HandleFunc("POST /cycles", func(w http.ResponseWriter, r *http.Request) {
+		var req CycleRequest
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+			http.Error(w, "bad cycle request: "+err.Error(), http.StatusBadRequest)
+			return
+		}
+		out, err := s.CycleJSON(r.Context(), req.To, req.Cancel)
 		w.Header().Set("Content-Type", "application/json")
 		if err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -153,7 +177,18 @@ func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, er
 // Rewind asks the daemon to roll the mail store back to a snapshot and
 // returns the rewind's outcome as JSON.
 func (c *Client) Rewind(ctx context.Context, snapshot string) (json.RawMessage, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://undomail/rewind?snapshot="+url.QueryEscape(snapshot), nil)
+	return c.post(ctx, "/rewind?snapshot="+url.QueryEscape(snapshot), nil)
+}
+
+// Cycle asks the daemon to run a 3R cycle and returns its verdict as JSON.
+func (c *Client) Cycle(ctx context.Context, req CycleRequest) (json.RawMessage, error) {
+	b, _ := json.Marshal(req)
+	return c.post(ctx, "/cycles", b)
+}
+
+// post sends a request whose reply is {"outcome": ..., "error": ...}.
+func (c *Client) post(ctx context.Context, path string, body []byte) (json.RawMessage, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://undomail"+path, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}
@@ -167,7 +202,7 @@ func (c *Client) Rewind(ctx context.Context, snapshot string) (json.RawMessage, 
 		Outcome json.RawMessage `json:"outcome"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
-		return nil, fmt.Errorf("control socket %s: bad reply: %w", c.path, err)
+		return nil, fmt.Errorf("control socket %s: bad reply (%s): %w", c.path, resp.Status, err)
 	}
 	if rep.Error != "" {
 		return rep.Outcome, errors.New(rep.Error)

@@ -794,3 +794,110 @@ func TestServeFromExampleConfig(t *testing.T) {
 		}
 	}
 }
+
+// TestCycleUndoesAMassExpunge: a misbehaving client flags and expunges a
+// whole folder; undomail cycle plan shows it, undomail cycle run with
+// those verbs cancelled brings the messages back, and mail that arrived
+// afterwards stays.
+func TestCycleUndoesAMassExpunge(t *testing.T) {
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	cfgPath := filepath.Join(t.TempDir(), "undomail.yaml")
+	os.WriteFile(cfgPath, []byte(fmt.Sprintf("store: copy:%s\nmail_root: %s\ndovecot:\n  doveadm: [doveadm, -c, %s]\n  master_user: %s\n  master_password: %s\n",
+		snapDir, st.MailRoot, st.DovecotConfig(), st.MasterUser, st.MasterPassword)), 0o600)
+	s.extra = []string{"--config", cfgPath}
+	s.start()
+	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	c, err := imapclient.DialInsecure(s.imapAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", st.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create("Lists", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		msg := fmt.Sprintf("Subject: list %d\r\nMessage-Id: <list.%d@client.test>\r\n\r\nx\r\n", i, i)
+		ap := c.Append("Lists", int64(len(msg)), nil)
+		ap.Write([]byte(msg))
+		ap.Close()
+		if _, err := ap.Wait(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
+	if err != nil {
+		t.Fatalf("snapshot: %v %s", err, out)
+	}
+	snap := strings.Fields(out)[1]
+	// The misbehaving client.
+	if _, err := c.Select("Lists", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	var all imap.SeqSet
+	all.AddRange(1, 0)
+	if err := c.Store(all, &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Expunge().Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.Logout().Wait()
+	if err := sendPlain(s.smtpAddr, "Subject: later\r\nMessage-Id: <later@client.test>\r\n\r\nhi\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if ids, _ := inboxMessageIDs(st, "alice"); ids["later@client.test"] == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("later mail not delivered")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	js, err := run(t, "cycle", "plan", "--data-dir", s.dataDir, "--to", snap, "--json")
+	if err != nil {
+		t.Fatalf("cycle plan: %v %s", err, js)
+	}
+	var plan struct {
+		Verbs []struct {
+			Seq    int64
+			Kind   string
+			Action string
+		}
+	}
+	json.Unmarshal([]byte(js), &plan)
+	var cancel []string
+	for _, v := range plan.Verbs {
+		if v.Kind == "imap.store" || v.Kind == "imap.expunge" {
+			cancel = append(cancel, fmt.Sprint(v.Seq))
+		}
+	}
+	if len(cancel) != 2 {
+		t.Fatalf("plan: %s", js)
+	}
+	out, err = run(t, "cycle", "run", "--data-dir", s.dataDir, "--to", snap, "--cancel", strings.Join(cancel, ","), "--yes")
+	if err != nil || !strings.Contains(out, `"ok":true`) || !strings.Contains(out, "2 cancelled") {
+		t.Fatalf("cycle run: %v\n%s", err, out)
+	}
+	d, err := imapclient.DialInsecure(st.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	d.Login("alice", st.Password("alice")).Wait()
+	lists, err := d.Select("Lists", nil).Wait()
+	if err != nil || lists.NumMessages != 3 {
+		t.Fatalf("Lists after the cycle: %+v %v, want its 3 messages back", lists, err)
+	}
+	if ids, _ := inboxMessageIDs(st, "alice"); ids["later@client.test"] != 1 {
+		t.Fatalf("later mail lost in the cycle: %v", ids)
+	}
+	s.stop()
+}

@@ -1,0 +1,229 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/undomail/undomail/admin"
+	"github.com/undomail/undomail/internal/daemon"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+func cycleCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "cycle",
+		Short: "Plan and run a 3R cycle: rewind to a snapshot, repair, replay",
+	}
+	var dataDir, to, cancel string
+	var asJSON, yes bool
+	flags := func(c *cobra.Command) {
+		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
+		c.Flags().StringVar(&to, "to", "", "the snapshot to rewind to (undomail snapshots lists them)")
+		c.Flags().StringVar(&cancel, "cancel", "", "verbs to leave out of the replay, by sequence number: 812,815")
+	}
+	plan := &cobra.Command{
+		Use:   "plan",
+		Short: "Show what a cycle would rewind, replay and leave out; changes nothing",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cancelled, err := parseSeqs(cancel)
+			if err != nil {
+				return err
+			}
+			p, err := planCycle(dataDir, to, cancelled)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(p)
+			}
+			p.print(cmd.OutOrStdout())
+			return nil
+		},
+	}
+	flags(plan)
+	plan.Flags().BoolVar(&asJSON, "json", false, "the plan as JSON")
+	run := &cobra.Command{
+		Use:   "run",
+		Short: "Run a cycle (asks the running daemon); prints its verdict",
+		Long: `run snapshots the present (so the cycle can itself be undone), holds every
+change back, rewinds the mail store to --to, replays every logged verb since
+except those given with --cancel, lets changes through again and prints the
+verdict. The exit status is 0 only for a verified cycle.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cancelled, err := parseSeqs(cancel)
+			if err != nil {
+				return err
+			}
+			p, err := planCycle(dataDir, to, cancelled)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			p.print(out)
+			if !yes {
+				if !isTerminal(os.Stdin) {
+					return fmt.Errorf("a cycle rewinds the mail store; add --yes to go ahead")
+				}
+				fmt.Fprint(out, "Run this cycle? [y/N] ")
+				answer, _ := bufio.NewReader(cmd.InOrStdin()).ReadString('\n')
+				if !strings.HasPrefix(strings.ToLower(strings.TrimSpace(answer)), "y") {
+					return fmt.Errorf("cycle not run")
+				}
+			}
+			c, err := admin.Dial(dataDir)
+			if err != nil {
+				return err
+			}
+			verdict, err := c.Cycle(context.Background(), admin.CycleRequest{To: to, Cancel: cancelled})
+			fmt.Fprintf(out, "verdict: %s\n", verdict)
+			if err != nil {
+				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
+			}
+			return nil
+		},
+	}
+	flags(run)
+	run.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
+	cmd.AddCommand(plan, run)
+	return cmd
+}
+
+func parseSeqs(s string) ([]int64, error) {
+	var out []int64
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			continue
+		}
+		n, err := strconv.ParseInt(f, 10, 64)
+		if err != nil || n <= 0 {
+			return nil, fmt.Errorf("--cancel: %q is not a sequence number", f)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+// cyclePlan is what a cycle would do.
+type cyclePlan struct {
+	To     string     `json:"to"`
+	AtSeq  int64      `json:"at_seq"`
+	Verbs  []planStep `json:"verbs"`
+	Counts struct {
+		Replay, Cancel, NoEffect int
+	} `json:"counts"`
+}
+
+type planStep struct {
+	Seq    int64  `json:"seq"`
+	Kind   string `json:"kind"`
+	User   string `json:"user"`
+	What   string `json:"what"`
+	Action string `json:"action"` // replay, cancel, no effect
+}
+
+// replayable are the verb kinds a cycle re-executes.
+var replayable = map[string]bool{
+	proxy.KindLMTPDeliver: true, proxy.KindIMAPAppend: true, proxy.KindIMAPStore: true, proxy.KindIMAPCopy: true,
+	proxy.KindIMAPMove: true, proxy.KindIMAPExpunge: true, proxy.KindIMAPCreate: true, proxy.KindIMAPDelete: true,
+	proxy.KindIMAPRename: true, proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true,
+}
+
+func planCycle(dataDir, to string, cancel []int64) (*cyclePlan, error) {
+	if to == "" {
+		return nil, fmt.Errorf("--to SNAPSHOT is required (undomail snapshots lists them)")
+	}
+	l, err := undolog.OpenReadOnly(dataDir)
+	if err != nil {
+		return nil, err
+	}
+	defer l.Close()
+	ctx := context.Background()
+	logged, err := daemon.LoggedSnapshots(ctx, l)
+	if err != nil {
+		return nil, err
+	}
+	at, ok := logged[to]
+	if !ok {
+		return nil, fmt.Errorf("no snapshot %s in the undo log (undomail snapshots lists them)", to)
+	}
+	c := map[int64]bool{}
+	for _, s := range cancel {
+		c[s] = true
+	}
+	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: at})
+	if err != nil {
+		return nil, err
+	}
+	p := &cyclePlan{To: to, AtSeq: at}
+	for _, v := range verbs {
+		if !replayable[v.Kind] {
+			if c[v.Seq] {
+				return nil, fmt.Errorf("--cancel %d: a %s is not a change a replay makes", v.Seq, v.Kind)
+			}
+			continue
+		}
+		what, _ := describe(v)
+		step := planStep{Seq: v.Seq, Kind: v.Kind, User: v.User, What: what, Action: "replay"}
+		switch {
+		case c[v.Seq]:
+			step.Action = "cancel"
+			p.Counts.Cancel++
+			delete(c, v.Seq)
+		case !hadEffect(v):
+			step.Action = "no effect"
+			p.Counts.NoEffect++
+		default:
+			p.Counts.Replay++
+		}
+		p.Verbs = append(p.Verbs, step)
+	}
+	for s := range c {
+		return nil, fmt.Errorf("--cancel %d: no such change after snapshot %s", s, to)
+	}
+	return p, nil
+}
+
+func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
+	fmt.Fprintf(w, "rewind to %s (log position %d), then:\n", p.To, p.AtSeq)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tACTION\tKIND\tUSER\tWHAT")
+	for _, s := range p.Verbs {
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\n", s.Seq, s.Action, s.Kind, s.User, s.What)
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "%d to replay, %d cancelled, %d without effect (their clients were not told they happened)\n",
+		p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect)
+}
+
+// hadEffect reports whether a verb changed the store the first time: its
+// client was told OK, or its delivery was accepted for some recipient.
+func hadEffect(v undolog.Verb) bool {
+	if v.Outcome == nil {
+		return false
+	}
+	if v.Kind == proxy.KindLMTPDeliver {
+		var o proxy.DeliveryOutcome
+		if json.Unmarshal(v.Outcome.Outcome, &o) != nil {
+			return false
+		}
+		for _, r := range o.Rcpts {
+			if r.Reply.Positive() {
+				return true
+			}
+		}
+		return false
+	}
+	var o proxy.IMAPOutcome
+	return json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Status == "OK"
+}
