@@ -33,13 +33,20 @@ type Daemon interface {
 	// rewind's outcome as JSON.
 	RewindJSON(ctx context.Context, snapshot string) (json.RawMessage, error)
 	// Cycle runs a 3R cycle; the reply is its verdict as JSON.
-	CycleJSON(ctx context.Context, to string, cancel []int64) (json.RawMessage, error)
+	CycleJSON(ctx context.Context, req CycleRequest) (json.RawMessage, error)
 }
 
 // CycleRequest is the body of POST /cycles.
 type CycleRequest struct {
-	To     string  `json:"to"`
-	Cancel []int64 `json:"cancel"`
+	To      string          `json:"to"`
+	Cancel  []int64         `json:"cancel"`
+	Filters []FilterRequest `json:"filters"`
+}
+
+// FilterRequest is a retroactive filter: a rule and drop or move:FOLDER.
+type FilterRequest struct {
+	Rule   string `json:"rule"`
+	Action string `json:"action"`
 }
 
 // SnapshotReply is the JSON answer to POST /snapshots.
@@ -106,7 +113,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 			http.Error(w, "bad cycle request: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		out, err := s.CycleJSON(r.Context(), req.To, req.Cancel)
+		out, err := s.CycleJSON(r.Context(), req)
 		w.Header().Set("Content-Type", "application/json")
 		if err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)

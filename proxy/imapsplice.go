@@ -35,6 +35,9 @@ type pendingCmd struct {
 	// seqUIDs receives the UIDs of a non-UID FETCH's sequence set,
 	// looked up right behind it (see finish).
 	seqUIDs chan string
+	// setsSeen: a FETCH of content without PEEK, which sets \Seen on what
+	// it returns (RFC 9051 6.4.5) unless the mailbox is read-only.
+	setsSeen bool
 }
 
 // injectedCmd is a command of the proxy's own on the client's upstream
@@ -272,6 +275,7 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 			if resolve = cmd.Name == "FETCH" && !cmd.UID && fetchesContent(cmd); resolve {
 				f.pc.seqUIDs = make(chan string, 1)
 			}
+			f.pc.setsSeen = cmd.Name == "FETCH" && fetchSetsSeen(cmd)
 			close(f.pc.ready)
 		}
 		if err := s.up.write(nil); err != nil {
@@ -760,6 +764,28 @@ func fetchesContent(cmd *imapwire.Command) bool {
 			}
 		}
 		if it.Is("RFC822") || it.Is("RFC822.HEADER") || it.Is("RFC822.TEXT") {
+			return true
+		}
+	}
+	return false
+}
+
+// fetchSetsSeen reports whether a FETCH asks for content without PEEK:
+// BODY[...], BINARY[...], RFC822 or RFC822.TEXT (RFC 9051 6.4.5; RFC 3501
+// 6.4.5 for RFC822*), which sets \Seen.
+func fetchSetsSeen(cmd *imapwire.Command) bool {
+	if len(cmd.Args) < 2 {
+		return false
+	}
+	items := []imapwire.Value{cmd.Args[1]}
+	if cmd.Args[1].Kind == imapwire.List {
+		items = cmd.Args[1].List
+	}
+	for _, it := range items {
+		if it.Section != nil && (it.Section.Name == "BODY" || it.Section.Name == "BINARY") {
+			return true
+		}
+		if it.Is("RFC822") || it.Is("RFC822.TEXT") {
 			return true
 		}
 	}

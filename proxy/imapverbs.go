@@ -96,6 +96,9 @@ type IMAPFetchArgs struct {
 	// UIDs; UIDs then come from a search run right behind it.
 	Seqs    string            `json:"seqs,omitempty"`
 	UndoIDs map[string]string `json:"undo_ids,omitempty"` // by UID, as in IMAPArgs
+	// Seen is set when the FETCH set \Seen on these messages (no PEEK, a
+	// writable mailbox): a change of its own, which replay redoes.
+	Seen bool `json:"seen,omitempty"`
 }
 
 // imapVerb is an intent being built from a parsed command.
@@ -283,7 +286,7 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response) error {
 // logFetch records which messages' bodies or headers a FETCH sent to the
 // user: one compact record per command.
 func (s *imapSession) logFetch(pc *pendingCmd, mb mailboxState) {
-	a := IMAPFetchArgs{Mailbox: mb.name, UIDValidity: mb.uidValidity}
+	a := IMAPFetchArgs{Mailbox: mb.name, UIDValidity: mb.uidValidity, Seen: pc.setsSeen && !mb.readOnly}
 	set := compactSet(pc.fetched)
 	uids := pc.fetched
 	if pc.bySeq {

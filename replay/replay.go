@@ -25,7 +25,7 @@ const KindReplay = "replay"
 
 // ReplayOutcome is the result of replaying one verb.
 type ReplayOutcome struct {
-	Status string `json:"status"` // "ok", "failed", "cancelled" ("skipped" verbs are not recorded)
+	Status string `json:"status"` // ok, failed, cancelled, filtered, repaired ("skipped" verbs are not recorded)
 	Detail string `json:"detail,omitempty"`
 }
 
@@ -48,6 +48,9 @@ type Target struct {
 // Result counts what a replay did.
 type Result struct {
 	Replayed, Failed, Cancelled int
+	// Filtered counts deliveries a filter dropped or filed elsewhere;
+	// Repaired verbs that acted only on such messages.
+	Filtered, Repaired int
 	// Skipped counts verbs by kind that were left alone: kinds with no
 	// effect of their own (submissions at the front door, fetches) and
 	// kinds this replay cannot redo yet.
@@ -70,6 +73,9 @@ type Plan struct {
 	// a mass EXPUNGE, an operator's bad action. Each is recorded as
 	// cancelled.
 	Cancel map[int64]bool
+	// Filters are retroactive filters on deliveries (see Filter). Verbs
+	// on messages a filter dropped are skipped and recorded as such.
+	Filters []*Filter
 }
 
 func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, error) {
@@ -85,7 +91,8 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 	if err != nil {
 		return res, fmt.Errorf("replay: read the log: %w", err)
 	}
-	r := &replayer{t: t, log: l, sessions: map[string]*imapclient.Client{}, selected: map[string]string{}, moved: map[msgRef]imap.UID{}}
+	r := &replayer{t: t, log: l, filters: p.Filters, sessions: map[string]*imapclient.Client{}, selected: map[string]string{},
+		moved: map[msgRef]imap.UID{}, removed: map[msgRef]bool{}}
 	defer r.close()
 	for _, v := range verbs {
 		if before > 0 && v.Seq >= before {
@@ -109,6 +116,10 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 			continue // nothing was done: nothing to record
 		case out.Status == "ok":
 			res.Replayed++
+		case out.Status == "filtered":
+			res.Filtered++
+		case out.Status == "repaired":
+			res.Repaired++
 		}
 		b, _ := json.Marshal(out)
 		if err := l.Append(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", User: v.User, Users: v.Users, Ref: v.Seq, Outcome: b}); err != nil {
@@ -119,8 +130,12 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 }
 
 type replayer struct {
-	t        Target
-	log      *undolog.Log
+	t       Target
+	log     *undolog.Log
+	filters []*Filter
+	// removed are messages a filter kept out of the mailbox verbs name
+	// them in.
+	removed  map[msgRef]bool
 	sessions map[string]*imapclient.Client // by user
 	selected map[string]string             // mailbox selected in each user's session
 	// moved maps a message the replay made again (delivery, APPEND, COPY,
@@ -146,6 +161,17 @@ func (r *replayer) verb(ctx context.Context, v undolog.Verb) (ReplayOutcome, err
 	switch v.Kind {
 	case proxy.KindLMTPDeliver:
 		return r.deliver(ctx, v)
+	case proxy.KindIMAPFetch:
+		// A read is no change, except the \Seen a FETCH without PEEK set.
+		var a proxy.IMAPFetchArgs
+		if json.Unmarshal(v.Args, &a) != nil || !a.Seen || len(a.UndoIDs) == 0 {
+			return skipped, nil
+		}
+		c, err := r.session(v.User)
+		if err != nil {
+			return ReplayOutcome{}, err
+		}
+		return r.onMessages(c, v, proxy.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
 	case proxy.KindIMAPAppend, proxy.KindIMAPCreate, proxy.KindIMAPDelete, proxy.KindIMAPRename,
 		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe,
 		proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
@@ -178,6 +204,11 @@ func (r *replayer) deliver(ctx context.Context, v undolog.Verb) (ReplayOutcome, 
 	}
 	if len(rcpts) == 0 {
 		return skipped, nil
+	}
+	if len(r.filters) > 0 {
+		if out, done, err := r.filter(ctx, v, a, rcpts); done || err != nil {
+			return out, err
+		}
 	}
 	body, err := r.log.OpenBlob(v.Blob)
 	if err != nil {
@@ -221,6 +252,53 @@ func (r *replayer) deliver(ctx context.Context, v undolog.Verb) (ReplayOutcome, 
 		}
 	}
 	return ReplayOutcome{Status: "ok", Detail: "re-delivered to " + strings.Join(rcpts, ", ")}, nil
+}
+
+// filter applies the repair's filters to a delivery. done reports that a
+// filter dealt with it (dropped it, or filed it with APPEND).
+func (r *replayer) filter(ctx context.Context, v undolog.Verb, a proxy.DeliveryArgs, rcpts []string) (ReplayOutcome, bool, error) {
+	msg, err := r.log.ReadBlob(v.Blob)
+	if err != nil {
+		return ReplayOutcome{}, false, fmt.Errorf("read message blob: %w", err)
+	}
+	for _, f := range r.filters {
+		hit, err := f.Match(ctx, a, msg)
+		if err != nil {
+			return ReplayOutcome{}, false, err
+		}
+		if !hit {
+			continue
+		}
+		for _, rc := range rcpts {
+			user, _, _ := strings.Cut(rc, "@")
+			r.removed[msgRef{user, "INBOX", a.UndoID}] = true
+		}
+		folder, move := strings.CutPrefix(f.Action, "move:")
+		if !move {
+			return ReplayOutcome{Status: "filtered", Detail: "dropped by filter " + f.Spec}, true, nil
+		}
+		if a.Submission == 0 {
+			msg = append([]byte(proxy.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
+		}
+		for _, rc := range rcpts {
+			user, _, _ := strings.Cut(rc, "@")
+			c, err := r.session(user)
+			if err != nil {
+				return ReplayOutcome{}, false, err
+			}
+			c.Create(folder, nil).Wait() // an existing folder is fine
+			cmd := c.Append(folder, int64(len(msg)), nil)
+			cmd.Write(msg)
+			cmd.Close()
+			data, err := cmd.Wait()
+			if err != nil {
+				return ReplayOutcome{}, false, fmt.Errorf("file into %s for %s: %w", folder, user, err)
+			}
+			r.moved[msgRef{user, folder, a.UndoID}] = data.UID
+		}
+		return ReplayOutcome{Status: "filtered", Detail: "filed into " + folder + " by filter " + f.Spec}, true, nil
+	}
+	return ReplayOutcome{}, false, nil
 }
 
 // learnDelivered finds the UID a re-delivered message got in the
@@ -269,9 +347,12 @@ func (r *replayer) sel(c *imapclient.Client, user, mailbox string) error {
 // the snapshot kept its UID through the rollback. Messages the replay did
 // not make again and whose UID is above the snapshot's do not exist now
 // (their verb was not replayed) and are left out.
-func (r *replayer) translate(user string, a proxy.IMAPArgs) imap.UIDSet {
-	var set imap.UIDSet
+func (r *replayer) translate(user string, a proxy.IMAPArgs) (set imap.UIDSet, removed int) {
 	for uidText, id := range a.UndoIDs {
+		if r.removed[msgRef{user, a.Mailbox, id}] {
+			removed++
+			continue
+		}
 		if u, ok := r.moved[msgRef{user, a.Mailbox, id}]; ok {
 			set.AddNum(u)
 			continue
@@ -282,21 +363,33 @@ func (r *replayer) translate(user string, a proxy.IMAPArgs) imap.UIDSet {
 			set.AddNum(imap.UID(n))
 		}
 	}
-	return set
+	return set, removed
 }
 
 // onMessages replays STORE, COPY, MOVE and EXPUNGE on the messages the
 // verb named, translated to their UIDs now.
 func (r *replayer) onMessages(c *imapclient.Client, v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
-	set := r.translate(v.User, a)
+	if v.Kind == proxy.KindIMAPCopy || v.Kind == proxy.KindIMAPMove {
+		// A message the repair removed stays removed wherever the user
+		// later copied or moved it.
+		for _, id := range a.UndoIDs {
+			if r.removed[msgRef{v.User, a.Mailbox, id}] {
+				r.removed[msgRef{v.User, a.Dest, id}] = true
+			}
+		}
+	}
+	set, removed := r.translate(v.User, a)
 	if len(set) == 0 {
+		if removed > 0 {
+			return ReplayOutcome{Status: "repaired", Detail: fmt.Sprintf("skipped: its %d messages were removed by the repair", removed)}, nil
+		}
 		return ReplayOutcome{Status: "ok", Detail: "no message left to act on"}, nil
 	}
 	if err := r.sel(c, v.User, a.Mailbox); err != nil {
 		return ReplayOutcome{}, err
 	}
 	switch v.Kind {
-	case proxy.KindIMAPStore:
+	case proxy.KindIMAPStore, proxy.KindIMAPFetch:
 		op := imap.StoreFlagsSet
 		switch a.Op {
 		case "+":

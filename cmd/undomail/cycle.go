@@ -15,6 +15,7 @@ import (
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
 
@@ -23,12 +24,15 @@ func cycleCmd() *cobra.Command {
 		Use:   "cycle",
 		Short: "Plan and run a 3R cycle: rewind to a snapshot, repair, replay",
 	}
-	var dataDir, to, cancel string
+	var dataDir, to, cancel, filterAction string
+	var filters []string
 	var asJSON, yes bool
 	flags := func(c *cobra.Command) {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
 		c.Flags().StringVar(&to, "to", "", "the snapshot to rewind to (undomail snapshots lists them)")
 		c.Flags().StringVar(&cancel, "cancel", "", "verbs to leave out of the replay, by sequence number: 812,815")
+		c.Flags().StringArrayVar(&filters, "filter", nil, `retroactive filter on deliveries: 'header:Subject=~(?i)lottery', 'from=~...', 'rcpt=~...', 'body=~...', 'attachment=~\.exe$', or 'cmd:spamc -c'`)
+		c.Flags().StringVar(&filterAction, "filter-action", "drop", "what --filter does with a match: drop, or move:FOLDER")
 	}
 	plan := &cobra.Command{
 		Use:   "plan",
@@ -85,7 +89,14 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			if err != nil {
 				return err
 			}
-			verdict, err := c.Cycle(context.Background(), admin.CycleRequest{To: to, Cancel: cancelled})
+			req := admin.CycleRequest{To: to, Cancel: cancelled}
+			for _, f := range filters {
+				if _, err := replay.ParseFilter(f, filterAction); err != nil {
+					return err
+				}
+				req.Filters = append(req.Filters, admin.FilterRequest{Rule: f, Action: filterAction})
+			}
+			verdict, err := c.Cycle(context.Background(), req)
 			fmt.Fprintf(out, "verdict: %s\n", verdict)
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
@@ -15,11 +16,18 @@ const KindCycle = "cycle"
 
 // CycleArgs are a cycle's arguments: where it rewinds to and the repair.
 type CycleArgs struct {
-	To     string  `json:"to"`               // snapshot
-	Cancel []int64 `json:"cancel,omitempty"` // verbs left out of the replay
+	To      string       `json:"to"`               // snapshot
+	Cancel  []int64      `json:"cancel,omitempty"` // verbs left out of the replay
+	Filters []FilterSpec `json:"filters,omitempty"`
 	// Present is the snapshot of the store taken before the rewind, so
 	// the cycle itself can be undone.
 	Present string `json:"present"`
+}
+
+// FilterSpec is a retroactive filter as given by the operator.
+type FilterSpec struct {
+	Rule   string `json:"rule"`
+	Action string `json:"action"` // drop, move:FOLDER
 }
 
 // CycleVerdict ends every cycle (DESIGN: "Positive acknowledgement").
@@ -27,6 +35,8 @@ type CycleVerdict struct {
 	OK        bool           `json:"ok"`
 	Replayed  int            `json:"replayed"`
 	Cancelled int            `json:"cancelled"`
+	Filtered  int            `json:"filtered"`
+	Repaired  int            `json:"repaired"` // verbs skipped: their messages were removed by the repair
 	Failed    int            `json:"failed"`
 	Skipped   map[string]int `json:"skipped,omitempty"`
 	Held      float64        `json:"held_s"` // how long changes were held back
@@ -38,9 +48,17 @@ type CycleVerdict struct {
 // replays every logged verb since except those cancelled, and lets
 // changes through again. Changes that arrive meanwhile wait at the gate
 // or get a temporary failure and are retried by their clients.
-func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64) (CycleVerdict, error) {
+func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64, filters []FilterSpec) (CycleVerdict, error) {
 	if d.Store == nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: no store configured")
+	}
+	var fs []*replay.Filter
+	for _, f := range filters {
+		pf, err := replay.ParseFilter(f.Rule, f.Action)
+		if err != nil {
+			return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
+		}
+		fs = append(fs, pf)
 	}
 	snap, err := d.Store.Get(ctx, to)
 	if err != nil {
@@ -50,7 +68,7 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64) (CycleVer
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: snapshot the present first: %w", err)
 	}
-	args, _ := json.Marshal(CycleArgs{To: to, Cancel: cancel, Present: present.Name})
+	args, _ := json.Marshal(CycleArgs{To: to, Cancel: cancel, Filters: filters, Present: present.Name})
 	intent := &undolog.Record{Kind: KindCycle, Session: "cycle", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: log intent: %w", err)
@@ -62,7 +80,7 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64) (CycleVer
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: changes in flight did not finish: %w", err)
 	}
-	v, cerr := d.cycle(ctx, snap.Seq, to, intent.Seq, cancel)
+	v, cerr := d.cycle(ctx, snap.Seq, to, intent.Seq, cancel, fs)
 	resume()
 	v.Held = time.Since(start).Seconds()
 	if cerr != nil {
@@ -76,7 +94,7 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64) (CycleVer
 	return v, cerr
 }
 
-func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64) (CycleVerdict, error) {
+func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter) (CycleVerdict, error) {
 	var v CycleVerdict
 	if _, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, to); err != nil {
 		return v, err
@@ -85,8 +103,9 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 	for _, s := range cancel {
 		c[s] = true
 	}
-	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c}, d.target)
+	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters}, d.target)
 	v.Replayed, v.Cancelled, v.Failed, v.Skipped = res.Replayed, res.Cancelled, res.Failed, res.Skipped
+	v.Filtered, v.Repaired = res.Filtered, res.Repaired
 	if err != nil {
 		return v, err
 	}
@@ -98,8 +117,12 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 }
 
 // CycleJSON is Cycle for the control socket.
-func (d *Daemon) CycleJSON(ctx context.Context, to string, cancel []int64) (json.RawMessage, error) {
-	v, err := d.Cycle(ctx, to, cancel)
+func (d *Daemon) CycleJSON(ctx context.Context, req admin.CycleRequest) (json.RawMessage, error) {
+	var fs []FilterSpec
+	for _, f := range req.Filters {
+		fs = append(fs, FilterSpec{Rule: f.Rule, Action: f.Action})
+	}
+	v, err := d.Cycle(ctx, req.To, req.Cancel, fs)
 	b, _ := json.Marshal(v)
 	return b, err
 }

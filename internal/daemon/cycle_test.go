@@ -15,6 +15,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
@@ -139,7 +140,7 @@ func TestCycleCancelsAnAccidentalDelete(t *testing.T) {
 		t.Fatalf("DELETE verbs: %d", len(deletes))
 	}
 
-	v, err := tb.Daemon.Cycle(ctx, snap.Name, []int64{deletes[0].Seq})
+	v, err := tb.Daemon.Cycle(ctx, snap.Name, []int64{deletes[0].Seq}, nil)
 	if err != nil || !v.OK || v.Cancelled != 1 {
 		t.Fatalf("cycle verdict %+v, %v", v, err)
 	}
@@ -161,5 +162,151 @@ func TestCycleCancelsAnAccidentalDelete(t *testing.T) {
 	json.Unmarshal(cycles[0].Args, &a)
 	if _, err := tb.Daemon.Store.Get(ctx, a.Present); err != nil {
 		t.Fatalf("the present before the cycle was not kept: %v", err)
+	}
+}
+
+// sendSubject sends a message with a subject through the front door.
+func sendSubject(t *testing.T, tb *testbed.Testbed, to, id, subject string) {
+	t.Helper()
+	c, err := smtp.Dial(tb.SMTPAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := "Subject: " + subject + "\r\nMessage-Id: <" + id + ">\r\n\r\nbody\r\n"
+	if err := c.SendMail("s@example.test", []string{to}, strings.NewReader(msg)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// flagState returns "mailbox id" -> sorted flags of alice's messages.
+func flagState(t *testing.T, tb *testbed.Testbed) map[string]string {
+	t.Helper()
+	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	boxes, _ := c.List("", "*", nil).Collect()
+	for _, b := range boxes {
+		sel, err := c.Select(b.Mailbox, nil).Wait()
+		if err != nil || sel.NumMessages == 0 {
+			continue
+		}
+		var all imap.SeqSet
+		all.AddRange(1, 0)
+		msgs, _ := c.Fetch(all, &imap.FetchOptions{Flags: true, Envelope: true}).Collect()
+		for _, m := range msgs {
+			var fl []string
+			for _, f := range m.Flags {
+				if f != `\Recent` {
+					fl = append(fl, string(f))
+				}
+			}
+			slices.Sort(fl)
+			out[b.Mailbox+" "+m.Envelope.MessageID] = fmt.Sprint(fl)
+		}
+	}
+	return out
+}
+
+// TestCycleFiltersASpamWave: ham and spam arrive after a snapshot; alice
+// reads, flags and files some of both, and sends mail. A cycle with a
+// filter installed afterwards removes all spam and keeps every ham
+// message exactly once with its flags and folder, and her later actions.
+func TestCycleFiltersASpamWave(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
+	ctx := context.Background()
+	snap, _, err := tb.Daemon.Snapshot(ctx, "before the wave")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		sendSubject(t, tb, "alice@example.test", fmt.Sprintf("h%d@client.test", i), fmt.Sprintf("minutes %d", i))
+		sendSubject(t, tb, "alice@example.test", fmt.Sprintf("s%d@spam.test", i), "You WIN the Lottery!")
+	}
+	for _, id := range []string{"h0@client.test", "h1@client.test", "h2@client.test", "s0@spam.test", "s1@spam.test", "s2@spam.test"} {
+		waitFor(t, tb, "INBOX", id)
+	}
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create("Work", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	uid := func(id string) imap.UIDSet {
+		found, err := c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: "Message-Id", Value: id}}}, nil).Wait()
+		if err != nil || len(found.AllUIDs()) != 1 {
+			t.Fatalf("find %s: %v", id, err)
+		}
+		return imap.UIDSetNum(found.AllUIDs()[0])
+	}
+	for _, id := range []string{"h0@client.test", "s0@spam.test"} { // read
+		if _, err := c.Fetch(uid(id), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"h1@client.test", "s1@spam.test"} { // flag
+		if err := c.Store(uid(id), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagFlagged}}, nil).Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range []string{"h2@client.test", "s2@spam.test"} { // file
+		if _, err := c.Move(uid(id), "Work").Wait(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.Select("Work", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Store(uid("h2@client.test"), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagAnswered}}, nil).Close(); err != nil {
+		t.Fatal(err)
+	}
+	c.Logout().Wait()
+	// Alice writes to bob: a later action the cycle must keep.
+	sendSubject(t, tb, "bob@example.test", "reply@client.test", "re: minutes")
+
+	before := flagState(t, tb)
+	want := map[string]string{}
+	for k, v := range before {
+		if !strings.Contains(k, "@spam.test") {
+			want[k] = v
+		}
+	}
+	if len(want) != 3 || len(before) != 6 {
+		t.Fatalf("before the cycle: %v", before)
+	}
+	v, err := tb.Daemon.Cycle(ctx, snap.Name, nil, []daemon.FilterSpec{{Rule: "header:Subject=~(?i)lottery", Action: "drop"}})
+	if err != nil || !v.OK {
+		t.Fatalf("cycle verdict %+v, %v", v, err)
+	}
+	if v.Filtered != 3 || v.Repaired != 3 {
+		t.Fatalf("verdict %+v: want 3 spam deliveries filtered, and the read (\\Seen), flag and move of spam skipped", v)
+	}
+	if got := flagState(t, tb); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("after the cycle alice has\n%v\nwant\n%v", got, want)
+	}
+	// bob still has alice's mail.
+	b, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	b.Login("bob", tb.Stack.Password("bob")).Wait()
+	if sel, err := b.Select("INBOX", nil).Wait(); err != nil || sel.NumMessages != 1 {
+		t.Fatalf("bob's INBOX after the cycle: %+v %v", sel, err)
 	}
 }
