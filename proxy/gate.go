@@ -18,6 +18,7 @@ type Gate struct {
 	active  int           // mutations between Enter and Leave
 	wedged  chan struct{} // non-nil while wedged; closed by resume
 	drained chan struct{} // closed when active reaches 0 while wedged
+	holding bool          // wedged for a long repair: refuse at once
 	wedging sync.Mutex    // one Wedge at a time
 }
 
@@ -38,13 +39,16 @@ func (g *Gate) Enter(ctx context.Context) error {
 	}
 	for {
 		g.mu.Lock()
-		w := g.wedged
+		w, holding := g.wedged, g.holding
 		if w == nil {
 			g.active++
 			g.mu.Unlock()
 			return nil
 		}
 		g.mu.Unlock()
+		if holding {
+			return ErrWedged
+		}
 		select {
 		case <-w:
 		case <-ctx.Done():
@@ -69,10 +73,34 @@ func (g *Gate) Leave() {
 
 // Wedge holds new mutations back and waits until those in flight have
 // left. It returns the function that resumes them; if ctx ends first the
-// gate is resumed and the error returned.
+// gate is resumed and the error returned. New mutations wait (a snapshot
+// is short).
 func (g *Gate) Wedge(ctx context.Context) (resume func(), err error) {
+	return g.wedge(ctx, false)
+}
+
+// Hold is Wedge for a repair that takes a while (a rewind, a cycle): new
+// mutations are refused at once, so clients get their temporary failure
+// (SMTP 451 4.3.2, IMAP NO [UNAVAILABLE]) and retry later instead of
+// hanging, and Holding tells the IMAP front end to refuse logins.
+func (g *Gate) Hold(ctx context.Context) (resume func(), err error) {
+	return g.wedge(ctx, true)
+}
+
+// Holding reports whether a Hold is in force.
+func (g *Gate) Holding() bool {
+	if g == nil {
+		return false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.holding
+}
+
+func (g *Gate) wedge(ctx context.Context, hold bool) (resume func(), err error) {
 	g.wedging.Lock()
 	g.mu.Lock()
+	g.holding = hold
 	w := make(chan struct{})
 	g.wedged = w
 	var drained chan struct{}
@@ -83,7 +111,7 @@ func (g *Gate) Wedge(ctx context.Context) (resume func(), err error) {
 	g.mu.Unlock()
 	resume = func() {
 		g.mu.Lock()
-		g.wedged, g.drained = nil, nil
+		g.wedged, g.drained, g.holding = nil, nil, false
 		g.mu.Unlock()
 		close(w)
 		g.wedging.Unlock()

@@ -68,3 +68,28 @@ func TestGateWedgeGivesUp(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestGateHoldRefusesAtOnce(t *testing.T) {
+	var g Gate
+	resume, err := g.Hold(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !g.Holding() {
+		t.Fatal("Holding false during a Hold")
+	}
+	start := time.Now()
+	if err := g.Enter(context.Background()); !errors.Is(err, ErrWedged) {
+		t.Fatalf("Enter during a Hold: %v, want ErrWedged", err)
+	}
+	if time.Since(start) > time.Second {
+		t.Fatal("Enter waited during a Hold instead of refusing")
+	}
+	resume()
+	if g.Holding() {
+		t.Fatal("still holding after resume")
+	}
+	if err := g.Enter(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}

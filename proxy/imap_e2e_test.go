@@ -33,6 +33,7 @@ import (
 	"github.com/emersion/go-imap/v2/imapclient"
 
 	"github.com/emersion/go-sasl"
+	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
@@ -872,5 +873,33 @@ func TestIMAPAuthenticateForms(t *testing.T) {
 				t.Fatalf("got %q, want %s", l, tc.result)
 			}
 		})
+	}
+}
+
+// TestIMAPLoginRefusedDuringRepair: while a rewind or cycle holds the
+// gate, logins get NO [UNAVAILABLE] and SMTP gets 451 4.3.2 at once.
+func TestIMAPLoginRefusedDuringRepair(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	resume, err := tb.Daemon.Gate.Hold(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.Login("alice", tb.Stack.Password("alice")).Wait()
+	var ie *imap.Error
+	if !errors.As(err, &ie) || ie.Code != imap.ResponseCodeUnavailable {
+		t.Fatalf("login during a repair: %v, want NO [UNAVAILABLE]", err)
+	}
+	err = sendOne(t, tb.SMTPAddr(), "held@client.test")
+	if se := smtpErr(err); se == nil || se.Code != 451 || se.EnhancedCode != (smtp.EnhancedCode{4, 3, 2}) {
+		t.Fatalf("SMTP during a repair: %v, want 451 4.3.2", err)
+	}
+	resume()
+	if err := imapLogin(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice")).Noop().Wait(); err != nil {
+		t.Fatalf("after the repair: %v", err)
 	}
 }

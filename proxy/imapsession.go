@@ -297,6 +297,13 @@ func (s *imapSession) authenticate(cmd *imapwire.Command) (user, pass string, ok
 // the filtered capabilities; a refusal is relayed with the upstream's
 // response code and text.
 func (s *imapSession) login(tag, user, pass string) bool {
+	if s.p.cfg.Gate.Holding() {
+		// A rewind or cycle is changing the store under Dovecot: a new
+		// session would see it half done (DESIGN: logins get
+		// NO [UNAVAILABLE] until it is verified).
+		s.say("%s NO [UNAVAILABLE] undomail: mail store under repair; try again in a few minutes.\r\n", tag)
+		return false
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.p.cfg.UpstreamTimeout)
 	defer cancel()
 	up, err := s.p.dialUpstream(ctx)

@@ -76,7 +76,7 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64, filters [
 	wctx, cancelWait := context.WithTimeout(ctx, wedgeTimeout)
 	defer cancelWait()
 	start := time.Now()
-	resume, err := d.Gate.Wedge(wctx)
+	resume, err := d.Gate.Hold(wctx)
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: changes in flight did not finish: %w", err)
 	}

@@ -118,7 +118,7 @@ func (d *Daemon) Rewind(ctx context.Context, snapshot string) (replay.RewindOutc
 	}
 	wctx, cancel := context.WithTimeout(ctx, wedgeTimeout)
 	defer cancel()
-	resume, err := d.Gate.Wedge(wctx)
+	resume, err := d.Gate.Hold(wctx)
 	if err != nil {
 		return replay.RewindOutcome{}, fmt.Errorf("rewind to %s: mutations did not finish within %v: %w", snapshot, wedgeTimeout, err)
 	}
