@@ -31,7 +31,9 @@ type Daemon interface {
 	Snapshot(ctx context.Context, reason string) (timetravel.Snapshot, time.Duration, error)
 	// Rewind rolls the mail store back to a snapshot; the reply is the
 	// rewind's outcome as JSON.
-	RewindJSON(ctx context.Context, snapshot string) (json.RawMessage, error)
+	RewindJSON(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error)
+	// Replay ends a held rewind; the reply is the replay's result.
+	ReplayJSON(ctx context.Context, cancel []int64) (json.RawMessage, error)
 	// Cycle runs a 3R cycle; the reply is its verdict as JSON.
 	CycleJSON(ctx context.Context, req CycleRequest) (json.RawMessage, error)
 }
@@ -98,7 +100,24 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 		json.NewEncoder(w).Encode(rep)
 	})
 	mux.HandleFunc("POST /rewind", func(w http.ResponseWriter, r *http.Request) {
-		out, err := s.RewindJSON(r.Context(), r.URL.Query().Get("snapshot"))
+		out, err := s.RewindJSON(r.Context(), r.URL.Query().Get("snapshot"), r.URL.Query().Get("hold") == "1")
+		w.Header().Set("Content-Type", "application/json")
+		if err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			json.NewEncoder(w).Encode(map[string]any{"error": err.Error(), "outcome": out})
+			return
+		}
+		json.NewEncoder(w).Encode(map[string]any{"outcome": out})
+	})
+	mux.HandleFunc("POST /replay", func(w http.ResponseWriter, r *http.Request) {
+		var req CycleRequest
+		if r.ContentLength > 0 {
+			if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+				http.Error(w, "bad replay request: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+		}
+		out, err := s.ReplayJSON(r.Context(), req.Cancel)
 		w.Header().Set("Content-Type", "application/json")
 		if err != nil {
 			w.WriteHeader(http.StatusServiceUnavailable)
@@ -183,8 +202,19 @@ func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, er
 
 // Rewind asks the daemon to roll the mail store back to a snapshot and
 // returns the rewind's outcome as JSON.
-func (c *Client) Rewind(ctx context.Context, snapshot string) (json.RawMessage, error) {
-	return c.post(ctx, "/rewind?snapshot="+url.QueryEscape(snapshot), nil)
+func (c *Client) Rewind(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error) {
+	q := "/rewind?snapshot=" + url.QueryEscape(snapshot)
+	if hold {
+		q += "&hold=1"
+	}
+	return c.post(ctx, q, nil)
+}
+
+// Replay ends a held rewind: the daemon replays the changes since the
+// snapshot, all but cancel, and lets changes through again.
+func (c *Client) Replay(ctx context.Context, cancel []int64) (json.RawMessage, error) {
+	b, _ := json.Marshal(CycleRequest{Cancel: cancel})
+	return c.post(ctx, "/replay", b)
 }
 
 // Cycle asks the daemon to run a 3R cycle and returns its verdict as JSON.

@@ -54,7 +54,7 @@ func TestRewindThenReplay(t *testing.T) {
 	c.Close()
 	before := flagsByMessageID(t, tb)
 
-	out, err := tb.Daemon.Rewind(ctx, snap.Name)
+	out, err := tb.Daemon.Rewind(ctx, snap.Name, false)
 	if err != nil || !out.OK {
 		t.Fatalf("rewind: %+v %v", out, err)
 	}
@@ -204,7 +204,7 @@ func TestReplayMessageVerbs(t *testing.T) {
 	c.Logout().Wait()
 	want := mailboxState(t, tb, "INBOX", "Archive")
 
-	out, err := tb.Daemon.Rewind(ctx, snap.Name)
+	out, err := tb.Daemon.Rewind(ctx, snap.Name, false)
 	if err != nil || !out.OK {
 		t.Fatalf("rewind: %+v %v", out, err)
 	}

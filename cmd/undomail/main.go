@@ -22,7 +22,7 @@ func main() {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(serveCmd(), logCmd(), fsckCmd(), snapshotCmd(), snapshotsCmd(), rewindCmd(), cycleCmd(), demoCmd(), loadCmd())
+	root.AddCommand(serveCmd(), logCmd(), fsckCmd(), snapshotCmd(), snapshotsCmd(), rewindCmd(), replayCmd(), cycleCmd(), demoCmd(), loadCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "undomail:", err)
 		os.Exit(exitCode(err))

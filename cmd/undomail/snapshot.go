@@ -114,7 +114,7 @@ func snapshotsCmd() *cobra.Command {
 
 func rewindCmd() *cobra.Command {
 	var dataDir, to string
-	var yes bool
+	var yes, hold bool
 	cmd := &cobra.Command{
 		Use:   "rewind",
 		Short: "Roll the mail store back to a snapshot (asks the running daemon)",
@@ -123,7 +123,10 @@ done by hand: every change since the snapshot disappears from the store (it
 stays in the undo log, to be replayed). The daemon holds all changes back
 meanwhile, kicks IMAP sessions, waits until Dovecot has let go of the store,
 rolls back, and raises every mailbox's UIDNEXT and HIGHESTMODSEQ to their
-values before the rewind, so clients never see a UID reused.`,
+values before the rewind, so clients never see a UID reused.
+
+With --hold, changes stay held after the rewind (the split form of a cycle):
+repair the server by hand, then run undomail replay.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if to == "" {
@@ -143,7 +146,7 @@ values before the rewind, so clients never see a UID reused.`,
 			if err != nil {
 				return err
 			}
-			out, err := c.Rewind(context.Background(), to)
+			out, err := c.Rewind(context.Background(), to, hold)
 			if err != nil {
 				return fmt.Errorf("rewind: %w", err)
 			}
@@ -154,5 +157,34 @@ values before the rewind, so clients never see a UID reused.`,
 	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
 	cmd.Flags().StringVar(&to, "to", "", "the snapshot to roll back to")
 	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
+	cmd.Flags().BoolVar(&hold, "hold", false, "keep changes held after the rewind until undomail replay (repair by hand in between)")
+	return cmd
+}
+
+func replayCmd() *cobra.Command {
+	var dataDir, cancel string
+	cmd := &cobra.Command{
+		Use:   "replay",
+		Short: "End a held rewind: replay every logged change since the snapshot, then let changes through",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cancelled, err := parseSeqs(cancel)
+			if err != nil {
+				return err
+			}
+			c, err := admin.Dial(dataDir)
+			if err != nil {
+				return err
+			}
+			out, err := c.Replay(context.Background(), cancelled)
+			fmt.Fprintf(cmd.OutOrStdout(), "replay: %s\n", out)
+			if err != nil {
+				return &exitError{code: 1, msg: "replay failed: " + err.Error()}
+			}
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
+	cmd.Flags().StringVar(&cancel, "cancel", "", "verbs to leave out, by sequence number: 812,815")
 	return cmd
 }

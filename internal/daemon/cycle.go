@@ -64,6 +64,11 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64, filters [
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
+	d.repairMu.Lock()
+	defer d.repairMu.Unlock()
+	if d.pending != nil {
+		return CycleVerdict{}, fmt.Errorf("cycle: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
+	}
 	present, _, err := d.Snapshot(ctx, "before cycle to "+to)
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: snapshot the present first: %w", err)

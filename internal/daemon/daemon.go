@@ -45,6 +45,8 @@ type Daemon struct {
 	logger    *slog.Logger
 	errc      chan error
 	control   *admin.Control
+	repairMu  sync.Mutex         // one rewind, replay or cycle at a time
+	pending   *pendingReplay     // a split-form cycle waiting for its replay
 	stop      context.CancelFunc // ends the snapshot schedule
 	scheduled sync.WaitGroup
 }

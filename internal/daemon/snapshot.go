@@ -110,11 +110,22 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 }
 
 // Rewind rolls the mail store back to a snapshot (replay.Rewind) with the
-// proxies wedged throughout, so no change reaches the store while it is
-// rewound; they resume when it is done.
-func (d *Daemon) Rewind(ctx context.Context, snapshot string) (replay.RewindOutcome, error) {
+// proxies held throughout, so no change reaches the store while it is
+// rewound. With hold, they stay held afterwards, for the split form of a
+// cycle: the operator repairs the server by hand, then Replay brings the
+// logged changes back and lets new ones through.
+func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay.RewindOutcome, error) {
 	if d.Store == nil {
 		return replay.RewindOutcome{}, fmt.Errorf("rewind: no store configured")
+	}
+	d.repairMu.Lock()
+	defer d.repairMu.Unlock()
+	if d.pending != nil {
+		return replay.RewindOutcome{}, fmt.Errorf("rewind: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
+	}
+	snap, err := d.Store.Get(ctx, snapshot)
+	if err != nil {
+		return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
 	}
 	wctx, cancel := context.WithTimeout(ctx, wedgeTimeout)
 	defer cancel()
@@ -122,13 +133,56 @@ func (d *Daemon) Rewind(ctx context.Context, snapshot string) (replay.RewindOutc
 	if err != nil {
 		return replay.RewindOutcome{}, fmt.Errorf("rewind to %s: mutations did not finish within %v: %w", snapshot, wedgeTimeout, err)
 	}
-	defer resume()
-	return replay.Rewind(ctx, d.Log, d.Store, d.upstream, snapshot)
+	before, _ := d.Log.Last()
+	out, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, snapshot)
+	if err != nil || !hold {
+		resume()
+		return out, err
+	}
+	d.pending = &pendingReplay{snapshot: snapshot, after: snap.Seq, before: before + 1, resume: resume}
+	d.logger.Warn("rewound and holding all changes until undomail replay", "snapshot", snapshot)
+	return out, nil
+}
+
+// pendingReplay is a split-form cycle between its rewind and its replay.
+type pendingReplay struct {
+	snapshot      string
+	after, before int64 // the verbs to replay: after < seq < before
+	resume        func()
+}
+
+// Replay ends a split-form cycle: it replays the changes logged between
+// the snapshot and the rewind (all but cancel), then lets changes through.
+func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, error) {
+	d.repairMu.Lock()
+	defer d.repairMu.Unlock()
+	p := d.pending
+	if p == nil {
+		return replay.Result{}, fmt.Errorf("replay: no rewind is waiting (undomail rewind --to SNAPSHOT --hold first)")
+	}
+	c := map[int64]bool{}
+	for _, s := range cancel {
+		c[s] = true
+	}
+	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c}, d.target)
+	d.pending = nil
+	p.resume()
+	if err == nil && res.Failed > 0 {
+		err = fmt.Errorf("%d verbs failed to replay", res.Failed)
+	}
+	return res, err
+}
+
+// ReplayJSON is Replay for the control socket.
+func (d *Daemon) ReplayJSON(ctx context.Context, cancel []int64) (json.RawMessage, error) {
+	res, err := d.Replay(ctx, cancel)
+	b, _ := json.Marshal(res)
+	return b, err
 }
 
 // RewindJSON is Rewind for the control socket.
-func (d *Daemon) RewindJSON(ctx context.Context, snapshot string) (json.RawMessage, error) {
-	out, err := d.Rewind(ctx, snapshot)
+func (d *Daemon) RewindJSON(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error) {
+	out, err := d.Rewind(ctx, snapshot, hold)
 	b, _ := json.Marshal(out)
 	return b, err
 }
