@@ -101,13 +101,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 	})
 	mux.HandleFunc("POST /rewind", func(w http.ResponseWriter, r *http.Request) {
 		out, err := s.RewindJSON(r.Context(), r.URL.Query().Get("snapshot"), r.URL.Query().Get("hold") == "1")
-		w.Header().Set("Content-Type", "application/json")
-		if err != nil {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			json.NewEncoder(w).Encode(map[string]any{"error": err.Error(), "outcome": out})
-			return
-		}
-		json.NewEncoder(w).Encode(map[string]any{"outcome": out})
+		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("POST /replay", func(w http.ResponseWriter, r *http.Request) {
 		var req CycleRequest
@@ -118,13 +112,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 			}
 		}
 		out, err := s.ReplayJSON(r.Context(), req.Cancel)
-		w.Header().Set("Content-Type", "application/json")
-		if err != nil {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			json.NewEncoder(w).Encode(map[string]any{"error": err.Error(), "outcome": out})
-			return
-		}
-		json.NewEncoder(w).Encode(map[string]any{"outcome": out})
+		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("POST /cycles", func(w http.ResponseWriter, r *http.Request) {
 		var req CycleRequest
@@ -133,13 +121,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 			return
 		}
 		out, err := s.CycleJSON(r.Context(), req)
-		w.Header().Set("Content-Type", "application/json")
-		if err != nil {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			json.NewEncoder(w).Encode(map[string]any{"error": err.Error(), "outcome": out})
-			return
-		}
-		json.NewEncoder(w).Encode(map[string]any{"outcome": out})
+		writeOutcome(w, out, err)
 	})
 	c := &Control{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln: ln}
 	go func() {
@@ -148,6 +130,18 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 		}
 	}()
 	return c, nil
+}
+
+// writeOutcome answers {"outcome": ...} or, with 503, {"error": ...,
+// "outcome": ...}: a failed repair still reports how far it got.
+func writeOutcome(w http.ResponseWriter, out json.RawMessage, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	if err != nil {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		json.NewEncoder(w).Encode(map[string]any{"error": err.Error(), "outcome": out})
+		return
+	}
+	json.NewEncoder(w).Encode(map[string]any{"outcome": out})
 }
 
 // Close stops the control socket.

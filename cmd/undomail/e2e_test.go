@@ -705,15 +705,7 @@ func TestSnapshotCommands(t *testing.T) {
 	if err := sendPlain(s.smtpAddr, "Subject: after the snapshot\r\nMessage-Id: <snap.2@client.test>\r\n\r\nhi\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		if ids, _ := inboxMessageIDs(st, "alice"); ids["snap.2@client.test"] == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("second message not delivered")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitInbox(t, st, "snap.2@client.test")
 	if out, err := run(t, "rewind", "--data-dir", s.dataDir, "--to", name); err == nil || !strings.Contains(out, "--yes") {
 		t.Fatalf("rewind without --yes and no terminal: %v %s", err, out)
 	}
@@ -733,11 +725,7 @@ func TestSnapshotCommands(t *testing.T) {
 func TestSplitCycle(t *testing.T) {
 	st := mailstacktest.Start(t, mailstack.Options{})
 	s := newServer(t, st)
-	snapDir := filepath.Join(t.TempDir(), "snaps")
-	cfgPath := filepath.Join(t.TempDir(), "undomail.yaml")
-	os.WriteFile(cfgPath, []byte(fmt.Sprintf("store: copy:%s\nmail_root: %s\ndovecot:\n  doveadm: [doveadm, -c, %s]\n  master_user: %s\n  master_password: %s\n",
-		snapDir, st.MailRoot, st.DovecotConfig(), st.MasterUser, st.MasterPassword)), 0o600)
-	s.extra = []string{"--config", cfgPath}
+	s.extra = []string{"--config", repairConfig(t, st)}
 	s.start()
 	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
 		t.Fatal(err)
@@ -750,15 +738,7 @@ func TestSplitCycle(t *testing.T) {
 	if err := sendPlain(s.smtpAddr, "Subject: after\r\nMessage-Id: <after@client.test>\r\n\r\nhi\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		if ids, _ := inboxMessageIDs(st, "alice"); ids["after@client.test"] == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("not delivered")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitInbox(t, st, "after@client.test")
 	if out, err := run(t, "rewind", "--data-dir", s.dataDir, "--to", snap, "--hold", "--yes"); err != nil {
 		t.Fatalf("rewind --hold: %v %s", err, out)
 	}
@@ -861,11 +841,7 @@ func TestServeFromExampleConfig(t *testing.T) {
 func TestCycleUndoesAMassExpunge(t *testing.T) {
 	st := mailstacktest.Start(t, mailstack.Options{})
 	s := newServer(t, st)
-	snapDir := filepath.Join(t.TempDir(), "snaps")
-	cfgPath := filepath.Join(t.TempDir(), "undomail.yaml")
-	os.WriteFile(cfgPath, []byte(fmt.Sprintf("store: copy:%s\nmail_root: %s\ndovecot:\n  doveadm: [doveadm, -c, %s]\n  master_user: %s\n  master_password: %s\n",
-		snapDir, st.MailRoot, st.DovecotConfig(), st.MasterUser, st.MasterPassword)), 0o600)
-	s.extra = []string{"--config", cfgPath}
+	s.extra = []string{"--config", repairConfig(t, st)}
 	s.start()
 	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
 		t.Fatal(err)
@@ -911,15 +887,7 @@ func TestCycleUndoesAMassExpunge(t *testing.T) {
 	if err := sendPlain(s.smtpAddr, "Subject: later\r\nMessage-Id: <later@client.test>\r\n\r\nhi\r\n"); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		if ids, _ := inboxMessageIDs(st, "alice"); ids["later@client.test"] == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("later mail not delivered")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	waitInbox(t, st, "later@client.test")
 	js, err := run(t, "cycle", "plan", "--data-dir", s.dataDir, "--to", snap, "--json")
 	if err != nil {
 		t.Fatalf("cycle plan: %v %s", err, js)
@@ -959,4 +927,32 @@ func TestCycleUndoesAMassExpunge(t *testing.T) {
 		t.Fatalf("later mail lost in the cycle: %v", ids)
 	}
 	s.stop()
+}
+
+// waitInbox waits until a message with the Message-Id is in alice's INBOX.
+func waitInbox(t *testing.T, st *mailstack.Stack, msgID string) {
+	t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if ids, _ := inboxMessageIDs(st, "alice"); ids[msgID] == 1 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not delivered to alice", msgID)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// repairConfig writes a config file for undomail serve with what rewinds
+// and cycles need on the stack: a copy store of its mail root, doveadm for
+// its Dovecot, and its master user.
+func repairConfig(t *testing.T, st *mailstack.Stack) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "undomail.yaml")
+	cfg := fmt.Sprintf("store: copy:%s\nmail_root: %s\ndovecot:\n  doveadm: [doveadm, -c, %s]\n  master_user: %s\n  master_password: %s\n",
+		filepath.Join(t.TempDir(), "snaps"), st.MailRoot, st.DovecotConfig(), st.MasterUser, st.MasterPassword)
+	if err := os.WriteFile(p, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
