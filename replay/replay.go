@@ -23,6 +23,12 @@ import (
 // verb. Compensation (issue 6) compares it with the verb's first outcome.
 const KindReplay = "replay"
 
+// KindCompensation is a compensating message undomail delivered (issue 6):
+// Args are proxy.DeliveryArgs, Outcome a proxy.DeliveryOutcome, Blob the
+// message. A later replay re-delivers it like a captured delivery, so the
+// explanation survives later cycles and is never made twice.
+const KindCompensation = "compensation"
+
 // ReplayOutcome is the result of replaying one verb.
 type ReplayOutcome struct {
 	Status string `json:"status"` // ok, failed, cancelled, filtered, repaired ("skipped" verbs are not recorded)
@@ -159,7 +165,7 @@ var skipped = ReplayOutcome{Status: "skipped"}
 // verb replays one verb.
 func (r *replayer) verb(ctx context.Context, v undolog.Verb) (ReplayOutcome, error) {
 	switch v.Kind {
-	case proxy.KindLMTPDeliver:
+	case proxy.KindLMTPDeliver, KindCompensation:
 		return r.deliver(ctx, v)
 	case proxy.KindIMAPFetch:
 		// A read is no change, except the \Seen a FETCH without PEEK set.

@@ -86,6 +86,9 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64, filters [
 		return CycleVerdict{}, fmt.Errorf("cycle: changes in flight did not finish: %w", err)
 	}
 	v, cerr := d.cycle(ctx, snap.Seq, to, intent.Seq, cancel, fs)
+	if cerr == nil {
+		cerr = d.compensate(ctx, intent.Seq, &v)
+	}
 	resume()
 	v.Held = time.Since(start).Seconds()
 	if cerr != nil {
