@@ -1,0 +1,252 @@
+package undolog
+
+import (
+	"cmp"
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+)
+
+// PageQuery selects one page of verbs (intents with their outcomes) for
+// the admin timeline. Zero fields do not filter.
+//
+// Every page is an index range scan that stops after Limit matches
+// (keyset paging: the cursor is a seq, never an OFFSET), so a page costs
+// the same in a log of ten thousand verbs as in one of ten million:
+// a user's verbs come from record_users (user, seq), one kind's from
+// records_kind (kind, seq), everything else from the rowid, and a time
+// range is turned into a seq range through records_time.
+type PageQuery struct {
+	User      string    // verbs by or affecting this user
+	Kinds     []string  // verbs of one of these kinds
+	Since     time.Time // verbs with Time >= Since
+	Until     time.Time // verbs with Time < Until
+	AfterSeq  int64     // verbs with Seq > AfterSeq
+	BeforeSeq int64     // verbs with Seq < BeforeSeq; 0: no upper bound
+	// Desc returns the newest verbs first; the next page's cursor is
+	// then BeforeSeq instead of AfterSeq.
+	Desc bool
+	// Text keeps verbs whose arguments contain it, case-insensitively:
+	// a sender, a recipient, a subject or a Message-Id of a delivery, a
+	// mailbox name of an IMAP verb. Its cost grows with how rare a match
+	// is, not with the log.
+	Text  string
+	Limit int // at most this many verbs; 0 means DefaultPageLimit
+}
+
+// DefaultPageLimit and MaxPageLimit bound PageQuery.Limit.
+const (
+	DefaultPageLimit = 100
+	MaxPageLimit     = 5000
+)
+
+// Page is one page of verbs in the order asked for.
+type Page struct {
+	Verbs []Verb
+	// Next is the cursor of the following page (AfterSeq, or BeforeSeq
+	// with Desc); 0 when this page was the last.
+	Next int64
+}
+
+// Page returns one page of verbs matching q.
+func (l *Log) Page(ctx context.Context, q PageQuery) (Page, error) {
+	if q.Limit <= 0 {
+		q.Limit = DefaultPageLimit
+	}
+	q.Limit = min(q.Limit, MaxPageLimit)
+	lo, hi, empty, err := l.seqRange(ctx, q)
+	if err != nil {
+		return Page{}, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+	}
+	if empty {
+		return Page{}, nil
+	}
+	var verbs []Verb
+	if q.User == "" && len(q.Kinds) > 1 {
+		// One index scan per kind, merged: an IN over the kind index
+		// would make SQLite sort every match before the LIMIT.
+		for _, k := range q.Kinds {
+			vs, err := l.pageQuery(ctx, q, lo, hi, []string{k})
+			if err != nil {
+				return Page{}, err
+			}
+			verbs = append(verbs, vs...)
+		}
+		slices.SortFunc(verbs, func(a, b Verb) int {
+			if q.Desc {
+				return cmp.Compare(b.Seq, a.Seq)
+			}
+			return cmp.Compare(a.Seq, b.Seq)
+		})
+		verbs = slices.CompactFunc(verbs, func(a, b Verb) bool { return a.Seq == b.Seq })
+		if len(verbs) > q.Limit {
+			verbs = verbs[:q.Limit]
+		}
+	} else if verbs, err = l.pageQuery(ctx, q, lo, hi, q.Kinds); err != nil {
+		return Page{}, err
+	}
+	p := Page{Verbs: verbs}
+	if len(verbs) == q.Limit {
+		p.Next = verbs[len(verbs)-1].Seq
+	}
+	return p, nil
+}
+
+// seqRange narrows q to lo < seq < hi (hi 0: unbounded), turning the
+// time bounds into seq bounds through the time index. Records are
+// appended in time order, so the first record at or after a time
+// bounds the seqs; the time conditions stay in the query as well, so a
+// record whose clock stepped back is never shown outside the range.
+func (l *Log) seqRange(ctx context.Context, q PageQuery) (lo, hi int64, empty bool, err error) {
+	lo, hi = q.AfterSeq, q.BeforeSeq
+	first := func(t time.Time) (int64, bool, error) {
+		var seq int64
+		err := l.db.QueryRowContext(ctx, `SELECT seq FROM records WHERE time >= ? ORDER BY time LIMIT 1`, t.UnixNano()).Scan(&seq)
+		if errors.Is(err, sql.ErrNoRows) {
+			return 0, false, nil
+		}
+		return seq, err == nil, err
+	}
+	if !q.Since.IsZero() {
+		seq, ok, err := first(q.Since)
+		if err != nil {
+			return 0, 0, false, err
+		}
+		if !ok {
+			return 0, 0, true, nil
+		}
+		lo = max(lo, seq-1)
+	}
+	if !q.Until.IsZero() {
+		seq, ok, err := first(q.Until)
+		if err != nil {
+			return 0, 0, false, err
+		}
+		if ok && (hi == 0 || seq < hi) {
+			hi = seq
+		}
+	}
+	if hi != 0 && hi <= lo+1 {
+		return 0, 0, true, nil
+	}
+	return lo, hi, false, nil
+}
+
+// pageQuery runs one index range scan for q restricted to kinds (at
+// most one kind unless a user drives the scan).
+func (l *Log) pageQuery(ctx context.Context, q PageQuery, lo, hi int64, kinds []string) ([]Verb, error) {
+	var b strings.Builder
+	var where []string
+	var args []any
+	seqCol := "r.seq"
+	b.WriteString("SELECT " + recordCols + ", " + outcomeCols + " FROM ")
+	switch {
+	case q.User != "":
+		seqCol = "u.seq"
+		b.WriteString("record_users u JOIN records r ON r.seq = u.seq ")
+		where = append(where, "u.user = ?")
+		args = append(args, q.User)
+	case len(kinds) == 1:
+		// INDEXED BY: the kind index holds (kind, seq), so this is a
+		// range scan in seq order however common the kind is.
+		b.WriteString("records r INDEXED BY records_kind ")
+	default:
+		b.WriteString("records r ")
+	}
+	b.WriteString(`LEFT JOIN records o ON o.seq = (SELECT min(x.seq) FROM records x WHERE x.kind = 'outcome' AND x.ref = r.seq)`)
+	if lo > 0 {
+		where = append(where, seqCol+" > ?")
+		args = append(args, lo)
+	}
+	if hi > 0 {
+		where = append(where, seqCol+" < ?")
+		args = append(args, hi)
+	}
+	if !q.Since.IsZero() {
+		where = append(where, "r.time >= ?")
+		args = append(args, q.Since.UnixNano())
+	}
+	if !q.Until.IsZero() {
+		where = append(where, "r.time < ?")
+		args = append(args, q.Until.UnixNano())
+	}
+	switch len(kinds) {
+	case 0:
+		where = append(where, "r.kind != 'outcome'")
+	case 1:
+		where = append(where, "r.kind = ?")
+		args = append(args, kinds[0])
+	default:
+		where = append(where, "r.kind IN (?"+strings.Repeat(", ?", len(kinds)-1)+")")
+		for _, k := range kinds {
+			args = append(args, k)
+		}
+	}
+	if q.Text != "" {
+		where = append(where, "instr(lower(CAST(r.args AS TEXT)), ?) > 0")
+		args = append(args, strings.ToLower(q.Text))
+	}
+	b.WriteString(" WHERE " + strings.Join(where, " AND "))
+	b.WriteString(" ORDER BY " + seqCol)
+	if q.Desc {
+		b.WriteString(" DESC")
+	}
+	b.WriteString(" LIMIT ?")
+	args = append(args, q.Limit)
+	rows, err := l.db.QueryContext(ctx, b.String(), args...)
+	if err != nil {
+		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+	}
+	defer rows.Close()
+	var out []Verb
+	for rows.Next() {
+		var v Verb
+		var o Record
+		vs, oscan := scanInto(&v.Record), scanInto(&o)
+		if err := rows.Scan(append(vs.dest(), oscan.dest()...)...); err != nil {
+			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+		}
+		if err := vs.finish(); err != nil {
+			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+		}
+		if o.Seq != 0 {
+			if err := oscan.finish(); err != nil {
+				return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+			}
+			v.Outcome = &o
+		}
+		out = append(out, v)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+	}
+	return out, nil
+}
+
+// Verb returns the verb with this seq and its outcome; ok is false if
+// there is none (or seq is an outcome record).
+func (l *Log) Verb(ctx context.Context, seq int64) (v Verb, ok bool, err error) {
+	p, err := l.Page(ctx, PageQuery{AfterSeq: seq - 1, BeforeSeq: seq + 1, Limit: 1})
+	if err != nil || len(p.Verbs) == 0 {
+		return Verb{}, false, err
+	}
+	return p.Verbs[0], true, nil
+}
+
+// Size is the bytes the log's database takes on disk, write-ahead log
+// included (message blobs in files are not counted).
+func (l *Log) Size() int64 {
+	var n int64
+	for _, suffix := range []string{"", "-wal"} {
+		if fi, err := os.Stat(filepath.Join(l.dir, dbName+suffix)); err == nil {
+			n += fi.Size()
+		}
+	}
+	return n
+}
