@@ -143,11 +143,14 @@ func (c *checker) checkDB(ctx context.Context) error {
 		c.add(Error, 0, "", "database %s: %v", path, err)
 		return nil
 	}
-	var version string
-	if err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'schema_version'`).Scan(&version); err != nil {
+	version, err := readSchemaVersion(ctx, db)
+	switch {
+	case err != nil:
 		c.add(Error, 0, "", "database %s: cannot read schema version: %v", path, err)
-	} else if version != strconv.Itoa(schemaVersion) {
-		c.add(Error, 0, "", "database %s: schema version %s, this binary checks version %d", path, version, schemaVersion)
+	case version > schemaVersion:
+		c.add(Error, 0, "", "database %s: %v", path, &SchemaError{Found: version, Known: schemaVersion})
+	case version < schemaVersion:
+		c.add(Info, 0, "", "database %s: schema version %d; undomail serve migrates it to %d at its next start", path, version, schemaVersion)
 	}
 
 	last, sumAtHead, err := c.walkRecords(ctx, db, headSeq)
@@ -158,6 +161,9 @@ func (c *checker) checkDB(ctx context.Context) error {
 		c.add(Error, 0, "", "database %s: reading records stopped: %v", path, err)
 	}
 	c.checkHead(last, headSeq, headSum, sumAtHead, headErr)
+	if version == 1 {
+		return nil // schema version 1 keeps every blob as a file
+	}
 	if err := c.checkInlineBlobs(ctx, db); err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()

@@ -29,55 +29,9 @@ const (
 	tmpName   = "tmp"
 )
 
-// schemaVersion is stored in meta.schema_version; Open refuses other versions
-// so a later migration can never be skipped by an old binary.
-const schemaVersion = 1
-
 // defaultMaxBatch caps the records in one group commit so one transaction (and
 // the latency of everyone waiting on it) stays bounded.
 const defaultMaxBatch = 1024
-
-const schema = `
-CREATE TABLE IF NOT EXISTS meta (
-	key   TEXT PRIMARY KEY,
-	value TEXT NOT NULL
-) WITHOUT ROWID;
-
-CREATE TABLE IF NOT EXISTS records (
-	seq      INTEGER PRIMARY KEY,  -- rowid: paging by seq needs no extra index
-	time     INTEGER NOT NULL,     -- unix nanoseconds
-	user     TEXT NOT NULL,
-	session  TEXT NOT NULL,
-	kind     TEXT NOT NULL,
-	ref      INTEGER NOT NULL,
-	blob     TEXT NOT NULL,
-	users    TEXT NOT NULL,        -- JSON array, exactly as hashed
-	args     BLOB NOT NULL,
-	outcome  BLOB NOT NULL,
-	prev_sum BLOB NOT NULL,
-	sum      BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS records_time ON records(time);
-CREATE INDEX IF NOT EXISTS records_kind ON records(kind);
-CREATE INDEX IF NOT EXISTS records_outcome ON records(ref) WHERE kind = 'outcome';
-CREATE INDEX IF NOT EXISTS records_undo_id ON records(` + undoIDExpr + `) WHERE ` + undoIDExpr + ` IS NOT NULL;
-
--- record_users files each record under its actor and every affected user, so
--- a user's timeline is an index range scan ordered by seq.
-CREATE TABLE IF NOT EXISTS record_users (
-	user TEXT NOT NULL,
-	seq  INTEGER NOT NULL,
-	PRIMARY KEY (user, seq)
-) WITHOUT ROWID;
-
--- inline_blobs holds blobs up to Options.InlineBlobMax, named by SHA-256 like
--- the files in blobs/. They are written in the same transaction as the first
--- record naming them, so one fsync makes both durable; see blob.go.
-CREATE TABLE IF NOT EXISTS inline_blobs (
-	sha  TEXT PRIMARY KEY,
-	data BLOB NOT NULL
-) WITHOUT ROWID;
-`
 
 // Options configure Open.
 type Options struct {
@@ -226,7 +180,9 @@ func (l *Log) open() error {
 	}
 	l.db = db
 	ctx := context.Background()
-	if err := l.initSchema(ctx); err != nil {
+	// Migrations (migrate.go) create a new log and upgrade an older one;
+	// a log from a newer undomail is refused untouched.
+	if err := migrate(ctx, db, l.logger); err != nil {
 		return wrapOpen(err)
 	}
 	if err := l.checkPragmas(ctx); err != nil {
@@ -253,31 +209,6 @@ func (l *Log) open() error {
 		l.headSeq, l.headSum = last.Seq, last.Sum
 	}
 	return l.checkHead(ctx)
-}
-
-func (l *Log) initSchema(ctx context.Context) error {
-	tx, err := l.db.BeginTx(ctx, nil)
-	if err != nil {
-		return fmt.Errorf("begin schema transaction: %w", err)
-	}
-	defer tx.Rollback()
-	if _, err := tx.ExecContext(ctx, schema); err != nil {
-		return fmt.Errorf("create schema: %w", err)
-	}
-	if _, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)`, strconv.Itoa(schemaVersion)); err != nil {
-		return fmt.Errorf("record schema version: %w", err)
-	}
-	var v string
-	if err := tx.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'schema_version'`).Scan(&v); err != nil {
-		return fmt.Errorf("read schema version: %w", err)
-	}
-	if v != strconv.Itoa(schemaVersion) {
-		return fmt.Errorf("schema version %s not supported (this binary knows %d)", v, schemaVersion)
-	}
-	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("commit schema: %w", err)
-	}
-	return nil
 }
 
 // checkPragmas makes sure the durability settings really took effect: a file

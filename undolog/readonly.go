@@ -29,6 +29,20 @@ func OpenReadOnly(dir string) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open undo log %s read-only: %w", dir, err)
 	}
+	// A newer schema may mean records this binary would misread; an older
+	// one lacks what its queries use (migrate.go) until serve migrates it.
+	switch v, err := readSchemaVersion(context.Background(), db); {
+	case err != nil:
+		db.Close()
+		return nil, fmt.Errorf("open undo log %s read-only: %w", dir, err)
+	case v > schemaVersion:
+		db.Close()
+		return nil, fmt.Errorf("open undo log %s read-only: %w", dir, &SchemaError{Found: v, Known: schemaVersion})
+	case v < schemaVersion:
+		db.Close()
+		return nil, fmt.Errorf("open undo log %s read-only: schema version %d predates this undomail's %d: "+
+			"start undomail serve with this release once to migrate it (undomail fsck reads it as it is)", dir, v, schemaVersion)
+	}
 	l := &Log{
 		dir:           dir,
 		db:            db,

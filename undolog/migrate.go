@@ -1,0 +1,180 @@
+package undolog
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+)
+
+// The log's schema version lives in SQLite's header field user_version
+// (PRAGMA user_version), which a transaction updates atomically with the
+// DDL that changes the schema. It is mirrored into meta.schema_version,
+// the key binaries before versioned migrations read and refuse unless it
+// is "1": so even such an old binary refuses a migrated log instead of
+// writing records it cannot describe.
+//
+// To change the schema: append a migration below, never edit one that has
+// shipped (logs in the field were built by it), and extend
+// TestMigrateFromV1 if the migration moves data.
+
+// schemaVersion is the newest schema this binary reads and writes: the
+// version of the last migration.
+var schemaVersion = migrations[len(migrations)-1].version
+
+// migration turns a log of schema version-1 into version.
+type migration struct {
+	version int
+	what    string // for the log line that reports the upgrade
+	sql     string
+}
+
+// migrations are applied in order, all pending ones in one transaction.
+var migrations = []migration{
+	{1, "records, record_users and meta (the first undo log)", `
+CREATE TABLE IF NOT EXISTS meta (
+	key   TEXT PRIMARY KEY,
+	value TEXT NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS records (
+	seq      INTEGER PRIMARY KEY,  -- rowid: paging by seq needs no extra index
+	time     INTEGER NOT NULL,     -- unix nanoseconds
+	user     TEXT NOT NULL,
+	session  TEXT NOT NULL,
+	kind     TEXT NOT NULL,
+	ref      INTEGER NOT NULL,
+	blob     TEXT NOT NULL,
+	users    TEXT NOT NULL,        -- JSON array, exactly as hashed
+	args     BLOB NOT NULL,
+	outcome  BLOB NOT NULL,
+	prev_sum BLOB NOT NULL,
+	sum      BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_time ON records(time);
+CREATE INDEX IF NOT EXISTS records_kind ON records(kind);
+CREATE INDEX IF NOT EXISTS records_outcome ON records(ref) WHERE kind = 'outcome';
+
+-- record_users files each record under its actor and every affected user, so
+-- a user's timeline is an index range scan ordered by seq.
+CREATE TABLE IF NOT EXISTS record_users (
+	user TEXT NOT NULL,
+	seq  INTEGER NOT NULL,
+	PRIMARY KEY (user, seq)
+) WITHOUT ROWID;
+`},
+	{2, "inline_blobs: small message blobs inside the database", `
+-- inline_blobs holds blobs up to Options.InlineBlobMax, named by SHA-256 like
+-- the files in blobs/. They are written in the same transaction as the first
+-- record naming them, so one fsync makes both durable; see blob.go.
+CREATE TABLE IF NOT EXISTS inline_blobs (
+	sha  TEXT PRIMARY KEY,
+	data BLOB NOT NULL
+) WITHOUT ROWID;
+`},
+	{3, "records_undo_id: records indexed by the undo id in their arguments", `
+CREATE INDEX IF NOT EXISTS records_undo_id ON records(` + undoIDExpr + `) WHERE ` + undoIDExpr + ` IS NOT NULL;
+`},
+}
+
+// ErrSchemaTooNew means the log was written by a newer undomail, with a
+// schema this binary does not know. The log is left untouched.
+var ErrSchemaTooNew = errors.New("undo log written by a newer undomail")
+
+// SchemaError reports a log whose schema version this binary cannot use.
+type SchemaError struct {
+	Found int // the log's schema version
+	Known int // the newest version this binary knows
+}
+
+// Error implements error.
+func (e *SchemaError) Error() string {
+	return fmt.Sprintf("schema version %d is newer than this undomail knows (%d): run the undomail release that wrote it, "+
+		"or a later one; the log was not changed", e.Found, e.Known)
+}
+
+// Unwrap returns ErrSchemaTooNew.
+func (e *SchemaError) Unwrap() error { return ErrSchemaTooNew }
+
+// querier is what schema reads need: a *sql.DB, *sql.Conn or *sql.Tx.
+type querier interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// readSchemaVersion returns the log's schema version: user_version, or for
+// a log written before user_version was kept, 1 if it has a records table
+// (those logs say schema_version 1 in meta) and 0 for an empty database.
+func readSchemaVersion(ctx context.Context, db querier) (int, error) {
+	var v int
+	if err := db.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
+		return 0, fmt.Errorf("read user_version: %w", err)
+	}
+	if v != 0 {
+		return v, nil
+	}
+	var n int
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'records'`).Scan(&n); err != nil {
+		return 0, fmt.Errorf("look for the records table: %w", err)
+	}
+	if n == 0 {
+		return 0, nil
+	}
+	var meta string
+	if err := db.QueryRowContext(ctx, `SELECT value FROM meta WHERE key = 'schema_version'`).Scan(&meta); err != nil {
+		return 0, fmt.Errorf("read meta.schema_version of a log without user_version: %w", err)
+	}
+	if meta != "1" {
+		return 0, fmt.Errorf("meta.schema_version is %q but user_version is 0: not a log this undomail wrote", meta)
+	}
+	return 1, nil
+}
+
+// migrate brings the database to schemaVersion in one transaction: a crash
+// or error leaves the log at its old version, whole. A log newer than
+// schemaVersion is refused before anything is written.
+func migrate(ctx context.Context, db *sql.DB, logger *slog.Logger) error {
+	// The DSN's _txlock=immediate makes this BEGIN IMMEDIATE: the version
+	// read and the DDL cannot interleave with another writer.
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("begin schema migration: %w", err)
+	}
+	defer tx.Rollback()
+	from, err := readSchemaVersion(ctx, tx)
+	if err != nil {
+		return fmt.Errorf("schema: %w", err)
+	}
+	switch {
+	case from > schemaVersion:
+		return &SchemaError{Found: from, Known: schemaVersion}
+	case from == schemaVersion:
+		return nil
+	}
+	for _, m := range migrations {
+		if m.version <= from {
+			continue
+		}
+		if _, err := tx.ExecContext(ctx, m.sql); err != nil {
+			return fmt.Errorf("migrate schema to version %d (%s): %w", m.version, m.what, err)
+		}
+		if from > 0 {
+			logger.Info("migrating undo log schema", "from", m.version-1, "to", m.version, "change", m.what)
+		}
+	}
+	// PRAGMA takes no parameters; schemaVersion is our own integer.
+	if _, err := tx.ExecContext(ctx, "PRAGMA user_version = "+strconv.Itoa(schemaVersion)); err != nil {
+		return fmt.Errorf("set user_version to %d: %w", schemaVersion, err)
+	}
+	if _, err := tx.ExecContext(ctx, `INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)`, strconv.Itoa(schemaVersion)); err != nil {
+		return fmt.Errorf("record schema version %d in meta: %w", schemaVersion, err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("commit schema migration %d -> %d: %w", from, schemaVersion, err)
+	}
+	if from > 0 {
+		logger.Info("undo log schema migrated", "from", from, "to", schemaVersion)
+	}
+	return nil
+}
