@@ -43,6 +43,10 @@ type CycleRequest struct {
 	To      string          `json:"to"`
 	Cancel  []int64         `json:"cancel"`
 	Filters []FilterRequest `json:"filters"`
+	// Keep leaves the filters active for live mail after the cycle.
+	Keep bool `json:"keep,omitempty"`
+	// Reason is the operator's why, for the log and the people affected.
+	Reason string `json:"reason,omitempty"`
 }
 
 // FilterRequest is a retroactive filter: a rule and drop or move:FOLDER.

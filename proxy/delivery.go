@@ -77,6 +77,9 @@ type DeliveryOutcome struct {
 	// Error says what went wrong on undomail's side when the reply is one
 	// undomail made up (upstream lost, timeout) rather than the upstream's.
 	Error string `json:"error,omitempty"`
+	// Filtered names the live filter that dropped the message or filed it
+	// elsewhere instead of forwarding it ("RULE -> ACTION").
+	Filtered string `json:"filtered,omitempty"`
 }
 
 // headerSniffer keeps the header section of a message as it streams past,

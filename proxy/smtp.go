@@ -53,6 +53,11 @@ type SMTPConfig struct {
 	// Gate, if set, is passed by every transaction from its intent to its
 	// outcome, so a snapshot can cut between transactions.
 	Gate *Gate
+	// Divert, if set, sees every logged LMTP delivery before it is
+	// forwarded: filters a cycle left active for live mail. An outcome it
+	// returns replaces forwarding (the message was dropped or filed
+	// elsewhere); nil forwards as usual.
+	Divert func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
 }
 
 // SMTPProxy is a write-ahead SMTP or LMTP relay: for each transaction it
@@ -458,7 +463,13 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 		return nil, replyLogUnavailable.smtpError()
 	}
 	seq := intent.Seq
-	out := s.forward(args, blob)
+	var out *DeliveryOutcome
+	if s.p.cfg.LMTP && s.p.cfg.Divert != nil {
+		out = s.p.cfg.Divert(ctx, args, blob)
+	}
+	if out == nil {
+		out = s.forward(args, blob)
+	}
 	outJSON, _ := json.Marshal(out)
 	// The outcome is written before the client hears it, but not fsynced
 	// first: the intent already holds everything the sender handed over,

@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/emersion/go-message"
@@ -38,6 +39,10 @@ import (
 type Filter struct {
 	Spec   string
 	Action string // "drop" or "move:FOLDER"
+
+	// after and before, when set, limit the filter to deliveries logged
+	// after < seq < before: the ones the cycle that applied it judged.
+	after, before int64
 
 	field   string // header:X, from, rcpt, body, attachment, cmd
 	re      *regexp.Regexp
@@ -150,4 +155,60 @@ func (f *Filter) matchAttachment(msg []byte) bool {
 		return nil
 	})
 	return found
+}
+
+// filterSet applies a replay's filters; workers replaying different
+// recipients of one delivery share its verdict, so a classifier command
+// runs once per delivery.
+type filterSet struct {
+	filters  []*Filter
+	mu       sync.Mutex
+	verdicts map[int64]filterVerdict
+}
+
+type filterVerdict struct {
+	f   *Filter // nil: no filter matched
+	err error
+}
+
+// judge returns the filter that matches delivery seq, if any.
+func (s *filterSet) judge(ctx context.Context, seq int64, a proxy.DeliveryArgs, msg func() ([]byte, error)) (*Filter, error) {
+	if len(s.filters) == 0 {
+		return nil, nil
+	}
+	s.mu.Lock()
+	v, ok := s.verdicts[seq]
+	s.mu.Unlock()
+	if ok {
+		return v.f, v.err
+	}
+	v = s.match(ctx, seq, a, msg)
+	s.mu.Lock()
+	s.verdicts[seq] = v
+	s.mu.Unlock()
+	return v.f, v.err
+}
+
+func (s *filterSet) match(ctx context.Context, seq int64, a proxy.DeliveryArgs, msg func() ([]byte, error)) filterVerdict {
+	var body []byte
+	for _, f := range s.filters {
+		if (f.before > 0 && seq >= f.before) || seq <= f.after {
+			continue
+		}
+		if body == nil {
+			b, err := msg()
+			if err != nil {
+				return filterVerdict{err: fmt.Errorf("read message blob: %w", err)}
+			}
+			body = b
+		}
+		hit, err := f.Match(ctx, a, body)
+		if err != nil {
+			return filterVerdict{err: err}
+		}
+		if hit {
+			return filterVerdict{f: f}
+		}
+	}
+	return filterVerdict{}
 }

@@ -3,17 +3,11 @@ package replay
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
+	"sort"
 	"strings"
-	"time"
-
-	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapclient"
-	"github.com/emersion/go-smtp"
+	"sync"
 
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
@@ -21,6 +15,8 @@ import (
 
 // KindReplay records what replaying one logged verb did; Ref names the
 // verb. Compensation (issue 6) compares it with the verb's first outcome.
+// A delivery to several recipients is replayed per recipient, with one
+// record per recipient's user.
 const KindReplay = "replay"
 
 // KindCompensation is a compensating message undomail delivered (issue 6):
@@ -51,25 +47,6 @@ type Target struct {
 	Logger         *slog.Logger
 }
 
-// Result counts what a replay did.
-type Result struct {
-	Replayed, Failed, Cancelled int
-	// Filtered counts deliveries a filter dropped or filed elsewhere;
-	// Repaired verbs that acted only on such messages.
-	Filtered, Repaired int
-	// Skipped counts verbs by kind that were left alone: kinds with no
-	// effect of their own (submissions at the front door, fetches) and
-	// kinds this replay cannot redo yet.
-	Skipped map[string]int
-}
-
-// Replay re-executes the logged verbs with after < seq < before against
-// the target, in log order, and records the result of each next to it.
-// It redoes deliveries (re-delivered over LMTP) and the IMAP verbs APPEND,
-// CREATE, DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, STORE, COPY, MOVE and
-// EXPUNGE, naming messages by undo id and translating to their UIDs now.
-// Verbs whose client was not told OK, or whose delivery was refused, had
-// no effect and are not replayed.
 // Plan says which part of the log to replay and which verbs to leave out.
 type Plan struct {
 	// After and Before bound the verbs replayed: After < seq < Before
@@ -82,470 +59,388 @@ type Plan struct {
 	// Filters are retroactive filters on deliveries (see Filter). Verbs
 	// on messages a filter dropped are skipped and recorded as such.
 	Filters []*Filter
+	// Workers is how many users replay at once (default 4). One user's
+	// verbs always replay in log order, in one session.
+	Workers int
+	// Progress, if set, is told how far the replay is after every verb.
+	// Calls are serialised.
+	Progress func(Progress)
 }
 
+// Progress is how far a cycle is.
+type Progress struct {
+	Phase  string `json:"phase"` // snapshot, hold, rewind, replay, verify, compensate, done
+	Done   int    `json:"done"`  // verbs replayed (or users verified)
+	Total  int    `json:"total"`
+	Users  int    `json:"users"`
+	Failed int    `json:"failed"`
+}
+
+// Result counts what a replay did.
+type Result struct {
+	Replayed, Failed, Cancelled int
+	// Filtered counts deliveries a filter dropped or filed elsewhere;
+	// Repaired verbs that acted only on such messages.
+	Filtered, Repaired int
+	// Skipped counts verbs by kind that were left alone: kinds with no
+	// effect of their own (submissions at the front door, fetches without
+	// \Seen) and changes whose client was not told they happened.
+	Skipped map[string]int
+	// Users is how many users had verbs replayed; Messages how many
+	// messages the replay made again (deliveries per recipient, APPENDs).
+	Users, Messages int
+	// Verify compares the store after the replay with what the log
+	// predicts.
+	Verify Verification
+}
+
+// task is one unit of a user's replay: a verb, or for a delivery the part
+// of it addressed to one recipient.
+type task struct {
+	v      undolog.Verb
+	rcpt   string // deliveries: the recipient
+	cancel string // why the verb is left out; "" replays it
+}
+
+// Replay re-executes the logged verbs with After < seq < Before against
+// the target and records the result of each next to it. It redoes
+// deliveries (re-delivered over LMTP) and the IMAP verbs APPEND, CREATE,
+// DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, STORE, COPY, MOVE, EXPUNGE and
+// the \Seen a FETCH set, naming messages by undo id and translating to
+// their UIDs now. Verbs whose client was not told OK, or whose delivery
+// was refused, had no effect and are not replayed.
+//
+// Users replay in parallel, each user's verbs in log order. Afterwards
+// every mailbox the replay touched is read back and compared with what
+// the log predicts (Result.Verify).
 func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, error) {
-	after, before := p.After, p.Before
 	if t.Separator == "" {
 		t.Separator = "*"
 	}
 	if t.Logger == nil {
 		t.Logger = slog.Default()
 	}
+	if p.Workers <= 0 {
+		p.Workers = 4
+	}
 	res := Result{Skipped: map[string]int{}}
-	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: after})
+	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: p.After})
 	if err != nil {
 		return res, fmt.Errorf("replay: read the log: %w", err)
 	}
-	r := &replayer{t: t, log: l, filters: p.Filters, sessions: map[string]*imapclient.Client{}, selected: map[string]string{},
-		moved: map[msgRef]imap.UID{}, removed: map[msgRef]bool{}}
-	defer r.close()
+	if p.Before > 0 {
+		n := sort.Search(len(verbs), func(i int) bool { return verbs[i].Seq >= p.Before })
+		verbs = verbs[:n]
+	}
+	earlier, err := earlierDecisions(ctx, l, p.After, verbs)
+	if err != nil {
+		return res, err
+	}
+	queues := map[string][]task{}
+	total := 0
 	for _, v := range verbs {
-		if before > 0 && v.Seq >= before {
-			break
-		}
-		var out ReplayOutcome
-		var err error
-		if p.Cancel[v.Seq] {
-			out = ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"}
-			res.Cancelled++
-		} else {
-			out, err = r.verb(ctx, v)
-		}
+		why := ""
 		switch {
-		case err != nil:
-			out = ReplayOutcome{Status: "failed", Detail: err.Error()}
-			res.Failed++
-			t.Logger.Warn("replay failed", "seq", v.Seq, "kind", v.Kind, "err", err)
-		case out.Status == "skipped":
-			res.Skipped[v.Kind]++
-			continue // nothing was done: nothing to record
-		case out.Status == "ok":
-			res.Replayed++
-		case out.Status == "filtered":
-			res.Filtered++
-		case out.Status == "repaired":
-			res.Repaired++
+		case p.Cancel[v.Seq]:
+			why = "left out by the repair"
+		case earlier.cancelled[v.Seq] != 0:
+			why = fmt.Sprintf("left out by the repair of cycle %d", earlier.cancelled[v.Seq])
 		}
-		b, _ := json.Marshal(out)
-		if err := l.Append(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", User: v.User, Users: v.Users, Ref: v.Seq, Outcome: b}); err != nil {
-			return res, fmt.Errorf("replay: record the replay of verb %d: %w", v.Seq, err)
+		ts, skip := split(v)
+		if skip {
+			res.Skipped[v.Kind]++
+			continue
+		}
+		for _, tk := range ts {
+			tk.cancel = why
+			user := tk.user()
+			queues[user] = append(queues[user], tk)
+			total++
 		}
 	}
+	res.Users = len(queues)
+	users := make([]string, 0, len(queues))
+	for u := range queues {
+		users = append(users, u)
+	}
+	sort.Strings(users)
+
+	fs := &filterSet{filters: append(append([]*Filter(nil), p.Filters...), earlier.filters...), verdicts: map[int64]filterVerdict{}}
+	var mu sync.Mutex // guards res, the progress count and first
+	var first error
+	done := 0
+	report := func(phase string, n, of int) {
+		if p.Progress != nil {
+			p.Progress(Progress{Phase: phase, Done: n, Total: of, Users: len(users), Failed: res.Failed})
+		}
+	}
+	report("replay", 0, total)
+	work := make(chan string)
+	replayers := make([]*userReplayer, len(users))
+	index := map[string]int{}
+	for i, u := range users {
+		index[u] = i
+	}
+	var wg sync.WaitGroup
+	for range min(p.Workers, len(users)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for user := range work {
+				r := newUserReplayer(user, t, l, fs)
+				replayers[index[user]] = r
+				for _, tk := range queues[user] {
+					out, err := r.run(ctx, tk)
+					mu.Lock()
+					switch {
+					case err != nil:
+						out = ReplayOutcome{Status: "failed", Detail: err.Error()}
+						res.Failed++
+						t.Logger.Warn("replay failed", "seq", tk.v.Seq, "kind", tk.v.Kind, "user", user, "err", err)
+					case out.Status == "skipped":
+						res.Skipped[tk.v.Kind]++
+					case out.Status == "ok":
+						res.Replayed++
+					case out.Status == "filtered":
+						res.Filtered++
+					case out.Status == "repaired":
+						res.Repaired++
+					case out.Status == "cancelled":
+						res.Cancelled++
+					}
+					mu.Unlock()
+					if out.Status != "skipped" {
+						b, _ := json.Marshal(out)
+						rec := &undolog.Record{Kind: KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
+						if err := l.Append(ctx, rec); err != nil {
+							mu.Lock()
+							if first == nil {
+								first = fmt.Errorf("replay: record the replay of verb %d: %w", tk.v.Seq, err)
+							}
+							mu.Unlock()
+							r.close()
+							return
+						}
+					}
+					mu.Lock()
+					done++
+					report("replay", done, total)
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for _, u := range users {
+		mu.Lock()
+		stop := first != nil
+		mu.Unlock()
+		if stop || ctx.Err() != nil {
+			break
+		}
+		work <- u
+	}
+	close(work)
+	wg.Wait()
+	for _, r := range replayers {
+		if r != nil {
+			res.Messages += r.made
+		}
+	}
+	if first != nil {
+		closeAll(replayers)
+		return res, first
+	}
+	if err := ctx.Err(); err != nil {
+		closeAll(replayers)
+		return res, fmt.Errorf("replay: %w", err)
+	}
+	report("verify", 0, len(users))
+	res.Verify = verify(ctx, replayers, func(n int) { report("verify", n, len(users)) })
+	closeAll(replayers)
 	return res, nil
 }
 
-type replayer struct {
-	t       Target
-	log     *undolog.Log
-	filters []*Filter
-	// removed are messages a filter kept out of the mailbox verbs name
-	// them in.
-	removed  map[msgRef]bool
-	sessions map[string]*imapclient.Client // by user
-	selected map[string]string             // mailbox selected in each user's session
-	// moved maps a message the replay made again (delivery, APPEND, COPY,
-	// MOVE) to its new UID. A message not in it existed at the snapshot
-	// and kept its UID through the rollback.
-	moved map[msgRef]imap.UID
-}
-
-// msgRef names a message for the replay: user, mailbox and undo id.
-type msgRef struct{ user, mailbox, undoID string }
-
-func (r *replayer) close() {
-	for _, c := range r.sessions {
-		c.Logout().Wait()
-		c.Close()
+func closeAll(rs []*userReplayer) {
+	for _, r := range rs {
+		if r != nil {
+			r.close()
+		}
 	}
 }
 
-var skipped = ReplayOutcome{Status: "skipped"}
+// user is the user whose session replays the task.
+func (tk task) user() string {
+	if tk.rcpt != "" {
+		return UserOf(tk.rcpt)
+	}
+	return tk.v.User
+}
 
-// verb replays one verb.
-func (r *replayer) verb(ctx context.Context, v undolog.Verb) (ReplayOutcome, error) {
+// UserOf is the Dovecot user a recipient address delivers to: its local
+// part, as Dovecot's default user_query and the test stack use.
+func UserOf(rcpt string) string {
+	u, _, _ := strings.Cut(rcpt, "@")
+	return u
+}
+
+// split turns a verb into its tasks; skip means it made no change of its
+// own (a submission at the front door, a read, a refused command).
+func split(v undolog.Verb) (ts []task, skip bool) {
 	switch v.Kind {
 	case proxy.KindLMTPDeliver, KindCompensation:
-		return r.deliver(ctx, v)
+		var o proxy.DeliveryOutcome
+		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
+			return nil, true
+		}
+		for _, rr := range o.Rcpts {
+			if rr.Reply.Positive() {
+				ts = append(ts, task{v: v, rcpt: rr.Rcpt})
+			}
+		}
+		return ts, len(ts) == 0
 	case proxy.KindIMAPFetch:
-		// A read is no change, except the \Seen a FETCH without PEEK set.
 		var a proxy.IMAPFetchArgs
-		if json.Unmarshal(v.Args, &a) != nil || !a.Seen || len(a.UndoIDs) == 0 {
-			return skipped, nil
+		if json.Unmarshal(v.Args, &a) != nil || !a.Seen || len(a.UndoIDs) == 0 || v.User == "" {
+			return nil, true
 		}
-		c, err := r.session(v.User)
-		if err != nil {
-			return ReplayOutcome{}, err
-		}
-		return r.onMessages(c, v, proxy.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
+		return []task{{v: v}}, false
 	case proxy.KindIMAPAppend, proxy.KindIMAPCreate, proxy.KindIMAPDelete, proxy.KindIMAPRename,
 		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe,
 		proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
 		var o proxy.IMAPOutcome
-		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
-			return skipped, nil // the client was not told it happened
+		if v.User == "" || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
+			return nil, true // the client was not told it happened
 		}
-		var a proxy.IMAPArgs
-		if err := json.Unmarshal(v.Args, &a); err != nil {
-			return skipped, nil
-		}
-		return r.imap(ctx, v, a)
+		return []task{{v: v}}, false
 	}
-	return skipped, nil
+	return nil, true
 }
 
-// deliver re-delivers a captured delivery to the recipients that
-// accepted it the first time, exactly as it was forwarded then.
-func (r *replayer) deliver(ctx context.Context, v undolog.Verb) (ReplayOutcome, error) {
-	var a proxy.DeliveryArgs
-	var o proxy.DeliveryOutcome
-	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
-		return skipped, nil
-	}
-	var rcpts []string
-	for _, rr := range o.Rcpts {
-		if rr.Reply.Positive() {
-			rcpts = append(rcpts, rr.Rcpt)
-		}
-	}
-	if len(rcpts) == 0 {
-		return skipped, nil
-	}
-	if len(r.filters) > 0 {
-		if out, done, err := r.filter(ctx, v, a, rcpts); done || err != nil {
-			return out, err
-		}
-	}
-	body, err := r.log.OpenBlob(v.Blob)
-	if err != nil {
-		return ReplayOutcome{}, fmt.Errorf("open message blob: %w", err)
-	}
-	defer body.Close()
-	conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", r.t.LMTPAddr)
-	if err != nil {
-		return ReplayOutcome{}, err
-	}
-	c := smtp.NewClientLMTP(conn)
-	defer c.Close()
-	if err := c.Hello("undomail-replay"); err != nil {
-		return ReplayOutcome{}, err
-	}
-	if err := c.Mail(a.MailFrom, nil); err != nil {
-		return ReplayOutcome{}, err
-	}
-	for _, rc := range rcpts {
-		if err := c.Rcpt(rc, nil); err != nil {
-			return ReplayOutcome{}, fmt.Errorf("RCPT %s: %w", rc, err)
-		}
-	}
-	w, err := c.Data()
-	if err != nil {
-		return ReplayOutcome{}, err
-	}
-	if a.Submission == 0 {
-		fmt.Fprintf(w, "%s: %s\r\n", proxy.TraceHeader, a.UndoID)
-	}
-	if _, err := io.Copy(w, body); err != nil {
-		return ReplayOutcome{}, fmt.Errorf("send message: %w", err)
-	}
-	if _, err := w.CloseWithLMTPResponse(); err != nil {
-		return ReplayOutcome{}, err
-	}
-	c.Quit()
-	for _, rc := range rcpts {
-		if err := r.learnDelivered(rc, a.UndoID); err != nil {
-			return ReplayOutcome{}, fmt.Errorf("find the re-delivered message for %s: %w", rc, err)
-		}
-	}
-	return ReplayOutcome{Status: "ok", Detail: "re-delivered to " + strings.Join(rcpts, ", ")}, nil
+// decisions are the repairs of earlier cycles that covered part of this
+// replay's range: a verb an earlier cycle cancelled stays cancelled, a
+// filter an earlier cycle applied keeps applying to the deliveries it
+// judged (DESIGN: "the repair stays").
+type decisions struct {
+	cancelled map[int64]int64 // verb -> the cycle that cancelled it
+	filters   []*Filter
 }
 
-// filter applies the repair's filters to a delivery. done reports that a
-// filter dealt with it (dropped it, or filed it with APPEND).
-func (r *replayer) filter(ctx context.Context, v undolog.Verb, a proxy.DeliveryArgs, rcpts []string) (ReplayOutcome, bool, error) {
-	msg, err := r.log.ReadBlob(v.Blob)
+// CycleRecord is the Args of a "cycle" record (written by the daemon);
+// replay reads the repairs of earlier cycles from it.
+type CycleRecord struct {
+	To      string       `json:"to"`
+	At      int64        `json:"at,omitempty"` // the snapshot's log position
+	Cancel  []int64      `json:"cancel,omitempty"`
+	Filters []FilterSpec `json:"filters,omitempty"`
+	Present string       `json:"present"`
+	Reason  string       `json:"reason,omitempty"`
+	// Keep makes the filters stay active for live mail after the cycle.
+	Keep bool `json:"keep,omitempty"`
+}
+
+// FilterSpec is a retroactive filter as given by the operator.
+type FilterSpec struct {
+	Rule   string `json:"rule"`
+	Action string `json:"action"` // drop, move:FOLDER
+}
+
+// KindCycle is the verb of a 3R cycle; its outcome is the verdict.
+const KindCycle = "cycle"
+
+// KindFilterRemoved ends a kept filter's life for live mail; Args name
+// the cycle that kept it ({"cycle": SEQ}).
+const KindFilterRemoved = "filter.removed"
+
+// KeptFilter is a filter a cycle left active for live mail.
+type KeptFilter struct {
+	Cycle   int64      `json:"cycle"`
+	Spec    FilterSpec `json:"filter"`
+	Since   int64      `json:"since"`             // the log position the cycle rewound to: it judges deliveries after it
+	Removed int64      `json:"removed,omitempty"` // when it stopped judging live mail; 0 while active
+	Filter  *Filter    `json:"-"`
+}
+
+// KeptFilters returns every filter a successful cycle kept active, in
+// the order they were kept, including those removed since.
+func KeptFilters(ctx context.Context, l *undolog.Log) ([]KeptFilter, error) {
+	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindCycle, KindFilterRemoved}})
 	if err != nil {
-		return ReplayOutcome{}, false, fmt.Errorf("read message blob: %w", err)
+		return nil, fmt.Errorf("read kept filters: %w", err)
 	}
-	for _, f := range r.filters {
-		hit, err := f.Match(ctx, a, msg)
-		if err != nil {
-			return ReplayOutcome{}, false, err
-		}
-		if !hit {
+	var out []KeptFilter
+	for _, v := range verbs {
+		if v.Kind == KindFilterRemoved {
+			var a struct {
+				Cycle int64 `json:"cycle"`
+			}
+			if json.Unmarshal(v.Args, &a) == nil {
+				for i := range out {
+					if out[i].Cycle == a.Cycle && out[i].Removed == 0 {
+						out[i].Removed = v.Seq
+					}
+				}
+			}
 			continue
 		}
-		for _, rc := range rcpts {
-			user, _, _ := strings.Cut(rc, "@")
-			r.removed[msgRef{user, "INBOX", a.UndoID}] = true
+		var c CycleRecord
+		var verdict struct {
+			OK bool `json:"ok"`
 		}
-		folder, move := strings.CutPrefix(f.Action, "move:")
-		if !move {
-			return ReplayOutcome{Status: "filtered", Detail: "dropped by filter " + f.Spec}, true, nil
-		}
-		if a.Submission == 0 {
-			msg = append([]byte(proxy.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
-		}
-		for _, rc := range rcpts {
-			user, _, _ := strings.Cut(rc, "@")
-			c, err := r.session(user)
-			if err != nil {
-				return ReplayOutcome{}, false, err
-			}
-			c.Create(folder, nil).Wait() // an existing folder is fine
-			cmd := c.Append(folder, int64(len(msg)), nil)
-			cmd.Write(msg)
-			cmd.Close()
-			data, err := cmd.Wait()
-			if err != nil {
-				return ReplayOutcome{}, false, fmt.Errorf("file into %s for %s: %w", folder, user, err)
-			}
-			r.moved[msgRef{user, folder, a.UndoID}] = data.UID
-		}
-		return ReplayOutcome{Status: "filtered", Detail: "filed into " + folder + " by filter " + f.Spec}, true, nil
-	}
-	return ReplayOutcome{}, false, nil
-}
-
-// learnDelivered finds the UID a re-delivered message got in the
-// recipient's INBOX by its Undomail-Id field (LMTP does not say).
-func (r *replayer) learnDelivered(rcpt, undoID string) error {
-	user, _, _ := strings.Cut(rcpt, "@")
-	c, err := r.session(user)
-	if err != nil {
-		return err
-	}
-	if err := r.sel(c, user, "INBOX"); err != nil {
-		return err
-	}
-	// The session may have had INBOX selected since before the delivery:
-	// NOOP lets Dovecot show it the new message (RFC 9051 6.1.2).
-	if err := c.Noop().Wait(); err != nil {
-		return err
-	}
-	found, err := c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: proxy.TraceHeader, Value: undoID}}}, nil).Wait()
-	if err != nil {
-		return err
-	}
-	uids := found.AllUIDs()
-	if len(uids) == 0 {
-		return errors.New("not found after delivery")
-	}
-	r.moved[msgRef{user, "INBOX", undoID}] = uids[len(uids)-1]
-	return nil
-}
-
-// sel selects a mailbox in the user's session if it is not selected.
-func (r *replayer) sel(c *imapclient.Client, user, mailbox string) error {
-	if r.selected[user] == mailbox {
-		return nil
-	}
-	if _, err := c.Select(mailbox, nil).Wait(); err != nil {
-		r.selected[user] = ""
-		return fmt.Errorf("select %s: %w", mailbox, err)
-	}
-	r.selected[user] = mailbox
-	return nil
-}
-
-// translate turns the UIDs a verb named into the UIDs those messages have
-// now: a message the replay made again has a new UID; one that existed at
-// the snapshot kept its UID through the rollback. Messages the replay did
-// not make again and whose UID is above the snapshot's do not exist now
-// (their verb was not replayed) and are left out.
-func (r *replayer) translate(user string, a proxy.IMAPArgs) (set imap.UIDSet, removed int) {
-	for uidText, id := range a.UndoIDs {
-		if r.removed[msgRef{user, a.Mailbox, id}] {
-			removed++
+		if json.Unmarshal(v.Args, &c) != nil || !c.Keep || v.Outcome == nil ||
+			json.Unmarshal(v.Outcome.Outcome, &verdict) != nil || !verdict.OK {
 			continue
 		}
-		if u, ok := r.moved[msgRef{user, a.Mailbox, id}]; ok {
-			set.AddNum(u)
+		for _, fs := range c.Filters {
+			f, err := ParseFilter(fs.Rule, fs.Action)
+			if err != nil {
+				return nil, fmt.Errorf("filter kept by cycle %d: %w", v.Seq, err)
+			}
+			f.after = c.At
+			out = append(out, KeptFilter{Cycle: v.Seq, Spec: fs, Since: c.At, Filter: f})
+		}
+	}
+	return out, nil
+}
+
+// earlierDecisions reads the repairs of earlier cycles that apply to the
+// verbs in this replay's range.
+func earlierDecisions(ctx context.Context, l *undolog.Log, after int64, verbs []undolog.Verb) (decisions, error) {
+	d := decisions{cancelled: map[int64]int64{}}
+	kept, err := KeptFilters(ctx, l)
+	if err != nil {
+		return d, fmt.Errorf("replay: %w", err)
+	}
+	keptBy := map[int64]bool{}
+	for _, k := range kept {
+		k.Filter.before = k.Removed
+		d.filters = append(d.filters, k.Filter)
+		keptBy[k.Cycle] = true
+	}
+	for _, v := range verbs {
+		if v.Kind != KindCycle {
 			continue
 		}
-		var n uint32
-		fmt.Sscan(uidText, &n)
-		if n > 0 {
-			set.AddNum(imap.UID(n))
+		var c CycleRecord
+		if err := json.Unmarshal(v.Args, &c); err != nil {
+			return d, fmt.Errorf("replay: cycle record %d: %w", v.Seq, err)
 		}
-	}
-	return set, removed
-}
-
-// onMessages replays STORE, COPY, MOVE and EXPUNGE on the messages the
-// verb named, translated to their UIDs now.
-func (r *replayer) onMessages(c *imapclient.Client, v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
-	if v.Kind == proxy.KindIMAPCopy || v.Kind == proxy.KindIMAPMove {
-		// A message the repair removed stays removed wherever the user
-		// later copied or moved it.
-		for _, id := range a.UndoIDs {
-			if r.removed[msgRef{v.User, a.Mailbox, id}] {
-				r.removed[msgRef{v.User, a.Dest, id}] = true
+		for _, s := range c.Cancel {
+			if s > after {
+				d.cancelled[s] = v.Seq
 			}
 		}
-	}
-	set, removed := r.translate(v.User, a)
-	if len(set) == 0 {
-		if removed > 0 {
-			return ReplayOutcome{Status: "repaired", Detail: fmt.Sprintf("skipped: its %d messages were removed by the repair", removed)}, nil
-		}
-		return ReplayOutcome{Status: "ok", Detail: "no message left to act on"}, nil
-	}
-	if err := r.sel(c, v.User, a.Mailbox); err != nil {
-		return ReplayOutcome{}, err
-	}
-	switch v.Kind {
-	case proxy.KindIMAPStore, proxy.KindIMAPFetch:
-		op := imap.StoreFlagsSet
-		switch a.Op {
-		case "+":
-			op = imap.StoreFlagsAdd
-		case "-":
-			op = imap.StoreFlagsDel
-		}
-		var flags []imap.Flag
-		for _, f := range a.Flags {
-			flags = append(flags, imap.Flag(f))
-		}
-		if err := c.Store(set, &imap.StoreFlags{Op: op, Silent: true, Flags: flags}, nil).Close(); err != nil {
-			return ReplayOutcome{}, err
-		}
-	case proxy.KindIMAPExpunge:
-		// Exactly the messages the original expunged: mark them, then
-		// expunge only them (UIDPLUS), not whatever else is \Deleted now.
-		if err := c.Store(set, &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
-			return ReplayOutcome{}, err
-		}
-		if err := c.UIDExpunge(set).Close(); err != nil {
-			return ReplayOutcome{}, err
-		}
-	case proxy.KindIMAPCopy, proxy.KindIMAPMove:
-		var src, dst imap.NumSet
-		if v.Kind == proxy.KindIMAPCopy {
-			data, err := c.Copy(set, a.Dest).Wait()
-			if err != nil {
-				return ReplayOutcome{}, err
-			}
-			src, dst = data.SourceUIDs, data.DestUIDs
-		} else {
-			data, err := c.Move(set, a.Dest).Wait()
-			if err != nil {
-				return ReplayOutcome{}, err
-			}
-			src, dst = data.SourceUIDs, data.DestUIDs
-		}
-		r.learnCopies(v.User, a, src, dst)
-	}
-	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set)}, nil
-}
-
-// learnCopies notes the UIDs COPYUID gave the copies, under their
-// sources' undo ids (a copy keeps its source's id; the mailbox tells them
-// apart).
-func (r *replayer) learnCopies(user string, a proxy.IMAPArgs, srcSet, dstSet imap.NumSet) {
-	s, ok1 := srcSet.(imap.UIDSet)
-	d, ok2 := dstSet.(imap.UIDSet)
-	if !ok1 || !ok2 {
-		return
-	}
-	src, ok1 := s.Nums()
-	dst, ok2 := d.Nums()
-	if !ok1 || !ok2 || len(src) != len(dst) {
-		return
-	}
-	now := map[imap.UID]string{} // current UID -> undo id
-	for uidText, id := range a.UndoIDs {
-		if u, ok := r.moved[msgRef{user, a.Mailbox, id}]; ok {
-			now[u] = id
+		if keptBy[v.Seq] {
 			continue
 		}
-		var n uint32
-		fmt.Sscan(uidText, &n)
-		now[imap.UID(n)] = id
-	}
-	for i := range src {
-		if id := now[src[i]]; id != "" {
-			r.moved[msgRef{user, a.Dest, id}] = dst[i]
+		for _, f := range c.Filters {
+			pf, err := ParseFilter(f.Rule, f.Action)
+			if err != nil {
+				return d, fmt.Errorf("replay: filter of cycle %d: %w", v.Seq, err)
+			}
+			// It judged only the deliveries that cycle replayed.
+			pf.after, pf.before = c.At, v.Seq
+			d.filters = append(d.filters, pf)
 		}
 	}
-}
-
-// session returns an IMAP session logged in as user through the master
-// user.
-func (r *replayer) session(user string) (*imapclient.Client, error) {
-	if c := r.sessions[user]; c != nil {
-		return c, nil
-	}
-	c, err := imapclient.DialInsecure(r.t.IMAPAddr, nil)
-	if err != nil {
-		return nil, err
-	}
-	if err := c.Login(user+r.t.Separator+r.t.MasterUser, r.t.MasterPassword).Wait(); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("log in as %s through the master user: %w", user, err)
-	}
-	r.sessions[user] = c
-	return c, nil
-}
-
-func (r *replayer) imap(ctx context.Context, v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
-	c, err := r.session(v.User)
-	if err != nil {
-		return ReplayOutcome{}, err
-	}
-	switch v.Kind {
-	case proxy.KindIMAPCreate:
-		err = c.Create(a.Mailbox, nil).Wait()
-	case proxy.KindIMAPDelete:
-		err = c.Delete(a.Mailbox).Wait()
-	case proxy.KindIMAPRename:
-		err = c.Rename(a.Mailbox, a.Dest, nil).Wait()
-	case proxy.KindIMAPSubscribe:
-		err = c.Subscribe(a.Mailbox).Wait()
-	case proxy.KindIMAPUnsubscribe:
-		err = c.Unsubscribe(a.Mailbox).Wait()
-	case proxy.KindIMAPAppend:
-		return r.append(c, v, a)
-	case proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
-		return r.onMessages(c, v, a)
-	}
-	if err != nil {
-		return ReplayOutcome{}, err
-	}
-	return ReplayOutcome{Status: "ok"}, nil
-}
-
-// append re-appends a logged message with its flags and date.
-func (r *replayer) append(c *imapclient.Client, v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
-	data, err := r.log.ReadBlob(v.Blob)
-	if err != nil {
-		return ReplayOutcome{}, fmt.Errorf("read appended message: %w", err)
-	}
-	opts := &imap.AppendOptions{}
-	for _, f := range a.Flags {
-		if !strings.EqualFold(f, `\Recent`) {
-			opts.Flags = append(opts.Flags, imap.Flag(f))
-		}
-	}
-	if a.Date != "" {
-		if t, err := time.Parse("02-Jan-2006 15:04:05 -0700", strings.TrimSpace(a.Date)); err == nil {
-			opts.Time = t
-		}
-	}
-	cmd := c.Append(a.Mailbox, int64(len(data)), opts)
-	if _, err := cmd.Write(data); err != nil {
-		return ReplayOutcome{}, err
-	}
-	if err := cmd.Close(); err != nil {
-		return ReplayOutcome{}, err
-	}
-	res, err := cmd.Wait()
-	if err != nil {
-		return ReplayOutcome{}, err
-	}
-	if res == nil || res.UID == 0 {
-		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
-	}
-	r.moved[msgRef{v.User, a.Mailbox, a.UndoID}] = res.UID
-	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID)}, nil
+	return d, nil
 }

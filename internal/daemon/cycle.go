@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/undomail/undomail/admin"
@@ -12,55 +13,85 @@ import (
 )
 
 // KindCycle is the verb of a 3R cycle; its outcome is the verdict.
-const KindCycle = "cycle"
+const KindCycle = replay.KindCycle
 
-// CycleArgs are a cycle's arguments: where it rewinds to and the repair.
-type CycleArgs struct {
-	To      string       `json:"to"`               // snapshot
-	Cancel  []int64      `json:"cancel,omitempty"` // verbs left out of the replay
-	Filters []FilterSpec `json:"filters,omitempty"`
-	// Present is the snapshot of the store taken before the rewind, so
-	// the cycle itself can be undone.
-	Present string `json:"present"`
-}
+// CycleArgs are a cycle's arguments, as logged: where it rewinds to, the
+// repair, the reason, and the snapshot of the present taken first so the
+// cycle itself can be undone.
+type CycleArgs = replay.CycleRecord
 
 // FilterSpec is a retroactive filter as given by the operator.
-type FilterSpec struct {
-	Rule   string `json:"rule"`
-	Action string `json:"action"` // drop, move:FOLDER
-}
+type FilterSpec = replay.FilterSpec
 
 // CycleVerdict ends every cycle (DESIGN: "Positive acknowledgement").
 type CycleVerdict struct {
 	OK        bool           `json:"ok"`
+	Cycle     int64          `json:"cycle"` // the cycle's log position
+	Present   string         `json:"present,omitempty"`
 	Replayed  int            `json:"replayed"`
 	Cancelled int            `json:"cancelled"`
 	Filtered  int            `json:"filtered"`
 	Repaired  int            `json:"repaired"` // verbs skipped: their messages were removed by the repair
 	Failed    int            `json:"failed"`
 	Skipped   map[string]int `json:"skipped,omitempty"`
-	Held      float64        `json:"held_s"` // how long changes were held back
-	Error     string         `json:"error,omitempty"`
+	Users     int            `json:"users"`
+	Messages  int            `json:"messages"` // messages made again
+	// Verify compares the store after the replay with the log's
+	// prediction; the cycle is OK only if it found nothing.
+	Verify replay.Verification `json:"verify"`
+	// ReplayS is how long the replay took, Held how long changes were
+	// held back in all.
+	ReplayS float64 `json:"replay_s"`
+	Held    float64 `json:"held_s"`
+	Error   string  `json:"error,omitempty"`
+}
+
+// progress is the state of the cycle that runs, for CycleProgress.
+type progress struct {
+	mu sync.Mutex
+	p  replay.Progress
+}
+
+func (p *progress) set(v replay.Progress) {
+	p.mu.Lock()
+	p.p = v
+	p.mu.Unlock()
+}
+
+func (p *progress) phase(name string) { p.set(replay.Progress{Phase: name}) }
+
+// CycleProgress says how far the running cycle (or split-form replay)
+// is; Phase is "" when none has run since start.
+func (d *Daemon) CycleProgress() replay.Progress {
+	d.prog.mu.Lock()
+	defer d.prog.mu.Unlock()
+	return d.prog.p
 }
 
 // Cycle runs a 3R cycle: it snapshots the present (the cycle can itself
-// be undone), holds every change back, rewinds to the snapshot `to`,
-// replays every logged verb since except those cancelled, and lets
+// be undone), holds every change back, rewinds to the snapshot req.To,
+// replays every logged verb since except those the repair leaves out,
+// verifies the store against the log, explains the paradoxes, and lets
 // changes through again. Changes that arrive meanwhile wait at the gate
 // or get a temporary failure and are retried by their clients.
-func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64, filters []FilterSpec) (CycleVerdict, error) {
+func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdict, error) {
 	if d.Store == nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: no store configured")
 	}
 	var fs []*replay.Filter
-	for _, f := range filters {
+	var specs []FilterSpec
+	for _, f := range req.Filters {
 		pf, err := replay.ParseFilter(f.Rule, f.Action)
 		if err != nil {
 			return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 		}
 		fs = append(fs, pf)
+		specs = append(specs, FilterSpec{Rule: f.Rule, Action: f.Action})
 	}
-	snap, err := d.Store.Get(ctx, to)
+	if req.Keep && len(fs) == 0 {
+		return CycleVerdict{}, fmt.Errorf("cycle: keep: no filter to keep active")
+	}
+	snap, err := d.Store.Get(ctx, req.To)
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
@@ -69,11 +100,12 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64, filters [
 	if d.pending != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
 	}
-	present, _, err := d.Snapshot(ctx, "before cycle to "+to)
+	d.prog.phase("snapshot")
+	present, _, err := d.Snapshot(ctx, "before cycle to "+req.To)
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: snapshot the present first: %w", err)
 	}
-	args, _ := json.Marshal(CycleArgs{To: to, Cancel: cancel, Filters: filters, Present: present.Name})
+	args, _ := json.Marshal(CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Present: present.Name, Reason: req.Reason, Keep: req.Keep})
 	intent := &undolog.Record{Kind: KindCycle, Session: "cycle", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: log intent: %w", err)
@@ -81,29 +113,39 @@ func (d *Daemon) Cycle(ctx context.Context, to string, cancel []int64, filters [
 	wctx, cancelWait := context.WithTimeout(ctx, wedgeTimeout)
 	defer cancelWait()
 	start := time.Now()
+	d.prog.phase("hold")
 	resume, err := d.Gate.Hold(wctx)
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: changes in flight did not finish: %w", err)
 	}
-	v, cerr := d.cycle(ctx, snap.Seq, to, intent.Seq, cancel, fs)
+	v, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, req.Cancel, fs)
+	v.Cycle, v.Present = intent.Seq, present.Name
 	if cerr == nil {
+		d.prog.phase("compensate")
 		cerr = d.compensate(ctx, intent.Seq, &v)
+	}
+	if cerr == nil && req.Keep {
+		d.keepFilters(intent.Seq, snap.Seq, specs, fs)
 	}
 	resume()
 	v.Held = time.Since(start).Seconds()
 	if cerr != nil {
+		v.OK = false
 		v.Error = cerr.Error()
 	}
 	out, _ := json.Marshal(v)
 	if err := d.Log.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Session: "cycle", Ref: intent.Seq, Outcome: out}); err != nil {
 		d.logger.Error("log cycle verdict", "err", err)
 	}
-	d.logger.Info("cycle done", "to", to, "ok", v.OK, "replayed", v.Replayed, "cancelled", v.Cancelled, "failed", v.Failed, "held", v.Held)
+	d.prog.set(replay.Progress{Phase: "done", Done: v.Replayed, Total: v.Replayed, Users: v.Users, Failed: v.Failed})
+	d.logger.Info("cycle done", "to", req.To, "ok", v.OK, "replayed", v.Replayed, "cancelled", v.Cancelled,
+		"filtered", v.Filtered, "failed", v.Failed, "problems", len(v.Verify.Problems), "held", v.Held)
 	return v, cerr
 }
 
 func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter) (CycleVerdict, error) {
 	var v CycleVerdict
+	d.prog.phase("rewind")
 	if _, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, to); err != nil {
 		return v, err
 	}
@@ -111,26 +153,38 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 	for _, s := range cancel {
 		c[s] = true
 	}
-	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters}, d.target)
-	v.Replayed, v.Cancelled, v.Failed, v.Skipped = res.Replayed, res.Cancelled, res.Failed, res.Skipped
-	v.Filtered, v.Repaired = res.Filtered, res.Repaired
+	start := time.Now()
+	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters, Workers: d.replayWorkers, Progress: d.prog.set}, d.target)
+	v.ReplayS = time.Since(start).Seconds()
+	v.fill(res)
 	if err != nil {
 		return v, err
 	}
-	v.OK = res.Failed == 0
-	if !v.OK {
-		return v, fmt.Errorf("%d verbs failed to replay", res.Failed)
+	return v, v.check()
+}
+
+// fill copies a replay's result into the verdict.
+func (v *CycleVerdict) fill(res replay.Result) {
+	v.Replayed, v.Cancelled, v.Failed, v.Skipped = res.Replayed, res.Cancelled, res.Failed, res.Skipped
+	v.Filtered, v.Repaired = res.Filtered, res.Repaired
+	v.Users, v.Messages, v.Verify = res.Users, res.Messages, res.Verify
+	v.OK = res.Failed == 0 && res.Verify.OK()
+}
+
+// check turns a verdict that is not OK into an error.
+func (v *CycleVerdict) check() error {
+	switch {
+	case v.Failed > 0:
+		return fmt.Errorf("%d verbs failed to replay", v.Failed)
+	case !v.Verify.OK():
+		return fmt.Errorf("verification found %d differences between the store and the log", len(v.Verify.Problems)+v.Verify.More)
 	}
-	return v, nil
+	return nil
 }
 
 // CycleJSON is Cycle for the control socket.
 func (d *Daemon) CycleJSON(ctx context.Context, req admin.CycleRequest) (json.RawMessage, error) {
-	var fs []FilterSpec
-	for _, f := range req.Filters {
-		fs = append(fs, FilterSpec{Rule: f.Rule, Action: f.Action})
-	}
-	v, err := d.Cycle(ctx, req.To, req.Cancel, fs)
+	v, err := d.Cycle(ctx, req)
 	b, _ := json.Marshal(v)
 	return b, err
 }

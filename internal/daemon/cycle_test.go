@@ -14,8 +14,8 @@ import (
 	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/emersion/go-smtp"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/config"
-	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
@@ -140,7 +140,7 @@ func TestCycleCancelsAnAccidentalDelete(t *testing.T) {
 		t.Fatalf("DELETE verbs: %d", len(deletes))
 	}
 
-	v, err := tb.Daemon.Cycle(ctx, snap.Name, []int64{deletes[0].Seq}, nil)
+	v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Cancel: []int64{deletes[0].Seq}})
 	if err != nil || !v.OK || v.Cancelled != 1 {
 		t.Fatalf("cycle verdict %+v, %v", v, err)
 	}
@@ -289,7 +289,7 @@ func TestCycleFiltersASpamWave(t *testing.T) {
 	if len(want) != 3 || len(before) != 6 {
 		t.Fatalf("before the cycle: %v", before)
 	}
-	v, err := tb.Daemon.Cycle(ctx, snap.Name, nil, []daemon.FilterSpec{{Rule: "header:Subject=~(?i)lottery", Action: "drop"}})
+	v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Filters: []admin.FilterRequest{{Rule: "header:Subject=~(?i)lottery", Action: "drop"}}})
 	if err != nil || !v.OK {
 		t.Fatalf("cycle verdict %+v, %v", v, err)
 	}

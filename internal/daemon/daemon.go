@@ -45,10 +45,14 @@ type Daemon struct {
 	logger    *slog.Logger
 	errc      chan error
 	control   *admin.Control
-	repairMu  sync.Mutex         // one rewind, replay or cycle at a time
-	pending   *pendingReplay     // a split-form cycle waiting for its replay
-	stop      context.CancelFunc // ends the snapshot schedule
-	scheduled sync.WaitGroup
+	repairMu  sync.Mutex     // one rewind, replay or cycle at a time
+	pending   *pendingReplay // a split-form cycle waiting for its replay
+	prog      progress       // how far the running cycle is
+	// replayWorkers is how many users a replay re-executes at once.
+	replayWorkers int
+	live          liveFilters        // filters kept active for live mail
+	stop          context.CancelFunc // ends the snapshot schedule
+	scheduled     sync.WaitGroup
 }
 
 // Start opens the undo log, probes the upstreams and starts listening.
@@ -75,6 +79,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			return nil, fmt.Errorf("store %s: %w", cfg.Store, err)
 		}
 	}
+	if err := d.loadFilters(ctx); err != nil {
+		return nil, err
+	}
 	pctx, cancel := context.WithTimeout(ctx, ProbeTimeout)
 	defer cancel()
 	if cfg.LMTP.Listen != "" {
@@ -86,6 +93,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			UpstreamTimeout: time.Duration(cfg.LMTP.UpstreamTimeout),
 			ClientTimeout:   time.Duration(cfg.LMTP.ClientTimeout),
 			Gate:            d.Gate,
+			Divert:          d.divert,
 		})
 		if err != nil {
 			return nil, err

@@ -164,11 +164,14 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	for _, s := range cancel {
 		c[s] = true
 	}
-	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c}, d.target)
+	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c, Workers: d.replayWorkers, Progress: d.prog.set}, d.target)
 	d.pending = nil
 	p.resume()
-	if err == nil && res.Failed > 0 {
-		err = fmt.Errorf("%d verbs failed to replay", res.Failed)
+	d.prog.set(replay.Progress{Phase: "done", Done: res.Replayed, Total: res.Replayed, Users: res.Users, Failed: res.Failed})
+	if err == nil {
+		var v CycleVerdict
+		v.fill(res)
+		err = v.check()
 	}
 	return res, err
 }

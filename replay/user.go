@@ -1,0 +1,689 @@
+package replay
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/textproto"
+	"strings"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+// userReplayer replays one user's verbs, in order, in one IMAP session.
+// It keeps a model of every mailbox it touches: the messages (by UID,
+// with their undo id and flags) as they were when it first looked, with
+// every replayed change applied. The model translates the undo ids verbs
+// name into the UIDs messages have now, and after the replay it is what
+// the store must hold (verify).
+type userReplayer struct {
+	user string
+	t    Target
+	log  *undolog.Log
+	fs   *filterSet
+
+	c        *imapclient.Client
+	selected string
+	boxes    map[string]*mbox
+	// removed are the undo ids of messages the repair kept out of this
+	// user's store; they stay out wherever the user later copied or moved
+	// them.
+	removed map[string]bool
+	made    int // messages made again: deliveries and APPENDs
+}
+
+// mbox is the model of one mailbox.
+type mbox struct {
+	msgs map[imap.UID]*msgState
+}
+
+type msgState struct {
+	id    string // undo id ("" unknown: appended before undomail knew it)
+	flags map[imap.Flag]bool
+}
+
+func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
+	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}}
+}
+
+func (r *userReplayer) close() {
+	if r.c != nil {
+		r.c.Logout().Wait()
+		r.c.Close()
+		r.c = nil
+	}
+}
+
+var skipped = ReplayOutcome{Status: "skipped"}
+
+// run replays one task.
+func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) {
+	if err := ctx.Err(); err != nil {
+		return ReplayOutcome{}, err
+	}
+	if tk.cancel != "" {
+		if tk.rcpt == "" && (tk.v.Kind == proxy.KindIMAPAppend) {
+			// The message the cancelled APPEND made is not in the store:
+			// later verbs on it are skipped as repaired.
+			var a proxy.IMAPArgs
+			if json.Unmarshal(tk.v.Args, &a) == nil && a.UndoID != "" {
+				r.removed[a.UndoID] = true
+			}
+		}
+		if tk.rcpt != "" {
+			var a proxy.DeliveryArgs
+			if json.Unmarshal(tk.v.Args, &a) == nil {
+				r.removed[a.UndoID] = true
+			}
+		}
+		return ReplayOutcome{Status: "cancelled", Detail: tk.cancel}, nil
+	}
+	if tk.rcpt != "" {
+		return r.deliver(ctx, tk.v, tk.rcpt)
+	}
+	if err := r.session(); err != nil {
+		return ReplayOutcome{}, err
+	}
+	v := tk.v
+	if v.Kind == proxy.KindIMAPFetch {
+		var a proxy.IMAPFetchArgs
+		if err := json.Unmarshal(v.Args, &a); err != nil {
+			return skipped, nil
+		}
+		return r.onMessages(v, proxy.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
+	}
+	var a proxy.IMAPArgs
+	if err := json.Unmarshal(v.Args, &a); err != nil {
+		return skipped, nil
+	}
+	var err error
+	switch v.Kind {
+	case proxy.KindIMAPCreate:
+		if err = r.c.Create(a.Mailbox, nil).Wait(); err == nil {
+			r.boxes[a.Mailbox] = &mbox{msgs: map[imap.UID]*msgState{}}
+		}
+	case proxy.KindIMAPDelete:
+		if err = r.c.Delete(a.Mailbox).Wait(); err == nil {
+			delete(r.boxes, a.Mailbox)
+			if r.selected == a.Mailbox {
+				r.selected = ""
+			}
+		}
+	case proxy.KindIMAPRename:
+		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
+			r.renamed(a.Mailbox, a.Dest)
+		}
+	case proxy.KindIMAPSubscribe:
+		err = r.c.Subscribe(a.Mailbox).Wait()
+	case proxy.KindIMAPUnsubscribe:
+		err = r.c.Unsubscribe(a.Mailbox).Wait()
+	case proxy.KindIMAPAppend:
+		return r.append(v, a)
+	case proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
+		return r.onMessages(v, a)
+	default:
+		return skipped, nil
+	}
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	return ReplayOutcome{Status: "ok"}, nil
+}
+
+// renamed moves the model of a renamed mailbox and its children. Renaming
+// INBOX moves its messages and leaves an empty INBOX (RFC 9051 6.3.6).
+func (r *userReplayer) renamed(from, to string) {
+	if r.selected != "" && (r.selected == from || isChild(r.selected, from)) {
+		r.selected = ""
+	}
+	if strings.EqualFold(from, "INBOX") {
+		if b := r.boxes["INBOX"]; b != nil {
+			r.boxes[to] = b
+			r.boxes["INBOX"] = &mbox{msgs: map[imap.UID]*msgState{}}
+		}
+		return
+	}
+	for name, b := range r.boxes {
+		switch {
+		case name == from:
+			delete(r.boxes, name)
+			r.boxes[to] = b
+		case isChild(name, from):
+			delete(r.boxes, name)
+			r.boxes[to+name[len(from):]] = b
+		}
+	}
+}
+
+// isChild reports whether name is below parent, for either usual
+// hierarchy separator.
+func isChild(name, parent string) bool {
+	return strings.HasPrefix(name, parent+"/") || strings.HasPrefix(name, parent+".")
+}
+
+// session logs in as the user through the master user, once.
+func (r *userReplayer) session() error {
+	if r.c != nil {
+		return nil
+	}
+	c, err := imapclient.DialInsecure(r.t.IMAPAddr, nil)
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", r.t.IMAPAddr, err)
+	}
+	if err := c.Login(r.user+r.t.Separator+r.t.MasterUser, r.t.MasterPassword).Wait(); err != nil {
+		c.Close()
+		return fmt.Errorf("log in as %s through the master user: %w", r.user, err)
+	}
+	r.c = c
+	return nil
+}
+
+// sel selects a mailbox if it is not selected.
+func (r *userReplayer) sel(mailbox string) error {
+	if r.selected == mailbox {
+		return nil
+	}
+	if _, err := r.c.Select(mailbox, nil).Wait(); err != nil {
+		r.selected = ""
+		return fmt.Errorf("select %s: %w", mailbox, err)
+	}
+	r.selected = mailbox
+	return nil
+}
+
+// idSection fetches a message's Undomail-Id fields.
+var idSection = &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{proxy.TraceHeader}, Peek: true}
+
+// read fetches what a mailbox holds now: UIDs, flags and undo ids. It
+// selects the mailbox.
+func (r *userReplayer) read(mailbox string) (*mbox, error) {
+	if err := r.sel(mailbox); err != nil {
+		return nil, err
+	}
+	// A NOOP first, so the session sees deliveries made since it selected.
+	if err := r.c.Noop().Wait(); err != nil {
+		return nil, err
+	}
+	all := imap.UIDSet{imap.UIDRange{Start: 1, Stop: 0}}
+	msgs, err := r.c.Fetch(all, &imap.FetchOptions{UID: true, Flags: true, BodySection: []*imap.FetchItemBodySection{idSection}}).Collect()
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", mailbox, err)
+	}
+	b := &mbox{msgs: map[imap.UID]*msgState{}}
+	for _, m := range msgs {
+		b.msgs[m.UID] = &msgState{id: topmostID(m.FindBodySection(idSection)), flags: flagSet(m.Flags)}
+	}
+	return b, nil
+}
+
+// load returns the model of a mailbox, reading it on first use.
+func (r *userReplayer) load(mailbox string) (*mbox, error) {
+	if b := r.boxes[mailbox]; b != nil {
+		return b, nil
+	}
+	b, err := r.read(mailbox)
+	if err != nil {
+		return nil, err
+	}
+	r.boxes[mailbox] = b
+	return b, nil
+}
+
+// topmostID is the newest Undomail-Id in a header block.
+func topmostID(h []byte) string {
+	tr := textproto.NewReader(bufio.NewReader(bytes.NewReader(h)))
+	hdr, _ := tr.ReadMIMEHeader()
+	return strings.TrimSpace(hdr.Get(proxy.TraceHeader))
+}
+
+func flagSet(fs []imap.Flag) map[imap.Flag]bool {
+	m := map[imap.Flag]bool{}
+	for _, f := range fs {
+		if f != imap.Flag(`\Recent`) {
+			m[f] = true
+		}
+	}
+	return m
+}
+
+// deliver re-delivers a captured delivery to one recipient that accepted
+// it the first time, exactly as it was forwarded then, unless the
+// repair's filters drop it or file it elsewhere.
+func (r *userReplayer) deliver(ctx context.Context, v undolog.Verb, rcpt string) (ReplayOutcome, error) {
+	var a proxy.DeliveryArgs
+	if json.Unmarshal(v.Args, &a) != nil {
+		return skipped, nil
+	}
+	if err := r.session(); err != nil {
+		return ReplayOutcome{}, err
+	}
+	// Read INBOX as it is before the delivery, so the model can tell the
+	// new message from the ones already there.
+	if _, err := r.load("INBOX"); err != nil {
+		return ReplayOutcome{}, err
+	}
+	if v.Kind != KindCompensation { // an explanation is never filtered away
+		f, err := r.fs.judge(ctx, v.Seq, a, func() ([]byte, error) { return r.log.ReadBlob(v.Blob) })
+		if err != nil {
+			return ReplayOutcome{}, err
+		}
+		if f != nil {
+			return r.filed(v, a, f)
+		}
+	}
+	body, err := r.log.OpenBlob(v.Blob)
+	if err != nil {
+		return ReplayOutcome{}, fmt.Errorf("open message blob: %w", err)
+	}
+	defer body.Close()
+	if err := lmtpDeliver(ctx, r.t.LMTPAddr, a, rcpt, body); err != nil {
+		return ReplayOutcome{}, err
+	}
+	if err := r.learnDelivered(a.UndoID); err != nil {
+		return ReplayOutcome{}, fmt.Errorf("find the re-delivered message for %s: %w", rcpt, err)
+	}
+	r.made++
+	return ReplayOutcome{Status: "ok", Detail: "re-delivered to " + rcpt}, nil
+}
+
+// lmtpDeliver delivers one message to one recipient over LMTP.
+func lmtpDeliver(ctx context.Context, addr string, a proxy.DeliveryArgs, rcpt string, body io.Reader) error {
+	conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	c := smtp.NewClientLMTP(conn)
+	defer c.Close()
+	if err := c.Hello("undomail-replay"); err != nil {
+		return err
+	}
+	if err := c.Mail(a.MailFrom, nil); err != nil {
+		return err
+	}
+	if err := c.Rcpt(rcpt, nil); err != nil {
+		return fmt.Errorf("RCPT %s: %w", rcpt, err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		return err
+	}
+	if a.Submission == 0 {
+		fmt.Fprintf(w, "%s: %s\r\n", proxy.TraceHeader, a.UndoID)
+	}
+	if _, err := io.Copy(w, body); err != nil {
+		return fmt.Errorf("send message: %w", err)
+	}
+	if _, err := w.CloseWithLMTPResponse(); err != nil {
+		return err
+	}
+	return c.Quit()
+}
+
+// filed carries out a filter's verdict on a delivery: drop it, or file it
+// into a folder with APPEND.
+func (r *userReplayer) filed(v undolog.Verb, a proxy.DeliveryArgs, f *Filter) (ReplayOutcome, error) {
+	folder, move := strings.CutPrefix(f.Action, "move:")
+	if !move {
+		r.removed[a.UndoID] = true
+		return ReplayOutcome{Status: "filtered", Detail: "dropped by filter " + f.Spec}, nil
+	}
+	msg, err := r.log.ReadBlob(v.Blob)
+	if err != nil {
+		return ReplayOutcome{}, fmt.Errorf("read message blob: %w", err)
+	}
+	if a.Submission == 0 {
+		msg = append([]byte(proxy.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
+	}
+	if r.boxes[folder] == nil {
+		if err := r.c.Create(folder, nil).Wait(); err == nil {
+			r.boxes[folder] = &mbox{msgs: map[imap.UID]*msgState{}}
+		} // else it exists already
+	}
+	b, err := r.load(folder)
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	cmd := r.c.Append(folder, int64(len(msg)), nil)
+	cmd.Write(msg)
+	cmd.Close()
+	data, err := cmd.Wait()
+	if err != nil {
+		return ReplayOutcome{}, fmt.Errorf("file into %s: %w", folder, err)
+	}
+	if data == nil || data.UID == 0 {
+		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
+	}
+	b.msgs[data.UID] = &msgState{id: a.UndoID, flags: map[imap.Flag]bool{}}
+	r.made++
+	return ReplayOutcome{Status: "filtered", Detail: "filed into " + folder + " by filter " + f.Spec}, nil
+}
+
+// learnDelivered finds the message a re-delivery made by its Undomail-Id
+// field (LMTP does not say where it went): in INBOX, or wherever the
+// server's own filters (Sieve) filed it.
+func (r *userReplayer) learnDelivered(undoID string) error {
+	if ok, err := r.findNew("INBOX", undoID); ok || err != nil {
+		return err
+	}
+	list, err := r.c.List("", "*", nil).Collect()
+	if err != nil {
+		return fmt.Errorf("list mailboxes: %w", err)
+	}
+	for _, m := range list {
+		if m.Mailbox == "INBOX" || hasAttr(m.Attrs, imap.MailboxAttrNoSelect) {
+			continue
+		}
+		if r.boxes[m.Mailbox] == nil {
+			// Reading the mailbox now takes in the new message with the
+			// rest.
+			b, err := r.load(m.Mailbox)
+			if err != nil {
+				return err
+			}
+			for _, msg := range b.msgs {
+				if msg.id == undoID {
+					return nil
+				}
+			}
+			continue
+		}
+		if ok, err := r.findNew(m.Mailbox, undoID); ok || err != nil {
+			return err
+		}
+	}
+	return errors.New("not found in any mailbox after delivery")
+}
+
+func hasAttr(attrs []imap.MailboxAttr, a imap.MailboxAttr) bool {
+	for _, x := range attrs {
+		if x == a {
+			return true
+		}
+	}
+	return false
+}
+
+// findNew looks for a message with undoID in a loaded mailbox that the
+// model does not know yet, and adds it.
+func (r *userReplayer) findNew(mailbox, undoID string) (bool, error) {
+	b := r.boxes[mailbox]
+	if err := r.sel(mailbox); err != nil {
+		return false, err
+	}
+	// The session may have had the mailbox selected since before the
+	// delivery: NOOP lets Dovecot show it the new message (RFC 9051 6.1.2).
+	if err := r.c.Noop().Wait(); err != nil {
+		return false, err
+	}
+	found, err := r.c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: proxy.TraceHeader, Value: undoID}}}, nil).Wait()
+	if err != nil {
+		return false, err
+	}
+	var fresh imap.UIDSet
+	for _, u := range found.AllUIDs() {
+		if b.msgs[u] == nil {
+			fresh.AddNum(u)
+		}
+	}
+	if len(fresh) == 0 {
+		return false, nil
+	}
+	msgs, err := r.c.Fetch(fresh, &imap.FetchOptions{UID: true, Flags: true, BodySection: []*imap.FetchItemBodySection{idSection}}).Collect()
+	if err != nil {
+		return false, err
+	}
+	added := false
+	for _, m := range msgs {
+		// The search matches the id anywhere in the field; the model
+		// takes only a message whose topmost id it is.
+		if id := topmostID(m.FindBodySection(idSection)); id == undoID {
+			b.msgs[m.UID] = &msgState{id: id, flags: flagSet(m.Flags)}
+			added = true
+		}
+	}
+	return added, nil
+}
+
+// translate turns the messages a verb named (UID then -> undo id) into
+// the UIDs they have now. A message is found by its undo id; one without
+// a known id keeps its UID if the mailbox still has a message there
+// whose id nobody knows. removed counts messages the repair took out,
+// gone messages that do not exist now for another reason (the verb that
+// made them was not replayed).
+func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.UIDSet, now []imap.UID, removed, gone int) {
+	byID := map[string][]imap.UID{}
+	for u, m := range b.msgs {
+		if m.id != "" {
+			byID[m.id] = append(byID[m.id], u)
+		}
+	}
+	for uidText, id := range undoIDs {
+		var n uint32
+		fmt.Sscan(uidText, &n)
+		if r.removed[id] {
+			removed++
+			continue
+		}
+		uids := byID[id]
+		var pick imap.UID
+		switch {
+		case len(uids) == 1:
+			pick = uids[0]
+		case len(uids) > 1:
+			pick = uids[0]
+			for _, u := range uids {
+				if u == imap.UID(n) {
+					pick = u
+				}
+			}
+		case n > 0 && b.msgs[imap.UID(n)] != nil && b.msgs[imap.UID(n)].id == "":
+			pick = imap.UID(n)
+		default:
+			gone++
+			continue
+		}
+		set.AddNum(pick)
+		now = append(now, pick)
+	}
+	return set, now, removed, gone
+}
+
+// onMessages replays STORE, COPY, MOVE, EXPUNGE and a FETCH's \Seen on
+// the messages the verb named, translated to their UIDs now.
+func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+	b, err := r.load(a.Mailbox)
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	set, uids, removed, gone := r.translate(b, a.UndoIDs)
+	if len(uids) == 0 {
+		if removed+gone > 0 {
+			return ReplayOutcome{Status: "repaired", Detail: fmt.Sprintf("skipped: its %d messages are not in the store after the repair", removed+gone)}, nil
+		}
+		return ReplayOutcome{Status: "ok", Detail: "no message to act on"}, nil
+	}
+	if err := r.sel(a.Mailbox); err != nil {
+		return ReplayOutcome{}, err
+	}
+	switch v.Kind {
+	case proxy.KindIMAPStore, proxy.KindIMAPFetch:
+		op := imap.StoreFlagsSet
+		switch a.Op {
+		case "+":
+			op = imap.StoreFlagsAdd
+		case "-":
+			op = imap.StoreFlagsDel
+		}
+		var flags []imap.Flag
+		for _, f := range a.Flags {
+			flags = append(flags, imap.Flag(f))
+		}
+		if err := r.c.Store(set, &imap.StoreFlags{Op: op, Silent: true, Flags: flags}, nil).Close(); err != nil {
+			return ReplayOutcome{}, err
+		}
+		for _, u := range uids {
+			m := b.msgs[u]
+			if op == imap.StoreFlagsSet {
+				m.flags = map[imap.Flag]bool{}
+			}
+			for _, f := range flags {
+				if f == imap.Flag(`\Recent`) {
+					continue
+				}
+				if op == imap.StoreFlagsDel {
+					delete(m.flags, f)
+				} else {
+					m.flags[f] = true
+				}
+			}
+		}
+	case proxy.KindIMAPExpunge:
+		// Exactly the messages the original expunged: mark them, then
+		// expunge only them (UIDPLUS), not whatever else is \Deleted now.
+		if err := r.c.Store(set, &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
+			return ReplayOutcome{}, err
+		}
+		if err := r.c.UIDExpunge(set).Close(); err != nil {
+			return ReplayOutcome{}, err
+		}
+		for _, u := range uids {
+			delete(b.msgs, u)
+		}
+	case proxy.KindIMAPCopy, proxy.KindIMAPMove:
+		dst, err := r.load(a.Dest)
+		if err != nil {
+			return ReplayOutcome{}, err
+		}
+		if err := r.sel(a.Mailbox); err != nil {
+			return ReplayOutcome{}, err
+		}
+		var srcSet, dstSet imap.NumSet
+		if v.Kind == proxy.KindIMAPCopy {
+			data, err := r.c.Copy(set, a.Dest).Wait()
+			if err != nil {
+				return ReplayOutcome{}, err
+			}
+			srcSet, dstSet = data.SourceUIDs, data.DestUIDs
+		} else {
+			data, err := r.c.Move(set, a.Dest).Wait()
+			if err != nil {
+				return ReplayOutcome{}, err
+			}
+			srcSet, dstSet = data.SourceUIDs, data.DestUIDs
+		}
+		if err := learnCopies(b, dst, srcSet, dstSet); err != nil {
+			// Without COPYUID the model cannot follow the copies: read the
+			// destination again.
+			delete(r.boxes, a.Dest)
+		}
+		if v.Kind == proxy.KindIMAPMove {
+			for _, u := range uids {
+				delete(b.msgs, u)
+			}
+		}
+	}
+	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set)}, nil
+}
+
+// learnCopies adds the copies COPYUID reported to the destination's
+// model, with their sources' undo ids and flags.
+func learnCopies(src, dst *mbox, srcSet, dstSet imap.NumSet) error {
+	s, ok1 := srcSet.(imap.UIDSet)
+	d, ok2 := dstSet.(imap.UIDSet)
+	if !ok1 || !ok2 {
+		return errors.New("no COPYUID")
+	}
+	su, ok1 := s.Nums()
+	du, ok2 := d.Nums()
+	if !ok1 || !ok2 || len(su) != len(du) {
+		return errors.New("unusable COPYUID")
+	}
+	for i := range su {
+		m := src.msgs[su[i]]
+		if m == nil {
+			return fmt.Errorf("COPYUID names uid %d the model does not know", su[i])
+		}
+		flags := map[imap.Flag]bool{}
+		for f := range m.flags {
+			flags[f] = true
+		}
+		dst.msgs[du[i]] = &msgState{id: m.id, flags: flags}
+	}
+	return nil
+}
+
+// append re-appends a logged message with its flags and date.
+func (r *userReplayer) append(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+	data, err := r.log.ReadBlob(v.Blob)
+	if err != nil {
+		return ReplayOutcome{}, fmt.Errorf("read appended message: %w", err)
+	}
+	b, err := r.load(a.Mailbox)
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	opts := &imap.AppendOptions{}
+	flags := map[imap.Flag]bool{}
+	for _, f := range a.Flags {
+		if !strings.EqualFold(f, `\Recent`) {
+			opts.Flags = append(opts.Flags, imap.Flag(f))
+			flags[imap.Flag(f)] = true
+		}
+	}
+	if a.Date != "" {
+		if t, err := time.Parse("02-Jan-2006 15:04:05 -0700", strings.TrimSpace(a.Date)); err == nil {
+			opts.Time = t
+		}
+	}
+	cmd := r.c.Append(a.Mailbox, int64(len(data)), opts)
+	if _, err := cmd.Write(data); err != nil {
+		return ReplayOutcome{}, err
+	}
+	if err := cmd.Close(); err != nil {
+		return ReplayOutcome{}, err
+	}
+	res, err := cmd.Wait()
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	if res == nil || res.UID == 0 {
+		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
+	}
+	b.msgs[res.UID] = &msgState{id: a.UndoID, flags: flags}
+	r.made++
+	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID)}, nil
+}
+
+// FileInto appends a message to a user's folder through the master user,
+// creating the folder if needed, and returns its UID: a live filter
+// filing a delivery elsewhere than the INBOX.
+func FileInto(t Target, user, folder string, msg []byte) (imap.UID, error) {
+	if t.Separator == "" {
+		t.Separator = "*"
+	}
+	r := newUserReplayer(user, t, nil, nil)
+	defer r.close()
+	if err := r.session(); err != nil {
+		return 0, err
+	}
+	r.c.Create(folder, nil).Wait() // an existing folder is fine
+	cmd := r.c.Append(folder, int64(len(msg)), nil)
+	cmd.Write(msg)
+	cmd.Close()
+	data, err := cmd.Wait()
+	if err != nil {
+		return 0, fmt.Errorf("file into %s for %s: %w", folder, user, err)
+	}
+	return data.UID, nil
+}
