@@ -48,6 +48,8 @@ type Config struct {
 	LMTP  LMTP  `yaml:"lmtp"`
 	IMAP  IMAP  `yaml:"imap"`
 	Admin Admin `yaml:"admin"`
+
+	Compensation Compensation `yaml:"compensation"`
 }
 
 // Dovecot says how a rewind makes Dovecot let go of the mail store and

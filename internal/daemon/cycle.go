@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/admin"
+	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
@@ -44,6 +45,9 @@ type CycleVerdict struct {
 	ReplayS float64 `json:"replay_s"`
 	Held    float64 `json:"held_s"`
 	Error   string  `json:"error,omitempty"`
+	// Compensation counts the paradoxes the cycle created and what was
+	// done about them: explained, silent, notified, by kind (issue 6).
+	Compensation *compensate.Report `json:"compensation,omitempty"`
 }
 
 // progress is the state of the cycle that runs, for CycleProgress.

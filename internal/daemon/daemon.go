@@ -41,6 +41,7 @@ type Daemon struct {
 
 	storeSpec string
 	upstream  replay.Upstream // how a rewind quiesces Dovecot
+	comp      compensation    // what cycles do about paradoxes (compensate.go)
 	target    replay.Target   // where a replay re-executes verbs
 	logger    *slog.Logger
 	errc      chan error
@@ -58,14 +59,14 @@ type Daemon struct {
 // Start opens the undo log, probes the upstreams and starts listening.
 // It returns once every listener accepts connections.
 func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daemon, err error) {
-	if err := cfg.Validate(); err != nil {
+	if err := errors.Join(cfg.Validate(), cfg.Compensation.Check()); err != nil {
 		return nil, fmt.Errorf("invalid configuration:\n%w", err)
 	}
 	l, err := undolog.Open(cfg.DataDir, undolog.Options{Logger: logger})
 	if err != nil {
 		return nil, fmt.Errorf("open undo log: %w", err)
 	}
-	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store,
+	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store, comp: compensation{cfg.Compensation, cfg.Hostname},
 		upstream: replay.Upstream{Doveadm: cfg.Dovecot.Doveadm, Quiesce: cfg.Dovecot.Quiesce, Resume: cfg.Dovecot.Resume, Logger: logger},
 		target: replay.Target{LMTPAddr: cfg.LMTP.Upstream, IMAPAddr: cfg.IMAP.Upstream,
 			MasterUser: cfg.Dovecot.MasterUser, MasterPassword: cfg.Dovecot.MasterPassword, Logger: logger}}
