@@ -1,8 +1,9 @@
-// Package admin serves undomail's operator interface. For now that is the
-// control socket: HTTP on a Unix socket in the data directory, readable
-// and writable by the daemon's own user only, through which the CLI asks
-// the running daemon to act (take a snapshot). The network admin API and
-// web timeline (issue 7) will grow from here.
+// Package admin serves undomail's operator interface: the control socket
+// (HTTP on a Unix socket in the data directory, readable and writable by
+// the daemon's own user only, through which the CLI asks the running
+// daemon to act), and the admin server (api.go: a JSON API, the web
+// timeline, /healthz and /metrics over TCP, with a token). The socket
+// serves the same JSON API under /api/, authenticated by its file mode.
 package admin
 
 import (
@@ -17,6 +18,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/undomail/undomail/timetravel"
@@ -68,7 +70,11 @@ type SnapshotReply struct {
 type Control struct {
 	srv *http.Server
 	ln  net.Listener
+	mux *http.ServeMux
 }
+
+// Handle serves more of the daemon on the socket (the admin API).
+func (c *Control) Handle(pattern string, h http.Handler) { c.mux.Handle(pattern, h) }
 
 // ServeControl listens on DIR/control.sock. A stale socket of a daemon
 // that died is replaced; a live one (another daemon on the same data
@@ -127,7 +133,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 		out, err := s.CycleJSON(r.Context(), req)
 		writeOutcome(w, out, err)
 	})
-	c := &Control{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln: ln}
+	c := &Control{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln: ln, mux: mux}
 	go func() {
 		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			logger.Error("control socket stopped", "err", err)
@@ -155,10 +161,14 @@ func (c *Control) Close() error {
 	return c.srv.Shutdown(ctx)
 }
 
-// Client talks to a running daemon's control socket.
+// Client talks to a running daemon: through its control socket (Dial),
+// or through the admin server with a token (DialRemote).
 type Client struct {
-	http *http.Client
-	path string
+	http   *http.Client
+	path   string // the socket, or the admin URL
+	base   string // URL prefix of requests
+	token  string // admin token, remote only
+	remote bool
 }
 
 // Dial returns a client for the daemon serving dataDir, or an error that
@@ -174,19 +184,30 @@ func Dial(dataDir string) (*Client, error) {
 		var d net.Dialer
 		return d.DialContext(ctx, "unix", path)
 	}}
-	return &Client{http: &http.Client{Transport: tr}, path: path}, nil
+	return &Client{http: &http.Client{Transport: tr}, path: path, base: "http://undomail"}, nil
+}
+
+// DialRemote returns a client for the admin server at baseURL
+// ("https://mail.example.org:8025") authenticating with token. Its
+// certificate is verified by the system's roots.
+func DialRemote(baseURL, token string) *Client {
+	return &Client{http: &http.Client{}, path: baseURL, base: strings.TrimRight(baseURL, "/"), token: token, remote: true}
 }
 
 // Snapshot asks the daemon for a snapshot now.
 func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, error) {
 	var rep SnapshotReply
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://undomail/snapshots?reason="+url.QueryEscape(reason), nil)
+	path := "/snapshots"
+	if c.remote {
+		path = "/api/snapshots"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path+"?reason="+url.QueryEscape(reason), nil)
 	if err != nil {
 		return rep, err
 	}
-	resp, err := c.http.Do(req)
+	resp, err := c.do(req)
 	if err != nil {
-		return rep, fmt.Errorf("control socket %s: %w", c.path, err)
+		return rep, err
 	}
 	defer resp.Body.Close()
 	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
@@ -201,6 +222,9 @@ func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, er
 // Rewind asks the daemon to roll the mail store back to a snapshot and
 // returns the rewind's outcome as JSON.
 func (c *Client) Rewind(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error) {
+	if c.remote {
+		return nil, errors.New("rewind: only on the daemon's machine (control socket)")
+	}
 	q := "/rewind?snapshot=" + url.QueryEscape(snapshot)
 	if hold {
 		q += "&hold=1"
@@ -211,6 +235,9 @@ func (c *Client) Rewind(ctx context.Context, snapshot string, hold bool) (json.R
 // Replay ends a held rewind: the daemon replays the changes since the
 // snapshot, all but cancel, and lets changes through again.
 func (c *Client) Replay(ctx context.Context, cancel []int64) (json.RawMessage, error) {
+	if c.remote {
+		return nil, errors.New("replay: only on the daemon's machine (control socket)")
+	}
 	b, _ := json.Marshal(CycleRequest{Cancel: cancel})
 	return c.post(ctx, "/replay", b)
 }
@@ -218,18 +245,22 @@ func (c *Client) Replay(ctx context.Context, cancel []int64) (json.RawMessage, e
 // Cycle asks the daemon to run a 3R cycle and returns its verdict as JSON.
 func (c *Client) Cycle(ctx context.Context, req CycleRequest) (json.RawMessage, error) {
 	b, _ := json.Marshal(req)
+	if c.remote {
+		return c.post(ctx, "/api/cycles?wait=1", b)
+	}
 	return c.post(ctx, "/cycles", b)
 }
 
 // post sends a request whose reply is {"outcome": ..., "error": ...}.
 func (c *Client) post(ctx context.Context, path string, body []byte) (json.RawMessage, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://undomail"+path, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, bytes.NewReader(body))
 	if err != nil {
 		return nil, err
 	}
-	resp, err := c.http.Do(req)
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.do(req)
 	if err != nil {
-		return nil, fmt.Errorf("control socket %s: %w", c.path, err)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	var rep struct {

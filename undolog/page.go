@@ -250,3 +250,23 @@ func (l *Log) Size() int64 {
 	}
 	return n
 }
+
+// CountKinds counts the verbs (not outcomes) of each kind with
+// afterSeq < seq <= upTo, for counters kept up to date incrementally.
+func (l *Log) CountKinds(ctx context.Context, afterSeq, upTo int64) (map[string]int64, error) {
+	rows, err := l.db.QueryContext(ctx, `SELECT kind, count(*) FROM records WHERE seq > ? AND seq <= ? AND kind != 'outcome' GROUP BY kind`, afterSeq, upTo)
+	if err != nil {
+		return nil, fmt.Errorf("count verbs in undo log %s: %w", l.dir, err)
+	}
+	defer rows.Close()
+	out := map[string]int64{}
+	for rows.Next() {
+		var k string
+		var n int64
+		if err := rows.Scan(&k, &n); err != nil {
+			return nil, fmt.Errorf("count verbs in undo log %s: %w", l.dir, err)
+		}
+		out[k] = n
+	}
+	return out, rows.Err()
+}

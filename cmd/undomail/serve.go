@@ -91,9 +91,6 @@ config file (--config); see undomail.example.yaml.`,
 			if err != nil {
 				return err
 			}
-			if cfg.Admin.Listen != "" {
-				logger.Info("admin API not served yet; admin.listen is reserved for it", "admin_listen", cfg.Admin.Listen)
-			}
 			logger.Info("undomail serving", "data_dir", cfg.DataDir)
 			werr := d.Wait(ctx)
 			logger.Info("shutting down")
@@ -121,6 +118,6 @@ config file (--config); see undomail.example.yaml.`,
 	f.StringVar(&o.MailRoot, "mail-root", "", "the live mail store (Dovecot's maildirs), for store copy:DIR")
 	f.StringVar(&doveadm, "doveadm", "doveadm", `how to run doveadm for rewinds, e.g. "doveadm -c /etc/dovecot/dovecot.conf"`)
 	f.DurationVar(&snapEvery, "snapshot-every", 0, "take a snapshot this often (0: only with undomail snapshot)")
-	f.StringVar(&o.Admin.Listen, "admin-listen", "", "admin HTTP API address (reserved; not served yet)")
+	f.StringVar(&o.Admin.Listen, "admin-listen", "", "admin API and web timeline address (empty: none; non-loopback needs admin.tls_cert or admin.allow_insecure_remote)")
 	return cmd
 }

@@ -158,9 +158,22 @@ type LMTP struct {
 
 // Admin is the HTTP admin API and web timeline.
 type Admin struct {
-	// Listen is the admin HTTP address; empty disables it. Keep it on
-	// loopback or behind an authenticating proxy.
+	// Listen is the admin HTTP address (JSON API, web timeline, /healthz,
+	// /metrics); empty disables it. An address other hosts can reach needs
+	// tls_cert and tls_key, or allow_insecure_remote.
 	Listen string `yaml:"listen"`
+	// Token authenticates API clients (Authorization: Bearer) and web
+	// logins; at least 16 characters. Empty: a random token is generated
+	// into admin.token in data_dir (mode 0600) on first start.
+	Token string `yaml:"token"`
+	// TLSCert is the admin's HTTPS certificate chain (PEM), with tls_key.
+	TLSCert string `yaml:"tls_cert"`
+	// TLSKey is the private key (PEM) of tls_cert.
+	TLSKey string `yaml:"tls_key"`
+	// AllowInsecureRemote serves plain HTTP on a non-loopback listen
+	// address, sending the token in clear text; without it undomail
+	// refuses to start.
+	AllowInsecureRemote bool `yaml:"allow_insecure_remote"`
 }
 
 // Duration is a time.Duration written as "30s", "5m".
@@ -389,6 +402,12 @@ func (c Config) Validate() error {
 	}
 	if (c.SMTP.TLSCert == "") != (c.SMTP.TLSKey == "") {
 		bad("smtp.tls_cert, smtp.tls_key", "set both or neither")
+	}
+	if (c.Admin.TLSCert == "") != (c.Admin.TLSKey == "") {
+		bad("admin.tls_cert, admin.tls_key", "set both or neither")
+	}
+	if c.Admin.Token != "" && len(c.Admin.Token) < 16 {
+		bad("admin.token", "must be at least 16 characters")
 	}
 	kind, arg, _ := strings.Cut(c.Store, ":")
 	switch {

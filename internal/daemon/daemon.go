@@ -46,6 +46,7 @@ type Daemon struct {
 	logger    *slog.Logger
 	errc      chan error
 	control   *admin.Control
+	admin     *admin.Server  // nil until started (admin.go)
 	repairMu  sync.Mutex     // one rewind, replay or cycle at a time
 	pending   *pendingReplay // a split-form cycle waiting for its replay
 	prog      progress       // how far the running cycle is
@@ -156,6 +157,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 	if d.control, err = admin.ServeControl(cfg.DataDir, d, logger); err != nil {
 		return nil, err
 	}
+	if err := d.startAdmin(cfg); err != nil {
+		return nil, err
+	}
 	if every := time.Duration(cfg.Snapshots.Every); every > 0 {
 		sctx, stop := context.WithCancel(context.Background())
 		d.stop = stop
@@ -211,6 +215,7 @@ const ShutdownGrace = 10 * time.Second
 // Close stops the listeners (connections get ShutdownGrace to finish),
 // then closes the log after its pending appends are committed.
 func (d *Daemon) Close() error {
+	d.closeAdmin()
 	if d.control != nil {
 		d.control.Close()
 	}

@@ -71,6 +71,7 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.IMAP.Listen = "127.0.0.1:0"
 	cfg.IMAP.Upstream = st.IMAPAddr
 	cfg.IMAP.AllowInsecureAuth = true // loopback only
+	cfg.Admin.Listen = "127.0.0.1:0"  // tests and demos run side by side
 	if o.Tweak != nil {
 		o.Tweak(&cfg)
 	}

@@ -1,0 +1,394 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/cookiejar"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/timetravel"
+	"github.com/undomail/undomail/undolog"
+)
+
+// fakeDaemon is a Backend over a real undo log: the admin reads the log
+// as it would in production; the daemon's actions are recorded.
+type fakeDaemon struct {
+	l        *undolog.Log
+	cycles   []CycleRequest
+	snapshot int
+}
+
+func (f *fakeDaemon) Snapshot(ctx context.Context, reason string) (timetravel.Snapshot, time.Duration, error) {
+	f.snapshot++
+	name := fmt.Sprintf("snap-%d", f.snapshot)
+	at, _ := f.l.Last()
+	if err := logSnapshot(ctx, f.l, name, at); err != nil {
+		return timetravel.Snapshot{}, 0, err
+	}
+	return timetravel.Snapshot{Name: name, Seq: at}, time.Millisecond, nil
+}
+func (f *fakeDaemon) RewindJSON(context.Context, string, bool) (json.RawMessage, error) {
+	return nil, nil
+}
+func (f *fakeDaemon) ReplayJSON(context.Context, []int64) (json.RawMessage, error) { return nil, nil }
+func (f *fakeDaemon) CycleJSON(ctx context.Context, req CycleRequest) (json.RawMessage, error) {
+	f.cycles = append(f.cycles, req)
+	return json.RawMessage(`{"ok":true,"replayed":3,"cancelled":1}`), nil
+}
+func (f *fakeDaemon) UndoLog() *undolog.Log { return f.l }
+func (f *fakeDaemon) Upstreams() []Upstream { return nil }
+func (f *fakeDaemon) Holding() bool         { return false }
+func (f *fakeDaemon) PlanCycle(ctx context.Context, to string, cancel []int64) (*Plan, error) {
+	if to == "" {
+		return nil, fmt.Errorf("no snapshot given")
+	}
+	return &Plan{To: to}, nil
+}
+func (f *fakeDaemon) CycleProgress() any { return nil }
+
+func logSnapshot(ctx context.Context, l *undolog.Log, name string, at int64) error {
+	args, _ := json.Marshal(snapshotArgs{Name: name, AtSeq: at, Reason: "test"})
+	r := &undolog.Record{Kind: KindSnapshot, Session: "daemon", Args: args}
+	if err := l.Append(ctx, r); err != nil {
+		return err
+	}
+	return l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Session: "daemon", Ref: r.Seq, Outcome: []byte(`{"ok":true,"pause_ms":1.5}`)})
+}
+
+// imapVerb logs an IMAP verb by user with an OK outcome.
+func imapVerb(t *testing.T, l *undolog.Log, user, kind, mailbox string) int64 {
+	t.Helper()
+	args, _ := json.Marshal(proxy.IMAPArgs{Command: strings.ToUpper(strings.TrimPrefix(kind, "imap.")), Mailbox: mailbox})
+	r := &undolog.Record{Kind: kind, User: user, Session: "s-" + user, Users: []string{user}, Args: args}
+	ctx := context.Background()
+	if err := l.Append(ctx, r); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, User: user, Session: "s-" + user, Ref: r.Seq, Outcome: []byte(`{"status":"OK"}`)}); err != nil {
+		t.Fatal(err)
+	}
+	return r.Seq
+}
+
+type testServer struct {
+	*httptest.Server
+	f     *fakeDaemon
+	token string
+	dir   string
+}
+
+func newTestServer(t *testing.T) *testServer {
+	t.Helper()
+	dir := t.TempDir()
+	l, err := undolog.Open(filepath.Join(dir, "undo"), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	f := &fakeDaemon{l: l}
+	s, err := New(f, Options{DataDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := ReadToken(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewServer(s.Handler())
+	t.Cleanup(ts.Close)
+	return &testServer{Server: ts, f: f, token: tok, dir: dir}
+}
+
+// do sends a request with the given bearer token ("" for none).
+func (ts *testServer) do(t *testing.T, method, path, token string, body io.Reader) (*http.Response, string) {
+	t.Helper()
+	req, _ := http.NewRequest(method, ts.URL+path, body)
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, string(b)
+}
+
+func TestTokenFile(t *testing.T) {
+	ts := newTestServer(t)
+	fi, err := os.Stat(filepath.Join(ts.dir, TokenName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Fatalf("%s has mode %v, want 0600", TokenName, fi.Mode().Perm())
+	}
+	again, err := EnsureToken(ts.dir)
+	if err != nil || again != ts.token {
+		t.Fatalf("second start got token %q (%v), want the first one kept", again, err)
+	}
+	os.Chmod(filepath.Join(ts.dir, TokenName), 0o644)
+	if _, err := ReadToken(ts.dir); err == nil {
+		t.Fatal("a world-readable token file was accepted")
+	}
+}
+
+func TestAuthRequired(t *testing.T) {
+	ts := newTestServer(t)
+	for _, path := range []string{"/api/status", "/api/verbs", "/api/verbs/1", "/api/snapshots", "/api/cycles", "/api/drills", "/api/compensations", "/api/cycles/progress", "/metrics"} {
+		if resp, body := ts.do(t, "GET", path, "", nil); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET %s without a token: %s %s, want 401", path, resp.Status, body)
+		}
+		if resp, body := ts.do(t, "GET", path, "not-"+ts.token, nil); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET %s with a wrong token: %s %s, want 401", path, resp.Status, body)
+		}
+	}
+	if resp, _ := ts.do(t, "POST", "/api/cycles", "", strings.NewReader(`{"to":"x"}`)); resp.StatusCode != http.StatusUnauthorized || len(ts.f.cycles) != 0 {
+		t.Fatalf("POST /api/cycles without a token: %s, %d cycles run", resp.Status, len(ts.f.cycles))
+	}
+	if resp, body := ts.do(t, "GET", "/api/status", ts.token, nil); resp.StatusCode != http.StatusOK || !strings.Contains(body, `"gate": "open"`) {
+		t.Fatalf("GET /api/status with the token: %s %s", resp.Status, body)
+	}
+	if resp, _ := ts.do(t, "GET", "/healthz", "", nil); resp.StatusCode != http.StatusOK {
+		t.Fatalf("/healthz without a token: %s, want 200", resp.Status)
+	}
+	// The web pages send a browser without a session to the login form.
+	c := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	resp, err := c.Get(ts.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if loc := resp.Header.Get("Location"); resp.StatusCode != http.StatusSeeOther || !strings.HasPrefix(loc, "/login") {
+		t.Fatalf("GET / without a session: %s to %q, want a redirect to /login", resp.Status, loc)
+	}
+}
+
+// browser logs in through the form and returns a client with the session
+// cookie and the session's CSRF token (from a page's hidden field).
+func (ts *testServer) browser(t *testing.T) (*http.Client, string) {
+	t.Helper()
+	jar, _ := cookiejar.New(nil)
+	c := &http.Client{Jar: jar}
+	req, _ := http.NewRequest("POST", ts.URL+"/login", strings.NewReader(url.Values{"token": {"wrong-token-wrong-token"}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("login with a wrong token: %s, want 401", resp.Status)
+	}
+	req, _ = http.NewRequest("POST", ts.URL+"/login", strings.NewReader(url.Values{"token": {ts.token}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("Origin", ts.URL)
+	resp, err = c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("login: %s", resp.Status)
+	}
+	var cookie *http.Cookie
+	u, _ := url.Parse(ts.URL)
+	for _, ck := range resp.Request.Response.Cookies() {
+		if ck.Name == SessionCookie {
+			cookie = ck
+		}
+	}
+	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteStrictMode || len(jar.Cookies(u)) != 1 {
+		t.Fatalf("session cookie %+v: want HttpOnly, SameSite=Strict", cookie)
+	}
+	m := regexp.MustCompile(`name="csrf" value="([0-9a-f]+)"`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("no CSRF token in the timeline page:\n%s", b)
+	}
+	return c, string(m[1])
+}
+
+func TestCSRF(t *testing.T) {
+	ts := newTestServer(t)
+	c, csrf := ts.browser(t)
+	post := func(path, csrfHeader, origin, body, ctype string) int {
+		req, _ := http.NewRequest("POST", ts.URL+path, strings.NewReader(body))
+		if csrfHeader != "" {
+			req.Header.Set("X-CSRF-Token", csrfHeader)
+		}
+		if origin != "" {
+			req.Header.Set("Origin", origin)
+		}
+		req.Header.Set("Content-Type", ctype)
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	const js = "application/json"
+	if code := post("/api/snapshots", "", ts.URL, "", js); code != http.StatusForbidden {
+		t.Errorf("POST /api/snapshots with the cookie but no CSRF token: %d, want 403", code)
+	}
+	if code := post("/api/snapshots", "0"+csrf[1:], ts.URL, "", js); code != http.StatusForbidden {
+		t.Errorf("POST /api/snapshots with a wrong CSRF token: %d, want 403", code)
+	}
+	if code := post("/api/snapshots", csrf, "https://evil.example", "", js); code != http.StatusForbidden {
+		t.Errorf("POST /api/snapshots from another origin: %d, want 403", code)
+	}
+	form := "application/x-www-form-urlencoded"
+	if code := post("/cycles/run", "", ts.URL, url.Values{"to": {"snap-1"}, "confirm": {"yes"}}.Encode(), form); code != http.StatusForbidden {
+		t.Errorf("form POST /cycles/run without the csrf field: %d, want 403", code)
+	}
+	if ts.f.snapshot != 0 || len(ts.f.cycles) != 0 {
+		t.Fatalf("refused requests acted: %d snapshots, %d cycles", ts.f.snapshot, len(ts.f.cycles))
+	}
+	if code := post("/api/snapshots", csrf, ts.URL, "", js); code != http.StatusOK || ts.f.snapshot != 1 {
+		t.Fatalf("POST /api/snapshots with the CSRF token: %d, %d snapshots", code, ts.f.snapshot)
+	}
+	// A form without the confirmation box runs nothing; with it, it does.
+	if code := post("/cycles/run", "", ts.URL, url.Values{"to": {"snap-1"}, "csrf": {csrf}}.Encode(), form); code != http.StatusOK || len(ts.f.cycles) != 0 {
+		t.Fatalf("unconfirmed cycle: %d, %d cycles run", code, len(ts.f.cycles))
+	}
+	if code := post("/cycles/run", "", ts.URL, url.Values{"to": {"snap-1"}, "cancel": {"3"}, "csrf": {csrf}, "confirm": {"yes"}}.Encode(), form); code != http.StatusOK {
+		t.Fatalf("confirmed cycle: %d", code)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if resp, body := ts.do(t, "GET", "/api/cycles/current", ts.token, nil); resp.StatusCode == 200 && strings.Contains(body, `"replayed": 3`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the confirmed cycle did not finish")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if len(ts.f.cycles) != 1 || ts.f.cycles[0].To != "snap-1" || fmt.Sprint(ts.f.cycles[0].Cancel) != "[3]" {
+		t.Fatalf("cycles run: %v", ts.f.cycles)
+	}
+}
+
+func TestVerbsPagingAndFilters(t *testing.T) {
+	ts := newTestServer(t)
+	l := ts.f.l
+	ctx := context.Background()
+	var alice []int64
+	for i := 0; i < 5; i++ {
+		alice = append(alice, imapVerb(t, l, "alice", "imap.create", fmt.Sprintf("F%d", i)))
+		imapVerb(t, l, "bob", "imap.create", fmt.Sprintf("G%d", i))
+	}
+	at, _ := l.Last()
+	if err := logSnapshot(ctx, l, "before", at); err != nil {
+		t.Fatal(err)
+	}
+	del := imapVerb(t, l, "alice", "imap.delete", "Projects")
+	bobDel := imapVerb(t, l, "bob", "imap.delete", "Old")
+	args, _ := json.Marshal(cycleArgs{To: "before", Cancel: []int64{del}})
+	cyc := &undolog.Record{Kind: KindCycle, Session: "cycle", Args: args}
+	if err := l.Append(ctx, cyc); err != nil {
+		t.Fatal(err)
+	}
+	imapVerb(t, l, "alice", "imap.create", "After")
+
+	get := func(q string) VerbPage {
+		t.Helper()
+		resp, body := ts.do(t, "GET", "/api/verbs?"+q, ts.token, nil)
+		if resp.StatusCode != 200 {
+			t.Fatalf("GET /api/verbs?%s: %s %s", q, resp.Status, body)
+		}
+		var p VerbPage
+		if err := json.Unmarshal([]byte(body), &p); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	seqs := func(vs []Verb) (out []int64) {
+		for _, v := range vs {
+			out = append(out, v.Seq)
+		}
+		return out
+	}
+	// alice's creations, two per page, following the cursor.
+	var got []int64
+	q := "user=alice&kind=imap.create&limit=2"
+	for p := get(q); ; p = get(fmt.Sprintf("%s&after=%d", q, p.Next)) {
+		for _, v := range p.Verbs {
+			if v.User != "alice" || v.Kind != "imap.create" || v.Result != "OK" {
+				t.Fatalf("verb %+v does not match user=alice kind=imap.create, or lacks its outcome", v)
+			}
+		}
+		got = append(got, seqs(p.Verbs)...)
+		if p.Next == 0 {
+			break
+		}
+	}
+	want := append(alice, got[len(got)-1])
+	if fmt.Sprint(got) != fmt.Sprint(want) || len(got) != 6 {
+		t.Fatalf("alice's creations page by page: %v, want %v", got, want)
+	}
+	// The cycle's abandoned branch: the two deletes, nothing else.
+	if p := get(fmt.Sprintf("branch=%d", cyc.Seq)); fmt.Sprint(seqs(p.Verbs)) != fmt.Sprint([]int64{del, bobDel}) {
+		t.Fatalf("branch of cycle %d: %v, want %v", cyc.Seq, seqs(p.Verbs), []int64{del, bobDel})
+	}
+	if p := get("q=projects"); len(p.Verbs) != 1 || p.Verbs[0].Seq != del || !strings.Contains(p.Verbs[0].Summary, `"Projects"`) {
+		t.Fatalf("search for projects: %+v", p.Verbs)
+	}
+	if p := get("order=desc&limit=1&kind=imap.delete"); len(p.Verbs) != 1 || p.Verbs[0].Seq != bobDel || p.Next != bobDel {
+		t.Fatalf("newest delete: %+v next %d", p.Verbs, p.Next)
+	}
+	since := time.Now().Add(time.Hour).UTC().Format(time.RFC3339)
+	if p := get("since=" + since); len(p.Verbs) != 0 {
+		t.Fatalf("verbs since an hour from now: %v", seqs(p.Verbs))
+	}
+	if resp, _ := ts.do(t, "GET", "/api/verbs?after=x", ts.token, nil); resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("after=x: %s, want 400", resp.Status)
+	}
+	if resp, _ := ts.do(t, "GET", fmt.Sprintf("/api/verbs?branch=%d", del), ts.token, nil); resp.StatusCode != http.StatusBadRequest {
+		t.Fatalf("branch= a delete: %s, want 400", resp.Status)
+	}
+	// One verb, and the metrics count the kinds.
+	if resp, body := ts.do(t, "GET", fmt.Sprintf("/api/verbs/%d", del), ts.token, nil); resp.StatusCode != 200 || !strings.Contains(body, `"kind": "imap.delete"`) {
+		t.Fatalf("GET /api/verbs/%d: %s %s", del, resp.Status, body)
+	}
+	_, body := ts.do(t, "GET", "/metrics", ts.token, nil)
+	for _, want := range []string{`undomail_verbs_logged_total{kind="imap.create"} 11`, `undomail_verbs_logged_total{kind="imap.delete"} 2`, "undomail_snapshots 1", "undomail_gate_held 0"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %s:\n%s", want, body)
+		}
+	}
+}
+
+func TestCheckListen(t *testing.T) {
+	for _, c := range []struct {
+		addr        string
+		tls, allow  bool
+		wantRefused bool
+	}{
+		{"127.0.0.1:8025", false, false, false},
+		{"[::1]:8025", false, false, false},
+		{"localhost:8025", false, false, false},
+		{"0.0.0.0:8025", false, false, true},
+		{":8025", false, false, true},
+		{"192.0.2.1:8025", false, false, true},
+		{"0.0.0.0:8025", true, false, false},
+		{"0.0.0.0:8025", false, true, false},
+	} {
+		err := CheckListen(c.addr, c.tls, c.allow)
+		if (err != nil) != c.wantRefused {
+			t.Errorf("CheckListen(%q, tls=%v, allow=%v) = %v, want refused=%v", c.addr, c.tls, c.allow, err, c.wantRefused)
+		}
+	}
+}

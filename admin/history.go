@@ -1,0 +1,279 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+// The record kinds the admin reads besides the proxies' verbs. They are
+// written by the daemon (snapshots, cycles), drills and compensation; the
+// admin decodes only the fields it shows, by their JSON names, so it does
+// not depend on the packages that write them.
+const (
+	KindSnapshot       = "snapshot"
+	KindSnapshotPruned = "snapshot.pruned"
+	KindCycle          = "cycle"
+	KindDrill          = "drill"
+	KindCompensation   = "compensation"
+)
+
+// Verb is a verb as the API returns it: the fields of `undomail log
+// --json` plus a one-line summary.
+type Verb struct {
+	Seq        int64           `json:"seq"`
+	Time       time.Time       `json:"time"`
+	User       string          `json:"user"`
+	Session    string          `json:"session"`
+	Kind       string          `json:"kind"`
+	Users      []string        `json:"users,omitempty"`
+	Blob       string          `json:"blob,omitempty"`
+	Args       json.RawMessage `json:"args,omitempty"`
+	Summary    string          `json:"summary"`
+	OutcomeSeq int64           `json:"outcome_seq,omitempty"`
+	Outcome    json.RawMessage `json:"outcome,omitempty"`
+	Result     string          `json:"result,omitempty"` // the outcome in one line
+	// Header is a delivered or compensating message's headers.
+	Header *proxy.HeaderInfo `json:"header,omitempty"`
+}
+
+// NewVerb converts a logged verb. An outcome carried on the record itself
+// (drills, compensations) is shown like a separate outcome record.
+func NewVerb(v undolog.Verb) Verb {
+	out := Verb{Seq: v.Seq, Time: v.Time, User: v.User, Session: v.Session, Kind: v.Kind,
+		Users: v.Users, Blob: v.Blob, Args: v.Args, Outcome: v.Record.Outcome}
+	if v.Outcome != nil {
+		out.OutcomeSeq, out.Outcome = v.Outcome.Seq, v.Outcome.Outcome
+	}
+	out.Summary, out.Result, out.Header = describe(v.Kind, v.Args, out.Outcome)
+	return out
+}
+
+// describe renders a verb's arguments and outcome in one line each.
+func describe(kind string, args, outcome json.RawMessage) (summary, result string, hdr *proxy.HeaderInfo) {
+	summary, result = string(args), string(outcome)
+	switch {
+	case kind == proxy.KindSMTPSubmit || kind == proxy.KindLMTPDeliver || kind == KindCompensation:
+		var a proxy.DeliveryArgs
+		if json.Unmarshal(args, &a) == nil {
+			summary, hdr = a.Summary(), &a.Header
+		}
+		var o proxy.DeliveryOutcome
+		if len(outcome) > 0 && json.Unmarshal(outcome, &o) == nil && (o.Reply != nil || len(o.Rcpts) > 0) {
+			result = o.Summary()
+		}
+	case kind == proxy.KindIMAPFetch:
+		var a proxy.IMAPFetchArgs
+		if json.Unmarshal(args, &a) == nil {
+			summary = a.Summary()
+		}
+	case strings.HasPrefix(kind, "imap."):
+		var a proxy.IMAPArgs
+		if json.Unmarshal(args, &a) == nil {
+			summary = a.Summary()
+		}
+		var o proxy.IMAPOutcome
+		if len(outcome) > 0 && json.Unmarshal(outcome, &o) == nil && o.Status != "" {
+			result = o.Summary()
+		}
+	case kind == KindSnapshot || kind == KindSnapshotPruned:
+		var a snapshotArgs
+		if json.Unmarshal(args, &a) == nil {
+			summary = fmt.Sprintf("%s at log position %d (%s)", a.Name, a.AtSeq, a.Reason)
+		}
+	case kind == KindCycle:
+		var a cycleArgs
+		if json.Unmarshal(args, &a) == nil {
+			summary = fmt.Sprintf("rewind to %s, cancel %v", a.To, a.Cancel)
+		}
+	}
+	return summary, result, hdr
+}
+
+type snapshotArgs struct {
+	Name   string `json:"name"`
+	AtSeq  int64  `json:"at_seq"`
+	Reason string `json:"reason"`
+}
+
+type snapshotOutcome struct {
+	OK    bool    `json:"ok"`
+	Error string  `json:"error"`
+	Pause float64 `json:"pause_ms"`
+}
+
+type cycleArgs struct {
+	To      string          `json:"to"`
+	Cancel  []int64         `json:"cancel"`
+	Filters []FilterRequest `json:"filters"`
+	Present string          `json:"present"`
+}
+
+// Snapshot is a snapshot the log says was taken.
+type Snapshot struct {
+	Name    string    `json:"name"`
+	AtSeq   int64     `json:"at_seq"` // the last record whose effect it contains
+	Seq     int64     `json:"seq"`    // the snapshot's own record
+	Time    time.Time `json:"time"`
+	Reason  string    `json:"reason,omitempty"`
+	PauseMS float64   `json:"pause_ms"`
+	Pruned  bool      `json:"pruned,omitempty"` // destroyed by retention
+}
+
+// Cycle is a 3R cycle from the log. Its abandoned branch is the verbs
+// with AtSeq < seq < Seq: what happened between the snapshot it rewound
+// to and the cycle.
+type Cycle struct {
+	Seq   int64     `json:"seq"`
+	Time  time.Time `json:"time"`
+	To    string    `json:"to"`
+	AtSeq int64     `json:"at_seq"`
+	// SnapshotSeq is the record of the snapshot it rewound to: the
+	// abandoned branch starts after it.
+	SnapshotSeq int64           `json:"snapshot_seq"`
+	Cancel      []int64         `json:"cancel,omitempty"`
+	Filters     []FilterRequest `json:"filters,omitempty"`
+	Present     string          `json:"present,omitempty"`
+	// Verdict is nil while the cycle runs (or if it was cut off).
+	Verdict *Verdict        `json:"verdict,omitempty"`
+	Raw     json.RawMessage `json:"verdict_raw,omitempty"`
+}
+
+// Verdict is the part of a cycle's verdict the admin shows.
+type Verdict struct {
+	OK            bool    `json:"ok"`
+	Replayed      int     `json:"replayed"`
+	Cancelled     int     `json:"cancelled"`
+	Filtered      int     `json:"filtered"`
+	Failed        int     `json:"failed"`
+	Compensations int     `json:"compensations"`
+	Held          float64 `json:"held_s"`
+	Error         string  `json:"error,omitempty"`
+}
+
+// Drill is a recovery drill's verdict.
+type Drill struct {
+	Seq         int64             `json:"seq"`
+	Time        time.Time         `json:"time"`
+	OK          bool              `json:"ok"`
+	From        string            `json:"from"`
+	To          string            `json:"to"`
+	Differences []json.RawMessage `json:"differences,omitempty"`
+}
+
+// allOf reads every verb of the given kinds, oldest first. Only for the
+// kinds with few records (snapshots, cycles, drills).
+func allOf(ctx context.Context, l *undolog.Log, kinds ...string) ([]undolog.Verb, error) {
+	var out []undolog.Verb
+	q := undolog.PageQuery{Kinds: kinds, Limit: undolog.MaxPageLimit}
+	for {
+		p, err := l.Page(ctx, q)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, p.Verbs...)
+		if p.Next == 0 {
+			return out, nil
+		}
+		q.AfterSeq = p.Next
+	}
+}
+
+// Snapshots returns the snapshots the log records, oldest first, pruned
+// ones marked; failed snapshots are left out.
+func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
+	vs, err := allOf(ctx, l, KindSnapshot, KindSnapshotPruned)
+	if err != nil {
+		return nil, err
+	}
+	var out []Snapshot
+	idx := map[string]int{}
+	for _, v := range vs {
+		var a snapshotArgs
+		if json.Unmarshal(v.Args, &a) != nil {
+			continue
+		}
+		if v.Kind == KindSnapshotPruned {
+			if i, ok := idx[a.Name]; ok {
+				out[i].Pruned = true
+			}
+			continue
+		}
+		var o snapshotOutcome
+		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || !o.OK {
+			continue
+		}
+		idx[a.Name] = len(out)
+		out = append(out, Snapshot{Name: a.Name, AtSeq: a.AtSeq, Seq: v.Seq, Time: v.Time, Reason: a.Reason, PauseMS: o.Pause})
+	}
+	return out, nil
+}
+
+// Cycles returns the cycles in the log, oldest first.
+func Cycles(ctx context.Context, l *undolog.Log, snaps []Snapshot) ([]Cycle, error) {
+	vs, err := allOf(ctx, l, KindCycle)
+	if err != nil {
+		return nil, err
+	}
+	at := snapshotIndex(snaps)
+	var out []Cycle
+	for _, v := range vs {
+		out = append(out, cycleOf(v, at))
+	}
+	return out, nil
+}
+
+// snapshotIndex maps snapshot names to snapshots.
+func snapshotIndex(snaps []Snapshot) map[string]Snapshot {
+	at := map[string]Snapshot{}
+	for _, s := range snaps {
+		at[s.Name] = s
+	}
+	return at
+}
+
+func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
+	var a cycleArgs
+	json.Unmarshal(v.Args, &a)
+	c := Cycle{Seq: v.Seq, Time: v.Time, To: a.To, AtSeq: at[a.To].AtSeq, SnapshotSeq: at[a.To].Seq,
+		Cancel: a.Cancel, Filters: a.Filters, Present: a.Present}
+	if v.Outcome != nil {
+		c.Raw = v.Outcome.Outcome
+		var vd Verdict
+		if json.Unmarshal(v.Outcome.Outcome, &vd) == nil {
+			c.Verdict = &vd
+		}
+	}
+	return c
+}
+
+// Drills returns the drill verdicts in the log, oldest first.
+func Drills(ctx context.Context, l *undolog.Log) ([]Drill, error) {
+	vs, err := allOf(ctx, l, KindDrill)
+	if err != nil {
+		return nil, err
+	}
+	return drillsOf(vs)
+}
+
+// drillsOf decodes drill records. The verdict may be carried on the
+// record itself or on an outcome record referring to it.
+func drillsOf(vs []undolog.Verb) ([]Drill, error) {
+	var out []Drill
+	for _, v := range vs {
+		var d Drill
+		o := v.Record.Outcome
+		if v.Outcome != nil {
+			o = v.Outcome.Outcome
+		}
+		json.Unmarshal(o, &d)
+		d.Seq, d.Time = v.Seq, v.Time
+		out = append(out, d)
+	}
+	return out, nil
+}
