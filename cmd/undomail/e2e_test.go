@@ -63,6 +63,7 @@ type server struct {
 	dataDir           string
 	smtpAddr, lmtpAdr string
 	imapAddr          string
+	adminAddr         string   // the admin server; not the default port: tests run side by side
 	extra             []string // more serve flags
 	cmd               *exec.Cmd
 	logPath           string
@@ -70,7 +71,7 @@ type server struct {
 
 func newServer(t *testing.T, st *mailstack.Stack) *server {
 	s := &server{t: t, st: st, dataDir: filepath.Join(t.TempDir(), "undo"),
-		smtpAddr: freeAddr(t), lmtpAdr: freeAddr(t), imapAddr: freeAddr(t)}
+		smtpAddr: freeAddr(t), lmtpAdr: freeAddr(t), imapAddr: freeAddr(t), adminAddr: freeAddr(t)}
 	s.logPath = s.dataDir + ".log"
 	t.Cleanup(func() {
 		if s.cmd != nil {
@@ -93,7 +94,8 @@ func (s *server) start() {
 	s.cmd = exec.Command(binary, "serve", "--data-dir", s.dataDir,
 		"--smtp-listen", s.smtpAddr, "--smtp-upstream", s.st.SMTPAddr, "--smtp-allow-insecure-auth",
 		"--lmtp-listen", s.lmtpAdr, "--lmtp-upstream", s.st.LMTPAddr, "--hostname", "undomail.test",
-		"--imap-listen", s.imapAddr, "--imap-upstream", s.st.IMAPAddr, "--imap-allow-insecure-auth")
+		"--imap-listen", s.imapAddr, "--imap-upstream", s.st.IMAPAddr, "--imap-allow-insecure-auth",
+		"--admin-listen", s.adminAddr)
 	s.cmd.Args = append(s.cmd.Args, s.extra...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {
@@ -777,7 +779,7 @@ func TestServeFromExampleConfig(t *testing.T) {
 		"--smtp-listen", smtpAddr, "--smtp-upstream", st.SMTPAddr, "--smtp-allow-insecure-auth",
 		"--lmtp-listen", lmtpAddr, "--lmtp-upstream", st.LMTPAddr,
 		"--imap-listen", imapAddr, "--imap-upstream", st.IMAPAddr, "--imap-allow-insecure-auth",
-		"--mail-root", st.MailRoot)
+		"--mail-root", st.MailRoot, "--admin-listen", freeAddr(t))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
