@@ -216,10 +216,25 @@ func (s *imapSession) undoIDs(mb mailboxState, uids []uint32) map[string]string 
 
 // fetchUndoIDs reads the Undomail-Id field of messages over the side
 // connection.
+// A side connection that the server dropped (a rewind kicks every
+// session, an idle timeout) is dialled again once.
 func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (map[uint32]string, error) {
 	sc := s.side
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
+	reused := sc.up != nil
+	found, err := s.fetchUndoIDsLocked(mb, uids)
+	if err != nil && reused && sc.up == nil {
+		found, err = s.fetchUndoIDsLocked(mb, uids)
+	}
+	return found, err
+}
+
+func (s *imapSession) fetchUndoIDsLocked(mb mailboxState, uids []uint32) (map[uint32]string, error) {
+	sc := s.side
+	if sc.up == nil {
+		sc.examined = mailboxState{}
+	}
 	if err := s.sideLogin(); err != nil {
 		return nil, err
 	}

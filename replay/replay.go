@@ -65,6 +65,11 @@ type Plan struct {
 	// Progress, if set, is told how far the replay is after every verb.
 	// Calls are serialised.
 	Progress func(Progress)
+	// Gone are the mailboxes the rewind took away (RewindOutcome.Gone);
+	// Restore, if set, gives one the replay makes again its old
+	// UIDVALIDITY and counters (Upstream.Restore).
+	Gone    []MailboxCounters
+	Restore func(context.Context, MailboxCounters) (bool, error)
 }
 
 // Progress is how far a cycle is.
@@ -89,6 +94,8 @@ type Result struct {
 	// Users is how many users had verbs replayed; Messages how many
 	// messages the replay made again (deliveries per recipient, APPENDs).
 	Users, Messages int
+	// Restored counts mailboxes made again with their old UIDVALIDITY.
+	Restored int
 	// Verify compares the store after the replay with what the log
 	// predicts.
 	Verify Verification
@@ -188,6 +195,12 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 			defer wg.Done()
 			for user := range work {
 				r := newUserReplayer(user, t, l, fs)
+				r.restore = p.Restore
+				for _, g := range p.Gone {
+					if g.User == user {
+						r.gone[g.Mailbox] = g
+					}
+				}
 				replayers[index[user]] = r
 				for _, tk := range queues[user] {
 					out, err := r.run(ctx, tk)
@@ -244,6 +257,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 	for _, r := range replayers {
 		if r != nil {
 			res.Messages += r.made
+			res.Restored += r.restored
 		}
 	}
 	if first != nil {
@@ -443,4 +457,20 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after int64, verbs []
 		}
 	}
 	return d, nil
+}
+
+// Replayable are the verb kinds a replay re-executes.
+var Replayable = map[string]bool{
+	proxy.KindLMTPDeliver: true, KindCompensation: true,
+	proxy.KindIMAPAppend: true, proxy.KindIMAPStore: true, proxy.KindIMAPCopy: true, proxy.KindIMAPMove: true,
+	proxy.KindIMAPExpunge: true, proxy.KindIMAPCreate: true, proxy.KindIMAPDelete: true, proxy.KindIMAPRename: true,
+	proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true,
+}
+
+// HadEffect reports whether a verb changed the store the first time, so
+// a replay makes it again: its client was told OK, its delivery was
+// accepted for some recipient, or its FETCH set \Seen.
+func HadEffect(v undolog.Verb) bool {
+	ts, skip := split(v)
+	return !skip && len(ts) > 0
 }

@@ -10,9 +10,12 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/undomail/undomail/timetravel"
@@ -67,6 +70,11 @@ type RewindOutcome struct {
 	Raised  int      `json:"raised"`
 	Renewed []string `json:"renewed,omitempty"`
 	Error   string   `json:"error,omitempty"`
+	// Gone are the counters of the mailboxes the rollback took away
+	// (created after the snapshot): when the replay makes one again, it
+	// gets its old UIDVALIDITY back with UIDNEXT above every UID it had,
+	// so clients that cached it need not start over (Plan.Gone).
+	Gone []MailboxCounters `json:"-"`
 }
 
 // Rewind rolls the store back to a snapshot so that Dovecot serves exactly
@@ -85,9 +93,6 @@ func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Up
 	}
 	if up.FreeWait == 0 {
 		up.FreeWait = 30 * time.Second
-	}
-	if up.CommandTimeout == 0 {
-		up.CommandTimeout = time.Minute
 	}
 	snap, err := store.Get(ctx, snapshot)
 	if err != nil {
@@ -154,6 +159,9 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 	if err != nil {
 		return out, fmt.Errorf("read counters after the rollback: %w", err)
 	}
+	if err := up.keepUIDValidityAhead(ctx, before); err != nil {
+		return out, err
+	}
 	now := map[string]MailboxCounters{}
 	for _, c := range after {
 		now[c.User+"\x00"+c.Mailbox] = c
@@ -165,6 +173,9 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 			// never shown under the snapshot's UIDVALIDITY, or the
 			// replay recreates it with a new one.
 			out.Renewed = append(out.Renewed, b.User+"/"+b.Mailbox)
+			if !ok {
+				out.Gone = append(out.Gone, b)
+			}
 			continue
 		}
 		if a.UIDNext >= b.UIDNext && a.HighestModSeq >= b.HighestModSeq {
@@ -180,6 +191,38 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 	out.OK = true
 	up.Logger.Info("rewound", "snapshot", snapshot, "raised", out.Raised, "renewed", len(out.Renewed))
 	return out, nil
+}
+
+// Restore gives a mailbox made again after a rollback the UIDVALIDITY
+// it had before, with UIDNEXT and HIGHESTMODSEQ above every value it had
+// then, provided it is still empty (a UID already handed out under a
+// new UIDVALIDITY cannot move). It reports whether it changed anything.
+func (up Upstream) Restore(ctx context.Context, c MailboxCounters) (bool, error) {
+	out, err := up.doveadm(ctx, "-f", "tab", "mailbox", "status", "-u", c.User, "uidvalidity messages", c.Mailbox)
+	if err != nil {
+		return false, fmt.Errorf("status of %s/%s: %w", c.User, c.Mailbox, err)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) != 2 {
+		return false, fmt.Errorf("status of %s/%s: unexpected output %q", c.User, c.Mailbox, out)
+	}
+	col := map[string]string{}
+	vals := strings.Split(lines[1], "\t")
+	for i, h := range strings.Split(lines[0], "\t") {
+		if i < len(vals) {
+			col[strings.ToLower(h)] = vals[i]
+		}
+	}
+	if col["messages"] != "0" || col["uidvalidity"] == strconv.FormatUint(uint64(c.UIDValidity), 10) {
+		return false, nil
+	}
+	if _, err := up.doveadm(ctx, "mailbox", "update", "-u", c.User,
+		"--uid-validity", strconv.FormatUint(uint64(c.UIDValidity), 10),
+		"--min-next-uid", strconv.FormatUint(uint64(c.UIDNext), 10),
+		"--min-highest-modseq", strconv.FormatUint(c.HighestModSeq, 10), c.Mailbox); err != nil {
+		return false, fmt.Errorf("restore the counters of %s/%s: %w", c.User, c.Mailbox, err)
+	}
+	return true, nil
 }
 
 // counters reads every mailbox's counters with doveadm (tab format: a
@@ -229,7 +272,11 @@ func (up Upstream) run(ctx context.Context, argv []string) ([]byte, error) {
 	if len(argv) == 0 {
 		return nil, errors.New("empty command")
 	}
-	ctx, cancel := context.WithTimeout(ctx, up.CommandTimeout)
+	timeout := up.CommandTimeout
+	if timeout == 0 {
+		timeout = time.Minute
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
@@ -241,4 +288,124 @@ func (up Upstream) run(ctx context.Context, argv []string) ([]byte, error) {
 		return nil, fmt.Errorf("%s: %w: %s", strings.Join(argv, " "), err, strings.TrimSpace(stderr.String()))
 	}
 	return stdout.Bytes(), nil
+}
+
+// keepUIDValidityAhead keeps each user's UIDVALIDITY counter ahead of
+// every UIDVALIDITY handed out before the rollback. Dovecot gives a new
+// mailbox the next value of a per-user counter kept in the mail store
+// (dovecot-uidvalidity, and a marker file dovecot-uidvalidity.<hex>
+// naming the current value), which the rollback took back: without this,
+// a mailbox created again by the replay (or by the user, or a Sieve
+// fileinto :create) would get the UIDVALIDITY its predecessor had, and
+// clients that cached that mailbox's UIDs would see them reused.
+func (up Upstream) keepUIDValidityAhead(ctx context.Context, before []MailboxCounters) error {
+	max := map[string]uint32{}
+	for _, b := range before {
+		if b.UIDValidity > max[b.User] {
+			max[b.User] = b.UIDValidity
+		}
+	}
+	for user, m := range max {
+		out, err := up.doveadm(ctx, "mailbox", "path", "-u", user, "-t", "control", "INBOX")
+		if err != nil {
+			return fmt.Errorf("find %s's UIDVALIDITY counter: %w", user, err)
+		}
+		path := filepath.Join(strings.TrimSpace(string(out)), "dovecot-uidvalidity")
+		if err := setUIDValidityCounter(path, m); err != nil {
+			return fmt.Errorf("keep %s's UIDVALIDITY ahead: %w", user, err)
+		}
+	}
+	return nil
+}
+
+// setUIDValidityCounter makes Dovecot's counter at path at least v, the
+// way Dovecot itself keeps it (lib-storage/mailbox-uidvalidity.c): the
+// file holds the current value as 8 hex digits, and exactly one marker
+// path.<8 hex digits> names it.
+func setUIDValidityCounter(path string, v uint32) error {
+	st, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		// The user had no mailbox at the snapshot. Dovecot would fall
+		// back to the clock, which can repeat a value handed out since
+		// (several in one second): create the counter, and the
+		// directories above it as their nearest existing parent's owner.
+		if st, err = makeCounterFile(path); err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	cur, err := strconv.ParseUint(strings.TrimSpace(string(b)), 16, 32)
+	if err == nil && uint32(cur) >= v {
+		return nil
+	}
+	markers, err := filepath.Glob(path + ".*")
+	if err != nil {
+		return err
+	}
+	for _, m := range markers {
+		if err := os.Remove(m); err != nil {
+			return err
+		}
+	}
+	uid, gid := -1, -1
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		uid, gid = int(sys.Uid), int(sys.Gid)
+	}
+	marker := fmt.Sprintf("%s.%08x", path, v)
+	if err := os.WriteFile(marker, nil, 0o444); err != nil {
+		return err
+	}
+	if err := os.WriteFile(path, []byte(fmt.Sprintf("%08x", v)), st.Mode().Perm()); err != nil {
+		return err
+	}
+	for _, p := range []string{marker, path} {
+		if err := os.Chown(p, uid, gid); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// makeCounterFile creates an empty counter file at path, and its missing
+// parent directories, owned like the nearest existing parent.
+func makeCounterFile(path string) (os.FileInfo, error) {
+	var missing []string
+	dir := filepath.Dir(path)
+	var parent os.FileInfo
+	for {
+		st, err := os.Stat(dir)
+		if err == nil {
+			parent = st
+			break
+		}
+		if !errors.Is(err, os.ErrNotExist) || dir == filepath.Dir(dir) {
+			return nil, err
+		}
+		missing = append(missing, dir)
+		dir = filepath.Dir(dir)
+	}
+	uid, gid := -1, -1
+	if sys, ok := parent.Sys().(*syscall.Stat_t); ok {
+		uid, gid = int(sys.Uid), int(sys.Gid)
+	}
+	for i := len(missing) - 1; i >= 0; i-- {
+		if err := os.Mkdir(missing[i], 0o700); err != nil {
+			return nil, err
+		}
+		if err := os.Chown(missing[i], uid, gid); err != nil {
+			return nil, err
+		}
+	}
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		return nil, err
+	}
+	if err := os.Chown(path, uid, gid); err != nil {
+		return nil, err
+	}
+	return os.Stat(path)
 }

@@ -40,7 +40,16 @@ type userReplayer struct {
 	// user's store; they stay out wherever the user later copied or moved
 	// them.
 	removed map[string]bool
-	made    int // messages made again: deliveries and APPENDs
+	// redelivered are the undo ids of messages this replay re-delivered:
+	// the server's own filing (Sieve) placed them, perhaps elsewhere than
+	// the first time, and the user's later verbs on them follow them.
+	redelivered map[string]bool
+	made        int // messages made again: deliveries and APPENDs
+	// gone are this user's mailboxes the rewind took away, by name; when
+	// the replay makes one again, restore gives it its old UIDVALIDITY.
+	gone     map[string]MailboxCounters
+	restore  func(context.Context, MailboxCounters) (bool, error)
+	restored int
 }
 
 // mbox is the model of one mailbox.
@@ -54,7 +63,7 @@ type msgState struct {
 }
 
 func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
-	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}}
+	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}}
 }
 
 func (r *userReplayer) close() {
@@ -112,6 +121,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 	case proxy.KindIMAPCreate:
 		if err = r.c.Create(a.Mailbox, nil).Wait(); err == nil {
 			r.boxes[a.Mailbox] = &mbox{msgs: map[imap.UID]*msgState{}}
+			err = r.remade(ctx, a.Mailbox)
 		}
 	case proxy.KindIMAPDelete:
 		if err = r.c.Delete(a.Mailbox).Wait(); err == nil {
@@ -139,6 +149,30 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		return ReplayOutcome{}, err
 	}
 	return ReplayOutcome{Status: "ok"}, nil
+}
+
+// remade gives a mailbox the replay made again the UIDVALIDITY it had
+// before the rewind took it away, while it is empty and not selected.
+func (r *userReplayer) remade(ctx context.Context, mailbox string) error {
+	g, ok := r.gone[mailbox]
+	if !ok || r.restore == nil {
+		return nil
+	}
+	delete(r.gone, mailbox)
+	if r.selected == mailbox {
+		if err := r.c.Unselect().Wait(); err != nil {
+			return err
+		}
+		r.selected = ""
+	}
+	changed, err := r.restore(ctx, g)
+	if err != nil {
+		return err
+	}
+	if changed {
+		r.restored++
+	}
+	return nil
 }
 
 // renamed moves the model of a renamed mailbox and its children. Renaming
@@ -269,7 +303,13 @@ func (r *userReplayer) deliver(ctx context.Context, v undolog.Verb, rcpt string)
 		return ReplayOutcome{}, err
 	}
 	// Read INBOX as it is before the delivery, so the model can tell the
-	// new message from the ones already there.
+	// new message from the ones already there. An INBOX the rewind took
+	// away gets its old counters back before anything is delivered.
+	if r.boxes["INBOX"] == nil {
+		if err := r.remade(ctx, "INBOX"); err != nil {
+			return ReplayOutcome{}, err
+		}
+	}
 	if _, err := r.load("INBOX"); err != nil {
 		return ReplayOutcome{}, err
 	}
@@ -279,7 +319,7 @@ func (r *userReplayer) deliver(ctx context.Context, v undolog.Verb, rcpt string)
 			return ReplayOutcome{}, err
 		}
 		if f != nil {
-			return r.filed(v, a, f)
+			return r.filed(ctx, v, a, f)
 		}
 	}
 	body, err := r.log.OpenBlob(v.Blob)
@@ -294,6 +334,7 @@ func (r *userReplayer) deliver(ctx context.Context, v undolog.Verb, rcpt string)
 		return ReplayOutcome{}, fmt.Errorf("find the re-delivered message for %s: %w", rcpt, err)
 	}
 	r.made++
+	r.redelivered[a.UndoID] = true
 	return ReplayOutcome{Status: "ok", Detail: "re-delivered to " + rcpt}, nil
 }
 
@@ -332,7 +373,7 @@ func lmtpDeliver(ctx context.Context, addr string, a proxy.DeliveryArgs, rcpt st
 
 // filed carries out a filter's verdict on a delivery: drop it, or file it
 // into a folder with APPEND.
-func (r *userReplayer) filed(v undolog.Verb, a proxy.DeliveryArgs, f *Filter) (ReplayOutcome, error) {
+func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a proxy.DeliveryArgs, f *Filter) (ReplayOutcome, error) {
 	folder, move := strings.CutPrefix(f.Action, "move:")
 	if !move {
 		r.removed[a.UndoID] = true
@@ -348,6 +389,9 @@ func (r *userReplayer) filed(v undolog.Verb, a proxy.DeliveryArgs, f *Filter) (R
 	if r.boxes[folder] == nil {
 		if err := r.c.Create(folder, nil).Wait(); err == nil {
 			r.boxes[folder] = &mbox{msgs: map[imap.UID]*msgState{}}
+			if err := r.remade(ctx, folder); err != nil {
+				return ReplayOutcome{}, err
+			}
 		} // else it exists already
 	}
 	b, err := r.load(folder)
@@ -503,10 +547,27 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 // the messages the verb named, translated to their UIDs now.
 func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
 	b, err := r.load(a.Mailbox)
-	if err != nil {
+	var ie *imap.Error
+	switch {
+	case errors.As(err, &ie) && ie.Code == imap.ResponseCodeNonExistent:
+		// The mailbox is not there in the new timeline (the server's
+		// filing created it the first time): its messages may be
+		// elsewhere.
+		b = &mbox{msgs: map[imap.UID]*msgState{}}
+	case err != nil:
 		return ReplayOutcome{}, err
 	}
 	set, uids, removed, gone := r.translate(b, a.UndoIDs)
+	if gone > 0 {
+		// A re-delivered message the server filed elsewhere this time:
+		// the user's verb follows it there.
+		if out, ok, err := r.follow(v, a, b); ok || err != nil {
+			if err != nil || len(uids) == 0 {
+				return out, err
+			}
+			gone = 0
+		}
+	}
 	if len(uids) == 0 {
 		if removed+gone > 0 {
 			return ReplayOutcome{Status: "repaired", Detail: fmt.Sprintf("skipped: its %d messages are not in the store after the repair", removed+gone)}, nil
@@ -594,6 +655,58 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 		}
 	}
 	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set)}, nil
+}
+
+// follow replays a verb on the re-delivered messages it named that are
+// not in its mailbox now but in exactly one other: ok reports that there
+// were such messages.
+func (r *userReplayer) follow(v undolog.Verb, a proxy.IMAPArgs, b *mbox) (out ReplayOutcome, ok bool, err error) {
+	present := map[string]bool{}
+	for _, m := range b.msgs {
+		present[m.id] = true
+	}
+	moved := map[string]map[string]string{} // mailbox now -> uid text -> id
+	for uidText, id := range a.UndoIDs {
+		if present[id] || !r.redelivered[id] {
+			continue
+		}
+		var at []string
+		for name, box := range r.boxes {
+			if name == a.Mailbox {
+				continue
+			}
+			for _, m := range box.msgs {
+				if m.id == id {
+					at = append(at, name)
+					break
+				}
+			}
+		}
+		if len(at) != 1 {
+			continue
+		}
+		if moved[at[0]] == nil {
+			moved[at[0]] = map[string]string{}
+		}
+		moved[at[0]][uidText] = id
+	}
+	var details []string
+	for mailbox, ids := range moved {
+		if a.Dest == mailbox && v.Kind != proxy.KindIMAPStore {
+			continue // already where the user put it
+		}
+		fa := a
+		fa.Mailbox, fa.UndoIDs = mailbox, ids
+		o, err := r.onMessages(v, fa)
+		if err != nil {
+			return o, true, err
+		}
+		details = append(details, fmt.Sprintf("followed %d re-delivered messages to %s: %s", len(ids), mailbox, o.Detail))
+	}
+	if len(moved) == 0 {
+		return ReplayOutcome{}, false, nil
+	}
+	return ReplayOutcome{Status: "ok", Detail: strings.Join(details, "; ")}, true, nil
 }
 
 // learnCopies adds the copies COPYUID reported to the destination's

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -24,13 +25,20 @@ func cycleCmd() *cobra.Command {
 		Use:   "cycle",
 		Short: "Plan and run a 3R cycle: rewind to a snapshot, repair, replay",
 	}
-	var dataDir, to, cancel, filterAction string
+	var dataDir, to, cancel, filterAction, reason string
 	var filters []string
-	var asJSON, yes bool
+	var sel daemon.CancelSelector
+	var asJSON, yes, keep bool
 	flags := func(c *cobra.Command) {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
-		c.Flags().StringVar(&to, "to", "", "the snapshot to rewind to (undomail snapshots lists them)")
+		c.Flags().StringVar(&to, "to", "", "where to rewind to: a snapshot's name, a log position or a time (the newest snapshot at or before it)")
 		c.Flags().StringVar(&cancel, "cancel", "", "verbs to leave out of the replay, by sequence number: 812,815")
+		c.Flags().StringVar(&sel.User, "cancel-user", "", "cancel the changes of this user (with the other --cancel-* flags: those matching all)")
+		c.Flags().StringSliceVar(&sel.Kinds, "cancel-kind", nil, "cancel changes of these kinds: imap.expunge, imap.delete, lmtp.deliver, ...")
+		c.Flags().StringVar(&sel.Mailbox, "cancel-mailbox", "", "cancel IMAP changes in this mailbox")
+		c.Flags().StringVar(&sel.Since, "cancel-since", "", "cancel changes made at or after this time")
+		c.Flags().StringVar(&sel.Until, "cancel-until", "", "cancel changes made at or before this time")
+		c.Flags().StringVar(&reason, "reason", "", "why the cycle runs, in plain words: logged and told to the people whose mail changes")
 		c.Flags().StringArrayVar(&filters, "filter", nil, `retroactive filter on deliveries: 'header:Subject=~(?i)lottery', 'from=~...', 'rcpt=~...', 'body=~...', 'attachment=~\.exe$', or 'cmd:spamc -c'`)
 		c.Flags().StringVar(&filterAction, "filter-action", "drop", "what --filter does with a match: drop, or move:FOLDER")
 	}
@@ -39,11 +47,7 @@ func cycleCmd() *cobra.Command {
 		Short: "Show what a cycle would rewind, replay and leave out; changes nothing",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cancelled, err := parseSeqs(cancel)
-			if err != nil {
-				return err
-			}
-			p, err := planCycle(dataDir, to, cancelled)
+			p, err := planFromFlags(dataDir, to, cancel, sel, filters, filterAction)
 			if err != nil {
 				return err
 			}
@@ -65,11 +69,7 @@ except those given with --cancel, lets changes through again and prints the
 verdict. The exit status is 0 only for a verified cycle.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cancelled, err := parseSeqs(cancel)
-			if err != nil {
-				return err
-			}
-			p, err := planCycle(dataDir, to, cancelled)
+			p, err := planFromFlags(dataDir, to, cancel, sel, filters, filterAction)
 			if err != nil {
 				return err
 			}
@@ -89,7 +89,7 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			if err != nil {
 				return err
 			}
-			req := admin.CycleRequest{To: to, Cancel: cancelled}
+			req := admin.CycleRequest{To: p.To, Cancel: p.cancel, Reason: reason, Keep: keep}
 			for _, f := range filters {
 				if _, err := replay.ParseFilter(f, filterAction); err != nil {
 					return err
@@ -106,6 +106,7 @@ verdict. The exit status is 0 only for a verified cycle.`,
 	}
 	flags(run)
 	run.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
+	run.Flags().BoolVar(&keep, "keep", false, "keep the --filter rules active for live mail after the cycle (undomail filters lists them)")
 	cmd.AddCommand(plan, run)
 	return cmd
 }
@@ -127,10 +128,13 @@ func parseSeqs(s string) ([]int64, error) {
 
 // cyclePlan is what a cycle would do.
 type cyclePlan struct {
-	To     string     `json:"to"`
-	AtSeq  int64      `json:"at_seq"`
-	Verbs  []planStep `json:"verbs"`
-	Counts struct {
+	To    string     `json:"to"`
+	AtSeq int64      `json:"at_seq"`
+	Verbs []planStep `json:"verbs"`
+	// Filtered are the deliveries the filters take away.
+	Filtered []daemon.FilterHit `json:"filtered,omitempty"`
+	cancel   []int64
+	Counts   struct {
 		Replay, Cancel, NoEffect int
 	} `json:"counts"`
 }
@@ -150,9 +154,22 @@ var replayable = map[string]bool{
 	proxy.KindIMAPRename: true, proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true,
 }
 
-func planCycle(dataDir, to string, cancel []int64) (*cyclePlan, error) {
-	if to == "" {
-		return nil, fmt.Errorf("--to SNAPSHOT is required (undomail snapshots lists them)")
+// planFromFlags resolves the cycle's flags against the log and plans it.
+func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, filters []string, filterAction string) (*cyclePlan, error) {
+	if target == "" {
+		return nil, fmt.Errorf("--to is required: a snapshot (undomail snapshots lists them), a log position or a time")
+	}
+	cancelled, err := parseSeqs(cancel)
+	if err != nil {
+		return nil, err
+	}
+	var fs []*replay.Filter
+	for _, f := range filters {
+		pf, err := replay.ParseFilter(f, filterAction)
+		if err != nil {
+			return nil, fmt.Errorf("--filter: %w", err)
+		}
+		fs = append(fs, pf)
 	}
 	l, err := undolog.OpenReadOnly(dataDir)
 	if err != nil {
@@ -160,14 +177,33 @@ func planCycle(dataDir, to string, cancel []int64) (*cyclePlan, error) {
 	}
 	defer l.Close()
 	ctx := context.Background()
-	logged, err := daemon.LoggedSnapshots(ctx, l)
+	to, at, err := daemon.ResolveTarget(ctx, l, target)
+	if err != nil {
+		return nil, fmt.Errorf("--to: %w", err)
+	}
+	if !sel.Empty() {
+		more, err := daemon.SelectCancel(ctx, l, at, sel)
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range more {
+			if !slices.Contains(cancelled, s) {
+				cancelled = append(cancelled, s)
+			}
+		}
+	}
+	p, err := planCycle(ctx, l, to, at, cancelled)
 	if err != nil {
 		return nil, err
 	}
-	at, ok := logged[to]
-	if !ok {
-		return nil, fmt.Errorf("no snapshot %s in the undo log (undomail snapshots lists them)", to)
+	p.cancel = cancelled
+	if p.Filtered, err = daemon.PreviewFilters(ctx, l, at, fs); err != nil {
+		return nil, err
 	}
+	return p, nil
+}
+
+func planCycle(ctx context.Context, l *undolog.Log, to string, at int64, cancel []int64) (*cyclePlan, error) {
 	c := map[int64]bool{}
 	for _, s := range cancel {
 		c[s] = true
@@ -215,6 +251,20 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	tw.Flush()
 	fmt.Fprintf(w, "%d to replay, %d cancelled, %d without effect (their clients were not told they happened)\n",
 		p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect)
+	if len(p.Filtered) > 0 {
+		seen := 0
+		fmt.Fprintf(w, "the filters take away %d deliveries:\n", len(p.Filtered))
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "SEQ\tACTION\tFROM\tSUBJECT\tSEEN BY")
+		for _, h := range p.Filtered {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\n", h.Seq, h.Action, h.From, h.Subject, strings.Join(h.SeenBy, ","))
+			if len(h.SeenBy) > 0 {
+				seen++
+			}
+		}
+		tw.Flush()
+		fmt.Fprintf(w, "%d of them were already seen: their readers get an explanation; %d were never seen\n", seen, len(p.Filtered)-seen)
+	}
 }
 
 // hadEffect reports whether a verb changed the store the first time: its

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -12,15 +13,16 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
 
 func logCmd() *cobra.Command {
 	var dataDir, user, since, until string
 	var kinds []string
-	var asJSON bool
+	var asJSON, listBranches bool
 	var limit int
-	var after int64
+	var after, branch int64
 	cmd := &cobra.Command{
 		Use:   "log",
 		Short: "Print the verbs recorded in the undo log, with their outcomes",
@@ -29,9 +31,18 @@ outcome its client was given. A verb without an outcome was cut off by a crash
 between logging and answering: its client got no acknowledgement.
 
 --since and --until take RFC 3339 times ("2026-11-21T10:00:00Z"), dates
-("2026-11-21") or durations back from now ("90m", "48h").`,
+("2026-11-21") or durations back from now ("90m", "48h").
+
+Every rewind abandons a branch of the timeline: the verbs between the
+snapshot it went back to and the rewind. --branches lists them; --branch N
+(a rewind's or a cycle's sequence number) prints one branch's verbs with
+what the replay did with each: ok (made again), cancelled, filtered,
+repaired (skipped: its messages were removed by the repair) or failed.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if listBranches || branch != 0 {
+				return printBranches(cmd.OutOrStdout(), dataDir, branch, asJSON)
+			}
 			f := undolog.Filter{User: user, Kinds: kinds, AfterSeq: after, Limit: limit}
 			var err error
 			if f.Since, err = parseTime(since); err != nil {
@@ -65,7 +76,88 @@ between logging and answering: its client got no acknowledgement.
 	fl.Int64Var(&after, "after", 0, "only verbs with a sequence number above this one")
 	fl.IntVar(&limit, "limit", 0, "print at most this many verbs (0: all)")
 	fl.BoolVar(&asJSON, "json", false, "one JSON object per line")
+	fl.BoolVar(&listBranches, "branches", false, "list the branches rewinds abandoned")
+	fl.Int64Var(&branch, "branch", 0, "print the verbs of the branch abandoned by this rewind or cycle")
 	return cmd
+}
+
+func printBranches(w io.Writer, dataDir string, id int64, asJSON bool) error {
+	l, err := undolog.OpenReadOnly(dataDir)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	ctx := context.Background()
+	enc := json.NewEncoder(w)
+	if id == 0 {
+		bs, err := replay.Branches(ctx, l)
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			for _, b := range bs {
+				if err := enc.Encode(b); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+		if len(bs) == 0 {
+			fmt.Fprintln(w, "no branches: nothing was ever rewound")
+			return nil
+		}
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "BRANCH\tTIME\tCYCLE\tREWOUND TO\tVERBS\tFATES\tREASON")
+		for _, b := range bs {
+			cyc := "-"
+			if b.Cycle != 0 {
+				cyc = fmt.Sprint(b.Cycle)
+			}
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s (%d)\t%d\t%s\t%s\n", b.ID, b.Time.Local().Format(time.DateTime), cyc,
+				b.Snapshot, b.From, b.Verbs, fateText(b.Fates), b.Reason)
+		}
+		return tw.Flush()
+	}
+	b, verbs, err := replay.BranchVerbs(ctx, l, id)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		for _, v := range verbs {
+			if err := enc.Encode(v); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	fmt.Fprintf(w, "branch %d: rewound to %s (log position %d) at %s; %d verbs: %s\n", b.ID, b.Snapshot, b.From,
+		b.Time.Local().Format(time.DateTime), b.Verbs, fateText(b.Fates))
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tUSER\tWHAT\tFATE")
+	for _, v := range verbs {
+		what, _ := describe(v.Verb)
+		fate := v.Fate
+		if v.Detail != "" {
+			fate += ": " + v.Detail
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", v.Seq, v.Time.Local().Format(time.DateTime), v.Kind, v.User, what, fate)
+	}
+	return tw.Flush()
+}
+
+func fateText(f map[string]int) string {
+	var parts []string
+	for _, k := range []string{"ok", "cancelled", "filtered", "repaired", "failed", "not replayed"} {
+		if f[k] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", f[k], k))
+		}
+	}
+	for k, n := range f {
+		if !slices.Contains([]string{"ok", "cancelled", "filtered", "repaired", "failed", "not replayed"}, k) {
+			parts = append(parts, fmt.Sprintf("%d %s", n, k))
+		}
+	}
+	return strings.Join(parts, ", ")
 }
 
 // parseTime accepts RFC 3339, a date, or a duration back from now.

@@ -150,7 +150,8 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter) (CycleVerdict, error) {
 	var v CycleVerdict
 	d.prog.phase("rewind")
-	if _, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, to); err != nil {
+	rw, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, to)
+	if err != nil {
 		return v, err
 	}
 	c := map[int64]bool{}
@@ -158,7 +159,8 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 		c[s] = true
 	}
 	start := time.Now()
-	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters, Workers: d.replayWorkers, Progress: d.prog.set}, d.target)
+	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters, Workers: d.replayWorkers, Progress: d.prog.set,
+		Gone: rw.Gone, Restore: d.upstream.Restore}, d.target)
 	v.ReplayS = time.Since(start).Seconds()
 	v.fill(res)
 	if err != nil {

@@ -139,7 +139,7 @@ func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay
 		resume()
 		return out, err
 	}
-	d.pending = &pendingReplay{snapshot: snapshot, after: snap.Seq, before: before + 1, resume: resume}
+	d.pending = &pendingReplay{snapshot: snapshot, after: snap.Seq, before: before + 1, resume: resume, gone: out.Gone}
 	d.logger.Warn("rewound and holding all changes until undomail replay", "snapshot", snapshot)
 	return out, nil
 }
@@ -149,6 +149,7 @@ type pendingReplay struct {
 	snapshot      string
 	after, before int64 // the verbs to replay: after < seq < before
 	resume        func()
+	gone          []replay.MailboxCounters // mailboxes the rewind took away
 }
 
 // Replay ends a split-form cycle: it replays the changes logged between
@@ -164,7 +165,8 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	for _, s := range cancel {
 		c[s] = true
 	}
-	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c, Workers: d.replayWorkers, Progress: d.prog.set}, d.target)
+	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c, Workers: d.replayWorkers, Progress: d.prog.set,
+		Gone: p.gone, Restore: d.upstream.Restore}, d.target)
 	d.pending = nil
 	p.resume()
 	d.prog.set(replay.Progress{Phase: "done", Done: res.Replayed, Total: res.Replayed, Users: res.Users, Failed: res.Failed})

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"os/user"
 	"path/filepath"
 	"slices"
@@ -115,7 +116,17 @@ protocol lmtp {
   postmaster_address = postmaster@{{.Domain}}
   # Deliver alice+tag@ to INBOX: mailbox placement is the proxy's business.
   lmtp_save_to_detail_mailbox = no
+{{- if .Sieve}}
+  mail_plugins = $mail_plugins sieve
+{{- end}}
 }
+{{- if .Sieve}}
+
+# An operator's global Sieve script, run before any user's (SetSieve).
+plugin {
+  sieve_before = {{.Sieve}}
+}
+{{- end}}
 `))
 
 // writeDovecotConfig writes dovecot.conf, the users and master-user files,
@@ -182,6 +193,7 @@ func (s *Stack) writeDovecotConfig() error {
 		"IMAPPort":   port(s.IMAPAddr),
 		"LMTPPort":   port(s.LMTPAddr),
 		"AuthPort":   port(s.AuthAddr),
+		"Sieve":      s.sieveScript(),
 	})
 	if err != nil {
 		return fmt.Errorf("write dovecot config %s: %w", s.dovecotConf, err)
@@ -264,4 +276,35 @@ func (s *Stack) Doveadm(ctx context.Context, args ...string) ([]byte, error) {
 		return out, fmt.Errorf("mail stack %s: %w", s.Dir, err)
 	}
 	return out, nil
+}
+
+// sieveScript is the global Sieve script's path, "" without Options.Sieve.
+func (s *Stack) sieveScript() string {
+	if !s.sieve {
+		return ""
+	}
+	return filepath.Join(s.Dir, "sieve", "before.sieve")
+}
+
+// SetSieve installs the operator's global Sieve script, run on every
+// delivery before the user's own (Options.Sieve): the kind of server
+// configuration an operator gets wrong. It is compiled here, as root,
+// because the delivery processes run as the mail user and cannot write
+// the compiled script next to it.
+func (s *Stack) SetSieve(ctx context.Context, script string) error {
+	path := s.sieveScript()
+	if path == "" {
+		return errors.New("set sieve script: the stack was started without Options.Sieve")
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return fmt.Errorf("set sieve script: %w", err)
+	}
+	if err := os.WriteFile(path, []byte(script), 0o644); err != nil {
+		return fmt.Errorf("set sieve script: %w", err)
+	}
+	out, err := exec.CommandContext(ctx, "sievec", "-c", s.dovecotConf, path).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("compile sieve script %s: %v: %s", path, err, out)
+	}
+	return nil
 }

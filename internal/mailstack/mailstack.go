@@ -53,6 +53,9 @@ type Options struct {
 	// MailRoot, if set, is where the maildirs live instead of Dir/mail:
 	// a ZFS dataset, to snapshot the mail store alone.
 	MailRoot string
+	// Sieve enables Dovecot's Sieve plugin on deliveries with a global
+	// script (empty until SetSieve); needs the dovecot-sieve package.
+	Sieve bool
 }
 
 // DefaultDomain is the virtual domain used when Options.Domain is empty.
@@ -97,6 +100,7 @@ type Stack struct {
 	postfixConf    string // Postfix config_directory
 	postfixQueue   string // Postfix queue_directory
 	logDir         string
+	sieve          bool // Options.Sieve
 
 	mu      sync.Mutex
 	stopped bool
@@ -196,6 +200,7 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 		return s, fmt.Errorf("start mail stack in %s: master password: %w", dir, err)
 	}
 	s.MailRoot = filepath.Join(dir, mailSubdir)
+	s.sieve = opts.Sieve
 	if opts.MailRoot != "" {
 		s.MailRoot = opts.MailRoot
 	}

@@ -29,6 +29,8 @@ type Options struct {
 	Tweak func(*config.Config)
 	// MailRoot, if set, puts the maildirs there (see mailstack.Options).
 	MailRoot string
+	// Sieve enables a global Sieve script on deliveries (Stack.SetSieve).
+	Sieve bool
 }
 
 // Testbed is a running stack with undomail in front of it.
@@ -47,7 +49,7 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.SMTPListen == "" {
 		o.SMTPListen = "127.0.0.1:0"
 	}
-	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot})
+	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve})
 	if err != nil {
 		return nil, err
 	}
