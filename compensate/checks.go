@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"regexp"
 	"slices"
 	"strings"
 	"time"
@@ -324,6 +325,27 @@ func movedTo(o replay.ReplayOutcome) (string, bool) {
 	return folder, true
 }
 
+// dovecotTiming is the timing Dovecot appends to its replies.
+var dovecotTiming = regexp.MustCompile(`\s*\([0-9.]+( \+ [0-9.]+)* secs\)\.?$`)
+
+// serverSaid turns a replay's error into what the mail server said, in
+// quotes: "imap: NO [ALREADYEXISTS] Target mailbox already exists (0.001
+// + 0.000 secs)." becomes "Target mailbox already exists".
+func serverSaid(detail string) string {
+	s := strings.TrimSpace(detail)
+	s = strings.TrimPrefix(s, "imap: ")
+	for _, st := range []string{"NO ", "BAD "} {
+		s = strings.TrimPrefix(s, st)
+	}
+	if strings.HasPrefix(s, "[") {
+		if i := strings.Index(s, "] "); i > 0 {
+			s = s[i+2:]
+		}
+	}
+	s = dovecotTiming.ReplaceAllString(s, "")
+	return "\"" + strings.TrimSuffix(s, ".") + "\""
+}
+
 // removalText says in words why a message is gone.
 func removalText(o replay.ReplayOutcome) string {
 	switch o.Status {
@@ -333,9 +355,9 @@ func removalText(o replay.ReplayOutcome) string {
 		}
 		return "removed by the repair (" + o.Detail + ")"
 	case "cancelled":
-		return "removed by the repair: the administrator cancelled it"
+		return "cancelled by the administrator's repair"
 	case "failed":
-		return "the mail server refused it when it was redone (" + o.Detail + ")"
+		return "refused by the mail server when it was redone: " + serverSaid(o.Detail)
 	}
 	return o.Status + " (" + o.Detail + ")"
 }
@@ -428,7 +450,7 @@ func (d *detector) checkCommand(v undolog.Verb) {
 			}
 		case r.out.Status == "cancelled":
 			p := base
-			p.Kind, p.Now = ActionCancelled, "undone: the administrator left it out of the repair"
+			p.Kind, p.Now = ActionCancelled, "cancelled by the administrator's repair"
 			d.out = append(d.out, p)
 		case r.out.Status == "repaired" && v.Kind == proxy.KindIMAPExpunge:
 			// The user wanted those messages gone, and they are.
@@ -442,7 +464,7 @@ func (d *detector) checkCommand(v undolog.Verb) {
 					p.Now = fmt.Sprintf("it could not be redone: its %d messages were removed by the repair", len(gone))
 				}
 			} else {
-				p.Now = "it could not be redone (" + r.out.Detail + ")"
+				p.Now = "it could not be redone: the mail server said " + serverSaid(r.out.Detail)
 			}
 			d.out = append(d.out, p)
 		}
@@ -520,8 +542,8 @@ func (d *detector) checkSubmission(v undolog.Verb) error {
 		msg := r.msg
 		subj := a.Header.Subject
 		d.out = append(d.out, Paradox{Kind: SentOnwards, User: user, Verb: v.Seq, VerbKind: v.Kind, Message: &msg,
-			Action: fmt.Sprintf("you replied to or forwarded it in your message %q to %s", subj, strings.Join(a.Rcpts, ", ")),
-			Seen:   v.Time, Now: "the message was " + r.now + "; what you sent has already left", Observed: true})
+			Action: fmt.Sprintf("in your message %q to %s", subj, strings.Join(a.Rcpts, ", ")),
+			Seen:   v.Time, Now: r.now, Observed: true})
 	}
 	return nil
 }

@@ -10,6 +10,8 @@ import (
 
 	"github.com/emersion/go-message"
 	gomail "github.com/emersion/go-message/mail"
+
+	"github.com/undomail/undomail/proxy"
 )
 
 // DefaultSubject is the subject of a digest when none is configured.
@@ -134,8 +136,12 @@ func explain(p Paradox) string {
 	case ReadChanged:
 		return fmt.Sprintf("On %s you read %s. It is still in your mailbox, but %s.", when(p.Seen), msg, p.Now)
 	case DeliveryLost:
+		mine := "the message"
+		if m := p.Message; m != nil && m.Subject != "" {
+			mine += fmt.Sprintf(" %q", m.Subject)
+		}
 		return fmt.Sprintf("On %s you sent %s to %s and were told it was delivered. After the repair it was not: it was %s.",
-			when(p.Seen), msg, p.Rcpt, p.Now)
+			when(p.Seen), mine, p.Rcpt, p.Now)
 	case ActionFailed:
 		s := fmt.Sprintf("On %s %s, and it was done.", when(p.Seen), p.Action)
 		if msg != "" {
@@ -143,9 +149,13 @@ func explain(p Paradox) string {
 		}
 		return s + " After the repair " + p.Now + "."
 	case SentOnwards:
-		return fmt.Sprintf("On %s %s: %s. Since then %s.", when(p.Seen), p.Action, msg, p.Now)
+		if p.VerbKind == proxy.KindSMTPSubmit {
+			return fmt.Sprintf("On %s you replied to or forwarded %s %s. Since then it was %s; what you sent has already left.",
+				when(p.Seen), msg, p.Action, p.Now)
+		}
+		return fmt.Sprintf("On %s %s (%s). Since then %s.", when(p.Seen), p.Action, msg, p.Now)
 	case ActionCancelled:
-		return fmt.Sprintf("On %s %s. The administrator %s.", when(p.Seen), p.Action, p.Now)
+		return fmt.Sprintf("On %s %s. The administrator undid this in the repair.", when(p.Seen), p.Action)
 	}
 	return fmt.Sprintf("%s on %s: %s", p.Kind, when(p.Seen), p.Now)
 }
@@ -220,6 +230,56 @@ func wrap(s string, width int, indent string) string {
 	return b.String()
 }
 
+// encodeText encodes an unstructured header field's text (RFC 2047) in
+// encoded words short enough that the field can be folded between them
+// within RFC 5322's 78 characters a line: mime.QEncoding makes words of up
+// to 75 characters, which a "Subject: " line cannot hold. Whitespace
+// between adjacent encoded words is not part of the text (RFC 2047
+// section 6.2), so the words can be split anywhere between characters.
+func encodeText(s string) string {
+	ascii := true
+	for i := 0; i < len(s); i++ {
+		if s[i] >= 0x80 || s[i] < 0x20 {
+			ascii = false
+			break
+		}
+	}
+	if ascii && !strings.Contains(s, "=?") {
+		return s
+	}
+	const maxChunk = 15 // bytes of text per word: at most 10+45+2 characters encoded
+	var words []string
+	var w strings.Builder
+	n := 0
+	flush := func() {
+		if n > 0 {
+			words = append(words, "=?utf-8?q?"+w.String()+"?=")
+			w.Reset()
+			n = 0
+		}
+	}
+	for _, r := range s {
+		b := string(r)
+		if n+len(b) > maxChunk {
+			flush()
+		}
+		for i := 0; i < len(b); i++ {
+			c := b[i]
+			switch {
+			case c == ' ':
+				w.WriteByte('_')
+			case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', strings.IndexByte("!*+-/", c) >= 0:
+				w.WriteByte(c)
+			default:
+				fmt.Fprintf(&w, "=%02X", c)
+			}
+		}
+		n += len(b)
+	}
+	flush()
+	return strings.Join(words, " ")
+}
+
 // build writes the message: header, then the multipart/alternative body.
 func build(l Letter, d document) ([]byte, error) {
 	from, err := mail.ParseAddress(l.From)
@@ -236,7 +296,7 @@ func build(l Letter, d document) ([]byte, error) {
 	h.SetDate(l.Date)
 	h.SetAddressList("From", []*gomail.Address{{Name: from.Name, Address: from.Address}})
 	h.SetAddressList("To", []*gomail.Address{{Name: to.Name, Address: to.Address}})
-	h.SetSubject(l.Subject)
+	h.Set("Subject", encodeText(l.Subject))
 	h.SetMessageID(l.MessageID)
 	h.Set("MIME-Version", "1.0")
 	// RFC 3834: an automatic message; responders must not answer it.

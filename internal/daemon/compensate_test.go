@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/emersion/go-imap/v2"
 	"github.com/emersion/go-imap/v2/imapclient"
@@ -237,5 +238,163 @@ func TestCompensationSpamWave(t *testing.T) {
 	comps, err := compensate.List(ctx, tb.Daemon.Log, undolog.Filter{})
 	if err != nil || len(comps) != 1 || comps[0].Args.User != "alice" || len(comps[0].Args.Paradoxes) != 3 || !comps[0].Delivered() {
 		t.Fatalf("compensations in the log: %+v, %v", comps, err)
+	}
+}
+
+// waitDelivered waits until the LMTP capture logged the delivery of the
+// message with this subject, and returns its seq. Postfix is asked to
+// retry deferred mail rather than waited out.
+func waitDelivered(t *testing.T, tb *testbed.Testbed, subject string) int64 {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		vs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{"lmtp.deliver"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, v := range vs {
+			if v.Outcome != nil && strings.Contains(string(v.Args), subject) {
+				return v.Seq
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no delivery of %q logged", subject)
+		}
+		tb.Stack.Flush(context.Background())
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestCompensationForChangedResults: after a snapshot alice flags a spam
+// message, replies to it, deletes her folder Archive and renames another
+// folder to Archive, and sends bob a message. The operator's cycle
+// filters the spam out and cancels the DELETE (Archive comes back) and
+// the delivery to bob. Replayed, the STORE acts on a removed message, the
+// RENAME collides with the restored Archive, and the sender of the
+// cancelled delivery was told 250: each is explained in alice's one
+// digest as configured; the cancelled DELETE goes to the operator only
+// (configured notify), and the operator's notice lists everything.
+func TestCompensationForChangedResults(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) {
+		c.Store = "copy:" + snapDir
+		c.Compensation.Operator = "carol@example.test"
+		c.Compensation.Policies.ActionCancelled = "notify"
+	})
+	ctx := context.Background()
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create("Archive", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	snap, _, err := tb.Daemon.Snapshot(ctx, "before")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spam := mailMsg{id: "win@spam.test", from: "Lucky <lucky@spam.test>", subject: "You WIN the Lottery!", date: "Fri, 20 Nov 2026 10:00:00 +0000"}
+	sendMsg(t, tb, "", "lucky@spam.test", "alice@example.test", spam, "")
+	waitFor(t, tb, "INBOX", spam.id)
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	found, err := c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: "Message-Id", Value: spam.id}}}, nil).Wait()
+	if err != nil || len(found.AllUIDs()) != 1 {
+		t.Fatalf("find the spam: %v", err)
+	}
+	if err := c.Store(imap.UIDSetNum(found.AllUIDs()[0]), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagFlagged}}, nil).Close(); err != nil {
+		t.Fatal(err)
+	}
+	reply := mailMsg{id: "re-win@example.test", from: "Alice <alice@example.test>", subject: "Re: You WIN the Lottery!", date: "Fri, 20 Nov 2026 11:00:00 +0000"}
+	sendMsg(t, tb, "alice", "alice@example.test", "carol@example.test", reply, "In-Reply-To: <"+spam.id+">\r\n")
+	for _, step := range []func() error{
+		func() error { return c.Delete("Archive").Wait() },
+		func() error { return c.Create("Drafts2", nil).Wait() },
+		func() error { return c.Rename("Drafts2", "Archive", nil).Wait() },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Logout().Wait()
+	numbers := mailMsg{id: "q3@example.test", from: "Alice <alice@example.test>", subject: "Quarterly numbers", date: "Fri, 20 Nov 2026 12:00:00 +0000"}
+	sendMsg(t, tb, "alice", "alice@example.test", "bob@example.test", numbers, "")
+
+	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{"imap.delete"}})
+	if len(deletes) != 1 {
+		t.Fatalf("DELETE verbs: %d", len(deletes))
+	}
+	waitDelivered(t, tb, reply.subject)
+	cancel := []int64{deletes[0].Seq, waitDelivered(t, tb, numbers.subject)}
+	v, cerr := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Cancel: cancel, Reason: "Alice asked for her Archive back.",
+		Filters: []admin.FilterRequest{{Rule: "header:Subject=~^You WIN", Action: "drop"}}})
+	if v.Failed != 1 || v.Cycle == 0 {
+		t.Fatalf("cycle verdict %+v, %v: want the RENAME onto the restored Archive to fail", v, cerr)
+	}
+	rep := v.Compensation
+	if rep == nil {
+		// The cycle stopped before compensating because a verb failed to
+		// replay; the operator runs compensation for it.
+		r, err := tb.Daemon.Compensate(ctx, v.Cycle)
+		if err != nil {
+			t.Fatalf("compensate cycle %d: %v", v.Cycle, err)
+		}
+		rep = &r
+	}
+	want := map[compensate.Kind]compensate.Counts{
+		compensate.ActionFailed:    {Explained: 2}, // the STORE and the RENAME
+		compensate.DeliveryLost:    {Explained: 1}, // alice was told 250 for bob
+		compensate.SentOnwards:     {Explained: 1}, // her reply to the spam
+		compensate.ActionCancelled: {Notified: 1},  // the DELETE, configured notify
+		compensate.ReadRemoved:     {Silent: 2},    // the spam and bob's message, never read
+	}
+	if fmt.Sprint(rep.Kinds) != fmt.Sprint(want) || !rep.Notice || fmt.Sprint(rep.Digests) != "[alice]" {
+		t.Fatalf("compensation %+v\nwant kinds %v, a digest for alice and a notice", rep, want)
+	}
+	ds := userDigests(t, tb, "alice")
+	if len(ds) != 1 {
+		t.Fatalf("alice has %d digests, want 1", len(ds))
+	}
+	t.Logf("alice's digest:\n%s", ds[0].text)
+	text := strings.Join(strings.Fields(ds[0].text), " ")
+	for _, s := range []string{
+		`added the flags \Flagged on a message in "INBOX" (the message "You WIN the Lottery!" from Lucky <lucky@spam.test>`,
+		`renamed the folder "Drafts2" to "Archive"`,
+		`"Quarterly numbers"`, "to bob@example.test and were told it was delivered",
+		`replied to or forwarded the message "You WIN the Lottery!" from Lucky <lucky@spam.test>, dated Fri, 20 Nov 2026 10:00:00 +0000 in your message "Re: You WIN the Lottery!" to carol@example.test`,
+		`the mail server said "Target mailbox already exists"`,
+		"Alice asked for her Archive back.",
+	} {
+		if !strings.Contains(text, s) {
+			t.Errorf("alice's digest lacks %q:\n%s", s, ds[0].text)
+		}
+	}
+	if strings.Contains(text, `deleted the folder "Archive"`) {
+		t.Errorf("alice's digest explains the cancelled DELETE, configured notify:\n%s", ds[0].text)
+	}
+	notices := userDigests(t, tb, "carol")
+	if len(notices) != 1 {
+		t.Fatalf("the operator has %d notices, want 1", len(notices))
+	}
+	t.Logf("operator notice:\n%s", notices[0].text)
+	notice := strings.Join(strings.Fields(notices[0].text), " ")
+	for _, s := range []string{"[action_cancelled] alice", `deleted the folder "Archive"`, "[delivery_lost] alice", "[action_failed] alice", "[sent_onwards] alice"} {
+		if !strings.Contains(notice, s) {
+			t.Errorf("operator notice lacks %q:\n%s", s, notices[0].text)
+		}
+	}
+
+	// Compensating the cycle again finds every paradox taken care of.
+	again, err := tb.Daemon.Compensate(ctx, v.Cycle)
+	if err != nil || again.Explained != 0 || again.Notified != 0 || again.Already != 5 || len(again.Digests) != 0 || again.Notice {
+		t.Fatalf("compensating again: %+v, %v; want the 5 paradoxes already compensated", again, err)
+	}
+	if ds := userDigests(t, tb, "alice"); len(ds) != 1 {
+		t.Fatalf("alice has %d digests after compensating again, want 1", len(ds))
 	}
 }
