@@ -23,6 +23,7 @@ func main() {
 		SilenceErrors: true,
 	}
 	root.AddCommand(serveCmd(), logCmd(), fsckCmd(), snapshotCmd(), snapshotsCmd(), rewindCmd(), replayCmd(), cycleCmd(), demoCmd(), loadCmd())
+	root.AddCommand(compensationsCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "undomail:", err)
 		os.Exit(exitCode(err))
