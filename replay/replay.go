@@ -240,6 +240,14 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					report("replay", done, total)
 					mu.Unlock()
 				}
+				if r.c != nil {
+					if err := r.finish(); err != nil {
+						mu.Lock()
+						res.Failed++
+						mu.Unlock()
+						t.Logger.Warn("replay: remove mailboxes made in advance", "user", user, "err", err)
+					}
+				}
 			}
 		}()
 	}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/textproto"
+	"sort"
 	"strings"
 	"time"
 
@@ -50,6 +51,11 @@ type userReplayer struct {
 	gone     map[string]MailboxCounters
 	restore  func(context.Context, MailboxCounters) (bool, error)
 	restored int
+	// precreated are gone mailboxes made again, empty, before anything
+	// else, so whatever fills them (a replayed CREATE, the server's own
+	// filing) finds them with their old UIDVALIDITY; finish removes the
+	// ones nothing claimed.
+	precreated map[string]bool
 }
 
 // mbox is the model of one mailbox.
@@ -63,7 +69,7 @@ type msgState struct {
 }
 
 func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
-	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}}
+	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{}}
 }
 
 func (r *userReplayer) close() {
@@ -119,6 +125,10 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 	var err error
 	switch v.Kind {
 	case proxy.KindIMAPCreate:
+		if r.precreated[a.Mailbox] {
+			delete(r.precreated, a.Mailbox)
+			return ReplayOutcome{Status: "ok", Detail: "made again with its old UIDVALIDITY"}, nil
+		}
 		if err = r.c.Create(a.Mailbox, nil).Wait(); err == nil {
 			r.boxes[a.Mailbox] = &mbox{msgs: map[imap.UID]*msgState{}}
 			err = r.remade(ctx, a.Mailbox)
@@ -131,6 +141,13 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 			}
 		}
 	case proxy.KindIMAPRename:
+		if r.precreated[a.Dest] {
+			// The name the user renamed to was made again in advance;
+			// the renamed mailbox takes it, as it did the first time.
+			if err := r.unprecreate(a.Dest); err != nil {
+				return ReplayOutcome{}, err
+			}
+		}
 		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
 			r.renamed(a.Mailbox, a.Dest)
 		}
@@ -206,7 +223,71 @@ func isChild(name, parent string) bool {
 	return strings.HasPrefix(name, parent+"/") || strings.HasPrefix(name, parent+".")
 }
 
-// session logs in as the user through the master user, once.
+// prepare makes every mailbox of the user the rewind took away again,
+// empty, with its old UIDVALIDITY and counters: a replayed delivery that
+// the server files into one (Sieve's fileinto :create) or a replayed
+// CREATE then finds it as clients knew it.
+func (r *userReplayer) prepare(ctx context.Context) error {
+	if r.restore == nil {
+		return nil
+	}
+	names := make([]string, 0, len(r.gone))
+	for name := range r.gone {
+		names = append(names, name)
+	}
+	sort.Strings(names) // parents first
+	for _, name := range names {
+		if strings.EqualFold(name, "INBOX") {
+			continue // always there; restored before its first delivery
+		}
+		if err := r.c.Create(name, nil).Wait(); err != nil {
+			return fmt.Errorf("make %s again: %w", name, err)
+		}
+		r.precreated[name] = true
+		r.boxes[name] = &mbox{msgs: map[imap.UID]*msgState{}}
+		if err := r.remade(ctx, name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// unprecreate deletes a mailbox prepare made that nothing claimed.
+func (r *userReplayer) unprecreate(name string) error {
+	if r.selected == name {
+		if err := r.c.Unselect().Wait(); err != nil {
+			return err
+		}
+		r.selected = ""
+	}
+	if err := r.c.Delete(name).Wait(); err != nil {
+		return fmt.Errorf("remove %s, made again in advance: %w", name, err)
+	}
+	delete(r.precreated, name)
+	delete(r.boxes, name)
+	return nil
+}
+
+// finish removes the mailboxes prepare made that stayed empty and that
+// no replayed verb made: they do not exist in the new timeline.
+func (r *userReplayer) finish() error {
+	for name := range r.precreated {
+		b, err := r.read(name)
+		if err != nil {
+			return err
+		}
+		if len(b.msgs) > 0 {
+			continue // the server filed mail into it: it exists now
+		}
+		if err := r.unprecreate(name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// session logs in as the user through the master user, once, and
+// prepares the mailboxes the rewind took away.
 func (r *userReplayer) session() error {
 	if r.c != nil {
 		return nil
@@ -220,6 +301,9 @@ func (r *userReplayer) session() error {
 		return fmt.Errorf("log in as %s through the master user: %w", r.user, err)
 	}
 	r.c = c
+	if err := r.prepare(context.Background()); err != nil {
+		return fmt.Errorf("prepare %s's mailboxes: %w", r.user, err)
+	}
 	return nil
 }
 

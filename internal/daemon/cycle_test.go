@@ -216,12 +216,19 @@ func sendSubject(t *testing.T, tb *testbed.Testbed, to, id, subject string) {
 // flagState returns "mailbox id" -> sorted flags of alice's messages.
 func flagState(t *testing.T, tb *testbed.Testbed) map[string]string {
 	t.Helper()
+	return flagStateOf(t, tb, "alice")
+}
+
+// flagStateOf returns "mailbox id" -> sorted flags of a user's messages,
+// read directly from Dovecot.
+func flagStateOf(t *testing.T, tb *testbed.Testbed, user string) map[string]string {
+	t.Helper()
 	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+	if err := c.Login(user, tb.Stack.Password(user)).Wait(); err != nil {
 		t.Fatal(err)
 	}
 	out := map[string]string{}

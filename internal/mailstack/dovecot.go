@@ -125,6 +125,9 @@ protocol lmtp {
 # An operator's global Sieve script, run before any user's (SetSieve).
 plugin {
   sieve_before = {{.Sieve}}
+  # Users have no home directory here: keep their own scripts beside
+  # their mail.
+  sieve = file:{{.MailRoot}}/%n/sieve;active={{.MailRoot}}/%n/.dovecot.sieve
 }
 {{- end}}
 `))

@@ -36,6 +36,8 @@ var binaries = []struct{ path, pkg string }{
 	{postfixBin, "postfix"},
 	{postconfBin, "postfix"},
 	{postqueueBin, "postfix"},
+	// Sieve: the operator-error scenario misconfigures a global script.
+	{"/usr/bin/sievec", "dovecot-sieve"},
 }
 
 // Missing returns the Debian packages the stack needs that are not
