@@ -316,3 +316,48 @@ func TestRunDeliveryFailure(t *testing.T) {
 		t.Fatalf("retry: %+v, %v", rep, err)
 	}
 }
+
+// fakeStore answers ContentChecker from a map of undo id to message.
+type fakeStore map[string]string
+
+func (f fakeStore) Current(_ context.Context, _, id string) ([]byte, error) {
+	m, ok := f[id]
+	if !ok {
+		return nil, nil
+	}
+	return []byte(m), nil
+}
+
+func (fakeStore) Close() {}
+
+// TestReadChanged: a message the user read and the replay made again is
+// compared with the store: trace fields the delivery path adds are no
+// change, a different subject or text is.
+func TestReadChanged(t *testing.T) {
+	l, c := history(t)
+	f, err := Detect(context.Background(), l, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig := "From: Sender <s@spam.test>\r\nSubject: minutes\r\nMessage-Id: <h3@example.org>\r\n\r\nbody\r\n"
+	trace := proxy.TraceHeader + ": D3\r\nReturn-Path: <s@spam.test>\r\nDelivered-To: alice@example.org\r\n"
+	for store, want := range map[string]string{
+		trace + orig: "",
+		trace + strings.Replace(orig, "Subject: minutes", "Subject: [SPAM?] minutes", 1):              "its Subject is different now",
+		trace + strings.Replace(orig, "body\r\n", "body\r\n-- \r\nscanned by a virus scanner\r\n", 1): "its text is different now",
+	} {
+		ps, err := checkContent(context.Background(), l, fakeStore{"D3": store}, f.Reads)
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case want == "" && len(ps) != 0:
+			t.Errorf("unchanged message reported: %+v", ps)
+		case want != "" && (len(ps) != 1 || ps[0].Kind != ReadChanged || ps[0].Now != want || ps[0].User != "alice" || !ps[0].Observed):
+			t.Errorf("store %q: paradoxes %+v, want one read_changed %q", store, ps, want)
+		}
+	}
+	if ps, err := checkContent(context.Background(), l, fakeStore{}, f.Reads); err != nil || len(ps) != 0 {
+		t.Errorf("a message gone since (the user's own later command) is no read_changed: %+v, %v", ps, err)
+	}
+}

@@ -106,6 +106,7 @@ func Run(ctx context.Context, l *undolog.Log, c Cycle, o Options) (Report, error
 			}
 			rep.count(p.Kind, Counts{Explained: 1})
 			rep.Paradoxes = append(rep.Paradoxes, p)
+			o.Logger.Info("paradox to explain", "cycle", c.Seq, "kind", p.Kind, "user", p.User, "verb", p.Verb, "verb_kind", p.VerbKind, "now", p.Now)
 			if o.Operator != "" && !prior[AudienceOperator][key] {
 				notice = append(notice, p)
 			}
