@@ -31,6 +31,8 @@ type Options struct {
 	MailRoot string
 	// Sieve enables a global Sieve script on deliveries (Stack.SetSieve).
 	Sieve bool
+	// Users are the mailboxes (default: mailstack.DefaultUsers).
+	Users []mailstack.User
 }
 
 // Testbed is a running stack with undomail in front of it.
@@ -49,7 +51,7 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.SMTPListen == "" {
 		o.SMTPListen = "127.0.0.1:0"
 	}
-	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve})
+	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve, Users: o.Users})
 	if err != nil {
 		return nil, err
 	}
