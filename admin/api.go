@@ -238,7 +238,7 @@ type Status struct {
 	// LastSnapshot is the newest snapshot, nil if none.
 	LastSnapshot *Snapshot `json:"last_snapshot,omitempty"`
 	// Gate is "open", or "held" while a rewind or cycle holds changes back.
-	Gate      string `json:"gate"`
+	Gate      string `json:"gate,omitempty"`
 	LastCycle *Cycle `json:"last_cycle,omitempty"`
 	LastDrill *Drill `json:"last_drill,omitempty"`
 	// Progress is the running cycle's progress, if one runs.
@@ -294,14 +294,24 @@ func probe(ctx context.Context, ups []Upstream) []UpstreamHealth {
 
 // status gathers the status; it reads only indexed ranges of the log.
 func (s *Server) status(ctx context.Context) (Status, error) {
-	st := Status{Time: time.Now().UTC(), Gate: "open", Progress: s.b.CycleProgress()}
+	st, err := LogState(ctx, s.log)
+	st.Progress = s.b.CycleProgress()
+	st.Gate = "open"
 	if s.b.Holding() {
 		st.Gate = "held"
 	}
-	seq, sum := s.log.Last()
-	st.Log = LogStatus{Dir: s.log.Dir(), Records: seq, Head: fmt.Sprintf("%x", sum), SizeBytes: s.log.Size()}
 	st.Upstreams = probe(ctx, s.b.Upstreams())
-	snaps, err := Snapshots(ctx, s.log)
+	return st, err
+}
+
+// LogState is the part of the status the undo log alone tells: what
+// `undomail status` shows when no daemon runs. Gate and Upstreams are
+// left empty.
+func LogState(ctx context.Context, l *undolog.Log) (Status, error) {
+	st := Status{Time: time.Now().UTC()}
+	seq, sum := l.Last()
+	st.Log = LogStatus{Dir: l.Dir(), Records: seq, Head: fmt.Sprintf("%x", sum), SizeBytes: l.Size()}
+	snaps, err := Snapshots(ctx, l)
 	if err != nil {
 		return st, err
 	}
@@ -313,13 +323,13 @@ func (s *Server) status(ctx context.Context) (Status, error) {
 			st.LastSnapshot = &sn
 		}
 	}
-	if p, err := s.log.Page(ctx, undolog.PageQuery{Kinds: []string{KindCycle}, Desc: true, Limit: 1}); err != nil {
+	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{KindCycle}, Desc: true, Limit: 1}); err != nil {
 		return st, err
 	} else if len(p.Verbs) == 1 {
 		c := cycleOf(p.Verbs[0], at)
 		st.LastCycle = &c
 	}
-	if p, err := s.log.Page(ctx, undolog.PageQuery{Kinds: []string{KindDrill}, Desc: true, Limit: 1}); err != nil {
+	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{KindDrill}, Desc: true, Limit: 1}); err != nil {
 		return st, err
 	} else if len(p.Verbs) == 1 {
 		ds, _ := drillsOf(p.Verbs)

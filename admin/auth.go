@@ -60,7 +60,11 @@ func EnsureToken(dataDir string) (string, error) {
 // others is refused: it would hand the operator's powers to every local
 // user.
 func ReadToken(dataDir string) (string, error) {
-	path := filepath.Join(dataDir, TokenName)
+	return ReadTokenFile(filepath.Join(dataDir, TokenName))
+}
+
+// ReadTokenFile reads an admin token from a file only its owner can read.
+func ReadTokenFile(path string) (string, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return "", fmt.Errorf("admin token %s: %w", path, err)

@@ -51,6 +51,12 @@ func newWeb(s *Server) (*web, error) {
 			return b.String()
 		},
 		"verbclass": verbClass,
+		"short": func(s string) string {
+			if r := []rune(s); len(r) > 160 {
+				return string(r[:160]) + "…"
+			}
+			return s
+		},
 		"seqs": func(s []int64) string {
 			parts := make([]string, len(s))
 			for i, n := range s {
@@ -178,6 +184,7 @@ type timelineView struct {
 	Start, End          time.Time
 	Spans               []string
 	Earlier, Later, Now string // links
+	Fit                 string
 	Zoom                map[string]string
 	Lanes               []lane
 	Marks               []mark
@@ -204,8 +211,9 @@ type dot struct {
 }
 
 type mark struct { // a snapshot or a cycle on the axis
-	X     float64
+	X, Y  float64 // Y: of the label, staggered so neighbours do not overlap
 	Label string
+	Title string
 	Href  string
 	Class string
 }
@@ -258,28 +266,57 @@ func laneOf(v Verb) string {
 	return "undomail"
 }
 
+// parseSpan reads a zoom level: a name from spans or a Go duration;
+// "" is 0 (fit the axis to the verbs).
+func parseSpan(s string) (time.Duration, error) {
+	if s == "" {
+		return 0, nil
+	}
+	for _, sp := range spans {
+		if sp.Name == s {
+			return sp.D, nil
+		}
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d <= 0 {
+		return 0, fmt.Errorf("span=%q is not a zoom level (%s, or a duration like 90s)", s, "4w, 1w, 1d, 6h, 1h, 10m, 1m, 10s")
+	}
+	return d, nil
+}
+
+// spanName is the zoom level's name, or its duration.
+func spanName(d time.Duration) string {
+	for _, sp := range spans {
+		if sp.D == d {
+			return sp.Name
+		}
+	}
+	return d.Round(time.Millisecond).String()
+}
+
 func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	p.Title = "timeline"
 	qv := r.URL.Query()
 	v := &timelineView{User: qv.Get("user"), Q: qv.Get("q"), Kind: qv.Get("kind"), Span: qv.Get("span"), Zoom: map[string]string{}}
 	p.Data = v
-	span := time.Duration(0)
 	for _, s := range spans {
 		v.Spans = append(v.Spans, s.Name)
-		if s.Name == v.Span {
-			span = s.D
-		}
 	}
-	if span == 0 {
-		v.Span, span = "1d", 24*time.Hour
+	span, err := parseSpan(v.Span)
+	if err != nil {
+		return err
 	}
+	fit := span == 0 // no zoom chosen: fit the axis to the verbs shown
 	v.End = time.Now().UTC()
 	if e := qv.Get("end"); e != "" {
 		t, err := time.Parse(time.RFC3339Nano, e)
 		if err != nil {
 			return fmt.Errorf("end=%q is not an RFC 3339 time", e)
 		}
-		v.End = t
+		v.End, fit = t, false
+		if span == 0 {
+			span = 24 * time.Hour
+		}
 	}
 	ctx := r.Context()
 	q := undolog.PageQuery{User: v.User, Text: v.Q, Desc: true, Limit: 300}
@@ -306,36 +343,52 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		}
 		v.Branch = &c
 		q.AfterSeq, q.BeforeSeq = max(c.AtSeq, c.SnapshotSeq), c.Seq
-		if qv.Get("end") == "" {
-			v.End = c.Time.Add(span / 10)
-		}
 	}
-	v.Start = v.End.Add(-span)
-	q.Since, q.Until = v.Start, v.End
-	link := func(end time.Time, spanName string) string {
-		u := url.Values{}
-		for _, k := range []string{"user", "q", "kind", "branch"} {
-			if qv.Get(k) != "" {
-				u.Set(k, qv.Get(k))
-			}
-		}
-		u.Set("span", spanName)
-		u.Set("end", end.UTC().Format(time.RFC3339Nano))
-		return "/?" + u.Encode()
-	}
-	v.Earlier, v.Later = link(v.End.Add(-span/2), v.Span), link(v.End.Add(span/2), v.Span)
-	v.Now = link(time.Now().UTC(), v.Span)
-	mid := v.End.Add(-span / 2)
-	for _, s := range spans {
-		v.Zoom[s.Name] = link(mid.Add(s.D/2), s.Name)
+	if !fit {
+		v.Start = v.End.Add(-span)
+		q.Since, q.Until = v.Start, v.End
 	}
 	page, err := w.s.verbs(ctx, q)
 	if err != nil {
 		return err
 	}
 	v.Verbs = page.Verbs
+	if fit {
+		// The newest page of verbs, with a margin on both sides.
+		v.Span, span = "", 24*time.Hour
+		if n := len(v.Verbs); n > 0 {
+			newest, oldest := v.Verbs[0].Time, v.Verbs[n-1].Time
+			span = max(newest.Sub(oldest)*12/10, 2*time.Second)
+			v.End = newest.Add(span / 12)
+		}
+		v.Start = v.End.Add(-span)
+	}
+	link := func(end time.Time, span time.Duration) string {
+		u := url.Values{}
+		for _, k := range []string{"user", "q", "kind", "branch"} {
+			if qv.Get(k) != "" {
+				u.Set(k, qv.Get(k))
+			}
+		}
+		u.Set("span", spanName(span))
+		u.Set("end", end.UTC().Format(time.RFC3339Nano))
+		return "/?" + u.Encode()
+	}
+	v.Earlier, v.Later = link(v.End.Add(-span/2), span), link(v.End.Add(span/2), span)
+	v.Now = link(time.Now().UTC(), span)
+	fitURL := url.Values{}
+	for _, k := range []string{"user", "q", "kind", "branch"} {
+		if qv.Get(k) != "" {
+			fitURL.Set(k, qv.Get(k))
+		}
+	}
+	v.Fit = "/?" + fitURL.Encode()
+	mid := v.End.Add(-span / 2)
+	for _, s := range spans {
+		v.Zoom[s.Name] = link(mid.Add(s.D/2), s.D)
+	}
 	if page.Next != 0 {
-		u, _ := url.Parse(link(v.End, v.Span))
+		u, _ := url.Parse(link(v.End, span))
 		vals := u.Query()
 		vals.Set("before", strconv.FormatInt(page.Next, 10))
 		v.More = "/?" + vals.Encode()
@@ -366,12 +419,13 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		}
 		v.Lanes = append(v.Lanes, *l)
 	}
-	v.Height = laneTop + max(len(order), 1)*laneH + 10
+	v.Height = laneTop + max(len(order), 1)*laneH + 40
 	for _, s := range snaps {
 		if s.Time.Before(v.Start) || s.Time.After(v.End) || s.Pruned {
 			continue
 		}
-		v.Marks = append(v.Marks, mark{X: x(s.Time), Label: s.Name, Href: "/plan?to=" + url.QueryEscape(s.Name), Class: "snap"})
+		v.Marks = append(v.Marks, mark{X: x(s.Time), Label: "snapshot " + s.Time.Local().Format("15:04:05"), Title: s.Name + ": plan a cycle back to it",
+			Href: "/plan?to=" + url.QueryEscape(s.Name), Class: "snap"})
 	}
 	cycles, err := Cycles(ctx, w.s.log, snaps)
 	if err != nil {
@@ -385,12 +439,19 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		b := branchBand{X1: x(from), W: max(x(c.Time)-x(from), 2), Href: fmt.Sprintf("/?branch=%d&span=%s", c.Seq, v.Span),
 			Label: fmt.Sprintf("cycle #%d rewound to %s", c.Seq, c.To), OK: c.Verdict != nil && c.Verdict.OK}
 		v.Branches = append(v.Branches, b)
-		v.Marks = append(v.Marks, mark{X: x(c.Time), Label: fmt.Sprintf("cycle #%d", c.Seq), Href: b.Href, Class: "cycle"})
+		v.Marks = append(v.Marks, mark{X: x(c.Time), Label: fmt.Sprintf("cycle #%d", c.Seq), Title: b.Label, Href: b.Href, Class: "cycle"})
+	}
+	slices.SortFunc(v.Marks, func(a, b mark) int { return int(a.X - b.X) })
+	for i := range v.Marks {
+		v.Marks[i].Y = float64(v.Height - 4 - (i%3)*11)
 	}
 	for i := 0; i <= 4; i++ {
 		t := v.Start.Add(span * time.Duration(i) / 4)
 		format := "01-02 15:04"
-		if span <= 10*time.Minute {
+		switch {
+		case span <= 20*time.Second:
+			format = "15:04:05.000"
+		case span <= 10*time.Minute:
 			format = "15:04:05"
 		}
 		v.Ticks = append(v.Ticks, tick{X: x(t), Label: t.Local().Format(format)})
