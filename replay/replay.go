@@ -94,8 +94,10 @@ type Result struct {
 	// Users is how many users had verbs replayed; Messages how many
 	// messages the replay made again (deliveries per recipient, APPENDs).
 	Users, Messages int
-	// Restored counts mailboxes made again with their old UIDVALIDITY.
-	Restored int
+	// Restored counts mailboxes made again with their old UIDVALIDITY;
+	// Renumbered messages that came back under a UID clients had seen
+	// expunged and were given a new one.
+	Restored, Renumbered int
 	// Verify compares the store after the replay with what the log
 	// predicts.
 	Verify Verification
@@ -240,8 +242,12 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					report("replay", done, total)
 					mu.Unlock()
 				}
-				if r.c != nil {
-					if err := r.finish(); err != nil {
+				if r.c != nil || len(r.vanished) > 0 {
+					err := r.session()
+					if err == nil {
+						err = r.finish()
+					}
+					if err != nil {
 						mu.Lock()
 						res.Failed++
 						mu.Unlock()
@@ -266,6 +272,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 		if r != nil {
 			res.Messages += r.made
 			res.Restored += r.restored
+			res.Renumbered += r.renumbered
 		}
 	}
 	if first != nil {

@@ -48,14 +48,21 @@ type userReplayer struct {
 	made        int // messages made again: deliveries and APPENDs
 	// gone are this user's mailboxes the rewind took away, by name; when
 	// the replay makes one again, restore gives it its old UIDVALIDITY.
-	gone     map[string]MailboxCounters
-	restore  func(context.Context, MailboxCounters) (bool, error)
-	restored int
+	gone       map[string]MailboxCounters
+	restore    func(context.Context, MailboxCounters) (bool, error)
+	restored   int
+	renumbered int
 	// precreated are gone mailboxes made again, empty, before anything
 	// else, so whatever fills them (a replayed CREATE, the server's own
 	// filing) finds them with their old UIDVALIDITY; finish removes the
 	// ones nothing claimed.
 	precreated map[string]bool
+	// vanished are the messages clients saw leave a mailbox in the
+	// abandoned timeline (EXPUNGE, MOVE away), by mailbox and UID. One of
+	// them present again at the end (its EXPUNGE cancelled) gets a new
+	// UID: a client that synced the expunge must see it as new mail, and
+	// never takes an old UID back.
+	vanished map[string]map[imap.UID]bool
 }
 
 // mbox is the model of one mailbox.
@@ -69,7 +76,8 @@ type msgState struct {
 }
 
 func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
-	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{}}
+	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{},
+		vanished: map[string]map[imap.UID]bool{}}
 }
 
 func (r *userReplayer) close() {
@@ -87,6 +95,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 	if err := ctx.Err(); err != nil {
 		return ReplayOutcome{}, err
 	}
+	r.noteVanished(tk.v)
 	if tk.cancel != "" {
 		if tk.rcpt == "" && (tk.v.Kind == proxy.KindIMAPAppend) {
 			// The message the cancelled APPEND made is not in the store:
@@ -268,9 +277,86 @@ func (r *userReplayer) unprecreate(name string) error {
 	return nil
 }
 
-// finish removes the mailboxes prepare made that stayed empty and that
-// no replayed verb made: they do not exist in the new timeline.
+// noteVanished remembers the messages a verb of the abandoned timeline
+// took out of a mailbox, whether it is replayed or not.
+func (r *userReplayer) noteVanished(v undolog.Verb) {
+	if v.Kind != proxy.KindIMAPExpunge && v.Kind != proxy.KindIMAPMove {
+		return
+	}
+	var a proxy.IMAPArgs
+	if json.Unmarshal(v.Args, &a) != nil {
+		return
+	}
+	for uidText := range a.UndoIDs {
+		var n uint32
+		fmt.Sscan(uidText, &n)
+		if n == 0 {
+			continue
+		}
+		if r.vanished[a.Mailbox] == nil {
+			r.vanished[a.Mailbox] = map[imap.UID]bool{}
+		}
+		r.vanished[a.Mailbox][imap.UID(n)] = true
+	}
+}
+
+// renumber gives the messages that came back under a UID clients saw
+// expunged a new UID: a copy into the same mailbox (flags travel with
+// it), then the old one expunged.
+func (r *userReplayer) renumber() (int, error) {
+	n := 0
+	for name, uids := range r.vanished {
+		b, err := r.load(name)
+		var ie *imap.Error
+		if errors.As(err, &ie) && ie.Code == imap.ResponseCodeNonExistent {
+			continue // the mailbox is gone: nothing came back
+		}
+		if err != nil {
+			return n, err
+		}
+		var set imap.UIDSet
+		for u := range uids {
+			if b.msgs[u] != nil {
+				set.AddNum(u)
+			}
+		}
+		if len(set) == 0 {
+			continue
+		}
+		if err := r.sel(name); err != nil {
+			return n, err
+		}
+		data, err := r.c.Copy(set, name).Wait()
+		if err != nil {
+			return n, fmt.Errorf("renumber %s uid %s: %w", name, set, err)
+		}
+		if err := learnCopies(b, b, data.SourceUIDs, data.DestUIDs); err != nil {
+			return n, fmt.Errorf("renumber %s: %w", name, err)
+		}
+		if err := r.c.Store(set, &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
+			return n, err
+		}
+		if err := r.c.UIDExpunge(set).Close(); err != nil {
+			return n, err
+		}
+		olds, _ := set.Nums()
+		for _, u := range olds {
+			delete(b.msgs, u)
+		}
+		n += len(olds)
+	}
+	return n, nil
+}
+
+// finish gives messages that came back a new UID (renumber), and removes
+// the mailboxes prepare made that stayed empty and that no replayed verb
+// made: they do not exist in the new timeline.
 func (r *userReplayer) finish() error {
+	n, err := r.renumber()
+	r.renumbered += n
+	if err != nil {
+		return err
+	}
 	for name := range r.precreated {
 		b, err := r.read(name)
 		if err != nil {

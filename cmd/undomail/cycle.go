@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -96,8 +97,10 @@ verdict. The exit status is 0 only for a verified cycle.`,
 				}
 				req.Filters = append(req.Filters, admin.FilterRequest{Rule: f, Action: filterAction})
 			}
+			stop := showProgress(c, os.Stderr)
 			verdict, err := c.Cycle(context.Background(), req)
-			fmt.Fprintf(out, "verdict: %s\n", verdict)
+			stop()
+			printVerdict(out, verdict)
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
 			}
@@ -287,4 +290,81 @@ func hadEffect(v undolog.Verb) bool {
 	}
 	var o proxy.IMAPOutcome
 	return json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Status == "OK"
+}
+
+// showProgress draws the running cycle's progress on a terminal until
+// stop is called; elsewhere (a pipe, a log) it draws nothing.
+func showProgress(c *admin.Client, w *os.File) (stop func()) {
+	if !isTerminal(w) {
+		return func() {}
+	}
+	done := make(chan struct{})
+	finished := make(chan struct{})
+	go func() {
+		defer close(finished)
+		tick := time.NewTicker(250 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				fmt.Fprint(w, "\r\033[K")
+				return
+			case <-tick.C:
+			}
+			raw, err := c.CycleProgress(context.Background())
+			var p replay.Progress
+			if err != nil || json.Unmarshal(raw, &p) != nil || p.Phase == "" {
+				continue
+			}
+			fmt.Fprintf(w, "\r\033[K%s", progressLine(p, 30))
+		}
+	}()
+	return func() { close(done); <-finished }
+}
+
+// progressLine renders progress as a bar of width characters.
+func progressLine(p replay.Progress, width int) string {
+	if p.Total <= 0 {
+		return p.Phase + "..."
+	}
+	n := min(width, p.Done*width/p.Total)
+	bar := strings.Repeat("#", n) + strings.Repeat(".", width-n)
+	line := fmt.Sprintf("%-10s [%s] %d/%d", p.Phase, bar, p.Done, p.Total)
+	if p.Phase == "replay" {
+		line += fmt.Sprintf(" verbs, %d users", p.Users)
+	}
+	if p.Failed > 0 {
+		line += fmt.Sprintf(", %d failed", p.Failed)
+	}
+	return line
+}
+
+// printVerdict renders a cycle's verdict for people.
+func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage) {
+	var v daemon.CycleVerdict
+	if json.Unmarshal(raw, &v) != nil {
+		fmt.Fprintf(w, "verdict: %s\n", raw)
+		return
+	}
+	state := "OK"
+	if !v.OK {
+		state = "NOT OK"
+	}
+	fmt.Fprintf(w, "verdict: %s (cycle %d; the present before it is snapshot %s)\n", state, v.Cycle, v.Present)
+	fmt.Fprintf(w, "  replayed %d verbs for %d users (%d messages made again) in %.1fs; changes held back %.1fs\n",
+		v.Replayed, v.Users, v.Messages, v.ReplayS, v.Held)
+	fmt.Fprintf(w, "  cancelled %d, filtered %d, skipped as repaired %d, failed %d\n", v.Cancelled, v.Filtered, v.Repaired, v.Failed)
+	fmt.Fprintf(w, "  verified %d mailboxes, %d messages: ", v.Verify.Mailboxes, v.Verify.Messages)
+	if v.Verify.OK() {
+		fmt.Fprintln(w, "the store holds what the log says")
+	} else {
+		fmt.Fprintf(w, "%d differences\n", len(v.Verify.Problems)+v.Verify.More)
+		for _, p := range v.Verify.Problems {
+			fmt.Fprintf(w, "    %s\n", p)
+		}
+	}
+	if v.Error != "" {
+		fmt.Fprintf(w, "  error: %s\n", v.Error)
+	}
+	fmt.Fprintf(w, "  undo this cycle: undomail cycle run --to %s\n", v.Present)
 }

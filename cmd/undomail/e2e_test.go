@@ -21,6 +21,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/internal/mailstack"
+	"github.com/undomail/undomail/internal/testbed/clientcheck"
 	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
@@ -911,10 +912,21 @@ func TestCycleUndoesAMassExpunge(t *testing.T) {
 	if len(cancel) != 2 {
 		t.Fatalf("plan: %s", js)
 	}
+	// alice's mail client cached her UIDs, and mbsync keeps a copy.
+	before := clientcheck.Look(t, s.imapAddr, "alice", st.Password("alice"))
+	mb := clientcheck.NewMbsync(t, s.imapAddr, "alice", st.Password("alice"))
+	mb.Sync(t)
 	out, err = run(t, "cycle", "run", "--data-dir", s.dataDir, "--to", snap, "--cancel", strings.Join(cancel, ","), "--yes")
-	if err != nil || !strings.Contains(out, `"ok":true`) || !strings.Contains(out, "2 cancelled") {
+	if err != nil || !strings.Contains(out, "verdict: OK") || !strings.Contains(out, "cancelled 2,") ||
+		!strings.Contains(out, "the store holds what the log says") {
 		t.Fatalf("cycle run: %v\n%s", err, out)
 	}
+	after := clientcheck.Look(t, s.imapAddr, "alice", st.Password("alice"))
+	if clientcheck.NoUIDReuse(t, before, after) == 0 {
+		t.Errorf("no mailbox kept its UIDVALIDITY through the cycle")
+	}
+	mb.Sync(t)
+	mb.Matches(t, after)
 	d, err := imapclient.DialInsecure(st.IMAPAddr, nil)
 	if err != nil {
 		t.Fatal(err)
