@@ -21,8 +21,8 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/internal/mailstack"
-	"github.com/undomail/undomail/internal/testbed/clientcheck"
 	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
+	"github.com/undomail/undomail/internal/testbed/clientcheck"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
 )
