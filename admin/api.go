@@ -131,6 +131,12 @@ func (s *Server) Listen(o Options) error {
 	return nil
 }
 
+// ObserveAppend feeds the log write latency metric; install it with
+// (*undolog.Log).Observe.
+func (s *Server) ObserveAppend(recs []undolog.Record, wait time.Duration, durable bool, err error) {
+	s.metrics.observeAppend(recs, wait, durable, err)
+}
+
 // Addr is the address the server listens on (nil before Listen).
 func (s *Server) Addr() net.Addr {
 	if s.ln == nil {

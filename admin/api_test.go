@@ -101,6 +101,7 @@ func newTestServer(t *testing.T) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	l.Observe(s.ObserveAppend)
 	tok, err := ReadToken(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -364,7 +365,10 @@ func TestVerbsPagingAndFilters(t *testing.T) {
 		t.Fatalf("GET /api/verbs/%d: %s %s", del, resp.Status, body)
 	}
 	_, body := ts.do(t, "GET", "/metrics", ts.token, nil)
-	for _, want := range []string{`undomail_verbs_logged_total{kind="imap.create"} 11`, `undomail_verbs_logged_total{kind="imap.delete"} 2`, "undomail_snapshots 1", "undomail_gate_held 0"} {
+	// 29 appends above: 13 verbs with their outcomes, a snapshot with its
+	// outcome, a cycle.
+	for _, want := range []string{`undomail_verbs_logged_total{kind="imap.create"} 11`, `undomail_verbs_logged_total{kind="imap.delete"} 2`,
+		"undomail_snapshots 1", "undomail_gate_held 0", `undomail_log_append_seconds_count{durable="true"} 29`} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s:\n%s", want, body)
 		}

@@ -4,11 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/undomail/undomail/undolog"
 )
 
 // metrics is the Prometheus collector behind /metrics. Everything is read
@@ -22,6 +25,9 @@ type metrics struct {
 	mu      sync.Mutex
 	counted int64 // records counted into perKind so far
 	perKind map[string]int64
+
+	appendWait   *prometheus.HistogramVec
+	appendFailed prometheus.Counter
 
 	verbs, records, size, snapshots, pause, gate, cycleOK, cycleRunning,
 	progressDone, progressTotal, drillOK, drillTime, up, connect *prometheus.Desc
@@ -47,9 +53,28 @@ func newMetrics(s *Server) *metrics {
 		up:            d("upstream_up", "1 if the upstream accepts connections.", "upstream", "addr"),
 		connect:       d("upstream_connect_seconds", "How long connecting to the upstream took.", "upstream", "addr"),
 	}
+	m.appendWait = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Name: "undomail_log_append_seconds",
+		Help: "How long appends to the undo log waited for their commit (durable: and the fsync); a client waits this long before its command is relayed.",
+		// 100 µs .. ~3.3 s
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+	}, []string{"durable"})
+	m.appendFailed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "undomail_log_append_failures_total",
+		Help: "Appends to the undo log that failed; their clients got a temporary failure.",
+	})
 	m.reg = prometheus.NewRegistry()
-	m.reg.MustRegister(m)
+	m.reg.MustRegister(m, m.appendWait, m.appendFailed)
 	return m
+}
+
+// observeAppend is the undo log's AppendObserver.
+func (m *metrics) observeAppend(_ []undolog.Record, wait time.Duration, durable bool, err error) {
+	if err != nil {
+		m.appendFailed.Inc()
+		return
+	}
+	m.appendWait.WithLabelValues(strconv.FormatBool(durable)).Observe(wait.Seconds())
 }
 
 func (m *metrics) handler() http.Handler {

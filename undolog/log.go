@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -96,6 +97,8 @@ type Log struct {
 	stats   Stats
 
 	committerDone chan struct{}
+
+	observer atomic.Pointer[AppendObserver] // see Observe (observe.go)
 }
 
 // appendReq is one Append call waiting for the committer.
@@ -436,6 +439,7 @@ func (l *Log) append(ctx context.Context, noSync bool, recs []*Record) error {
 
 	select {
 	case <-req.done:
+		l.observe(req, now)
 	case <-ctx.Done():
 		return fmt.Errorf("append to undo log %s: %w (the records may still be committed)", l.dir, ctx.Err())
 	}

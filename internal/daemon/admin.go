@@ -65,6 +65,7 @@ func (d *Daemon) startAdmin(cfg config.Config) error {
 		return err
 	}
 	d.control.Handle("/api/", srv.TrustedHandler())
+	d.Log.Observe(srv.ObserveAppend)
 	if cfg.Admin.Listen != "" {
 		if err := srv.Listen(o); err != nil {
 			return err
@@ -84,6 +85,7 @@ func (d *Daemon) AdminAddr() net.Addr {
 
 func (d *Daemon) closeAdmin() {
 	if d.admin != nil {
+		d.Log.Observe(nil)
 		d.admin.Close()
 	}
 }
