@@ -29,19 +29,59 @@ type ContentChecker interface {
 type IMAPChecker struct {
 	Target   replay.Target
 	sessions map[string]*imapclient.Client
+	// where maps each user's messages, by undo id, to where they are.
+	where    map[string]map[string]location
+	selected map[string]string
 }
 
-// Current implements ContentChecker: it looks for the message's trace
-// field in each of the user's mailboxes.
+// location is where a message is in a user's store.
+type location struct {
+	mailbox string
+	uid     imap.UID
+}
+
+// Current implements ContentChecker.
 func (k *IMAPChecker) Current(ctx context.Context, user, undoID string) ([]byte, error) {
 	c, err := k.session(user)
 	if err != nil {
 		return nil, err
 	}
+	where, err := k.index(ctx, c, user)
+	if err != nil {
+		return nil, err
+	}
+	loc, ok := where[undoID]
+	if !ok {
+		return nil, nil
+	}
+	if err := k.examine(c, user, loc.mailbox); err != nil {
+		return nil, err
+	}
+	msgs, err := c.Fetch(imap.UIDSetNum(loc.uid), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{Peek: true}}}).Collect()
+	if err != nil {
+		return nil, fmt.Errorf("fetch %s from %s/%s: %w", undoID, user, loc.mailbox, err)
+	}
+	for _, m := range msgs {
+		for _, body := range m.BodySection {
+			return body.Bytes, nil
+		}
+	}
+	return nil, nil
+}
+
+// index reads the trace field of every message of the user once: one
+// FETCH per mailbox rather than a search per message, because a client
+// that syncs everything (mbsync, a phone) has read every message.
+func (k *IMAPChecker) index(ctx context.Context, c *imapclient.Client, user string) (map[string]location, error) {
+	if w, ok := k.where[user]; ok {
+		return w, nil
+	}
 	boxes, err := c.List("", "*", nil).Collect()
 	if err != nil {
 		return nil, fmt.Errorf("list %s's mailboxes: %w", user, err)
 	}
+	where := map[string]location{}
+	trace := &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{proxy.TraceHeader}, Peek: true}
 	for _, b := range boxes {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -49,28 +89,50 @@ func (k *IMAPChecker) Current(ctx context.Context, user, undoID string) ([]byte,
 		if hasAttr(b.Attrs, imap.MailboxAttrNoSelect) || hasAttr(b.Attrs, imap.MailboxAttrNonExistent) {
 			continue
 		}
-		if _, err := c.Select(b.Mailbox, &imap.SelectOptions{ReadOnly: true}).Wait(); err != nil {
-			return nil, fmt.Errorf("examine %s/%s: %w", user, b.Mailbox, err)
+		if err := k.examine(c, user, b.Mailbox); err != nil {
+			return nil, err
 		}
-		found, err := c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: proxy.TraceHeader, Value: undoID}}}, nil).Wait()
-		if err != nil {
-			return nil, fmt.Errorf("search %s/%s for %s: %w", user, b.Mailbox, undoID, err)
-		}
-		uids := found.AllUIDs()
-		if len(uids) == 0 {
+		if c.Mailbox() == nil || c.Mailbox().NumMessages == 0 {
 			continue
 		}
-		msgs, err := c.Fetch(imap.UIDSetNum(uids[len(uids)-1]), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{Peek: true}}}).Collect()
+		var all imap.SeqSet
+		all.AddRange(1, 0)
+		msgs, err := c.Fetch(all, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{trace}}).Collect()
 		if err != nil {
-			return nil, fmt.Errorf("fetch %s from %s/%s: %w", undoID, user, b.Mailbox, err)
+			return nil, fmt.Errorf("read the trace fields of %s/%s: %w", user, b.Mailbox, err)
 		}
 		for _, m := range msgs {
 			for _, body := range m.BodySection {
-				return body.Bytes, nil
+				h, err := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(body.Bytes)))
+				if err != nil {
+					continue
+				}
+				for _, id := range h.Values(proxy.TraceHeader) {
+					where[strings.TrimSpace(id)] = location{mailbox: b.Mailbox, uid: m.UID}
+				}
 			}
 		}
 	}
-	return nil, nil
+	if k.where == nil {
+		k.where = map[string]map[string]location{}
+	}
+	k.where[user] = where
+	return where, nil
+}
+
+func (k *IMAPChecker) examine(c *imapclient.Client, user, mailbox string) error {
+	if k.selected[user] == mailbox {
+		return nil
+	}
+	if _, err := c.Select(mailbox, &imap.SelectOptions{ReadOnly: true}).Wait(); err != nil {
+		delete(k.selected, user)
+		return fmt.Errorf("examine %s/%s: %w", user, mailbox, err)
+	}
+	if k.selected == nil {
+		k.selected = map[string]string{}
+	}
+	k.selected[user] = mailbox
+	return nil
 }
 
 func hasAttr(attrs []imap.MailboxAttr, a imap.MailboxAttr) bool {
@@ -111,7 +173,7 @@ func (k *IMAPChecker) Close() {
 		c.Logout().Wait()
 		c.Close()
 	}
-	k.sessions = nil
+	k.sessions, k.where, k.selected = nil, nil, nil
 }
 
 // checkContent compares each message a user read and the replay made

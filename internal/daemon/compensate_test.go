@@ -3,6 +3,7 @@ package daemon_test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"mime"
@@ -22,6 +23,7 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
 
@@ -396,5 +398,55 @@ func TestCompensationForChangedResults(t *testing.T) {
 	}
 	if ds := userDigests(t, tb, "alice"); len(ds) != 1 {
 		t.Fatalf("alice has %d digests after compensating again, want 1", len(ds))
+	}
+}
+
+// TestIMAPCheckerFindsMessagesByUndoID: the read_changed check finds a
+// message on the real Dovecot by its undo id, in whatever folder it is
+// now, and finds nothing for an id no message carries.
+func TestIMAPCheckerFindsMessagesByUndoID(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	ctx := context.Background()
+	m := mailMsg{id: "filed@example.test", from: "Bob <bob@example.test>", subject: "to be filed", date: "Fri, 20 Nov 2026 09:00:00 +0100"}
+	sendMsg(t, tb, "", "bob@example.test", "alice@example.test", m, "")
+	seq := waitDelivered(t, tb, m.subject)
+	waitFor(t, tb, "INBOX", m.id)
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create("Filed", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	var all imap.SeqSet
+	all.AddRange(1, 0)
+	if _, err := c.Move(all, "Filed").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	recs, err := tb.Daemon.Log.Records(ctx, undolog.Filter{AfterSeq: seq - 1, Limit: 1})
+	if err != nil || len(recs) != 1 {
+		t.Fatalf("delivery %d: %v", seq, err)
+	}
+	var a struct {
+		UndoID string `json:"undo_id"`
+	}
+	if err := json.Unmarshal(recs[0].Args, &a); err != nil || a.UndoID == "" {
+		t.Fatalf("delivery args %s: %v", recs[0].Args, err)
+	}
+	k := &compensate.IMAPChecker{Target: replay.Target{IMAPAddr: tb.Stack.IMAPAddr, MasterUser: tb.Stack.MasterUser, MasterPassword: tb.Stack.MasterPassword}}
+	defer k.Close()
+	got, err := k.Current(ctx, "alice", a.UndoID)
+	if err != nil || !strings.Contains(string(got), "body of "+m.id) || !strings.Contains(string(got), "Message-Id: <"+m.id+">") {
+		t.Fatalf("message %s now: %q, %v", a.UndoID, got, err)
+	}
+	if got, err := k.Current(ctx, "alice", "no-such-id"); err != nil || got != nil {
+		t.Fatalf("unknown id: %q, %v", got, err)
 	}
 }
