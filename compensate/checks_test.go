@@ -68,8 +68,12 @@ func (b *logBuilder) deliver(id, msgID, subject string, submission int64, rcpts 
 	return b.append(r, o)
 }
 
-func (b *logBuilder) submit(user, subject, extra string, rcpts ...string) int64 {
-	msg := "From: " + user + "@example.org\r\nSubject: " + subject + "\r\n" + extra + "\r\ntext\r\n"
+func (b *logBuilder) submit(user, subject, extra, rcpt, body string) int64 {
+	if body == "" {
+		body = "text\r\n"
+	}
+	rcpts := []string{rcpt}
+	msg := "From: " + user + "@example.org\r\nSubject: " + subject + "\r\n" + extra + "\r\n" + body
 	a := proxy.DeliveryArgs{UndoID: "sub-" + subject, AuthUser: user, MailFrom: user + "@example.org", Rcpts: rcpts,
 		Header: proxy.HeaderInfo{Subject: subject}}
 	args, _ := json.Marshal(a)
@@ -96,7 +100,8 @@ func (b *logBuilder) replayed(verb int64, user, status, detail string) {
 // history logs a period and a cycle over it, and returns the cycle.
 //
 // alice reads spam d1 and ham d3, flags spam d2, copies d1 to Keep,
-// replies to d2, renames a folder and sends carol a message; bob reads
+// replies to d2, forwards d1 as an attachment, renames a folder and sends
+// carol a message; bob reads
 // and expunges spam d5. The cycle filters the spam, cancels the delivery
 // to carol and cannot redo the RENAME.
 func history(t *testing.T) (*undolog.Log, Cycle) {
@@ -115,8 +120,11 @@ func history(t *testing.T) (*undolog.Log, Cycle) {
 	store := b.imap("alice", proxy.KindIMAPStore, proxy.IMAPArgs{Command: "UID STORE", Mailbox: "INBOX", Op: "+", Flags: []string{`\Flagged`}, UndoIDs: map[string]string{"2": "D2"}})
 	cp := b.imap("alice", proxy.KindIMAPCopy, proxy.IMAPArgs{Command: "UID COPY", Mailbox: "INBOX", Dest: "Keep", UndoIDs: map[string]string{"1": "D1"}})
 	exp := b.imap("bob", proxy.KindIMAPExpunge, proxy.IMAPArgs{Command: "EXPUNGE", Mailbox: "INBOX", UndoIDs: map[string]string{"5": "D5"}})
-	b.submit("alice", "Re: Lottery 2", "In-Reply-To: <s2@spam.test>\r\nReferences: <x@y> <s2@spam.test>\r\n", "friend@elsewhere.test")
-	s2 := b.submit("alice", "Numbers", "", "carol@example.org")
+	b.submit("alice", "Re: Lottery 2", "In-Reply-To: <s2@spam.test>\r\nReferences: <x@y> <s2@spam.test>\r\n", "friend@elsewhere.test", "")
+	b.submit("alice", "Fwd: Lottery 1", "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n",
+		"friend@elsewhere.test", "--b\r\nContent-Type: text/plain\r\n\r\nlook\r\n--b\r\nContent-Type: message/rfc822\r\n\r\n"+
+			"Subject: Lottery 1\r\nMessage-Id: <s1@spam.test>\r\n\r\nwin\r\n--b--\r\n")
+	s2 := b.submit("alice", "Numbers", "", "carol@example.org", "")
 	d4 := b.deliver("D4", "<n@example.org>", "Numbers", s2, "carol@example.org")
 	ren := b.imap("alice", proxy.KindIMAPRename, proxy.IMAPArgs{Command: "RENAME", Mailbox: "Drafts2", Dest: "Archive"})
 	cycle := b.append(&undolog.Record{Kind: "cycle", Session: "cycle", Args: json.RawMessage(`{"to":"s1","present":"s2"}`)}, nil)
@@ -165,6 +173,7 @@ func TestDetect(t *testing.T) {
 		"read_removed bob lmtp.deliver D2 false",
 		"read_removed carol lmtp.deliver D4 false",
 		"sent_onwards alice imap.copy D1 true",
+		"sent_onwards alice smtp.submit D1 true", // forwarded as an attachment
 		"sent_onwards alice smtp.submit D2 true", // the reply names it in In-Reply-To
 		// D5: bob read it and expunged it himself; it is gone in both
 		// timelines. The spammer's 250s: removed on purpose, from outside.
@@ -257,9 +266,9 @@ func TestRunOnceAndOnlyOnce(t *testing.T) {
 		ReadRemoved:  {Explained: 1, Silent: 3},
 		DeliveryLost: {Explained: 1},
 		ActionFailed: {Explained: 2},
-		SentOnwards:  {Notified: 2},
+		SentOnwards:  {Notified: 3},
 	}
-	if fmt.Sprint(rep.Kinds) != fmt.Sprint(want) || rep.Explained != 4 || rep.Silent != 3 || rep.Notified != 2 {
+	if fmt.Sprint(rep.Kinds) != fmt.Sprint(want) || rep.Explained != 4 || rep.Silent != 3 || rep.Notified != 3 {
 		t.Fatalf("report %+v\nwant kinds %v", rep, want)
 	}
 	got := lmtp.received()
@@ -279,7 +288,7 @@ func TestRunOnceAndOnlyOnce(t *testing.T) {
 		!strings.Contains(got[0].data, a.UndoID) {
 		t.Errorf("alice's compensation verb %+v", cs[0])
 	}
-	if a := cs[1].Args; a.Audience != AudienceOperator || len(a.Paradoxes) != 6 {
+	if a := cs[1].Args; a.Audience != AudienceOperator || len(a.Paradoxes) != 7 {
 		t.Errorf("the notice's verb %+v", cs[1])
 	}
 
@@ -287,7 +296,7 @@ func TestRunOnceAndOnlyOnce(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if again.Explained != 0 || again.Notified != 0 || again.Already != 6 || again.Silent != 3 || len(lmtp.received()) != 2 {
+	if again.Explained != 0 || again.Notified != 0 || again.Already != 7 || again.Silent != 3 || len(lmtp.received()) != 2 {
 		t.Fatalf("second run %+v, %d messages delivered; want nothing new", again, len(lmtp.received()))
 	}
 }
@@ -312,7 +321,7 @@ func TestRunDeliveryFailure(t *testing.T) {
 	}
 	lmtp := startLMTP(t)
 	rep, err = Run(context.Background(), l, c, Options{Hostname: "undomail.test", LMTPAddr: lmtp.addr})
-	if err != nil || rep.Explained != 6 || len(lmtp.received()) != 1 {
+	if err != nil || rep.Explained != 7 || len(lmtp.received()) != 1 {
 		t.Fatalf("retry: %+v, %v", rep, err)
 	}
 }
