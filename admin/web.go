@@ -564,7 +564,8 @@ func (w *web) runCycle(rw http.ResponseWriter, r *http.Request, p *pageData) err
 type currentView struct {
 	State    RunState
 	Verdict  *Verdict
-	Progress string
+	Progress string // phase and counts
+	Percent  int
 }
 
 func (w *web) current(rw http.ResponseWriter, r *http.Request, p *pageData) error {
@@ -575,7 +576,16 @@ func (w *web) current(rw http.ResponseWriter, r *http.Request, p *pageData) erro
 		p.Refresh = 1
 		if cv.State.Progress != nil {
 			b, _ := json.Marshal(cv.State.Progress)
-			cv.Progress = string(b)
+			var pr struct {
+				Phase               string
+				Done, Total, Failed int
+			}
+			json.Unmarshal(b, &pr)
+			cv.Progress = pr.Phase
+			if pr.Total > 0 {
+				cv.Progress = fmt.Sprintf("%s: %d of %d verbs, %d failed", pr.Phase, pr.Done, pr.Total, pr.Failed)
+				cv.Percent = 100 * pr.Done / pr.Total
+			}
 		}
 	}
 	if len(cv.State.Verdict) > 0 {
