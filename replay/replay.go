@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/emersion/go-imap/v2"
+
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
 )
@@ -70,6 +72,10 @@ type Plan struct {
 	// UIDVALIDITY and counters (Upstream.Restore).
 	Gone    []MailboxCounters
 	Restore func(context.Context, MailboxCounters) (bool, error)
+	// Returning are the messages the rollback brought back under UIDs
+	// clients saw disappear (RewindOutcome.Returning): those still there
+	// at the end get a new UID.
+	Returning map[string]map[string][]uint32
 }
 
 // Progress is how far a cycle is.
@@ -168,6 +174,11 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 		}
 	}
 	res.Users = len(queues)
+	for u := range p.Returning {
+		if _, ok := queues[u]; !ok {
+			queues[u] = nil // nothing to replay, but messages to renumber
+		}
+	}
 	users := make([]string, 0, len(queues))
 	for u := range queues {
 		users = append(users, u)
@@ -201,6 +212,12 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 				for _, g := range p.Gone {
 					if g.User == user {
 						r.gone[g.Mailbox] = g
+					}
+				}
+				for mailbox, uids := range p.Returning[user] {
+					r.vanished[mailbox] = map[imap.UID]bool{}
+					for _, u := range uids {
+						r.vanished[mailbox][imap.UID(u)] = true
 					}
 				}
 				replayers[index[user]] = r

@@ -75,6 +75,82 @@ type RewindOutcome struct {
 	// gets its old UIDVALIDITY back with UIDNEXT above every UID it had,
 	// so clients that cached it need not start over (Plan.Gone).
 	Gone []MailboxCounters `json:"-"`
+	// Returning are messages the rollback brought back under UIDs that
+	// clients saw disappear (expunged or moved away after the snapshot,
+	// or renumbered by an earlier cycle), by user, mailbox and UID: the
+	// replay gives those still there at its end a new UID, so a client
+	// that synced their disappearance sees them as new mail.
+	Returning map[string]map[string][]uint32 `json:"-"`
+}
+
+// uidListing is every message's UID, by user and mailbox.
+type uidListing map[string]map[string]map[uint32]bool
+
+// uids lists the UID of every message of every user with doveadm.
+func (up Upstream) uids(ctx context.Context) (uidListing, error) {
+	out, err := up.doveadm(ctx, "-f", "tab", "fetch", "-A", "mailbox uid", "all")
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(strings.TrimRight(string(out), "\n"), "\n")
+	l := uidListing{}
+	if len(lines) == 0 || lines[0] == "" {
+		return l, nil
+	}
+	col := map[string]int{}
+	for i, h := range strings.Split(lines[0], "\t") {
+		col[strings.ToLower(h)] = i
+	}
+	for _, need := range []string{"username", "mailbox", "uid"} {
+		if _, ok := col[need]; !ok {
+			return nil, fmt.Errorf("doveadm fetch: no %s column in %q", need, lines[0])
+		}
+	}
+	for _, line := range lines[1:] {
+		f := strings.Split(line, "\t")
+		if len(f) < len(col) {
+			continue
+		}
+		uid, err := strconv.ParseUint(f[col["uid"]], 10, 32)
+		if err != nil {
+			continue
+		}
+		user, mailbox := f[col["username"]], f[col["mailbox"]]
+		if l[user] == nil {
+			l[user] = map[string]map[uint32]bool{}
+		}
+		if l[user][mailbox] == nil {
+			l[user][mailbox] = map[uint32]bool{}
+		}
+		l[user][mailbox][uint32(uid)] = true
+	}
+	return l, nil
+}
+
+// returning finds the messages the rollback brought back under a UID the
+// mailbox did not have just before it (same UIDVALIDITY, below the
+// UIDNEXT clients had seen).
+func returning(before, after []MailboxCounters, present, rolled uidListing) map[string]map[string][]uint32 {
+	now := map[string]MailboxCounters{}
+	for _, c := range after {
+		now[c.User+"\x00"+c.Mailbox] = c
+	}
+	out := map[string]map[string][]uint32{}
+	for _, b := range before {
+		a, ok := now[b.User+"\x00"+b.Mailbox]
+		if !ok || a.UIDValidity != b.UIDValidity {
+			continue
+		}
+		for uid := range rolled[b.User][b.Mailbox] {
+			if uid < b.UIDNext && !present[b.User][b.Mailbox][uid] {
+				if out[b.User] == nil {
+					out[b.User] = map[string][]uint32{}
+				}
+				out[b.User][b.Mailbox] = append(out[b.User][b.Mailbox], uid)
+			}
+		}
+	}
+	return out
 }
 
 // Rewind rolls the store back to a snapshot so that Dovecot serves exactly
@@ -102,12 +178,17 @@ func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Up
 	if err != nil {
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: read mailbox counters: %w", snapshot, err)
 	}
+	// The gate is held: nothing changes the store until the rollback.
+	present, err := up.uids(ctx)
+	if err != nil {
+		return RewindOutcome{}, fmt.Errorf("rewind to %s: list messages: %w", snapshot, err)
+	}
 	args, _ := json.Marshal(RewindArgs{Snapshot: snapshot, AtSeq: snap.Seq, Before: before})
 	intent := &undolog.Record{Kind: KindRewind, Session: "rewind", Args: args}
 	if err := log.Append(ctx, intent); err != nil {
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: log intent: %w", snapshot, err)
 	}
-	out, rerr := up.rewind(ctx, store, snapshot, before)
+	out, rerr := up.rewind(ctx, store, snapshot, before, present)
 	if rerr != nil {
 		out.Error = rerr.Error()
 	}
@@ -121,7 +202,7 @@ func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Up
 	return out, nil
 }
 
-func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot string, before []MailboxCounters) (RewindOutcome, error) {
+func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot string, before []MailboxCounters, present uidListing) (RewindOutcome, error) {
 	var out RewindOutcome
 	if _, err := up.doveadm(ctx, "kick", "*"); err != nil {
 		// Exit status 68 (EX_NOUSER): nobody was logged in to kick.
@@ -159,6 +240,11 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 	if err != nil {
 		return out, fmt.Errorf("read counters after the rollback: %w", err)
 	}
+	rolled, err := up.uids(ctx)
+	if err != nil {
+		return out, fmt.Errorf("list messages after the rollback: %w", err)
+	}
+	out.Returning = returning(before, after, present, rolled)
 	if err := up.keepUIDValidityAhead(ctx, before); err != nil {
 		return out, err
 	}

@@ -57,11 +57,11 @@ type userReplayer struct {
 	// filing) finds them with their old UIDVALIDITY; finish removes the
 	// ones nothing claimed.
 	precreated map[string]bool
-	// vanished are the messages clients saw leave a mailbox in the
-	// abandoned timeline (EXPUNGE, MOVE away), by mailbox and UID. One of
-	// them present again at the end (its EXPUNGE cancelled) gets a new
-	// UID: a client that synced the expunge must see it as new mail, and
-	// never takes an old UID back.
+	// vanished are the messages the rollback brought back under UIDs
+	// clients saw disappear (RewindOutcome.Returning), by mailbox and
+	// UID. One of them still present at the end (its EXPUNGE cancelled,
+	// say) gets a new UID: a client that synced its disappearance must
+	// see it as new mail, and never takes an old UID back.
 	vanished map[string]map[imap.UID]bool
 }
 
@@ -95,7 +95,6 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 	if err := ctx.Err(); err != nil {
 		return ReplayOutcome{}, err
 	}
-	r.noteVanished(tk.v)
 	if tk.cancel != "" {
 		if tk.rcpt == "" && (tk.v.Kind == proxy.KindIMAPAppend) {
 			// The message the cancelled APPEND made is not in the store:
@@ -275,29 +274,6 @@ func (r *userReplayer) unprecreate(name string) error {
 	delete(r.precreated, name)
 	delete(r.boxes, name)
 	return nil
-}
-
-// noteVanished remembers the messages a verb of the abandoned timeline
-// took out of a mailbox, whether it is replayed or not.
-func (r *userReplayer) noteVanished(v undolog.Verb) {
-	if v.Kind != proxy.KindIMAPExpunge && v.Kind != proxy.KindIMAPMove {
-		return
-	}
-	var a proxy.IMAPArgs
-	if json.Unmarshal(v.Args, &a) != nil {
-		return
-	}
-	for uidText := range a.UndoIDs {
-		var n uint32
-		fmt.Sscan(uidText, &n)
-		if n == 0 {
-			continue
-		}
-		if r.vanished[a.Mailbox] == nil {
-			r.vanished[a.Mailbox] = map[imap.UID]bool{}
-		}
-		r.vanished[a.Mailbox][imap.UID(n)] = true
-	}
 }
 
 // renumber gives the messages that came back under a UID clients saw

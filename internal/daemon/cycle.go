@@ -160,7 +160,7 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 	}
 	start := time.Now()
 	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters, Workers: d.replayWorkers, Progress: d.prog.set,
-		Gone: rw.Gone, Restore: d.upstream.Restore}, d.target)
+		Gone: rw.Gone, Restore: d.upstream.Restore, Returning: rw.Returning}, d.target)
 	v.ReplayS = time.Since(start).Seconds()
 	v.fill(res)
 	if err != nil {

@@ -20,6 +20,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed/clientcheck"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
 
@@ -165,6 +166,28 @@ func TestCycleCancelsAnAccidentalDelete(t *testing.T) {
 	json.Unmarshal(cycles[0].Args, &a)
 	if _, err := tb.Daemon.Store.Get(ctx, a.Present); err != nil {
 		t.Fatalf("the present before the cycle was not kept: %v", err)
+	}
+	// Undo the cycle itself: back to the present it started from, with
+	// what happened since (a new message) kept.
+	send(t, tb, "after-cycle@client.test")
+	waitFor(t, tb, "INBOX", "after-cycle@client.test")
+	client = cacheBefore(t, tb, "alice")
+	undo, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: a.Present, Reason: "undo the previous cycle"})
+	if err != nil || !undo.OK {
+		t.Fatalf("undo cycle verdict %+v, %v", undo, err)
+	}
+	got = aliceMail(t, tb)
+	if _, back := got["Projects"]; back {
+		t.Fatalf("after undoing the cycle Projects is back: %v", got)
+	}
+	if g := slices.Sorted(slices.Values(got["INBOX"])); fmt.Sprint(g) != "[after-cycle@client.test later@client.test]" {
+		t.Fatalf("after undoing the cycle INBOX has %v", g)
+	}
+	client.checkAfter(t, tb)
+	// Both cycles left a branch on the timeline.
+	bs, err := replay.Branches(ctx, tb.Daemon.Log)
+	if err != nil || len(bs) != 2 || bs[0].Fates["cancelled"] != 1 || bs[1].Cycle != undo.Cycle {
+		t.Fatalf("branches %+v, %v", bs, err)
 	}
 }
 
@@ -331,7 +354,7 @@ func TestCycleFiltersASpamWave(t *testing.T) {
 		t.Fatalf("before the cycle: %v", before)
 	}
 	client := cacheBefore(t, tb, "alice")
-	v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Filters: []admin.FilterRequest{{Rule: "header:Subject=~(?i)lottery", Action: "drop"}}})
+	v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Keep: true, Filters: []admin.FilterRequest{{Rule: "header:Subject=~(?i)lottery", Action: "drop"}}})
 	if err != nil || !v.OK {
 		t.Fatalf("cycle verdict %+v, %v", v, err)
 	}
@@ -339,6 +362,29 @@ func TestCycleFiltersASpamWave(t *testing.T) {
 	if v.Filtered != 3 || v.Repaired != 3 {
 		t.Fatalf("verdict %+v: want 3 spam deliveries filtered, and the read (\\Seen), flag and move of spam skipped", v)
 	}
+	// The filter stays active for live mail: the next lottery message is
+	// accepted and dropped, and the log says why; ham still arrives.
+	sendSubject(t, tb, "alice@example.test", "s9@spam.test", "Lottery, again")
+	sendSubject(t, tb, "alice@example.test", "h9@client.test", "more minutes")
+	waitFor(t, tb, "INBOX", "h9@client.test")
+	if _, ok := flagState(t, tb)["INBOX s9@spam.test"]; ok {
+		t.Fatal("the kept filter let live spam in")
+	}
+	if fs := tb.Daemon.Filters(); len(fs) != 1 || fs[0].Cycle != v.Cycle {
+		t.Fatalf("active filters %+v", fs)
+	}
+	delivered, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver}})
+	var out proxy.DeliveryOutcome
+	for _, d := range delivered {
+		var a proxy.DeliveryArgs
+		if json.Unmarshal(d.Args, &a) == nil && strings.Contains(a.Header.MessageID, "s9@spam.test") && d.Outcome != nil {
+			json.Unmarshal(d.Outcome.Outcome, &out)
+		}
+	}
+	if !strings.Contains(out.Filtered, "lottery") || len(out.Rcpts) != 1 || !out.Rcpts[0].Reply.Positive() {
+		t.Fatalf("the live spam's outcome %+v", out)
+	}
+	want["INBOX h9@client.test"] = "[]"
 	got := flagState(t, tb)
 	// Alice read one spam message: she gets one digest explaining it
 	// (issue 6), in her INBOX, besides her mail.

@@ -139,7 +139,7 @@ func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay
 		resume()
 		return out, err
 	}
-	d.pending = &pendingReplay{snapshot: snapshot, after: snap.Seq, before: before + 1, resume: resume, gone: out.Gone}
+	d.pending = &pendingReplay{snapshot: snapshot, after: snap.Seq, before: before + 1, resume: resume, gone: out.Gone, returning: out.Returning}
 	d.logger.Warn("rewound and holding all changes until undomail replay", "snapshot", snapshot)
 	return out, nil
 }
@@ -150,6 +150,7 @@ type pendingReplay struct {
 	after, before int64 // the verbs to replay: after < seq < before
 	resume        func()
 	gone          []replay.MailboxCounters // mailboxes the rewind took away
+	returning     map[string]map[string][]uint32
 }
 
 // Replay ends a split-form cycle: it replays the changes logged between
@@ -166,7 +167,7 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 		c[s] = true
 	}
 	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c, Workers: d.replayWorkers, Progress: d.prog.set,
-		Gone: p.gone, Restore: d.upstream.Restore}, d.target)
+		Gone: p.gone, Restore: d.upstream.Restore, Returning: p.returning}, d.target)
 	d.pending = nil
 	p.resume()
 	d.prog.set(replay.Progress{Phase: "done", Done: res.Replayed, Total: res.Replayed, Users: res.Users, Failed: res.Failed})
