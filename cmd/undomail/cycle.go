@@ -363,6 +363,13 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage
 			fmt.Fprintf(w, "    %s\n", p)
 		}
 	}
+	if c := v.Compensation; c != nil {
+		fmt.Fprintf(w, "  paradoxes: %d explained to users in %d digests, %d for the operator, %d nobody saw, %d ignored, %d explained before (undomail compensations --cycle %d)\n",
+			c.Explained, len(c.Digests), c.Notified, c.Silent, c.Ignored, c.Already, v.Cycle)
+		for _, f := range c.Failed {
+			fmt.Fprintf(w, "    not delivered: %s\n", f)
+		}
+	}
 	if v.Error != "" {
 		fmt.Fprintf(w, "  error: %s\n", v.Error)
 	}
