@@ -56,6 +56,25 @@ type Options struct {
 
 // Server is the admin HTTP server: the JSON API under /api/, the web
 // timeline, /healthz and /metrics.
+//
+// The JSON API (Authorization: Bearer TOKEN, or a web session with its
+// X-CSRF-Token on POSTs; on the control socket, no token):
+//
+//	GET  /api/status               upstreams, log, snapshots, gate, last cycle and drill, progress
+//	GET  /api/verbs                one page: user kind since until after before order=desc limit q branch
+//	GET  /api/verbs/{seq}          one verb with its outcome and message headers
+//	GET  /api/snapshots            snapshots the log records
+//	POST /api/snapshots?reason=    take one now
+//	GET  /api/cycles               cycles with their verdicts and branches
+//	GET  /api/cycles/plan?to=&cancel=1,2   what a cycle would do
+//	POST /api/cycles[?wait=1]      run one ({"to","cancel","filters"}); 202, or the verdict
+//	GET  /api/cycles/current       the cycle started here: request, progress, verdict
+//	GET  /api/cycles/progress      the daemon's cycle progress (null when none runs)
+//	GET  /api/drills               recovery drill verdicts
+//	GET  /api/compensations        one page of compensation messages (verb filters)
+//
+// /healthz needs no token; /metrics needs one (Prometheus:
+// authorization.credentials_file pointing at admin.token).
 type Server struct {
 	b       Backend
 	log     *undolog.Log

@@ -2,9 +2,18 @@ package admin
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
+	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
@@ -393,6 +402,88 @@ func TestCheckListen(t *testing.T) {
 		err := CheckListen(c.addr, c.tls, c.allow)
 		if (err != nil) != c.wantRefused {
 			t.Errorf("CheckListen(%q, tls=%v, allow=%v) = %v, want refused=%v", c.addr, c.tls, c.allow, err, c.wantRefused)
+		}
+	}
+}
+
+// selfSigned writes a certificate for 127.0.0.1 and its key.
+func selfSigned(t *testing.T) (certFile, keyFile string, pool *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "undomail admin test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)}, KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, _ := x509.MarshalECPrivateKey(key)
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb}), 0o600)
+	cert, _ := x509.ParseCertificate(der)
+	pool = x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, pool
+}
+
+// TestListen: a reachable address without TLS is refused before anything
+// listens; with TLS the API answers over HTTPS, with a Secure cookie.
+func TestListen(t *testing.T) {
+	dir := t.TempDir()
+	l, err := undolog.Open(filepath.Join(dir, "undo"), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	s, err := New(&fakeDaemon{l: l}, Options{DataDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Listen(Options{Listen: "0.0.0.0:0"}); err == nil || !strings.Contains(err.Error(), "admin.tls_cert") {
+		s.Close()
+		t.Fatalf("plain HTTP on 0.0.0.0: %v, want refused naming admin.tls_cert", err)
+	}
+	certFile, keyFile, pool := selfSigned(t)
+	tlsOpts := Options{Listen: "127.0.0.1:0", TLSCert: certFile, TLSKey: keyFile}
+	s, err = New(&fakeDaemon{l: l}, Options{DataDir: dir, TLSCert: certFile, TLSKey: keyFile})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Listen(tlsOpts); err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	tok, _ := ReadToken(dir)
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	base := "https://" + s.Addr().String()
+	req, _ := http.NewRequest("GET", base+"/api/status", nil)
+	req.Header.Set("Authorization", "Bearer "+tok)
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("GET /api/status over HTTPS: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /api/status over HTTPS: %s", resp.Status)
+	}
+	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	resp, err = c.PostForm(base+"/login", url.Values{"token": {tok}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if ck := resp.Cookies(); len(ck) != 1 || !ck[0].Secure || !ck[0].HttpOnly {
+		t.Fatalf("session cookie over HTTPS: %+v, want Secure and HttpOnly", ck)
+	}
+	if resp, err := http.Get("http://" + s.Addr().String() + "/healthz"); err == nil {
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusOK {
+			t.Fatal("the TLS listener served plain HTTP")
 		}
 	}
 }
