@@ -476,6 +476,20 @@ func TestBrowserUndoesADeletedFolder(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A delivery's page shows the message's headers; search finds it by
+	// subject.
+	var p admin.VerbPage
+	a.call("GET", "/api/verbs?kind=lmtp.deliver&q=budget", nil, &p)
+	if len(p.Verbs) != 1 {
+		t.Fatalf("deliveries with subject Budget: %+v", p.Verbs)
+	}
+	if err := chromedp.Do(ctx, chromedp.Navigate(fmt.Sprintf("%s/verb/%d", base, p.Verbs[0].Seq)), chromedp.WaitVisible(css("#headers"))); err != nil {
+		t.Fatal(err)
+	}
+	if h := text(t, ctx, "#headers"); !strings.Contains(h, "Budget 2027") || !strings.Contains(h, "Sam <s@example.test>") || !strings.Contains(h, "<p1@client.test>") {
+		t.Fatalf("the delivery's headers: %q", h)
+	}
+	screenshot(t, ctx, "delivery.png")
 	// On a phone the page fits the screen; the axis scrolls on its own.
 	if err := chromedp.Do(ctx,
 		chromedp.EmulateViewport(390, 844, chromedp.EmulateMobile),

@@ -48,7 +48,9 @@ func newWeb(s *Server) (*web, error) {
 			if json.Indent(&b, raw, "", "  ") != nil {
 				return string(raw)
 			}
-			return b.String()
+			// Go's encoder escapes <, > and & for HTML; the template
+			// escapes the output itself, so show the characters.
+			return strings.NewReplacer(`\u003c`, "<", `\u003e`, ">", `\u0026`, "&").Replace(b.String())
 		},
 		"verbclass": verbClass,
 		"short": func(s string) string {
