@@ -370,3 +370,34 @@ func TestReadChanged(t *testing.T) {
 		t.Errorf("a message gone since (the user's own later command) is no read_changed: %+v, %v", ps, err)
 	}
 }
+
+// TestRestored: when a message a delivered digest said was removed is in
+// the user's store again (the repair was undone), the next run explains
+// that, once.
+func TestRestored(t *testing.T) {
+	l, c := history(t)
+	lmtp := startLMTP(t)
+	o := Options{Hostname: "undomail.test", LMTPAddr: lmtp.addr, Checker: fakeStore{}}
+	if rep, err := Run(context.Background(), l, c, o); err != nil || rep.Kinds[Restored] != (Counts{}) {
+		t.Fatalf("first run: %+v, %v", rep, err)
+	}
+	o.Checker = fakeStore{"D1": "Subject: Lottery 1\r\n\r\nbody\r\n"}
+	rep, err := Run(context.Background(), l, c, o)
+	if err != nil || rep.Kinds[Restored] != (Counts{Explained: 1}) || rep.Explained != 1 || fmt.Sprint(rep.Digests) != "[alice]" {
+		t.Fatalf("run with D1 back: %+v, %v", rep, err)
+	}
+	got := lmtp.received()
+	if len(got) != 2 || !strings.Contains(got[1].data, "back in your mailbox") {
+		t.Fatalf("deliveries %+v", got)
+	}
+	// Its policy follows read_removed's; ignored, the store is not even
+	// asked.
+	o.Policies = map[Kind]Policy{ReadRemoved: Ignore}
+	if rep, err := Run(context.Background(), l, c, o); err != nil || rep.Kinds[Restored] != (Counts{}) || len(lmtp.received()) != 2 {
+		t.Fatalf("restored follows read_removed's policy: %+v, %v", rep, err)
+	}
+	o.Policies = nil
+	if rep, err := Run(context.Background(), l, c, o); err != nil || rep.Kinds[Restored] != (Counts{Already: 1}) {
+		t.Fatalf("third run: %+v, %v", rep, err)
+	}
+}

@@ -56,10 +56,16 @@ const (
 	// out of the replay by the operator (a cancelled DELETE: the folder
 	// is back).
 	ActionCancelled Kind = "action_cancelled"
+	// Restored: a message an earlier digest told the user had been
+	// removed is in their mailbox again: the repair that removed it was
+	// undone (a cycle back to the snapshot taken before it). Its policy
+	// follows read_removed's unless set on its own: it corrects what
+	// that explanation said.
+	Restored Kind = "restored"
 )
 
 // Kinds lists every paradox kind, in the order digests present them.
-var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled}
+var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored}
 
 // Policy says what is done about an observed paradox of a kind.
 type Policy string
@@ -103,6 +109,7 @@ func DefaultPolicies() map[Kind]Policy {
 		ActionFailed:    Explain,
 		SentOnwards:     Explain,
 		ActionCancelled: Ignore,
+		Restored:        Explain,
 	}
 }
 

@@ -203,6 +203,36 @@ func checkContent(ctx context.Context, l *undolog.Log, k ContentChecker, reads [
 	return out, nil
 }
 
+// checkRestored finds the messages delivered digests told users had been
+// removed that are in their store again: the repair that removed them was
+// undone, by a cycle back to the snapshot taken before it. The digest
+// itself is still in the mailbox (replay re-delivers it), so what it says
+// needs correcting.
+func checkRestored(ctx context.Context, k ContentChecker, earlier []Compensation) ([]Paradox, error) {
+	var out []Paradox
+	for _, c := range earlier {
+		if c.Args.Audience != AudienceUser || !c.Delivered() {
+			continue
+		}
+		for _, p := range c.Args.Paradoxes {
+			if p.Kind != ReadRemoved || p.Message == nil {
+				continue
+			}
+			now, err := k.Current(ctx, p.User, p.Message.UndoID)
+			if err != nil {
+				return out, fmt.Errorf("compensate: look for %s's message %s (explained by compensation %d): %w", p.User, p.Message.UndoID, c.Seq, err)
+			}
+			if now == nil {
+				continue
+			}
+			msg := *p.Message
+			out = append(out, Paradox{Kind: Restored, User: p.User, Verb: c.Seq, VerbKind: replay.KindCompensation, Message: &msg,
+				Seen: c.Time, Now: "the repair that removed it was undone", Observed: true})
+		}
+	}
+	return out, nil
+}
+
 // readerFields are the header fields a mail client shows.
 var readerFields = []string{"From", "To", "Cc", "Subject", "Date", "Reply-To"}
 

@@ -156,6 +156,8 @@ func explain(p Paradox) string {
 		return fmt.Sprintf("On %s %s (%s). Since then %s.", when(p.Seen), p.Action, msg, p.Now)
 	case ActionCancelled:
 		return fmt.Sprintf("On %s %s. The administrator undid this in the repair.", when(p.Seen), p.Action)
+	case Restored:
+		return fmt.Sprintf("On %s you were told that %s had been removed. It is back in your mailbox: %s.", when(p.Seen), msg, p.Now)
 	}
 	return fmt.Sprintf("%s on %s: %s", p.Kind, when(p.Seen), p.Now)
 }

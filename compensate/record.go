@@ -89,11 +89,7 @@ func List(ctx context.Context, l *undolog.Log, f undolog.Filter) ([]Compensation
 // arrive explained nothing, and the next cycle tries again.
 type done map[string]map[string]bool
 
-func priorCompensations(ctx context.Context, l *undolog.Log) (done, error) {
-	cs, err := List(ctx, l, undolog.Filter{})
-	if err != nil {
-		return nil, err
-	}
+func compensated(cs []Compensation) done {
 	d := done{AudienceUser: {}, AudienceOperator: {}}
 	for _, c := range cs {
 		if !c.Delivered() || d[c.Args.Audience] == nil {
@@ -103,7 +99,7 @@ func priorCompensations(ctx context.Context, l *undolog.Log) (done, error) {
 			d[c.Args.Audience][p.Key()] = true
 		}
 	}
-	return d, nil
+	return d
 }
 
 // send logs a compensating message as a verb of its own and delivers it

@@ -45,6 +45,9 @@ func (o Options) policy(k Kind) Policy {
 	if p, ok := o.Policies[k]; ok {
 		return p
 	}
+	if p, ok := o.Policies[ReadRemoved]; ok && k == Restored {
+		return p
+	}
 	return DefaultPolicies()[k]
 }
 
@@ -79,9 +82,17 @@ func Run(ctx context.Context, l *undolog.Log, c Cycle, o Options) (Report, error
 		}
 		f.Paradoxes = append(f.Paradoxes, changed...)
 	}
-	prior, err := priorCompensations(ctx, l)
+	earlier, err := List(ctx, l, undolog.Filter{})
 	if err != nil {
 		return rep, fmt.Errorf("compensate: %w", err)
+	}
+	prior := compensated(earlier)
+	if o.Checker != nil && o.policy(Restored) != Ignore {
+		back, err := checkRestored(ctx, o.Checker, earlier)
+		if err != nil {
+			return rep, err
+		}
+		f.Paradoxes = append(f.Paradoxes, back...)
 	}
 	digests := map[string][]Paradox{} // by userKey
 	names := map[string]string{}

@@ -8,6 +8,7 @@ import (
 	"io"
 	"mime"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -448,5 +449,56 @@ func TestIMAPCheckerFindsMessagesByUndoID(t *testing.T) {
 	}
 	if got, err := k.Current(ctx, "alice", "no-such-id"); err != nil || got != nil {
 		t.Fatalf("unknown id: %q, %v", got, err)
+	}
+}
+
+// TestCompensationWhenACycleIsUndone: a cycle removes spam alice had read
+// and explains it; a second cycle back to the snapshot the first took of
+// the present undoes it. The spam is back, the first digest stays (it was
+// delivered and read), and a second digest corrects it.
+func TestCompensationWhenACycleIsUndone(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
+	ctx := context.Background()
+	snap, _, err := tb.Daemon.Snapshot(ctx, "before")
+	if err != nil {
+		t.Fatal(err)
+	}
+	spam := mailMsg{id: "prize@spam.test", from: "Prize <prize@spam.test>", subject: "Your Lottery prize", date: "Fri, 20 Nov 2026 10:00:00 +0000"}
+	sendMsg(t, tb, "", "prize@spam.test", "alice@example.test", spam, "")
+	waitFor(t, tb, "INBOX", spam.id)
+	read(t, tb, "alice", "INBOX", spam.id)
+	v1, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Filters: []admin.FilterRequest{{Rule: "header:Subject=~(?i)lottery", Action: "drop"}}})
+	if err != nil || !v1.OK || v1.Compensation == nil || v1.Compensation.Explained != 1 {
+		t.Fatalf("first cycle %+v, %v", v1, err)
+	}
+	v2, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: v1.Present, Reason: "The filter also caught real mail; the repair is undone."})
+	if err != nil || !v2.OK || v2.Compensation == nil {
+		t.Fatalf("undoing cycle %+v, %v", v2, err)
+	}
+	if got := v2.Compensation.Kinds; fmt.Sprint(got) != fmt.Sprint(map[compensate.Kind]compensate.Counts{compensate.Restored: {Explained: 1}}) {
+		t.Fatalf("undoing cycle's compensation %+v", v2.Compensation)
+	}
+	inbox := aliceMail(t, tb)["INBOX"]
+	if !slices.Contains(inbox, spam.id) {
+		t.Fatalf("the spam is not back: %v", inbox)
+	}
+	ds := userDigests(t, tb, "alice")
+	if len(ds) != 2 {
+		t.Fatalf("alice has %d digests, want the first and its correction", len(ds))
+	}
+	var texts []string
+	for _, d := range ds {
+		texts = append(texts, strings.Join(strings.Fields(d.text), " "))
+	}
+	corr := ""
+	for _, tx := range texts {
+		if strings.Contains(tx, "It is back in your mailbox") {
+			corr = tx
+		}
+	}
+	if !strings.Contains(corr, `you were told that the message "Your Lottery prize" from Prize <prize@spam.test>`) ||
+		!strings.Contains(corr, "The filter also caught real mail; the repair is undone.") {
+		t.Fatalf("no correction naming the spam among:\n%s", strings.Join(texts, "\n\n"))
 	}
 }
