@@ -487,3 +487,44 @@ func TestListen(t *testing.T) {
 		}
 	}
 }
+
+// TestCompensationsAndDrills: the records other parts of undomail write
+// (compensation messages, drill verdicts) are listed with what an operator
+// needs, and the last drill's verdict reaches the status and the metrics.
+func TestCompensationsAndDrills(t *testing.T) {
+	ts := newTestServer(t)
+	ctx := context.Background()
+	comp := &undolog.Record{Kind: KindCompensation, Session: "cycle", Users: []string{"alice"},
+		Args: []byte(`{"undo_id":"U1","mail_from":"postmaster@example.test","rcpts":["alice@example.test"],"size":900,
+			"header":{"subject":"What changed in your mailbox","from":"Mail administrator <postmaster@example.test>"},
+			"cycle":7,"audience":"user","user":"alice","paradoxes":[{"kind":"read_removed","user":"alice","verb":4,"verb_kind":"lmtp.deliver"}]}`)}
+	drillOK := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":true,"from":"s1","to":"s2"}`)}
+	drillBad := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":false,"from":"s2","to":"s3","differences":[{"user":"bob","mailbox":"INBOX"}]}`)}
+	if err := ts.f.l.Append(ctx, comp, drillOK, drillBad); err != nil {
+		t.Fatal(err)
+	}
+	var cs struct {
+		Compensations []Verb `json:"compensations"`
+	}
+	_, body := ts.do(t, "GET", "/api/compensations?user=alice", ts.token, nil)
+	json.Unmarshal([]byte(body), &cs)
+	if len(cs.Compensations) != 1 || cs.Compensations[0].Header == nil || cs.Compensations[0].Header.Subject != "What changed in your mailbox" ||
+		len(cs.Compensations[0].Paradoxes) != 1 || cs.Compensations[0].Paradoxes[0].Verb != 4 {
+		t.Fatalf("alice's compensations: %s", body)
+	}
+	var ds struct{ Drills []Drill }
+	_, body = ts.do(t, "GET", "/api/drills", ts.token, nil)
+	json.Unmarshal([]byte(body), &ds)
+	if len(ds.Drills) != 2 || !ds.Drills[0].OK || ds.Drills[1].OK || ds.Drills[1].To != "s3" || len(ds.Drills[1].Differences) != 1 {
+		t.Fatalf("drills: %s", body)
+	}
+	var st Status
+	_, body = ts.do(t, "GET", "/api/status", ts.token, nil)
+	json.Unmarshal([]byte(body), &st)
+	if st.LastDrill == nil || st.LastDrill.Seq != drillBad.Seq || st.LastDrill.OK {
+		t.Fatalf("status: last drill %+v, want #%d not verified", st.LastDrill, drillBad.Seq)
+	}
+	if _, body := ts.do(t, "GET", "/metrics", ts.token, nil); !strings.Contains(body, "undomail_drill_last_ok 0") {
+		t.Fatalf("/metrics lacks undomail_drill_last_ok 0:\n%s", body)
+	}
+}

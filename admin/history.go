@@ -40,6 +40,17 @@ type Verb struct {
 	Result     string          `json:"result,omitempty"` // the outcome in one line
 	// Header is a delivered or compensating message's headers.
 	Header *proxy.HeaderInfo `json:"header,omitempty"`
+	// Paradoxes are what a compensation explains: the verbs whose
+	// result a cycle changed after someone had seen it.
+	Paradoxes []Paradox `json:"paradoxes,omitempty"`
+}
+
+// Paradox is the part of a compensated paradox the admin shows.
+type Paradox struct {
+	Kind     string `json:"kind"`
+	User     string `json:"user,omitempty"`
+	Verb     int64  `json:"verb"`
+	VerbKind string `json:"verb_kind"`
 }
 
 // NewVerb converts a logged verb. An outcome carried on the record itself
@@ -51,6 +62,17 @@ func NewVerb(v undolog.Verb) Verb {
 		out.OutcomeSeq, out.Outcome = v.Outcome.Seq, v.Outcome.Outcome
 	}
 	out.Summary, out.Result, out.Header = describe(v.Kind, v.Args, out.Outcome)
+	if v.Kind == KindCompensation {
+		var a struct {
+			Cycle     int64     `json:"cycle"`
+			Audience  string    `json:"audience"`
+			Paradoxes []Paradox `json:"paradoxes"`
+		}
+		if json.Unmarshal(v.Args, &a) == nil {
+			out.Paradoxes = a.Paradoxes
+			out.Summary = fmt.Sprintf("%s explaining %d paradoxes of cycle #%d: %s", a.Audience, len(a.Paradoxes), a.Cycle, out.Summary)
+		}
+	}
 	return out
 }
 
