@@ -187,7 +187,7 @@ func describe(v undolog.Verb) (what, outcome string) {
 	var args interface{ Summary() string }
 	var out interface{ Summary() string }
 	switch v.Kind {
-	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver:
+	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver, replay.KindCompensation:
 		args, out = &proxy.DeliveryArgs{}, &proxy.DeliveryOutcome{}
 	case proxy.KindIMAPFetch:
 		args = &proxy.IMAPFetchArgs{}
