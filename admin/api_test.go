@@ -494,10 +494,11 @@ func TestListen(t *testing.T) {
 func TestCompensationsAndDrills(t *testing.T) {
 	ts := newTestServer(t)
 	ctx := context.Background()
+	read := imapVerb(t, ts.f.l, "alice", "imap.fetch", "INBOX")
 	comp := &undolog.Record{Kind: KindCompensation, Session: "cycle", Users: []string{"alice"},
 		Args: []byte(`{"undo_id":"U1","mail_from":"postmaster@example.test","rcpts":["alice@example.test"],"size":900,
 			"header":{"subject":"What changed in your mailbox","from":"Mail administrator <postmaster@example.test>"},
-			"cycle":7,"audience":"user","user":"alice","paradoxes":[{"kind":"read_removed","user":"alice","verb":4,"verb_kind":"lmtp.deliver"}]}`)}
+			"cycle":7,"audience":"user","user":"alice","paradoxes":[{"kind":"read_removed","user":"alice","verb":`+fmt.Sprint(read)+`,"verb_kind":"imap.fetch"}]}`)}
 	drillOK := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":true,"from":"s1","to":"s2"}`)}
 	drillBad := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":false,"from":"s2","to":"s3","differences":[{"user":"bob","mailbox":"INBOX"}]}`)}
 	if err := ts.f.l.Append(ctx, comp, drillOK, drillBad); err != nil {
@@ -509,7 +510,7 @@ func TestCompensationsAndDrills(t *testing.T) {
 	_, body := ts.do(t, "GET", "/api/compensations?user=alice", ts.token, nil)
 	json.Unmarshal([]byte(body), &cs)
 	if len(cs.Compensations) != 1 || cs.Compensations[0].Header == nil || cs.Compensations[0].Header.Subject != "What changed in your mailbox" ||
-		len(cs.Compensations[0].Paradoxes) != 1 || cs.Compensations[0].Paradoxes[0].Verb != 4 {
+		len(cs.Compensations[0].Paradoxes) != 1 || cs.Compensations[0].Paradoxes[0].Verb != read {
 		t.Fatalf("alice's compensations: %s", body)
 	}
 	var ds struct{ Drills []Drill }
@@ -526,5 +527,16 @@ func TestCompensationsAndDrills(t *testing.T) {
 	}
 	if _, body := ts.do(t, "GET", "/metrics", ts.token, nil); !strings.Contains(body, "undomail_drill_last_ok 0") {
 		t.Fatalf("/metrics lacks undomail_drill_last_ok 0:\n%s", body)
+	}
+	// The timeline rings the verb whose result the cycle changed.
+	c, _ := ts.browser(t)
+	resp, err := c.Get(ts.URL + "/?user=alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if n := strings.Count(string(page), `<circle class="paradox"`); n != 1 {
+		t.Fatalf("the timeline marks %d paradoxes, want verb %d's:\n%s", n, read, page)
 	}
 }

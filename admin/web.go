@@ -2,6 +2,7 @@ package admin
 
 import (
 	"bytes"
+	"context"
 	"embed"
 	"encoding/json"
 	"errors"
@@ -206,10 +207,11 @@ type lane struct {
 }
 
 type dot struct {
-	X, Y  float64
-	Seq   int64
-	Class string
-	Title string
+	X, Y    float64
+	Paradox bool // a cycle changed its result after someone saw it
+	Seq     int64
+	Class   string
+	Title   string
 }
 
 type mark struct { // a snapshot or a cycle on the axis
@@ -399,6 +401,10 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		f := float64(t.Sub(v.Start)) / float64(span)
 		return axisLeft + axisWidth*min(max(f, 0), 1)
 	}
+	paradoxes, err := w.paradoxes(ctx)
+	if err != nil {
+		return err
+	}
 	lanes := map[string]*lane{}
 	var order []string
 	for _, vb := range v.Verbs {
@@ -409,8 +415,12 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 			lanes[name] = l
 			order = append(order, name)
 		}
-		l.Dots = append(l.Dots, dot{X: x(vb.Time), Seq: vb.Seq, Class: verbClass(vb),
-			Title: fmt.Sprintf("#%d %s %s %s", vb.Seq, vb.Time.Local().Format("15:04:05.000"), vb.Kind, vb.Summary)})
+		d := dot{X: x(vb.Time), Seq: vb.Seq, Class: verbClass(vb),
+			Title: fmt.Sprintf("#%d %s %s %s", vb.Seq, vb.Time.Local().Format("15:04:05.000"), vb.Kind, vb.Summary)}
+		if why, ok := paradoxes[vb.Seq]; ok {
+			d.Paradox, d.Title = true, d.Title+" — paradox: "+why
+		}
+		l.Dots = append(l.Dots, d)
 	}
 	slices.Sort(order)
 	for i, name := range order {
@@ -459,6 +469,23 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		v.Ticks = append(v.Ticks, tick{X: x(t), Label: t.Local().Format(format)})
 	}
 	return nil
+}
+
+// paradoxes maps the verbs whose result a cycle changed after someone
+// saw it to the paradox's kind, from the newest compensations (the kind
+// index: a bounded read however long the log).
+func (w *web) paradoxes(ctx context.Context) (map[int64]string, error) {
+	p, err := w.s.log.Page(ctx, undolog.PageQuery{Kinds: []string{KindCompensation}, Desc: true, Limit: 500})
+	if err != nil {
+		return nil, err
+	}
+	out := map[int64]string{}
+	for _, v := range p.Verbs {
+		for _, pd := range NewVerb(v).Paradoxes {
+			out[pd.Verb] = pd.Kind
+		}
+	}
+	return out, nil
 }
 
 // verbView is the verb page's data.
