@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -32,23 +33,39 @@ var docsScreenshot = flag.Bool("docs-screenshot", false, "copy the timeline scre
 // chromium is Debian's package; the browser test fails without it.
 const chromium = "/usr/bin/chromium"
 
-// binary is the undomail command, for the CLI side of the comparison.
-var binary string
+// binary builds the undomail command once, for the CLI side of the
+// comparison; only the tests that run it pay for the build.
+var binary = sync.OnceValues(func() (string, error) {
+	dir, err := os.MkdirTemp("", "undomail-bin-")
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(dir, "undomail")
+	if out, err := exec.Command("go", "build", "-o", path, "../cmd/undomail").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("build undomail: %v\n%s", err, out)
+	}
+	return path, nil
+})
+
+// built is the binary's directory once built, removed by TestMain.
+var built string
+
+func undomail(t *testing.T) string {
+	t.Helper()
+	path, err := binary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	built = filepath.Dir(path)
+	return path
+}
 
 func TestMain(m *testing.M) {
 	flag.Parse()
-	dir, err := os.MkdirTemp("", "undomail-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(2)
-	}
-	binary = filepath.Join(dir, "undomail")
-	if out, err := exec.Command("go", "build", "-o", binary, "../cmd/undomail").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "build undomail: %v\n%s", err, out)
-		os.Exit(2)
-	}
 	code := m.Run()
-	os.RemoveAll(dir)
+	if built != "" {
+		os.RemoveAll(built)
+	}
 	os.Exit(code)
 }
 
@@ -248,7 +265,7 @@ func TestCycleThroughAPIMatchesCLI(t *testing.T) {
 				t.Fatalf("cycle through the API: %s", rep.Error)
 			}
 		case "cli":
-			out, err := exec.Command(binary, "cycle", "run", "--data-dir", tb.Config.DataDir, "--to", snap,
+			out, err := exec.Command(undomail(t), "cycle", "run", "--data-dir", tb.Config.DataDir, "--to", snap,
 				"--cancel", fmt.Sprint(del), "--yes").CombinedOutput()
 			if err != nil {
 				t.Fatalf("undomail cycle run: %v\n%s", err, out)
@@ -283,7 +300,7 @@ func checkStatus(t *testing.T, tb *testbed.Testbed, a *api) {
 		{"status", "--json", "--data-dir", tb.Config.DataDir},
 		{"status", "--json", "--admin", a.url, "--token-file", filepath.Join(tb.Config.DataDir, admin.TokenName)},
 	} {
-		out, err := exec.Command(binary, args...).Output()
+		out, err := exec.Command(undomail(t), args...).Output()
 		if err != nil {
 			t.Fatalf("undomail %v: %v\n%s", args, err, out)
 		}
@@ -307,7 +324,7 @@ func checkStatus(t *testing.T, tb *testbed.Testbed, a *api) {
 	// A wrong token is refused, with exit status 2 (an error, not a verdict).
 	bad := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(bad, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
-	err := exec.Command(binary, "status", "--admin", a.url, "--token-file", bad).Run()
+	err := exec.Command(undomail(t), "status", "--admin", a.url, "--token-file", bad).Run()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 {
 		t.Fatalf("undomail status with a wrong token: %v, want exit status 2", err)
 	}
