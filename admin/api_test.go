@@ -498,7 +498,7 @@ func TestCompensationsAndDrills(t *testing.T) {
 	comp := &undolog.Record{Kind: KindCompensation, Session: "cycle", Users: []string{"alice"},
 		Args: []byte(`{"undo_id":"U1","mail_from":"postmaster@example.test","rcpts":["alice@example.test"],"size":900,
 			"header":{"subject":"What changed in your mailbox","from":"Mail administrator <postmaster@example.test>"},
-			"cycle":7,"audience":"user","user":"alice","paradoxes":[{"kind":"read_removed","user":"alice","verb":`+fmt.Sprint(read)+`,"verb_kind":"imap.fetch"}]}`)}
+			"cycle":7,"audience":"user","user":"alice","paradoxes":[{"kind":"read_removed","user":"alice","verb":` + fmt.Sprint(read) + `,"verb_kind":"imap.fetch"}]}`)}
 	drillOK := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":true,"from":"s1","to":"s2"}`)}
 	drillBad := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":false,"from":"s2","to":"s3","differences":[{"user":"bob","mailbox":"INBOX"}]}`)}
 	if err := ts.f.l.Append(ctx, comp, drillOK, drillBad); err != nil {
