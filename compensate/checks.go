@@ -53,7 +53,6 @@ type ReadCheck struct {
 	Blob    string // the message as first delivered or appended
 	Message Message
 	Seen    time.Time
-	Now     string
 }
 
 // replayed is one replay record of the cycle: what replaying a verb did,
@@ -73,7 +72,6 @@ type removal struct {
 
 // detector holds the log as the checks need it.
 type detector struct {
-	c        Cycle
 	verbs    map[int64]undolog.Verb // the replayed period, by seq
 	order    []int64                // their seqs in log order
 	replays  map[int64][]replayed   // by the seq of the verb replayed
@@ -109,7 +107,7 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 	if err != nil {
 		return Findings{}, fmt.Errorf("compensate: read the log after seq %d: %w", c.After, err)
 	}
-	d := &detector{c: c, log: l, verbs: map[int64]undolog.Verb{}, replays: map[int64][]replayed{},
+	d := &detector{log: l, verbs: map[int64]undolog.Verb{}, replays: map[int64][]replayed{},
 		fetches: map[string]map[string]fetchSeen{}, expunged: map[string]map[string]bool{},
 		removed: map[string]map[string]removal{}, made: map[string]map[string]undolog.Verb{}, addrs: map[string]string{}}
 	verdict := int64(0)
