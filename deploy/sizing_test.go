@@ -1,0 +1,207 @@
+package deploy
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"io/fs"
+	"net/smtp"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	_ "github.com/mattn/go-sqlite3"
+
+	"github.com/undomail/undomail/internal/testbed"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+)
+
+// TestLogSizing measures what the undo log costs on disk, for the sizing
+// table in docs/operations.md: bytes per delivered message (through the
+// front door and delivery capture, and through capture alone) and bytes
+// per IMAP verb, on the real stack. It prints the figures
+// (go test ./deploy -run TestLogSizing -v) and fails if a delivered
+// message's bytes are not in the log or a verb left no record.
+func TestLogSizing(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	logDir := tb.Config.DataDir
+	const (
+		small, large   = 4 << 10, 256 << 10 // a typical mail; one over the inline blob limit
+		nSmall, nLarge = 100, 10
+		nVerbs         = 100
+	)
+	size := func() int64 { return logBytes(t, logDir) }
+	var rows []string
+	report := func(what string, n int, before int64, recordsBefore int64) int64 {
+		after := size()
+		seq, _ := tb.Daemon.Log.Last()
+		per := (after - before) / int64(n)
+		rows = append(rows, fmt.Sprintf("| %s | %d | %d | %.1f |", what, n, per, float64(seq-recordsBefore)/float64(n)))
+		return per
+	}
+
+	// Front door + delivery capture: smtp.submit and lmtp.deliver, each
+	// with its outcome, and the message's bytes.
+	for _, tc := range []struct {
+		name  string
+		bytes int
+		n     int
+		addr  string
+	}{
+		{"4 KiB message, front door + capture", small, nSmall, tb.SMTPAddr()},
+		{"256 KiB message, front door + capture", large, nLarge, tb.SMTPAddr()},
+		{"4 KiB message, capture only", small, nSmall, tb.Stack.SMTPAddr},
+	} {
+		before := size()
+		seqBefore, _ := tb.Daemon.Log.Last()
+		inboxBefore := inboxCount(t, tb)
+		for i := range tc.n {
+			msg := message(fmt.Sprintf("%s %d", tc.name, i), tc.bytes)
+			if err := smtp.SendMail(tc.addr, nil, "sender@example.test", []string{"alice@example.test"}, []byte(msg)); err != nil {
+				t.Fatalf("%s: send %d: %v", tc.name, i, err)
+			}
+		}
+		waitDelivered(t, tb, inboxBefore+tc.n)
+		if per := report(tc.name, tc.n, before, seqBefore); per < int64(tc.bytes) {
+			t.Errorf("%s: the log grew %d bytes per message, less than the message itself: its bytes are not all logged", tc.name, per)
+		}
+	}
+
+	// IMAP verbs, each on one message, as a mail client sends them.
+	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create("Archive", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	verbs := []struct {
+		name string
+		do   func(uid imap.UID) error
+	}{
+		{"STORE +FLAGS (\\Seen) (imap.store)", func(uid imap.UID) error {
+			return c.Store(imap.UIDSetNum(uid), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Flags: []imap.Flag{imap.FlagSeen}}, nil).Close()
+		}},
+		{"FETCH BODY[] of a 4 KiB message (imap.fetch, a read)", func(uid imap.UID) error {
+			return c.Fetch(imap.UIDSetNum(uid), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Close()
+		}},
+		{"COPY to another folder (imap.copy)", func(uid imap.UID) error {
+			_, err := c.Copy(imap.UIDSetNum(uid), "Archive").Wait()
+			return err
+		}},
+		{"MOVE to another folder (imap.move)", func(uid imap.UID) error {
+			_, err := c.Move(imap.UIDSetNum(uid), "Archive").Wait()
+			return err
+		}},
+		{"CREATE a folder (imap.create)", func(uid imap.UID) error {
+			return c.Create(fmt.Sprintf("Folder%d", uid), nil).Wait()
+		}},
+	}
+	// The small messages captured without the front door are the last
+	// nSmall in INBOX: UIDs nSmall+nLarge+1 ... 2*nSmall+nLarge.
+	first := imap.UID(nSmall + nLarge + 1)
+	for vi, v := range verbs {
+		before := size()
+		seqBefore, _ := tb.Daemon.Log.Last()
+		for i := range nVerbs {
+			uid := first + imap.UID(i)
+			if vi == len(verbs)-1 {
+				uid = imap.UID(1000 + i) // a folder name, not a message
+			}
+			if err := v.do(uid); err != nil {
+				t.Fatalf("%s on UID %d: %v", v.name, uid, err)
+			}
+		}
+		seq, _ := tb.Daemon.Log.Last()
+		if seq-seqBefore < nVerbs {
+			t.Errorf("%s: %d verbs left %d records", v.name, nVerbs, seq-seqBefore)
+		}
+		report(v.name, nVerbs, before, seqBefore)
+	}
+	t.Logf("undo log bytes on disk (undo.db + WAL + blobs/, after a checkpoint), measured on the real stack:\n"+
+		"| what | count | bytes each | records each |\n| --- | --- | --- | --- |\n%s", strings.Join(rows, "\n"))
+}
+
+// message is an RFC 5322 message of about n bytes with a unique subject.
+func message(subject string, n int) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "From: sender@example.test\r\nTo: alice@example.test\r\nSubject: %s\r\nMessage-Id: <%d.%s@sizing.test>\r\nDate: %s\r\n\r\n",
+		subject, time.Now().UnixNano(), strings.ReplaceAll(subject, " ", "-"), time.Now().Format(time.RFC1123Z))
+	line := "The quick brown fox jumps over the lazy dog; undo logs remember it all.\r\n"
+	for b.Len() < n {
+		b.WriteString(line)
+	}
+	return b.String()
+}
+
+// logBytes checkpoints the log's WAL into undo.db and returns the bytes
+// its files take: undo.db, the WAL and every blob file.
+func logBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(dir, "undo.db")+"?_busy_timeout=5000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec("PRAGMA wal_checkpoint(TRUNCATE)"); err != nil {
+		t.Fatalf("checkpoint %s: %v", dir, err)
+	}
+	db.Close()
+	var total int64
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		if name := d.Name(); name == "undo.db" || name == "undo.db-wal" || strings.Contains(path, "/blobs/") {
+			fi, err := d.Info()
+			if err != nil {
+				return err
+			}
+			total += fi.Size()
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return total
+}
+
+func inboxCount(t *testing.T, tb *testbed.Testbed) int {
+	t.Helper()
+	out, err := tb.Stack.Doveadm(context.Background(), "-f", "tab", "mailbox", "status", "-u", "alice", "messages", "INBOX")
+	if err != nil {
+		t.Fatalf("count alice's INBOX: %v %s", err, out)
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	f := strings.Split(lines[len(lines)-1], "\t")
+	n, err := strconv.Atoi(f[len(f)-1])
+	if err != nil {
+		t.Fatalf("count alice's INBOX: %q", out)
+	}
+	return n
+}
+
+// waitDelivered waits until alice's INBOX holds n messages; the deadline
+// is a hang guard.
+func waitDelivered(t *testing.T, tb *testbed.Testbed, n int) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for inboxCount(t, tb) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("alice's INBOX has %d messages, want %d", inboxCount(t, tb), n)
+		}
+		tb.Stack.Flush(context.Background())
+		time.Sleep(200 * time.Millisecond)
+	}
+}
