@@ -71,6 +71,7 @@ type Options struct {
 //	GET  /api/cycles/current       the cycle started here: request, progress, verdict
 //	GET  /api/cycles/progress      the daemon's cycle progress (null when none runs)
 //	GET  /api/drills               recovery drill verdicts
+//	POST /api/drills?from=&to=     run a drill (default: the newest two snapshots); its verdict
 //	GET  /api/compensations        one page of compensation messages (verb filters)
 //
 // /healthz needs no token; /metrics needs one (Prometheus:
@@ -202,6 +203,7 @@ func (s *Server) routes() {
 	m.Handle("GET /api/cycles/current", s.api(http.HandlerFunc(s.handleCurrent)))
 	m.Handle("GET /api/cycles/progress", s.api(http.HandlerFunc(s.handleProgress)))
 	m.Handle("GET /api/drills", s.api(http.HandlerFunc(s.handleDrills)))
+	m.Handle("POST /api/drills", s.api(http.HandlerFunc(s.handleRunDrill)))
 	m.Handle("GET /api/compensations", s.api(http.HandlerFunc(s.handleCompensations)))
 	s.web.routes(m)
 }
@@ -667,6 +669,33 @@ func (s *Server) handleDrills(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"drills": nonNilSlice(ds)})
+}
+
+// drillRunner is a daemon that runs recovery drills.
+type drillRunner interface {
+	DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error)
+}
+
+// runDrill runs a drill between two snapshots (both empty: the newest
+// pair) and returns its verdict.
+func (s *Server) runDrill(ctx context.Context, from, to string) (json.RawMessage, error) {
+	d, ok := s.b.(drillRunner)
+	if !ok {
+		return nil, errors.New("this undomail cannot run drills")
+	}
+	s.logger.Info("drill started through the admin", "from", from, "to", to)
+	return d.DrillJSON(ctx, from, to)
+}
+
+// handleRunDrill runs a drill (from=, to=) and answers its verdict as
+// the control socket does ({"outcome": ..., "error": ...}).
+func (s *Server) handleRunDrill(w http.ResponseWriter, r *http.Request) {
+	out, err := s.runDrill(r.Context(), r.URL.Query().Get("from"), r.URL.Query().Get("to"))
+	if err != nil {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"error": err.Error(), "outcome": out})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"outcome": out})
 }
 
 // handleCompensations pages through the compensations, with the verb

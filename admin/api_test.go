@@ -55,9 +55,15 @@ func (f *fakeDaemon) CycleJSON(ctx context.Context, req CycleRequest) (json.RawM
 	f.cycles = append(f.cycles, req)
 	return json.RawMessage(`{"ok":true,"replayed":3,"cancelled":1}`), nil
 }
-func (f *fakeDaemon) UndoLog() *undolog.Log { return f.l }
-func (f *fakeDaemon) Upstreams() []Upstream { return nil }
-func (f *fakeDaemon) Holding() bool         { return false }
+func (f *fakeDaemon) DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error) {
+	r := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(fmt.Sprintf(`{"ok":true,"from":%q,"to":%q}`, from, to))}
+	return r.Outcome, f.l.Append(ctx, r)
+}
+func (f *fakeDaemon) FiltersJSON() json.RawMessage                     { return json.RawMessage(`[]`) }
+func (f *fakeDaemon) RemoveFilters(ctx context.Context, c int64) error { return nil }
+func (f *fakeDaemon) UndoLog() *undolog.Log                            { return f.l }
+func (f *fakeDaemon) Upstreams() []Upstream                            { return nil }
+func (f *fakeDaemon) Holding() bool                                    { return false }
 func (f *fakeDaemon) PlanCycle(ctx context.Context, to string, cancel []int64) (*Plan, error) {
 	if to == "" {
 		return nil, fmt.Errorf("no snapshot given")
@@ -528,8 +534,33 @@ func TestCompensationsAndDrills(t *testing.T) {
 	if _, body := ts.do(t, "GET", "/metrics", ts.token, nil); !strings.Contains(body, "undomail_drill_last_ok 0") {
 		t.Fatalf("/metrics lacks undomail_drill_last_ok 0:\n%s", body)
 	}
+	// Drills run through the API and from the drills page (with its CSRF
+	// token only).
+	if resp, body := ts.do(t, "POST", "/api/drills?from=s3&to=s4", ts.token, nil); resp.StatusCode != 200 || !strings.Contains(body, `"to": "s4"`) {
+		t.Fatalf("POST /api/drills: %s %s", resp.Status, body)
+	}
+	c, csrf := ts.browser(t)
+	form := func(vals url.Values) int {
+		resp, err := c.PostForm(ts.URL+"/drills/run", vals)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := form(url.Values{"from": {"s4"}, "to": {"s5"}}); code != http.StatusForbidden {
+		t.Fatalf("drill form without the CSRF token: %d, want 403", code)
+	}
+	if code := form(url.Values{"from": {"s4"}, "to": {"s5"}, "csrf": {csrf}}); code != http.StatusOK {
+		t.Fatalf("drill form: %d", code)
+	}
+	_, body = ts.do(t, "GET", "/api/drills", ts.token, nil)
+	ds.Drills = nil
+	json.Unmarshal([]byte(body), &ds)
+	if len(ds.Drills) != 4 || ds.Drills[2].To != "s4" || ds.Drills[3].To != "s5" {
+		t.Fatalf("drills after running two: %s", body)
+	}
 	// The timeline rings the verb whose result the cycle changed.
-	c, _ := ts.browser(t)
 	resp, err := c.Get(ts.URL + "/?user=alice")
 	if err != nil {
 		t.Fatal(err)

@@ -104,6 +104,7 @@ func (w *web) routes(m *http.ServeMux) {
 	m.Handle("GET /cycles", w.page(w.cycles))
 	m.Handle("GET /snapshots", w.page(w.snapshots))
 	m.Handle("GET /drills", w.page(w.drills))
+	m.Handle("POST /drills/run", w.page(w.runDrill))
 	m.Handle("GET /compensations", w.page(w.compensations))
 }
 
@@ -646,12 +647,34 @@ func (w *web) snapshots(rw http.ResponseWriter, r *http.Request, p *pageData) er
 	return err
 }
 
+// drillsView is the drills page's data.
+type drillsView struct {
+	Drills    []Drill
+	Snapshots []Snapshot
+}
+
 func (w *web) drills(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	p.Title = "drills"
 	ds, err := Drills(r.Context(), w.s.log)
+	if err != nil {
+		return err
+	}
 	slices.Reverse(ds)
-	p.Data = ds
+	snaps, err := Snapshots(r.Context(), w.s.log)
+	p.Data = drillsView{Drills: ds, Snapshots: snaps}
 	return err
+}
+
+// runDrill runs a drill and shows the drills page with its verdict first.
+func (w *web) runDrill(rw http.ResponseWriter, r *http.Request, p *pageData) error {
+	if _, err := w.s.runDrill(r.Context(), r.PostFormValue("from"), r.PostFormValue("to")); err != nil {
+		if derr := w.drills(rw, r, p); derr != nil {
+			return derr
+		}
+		return fmt.Errorf("drill: %w", err)
+	}
+	http.Redirect(rw, r, "/drills", http.StatusSeeOther)
+	return nil
 }
 
 func (w *web) compensations(rw http.ResponseWriter, r *http.Request, p *pageData) error {
