@@ -18,6 +18,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -38,6 +39,13 @@ type Daemon interface {
 	ReplayJSON(ctx context.Context, cancel []int64) (json.RawMessage, error)
 	// Cycle runs a 3R cycle; the reply is its verdict as JSON.
 	CycleJSON(ctx context.Context, req CycleRequest) (json.RawMessage, error)
+	// DrillJSON runs a recovery drill between two snapshots (both empty:
+	// the newest pair); the reply is its verdict as JSON.
+	DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error)
+	// FiltersJSON lists the filters cycles kept active for live mail;
+	// RemoveFilters stops the ones a cycle kept.
+	FiltersJSON() json.RawMessage
+	RemoveFilters(ctx context.Context, cycle int64) error
 }
 
 // CycleRequest is the body of POST /cycles.
@@ -132,6 +140,21 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 		}
 		out, err := s.CycleJSON(r.Context(), req)
 		writeOutcome(w, out, err)
+	})
+	mux.HandleFunc("POST /drills", func(w http.ResponseWriter, r *http.Request) {
+		out, err := s.DrillJSON(r.Context(), r.URL.Query().Get("from"), r.URL.Query().Get("to"))
+		writeOutcome(w, out, err)
+	})
+	mux.HandleFunc("GET /filters", func(w http.ResponseWriter, r *http.Request) {
+		writeOutcome(w, s.FiltersJSON(), nil)
+	})
+	mux.HandleFunc("POST /filters/remove", func(w http.ResponseWriter, r *http.Request) {
+		cycle, err := strconv.ParseInt(r.URL.Query().Get("cycle"), 10, 64)
+		if err != nil {
+			http.Error(w, "cycle: want the sequence number of the cycle that kept the filters", http.StatusBadRequest)
+			return
+		}
+		writeOutcome(w, nil, s.RemoveFilters(r.Context(), cycle))
 	})
 	c := &Control{srv: &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}, ln: ln, mux: mux}
 	go func() {
@@ -249,6 +272,46 @@ func (c *Client) Cycle(ctx context.Context, req CycleRequest) (json.RawMessage, 
 		return c.post(ctx, "/api/cycles?wait=1", b)
 	}
 	return c.post(ctx, "/cycles", b)
+}
+
+// Drill asks the daemon to run a recovery drill; its verdict is JSON.
+func (c *Client) Drill(ctx context.Context, from, to string) (json.RawMessage, error) {
+	if c.remote {
+		return nil, errors.New("drill: only on the daemon's machine (control socket)")
+	}
+	return c.post(ctx, "/drills?from="+url.QueryEscape(from)+"&to="+url.QueryEscape(to), nil)
+}
+
+// Filters lists the filters kept active for live mail, as JSON.
+func (c *Client) Filters(ctx context.Context) (json.RawMessage, error) {
+	if c.remote {
+		return nil, errors.New("filters: only on the daemon's machine (control socket)")
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.base+"/filters", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var rep struct {
+		Outcome json.RawMessage `json:"outcome"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("control socket %s: bad reply (%s): %w", c.path, resp.Status, err)
+	}
+	return rep.Outcome, nil
+}
+
+// RemoveFilters stops the live filters a cycle kept.
+func (c *Client) RemoveFilters(ctx context.Context, cycle int64) error {
+	if c.remote {
+		return errors.New("filters: only on the daemon's machine (control socket)")
+	}
+	_, err := c.post(ctx, "/filters/remove?cycle="+strconv.FormatInt(cycle, 10), nil)
+	return err
 }
 
 // post sends a request whose reply is {"outcome": ..., "error": ...}.

@@ -72,6 +72,9 @@ type Plan struct {
 	// UIDVALIDITY and counters (Upstream.Restore).
 	Gone    []MailboxCounters
 	Restore func(context.Context, MailboxCounters) (bool, error)
+	// NoRecord leaves the log as it is: a recovery drill replays against
+	// a clone, and its replay is not part of the timeline.
+	NoRecord bool
 	// Returning are the messages the rollback brought back under UIDs
 	// clients saw disappear (RewindOutcome.Returning): those still there
 	// at the end get a new UID.
@@ -241,7 +244,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 						res.Cancelled++
 					}
 					mu.Unlock()
-					if out.Status != "skipped" {
+					if out.Status != "skipped" && !p.NoRecord {
 						b, _ := json.Marshal(out)
 						rec := &undolog.Record{Kind: KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
 						if err := l.Append(ctx, rec); err != nil {

@@ -50,6 +50,7 @@ type Config struct {
 	Admin Admin `yaml:"admin"`
 
 	Compensation Compensation `yaml:"compensation"`
+	Drills       Drills       `yaml:"drills"`
 }
 
 // Dovecot says how a rewind makes Dovecot let go of the mail store and
@@ -474,6 +475,7 @@ func (c Config) Validate() error {
 			bad(d.key, "must be positive")
 		}
 	}
+	c.Drills.validate(bad)
 	return errors.Join(errs...)
 }
 

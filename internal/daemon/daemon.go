@@ -52,7 +52,12 @@ type Daemon struct {
 	prog      progress       // how far the running cycle is
 	// replayWorkers is how many users a replay re-executes at once.
 	replayWorkers int
-	live          liveFilters        // filters kept active for live mail
+	live          liveFilters // filters kept active for live mail
+	drillMu       sync.Mutex  // one drill at a time
+	drills        config.Drills
+	dataDir       string
+	hostname      string
+	smtpUpstream  string             // Postfix, for mail undomail sends itself (drill reports)
 	stop          context.CancelFunc // ends the snapshot schedule
 	scheduled     sync.WaitGroup
 }
@@ -67,7 +72,8 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 	if err != nil {
 		return nil, fmt.Errorf("open undo log: %w", err)
 	}
-	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store, comp: compensation{cfg.Compensation, cfg.Hostname},
+	d := &Daemon{Log: l, logger: logger, errc: make(chan error, 3), Gate: &proxy.Gate{}, storeSpec: cfg.Store,
+		drills: cfg.Drills, dataDir: cfg.DataDir, hostname: cfg.Hostname, smtpUpstream: cfg.SMTP.Upstream, comp: compensation{cfg.Compensation, cfg.Hostname},
 		upstream: replay.Upstream{Doveadm: cfg.Dovecot.Doveadm, Quiesce: cfg.Dovecot.Quiesce, Resume: cfg.Dovecot.Resume, Logger: logger},
 		target: replay.Target{LMTPAddr: cfg.LMTP.Upstream, IMAPAddr: cfg.IMAP.Upstream,
 			MasterUser: cfg.Dovecot.MasterUser, MasterPassword: cfg.Dovecot.MasterPassword, Logger: logger}}
@@ -160,13 +166,20 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 	if err := d.startAdmin(cfg); err != nil {
 		return nil, err
 	}
+	sctx, stop := context.WithCancel(context.Background())
+	d.stop = stop
 	if every := time.Duration(cfg.Snapshots.Every); every > 0 {
-		sctx, stop := context.WithCancel(context.Background())
-		d.stop = stop
 		d.scheduled.Add(1)
 		go func() {
 			defer d.scheduled.Done()
 			d.schedule(sctx, every, cfg.Snapshots.KeepHourly, cfg.Snapshots.KeepDaily)
+		}()
+	}
+	if every := time.Duration(cfg.Drills.Every); every > 0 && d.Store != nil {
+		d.scheduled.Add(1)
+		go func() {
+			defer d.scheduled.Done()
+			d.scheduleDrills(sctx, every)
 		}()
 	}
 	return d, nil

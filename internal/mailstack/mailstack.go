@@ -56,6 +56,9 @@ type Options struct {
 	// Sieve enables Dovecot's Sieve plugin on deliveries with a global
 	// script (empty until SetSieve); needs the dovecot-sieve package.
 	Sieve bool
+	// DovecotOnly starts Dovecot without Postfix: a recovery drill's
+	// private IMAP and LMTP server on a clone of the mail store.
+	DovecotOnly bool
 }
 
 // DefaultDomain is the virtual domain used when Options.Domain is empty.
@@ -101,6 +104,7 @@ type Stack struct {
 	postfixQueue   string // Postfix queue_directory
 	logDir         string
 	sieve          bool // Options.Sieve
+	noPostfix      bool // Options.DovecotOnly
 
 	mu      sync.Mutex
 	stopped bool
@@ -201,8 +205,15 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	}
 	s.MailRoot = filepath.Join(dir, mailSubdir)
 	s.sieve = opts.Sieve
+	s.noPostfix = opts.DovecotOnly
 	if opts.MailRoot != "" {
 		s.MailRoot = opts.MailRoot
+		// Dovecot's mail processes run as the mail user: every directory
+		// above the mail root must let them through (a drill's clone
+		// lives in the snapshot directory).
+		if err := makeTraversable(filepath.Dir(s.MailRoot)); err != nil {
+			return s, fmt.Errorf("start mail stack in %s: mail root: %w", dir, err)
+		}
 	}
 	s.logDir = filepath.Join(dir, logSubdir)
 	s.dovecotConf = filepath.Join(dir, dovecotSubdir, "dovecot.conf")
@@ -223,17 +234,21 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	if relay == "" {
 		relay = s.LMTPAddr
 	}
-	if err := s.writePostfixConfig(relay); err != nil {
-		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	if !s.noPostfix {
+		if err := s.writePostfixConfig(relay); err != nil {
+			return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+		}
 	}
 
 	if err := s.startDovecot(ctx); err != nil {
 		s.stopQuietly()
 		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
-	if err := s.startPostfix(ctx); err != nil {
-		s.stopQuietly()
-		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	if !s.noPostfix {
+		if err := s.startPostfix(ctx); err != nil {
+			s.stopQuietly()
+			return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+		}
 	}
 	s.logger.Info("mail stack started", "dir", dir, "imap", s.IMAPAddr, "smtp", s.SMTPAddr,
 		"lmtp", s.LMTPAddr, "auth", s.AuthAddr, "lmtp_relay", opts.LMTPRelay, "duration", time.Since(begin))
@@ -287,8 +302,10 @@ func (s *Stack) Stop() error {
 	defer cancel()
 
 	var errs []error
-	if err := s.stopPostfix(ctx); err != nil {
-		errs = append(errs, err)
+	if !s.noPostfix {
+		if err := s.stopPostfix(ctx); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	s.logger.Debug("mail stack postfix stopped", "dir", s.Dir, "elapsed", time.Since(begin))
 	if err := s.stopDovecot(ctx); err != nil {

@@ -1,0 +1,416 @@
+package replay
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/textproto"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/undomail/undomail/internal/mailstack"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/timetravel"
+	"github.com/undomail/undomail/undolog"
+)
+
+// KindDrill is a recovery drill's record: Args name the snapshots
+// (DrillArgs), the outcome is its verdict (DrillResult).
+const KindDrill = "drill"
+
+// DrillArgs say what a drill replayed: the log between two snapshots.
+type DrillArgs struct {
+	From    string `json:"from"`
+	To      string `json:"to"`
+	FromSeq int64  `json:"from_seq"`
+	ToSeq   int64  `json:"to_seq"`
+}
+
+// DrillResult is a drill's verdict: the replay of the log from snapshot
+// From to snapshot To, on a clone of From, compared with To.
+type DrillResult struct {
+	OK   bool   `json:"ok"`
+	From string `json:"from"`
+	To   string `json:"to"`
+	// Replayed counts the verbs replayed; Messages the messages compared.
+	Replayed int `json:"replayed"`
+	Messages int `json:"messages"`
+	// Differences say exactly where the replayed clone and the snapshot
+	// differ (the first 100; More counts the rest).
+	Differences []string `json:"differences,omitempty"`
+	More        int      `json:"more,omitempty"`
+	Seconds     float64  `json:"seconds"`
+	Error       string   `json:"error,omitempty"`
+}
+
+// DrillOptions configure a drill.
+type DrillOptions struct {
+	Store timetravel.Store
+	Log   *undolog.Log
+	// From and To name the snapshots; empty picks the newest pair of
+	// consecutive snapshots with no rewind between them.
+	From, To string
+	// WorkDir holds the private Dovecot's configuration and logs.
+	WorkDir string
+	Logger  *slog.Logger
+}
+
+// PickDrill returns the snapshots a drill replays between: the given
+// ones, or the newest consecutive pair with no rewind between them (a
+// rewind's replay is a cycle's business, not a drill's).
+func PickDrill(ctx context.Context, store timetravel.Store, l *undolog.Log, from, to string) (a, b timetravel.Snapshot, err error) {
+	if from != "" || to != "" {
+		if from == "" || to == "" {
+			return a, b, errors.New("drill: name both snapshots, or neither")
+		}
+		if a, err = store.Get(ctx, from); err != nil {
+			return a, b, fmt.Errorf("drill: %w", err)
+		}
+		if b, err = store.Get(ctx, to); err != nil {
+			return a, b, fmt.Errorf("drill: %w", err)
+		}
+		if a.Seq == timetravel.NoSeq || b.Seq == timetravel.NoSeq || a.Seq >= b.Seq {
+			return a, b, fmt.Errorf("drill: %s (log position %d) must come before %s (%d)", from, a.Seq, to, b.Seq)
+		}
+		if n, err := rewindsBetween(ctx, l, a.Seq, b.Seq); err != nil || n > 0 {
+			return a, b, fmt.Errorf("drill: %d rewinds between %s and %s: the store did not get from one to the other by the log alone (%v)", n, from, to, err)
+		}
+		return a, b, nil
+	}
+	snaps, err := store.List(ctx)
+	if err != nil {
+		return a, b, fmt.Errorf("drill: %w", err)
+	}
+	var logged []timetravel.Snapshot
+	for _, s := range snaps {
+		if s.Seq != timetravel.NoSeq {
+			logged = append(logged, s)
+		}
+	}
+	sort.Slice(logged, func(i, j int) bool { return logged[i].Seq < logged[j].Seq })
+	for i := len(logged) - 1; i > 0; i-- {
+		a, b = logged[i-1], logged[i]
+		if a.Seq == b.Seq {
+			continue
+		}
+		n, err := rewindsBetween(ctx, l, a.Seq, b.Seq)
+		if err != nil {
+			return a, b, err
+		}
+		if n == 0 {
+			return a, b, nil
+		}
+	}
+	return timetravel.Snapshot{}, timetravel.Snapshot{}, errors.New("drill: no two snapshots without a rewind between them (undomail snapshot takes one)")
+}
+
+func rewindsBetween(ctx context.Context, l *undolog.Log, after, before int64) (int, error) {
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindRewind}})
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	for _, r := range recs {
+		if r.Seq < before {
+			n++
+		}
+	}
+	return n, nil
+}
+
+// Drill proves, without touching production, that the machinery can
+// recover (DESIGN: "Recovery drills"): it clones snapshot From, starts a
+// private Dovecot on the clone, replays the log from From's position to
+// To's against it, and compares the result with To, message by message
+// (by undo id, or content for messages that have none), with flags and
+// folders. The live store, the live Dovecot and the log are not touched.
+func Drill(ctx context.Context, o DrillOptions) DrillResult {
+	start := time.Now()
+	if o.Logger == nil {
+		o.Logger = slog.Default()
+	}
+	res, err := drill(ctx, o)
+	res.Seconds = time.Since(start).Seconds()
+	if err != nil {
+		res.OK = false
+		res.Error = err.Error()
+	}
+	o.Logger.Info("drill done", "from", res.From, "to", res.To, "ok", res.OK, "replayed", res.Replayed,
+		"messages", res.Messages, "differences", len(res.Differences)+res.More, "err", res.Error, "seconds", res.Seconds)
+	return res
+}
+
+func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
+	var res DrillResult
+	a, b, err := PickDrill(ctx, o.Store, o.Log, o.From, o.To)
+	res.From, res.To = a.Name, b.Name
+	if err != nil {
+		return res, err
+	}
+	id := make([]byte, 4)
+	rand.Read(id)
+	tag := "drill-" + hex.EncodeToString(id)
+	replayed, err := o.Store.Clone(ctx, a.Name, tag+"-a")
+	if err != nil {
+		return res, fmt.Errorf("clone %s: %w", a.Name, err)
+	}
+	defer destroyClone(o, tag+"-a")
+	want, err := o.Store.Clone(ctx, b.Name, tag+"-b")
+	if err != nil {
+		return res, fmt.Errorf("clone %s: %w", b.Name, err)
+	}
+	defer destroyClone(o, tag+"-b")
+	users, err := mailUsers(replayed, want)
+	if err != nil {
+		return res, err
+	}
+	var mu []mailstack.User
+	for _, u := range users {
+		mu = append(mu, mailstack.User{Name: u, Password: hex.EncodeToString(id) + "-unused"})
+	}
+	if len(mu) == 0 {
+		mu = append(mu, mailstack.User{Name: "nobody", Password: "unused"}) // the stack wants one
+	}
+	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.WorkDir, tag), MailRoot: replayed,
+		DovecotOnly: true, Users: mu, Logger: o.Logger})
+	if err != nil {
+		return res, fmt.Errorf("start the drill's Dovecot: %w", err)
+	}
+	defer os.RemoveAll(filepath.Join(o.WorkDir, tag))
+	r, rerr := Replay(ctx, o.Log, Plan{After: a.Seq, Before: b.Seq + 1, NoRecord: true},
+		Target{LMTPAddr: st.LMTPAddr, IMAPAddr: st.IMAPAddr, MasterUser: st.MasterUser, MasterPassword: st.MasterPassword, Logger: o.Logger})
+	if err := st.Stop(); err != nil {
+		o.Logger.Warn("stop the drill's Dovecot", "err", err)
+	}
+	res.Replayed = r.Replayed
+	if rerr != nil {
+		return res, fmt.Errorf("replay: %w", rerr)
+	}
+	var diffs []string
+	if r.Failed > 0 {
+		diffs = append(diffs, fmt.Sprintf("%d verbs failed to replay", r.Failed))
+	}
+	got, err := readMaildirs(replayed)
+	if err != nil {
+		return res, err
+	}
+	exp, err := readMaildirs(want)
+	if err != nil {
+		return res, err
+	}
+	diffs = append(diffs, compareStores(got, exp)...)
+	for _, m := range exp {
+		res.Messages += len(m)
+	}
+	if len(diffs) > maxProblems {
+		res.More = len(diffs) - maxProblems
+		diffs = diffs[:maxProblems]
+	}
+	res.Differences = diffs
+	res.OK = len(diffs) == 0
+	return res, nil
+}
+
+func destroyClone(o DrillOptions, name string) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := o.Store.DestroyClone(ctx, name); err != nil {
+		o.Logger.Warn("drill: remove clone", "clone", name, "err", err)
+	}
+}
+
+// mailUsers lists the users with mail in either tree: the directories
+// of the mail root (the layout MAIL_ROOT/<user>/Maildir).
+func mailUsers(roots ...string) ([]string, error) {
+	seen := map[string]bool{}
+	for _, root := range roots {
+		ents, err := os.ReadDir(root)
+		if err != nil {
+			return nil, fmt.Errorf("list users in %s: %w", root, err)
+		}
+		for _, e := range ents {
+			if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+				seen[e.Name()] = true
+			}
+		}
+	}
+	var out []string
+	for u := range seen {
+		out = append(out, u)
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// storeState is every message of a mail store: by "user/folder", the
+// flags of each message by its identity (its undo id, or a hash of its
+// content), one entry per copy.
+type storeState map[string]map[string][]string
+
+// readMaildirs reads a store laid out as ROOT/<user>/Maildir (Maildir++:
+// INBOX in Maildir, folder F in Maildir/.F), straight from the files:
+// flags from the file names (and dovecot-keywords for keywords).
+func readMaildirs(root string) (storeState, error) {
+	users, err := mailUsers(root)
+	if err != nil {
+		return nil, err
+	}
+	st := storeState{}
+	for _, u := range users {
+		md := filepath.Join(root, u, "Maildir")
+		if _, err := os.Stat(md); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		folders := map[string]string{"INBOX": md}
+		ents, err := os.ReadDir(md)
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range ents {
+			if e.IsDir() && strings.HasPrefix(e.Name(), ".") && e.Name() != "." && e.Name() != ".." {
+				folders[strings.TrimPrefix(e.Name(), ".")] = filepath.Join(md, e.Name())
+			}
+		}
+		for name, dir := range folders {
+			msgs, err := readMaildir(dir)
+			if err != nil {
+				return nil, err
+			}
+			st[u+"/"+name] = msgs
+		}
+	}
+	return st, nil
+}
+
+func readMaildir(dir string) (map[string][]string, error) {
+	keywords := map[byte]string{}
+	if b, err := os.ReadFile(filepath.Join(dir, "dovecot-keywords")); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			var n int
+			var name string
+			if _, err := fmt.Sscanf(line, "%d %s", &n, &name); err == nil && n < 26 {
+				keywords['a'+byte(n)] = name
+			}
+		}
+	}
+	out := map[string][]string{}
+	for _, sub := range []string{"cur", "new"} {
+		ents, err := os.ReadDir(filepath.Join(dir, sub))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range ents {
+			if !e.Type().IsRegular() {
+				continue
+			}
+			key, err := messageKey(filepath.Join(dir, sub, e.Name()))
+			if err != nil {
+				return nil, err
+			}
+			out[key] = append(out[key], maildirFlags(e.Name(), keywords))
+		}
+	}
+	for k := range out {
+		sort.Strings(out[k])
+	}
+	return out, nil
+}
+
+// messageKey identifies a message: its topmost Undomail-Id, or a hash of
+// its bytes.
+func messageKey(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	tr := textproto.NewReader(bufio.NewReader(strings.NewReader(string(b))))
+	if h, err := tr.ReadMIMEHeader(); err == nil {
+		if id := strings.TrimSpace(h.Get(proxy.TraceHeader)); id != "" {
+			return id, nil
+		}
+	}
+	sum := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(sum[:8]), nil
+}
+
+// maildirFlags renders a maildir file name's flags as IMAP flags.
+func maildirFlags(name string, keywords map[byte]string) string {
+	_, info, ok := strings.Cut(name, ":2,")
+	if !ok {
+		return "()"
+	}
+	std := map[byte]string{'D': `\Draft`, 'F': `\Flagged`, 'R': `\Answered`, 'S': `\Seen`, 'T': `\Deleted`}
+	var fs []string
+	for i := 0; i < len(info); i++ {
+		if f, ok := std[info[i]]; ok {
+			fs = append(fs, f)
+		} else if k, ok := keywords[info[i]]; ok {
+			fs = append(fs, k)
+		}
+	}
+	sort.Strings(fs)
+	return "(" + strings.Join(fs, " ") + ")"
+}
+
+// compareStores lists how got differs from want, folder by folder.
+func compareStores(got, want storeState) []string {
+	var diffs []string
+	names := map[string]bool{}
+	for n := range got {
+		names[n] = true
+	}
+	for n := range want {
+		names[n] = true
+	}
+	var sorted []string
+	for n := range names {
+		sorted = append(sorted, n)
+	}
+	sort.Strings(sorted)
+	for _, n := range sorted {
+		g, w := got[n], want[n]
+		switch {
+		case g == nil:
+			diffs = append(diffs, fmt.Sprintf("%s: missing after replay (%d messages in the snapshot)", n, len(w)))
+			continue
+		case w == nil:
+			diffs = append(diffs, fmt.Sprintf("%s: made by the replay, not in the snapshot (%d messages)", n, len(g)))
+			continue
+		}
+		keys := map[string]bool{}
+		for k := range g {
+			keys[k] = true
+		}
+		for k := range w {
+			keys[k] = true
+		}
+		var ks []string
+		for k := range keys {
+			ks = append(ks, k)
+		}
+		sort.Strings(ks)
+		for _, k := range ks {
+			gf, wf := g[k], w[k]
+			switch {
+			case len(gf) == 0:
+				diffs = append(diffs, fmt.Sprintf("%s: message %s is in the snapshot %v but not after replay", n, k, wf))
+			case len(wf) == 0:
+				diffs = append(diffs, fmt.Sprintf("%s: message %s is there after replay %v but not in the snapshot", n, k, gf))
+			case strings.Join(gf, " ") != strings.Join(wf, " "):
+				diffs = append(diffs, fmt.Sprintf("%s: message %s has flags %v after replay, %v in the snapshot", n, k, gf, wf))
+			}
+		}
+	}
+	return diffs
+}
