@@ -270,13 +270,14 @@ func waitDelivered(t *testing.T, tb *testbed.Testbed, subject string) int64 {
 
 // TestCompensationForChangedResults: after a snapshot alice flags a spam
 // message, replies to it, deletes her folder Archive and renames another
-// folder to Archive, and sends bob a message. The operator's cycle
-// filters the spam out and cancels the DELETE (Archive comes back) and
-// the delivery to bob. Replayed, the STORE acts on a removed message, the
-// RENAME collides with the restored Archive, and the sender of the
-// cancelled delivery was told 250: each is explained in alice's one
-// digest as configured; the cancelled DELETE goes to the operator only
-// (configured notify), and the operator's notice lists everything.
+// folder to Archive, deletes Projects and creates it anew, and sends bob a
+// message. The operator's cycle filters the spam out and cancels both
+// DELETEs (the folders come back) and the delivery to bob. Replayed, the
+// STORE acts on a removed message, the RENAME and the CREATE collide with
+// the restored folders, and the sender of the cancelled delivery was told
+// 250: each is explained in alice's one digest as configured; the
+// cancelled DELETEs go to the operator only (configured notify), and the
+// operator's notice lists everything.
 func TestCompensationForChangedResults(t *testing.T) {
 	snapDir := filepath.Join(t.TempDir(), "snaps")
 	tb := testbedtest.Start(t, func(c *config.Config) {
@@ -293,8 +294,10 @@ func TestCompensationForChangedResults(t *testing.T) {
 	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Create("Archive", nil).Wait(); err != nil {
-		t.Fatal(err)
+	for _, box := range []string{"Archive", "Projects"} {
+		if err := c.Create(box, nil).Wait(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	snap, _, err := tb.Daemon.Snapshot(ctx, "before")
 	if err != nil {
@@ -317,6 +320,8 @@ func TestCompensationForChangedResults(t *testing.T) {
 	sendMsg(t, tb, "alice", "alice@example.test", "carol@example.test", reply, "In-Reply-To: <"+spam.id+">\r\n")
 	for _, step := range []func() error{
 		func() error { return c.Delete("Archive").Wait() },
+		func() error { return c.Delete("Projects").Wait() },
+		func() error { return c.Create("Projects", nil).Wait() },
 		func() error { return c.Create("Drafts2", nil).Wait() },
 		func() error { return c.Rename("Drafts2", "Archive", nil).Wait() },
 	} {
@@ -329,15 +334,15 @@ func TestCompensationForChangedResults(t *testing.T) {
 	sendMsg(t, tb, "alice", "alice@example.test", "bob@example.test", numbers, "")
 
 	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{"imap.delete"}})
-	if len(deletes) != 1 {
+	if len(deletes) != 2 {
 		t.Fatalf("DELETE verbs: %d", len(deletes))
 	}
 	waitDelivered(t, tb, reply.subject)
-	cancel := []int64{deletes[0].Seq, waitDelivered(t, tb, numbers.subject)}
+	cancel := []int64{deletes[0].Seq, deletes[1].Seq, waitDelivered(t, tb, numbers.subject)}
 	v, cerr := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Cancel: cancel, Reason: "Alice asked for her Archive back.",
 		Filters: []admin.FilterRequest{{Rule: "header:Subject=~^You WIN", Action: "drop"}}})
-	if v.Failed != 1 || v.Cycle == 0 {
-		t.Fatalf("cycle verdict %+v, %v: want the RENAME onto the restored Archive to fail", v, cerr)
+	if v.Failed != 2 || v.Cycle == 0 {
+		t.Fatalf("cycle verdict %+v, %v: want the RENAME onto the restored Archive and the CREATE of the restored Projects to fail", v, cerr)
 	}
 	rep := v.Compensation
 	if rep == nil {
@@ -350,10 +355,10 @@ func TestCompensationForChangedResults(t *testing.T) {
 		rep = &r
 	}
 	want := map[compensate.Kind]compensate.Counts{
-		compensate.ActionFailed:    {Explained: 2}, // the STORE and the RENAME
+		compensate.ActionFailed:    {Explained: 3}, // the STORE, the RENAME and the CREATE
 		compensate.DeliveryLost:    {Explained: 1}, // alice was told 250 for bob
 		compensate.SentOnwards:     {Explained: 1}, // her reply to the spam
-		compensate.ActionCancelled: {Notified: 1},  // the DELETE, configured notify
+		compensate.ActionCancelled: {Notified: 2},  // the DELETEs, configured notify
 		compensate.ReadRemoved:     {Silent: 2},    // the spam and bob's message, never read
 	}
 	if fmt.Sprint(rep.Kinds) != fmt.Sprint(want) || !rep.Notice || fmt.Sprint(rep.Digests) != "[alice]" {
@@ -368,6 +373,7 @@ func TestCompensationForChangedResults(t *testing.T) {
 	for _, s := range []string{
 		`added the flags \Flagged on a message in "INBOX" (the message "You WIN the Lottery!" from Lucky <lucky@spam.test>`,
 		`renamed the folder "Drafts2" to "Archive"`,
+		`created the folder "Projects", and it was done. After the repair it could not be redone: the mail server said`,
 		`"Quarterly numbers"`, "to bob@example.test and were told it was delivered",
 		`replied to or forwarded the message "You WIN the Lottery!" from Lucky <lucky@spam.test>, dated Fri, 20 Nov 2026 10:00:00 +0000 in your message "Re: You WIN the Lottery!" to carol@example.test`,
 		`the mail server said "Target mailbox already exists"`,
@@ -394,8 +400,8 @@ func TestCompensationForChangedResults(t *testing.T) {
 
 	// Compensating the cycle again finds every paradox taken care of.
 	again, err := tb.Daemon.Compensate(ctx, v.Cycle)
-	if err != nil || again.Explained != 0 || again.Notified != 0 || again.Already != 5 || len(again.Digests) != 0 || again.Notice {
-		t.Fatalf("compensating again: %+v, %v; want the 5 paradoxes already compensated", again, err)
+	if err != nil || again.Explained != 0 || again.Notified != 0 || again.Already != 7 || len(again.Digests) != 0 || again.Notice {
+		t.Fatalf("compensating again: %+v, %v; want the 7 paradoxes already compensated", again, err)
 	}
 	if ds := userDigests(t, tb, "alice"); len(ds) != 1 {
 		t.Fatalf("alice has %d digests after compensating again, want 1", len(ds))
