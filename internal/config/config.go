@@ -4,10 +4,8 @@
 package config
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -243,22 +241,22 @@ func Load(path string) (Config, error) {
 	if len(doc.Content) == 0 {
 		return cfg, nil // an empty file means "all defaults"
 	}
+	// Unknown keys and badly typed values are reported together, each by
+	// its key. checkKeys finds the unknown ones; the decoder, told to
+	// ignore those, the types.
 	keys := make(map[int]string)
-	if errs := checkKeys(doc.Content[0], reflect.TypeOf(cfg), "", keys); len(errs) > 0 {
-		return cfg, fmt.Errorf("config %s: %w", path, errors.Join(errs...))
-	}
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil && !errors.Is(err, io.EOF) {
+	errs := checkKeys(doc.Content[0], reflect.TypeOf(cfg), "", keys)
+	if err := doc.Decode(&cfg); err != nil {
 		var te *yaml.TypeError
-		if errors.As(err, &te) {
-			errs := make([]error, len(te.Errors))
-			for i, e := range te.Errors {
-				errs[i] = errors.New(nameKey(e, keys))
-			}
-			err = errors.Join(errs...)
+		if !errors.As(err, &te) {
+			return cfg, fmt.Errorf("config %s: %w", path, err)
 		}
-		return cfg, fmt.Errorf("config %s: %w", path, err)
+		for _, e := range te.Errors {
+			errs = append(errs, errors.New(nameKey(e, keys)))
+		}
+	}
+	if len(errs) > 0 {
+		return cfg, fmt.Errorf("config %s: %w", path, errors.Join(errs...))
 	}
 	return cfg, nil
 }

@@ -53,10 +53,12 @@ func TestRefusedConfigs(t *testing.T) {
 			}
 		})
 	}
-	// Both unknown keys are named, not just the first.
-	_, err := Load(write(t, "smtp:\n  lisen: a:1\nimap:\n  upstrem: b:2\n"))
-	if err == nil || !strings.Contains(err.Error(), "imap.upstrem: unknown key (line 4)") {
-		t.Fatalf("Load: %v, want both unknown keys named", err)
+	// Every problem is named at once, unknown keys and bad values alike.
+	_, err := Load(write(t, "smtp:\n  lisen: a:1\nimap:\n  upstrem: b:2\n  idle_timeout: forever\n"))
+	for _, want := range []string{"smtp.lisen: unknown key (line 2)", "imap.upstrem: unknown key (line 4)", `imap.idle_timeout: "forever" is not a duration`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("Load: %v, want every problem named, among them %q", err, want)
+		}
 	}
 }
 
