@@ -477,6 +477,14 @@ func TestListen(t *testing.T) {
 	if resp.StatusCode != http.StatusOK {
 		t.Fatalf("GET /api/status over HTTPS: %s", resp.Status)
 	}
+	// The CLI's client, trusting the self-signed certificate; and not
+	// trusting it without.
+	if st, err := DialRemote(base, tok, pool).Status(context.Background()); err != nil || st.Gate != "open" {
+		t.Fatalf("DialRemote with the certificate: %+v %v", st, err)
+	}
+	if _, err := DialRemote(base, tok, nil).Status(context.Background()); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("DialRemote without trusting the certificate: %v, want a certificate error", err)
+	}
 	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 	resp, err = c.PostForm(base+"/login", url.Values{"token": {tok}})
 	if err != nil {

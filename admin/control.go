@@ -9,6 +9,8 @@ package admin
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -212,9 +214,11 @@ func Dial(dataDir string) (*Client, error) {
 
 // DialRemote returns a client for the admin server at baseURL
 // ("https://mail.example.org:8025") authenticating with token. Its
-// certificate is verified by the system's roots.
-func DialRemote(baseURL, token string) *Client {
-	return &Client{http: &http.Client{}, path: baseURL, base: strings.TrimRight(baseURL, "/"), token: token, remote: true}
+// certificate is verified against roots, or the system's roots if nil.
+func DialRemote(baseURL, token string, roots *x509.CertPool) *Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	return &Client{http: &http.Client{Transport: tr}, path: baseURL, base: strings.TrimRight(baseURL, "/"), token: token, remote: true}
 }
 
 // Snapshot asks the daemon for a snapshot now.

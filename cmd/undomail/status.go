@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,12 +21,13 @@ import (
 // daemonFlags say how an operator command reaches the daemon: its control
 // socket in --data-dir, or the admin server at --admin with the token.
 type daemonFlags struct {
-	dataDir, adminURL, tokenFile string
+	dataDir, adminURL, tokenFile, caFile string
 }
 
 func (f *daemonFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
 	cmd.Flags().StringVar(&f.adminURL, "admin", "", "ask the admin server at this URL (https://host:8025) instead of the local daemon")
+	cmd.Flags().StringVar(&f.caFile, "admin-ca", "", "PEM file of the certificate authority (or the self-signed certificate) of --admin's HTTPS")
 	cmd.Flags().StringVar(&f.tokenFile, "token-file", "", "file with the admin token for --admin (default: admin.token in --data-dir; or $UNDOMAIL_ADMIN_TOKEN)")
 }
 
@@ -53,7 +55,18 @@ func (f *daemonFlags) client() (*admin.Client, error) {
 			return nil, fmt.Errorf("the admin token for --admin: %w", err)
 		}
 	}
-	return admin.DialRemote(f.adminURL, tok), nil
+	var roots *x509.CertPool
+	if f.caFile != "" {
+		pem, err := os.ReadFile(f.caFile)
+		if err != nil {
+			return nil, fmt.Errorf("--admin-ca: %w", err)
+		}
+		roots = x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("--admin-ca %s: no PEM certificate in it", f.caFile)
+		}
+	}
+	return admin.DialRemote(f.adminURL, tok, roots), nil
 }
 
 func statusCmd() *cobra.Command {
