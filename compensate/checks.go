@@ -461,6 +461,10 @@ func (d *detector) checkCommand(v undolog.Verb) {
 				if len(gone) > 1 {
 					p.Now = fmt.Sprintf("it could not be redone: its %d messages were removed by the repair", len(gone))
 				}
+			} else if r.out.Status == "repaired" {
+				// Replay skipped it: its messages are not where the
+				// command named them (a filter filed them elsewhere).
+				p.Now = "it could not be redone: the repair moved or removed the messages it was about"
 			} else {
 				p.Now = "it could not be redone: the mail server said " + serverSaid(r.out.Detail)
 			}
