@@ -224,11 +224,14 @@ Read it:
 See the undo log and check it:
   %[10]s log --data-dir %[11]s
   %[10]s fsck --data-dir %[11]s
+  %[10]s status --data-dir %[11]s
+The web timeline: http://%[15]s/ (log in with the token in %[11]s/admin.token)
 
 Stack logs: %[12]s, %[13]s
 Press Ctrl-C to stop.
 `, tb.SMTPAddr(), st.SMTPAddr, tb.Daemon.LMTPAddr, st.LMTPAddr, st.IMAPAddr, strings.Join(users, ", "), st.Domain,
-		hostOf(tb.IMAPAddr()), portOf(tb.IMAPAddr()), self, tb.Config.DataDir, st.PostfixLog(), st.DovecotLog(), tb.IMAPAddr())
+		hostOf(tb.IMAPAddr()), portOf(tb.IMAPAddr()), self, tb.Config.DataDir, st.PostfixLog(), st.DovecotLog(), tb.IMAPAddr(),
+		tb.Daemon.AdminAddr())
 }
 
 func hostOf(addr string) string { h, _, _ := net.SplitHostPort(addr); return h }
