@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/internal/config"
@@ -44,6 +45,7 @@ func (d *Daemon) Compensate(ctx context.Context, cycleSeq int64) (compensate.Rep
 }
 
 func (d *Daemon) runCompensation(ctx context.Context, cycleSeq int64) (compensate.Report, error) {
+	start := time.Now()
 	recs, err := d.Log.Records(ctx, undolog.Filter{AfterSeq: cycleSeq - 1, Limit: 1})
 	if err != nil {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: %w", cycleSeq, err)
@@ -85,7 +87,7 @@ func (d *Daemon) runCompensation(ctx context.Context, cycleSeq int64) (compensat
 		Logger:     d.logger,
 	})
 	d.logger.Info("compensation done", "cycle", cycleSeq, "explained", rep.Explained, "silent", rep.Silent,
-		"notified", rep.Notified, "ignored", rep.Ignored, "already", rep.Already, "digests", len(rep.Digests), "err", err)
+		"notified", rep.Notified, "ignored", rep.Ignored, "already", rep.Already, "digests", len(rep.Digests), "took", time.Since(start), "err", err)
 	return rep, err
 }
 
