@@ -162,7 +162,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 		case p.Cancel[v.Seq]:
 			why = "left out by the repair"
 		case earlier.cancelled[v.Seq] != 0:
-			why = fmt.Sprintf("left out by the repair of cycle %d", earlier.cancelled[v.Seq])
+			why = fmt.Sprintf("left out by an earlier repair (record %d)", earlier.cancelled[v.Seq])
 		}
 		ts, skip := split(v)
 		if skip {
@@ -382,7 +382,12 @@ type CycleRecord struct {
 	Cancel  []int64      `json:"cancel,omitempty"`
 	Filters []FilterSpec `json:"filters,omitempty"`
 	Present string       `json:"present"`
-	Reason  string       `json:"reason,omitempty"`
+	// PresentAt is the present snapshot's log position.
+	PresentAt int64  `json:"present_at,omitempty"`
+	Reason    string `json:"reason,omitempty"`
+	// Split marks the split form: a rewind held for a repair by hand, the
+	// replay (undomail replay) to follow; the outcome comes with it.
+	Split bool `json:"split,omitempty"`
 	// Keep makes the filters stay active for live mail after the cycle.
 	Keep bool `json:"keep,omitempty"`
 }
@@ -458,6 +463,18 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after int64, verbs []
 	kept, err := KeptFilters(ctx, l)
 	if err != nil {
 		return d, fmt.Errorf("replay: %w", err)
+	}
+	// A verb an earlier replay cancelled (a cycle's --cancel, or the
+	// cancel given to undomail replay) stays cancelled.
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindReplay}})
+	if err != nil {
+		return d, fmt.Errorf("replay: read earlier replays: %w", err)
+	}
+	for _, r := range recs {
+		var o ReplayOutcome
+		if r.Ref > after && json.Unmarshal(r.Outcome, &o) == nil && o.Status == "cancelled" {
+			d.cancelled[r.Ref] = r.Seq
+		}
 	}
 	keptBy := map[int64]bool{}
 	for _, k := range kept {

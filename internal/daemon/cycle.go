@@ -104,26 +104,13 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	if d.pending != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
 	}
-	d.prog.phase("snapshot")
-	present, _, err := d.Snapshot(ctx, "before cycle to "+req.To)
-	if err != nil {
-		return CycleVerdict{}, fmt.Errorf("cycle: snapshot the present first: %w", err)
-	}
-	args, _ := json.Marshal(CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Present: present.Name, Reason: req.Reason, Keep: req.Keep})
-	intent := &undolog.Record{Kind: KindCycle, Session: "cycle", Args: args}
-	if err := d.Log.Append(ctx, intent); err != nil {
-		return CycleVerdict{}, fmt.Errorf("cycle: log intent: %w", err)
-	}
-	wctx, cancelWait := context.WithTimeout(ctx, wedgeTimeout)
-	defer cancelWait()
 	start := time.Now()
-	d.prog.phase("hold")
-	resume, err := d.Gate.Hold(wctx)
+	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep})
 	if err != nil {
-		return CycleVerdict{}, fmt.Errorf("cycle: changes in flight did not finish: %w", err)
+		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
 	v, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, req.Cancel, fs)
-	v.Cycle, v.Present = intent.Seq, present.Name
+	v.Cycle, v.Present = intent.Seq, present
 	if cerr == nil {
 		d.prog.phase("compensate")
 		cerr = d.compensate(ctx, intent.Seq, &v)
@@ -186,6 +173,35 @@ func (v *CycleVerdict) check() error {
 		return fmt.Errorf("verification found %d differences between the store and the log", len(v.Verify.Problems)+v.Verify.More)
 	}
 	return nil
+}
+
+// beginRepair starts a cycle or a split-form rewind: it holds every
+// change back, snapshots the present (the repair can itself be undone,
+// and a crash in the middle is rolled back to it: RecoverRepair), and
+// logs the repair's intent with that snapshot. Nothing is accepted
+// between the snapshot and the intent: the gate is held first.
+func (d *Daemon) beginRepair(ctx context.Context, args CycleArgs) (intent *undolog.Record, present string, resume func(), err error) {
+	wctx, cancelWait := context.WithTimeout(ctx, wedgeTimeout)
+	defer cancelWait()
+	d.prog.phase("hold")
+	resume, err = d.Gate.Hold(wctx)
+	if err != nil {
+		return nil, "", nil, fmt.Errorf("changes in flight did not finish: %w", err)
+	}
+	d.prog.phase("snapshot")
+	snap, err := d.snapshotHeld(ctx, "before repair to "+args.To, nil, time.Now())
+	if err != nil {
+		resume()
+		return nil, "", nil, fmt.Errorf("snapshot the present first: %w", err)
+	}
+	args.Present, args.PresentAt = snap.Name, snap.Seq
+	b, _ := json.Marshal(args)
+	intent = &undolog.Record{Kind: KindCycle, Session: "cycle", Args: b}
+	if err := d.Log.Append(ctx, intent); err != nil {
+		resume()
+		return nil, "", nil, fmt.Errorf("log intent: %w", err)
+	}
+	return intent, snap.Name, resume, nil
 }
 
 // CycleJSON is Cycle for the control socket.

@@ -87,6 +87,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			return nil, fmt.Errorf("store %s: %w", cfg.Store, err)
 		}
 	}
+	if err := d.recoverRepair(ctx); err != nil {
+		return nil, err
+	}
 	if err := d.loadFilters(ctx); err != nil {
 		return nil, err
 	}

@@ -48,23 +48,33 @@ func (d *Daemon) Snapshot(ctx context.Context, reason string) (timetravel.Snapsh
 	if d.Store == nil {
 		return timetravel.Snapshot{}, 0, fmt.Errorf("snapshot: no store configured (store: zfs:POOL/DATASET or copy:DIR)")
 	}
-	name := "undomail-" + time.Now().UTC().Format("20060102T150405.000Z")
 	wctx, cancel := context.WithTimeout(ctx, wedgeTimeout)
 	defer cancel()
 	start := time.Now()
 	resume, err := d.Gate.Wedge(wctx)
 	if err != nil {
-		return timetravel.Snapshot{}, 0, fmt.Errorf("snapshot %s: mutations did not finish within %v: %w", name, wedgeTimeout, err)
+		return timetravel.Snapshot{}, 0, fmt.Errorf("snapshot: mutations did not finish within %v: %w", wedgeTimeout, err)
 	}
+	snap, err := d.snapshotHeld(ctx, reason, func() { resume() }, start)
+	return snap, time.Since(start), err
+}
+
+// snapshotHeld takes the snapshot while the caller holds the gate;
+// release, if set, is called as soon as the store has the snapshot.
+func (d *Daemon) snapshotHeld(ctx context.Context, reason string, release func(), start time.Time) (timetravel.Snapshot, error) {
+	if release == nil {
+		release = func() {}
+	}
+	name := "undomail-" + time.Now().UTC().Format("20060102T150405.000Z")
 	at, _ := d.Log.Last()
 	args, _ := json.Marshal(SnapshotArgs{Name: name, AtSeq: at, Store: d.storeSpec, Reason: reason})
 	intent := &undolog.Record{Kind: KindSnapshot, Session: "daemon", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
-		resume()
-		return timetravel.Snapshot{}, 0, fmt.Errorf("snapshot %s: log intent: %w", name, err)
+		release()
+		return timetravel.Snapshot{}, fmt.Errorf("snapshot %s: log intent: %w", name, err)
 	}
 	snap, serr := d.Store.Snapshot(ctx, name, at, map[string]string{"reason": reason, "log_record": strconv.FormatInt(intent.Seq, 10)})
-	resume()
+	release()
 	pause := time.Since(start)
 	o := SnapshotOutcome{OK: serr == nil, Pause: float64(pause.Microseconds()) / 1000}
 	if serr != nil {
@@ -75,10 +85,10 @@ func (d *Daemon) Snapshot(ctx context.Context, reason string) (timetravel.Snapsh
 		d.logger.Error("log snapshot outcome", "snapshot", name, "err", err)
 	}
 	if serr != nil {
-		return timetravel.Snapshot{}, pause, fmt.Errorf("snapshot %s: %w", name, serr)
+		return timetravel.Snapshot{}, fmt.Errorf("snapshot %s: %w", name, serr)
 	}
 	d.logger.Info("snapshot taken", "snapshot", name, "at_seq", at, "pause", pause, "reason", reason)
-	return snap, pause, nil
+	return snap, nil
 }
 
 // schedule takes snapshots every interval and prunes by the retention
@@ -111,9 +121,12 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 
 // Rewind rolls the mail store back to a snapshot (replay.Rewind) with the
 // proxies held throughout, so no change reaches the store while it is
-// rewound. With hold, they stay held afterwards, for the split form of a
-// cycle: the operator repairs the server by hand, then Replay brings the
-// logged changes back and lets new ones through.
+// rewound. It snapshots the present first and logs the repair's intent
+// (like a cycle, so a crash in the middle is rolled back at start). With
+// hold, changes stay held afterwards, for the split form of a cycle: the
+// operator repairs the server by hand, then Replay brings the logged
+// changes back and lets new ones through. Without hold the changes since
+// the snapshot are left out: the rewind is the repair.
 func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay.RewindOutcome, error) {
 	if d.Store == nil {
 		return replay.RewindOutcome{}, fmt.Errorf("rewind: no store configured")
@@ -127,21 +140,37 @@ func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay
 	if err != nil {
 		return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
 	}
-	wctx, cancel := context.WithTimeout(ctx, wedgeTimeout)
-	defer cancel()
-	resume, err := d.Gate.Hold(wctx)
+	start := time.Now()
+	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: snapshot, At: snap.Seq, Split: true, Reason: "undomail rewind"})
 	if err != nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind to %s: mutations did not finish within %v: %w", snapshot, wedgeTimeout, err)
+		return replay.RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
 	}
-	before, _ := d.Log.Last()
+	d.prog.phase("rewind")
 	out, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, snapshot)
 	if err != nil || !hold {
+		v := CycleVerdict{Cycle: intent.Seq, Present: present, OK: err == nil, Held: time.Since(start).Seconds()}
+		if err != nil {
+			v.Error = err.Error()
+		} else {
+			v.Error = "rewound without replay: the changes since the snapshot were left out"
+		}
+		d.endRepair(ctx, intent.Seq, v)
 		resume()
 		return out, err
 	}
-	d.pending = &pendingReplay{snapshot: snapshot, after: snap.Seq, before: before + 1, resume: resume, gone: out.Gone, returning: out.Returning}
+	d.pending = &pendingReplay{snapshot: snapshot, after: snap.Seq, before: intent.Seq, resume: resume,
+		gone: out.Gone, returning: out.Returning, intent: intent.Seq, present: present, start: start}
 	d.logger.Warn("rewound and holding all changes until undomail replay", "snapshot", snapshot)
 	return out, nil
+}
+
+// endRepair logs a cycle's or rewind's verdict.
+func (d *Daemon) endRepair(ctx context.Context, seq int64, v CycleVerdict) {
+	out, _ := json.Marshal(v)
+	if err := d.Log.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Session: "cycle", Ref: seq, Outcome: out}); err != nil {
+		d.logger.Error("log repair verdict", "seq", seq, "err", err)
+	}
+	d.prog.set(replay.Progress{Phase: "done", Done: v.Replayed, Total: v.Replayed, Users: v.Users, Failed: v.Failed})
 }
 
 // pendingReplay is a split-form cycle between its rewind and its replay.
@@ -151,10 +180,14 @@ type pendingReplay struct {
 	resume        func()
 	gone          []replay.MailboxCounters // mailboxes the rewind took away
 	returning     map[string]map[string][]uint32
+	intent        int64  // the repair's record
+	present       string // the snapshot taken before the rewind
+	start         time.Time
 }
 
 // Replay ends a split-form cycle: it replays the changes logged between
-// the snapshot and the rewind (all but cancel), then lets changes through.
+// the snapshot and the rewind (all but cancel), verifies, explains the
+// paradoxes, then lets changes through.
 func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, error) {
 	d.repairMu.Lock()
 	defer d.repairMu.Unlock()
@@ -166,16 +199,26 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	for _, s := range cancel {
 		c[s] = true
 	}
+	start := time.Now()
 	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c, Workers: d.replayWorkers, Progress: d.prog.set,
 		Gone: p.gone, Restore: d.upstream.Restore, Returning: p.returning}, d.target)
-	d.pending = nil
-	p.resume()
-	d.prog.set(replay.Progress{Phase: "done", Done: res.Replayed, Total: res.Replayed, Users: res.Users, Failed: res.Failed})
+	v := CycleVerdict{Cycle: p.intent, Present: p.present, ReplayS: time.Since(start).Seconds()}
+	v.fill(res)
 	if err == nil {
-		var v CycleVerdict
-		v.fill(res)
 		err = v.check()
 	}
+	if err == nil {
+		d.prog.phase("compensate")
+		err = d.compensate(ctx, p.intent, &v)
+	}
+	d.pending = nil
+	p.resume()
+	v.Held = time.Since(p.start).Seconds()
+	if err != nil {
+		v.OK = false
+		v.Error = err.Error()
+	}
+	d.endRepair(ctx, p.intent, v)
 	return res, err
 }
 
