@@ -131,17 +131,20 @@ func (w *web) page(h func(http.ResponseWriter, *http.Request, *pageData) error) 
 			return
 		}
 		p := &pageData{CSRF: sess.csrf}
+		status := http.StatusOK
 		if err := h(rw, r, p); err != nil {
-			p.Error = err.Error()
-			rw.WriteHeader(http.StatusBadRequest)
+			p.Error, status = err.Error(), http.StatusBadRequest
+			if p.Title == "" {
+				p.Title = "error"
+			}
 		}
-		if p.Title != "" {
-			w.render(rw, p)
+		if p.Title != "" { // else the handler answered (a redirect)
+			w.render(rw, p, status)
 		}
 	})
 }
 
-func (w *web) render(rw http.ResponseWriter, p *pageData) {
+func (w *web) render(rw http.ResponseWriter, p *pageData, status int) {
 	t := w.pages[p.Title]
 	if t == nil {
 		t = w.pages["error"]
@@ -156,11 +159,12 @@ func (w *web) render(rw http.ResponseWriter, p *pageData) {
 	rw.Header().Set("Cache-Control", "no-store")
 	rw.Header().Set("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'")
 	rw.Header().Set("X-Frame-Options", "DENY")
+	rw.WriteHeader(status)
 	rw.Write(b.Bytes())
 }
 
 func (w *web) loginPage(rw http.ResponseWriter, r *http.Request) {
-	w.render(rw, &pageData{Title: "login", Data: r.URL.Query().Get("next")})
+	w.render(rw, &pageData{Title: "login", Data: r.URL.Query().Get("next")}, http.StatusOK)
 }
 
 // login checks the admin token typed into the form and starts a session.
@@ -174,8 +178,7 @@ func (w *web) login(rw http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !w.s.auth.validToken(strings.TrimSpace(r.PostFormValue("token"))) {
-		rw.WriteHeader(http.StatusUnauthorized)
-		w.render(rw, &pageData{Title: "login", Error: "wrong admin token", Data: next})
+		w.render(rw, &pageData{Title: "login", Error: "wrong admin token", Data: next}, http.StatusUnauthorized)
 		return
 	}
 	w.s.auth.login(rw)
@@ -579,11 +582,9 @@ func (w *web) runCycle(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		return nil
 	}
 	if _, err := w.s.b.PlanCycle(r.Context(), to, cancel); err != nil {
-		p.Title = "error"
 		return err
 	}
 	if _, err := w.s.startCycle(CycleRequest{To: to, Cancel: cancel}); err != nil {
-		p.Title = "error"
 		return err
 	}
 	http.Redirect(rw, r, "/cycles/current", http.StatusSeeOther)
