@@ -273,6 +273,17 @@ func TestCycleThroughAPIMatchesCLI(t *testing.T) {
 		}
 		results = append(results, result{lastVerdict(a), aliceMail(t, tb)})
 		checkStatus(t, tb, a)
+		// The CLI's progress bar reads the daemon's progress from the
+		// control socket; after the cycle it says the cycle is done.
+		c, err := admin.Dial(tb.Config.DataDir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw, err := c.CycleProgress(context.Background())
+		var prog struct{ Phase string }
+		if err != nil || json.Unmarshal(raw, &prog) != nil || prog.Phase != "done" {
+			t.Fatalf("GET /cycles/progress after the cycle: %s %v, want phase done", raw, err)
+		}
 		tb.Stop()
 	}
 	fromAPI, fromCLI := results[0], results[1]
