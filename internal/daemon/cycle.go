@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -109,11 +110,13 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
-	v, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, req.Cancel, fs)
+	v, ran, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, req.Cancel, fs)
 	v.Cycle, v.Present = intent.Seq, present
-	if cerr == nil {
+	if ran {
+		// The replay ran to its end (some verbs may have failed): explain
+		// what changed, failures included.
 		d.prog.phase("compensate")
-		cerr = d.compensate(ctx, intent.Seq, &v)
+		cerr = errors.Join(cerr, d.compensate(ctx, intent.Seq, &v))
 	}
 	if cerr == nil && req.Keep {
 		d.keepFilters(intent.Seq, snap.Seq, specs, fs)
@@ -134,12 +137,13 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	return v, cerr
 }
 
-func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter) (CycleVerdict, error) {
-	var v CycleVerdict
+// cycle rewinds and replays; ran reports that the replay ran to its end,
+// whatever its verdict.
+func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter) (v CycleVerdict, ran bool, err error) {
 	d.prog.phase("rewind")
 	rw, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, to)
 	if err != nil {
-		return v, err
+		return v, false, err
 	}
 	c := map[int64]bool{}
 	for _, s := range cancel {
@@ -151,9 +155,9 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 	v.ReplayS = time.Since(start).Seconds()
 	v.fill(res)
 	if err != nil {
-		return v, err
+		return v, false, err
 	}
-	return v, v.check()
+	return v, true, v.check()
 }
 
 // fill copies a replay's result into the verdict.

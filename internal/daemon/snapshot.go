@@ -3,6 +3,7 @@ package daemon
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strconv"
 	"time"
@@ -205,11 +206,11 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	v := CycleVerdict{Cycle: p.intent, Present: p.present, ReplayS: time.Since(start).Seconds()}
 	v.fill(res)
 	if err == nil {
+		// The replay ran to its end: explain what changed, failures
+		// included.
 		err = v.check()
-	}
-	if err == nil {
 		d.prog.phase("compensate")
-		err = d.compensate(ctx, p.intent, &v)
+		err = errors.Join(err, d.compensate(ctx, p.intent, &v))
 	}
 	d.pending = nil
 	p.resume()
