@@ -155,6 +155,16 @@ func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
 	if err != nil {
 		return res, err
 	}
+	probs, err := o.Log.VerifyRange(ctx, a.Seq, b.Seq+1)
+	if err != nil {
+		return res, err
+	}
+	for _, p := range probs {
+		res.Differences = append(res.Differences, "undo log damaged, not replayed: "+p.What)
+	}
+	if len(probs) > 0 {
+		return res, fmt.Errorf("the undo log between the snapshots is damaged (%d problems): nothing replayed", len(probs))
+	}
 	id := make([]byte, 4)
 	rand.Read(id)
 	tag := "drill-" + hex.EncodeToString(id)

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -105,6 +106,9 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	if d.pending != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
 	}
+	if err := d.verifyRange(ctx, snap.Seq); err != nil {
+		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
+	}
 	start := time.Now()
 	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep})
 	if err != nil {
@@ -177,6 +181,26 @@ func (v *CycleVerdict) check() error {
 		return fmt.Errorf("verification found %d differences between the store and the log", len(v.Verify.Problems)+v.Verify.More)
 	}
 	return nil
+}
+
+// verifyRange refuses to replay a damaged stretch of the log: every
+// record after the snapshot must check and every blob they name must
+// hash to its name. Nothing is touched when it fails.
+func (d *Daemon) verifyRange(ctx context.Context, after int64) error {
+	probs, err := d.Log.VerifyRange(ctx, after, 0)
+	if err != nil {
+		return fmt.Errorf("verify the log to replay: %w", err)
+	}
+	if len(probs) == 0 {
+		return nil
+	}
+	var what []string
+	for _, p := range probs {
+		d.logger.Error("undo log damaged in the range to replay", "problem", p.What)
+		what = append(what, p.What)
+	}
+	return fmt.Errorf("the undo log is damaged after log position %d, nothing was changed (undomail fsck --repair mends blobs that have a copy in the mail store):\n  %s",
+		after, strings.Join(what, "\n  "))
 }
 
 // beginRepair starts a cycle or a split-form rewind: it holds every

@@ -141,6 +141,11 @@ func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay
 	if err != nil {
 		return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
 	}
+	if hold {
+		if err := d.verifyRange(ctx, snap.Seq); err != nil {
+			return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
+		}
+	}
 	start := time.Now()
 	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: snapshot, At: snap.Seq, Split: true, Reason: "undomail rewind"})
 	if err != nil {
