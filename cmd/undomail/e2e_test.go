@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -768,25 +769,27 @@ func TestSplitCycle(t *testing.T) {
 
 // TestServeFromExampleConfig boots undomail serve from the documented
 // example config, with flags moving its addresses onto the test stack,
-// and passes a smoke test: mail in, IMAP read through undomail, verbs
-// logged.
+// and passes a smoke test: mail in through the front door and delivery
+// capture, read back over IMAP through undomail byte for byte, a change
+// made, each of them logged as a verb for the right user, and the admin
+// answering.
 func TestServeFromExampleConfig(t *testing.T) {
 	st := mailstacktest.Start(t, mailstack.Options{})
 	dataDir := filepath.Join(t.TempDir(), "undo")
-	smtpAddr, lmtpAddr, imapAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	smtpAddr, lmtpAddr, imapAddr, adminAddr := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 	logPath := dataDir + ".log"
 	logf, _ := os.Create(logPath)
 	cmd := exec.Command(binary, "serve", "--config", "../../undomail.example.yaml", "--data-dir", dataDir,
 		"--smtp-listen", smtpAddr, "--smtp-upstream", st.SMTPAddr, "--smtp-allow-insecure-auth",
 		"--lmtp-listen", lmtpAddr, "--lmtp-upstream", st.LMTPAddr,
 		"--imap-listen", imapAddr, "--imap-upstream", st.IMAPAddr, "--imap-allow-insecure-auth",
-		"--mail-root", st.MailRoot, "--admin-listen", freeAddr(t))
+		"--mail-root", st.MailRoot, "--admin-listen", adminAddr)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait(); logf.Close() })
-	for _, addr := range []string{smtpAddr, lmtpAddr, imapAddr} {
+	for _, addr := range []string{smtpAddr, lmtpAddr, imapAddr, adminAddr} {
 		deadline := time.Now().Add(30 * time.Second)
 		for {
 			c, err := net.DialTimeout("tcp", addr, time.Second)
@@ -804,7 +807,8 @@ func TestServeFromExampleConfig(t *testing.T) {
 	if err := st.SetLMTPRelay(context.Background(), lmtpAddr); err != nil {
 		t.Fatal(err)
 	}
-	if err := sendPlain(smtpAddr, "Subject: smoke\r\nMessage-Id: <smoke.1@client.test>\r\n\r\nhi\r\n"); err != nil {
+	body := "Subject: smoke\r\nMessage-Id: <smoke.1@client.test>\r\n\r\nhi from the smoke test\r\n"
+	if err := sendPlain(smtpAddr, body); err != nil {
 		t.Fatal(err)
 	}
 	c, err := imapclient.DialInsecure(imapAddr, nil)
@@ -826,14 +830,54 @@ func TestServeFromExampleConfig(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+	// Read it through undomail: the body arrives as sent, with the undo id
+	// the front door stamped on it.
+	msgs, err := c.Fetch(imap.SeqSetNum(1), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
+	if err != nil || len(msgs) != 1 || len(msgs[0].BodySection) != 1 {
+		t.Fatalf("FETCH BODY[] through undomail: %v %+v", err, msgs)
+	}
+	got := string(msgs[0].BodySection[0].Bytes)
+	if !strings.Contains(got, "Undomail-Id:") || !strings.HasSuffix(got, "\r\n\r\nhi from the smoke test\r\n") {
+		t.Fatalf("the message read through undomail:\n%s", got)
+	}
 	if err := c.Create("Smoke", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
+	// Every step is a verb in the log; the read names the message by the
+	// undo id it carries (the read is recorded once the proxy has matched
+	// the FETCH to its UIDs, so wait for it).
+	undoID := ""
+	for _, line := range strings.Split(got, "\r\n") {
+		if v, ok := strings.CutPrefix(line, "Undomail-Id: "); ok {
+			undoID = strings.Trim(strings.TrimSpace(v), "<>")
+		}
+	}
+	if undoID == "" {
+		t.Fatalf("no Undomail-Id in the message read:\n%s", got)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		js, err := run(t, "log", "--data-dir", dataDir, "--json", "--user", "alice", "--kind", "imap.fetch")
+		if err == nil && strings.Contains(js, undoID) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("alice's read of %s is not in the log (%v):\n%s", undoID, err, js)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 	text, err := run(t, "log", "--data-dir", dataDir)
-	for _, want := range []string{"smtp.submit", "lmtp.deliver", "imap.create"} {
+	for _, want := range []string{"smtp.submit", "lmtp.deliver", "imap.fetch", "imap.create"} {
 		if err != nil || !strings.Contains(text, want) {
 			t.Fatalf("undomail log lacks %s (%v):\n%s", want, err, text)
 		}
+	}
+	resp, err := http.Get("http://" + adminAddr + "/healthz")
+	if err != nil {
+		t.Fatalf("admin from the example config: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("admin /healthz: %s", resp.Status)
 	}
 }
 
