@@ -257,7 +257,7 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
 		t.Fatal(err)
 	}
-	const kills, senders = 5, 4
+	const kills, senders = 20, 4
 	var mu sync.Mutex
 	acked := map[string]bool{}
 	ackedBoxes := map[string]bool{}
@@ -312,7 +312,7 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 				}
 			}
 		}()
-		time.Sleep(time.Duration(300+rand.IntN(1200)) * time.Millisecond)
+		time.Sleep(time.Duration(200+rand.IntN(800)) * time.Millisecond)
 		s.kill9()
 		time.Sleep(200 * time.Millisecond)
 		close(stopSending)
