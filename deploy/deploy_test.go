@@ -187,11 +187,34 @@ func TestComposeConfigs(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.WriteFile(filepath.Join(pdir, "main.cf"), mb, 0o644)
-	master, err := os.ReadFile("/etc/postfix/master.cf")
+	master, err := os.ReadFile("/usr/share/postfix/master.cf.dist")
 	if err != nil {
-		t.Fatalf("Debian's master.cf (package postfix): %v", err)
+		t.Fatalf("Debian's master.cf (package postfix; the image starts from it): %v", err)
 	}
 	os.WriteFile(filepath.Join(pdir, "master.cf"), master, 0o644)
+	// The image's RUN edits master.cf with postconf: run them here too.
+	for _, st := range parseDockerfile(t, "postfix/Dockerfile") {
+		for _, c := range st.Commands {
+			run, ok := c.(*instructions.RunCommand)
+			if !ok {
+				continue
+			}
+			for _, part := range strings.Split(strings.Join(run.CmdLine, " "), ";") {
+				part = strings.TrimSpace(part)
+				if !strings.HasPrefix(part, "postconf -") {
+					continue
+				}
+				cmd := exec.Command("sh", "-c", "postconf -c "+pdir+strings.TrimPrefix(part, "postconf"))
+				if out, err := cmd.CombinedOutput(); err != nil || len(out) > 0 {
+					t.Fatalf("postfix/Dockerfile: %s: %v\n%s", part, err, out)
+				}
+			}
+		}
+	}
+	out, err = exec.Command("postconf", "-c", pdir, "-M", "10025/inet", "smtp/inet").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "10025      inet  n       -       n") || strings.Contains(string(out), "smtp      inet") {
+		t.Fatalf("master.cf after the image's edits: smtpd must be on 10025 only, without chroot: %v\n%s", err, out)
+	}
 	out, err = exec.Command("postconf", "-c", pdir, "-n").CombinedOutput()
 	if err != nil || strings.Contains(string(out), "warning") {
 		t.Fatalf("postconf on the compose Postfix main.cf: %v\n%s", err, out)
