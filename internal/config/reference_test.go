@@ -23,7 +23,10 @@ import (
 // generated part.
 var update = flag.Bool("update", false, "rewrite the generated reference in docs/configuration.md")
 
-const referencePath = "../../docs/configuration.md"
+const (
+	referencePath  = "../../docs/configuration.md"
+	operationsPath = "../../docs/operations.md"
+)
 
 const (
 	beginMarker = "<!-- BEGIN REFERENCE: generated from internal/config by `go test ./internal/config -run TestReference -update`; edit config.go, not this. -->"
@@ -343,6 +346,16 @@ func TestReference(t *testing.T) {
 	for _, m := range re.FindAllStringSubmatch(prose, -1) {
 		if !keys[m[1]] {
 			t.Errorf("%s names %s, which is not an option", referencePath, m[1])
+		}
+	}
+	// So does the operations guide.
+	ops, err := os.ReadFile(operationsPath)
+	if err != nil {
+		t.Fatalf("read the operations guide: %v", err)
+	}
+	for _, m := range re.FindAllStringSubmatch(string(ops), -1) {
+		if !keys[m[1]] {
+			t.Errorf("%s names %s, which is not an option", operationsPath, m[1])
 		}
 	}
 	re = regexp.MustCompile("`([a-z_]+)`")
