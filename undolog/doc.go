@@ -15,6 +15,10 @@
 // committed and fsynced. Concurrent appends share one transaction and one
 // fsync (group commit), see [Log.Stats].
 //
+// The database's schema has a version (PRAGMA user_version); Open migrates
+// an older log in one transaction and refuses one from a newer undomail,
+// untouched (migrate.go).
+//
 // Every record carries the SHA-256 of its own content and of the previous
 // record's sum, so a changed byte, a missing record or a lost tail is
 // detectable; [Check] reports all of them for `undomail fsck`. The approach
