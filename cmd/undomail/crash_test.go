@@ -3,12 +3,18 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/internal/mailstack"
@@ -147,4 +153,166 @@ func cycleVerdicts(t *testing.T, dataDir string) []daemon.CycleVerdict {
 		out = append(out, cv)
 	}
 	return out
+}
+
+// TestUpstreamsKilledMidTransaction kills Dovecot, then Postfix, with
+// SIGKILL while clients send mail through the front door and APPEND over
+// IMAP through undomail. Clients get temporary failures (4xx, NO, a
+// dropped connection), never a false OK; after the upstream is back,
+// every message a client was told was accepted is in the mailbox.
+func TestUpstreamsKilledMidTransaction(t *testing.T) {
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	s.start()
+	ctx := context.Background()
+	if err := st.SetLMTPRelay(ctx, s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	sent, appended := map[string]bool{}, map[string]bool{}
+	failures := map[string]int{}
+	load := func(round string, stop chan struct{}, wg *sync.WaitGroup) {
+		for g := range 3 {
+			wg.Add(2)
+			go func() { // SMTP through the front door
+				defer wg.Done()
+				for n := 0; ; n++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					id := fmt.Sprintf("%s.smtp.%d.%d@client.test", round, g, n)
+					err := sendPlain(s.smtpAddr, "Subject: x\r\nMessage-Id: <"+id+">\r\n\r\nhi\r\n")
+					mu.Lock()
+					if err == nil {
+						sent[id] = true
+					} else {
+						failures["smtp: "+smtpClass(err)]++
+					}
+					mu.Unlock()
+					if err != nil {
+						time.Sleep(20 * time.Millisecond)
+					}
+				}
+			}()
+			go func() { // IMAP APPEND through the front end
+				defer wg.Done()
+				for n := 0; ; n++ {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					id := fmt.Sprintf("%s.imap.%d.%d@client.test", round, g, n)
+					err := imapAppend(s.imapAddr, "bob", st.Password("bob"), id)
+					mu.Lock()
+					if err == nil {
+						appended[id] = true
+					} else {
+						failures["imap: "+imapClass(err)]++
+					}
+					mu.Unlock()
+					if err != nil {
+						time.Sleep(20 * time.Millisecond)
+					}
+				}
+			}()
+		}
+	}
+	for _, victim := range []string{"dovecot", "postfix"} {
+		stop := make(chan struct{})
+		var wg sync.WaitGroup
+		load(victim, stop, &wg)
+		time.Sleep(700 * time.Millisecond)
+		if victim == "dovecot" {
+			st.KillDovecot()
+		} else {
+			st.KillPostfix()
+		}
+		time.Sleep(700 * time.Millisecond) // clients hit the dead upstream
+		var err error
+		if victim == "dovecot" {
+			err = st.StartDovecot(ctx)
+		} else {
+			err = st.StartPostfix(ctx)
+		}
+		if err != nil {
+			t.Fatalf("restart %s: %v", victim, err)
+		}
+		time.Sleep(500 * time.Millisecond)
+		close(stop)
+		wg.Wait()
+	}
+	t.Logf("acknowledged: %d messages sent, %d appended; temporary failures: %v", len(sent), len(appended), failures)
+	if len(failures) == 0 {
+		t.Fatal("no client saw a failure: the kills missed the load")
+	}
+	for k := range failures {
+		if strings.Contains(k, "permanent") {
+			t.Errorf("a client got a permanent failure from a crashed upstream: %v", failures)
+		}
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		ids, err := inboxMessageIDs(st, "alice")
+		bobs, err2 := inboxMessageIDs(st, "bob")
+		var missing []string
+		for id := range sent {
+			if err != nil || ids[id] == 0 {
+				missing = append(missing, id)
+			}
+		}
+		for id := range appended {
+			if err2 != nil || bobs[id] == 0 {
+				missing = append(missing, id)
+			}
+		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d acknowledged messages lost, e.g. %v", len(missing), missing[:min(5, len(missing))])
+		}
+		st.Flush(ctx)
+		time.Sleep(500 * time.Millisecond)
+	}
+	s.stop()
+}
+
+func smtpClass(err error) string {
+	var se *smtp.SMTPError
+	if errors.As(err, &se) {
+		if se.Code >= 500 {
+			return fmt.Sprintf("permanent %d", se.Code)
+		}
+		return fmt.Sprintf("%d %d.%d.%d", se.Code, se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2])
+	}
+	return "connection"
+}
+
+func imapClass(err error) string {
+	var ie *imap.Error
+	if errors.As(err, &ie) {
+		return string(ie.Type) + " " + string(ie.Code)
+	}
+	return "connection"
+}
+
+// imapAppend appends a message to user's INBOX through addr.
+func imapAppend(addr, user, pass, id string) error {
+	c, err := imapclient.DialInsecure(addr, nil)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.Login(user, pass).Wait(); err != nil {
+		return err
+	}
+	msg := "Subject: appended\r\nMessage-Id: <" + id + ">\r\n\r\nhi\r\n"
+	ap := c.Append("INBOX", int64(len(msg)), nil)
+	ap.Write([]byte(msg))
+	ap.Close()
+	_, err = ap.Wait()
+	return err
 }

@@ -264,3 +264,48 @@ func waitFor(ctx context.Context, interval time.Duration, check func() error) er
 		}
 	}
 }
+
+// KillDovecot kills every Dovecot process of the instance with SIGKILL,
+// as a crash would; StartDovecot starts it again. Fault-injection tests.
+func (s *Stack) KillDovecot() {
+	s.killInstance(true)
+	// A killed master's pid may linger as a zombie of ours; Dovecot would
+	// take it for a running instance.
+	os.Remove(filepath.Join(s.dovecotBaseDir, "master.pid"))
+}
+
+// KillPostfix kills every Postfix process of the instance with SIGKILL;
+// StartPostfix starts it again.
+func (s *Stack) KillPostfix() { s.killInstance(false) }
+
+// StartDovecot starts Dovecot after KillDovecot and waits until it serves.
+func (s *Stack) StartDovecot(ctx context.Context) error { return s.startDovecot(ctx) }
+
+// StartPostfix starts Postfix after KillPostfix and waits until it serves.
+func (s *Stack) StartPostfix(ctx context.Context) error { return s.startPostfix(ctx) }
+
+func (s *Stack) killInstance(dovecot bool) {
+	childTitle := []byte("dovecot-umdc-" + s.id + "/")
+	for _, pid := range s.instancePIDs() {
+		cmdline, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+		isDovecot := bytes.HasPrefix(cmdline, childTitle) || bytes.HasPrefix(cmdline, []byte(dovecotBin+"\x00"))
+		if isDovecot == dovecot {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	// Wait until they are gone, so a restart does not race them.
+	for range 100 {
+		left := false
+		for _, pid := range s.instancePIDs() {
+			cmdline, _ := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
+			isDovecot := bytes.HasPrefix(cmdline, childTitle) || bytes.HasPrefix(cmdline, []byte(dovecotBin+"\x00"))
+			if isDovecot == dovecot {
+				left = true
+			}
+		}
+		if !left {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
