@@ -387,11 +387,21 @@ type VerbPage struct {
 //	user=alice kind=imap.delete,imap.expunge since=RFC3339 until=RFC3339
 //	after=SEQ before=SEQ order=desc limit=N q=TEXT branch=CYCLE-SEQ
 //
-// branch selects a cycle's abandoned branch: the verbs between the
-// snapshot it rewound to and the cycle itself.
+// A user given as a login also matches the addresses verbs were filed
+// under with that login as local part (mail delivered to
+// alice@example.org is alice's); exact=1 turns that off. branch selects
+// a cycle's abandoned branch: the verbs between the snapshot it rewound
+// to and the cycle itself.
 func (s *Server) pageQuery(r *http.Request) (undolog.PageQuery, error) {
 	v := r.URL.Query()
 	q := undolog.PageQuery{User: v.Get("user"), Text: v.Get("q"), Desc: v.Get("order") == "desc"}
+	if v.Get("exact") != "1" {
+		addrs, err := s.log.Addresses(r.Context(), q.User)
+		if err != nil {
+			return q, err
+		}
+		q.Users = addrs
+	}
 	for _, k := range strings.Split(v.Get("kind"), ",") {
 		if k = strings.TrimSpace(k); k != "" {
 			q.Kinds = append(q.Kinds, k)

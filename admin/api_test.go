@@ -379,15 +379,26 @@ func TestVerbsPagingAndFilters(t *testing.T) {
 	if resp, _ := ts.do(t, "GET", fmt.Sprintf("/api/verbs?branch=%d", del), ts.token, nil); resp.StatusCode != http.StatusBadRequest {
 		t.Fatalf("branch= a delete: %s, want 400", resp.Status)
 	}
+	// A login finds the mail delivered to its addresses, unless exact=1.
+	dlv := &undolog.Record{Kind: proxy.KindLMTPDeliver, Session: "lmtp", Users: []string{"alice@example.test"}, Args: []byte(`{"undo_id":"D1","rcpts":["alice@example.test"]}`)}
+	if err := l.Append(ctx, dlv); err != nil {
+		t.Fatal(err)
+	}
+	if p := get("user=alice&kind=lmtp.deliver"); len(p.Verbs) != 1 || p.Verbs[0].Seq != dlv.Seq {
+		t.Fatalf("deliveries to alice: %v, want %d", seqs(p.Verbs), dlv.Seq)
+	}
+	if p := get("user=alice&kind=lmtp.deliver&exact=1"); len(p.Verbs) != 0 {
+		t.Fatalf("deliveries filed under the login alice alone: %v, want none", seqs(p.Verbs))
+	}
 	// One verb, and the metrics count the kinds.
 	if resp, body := ts.do(t, "GET", fmt.Sprintf("/api/verbs/%d", del), ts.token, nil); resp.StatusCode != 200 || !strings.Contains(body, `"kind": "imap.delete"`) {
 		t.Fatalf("GET /api/verbs/%d: %s %s", del, resp.Status, body)
 	}
 	_, body := ts.do(t, "GET", "/metrics", ts.token, nil)
-	// 29 appends above: 13 verbs with their outcomes, a snapshot with its
-	// outcome, a cycle.
+	// 30 appends above: 13 verbs with their outcomes, a snapshot with its
+	// outcome, a cycle, a delivery.
 	for _, want := range []string{`undomail_verbs_logged_total{kind="imap.create"} 11`, `undomail_verbs_logged_total{kind="imap.delete"} 2`,
-		"undomail_snapshots 1", "undomail_gate_held 0", `undomail_log_append_seconds_count{durable="true"} 29`} {
+		"undomail_snapshots 1", "undomail_gate_held 0", `undomail_log_append_seconds_count{durable="true"} 30`} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %s:\n%s", want, body)
 		}

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 	"github.com/emersion/go-imap/v2"
 	"github.com/emersion/go-imap/v2/imapclient"
@@ -376,6 +377,17 @@ func screenshot(t *testing.T, ctx context.Context, name string) string {
 	return path
 }
 
+// clickAndLoad clicks an element that leads to another page and waits
+// until that page has loaded: a query right after a plain click could
+// still see the old page (the timeline before and after a search has the
+// same links), and a screenshot taken mid-navigation can hang.
+func clickAndLoad(sel string) chromedp.Action[chromedp.Void] {
+	return func(ctx context.Context, t *chromedp.Target) (chromedp.Void, error) {
+		_, err := chromedp.WaitEvent(page.LoadEventFired, nil, chromedp.Click(chromedp.CSS(sel)))(ctx, t)
+		return chromedp.Void{}, err
+	}
+}
+
 // text reads an element's text, failing the test if it is not there.
 func text(t *testing.T, ctx context.Context, sel string) string {
 	t.Helper()
@@ -412,7 +424,7 @@ func TestBrowserUndoesADeletedFolder(t *testing.T) {
 		chromedp.Navigate(base+"/"),
 		chromedp.WaitVisible(css("#token")),
 		chromedp.SendKeys(css("#token"), "not-the-token-at-all"),
-		chromedp.Click(css("#login")),
+		clickAndLoad("#login"),
 		chromedp.WaitVisible(css("#error")),
 	); err != nil {
 		t.Fatalf("log in with a wrong token: %v", err)
@@ -422,7 +434,7 @@ func TestBrowserUndoesADeletedFolder(t *testing.T) {
 	}
 	if err := chromedp.Do(ctx,
 		chromedp.SendKeys(css("#token"), a.token),
-		chromedp.Click(css("#login")),
+		clickAndLoad("#login"),
 		chromedp.WaitVisible(css("#q")),
 	); err != nil {
 		t.Fatalf("log in: %v", err)
@@ -432,7 +444,7 @@ func TestBrowserUndoesADeletedFolder(t *testing.T) {
 	if err := chromedp.Do(ctx,
 		chromedp.SendKeys(css("#user"), "alice"),
 		chromedp.SendKeys(css("#q"), "Projects"),
-		chromedp.Click(css("#search")),
+		clickAndLoad("#search"),
 		chromedp.WaitVisible(css(sel)),
 	); err != nil {
 		t.Fatalf("search the timeline: %v", err)
@@ -445,13 +457,13 @@ func TestBrowserUndoesADeletedFolder(t *testing.T) {
 	}
 	screenshot(t, ctx, "timeline-search.png")
 	// The DELETE's record, then the plan that cancels it.
-	if err := chromedp.Do(ctx, chromedp.Click(css(sel)), chromedp.WaitVisible(css("#preview"))); err != nil {
+	if err := chromedp.Do(ctx, clickAndLoad(sel), chromedp.WaitVisible(css("#preview"))); err != nil {
 		t.Fatalf("open verb %d: %v", del, err)
 	}
 	if s := text(t, ctx, "#summary"); !strings.Contains(s, "DELETE") || !strings.Contains(s, "Projects") {
 		t.Fatalf("verb %d shows %q, want alice's DELETE of Projects", del, s)
 	}
-	if err := chromedp.Do(ctx, chromedp.Click(css("#preview")), chromedp.WaitVisible(css("#run"))); err != nil {
+	if err := chromedp.Do(ctx, clickAndLoad("#preview"), chromedp.WaitVisible(css("#run"))); err != nil {
 		t.Fatalf("preview the cycle: %v", err)
 	}
 	comesBack, goes := text(t, ctx, "#comes-back"), text(t, ctx, "#goes")
@@ -466,7 +478,7 @@ func TestBrowserUndoesADeletedFolder(t *testing.T) {
 	if loc, _ := chromedp.Run(ctx, chromedp.Location()); !strings.Contains(loc, "/plan") {
 		t.Fatalf("the cycle form was sent without the confirmation: at %s", loc)
 	}
-	if err := chromedp.Do(ctx, chromedp.Click(css("#confirm")), chromedp.Click(css("#run"))); err != nil {
+	if err := chromedp.Do(ctx, chromedp.Click(css("#confirm")), clickAndLoad("#run")); err != nil {
 		t.Fatalf("run the cycle: %v", err)
 	}
 	// Watch it: the page refreshes itself until the verdict is there.

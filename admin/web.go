@@ -328,6 +328,9 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 	}
 	ctx := r.Context()
 	q := undolog.PageQuery{User: v.User, Text: v.Q, Desc: true, Limit: 300}
+	if q.Users, err = w.s.log.Addresses(ctx, v.User); err != nil {
+		return err
+	}
 	if v.Kind != "" {
 		q.Kinds = strings.Split(v.Kind, ",")
 	}
@@ -426,6 +429,16 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		}
 		l.Dots = append(l.Dots, d)
 	}
+	// A login's addresses share its lane: mail delivered to
+	// alice@example.org is alice's.
+	for _, name := range order {
+		local, _, ok := strings.Cut(name, "@")
+		if to := lanes[local]; ok && to != nil {
+			to.Dots = append(to.Dots, lanes[name].Dots...)
+			delete(lanes, name)
+		}
+	}
+	order = slices.DeleteFunc(order, func(n string) bool { return lanes[n] == nil })
 	slices.Sort(order)
 	for i, name := range order {
 		l := lanes[name]

@@ -23,7 +23,10 @@ import (
 // records_kind (kind, seq), everything else from the rowid, and a time
 // range is turned into a seq range through records_time.
 type PageQuery struct {
-	User      string    // verbs by or affecting this user
+	User string // verbs by or affecting this user
+	// Users widens User to several names of one person (a login and its
+	// addresses): verbs filed under any of them.
+	Users     []string
 	Kinds     []string  // verbs of one of these kinds
 	Since     time.Time // verbs with Time >= Since
 	Until     time.Time // verbs with Time < Until
@@ -68,11 +71,28 @@ func (l *Log) Page(ctx context.Context, q PageQuery) (Page, error) {
 		return Page{}, nil
 	}
 	var verbs []Verb
-	if q.User == "" && len(q.Kinds) > 1 {
-		// One index scan per kind, merged: an IN over the kind index
-		// would make SQLite sort every match before the LIMIT.
-		for _, k := range q.Kinds {
-			vs, err := l.pageQuery(ctx, q, lo, hi, []string{k})
+	users := q.Users
+	if q.User != "" {
+		users = append([]string{q.User}, users...)
+	}
+	if len(users) > 1 || len(users) == 0 && len(q.Kinds) > 1 {
+		// One index scan per user or per kind, merged: an IN over an
+		// index would make SQLite sort every match before the LIMIT.
+		var parts []PageQuery
+		for _, u := range users {
+			part := q
+			part.User = u
+			parts = append(parts, part)
+		}
+		if len(users) == 0 {
+			for _, k := range q.Kinds {
+				part := q
+				part.Kinds = []string{k}
+				parts = append(parts, part)
+			}
+		}
+		for _, part := range parts {
+			vs, err := l.pageQuery(ctx, part, lo, hi, part.Kinds)
 			if err != nil {
 				return Page{}, err
 			}
@@ -88,8 +108,13 @@ func (l *Log) Page(ctx context.Context, q PageQuery) (Page, error) {
 		if len(verbs) > q.Limit {
 			verbs = verbs[:q.Limit]
 		}
-	} else if verbs, err = l.pageQuery(ctx, q, lo, hi, q.Kinds); err != nil {
-		return Page{}, err
+	} else {
+		if len(users) == 1 {
+			q.User = users[0]
+		}
+		if verbs, err = l.pageQuery(ctx, q, lo, hi, q.Kinds); err != nil {
+			return Page{}, err
+		}
 	}
 	p := Page{Verbs: verbs}
 	if len(verbs) == q.Limit {
@@ -225,6 +250,31 @@ func (l *Log) pageQuery(ctx context.Context, q PageQuery, lo, hi int64, kinds []
 	}
 	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+	}
+	return out, nil
+}
+
+// Addresses returns the names verbs are filed under that are login's
+// addresses (login@domain), so a search for a login finds the mail
+// delivered to it. Each name costs one index seek.
+func (l *Log) Addresses(ctx context.Context, login string) ([]string, error) {
+	if login == "" || strings.Contains(login, "@") {
+		return nil, nil
+	}
+	var out []string
+	from := login + "@"
+	for len(out) < 100 {
+		var u string
+		err := l.db.QueryRowContext(ctx, `SELECT user FROM record_users WHERE user > ? AND user < ? ORDER BY user LIMIT 1`,
+			from, login+"A").Scan(&u) // "A" sorts right after "@"
+		if errors.Is(err, sql.ErrNoRows) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, fmt.Errorf("addresses of %s in undo log %s: %w", login, l.dir, err)
+		}
+		out = append(out, u)
+		from = u // user > u skips every record of u: the next name
 	}
 	return out, nil
 }

@@ -151,3 +151,49 @@ func BenchmarkPage(b *testing.B) {
 		}
 	}
 }
+
+func TestPageUsers(t *testing.T) {
+	l, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	ctx := context.Background()
+	recs := []*Record{
+		{User: "alice", Kind: "imap.create"},                                 // 1
+		{Kind: "lmtp.deliver", Users: []string{"alice@example.test"}},        // 2
+		{User: "bob", Kind: "imap.create"},                                   // 3
+		{Kind: "lmtp.deliver", Users: []string{"alice@other.test", "bob@x"}}, // 4
+		{Kind: "lmtp.deliver", Users: []string{"alicexyz@example.test"}},     // 5
+		{User: "alice", Kind: "imap.delete"},                                 // 6
+	}
+	if err := l.Append(ctx, recs...); err != nil {
+		t.Fatal(err)
+	}
+	addrs, err := l.Addresses(ctx, "alice")
+	if err != nil || fmt.Sprint(addrs) != "[alice@example.test alice@other.test]" {
+		t.Fatalf("alice's addresses: %v %v", addrs, err)
+	}
+	var got []int64
+	q := PageQuery{User: "alice", Users: addrs, Limit: 2}
+	for {
+		p, err := l.Page(ctx, q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, v := range p.Verbs {
+			got = append(got, v.Seq)
+		}
+		if p.Next == 0 {
+			break
+		}
+		q.AfterSeq = p.Next
+	}
+	if fmt.Sprint(got) != "[1 2 4 6]" {
+		t.Fatalf("alice under her login and addresses: %v, want [1 2 4 6]", got)
+	}
+	p, err := l.Page(ctx, PageQuery{User: "alice", Users: addrs, Kinds: []string{"lmtp.deliver"}, Desc: true})
+	if err != nil || len(p.Verbs) != 2 || p.Verbs[0].Seq != 4 || p.Verbs[1].Seq != 2 {
+		t.Fatalf("alice's deliveries newest first: %+v %v", p.Verbs, err)
+	}
+}
