@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -327,6 +328,8 @@ func TestSystemdUnit(t *testing.T) {
 		"Service.CapabilityBoundingSet":   "CAP_NET_BIND_SERVICE CAP_SYS_PTRACE",
 		"Service.DeviceAllow":             "/dev/zfs rw",
 		"Service.RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+		"Service.SystemCallFilter":        "@system-service",
+		"Service.SystemCallErrorNumber":   "EPERM",
 	}
 	for k, v := range want {
 		if got := u[k]; got != v {
@@ -338,13 +341,43 @@ func TestSystemdUnit(t *testing.T) {
 			t.Errorf("%s = %s would hide what undomail needs (Dovecot's processes, /dev/zfs, zfs delegation by uid)", forbidden, v)
 		}
 	}
-	exec := strings.Fields(u["Service.ExecStart"])
-	if len(exec) < 4 || exec[1] != "serve" || exec[2] != "--config" {
+	argv := strings.Fields(u["Service.ExecStart"])
+	if len(argv) < 4 || argv[1] != "serve" || argv[2] != "--config" {
 		t.Fatalf("ExecStart = %q, want undomail serve --config FILE", u["Service.ExecStart"])
 	}
 	if !strings.Contains(u["Service.ReadWritePaths"], "/var/lib/undomail") {
 		t.Errorf("ReadWritePaths = %q lacks the data dir", u["Service.ReadWritePaths"])
 	}
+
+	// systemd's own checks, offline: the unit verifies (with ExecStart
+	// pointing at a program that exists here), and its exposure rating.
+	b, err := os.ReadFile("systemd/undomail.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := filepath.Join(t.TempDir(), "undomail.service")
+	if err := os.WriteFile(unit, []byte(strings.Replace(string(b), argv[0], "/bin/true", 1)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run("systemd-analyze", "verify", "--man=no", unit)
+	if err != nil || len(out) > 0 {
+		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+	out, err = run("systemd-analyze", "security", "--offline=yes", "--no-pager", unit)
+	m := regexp.MustCompile(`Overall exposure level for undomail.service: ([0-9.]+) (\w+)`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("systemd-analyze security: %v\n%s", err, out)
+	}
+	// systemd rates 0-10: OK, MEDIUM, EXPOSED, UNSAFE.
+	if m[2] != "OK" {
+		t.Errorf("systemd rates the unit's exposure %s %s, want OK", m[1], m[2])
+	}
+	t.Logf("systemd-analyze security: exposure %s %s", m[1], m[2])
+}
+
+func run(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).CombinedOutput()
+	return string(out), err
 }
 
 // readUnit returns Section.Key -> value of a systemd unit file; a key set
