@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
 
@@ -507,10 +508,10 @@ func (w *web) paradoxes(ctx context.Context) (map[int64]string, error) {
 
 // verbView is the verb page's data.
 type verbView struct {
-	Verb      Verb
-	Blob      string // the message's header section, when logged
-	Snapshot  *Snapshot
-	Cancelled bool // a replayable change a cycle can cancel
+	Verb     Verb
+	Blob     string // the message's header section, when logged
+	Snapshot *Snapshot
+	Undoable bool // a change a cycle replays, so it can cancel it
 }
 
 func (w *web) verb(rw http.ResponseWriter, r *http.Request, p *pageData) error {
@@ -526,7 +527,7 @@ func (w *web) verb(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	if !ok {
 		return fmt.Errorf("no verb %d in the undo log", seq)
 	}
-	vv := &verbView{Verb: NewVerb(lv), Cancelled: strings.HasPrefix(lv.Kind, "imap.") && lv.Kind != proxy.KindIMAPFetch || lv.Kind == proxy.KindLMTPDeliver}
+	vv := &verbView{Verb: NewVerb(lv), Undoable: replay.Replayable[lv.Kind]}
 	p.Data = vv
 	if lv.Blob != "" {
 		if b, err := w.s.log.ReadBlob(lv.Blob); err == nil {

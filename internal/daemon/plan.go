@@ -8,15 +8,9 @@ import (
 
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
-
-// Replayable are the verb kinds a cycle re-executes.
-var Replayable = map[string]bool{
-	proxy.KindLMTPDeliver: true, proxy.KindIMAPAppend: true, proxy.KindIMAPStore: true, proxy.KindIMAPCopy: true,
-	proxy.KindIMAPMove: true, proxy.KindIMAPExpunge: true, proxy.KindIMAPCreate: true, proxy.KindIMAPDelete: true,
-	proxy.KindIMAPRename: true, proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true,
-}
 
 // PlanCycle says what a cycle to the snapshot `to` cancelling `cancel`
 // would do, from the log alone: every replayable verb since the snapshot
@@ -47,7 +41,7 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 	p := &admin.Plan{To: to, AtSeq: at}
 	gone := map[string]int64{} // undo ids of messages that go -> the verb that made them
 	for _, v := range verbs {
-		if !Replayable[v.Kind] {
+		if !replay.Replayable[v.Kind] {
 			if c[v.Seq] {
 				return nil, fmt.Errorf("plan: cancel %d: a %s is not a change a replay makes", v.Seq, v.Kind)
 			}
