@@ -188,9 +188,7 @@ func (s *Server) Close() error {
 
 func (s *Server) routes() {
 	m := s.mux
-	m.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusOK, map[string]any{"ok": true})
-	})
+	m.HandleFunc("GET /healthz", s.handleHealth)
 	m.Handle("GET /metrics", s.api(s.metrics.handler()))
 	m.Handle("GET /api/status", s.api(http.HandlerFunc(s.handleStatus)))
 	m.Handle("GET /api/verbs", s.api(http.HandlerFunc(s.handleVerbs)))
@@ -286,6 +284,9 @@ type LogStatus struct {
 	Records   int64  `json:"records"` // = the head's seq: records have no gaps
 	Head      string `json:"head"`    // the head record's sum, hex
 	SizeBytes int64  `json:"size_bytes"`
+	// Error is why the log refuses appends (clients get temporary
+	// failures until it is repaired); empty while it accepts them.
+	Error string `json:"error,omitempty"`
 }
 
 // probeTimeout bounds an upstream health check.
@@ -328,6 +329,9 @@ func (s *Server) status(ctx context.Context) (Status, error) {
 		st.Gate = "held"
 	}
 	st.Upstreams = probe(ctx, s.b.Upstreams())
+	if ferr := s.log.Failed(); ferr != nil {
+		st.Log.Error = ferr.Error()
+	}
 	return st, err
 }
 
@@ -363,6 +367,27 @@ func LogState(ctx context.Context, l *undolog.Log) (Status, error) {
 		st.LastDrill = &ds[0]
 	}
 	return st, nil
+}
+
+// handleHealth answers 200 {"ok": true} while the undo log accepts
+// appends and every upstream accepts connections, else 503 with what is
+// wrong: a load balancer or monitor needs no token to ask. It says
+// nothing about the mail itself.
+func (s *Server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	var problems []string
+	if err := s.log.Failed(); err != nil {
+		problems = append(problems, "undo log: "+err.Error())
+	}
+	for _, u := range probe(r.Context(), s.b.Upstreams()) {
+		if !u.OK {
+			problems = append(problems, fmt.Sprintf("upstream %s %s: %s", u.Name, u.Addr, u.Error))
+		}
+	}
+	if len(problems) > 0 {
+		writeJSON(w, http.StatusServiceUnavailable, map[string]any{"ok": false, "problems": problems})
+		return
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"ok": true})
 }
 
 func (s *Server) handleStatus(w http.ResponseWriter, r *http.Request) {

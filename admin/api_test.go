@@ -34,6 +34,7 @@ import (
 // as it would in production; the daemon's actions are recorded.
 type fakeDaemon struct {
 	l        *undolog.Log
+	ups      []Upstream
 	cycles   []CycleRequest
 	snapshot int
 }
@@ -62,7 +63,7 @@ func (f *fakeDaemon) DrillJSON(ctx context.Context, from, to string) (json.RawMe
 func (f *fakeDaemon) FiltersJSON() json.RawMessage                     { return json.RawMessage(`[]`) }
 func (f *fakeDaemon) RemoveFilters(ctx context.Context, c int64) error { return nil }
 func (f *fakeDaemon) UndoLog() *undolog.Log                            { return f.l }
-func (f *fakeDaemon) Upstreams() []Upstream                            { return nil }
+func (f *fakeDaemon) Upstreams() []Upstream                            { return f.ups }
 func (f *fakeDaemon) Holding() bool                                    { return false }
 func (f *fakeDaemon) PlanCycle(ctx context.Context, to string, cancel []int64) (*Plan, error) {
 	if to == "" {
@@ -180,6 +181,20 @@ func TestAuthRequired(t *testing.T) {
 	if resp, _ := ts.do(t, "GET", "/healthz", "", nil); resp.StatusCode != http.StatusOK {
 		t.Fatalf("/healthz without a token: %s, want 200", resp.Status)
 	}
+	// An upstream that refuses connections makes /healthz say so.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts.f.ups = []Upstream{{Name: "imap", Addr: ln.Addr().String()}}
+	if resp, body := ts.do(t, "GET", "/healthz", "", nil); resp.StatusCode != http.StatusOK {
+		t.Fatalf("/healthz with the upstream up: %s %s", resp.Status, body)
+	}
+	ln.Close()
+	if resp, body := ts.do(t, "GET", "/healthz", "", nil); resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(body, "upstream imap") {
+		t.Fatalf("/healthz with the upstream down: %s %s, want 503 naming it", resp.Status, body)
+	}
+	ts.f.ups = nil
 	// The web pages send a browser without a session to the login form.
 	c := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	resp, err := c.Get(ts.URL + "/")

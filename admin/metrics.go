@@ -29,6 +29,7 @@ type metrics struct {
 	appendWait   *prometheus.HistogramVec
 	appendFailed prometheus.Counter
 
+	logOK,
 	verbs, records, size, snapshots, pause, gate, cycleOK, cycleRunning,
 	progressDone, progressTotal, drillOK, drillTime, up, connect *prometheus.Desc
 }
@@ -40,6 +41,7 @@ func newMetrics(s *Server) *metrics {
 	m := &metrics{s: s, perKind: map[string]int64{},
 		verbs:         d("verbs_logged_total", "Verbs in the undo log, by kind.", "kind"),
 		records:       d("log_records", "Records in the undo log (the head's sequence number)."),
+		logOK:         d("log_ok", "1 while the undo log accepts appends, 0 once it failed (clients get temporary failures)."),
 		size:          d("log_size_bytes", "Size of the undo log's database and write-ahead log."),
 		snapshots:     d("snapshots", "Snapshots the log records as existing."),
 		pause:         d("snapshot_last_pause_seconds", "How long the newest snapshot held mutations back."),
@@ -115,6 +117,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	}
 	m.mu.Unlock()
 	gauge(m.records, float64(head))
+	gauge(m.logOK, b(l.Failed() == nil))
 	gauge(m.size, float64(l.Size()))
 	gauge(m.gate, b(m.s.b.Holding()))
 	st, err := m.s.status(ctx)

@@ -25,3 +25,12 @@ func (l *Log) observe(req *appendReq, start time.Time) {
 		(*f)(req.recs, time.Since(start), !req.noSync, req.err)
 	}
 }
+
+// Failed returns why the log refuses appends (a commit that failed, the
+// disk full, a read-only open), nil while it accepts them. Once failed a
+// log stays failed until it is opened again.
+func (l *Log) Failed() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.failed
+}

@@ -138,6 +138,9 @@ func statusProblems(st admin.Status, running bool) []string {
 	if !running {
 		p = append(p, "undomail serve is not running")
 	}
+	if st.Log.Error != "" {
+		p = append(p, "the undo log refuses appends: "+st.Log.Error)
+	}
 	for _, u := range st.Upstreams {
 		if !u.OK {
 			p = append(p, fmt.Sprintf("upstream %s %s is down", u.Name, u.Addr))
@@ -172,6 +175,9 @@ func printStatus(w io.Writer, st admin.Status, running bool) {
 		head = head[:12]
 	}
 	fmt.Fprintf(tw, "undo log\t%s: %d records, %.1f MiB, head %s\n", st.Log.Dir, st.Log.Records, float64(st.Log.SizeBytes)/(1<<20), head)
+	if st.Log.Error != "" {
+		fmt.Fprintf(tw, "undo log\tREFUSES APPENDS: %s\n", st.Log.Error)
+	}
 	if s := st.LastSnapshot; s != nil {
 		fmt.Fprintf(tw, "snapshots\t%d; newest %s at log position %d (%s, changes held %.1f ms)\n", st.Snapshots, s.Name, s.AtSeq, s.Time.Local().Format("2006-01-02 15:04:05"), s.PauseMS)
 	} else {
