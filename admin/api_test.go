@@ -272,6 +272,7 @@ func TestCSRF(t *testing.T) {
 		return resp.StatusCode
 	}
 	const js = "application/json"
+	const form = "application/x-www-form-urlencoded"
 	if code := post("/api/snapshots", "", ts.URL, "", js); code != http.StatusForbidden {
 		t.Errorf("POST /api/snapshots with the cookie but no CSRF token: %d, want 403", code)
 	}
@@ -285,7 +286,6 @@ func TestCSRF(t *testing.T) {
 	if code := post("/api/snapshots", csrf, "https://evil.example", "", js); code != http.StatusForbidden {
 		t.Errorf("POST /api/snapshots from another origin: %d, want 403", code)
 	}
-	form := "application/x-www-form-urlencoded"
 	if code := post("/cycles/run", "", ts.URL, url.Values{"to": {"snap-1"}, "confirm": {"yes"}}.Encode(), form); code != http.StatusForbidden {
 		t.Errorf("form POST /cycles/run without the csrf field: %d, want 403", code)
 	}
@@ -294,6 +294,12 @@ func TestCSRF(t *testing.T) {
 	}
 	if code := post("/api/snapshots", csrf, ts.URL, "", js); code != http.StatusOK || ts.f.snapshot != 1 {
 		t.Fatalf("POST /api/snapshots with the CSRF token: %d, %d snapshots", code, ts.f.snapshot)
+	}
+	if code := post("/snapshots/take", "", ts.URL, url.Values{"reason": {"before the upgrade"}}.Encode(), form); code != http.StatusForbidden || ts.f.snapshot != 1 {
+		t.Fatalf("snapshot form without the csrf field: %d, %d snapshots", code, ts.f.snapshot)
+	}
+	if code := post("/snapshots/take", "", ts.URL, url.Values{"reason": {"before the upgrade"}, "csrf": {csrf}}.Encode(), form); code != http.StatusOK || ts.f.snapshot != 2 {
+		t.Fatalf("snapshot form: %d, %d snapshots", code, ts.f.snapshot)
 	}
 	// A form without the confirmation box runs nothing; with it, it does.
 	if code := post("/cycles/run", "", ts.URL, url.Values{"to": {"snap-1"}, "csrf": {csrf}}.Encode(), form); code != http.StatusOK || len(ts.f.cycles) != 0 {

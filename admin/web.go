@@ -104,6 +104,7 @@ func (w *web) routes(m *http.ServeMux) {
 	m.Handle("GET /cycles/current", w.page(w.current))
 	m.Handle("GET /cycles", w.page(w.cycles))
 	m.Handle("GET /snapshots", w.page(w.snapshots))
+	m.Handle("POST /snapshots/take", w.page(w.takeSnapshot))
 	m.Handle("GET /drills", w.page(w.drills))
 	m.Handle("POST /drills/run", w.page(w.runDrill))
 	m.Handle("GET /compensations", w.page(w.compensations))
@@ -666,6 +667,22 @@ func (w *web) snapshots(rw http.ResponseWriter, r *http.Request, p *pageData) er
 type drillsView struct {
 	Drills    []Drill
 	Snapshots []Snapshot
+}
+
+// takeSnapshot takes a snapshot now and shows the list.
+func (w *web) takeSnapshot(rw http.ResponseWriter, r *http.Request, p *pageData) error {
+	reason := strings.TrimSpace(r.PostFormValue("reason"))
+	if reason == "" {
+		reason = "on demand (web admin)"
+	}
+	if _, _, err := w.s.b.Snapshot(r.Context(), reason); err != nil {
+		if lerr := w.snapshots(rw, r, p); lerr != nil {
+			return lerr
+		}
+		return fmt.Errorf("snapshot: %w", err)
+	}
+	http.Redirect(rw, r, "/snapshots", http.StatusSeeOther)
+	return nil
 }
 
 func (w *web) drills(rw http.ResponseWriter, r *http.Request, p *pageData) error {
