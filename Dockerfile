@@ -37,13 +37,13 @@ RUN set -eux; \
     useradd --system --uid 10025 --gid undomail --home-dir /var/lib/undomail --shell /usr/sbin/nologin undomail; \
     install -d -o undomail -g undomail -m 0750 /var/lib/undomail
 COPY --from=build /out/undomail /usr/local/bin/undomail
-# CAP_SYS_PTRACE lets undomail read /proc/PID/fd of Dovecot's processes
-# (the compose file shares Dovecot's PID namespace) to see that none still
-# holds a file in the mail store before a rewind rolls it back. The
-# container must be given the capability (cap_add: SYS_PTRACE); without it
-# the kernel refuses to start the binary rather than let a rewind run
-# blind.
-RUN setcap cap_sys_ptrace=ep /usr/local/bin/undomail \
+# CAP_SYS_PTRACE and CAP_DAC_READ_SEARCH let undomail read /proc/PID/fd of
+# Dovecot's processes (the compose file shares Dovecot's PID namespace;
+# the processes are not dumpable, so the directory is root's) to see that
+# none still holds a file in the mail store before a rewind rolls it back.
+# The container must be given both (cap_add); without them the kernel
+# refuses to start the binary rather than let a rewind run blind.
+RUN setcap cap_sys_ptrace,cap_dac_read_search=ep /usr/local/bin/undomail \
  && apt-get purge -y libcap2-bin && apt-get autoremove -y
 COPY deploy/undomail/undomail.yaml /etc/undomail/undomail.yaml
 COPY deploy/undomail/doveadm.conf /etc/undomail/doveadm.conf

@@ -79,8 +79,8 @@ func TestCompose(t *testing.T) {
 	if !published["25:2525"] || !published["143:1143"] {
 		t.Errorf("undomail publishes %v, want SMTP 25 and IMAP 143", u.Ports)
 	}
-	if u.Pid != "service:dovecot" || !slices.Contains(u.CapAdd, "SYS_PTRACE") {
-		t.Errorf("undomail needs Dovecot's PID namespace and SYS_PTRACE to see who holds the mail store (pid %q, cap_add %v)", u.Pid, u.CapAdd)
+	if u.Pid != "service:dovecot" || !slices.Contains(u.CapAdd, "SYS_PTRACE") || !slices.Contains(u.CapAdd, "DAC_READ_SEARCH") {
+		t.Errorf("undomail needs Dovecot's PID namespace, SYS_PTRACE and DAC_READ_SEARCH to see who holds the mail store (pid %q, cap_add %v)", u.Pid, u.CapAdd)
 	}
 	if u.User == "root" || u.User == "0" {
 		t.Errorf("undomail runs as %s", u.User)
@@ -324,8 +324,8 @@ func TestSystemdUnit(t *testing.T) {
 		"Service.ProtectHome":             "yes",
 		"Service.PrivateTmp":              "yes",
 		"Service.StateDirectory":          "undomail",
-		"Service.AmbientCapabilities":     "CAP_NET_BIND_SERVICE CAP_SYS_PTRACE",
-		"Service.CapabilityBoundingSet":   "CAP_NET_BIND_SERVICE CAP_SYS_PTRACE",
+		"Service.AmbientCapabilities":     "CAP_NET_BIND_SERVICE CAP_SYS_PTRACE CAP_DAC_READ_SEARCH",
+		"Service.CapabilityBoundingSet":   "CAP_NET_BIND_SERVICE CAP_SYS_PTRACE CAP_DAC_READ_SEARCH",
 		"Service.DeviceAllow":             "/dev/zfs rw",
 		"Service.RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
 		"Service.SystemCallFilter":        "@system-service",

@@ -29,71 +29,7 @@ import (
 // passdb. The test uses nobody/nogroup for the undomail user and group.
 func TestDovecotSnippetUnprivileged(t *testing.T) {
 	st := mailstacktest.Start(t, mailstack.Options{})
-	conf, err := os.ReadFile(st.DovecotConfig())
-	if err != nil {
-		t.Fatal(err)
-	}
-	m := regexp.MustCompile(`(?m)^base_dir = (.*)$`).FindStringSubmatch(string(conf))
-	if m == nil {
-		t.Fatalf("no base_dir in %s", st.DovecotConfig())
-	}
-	base := m[1]
-	dir := filepath.Join(st.Dir, "undomail-etc")
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	writeFile := func(name, body string, mode os.FileMode, gid int) string {
-		t.Helper()
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, []byte(body), mode); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Chown(p, 0, gid); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Chmod(p, mode); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	const nogroup = 65534
-	password := writeFile("doveadm-password", "s3cret-doveadm\n", 0o640, nogroup)
-	dg, err := user.LookupGroup("dovecot")
-	if err != nil {
-		t.Fatalf("Dovecot's group: %v", err)
-	}
-	dovecotGID, _ := strconv.Atoi(dg.Gid)
-	// Read by Dovecot's auth process (user dovecot), not by undomail.
-	masterUsers := writeFile("master-users", "undomail:{PLAIN}s3cret-master::::::\n", 0o640, dovecotGID)
-
-	// The shipped snippet, with this test's paths and group.
-	snippet, err := os.ReadFile("dovecot/conf.d/90-undomail.conf")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := strings.NewReplacer("/etc/dovecot/doveadm-password", password, "/etc/dovecot/master-users", masterUsers,
-		"group = undomail", "group = nogroup").Replace(string(snippet))
-	if s == string(snippet) {
-		t.Fatal("the snippet's paths changed; update this test's replacements")
-	}
-	snippetPath := writeFile("90-undomail.conf", s, 0o644, 0)
-	f, err := os.OpenFile(st.DovecotConfig(), os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := f.WriteString("\n!include " + snippetPath + "\n"); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	restartDovecot(t, st, base)
-
-	// undomail's doveadm.conf, with this instance's base_dir.
-	client, err := os.ReadFile("undomail/doveadm.conf")
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := strings.NewReplacer("/run/dovecot", base, "/etc/undomail/doveadm-password", password).Replace(string(client))
-	clientConf := writeFile("doveadm.conf", c, 0o644, 0)
+	clientConf := installSnippet(t, st).clientConf
 
 	if out, err := st.Doveadm(context.Background(), "mailbox", "create", "-u", "alice", "Archive"); err != nil {
 		t.Fatalf("create a mailbox as root: %v %s", err, out)
@@ -157,6 +93,88 @@ func TestDovecotSnippetUnprivileged(t *testing.T) {
 	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "ermission denied") {
 		t.Fatalf("kick without the group: %v\n%s; want a permission error", err, out)
 	}
+}
+
+// snippet is Dovecot's side of the privilege model installed on a test
+// stack: conf.d/90-undomail.conf included with this test's paths and group
+// nogroup, and undomail's doveadm.conf written for the stack.
+type snippet struct {
+	clientConf     string // undomail's doveadm.conf for this stack
+	masterUser     string
+	masterPassword string
+}
+
+// installSnippet includes the shipped snippet in st's Dovecot and restarts
+// it; undomail's side then works as any user in group nogroup.
+func installSnippet(t *testing.T, st *mailstack.Stack) snippet {
+	t.Helper()
+	conf, err := os.ReadFile(st.DovecotConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^base_dir = (.*)$`).FindStringSubmatch(string(conf))
+	if m == nil {
+		t.Fatalf("no base_dir in %s", st.DovecotConfig())
+	}
+	base := m[1]
+	dir := filepath.Join(st.Dir, "undomail-etc")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile := func(name, body string, mode os.FileMode, gid int) string {
+		t.Helper()
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(p, 0, gid); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(p, mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	const nogroup = 65534
+	password := writeFile("doveadm-password", "s3cret-doveadm\n", 0o640, nogroup)
+	dg, err := user.LookupGroup("dovecot")
+	if err != nil {
+		t.Fatalf("Dovecot's group: %v", err)
+	}
+	dovecotGID, _ := strconv.Atoi(dg.Gid)
+	// Read by Dovecot's auth process (user dovecot), not by undomail.
+	masterUsers := writeFile("master-users", "undomail:{PLAIN}s3cret-master::::::\n", 0o640, dovecotGID)
+
+	// The shipped snippet, with this test's paths and group.
+	shipped, err := os.ReadFile("dovecot/conf.d/90-undomail.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := strings.NewReplacer("/etc/dovecot/doveadm-password", password, "/etc/dovecot/master-users", masterUsers,
+		"group = undomail", "group = nogroup").Replace(string(shipped))
+	if s == string(shipped) {
+		t.Fatal("the snippet's paths changed; update this test's replacements")
+	}
+	snippetPath := writeFile("90-undomail.conf", s, 0o644, 0)
+	f, err := os.OpenFile(st.DovecotConfig(), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString("\n!include " + snippetPath + "\n"); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	restartDovecot(t, st, base)
+
+	// undomail's doveadm.conf, with this instance's base_dir.
+	client, err := os.ReadFile("undomail/doveadm.conf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := strings.NewReplacer("/run/dovecot", base, "/etc/undomail/doveadm-password", password).Replace(string(client))
+	clientConf := writeFile("doveadm.conf", c, 0o644, 0)
+
+	return snippet{clientConf: clientConf, masterUser: "undomail", masterPassword: "s3cret-master"}
 }
 
 // restartDovecot stops the stack's Dovecot and starts it again with its
