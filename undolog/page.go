@@ -166,6 +166,39 @@ func (l *Log) seqRange(ctx context.Context, q PageQuery) (lo, hi int64, empty bo
 // pageQuery runs one index range scan for q restricted to kinds (at
 // most one kind unless a user drives the scan).
 func (l *Log) pageQuery(ctx context.Context, q PageQuery, lo, hi int64, kinds []string) ([]Verb, error) {
+	query, args := pageSQL(q, lo, hi, kinds)
+	rows, err := l.db.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+	}
+	defer rows.Close()
+	var out []Verb
+	for rows.Next() {
+		var v Verb
+		var o Record
+		vs, oscan := scanInto(&v.Record), scanInto(&o)
+		if err := rows.Scan(append(vs.dest(), oscan.dest()...)...); err != nil {
+			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+		}
+		if err := vs.finish(); err != nil {
+			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+		}
+		if o.Seq != 0 {
+			if err := oscan.finish(); err != nil {
+				return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+			}
+			v.Outcome = &o
+		}
+		out = append(out, v)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
+	}
+	return out, nil
+}
+
+// pageSQL is the query of pageQuery.
+func pageSQL(q PageQuery, lo, hi int64, kinds []string) (string, []any) {
 	var b strings.Builder
 	var where []string
 	var args []any
@@ -224,34 +257,7 @@ func (l *Log) pageQuery(ctx context.Context, q PageQuery, lo, hi int64, kinds []
 	}
 	b.WriteString(" LIMIT ?")
 	args = append(args, q.Limit)
-	rows, err := l.db.QueryContext(ctx, b.String(), args...)
-	if err != nil {
-		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-	}
-	defer rows.Close()
-	var out []Verb
-	for rows.Next() {
-		var v Verb
-		var o Record
-		vs, oscan := scanInto(&v.Record), scanInto(&o)
-		if err := rows.Scan(append(vs.dest(), oscan.dest()...)...); err != nil {
-			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-		}
-		if err := vs.finish(); err != nil {
-			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-		}
-		if o.Seq != 0 {
-			if err := oscan.finish(); err != nil {
-				return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-			}
-			v.Outcome = &o
-		}
-		out = append(out, v)
-	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-	}
-	return out, nil
+	return b.String(), args
 }
 
 // Addresses returns the names verbs are filed under that are login's

@@ -3,6 +3,7 @@ package undolog
 import (
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 )
@@ -195,5 +196,56 @@ func TestPageUsers(t *testing.T) {
 	p, err := l.Page(ctx, PageQuery{User: "alice", Users: addrs, Kinds: []string{"lmtp.deliver"}, Desc: true})
 	if err != nil || len(p.Verbs) != 2 || p.Verbs[0].Seq != 4 || p.Verbs[1].Seq != 2 {
 		t.Fatalf("alice's deliveries newest first: %+v %v", p.Verbs, err)
+	}
+}
+
+// TestPagePlans checks the query plan of every page shape: each is driven
+// by an index in the order asked for, so SQLite stops after the page's
+// rows, and none sorts its matches (a TEMP B-TREE would read them all).
+// This is why a page costs the same in a log of any size; BenchmarkPage
+// measures it.
+func TestPagePlans(t *testing.T) {
+	l, err := Open(t.TempDir(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	fillLog(t, l, 0, 2000, time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	since := time.Date(2026, 1, 1, 0, 10, 0, 0, time.UTC)
+	for _, c := range []struct {
+		name   string
+		q      PageQuery
+		lo, hi int64
+		kinds  []string
+		want   string // the driving index
+	}{
+		{"all", PageQuery{Limit: 100}, 0, 0, nil, "SCAN r"},
+		{"all after", PageQuery{Limit: 100}, 500, 0, nil, "SEARCH r USING INTEGER PRIMARY KEY (rowid>?)"},
+		{"time range newest first", PageQuery{Since: since, Until: since.Add(time.Hour), Desc: true, Limit: 100}, 599, 1200, nil, "SEARCH r USING INTEGER PRIMARY KEY (rowid>? AND rowid<?)"},
+		{"user", PageQuery{User: "u3", Limit: 100}, 0, 0, nil, "SEARCH u USING PRIMARY KEY (user=?)"},
+		{"user kind range text", PageQuery{User: "u3", Text: "message", Desc: true, Limit: 100}, 10, 1500, []string{"k3"}, "SEARCH u USING PRIMARY KEY (user=? AND seq>? AND seq<?)"},
+		{"user kinds", PageQuery{User: "u3", Limit: 100}, 0, 0, []string{"k3", "k4"}, "SEARCH u USING PRIMARY KEY (user=?)"},
+		{"kind", PageQuery{Limit: 100}, 0, 0, []string{"k2"}, "SEARCH r USING INDEX records_kind (kind=?)"},
+		{"kind range newest first", PageQuery{Desc: true, Limit: 100}, 100, 900, []string{"k2"}, "SEARCH r USING INDEX records_kind (kind=? AND rowid>? AND rowid<?)"},
+	} {
+		query, args := pageSQL(c.q, c.lo, c.hi, c.kinds)
+		rows, err := l.db.Query("EXPLAIN QUERY PLAN "+query, args...)
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		var plan []string
+		for rows.Next() {
+			var id, parent, unused int
+			var detail string
+			if err := rows.Scan(&id, &parent, &unused, &detail); err != nil {
+				t.Fatal(err)
+			}
+			plan = append(plan, detail)
+		}
+		rows.Close()
+		all := strings.Join(plan, "\n")
+		if len(plan) == 0 || plan[0] != c.want || strings.Contains(all, "TEMP B-TREE") {
+			t.Errorf("%s: plan\n%s\nwant it driven by %q, without a TEMP B-TREE", c.name, all, c.want)
+		}
 	}
 }
