@@ -5,7 +5,6 @@ import (
 	"context"
 	"embed"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"html/template"
 	"io/fs"
@@ -578,7 +577,7 @@ func (w *web) plan(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	}
 	pv.Cancel = strings.Join(parts, ",")
 	if qv.Get("to") == "" {
-		return errors.New("choose a snapshot to rewind to")
+		return nil // the form alone: choose a snapshot
 	}
 	pv.Plan, err = w.s.b.PlanCycle(r.Context(), qv.Get("to"), cancel)
 	return err
