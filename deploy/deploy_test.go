@@ -316,6 +316,15 @@ func parseDockerfile(t *testing.T, path string) []instructions.Stage {
 // /dev/zfs, writable paths limited to the log and the snapshots.
 func TestSystemdUnit(t *testing.T) {
 	u := readUnit(t, "systemd/undomail.service")
+	for _, sec := range []string{"Unit", "Service", "Install"} {
+		found := false
+		for k := range u {
+			found = found || strings.HasPrefix(k, sec+".")
+		}
+		if !found {
+			t.Errorf("the unit has no [%s] section", sec)
+		}
+	}
 	want := map[string]string{
 		"Service.User":                    "undomail",
 		"Service.Group":                   "undomail",
@@ -349,35 +358,72 @@ func TestSystemdUnit(t *testing.T) {
 		t.Errorf("ReadWritePaths = %q lacks the data dir", u["Service.ReadWritePaths"])
 	}
 
-	// systemd's own checks, offline: the unit verifies (with ExecStart
-	// pointing at a program that exists here), and its exposure rating.
+	// The ZFS drop-in must undo every option that gives the service a
+	// mount namespace of its own: a rewind's mount must reach Dovecot.
+	zfs := readUnit(t, "systemd/undomail.service.d/zfs.conf")
+	for _, k := range []string{"ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "ProtectKernelTunables",
+		"ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ReadWritePaths",
+		"ReadOnlyPaths", "InaccessiblePaths", "BindPaths", "TemporaryFileSystem"} {
+		base, set := u["Service."+k]
+		if !set || base == "no" || base == "" {
+			continue
+		}
+		if v, ok := zfs["Service."+k]; !ok || (v != "no" && v != "") {
+			t.Errorf("zfs.conf leaves %s=%s: ZFS mounts made by a rewind would stay in undomail's own mount namespace", k, base)
+		}
+	}
+	if zfs["Service.User"] != "root" || !strings.Contains(zfs["Service.CapabilityBoundingSet"], "CAP_SYS_ADMIN") || zfs["Service.SystemCallFilter"] != "@mount" {
+		t.Errorf("zfs.conf must run as root with CAP_SYS_ADMIN and allow @mount: %v", zfs)
+	}
+
+	// systemd's own checks, offline: the unit verifies with each drop-in
+	// (with ExecStart pointing at a program that exists here), and its
+	// exposure rating.
 	b, err := os.ReadFile("systemd/undomail.service")
 	if err != nil {
 		t.Fatal(err)
 	}
-	unit := filepath.Join(t.TempDir(), "undomail.service")
-	if err := os.WriteFile(unit, []byte(strings.Replace(string(b), argv[0], "/bin/true", 1)), 0o644); err != nil {
-		t.Fatal(err)
+	for _, dropIn := range []string{"", "copy.conf", "zfs.conf"} {
+		dir := t.TempDir()
+		unit := filepath.Join(dir, "undomail.service")
+		if err := os.WriteFile(unit, []byte(strings.Replace(string(b), argv[0], "/bin/true", 1)), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if dropIn != "" {
+			d, err := os.ReadFile(filepath.Join("systemd/undomail.service.d", dropIn))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The copy backend's mail user is the one this host has.
+			d = []byte(strings.NewReplacer("User=vmail", "User=mail", "Group=vmail", "Group=mail").Replace(string(d)))
+			os.Mkdir(filepath.Join(dir, "undomail.service.d"), 0o755)
+			if err := os.WriteFile(filepath.Join(dir, "undomail.service.d", dropIn), d, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		env := append(os.Environ(), "SYSTEMD_UNIT_PATH="+dir+":")
+		cmd := exec.Command("systemd-analyze", "verify", "--man=no", "undomail.service")
+		cmd.Env = env
+		out, err := cmd.CombinedOutput()
+		if err != nil || len(out) > 0 {
+			t.Fatalf("systemd-analyze verify with drop-in %q: %v\n%s", dropIn, err, out)
+		}
+		cmd = exec.Command("systemd-analyze", "security", "--offline=yes", "--no-pager", "undomail.service")
+		cmd.Env = env
+		out, err = cmd.CombinedOutput()
+		m := regexp.MustCompile(`Overall exposure level for undomail.service: ([0-9.]+) (\w+)`).FindStringSubmatch(string(out))
+		if m == nil {
+			t.Fatalf("systemd-analyze security with drop-in %q: %v\n%s", dropIn, err, out)
+		}
+		if dropIn == "zfs.conf" && !strings.Contains(string(out), "Service runs as root user") {
+			t.Fatalf("systemd-analyze did not apply drop-in %s:\n%s", dropIn, out)
+		}
+		// systemd rates 0-10: OK, MEDIUM, EXPOSED, UNSAFE.
+		if m[2] != "OK" {
+			t.Errorf("systemd rates the unit's exposure with drop-in %q %s %s, want OK", dropIn, m[1], m[2])
+		}
+		t.Logf("systemd-analyze security, drop-in %q: exposure %s %s", dropIn, m[1], m[2])
 	}
-	out, err := run("systemd-analyze", "verify", "--man=no", unit)
-	if err != nil || len(out) > 0 {
-		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
-	}
-	out, err = run("systemd-analyze", "security", "--offline=yes", "--no-pager", unit)
-	m := regexp.MustCompile(`Overall exposure level for undomail.service: ([0-9.]+) (\w+)`).FindStringSubmatch(out)
-	if m == nil {
-		t.Fatalf("systemd-analyze security: %v\n%s", err, out)
-	}
-	// systemd rates 0-10: OK, MEDIUM, EXPOSED, UNSAFE.
-	if m[2] != "OK" {
-		t.Errorf("systemd rates the unit's exposure %s %s, want OK", m[1], m[2])
-	}
-	t.Logf("systemd-analyze security: exposure %s %s", m[1], m[2])
-}
-
-func run(name string, args ...string) (string, error) {
-	out, err := exec.Command(name, args...).CombinedOutput()
-	return string(out), err
 }
 
 // readUnit returns Section.Key -> value of a systemd unit file; a key set
@@ -420,15 +466,6 @@ func readUnit(t *testing.T, path string) map[string]string {
 	}
 	if err := sc.Err(); err != nil {
 		t.Fatal(err)
-	}
-	for _, s := range []string{"Unit", "Service", "Install"} {
-		found := false
-		for k := range out {
-			found = found || strings.HasPrefix(k, s+".")
-		}
-		if !found {
-			t.Errorf("%s has no [%s] section", path, s)
-		}
 	}
 	return out
 }
