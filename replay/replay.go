@@ -112,6 +112,10 @@ type Result struct {
 	Verify Verification
 }
 
+// maxDeliveryRun bounds how many re-deliveries are found in the store at
+// once.
+const maxDeliveryRun = 64
+
 // task is one unit of a user's replay: a verb, or for a delivery the part
 // of it addressed to one recipient.
 type task struct {
@@ -224,8 +228,9 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					}
 				}
 				replayers[index[user]] = r
-				for _, tk := range queues[user] {
-					out, err := r.run(ctx, tk)
+				// record accounts for a task's outcome and logs it next to
+				// the verb; false stops the worker (the log failed).
+				record := func(tk task, out ReplayOutcome, err error) bool {
 					mu.Lock()
 					switch {
 					case err != nil:
@@ -247,20 +252,61 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					if out.Status != "skipped" && !p.NoRecord {
 						b, _ := json.Marshal(out)
 						rec := &undolog.Record{Kind: KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
-						if err := l.Append(ctx, rec); err != nil {
+						// Not fsynced one by one: the repair's verdict is, and
+						// takes these with it; a crash before it rolls the
+						// whole repair back (daemon.recoverRepair).
+						if err := l.AppendNoSync(ctx, rec); err != nil {
 							mu.Lock()
 							if first == nil {
 								first = fmt.Errorf("replay: record the replay of verb %d: %w", tk.v.Seq, err)
 							}
 							mu.Unlock()
-							r.close()
-							return
+							return false
 						}
 					}
 					mu.Lock()
 					done++
 					report("replay", done, total)
 					mu.Unlock()
+					return true
+				}
+				settle := func() bool {
+					for _, st := range r.flush() {
+						if !record(st.tk, st.out, st.err) {
+							return false
+						}
+					}
+					return true
+				}
+				stopped := false
+				for _, tk := range queues[user] {
+					if tk.rcpt != "" && tk.cancel == "" && ctx.Err() == nil {
+						// A run of deliveries is sent in one LMTP session and
+						// found in the store at once (flush).
+						out, deferred, err := r.queueDelivery(ctx, tk)
+						if !deferred && !record(tk, out, err) {
+							stopped = true
+							break
+						}
+						if len(r.pending) >= maxDeliveryRun && !settle() {
+							stopped = true
+							break
+						}
+						continue
+					}
+					if !settle() {
+						stopped = true
+						break
+					}
+					out, err := r.run(ctx, tk)
+					if !record(tk, out, err) {
+						stopped = true
+						break
+					}
+				}
+				if stopped || !settle() {
+					r.close()
+					return
 				}
 				if r.c != nil || len(r.vanished) > 0 {
 					err := r.session()
@@ -470,9 +516,28 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after int64, verbs []
 	if err != nil {
 		return d, fmt.Errorf("replay: read earlier replays: %w", err)
 	}
+	// Replay records of a repair that a crash interrupted were rolled
+	// back with it: they decide nothing.
+	repairs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindCycle}})
+	if err != nil {
+		return d, fmt.Errorf("replay: read earlier repairs: %w", err)
+	}
+	interrupted := func(seq int64) bool {
+		var in bool
+		for _, c := range repairs {
+			if c.Seq > seq {
+				break
+			}
+			var v struct {
+				Error string `json:"error"`
+			}
+			in = c.Outcome != nil && json.Unmarshal(c.Outcome.Outcome, &v) == nil && strings.HasPrefix(v.Error, "interrupted")
+		}
+		return in
+	}
 	for _, r := range recs {
 		var o ReplayOutcome
-		if r.Ref > after && json.Unmarshal(r.Outcome, &o) == nil && o.Status == "cancelled" {
+		if r.Ref > after && json.Unmarshal(r.Outcome, &o) == nil && o.Status == "cancelled" && !interrupted(r.Seq) {
 			d.cancelled[r.Ref] = r.Seq
 		}
 	}

@@ -35,6 +35,8 @@ type userReplayer struct {
 	fs   *filterSet
 
 	c        *imapclient.Client
+	lmtp     *smtp.Client // re-deliveries, one session for the user's run
+	pending  []pendingDelivery
 	selected string
 	boxes    map[string]*mbox
 	// removed are the undo ids of messages the repair kept out of this
@@ -81,6 +83,11 @@ func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *user
 }
 
 func (r *userReplayer) close() {
+	if r.lmtp != nil {
+		r.lmtp.Quit()
+		r.lmtp.Close()
+		r.lmtp = nil
+	}
 	if r.c != nil {
 		r.c.Logout().Wait()
 		r.c.Close()
@@ -113,7 +120,12 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		return ReplayOutcome{Status: "cancelled", Detail: tk.cancel}, nil
 	}
 	if tk.rcpt != "" {
-		return r.deliver(ctx, tk.v, tk.rcpt)
+		out, deferred, err := r.queueDelivery(ctx, tk)
+		if deferred {
+			res := r.flush()
+			return res[len(res)-1].out, res[len(res)-1].err
+		}
+		return out, err
 	}
 	if err := r.session(); err != nil {
 		return ReplayOutcome{}, err
@@ -437,64 +449,152 @@ func flagSet(fs []imap.Flag) map[imap.Flag]bool {
 	return m
 }
 
-// deliver re-delivers a captured delivery to one recipient that accepted
-// it the first time, exactly as it was forwarded then, unless the
-// repair's filters drop it or file it elsewhere.
-func (r *userReplayer) deliver(ctx context.Context, v undolog.Verb, rcpt string) (ReplayOutcome, error) {
+// pendingDelivery is a delivery sent over LMTP whose message the
+// replayer has not found in the store yet (flush does, for a run of them
+// at once).
+type pendingDelivery struct {
+	tk     task
+	undoID string
+}
+
+// settled is the result of a task whose outcome was deferred.
+type settled struct {
+	tk  task
+	out ReplayOutcome
+	err error
+}
+
+// queueDelivery re-delivers a captured delivery to one recipient that
+// accepted it the first time, exactly as it was forwarded then, unless
+// the repair's filters drop it or file it elsewhere. A delivery sent is
+// deferred: flush finds it in the store with the rest of its run, one
+// search for many messages instead of one each.
+func (r *userReplayer) queueDelivery(ctx context.Context, tk task) (out ReplayOutcome, deferred bool, err error) {
+	v, rcpt := tk.v, tk.rcpt
 	var a proxy.DeliveryArgs
 	if json.Unmarshal(v.Args, &a) != nil {
-		return skipped, nil
+		return skipped, false, nil
 	}
 	if err := r.session(); err != nil {
-		return ReplayOutcome{}, err
+		return ReplayOutcome{}, false, err
 	}
 	// Read INBOX as it is before the delivery, so the model can tell the
 	// new message from the ones already there. An INBOX the rewind took
 	// away gets its old counters back before anything is delivered.
 	if r.boxes["INBOX"] == nil {
 		if err := r.remade(ctx, "INBOX"); err != nil {
-			return ReplayOutcome{}, err
+			return ReplayOutcome{}, false, err
 		}
-	}
-	if _, err := r.load("INBOX"); err != nil {
-		return ReplayOutcome{}, err
+		if _, err := r.load("INBOX"); err != nil {
+			return ReplayOutcome{}, false, err
+		}
 	}
 	if v.Kind != KindCompensation { // an explanation is never filtered away
 		f, err := r.fs.judge(ctx, v.Seq, a, func() ([]byte, error) { return r.log.ReadBlob(v.Blob) })
 		if err != nil {
-			return ReplayOutcome{}, err
+			return ReplayOutcome{}, false, err
 		}
 		if f != nil {
-			return r.filed(ctx, v, a, f)
+			out, err := r.filed(ctx, v, a, f)
+			return out, false, err
 		}
 	}
 	body, err := r.log.OpenBlob(v.Blob)
 	if err != nil {
-		return ReplayOutcome{}, fmt.Errorf("open message blob: %w", err)
+		return ReplayOutcome{}, false, fmt.Errorf("open message blob: %w", err)
 	}
 	defer body.Close()
-	if err := lmtpDeliver(ctx, r.t.LMTPAddr, a, rcpt, body); err != nil {
-		return ReplayOutcome{}, err
+	if err := r.lmtpSend(ctx, a, rcpt, body); err != nil {
+		return ReplayOutcome{}, false, err
 	}
-	if err := r.learnDelivered(a.UndoID); err != nil {
-		return ReplayOutcome{}, fmt.Errorf("find the re-delivered message for %s: %w", rcpt, err)
-	}
-	r.made++
-	r.redelivered[a.UndoID] = true
-	return ReplayOutcome{Status: "ok", Detail: "re-delivered to " + rcpt}, nil
+	r.pending = append(r.pending, pendingDelivery{tk: tk, undoID: a.UndoID})
+	return ReplayOutcome{}, true, nil
 }
 
-// lmtpDeliver delivers one message to one recipient over LMTP.
-func lmtpDeliver(ctx context.Context, addr string, a proxy.DeliveryArgs, rcpt string, body io.Reader) error {
-	conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", addr)
+// flush finds the messages of the deliveries sent since the last flush:
+// the new messages in INBOX, read in one FETCH, and any the server's own
+// filing (Sieve) put elsewhere, searched for one by one.
+func (r *userReplayer) flush() []settled {
+	if len(r.pending) == 0 {
+		return nil
+	}
+	pending := r.pending
+	r.pending = nil
+	out := make([]settled, 0, len(pending))
+	fail := func(err error) []settled {
+		for _, p := range pending {
+			out = append(out, settled{tk: p.tk, err: fmt.Errorf("find the re-delivered message for %s: %w", p.tk.rcpt, err)})
+		}
+		return out
+	}
+	b := r.boxes["INBOX"]
+	if err := r.sel("INBOX"); err != nil {
+		return fail(err)
+	}
+	if err := r.c.Noop().Wait(); err != nil {
+		return fail(err)
+	}
+	var top imap.UID
+	for u := range b.msgs {
+		top = max(top, u)
+	}
+	msgs, err := r.c.Fetch(imap.UIDSet{imap.UIDRange{Start: top + 1, Stop: 0}},
+		&imap.FetchOptions{UID: true, Flags: true, BodySection: []*imap.FetchItemBodySection{idSection}}).Collect()
 	if err != nil {
+		return fail(err)
+	}
+	found := map[string]int{}
+	for _, m := range msgs {
+		if m.UID <= top { // n:* names the last message even when it is below n
+			continue
+		}
+		id := topmostID(m.FindBodySection(idSection))
+		b.msgs[m.UID] = &msgState{id: id, flags: flagSet(m.Flags)}
+		found[id]++
+	}
+	for _, p := range pending {
+		var err error
+		if found[p.undoID] > 0 {
+			found[p.undoID]--
+		} else {
+			err = r.learnDelivered(p.undoID)
+		}
+		if err != nil {
+			out = append(out, settled{tk: p.tk, err: fmt.Errorf("find the re-delivered message for %s: %w", p.tk.rcpt, err)})
+			continue
+		}
+		r.made++
+		r.redelivered[p.undoID] = true
+		out = append(out, settled{tk: p.tk, out: ReplayOutcome{Status: "ok", Detail: "re-delivered to " + p.tk.rcpt}})
+	}
+	return out
+}
+
+// lmtpSend delivers one message to one recipient over the replayer's LMTP
+// session, opening it if needed; a failed session is dropped.
+func (r *userReplayer) lmtpSend(ctx context.Context, a proxy.DeliveryArgs, rcpt string, body io.Reader) error {
+	if r.lmtp == nil {
+		conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", r.t.LMTPAddr)
+		if err != nil {
+			return err
+		}
+		c := smtp.NewClientLMTP(conn)
+		if err := c.Hello("undomail-replay"); err != nil {
+			c.Close()
+			return err
+		}
+		r.lmtp = c
+	}
+	if err := lmtpTransaction(r.lmtp, a, rcpt, body); err != nil {
+		r.lmtp.Close()
+		r.lmtp = nil
 		return err
 	}
-	c := smtp.NewClientLMTP(conn)
-	defer c.Close()
-	if err := c.Hello("undomail-replay"); err != nil {
-		return err
-	}
+	return nil
+}
+
+// lmtpTransaction is one LMTP transaction for one recipient.
+func lmtpTransaction(c *smtp.Client, a proxy.DeliveryArgs, rcpt string, body io.Reader) error {
 	if err := c.Mail(a.MailFrom, nil); err != nil {
 		return err
 	}
@@ -511,10 +611,8 @@ func lmtpDeliver(ctx context.Context, addr string, a proxy.DeliveryArgs, rcpt st
 	if _, err := io.Copy(w, body); err != nil {
 		return fmt.Errorf("send message: %w", err)
 	}
-	if _, err := w.CloseWithLMTPResponse(); err != nil {
-		return err
-	}
-	return c.Quit()
+	_, err = w.CloseWithLMTPResponse()
+	return err
 }
 
 // filed carries out a filter's verdict on a delivery: drop it, or file it
