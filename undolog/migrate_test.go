@@ -318,3 +318,34 @@ func TestMigrationsAreOrdered(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckUnversionedLogWithInlineBlobs: logs written after inline blobs
+// came but before versioning say schema version 1 (user_version 0) and do
+// hold inline blobs; fsck must still verify them before the migration.
+func TestCheckUnversionedLogWithInlineBlobs(t *testing.T) {
+	dir := t.TempDir()
+	l := openInline(t, dir)
+	ref, err := storeBlob(l, []byte("a small message"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ref.Inline() {
+		t.Fatal("blob not inline")
+	}
+	rec := Record{User: "alice", Kind: "lmtp.deliver", Users: []string{"alice"}}
+	rec.AttachBlob(ref)
+	appendRec(t, l, rec)
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// What the binaries before versioning left: user_version 0, meta 1.
+	tamper(t, dir, "PRAGMA user_version = 0")
+	tamper(t, dir, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+	checkClean(t, dir)
+	// A damaged inline blob in such a log is found.
+	tamper(t, dir, "UPDATE inline_blobs SET data = ?", []byte("a small messagE"))
+	sum, err := Check(context.Background(), dir, nil)
+	if err != nil || sum.OK() {
+		t.Fatalf("Check of an unversioned log with a damaged inline blob: %v %v", sum, err)
+	}
+}
