@@ -112,7 +112,8 @@ func RepairBlob(ctx context.Context, dir, sha string, data []byte) error {
 	if err != nil {
 		return fmt.Errorf("repair blob %s: %w", sha, err)
 	}
-	if _, err := f.Write(data); err == nil {
+	_, err = f.Write(data)
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
