@@ -206,6 +206,11 @@ func (l *Log) open() error {
 		return wrapOpen(err)
 	}
 	if ok {
+		if last, ok, err = l.discardTornTail(ctx, last); err != nil {
+			return wrapOpen(err)
+		}
+	}
+	if ok {
 		if err := verifyTail(ctx, db, last); err != nil {
 			return err
 		}
@@ -264,6 +269,49 @@ func verifyTail(ctx context.Context, db *sql.DB, last Record) error {
 			ErrCorrupt, last.Seq, shortHex(last.PrevSum[:]), last.Seq-1, shortHex(prev))
 	}
 	return nil
+}
+
+// discardTornTail drops damaged records past the durable HEAD. HEAD is
+// written once a commit is durable and before anyone is told it
+// succeeded, so a record past HEAD that fails its checksum (a write the
+// disk tore in a crash) was never acknowledged durably: it and the
+// records after it are discarded, loudly, and the log goes on from the
+// last good record. A damaged record HEAD covers is another matter
+// (corruption in the middle): that is refused (verifyTail) or, deeper in
+// the log, reported by fsck and never replayed (VerifyRange).
+func (l *Log) discardTornTail(ctx context.Context, last Record) (Record, bool, error) {
+	headSeq, _, err := readHead(l.dir)
+	if err != nil || headSeq >= last.Seq {
+		return last, true, nil
+	}
+	recs, err := l.Records(ctx, Filter{AfterSeq: headSeq})
+	if err != nil {
+		return last, true, err
+	}
+	var prevSum []byte
+	if headSeq > 0 {
+		if err := l.db.QueryRowContext(ctx, `SELECT sum FROM records WHERE seq = ?`, headSeq).Scan(&prevSum); err != nil {
+			return last, true, nil // HEAD names a missing record: checkHead reports it
+		}
+	} else {
+		prevSum = make([]byte, 32)
+	}
+	for _, r := range recs {
+		if r.computeSum() == r.Sum && string(r.PrevSum[:]) == string(prevSum) {
+			prevSum = r.Sum[:]
+			continue
+		}
+		if _, err := l.db.ExecContext(ctx, `DELETE FROM record_users WHERE seq >= ?`, r.Seq); err != nil {
+			return last, true, fmt.Errorf("discard torn tail from record %d: %w", r.Seq, err)
+		}
+		if _, err := l.db.ExecContext(ctx, `DELETE FROM records WHERE seq >= ?`, r.Seq); err != nil {
+			return last, true, fmt.Errorf("discard torn tail from record %d: %w", r.Seq, err)
+		}
+		l.logger.Warn("discarded a torn tail: records past the last durable one failed their checksum; they were never acknowledged durably",
+			"from", r.Seq, "to", last.Seq, "head", headSeq)
+		return lastRecord(ctx, l.db)
+	}
+	return last, true, nil
 }
 
 // checkHead compares HEAD with the database tail.
