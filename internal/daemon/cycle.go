@@ -125,17 +125,16 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	if cerr == nil && req.Keep {
 		d.keepFilters(intent.Seq, snap.Seq, specs, fs)
 	}
-	resume()
 	v.Held = time.Since(start).Seconds()
 	if cerr != nil {
 		v.OK = false
 		v.Error = cerr.Error()
 	}
-	out, _ := json.Marshal(v)
-	if err := d.Log.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Session: "cycle", Ref: intent.Seq, Outcome: out}); err != nil {
-		d.logger.Error("log cycle verdict", "err", err)
-	}
-	d.prog.set(replay.Progress{Phase: "done", Done: v.Replayed, Total: v.Replayed, Users: v.Users, Failed: v.Failed})
+	// The verdict is logged before changes flow again: a crash after it
+	// leaves a finished repair; a crash before it is rolled back at start
+	// (recoverRepair), which must never lose a change accepted after it.
+	d.endRepair(ctx, intent.Seq, v)
+	resume()
 	d.logger.Info("cycle done", "to", req.To, "ok", v.OK, "replayed", v.Replayed, "cancelled", v.Cancelled,
 		"filtered", v.Filtered, "failed", v.Failed, "problems", len(v.Verify.Problems), "held", v.Held)
 	return v, cerr
@@ -228,6 +227,9 @@ func (d *Daemon) beginRepair(ctx context.Context, args CycleArgs) (intent *undol
 	if err := d.Log.Append(ctx, intent); err != nil {
 		resume()
 		return nil, "", nil, fmt.Errorf("log intent: %w", err)
+	}
+	if err := d.writeRepairMarker(repairMarker{Cycle: intent.Seq, To: args.To, Present: snap.Name}); err != nil {
+		d.logger.Error("write the repair marker (the log's intent record stands)", "err", err)
 	}
 	return intent, snap.Name, resume, nil
 }

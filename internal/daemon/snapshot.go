@@ -175,6 +175,8 @@ func (d *Daemon) endRepair(ctx context.Context, seq int64, v CycleVerdict) {
 	out, _ := json.Marshal(v)
 	if err := d.Log.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Session: "cycle", Ref: seq, Outcome: out}); err != nil {
 		d.logger.Error("log repair verdict", "seq", seq, "err", err)
+	} else {
+		d.clearRepairMarker()
 	}
 	d.prog.set(replay.Progress{Phase: "done", Done: v.Replayed, Total: v.Replayed, Users: v.Users, Failed: v.Failed})
 }
@@ -218,13 +220,13 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 		err = errors.Join(err, d.compensate(ctx, p.intent, &v))
 	}
 	d.pending = nil
-	p.resume()
 	v.Held = time.Since(p.start).Seconds()
 	if err != nil {
 		v.OK = false
 		v.Error = err.Error()
 	}
-	d.endRepair(ctx, p.intent, v)
+	d.endRepair(ctx, p.intent, v) // before changes flow again: see Cycle
+	p.resume()
 	return res, err
 }
 
