@@ -333,10 +333,17 @@ func checkStatus(t *testing.T, tb *testbed.Testbed, a *api) {
 			}
 		}
 	}
+	// undomail snapshots through the admin server: the hourly snapshot
+	// and the present the cycle kept.
+	out, err := exec.Command(undomail(t), "snapshots", "--json", "--admin", a.url, "--token-file", filepath.Join(tb.Config.DataDir, admin.TokenName)).Output()
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if err != nil || len(lines) != 2 || !strings.Contains(lines[0], `"reason":"hourly"`) {
+		t.Fatalf("undomail snapshots --admin: %v\n%s", err, out)
+	}
 	// A wrong token is refused, with exit status 2 (an error, not a verdict).
 	bad := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(bad, []byte("0123456789abcdef0123456789abcdef\n"), 0o600)
-	err := exec.Command(undomail(t), "status", "--admin", a.url, "--token-file", bad).Run()
+	err = exec.Command(undomail(t), "status", "--admin", a.url, "--token-file", bad).Run()
 	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 {
 		t.Fatalf("undomail status with a wrong token: %v, want exit status 2", err)
 	}

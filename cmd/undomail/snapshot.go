@@ -47,13 +47,20 @@ It prints the snapshot, its log position and how long changes were held.`,
 }
 
 func snapshotsCmd() *cobra.Command {
-	var dataDir string
+	var df daemonFlags
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "snapshots",
 		Short: "List the snapshots recorded in the undo log",
-		Args:  cobra.NoArgs,
+		Long: `snapshots lists the snapshots recorded in the undo log, failed ones
+included. With --admin it asks a remote undomail's admin server instead, which
+lists the snapshots that exist (taken and not pruned).`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if df.adminURL != "" {
+				return remoteSnapshots(cmd, &df, asJSON)
+			}
+			dataDir := df.dataDir
 			l, err := undolog.OpenReadOnly(dataDir)
 			if err != nil {
 				return err
@@ -107,7 +114,7 @@ func snapshotsCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
+	df.register(cmd)
 	cmd.Flags().BoolVar(&asJSON, "json", false, "one JSON object per snapshot")
 	return cmd
 }

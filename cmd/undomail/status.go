@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -212,4 +213,40 @@ func okWord(ok bool) string {
 		return "verified"
 	}
 	return "NOT VERIFIED"
+}
+
+// remoteSnapshots lists the snapshots of the daemon behind --admin.
+func remoteSnapshots(cmd *cobra.Command, df *daemonFlags, asJSON bool) error {
+	c, err := df.client()
+	if err != nil {
+		return err
+	}
+	snaps, err := c.Snapshots(context.Background())
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	if asJSON {
+		enc := json.NewEncoder(out)
+		for _, s := range snaps {
+			if err := enc.Encode(s); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tLOG POSITION\tTIME\tHELD\tSTATUS\tREASON")
+	for _, s := range snaps {
+		status := "ok"
+		if s.Pruned {
+			status = "pruned"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%.1f ms\t%s\t%s\n", s.Name, s.AtSeq, s.Time.Local().Format(time.DateTime), s.PauseMS, status, s.Reason)
+	}
+	tw.Flush()
+	if len(snaps) == 0 {
+		fmt.Fprintln(out, "(no snapshots recorded)")
+	}
+	return nil
 }
