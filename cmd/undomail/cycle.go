@@ -16,7 +16,6 @@ import (
 
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/daemon"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
@@ -129,32 +128,13 @@ func parseSeqs(s string) ([]int64, error) {
 	return out, nil
 }
 
-// cyclePlan is what a cycle would do.
+// cyclePlan is what a cycle would do: daemon.PlanCycle's plan, and what
+// the filters take away.
 type cyclePlan struct {
-	To    string     `json:"to"`
-	AtSeq int64      `json:"at_seq"`
-	Verbs []planStep `json:"verbs"`
+	*admin.Plan
 	// Filtered are the deliveries the filters take away.
 	Filtered []daemon.FilterHit `json:"filtered,omitempty"`
 	cancel   []int64
-	Counts   struct {
-		Replay, Cancel, NoEffect int
-	} `json:"counts"`
-}
-
-type planStep struct {
-	Seq    int64  `json:"seq"`
-	Kind   string `json:"kind"`
-	User   string `json:"user"`
-	What   string `json:"what"`
-	Action string `json:"action"` // replay, cancel, no effect
-}
-
-// replayable are the verb kinds a cycle re-executes.
-var replayable = map[string]bool{
-	proxy.KindLMTPDeliver: true, proxy.KindIMAPAppend: true, proxy.KindIMAPStore: true, proxy.KindIMAPCopy: true,
-	proxy.KindIMAPMove: true, proxy.KindIMAPExpunge: true, proxy.KindIMAPCreate: true, proxy.KindIMAPDelete: true,
-	proxy.KindIMAPRename: true, proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true,
 }
 
 // planFromFlags resolves the cycle's flags against the log and plans it.
@@ -195,51 +175,13 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 			}
 		}
 	}
-	p, err := planCycle(ctx, l, to, at, cancelled)
+	plan, err := daemon.PlanCycle(ctx, l, to, cancelled)
 	if err != nil {
 		return nil, err
 	}
-	p.cancel = cancelled
+	p := &cyclePlan{Plan: plan, cancel: cancelled}
 	if p.Filtered, err = daemon.PreviewFilters(ctx, l, at, fs); err != nil {
 		return nil, err
-	}
-	return p, nil
-}
-
-func planCycle(ctx context.Context, l *undolog.Log, to string, at int64, cancel []int64) (*cyclePlan, error) {
-	c := map[int64]bool{}
-	for _, s := range cancel {
-		c[s] = true
-	}
-	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: at})
-	if err != nil {
-		return nil, err
-	}
-	p := &cyclePlan{To: to, AtSeq: at}
-	for _, v := range verbs {
-		if !replayable[v.Kind] {
-			if c[v.Seq] {
-				return nil, fmt.Errorf("--cancel %d: a %s is not a change a replay makes", v.Seq, v.Kind)
-			}
-			continue
-		}
-		what, _ := describe(v)
-		step := planStep{Seq: v.Seq, Kind: v.Kind, User: v.User, What: what, Action: "replay"}
-		switch {
-		case c[v.Seq]:
-			step.Action = "cancel"
-			p.Counts.Cancel++
-			delete(c, v.Seq)
-		case !hadEffect(v):
-			step.Action = "no effect"
-			p.Counts.NoEffect++
-		default:
-			p.Counts.Replay++
-		}
-		p.Verbs = append(p.Verbs, step)
-	}
-	for s := range c {
-		return nil, fmt.Errorf("--cancel %d: no such change after snapshot %s", s, to)
 	}
 	return p, nil
 }
@@ -254,6 +196,15 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	tw.Flush()
 	fmt.Fprintf(w, "%d to replay, %d cancelled, %d without effect (their clients were not told they happened)\n",
 		p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect)
+	for _, c := range p.ComesBack {
+		fmt.Fprintf(w, "comes back: %s\n", c)
+	}
+	for _, g := range p.Goes {
+		fmt.Fprintf(w, "goes: %s\n", g)
+	}
+	for _, c := range p.Compensations {
+		fmt.Fprintf(w, "explained to %s: %s\n", c.User, c.Why)
+	}
 	if len(p.Filtered) > 0 {
 		seen := 0
 		fmt.Fprintf(w, "the filters take away %d deliveries:\n", len(p.Filtered))
@@ -268,28 +219,6 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 		tw.Flush()
 		fmt.Fprintf(w, "%d of them were already seen: their readers get an explanation; %d were never seen\n", seen, len(p.Filtered)-seen)
 	}
-}
-
-// hadEffect reports whether a verb changed the store the first time: its
-// client was told OK, or its delivery was accepted for some recipient.
-func hadEffect(v undolog.Verb) bool {
-	if v.Outcome == nil {
-		return false
-	}
-	if v.Kind == proxy.KindLMTPDeliver {
-		var o proxy.DeliveryOutcome
-		if json.Unmarshal(v.Outcome.Outcome, &o) != nil {
-			return false
-		}
-		for _, r := range o.Rcpts {
-			if r.Reply.Positive() {
-				return true
-			}
-		}
-		return false
-	}
-	var o proxy.IMAPOutcome
-	return json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Status == "OK"
 }
 
 // showProgress draws the running cycle's progress on a terminal until

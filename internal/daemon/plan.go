@@ -54,7 +54,7 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 			step.Action = "cancel"
 			p.Counts.Cancel++
 			delete(c, v.Seq)
-			if hadEffect(v) {
+			if replay.HadEffect(v) {
 				back, goes, ids := effect(v)
 				step.Effect = back + goes
 				if back != "" {
@@ -67,7 +67,7 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 					gone[id] = v.Seq
 				}
 			}
-		case !hadEffect(v):
+		case !replay.HadEffect(v):
 			step.Action = "no effect"
 			p.Counts.NoEffect++
 		default:
@@ -154,26 +154,4 @@ func witnesses(verbs []undolog.Verb, gone map[string]int64) []admin.PlanCompensa
 		return out[i].User < out[j].User
 	})
 	return out
-}
-
-// hadEffect reports whether a verb changed the store the first time: its
-// client was told OK, or its delivery was accepted for some recipient.
-func hadEffect(v undolog.Verb) bool {
-	if v.Outcome == nil {
-		return false
-	}
-	if v.Kind == proxy.KindLMTPDeliver {
-		var o proxy.DeliveryOutcome
-		if json.Unmarshal(v.Outcome.Outcome, &o) != nil {
-			return false
-		}
-		for _, r := range o.Rcpts {
-			if r.Reply.Positive() {
-				return true
-			}
-		}
-		return false
-	}
-	var o proxy.IMAPOutcome
-	return json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Status == "OK"
 }
