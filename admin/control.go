@@ -59,6 +59,9 @@ type CycleRequest struct {
 	Keep bool `json:"keep,omitempty"`
 	// Reason is the operator's why, for the log and the people affected.
 	Reason string `json:"reason,omitempty"`
+	// Users, if set, are the only users the cycle rewinds and replays;
+	// everyone else's mail is left as it is.
+	Users []string `json:"users,omitempty"`
 }
 
 // FilterRequest is a retroactive filter: a rule and drop or move:FOLDER.

@@ -23,7 +23,10 @@ type Branch struct {
 	From     int64     `json:"from"` // the snapshot's position: the branch is From < seq < ID
 	Cycle    int64     `json:"cycle,omitempty"`
 	Reason   string    `json:"reason,omitempty"`
-	Verbs    int       `json:"verbs"` // verbs on the branch
+	// Users, if set, are the only users the rewind took back: only their
+	// verbs are on the branch.
+	Users []string `json:"users,omitempty"`
+	Verbs int      `json:"verbs"` // verbs on the branch
 	// Fates counts what the replay after the rewind did with them: ok,
 	// cancelled, filtered, repaired, failed; "not replayed" for verbs it
 	// did not touch (no effect of their own, or no replay yet).
@@ -74,7 +77,7 @@ func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []Bran
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
-		b := Branch{ID: v.Seq, Time: v.Time, Snapshot: a.Snapshot, From: a.AtSeq, Fates: map[string]int{}}
+		b := Branch{ID: v.Seq, Time: v.Time, Snapshot: a.Snapshot, From: a.AtSeq, Users: a.Users, Fates: map[string]int{}}
 		var c CycleRecord
 		if lastCycle.Seq != 0 && json.Unmarshal(lastCycle.Args, &c) == nil && c.To == a.Snapshot {
 			b.Cycle, b.Reason = lastCycle.Seq, c.Reason
@@ -102,7 +105,8 @@ func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []Bran
 			if v.Seq >= b.ID {
 				break
 			}
-			if ts, skip := split(v); skip || len(ts) == 0 {
+			ts, skip := split(v)
+			if skip || len(ts) == 0 || !onBranch(b.Users, ts) {
 				continue
 			}
 			b.Verbs++
@@ -156,4 +160,20 @@ func dedup(s []string) []string {
 		}
 	}
 	return out
+}
+
+// onBranch reports whether a verb's tasks touch one of the users a rewind
+// took back (all users when it names none).
+func onBranch(users []string, ts []task) bool {
+	if len(users) == 0 {
+		return true
+	}
+	for _, tk := range ts {
+		for _, u := range users {
+			if tk.user() == u {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -72,6 +72,9 @@ type Plan struct {
 	// UIDVALIDITY and counters (Upstream.Restore).
 	Gone    []MailboxCounters
 	Restore func(context.Context, MailboxCounters) (bool, error)
+	// Users, if set, limits the replay to these users' verbs (a cycle
+	// that rewound only them); a delivery is replayed for them only.
+	Users map[string]bool
 	// NoRecord leaves the log as it is: a recovery drill replays against
 	// a clone, and its replay is not part of the timeline.
 	NoRecord bool
@@ -176,6 +179,9 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 		for _, tk := range ts {
 			tk.cancel = why
 			user := tk.user()
+			if len(p.Users) > 0 && !p.Users[user] {
+				continue // not rewound: their mail already has this verb
+			}
 			queues[user] = append(queues[user], tk)
 			total++
 		}
@@ -431,6 +437,8 @@ type CycleRecord struct {
 	// PresentAt is the present snapshot's log position.
 	PresentAt int64  `json:"present_at,omitempty"`
 	Reason    string `json:"reason,omitempty"`
+	// Users, if set, are the only users the repair rewound and replayed.
+	Users []string `json:"users,omitempty"`
 	// Split marks the split form: a rewind held for a repair by hand, the
 	// replay (undomail replay) to follow; the outcome comes with it.
 	Split bool `json:"split,omitempty"`
@@ -590,4 +598,18 @@ var Replayable = map[string]bool{
 func HadEffect(v undolog.Verb) bool {
 	ts, skip := split(v)
 	return !skip && len(ts) > 0
+}
+
+// VerbUsers are the users whose mail a verb changes: its IMAP user, or a
+// delivery's recipients (as Dovecot users).
+func VerbUsers(v undolog.Verb) []string {
+	ts, _ := split(v)
+	var out []string
+	for _, tk := range ts {
+		out = append(out, tk.user())
+	}
+	if len(out) == 0 && v.User != "" {
+		out = append(out, v.User)
+	}
+	return out
 }

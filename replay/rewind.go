@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -59,6 +60,9 @@ type RewindArgs struct {
 	Snapshot string            `json:"snapshot"`
 	AtSeq    int64             `json:"at_seq"` // the snapshot's log position
 	Before   []MailboxCounters `json:"before"`
+	// Users, if set, are the only users rewound; everyone else's mail
+	// was left as it was.
+	Users []string `json:"users,omitempty"`
 }
 
 // RewindOutcome is how the rewind went.
@@ -87,8 +91,10 @@ type RewindOutcome struct {
 type uidListing map[string]map[string]map[uint32]bool
 
 // uids lists the UID of every message of every user with doveadm.
-func (up Upstream) uids(ctx context.Context) (uidListing, error) {
-	out, err := up.doveadm(ctx, "-f", "tab", "fetch", "-A", "mailbox uid", "all")
+func (up Upstream) uids(ctx context.Context, users []string) (uidListing, error) {
+	out, err := up.perUser(ctx, users, func(who ...string) []string {
+		return append(append([]string{"-f", "tab", "fetch"}, who...), "mailbox uid", "all")
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -164,6 +170,18 @@ func returning(before, after []MailboxCounters, present, rolled uidListing) map[
 // corrupts Dovecot's indexes); roll back; raise each surviving mailbox's
 // UIDNEXT and HIGHESTMODSEQ to at least the logged values.
 func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Upstream, snapshot string) (RewindOutcome, error) {
+	return RewindUsers(ctx, log, store, up, snapshot, nil)
+}
+
+// RewindUsers is Rewind for some users only: their mail goes back to the
+// snapshot, everyone else's stays as it is (the store must roll back one
+// user at a time: timetravel.UserRollbacker). No users: everyone.
+func RewindUsers(ctx context.Context, log *undolog.Log, store timetravel.Store, up Upstream, snapshot string, users []string) (RewindOutcome, error) {
+	if len(users) > 0 {
+		if _, ok := store.(timetravel.UserRollbacker); !ok {
+			return RewindOutcome{}, fmt.Errorf("rewind %v to %s: this store cannot roll back one user (ZFS needs a dataset per user)", users, snapshot)
+		}
+	}
 	if up.Logger == nil {
 		up.Logger = slog.Default()
 	}
@@ -174,21 +192,21 @@ func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Up
 	if err != nil {
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
 	}
-	before, err := up.counters(ctx)
+	before, err := up.counters(ctx, users)
 	if err != nil {
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: read mailbox counters: %w", snapshot, err)
 	}
 	// The gate is held: nothing changes the store until the rollback.
-	present, err := up.uids(ctx)
+	present, err := up.uids(ctx, users)
 	if err != nil {
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: list messages: %w", snapshot, err)
 	}
-	args, _ := json.Marshal(RewindArgs{Snapshot: snapshot, AtSeq: snap.Seq, Before: before})
+	args, _ := json.Marshal(RewindArgs{Snapshot: snapshot, AtSeq: snap.Seq, Before: before, Users: users})
 	intent := &undolog.Record{Kind: KindRewind, Session: "rewind", Args: args}
 	if err := log.Append(ctx, intent); err != nil {
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: log intent: %w", snapshot, err)
 	}
-	out, rerr := up.rewind(ctx, store, snapshot, before, present)
+	out, rerr := up.rewind(ctx, store, snapshot, before, present, users)
 	if rerr != nil {
 		out.Error = rerr.Error()
 	}
@@ -202,13 +220,19 @@ func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Up
 	return out, nil
 }
 
-func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot string, before []MailboxCounters, present uidListing) (RewindOutcome, error) {
+func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot string, before []MailboxCounters, present uidListing, users []string) (RewindOutcome, error) {
 	var out RewindOutcome
-	if _, err := up.doveadm(ctx, "kick", "*"); err != nil {
-		// Exit status 68 (EX_NOUSER): nobody was logged in to kick.
-		var ee *exec.ExitError
-		if !errors.As(err, &ee) || ee.ExitCode() != 68 {
-			return out, fmt.Errorf("kick IMAP sessions: %w", err)
+	kick := []string{"*"}
+	if len(users) > 0 {
+		kick = users
+	}
+	for _, who := range kick {
+		if _, err := up.doveadm(ctx, "kick", who); err != nil {
+			// Exit status 68 (EX_NOUSER): nobody was logged in to kick.
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != 68 {
+				return out, fmt.Errorf("kick IMAP sessions: %w", err)
+			}
 		}
 	}
 	for _, c := range up.Quiesce {
@@ -217,8 +241,24 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 		}
 	}
 	deadline := time.Now().Add(up.FreeWait)
+	rollback := func() error { return store.Rollback(ctx, snapshot) }
+	if len(users) > 0 {
+		done := map[string]bool{}
+		rollback = func() error {
+			for _, u := range users {
+				if done[u] {
+					continue
+				}
+				if err := store.(timetravel.UserRollbacker).RollbackUser(ctx, snapshot, u); err != nil {
+					return err
+				}
+				done[u] = true
+			}
+			return nil
+		}
+	}
 	for {
-		err := store.Rollback(ctx, snapshot)
+		err := rollback()
 		if err == nil {
 			break
 		}
@@ -236,11 +276,11 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 			return out, fmt.Errorf("resume: %w", err)
 		}
 	}
-	after, err := up.counters(ctx)
+	after, err := up.counters(ctx, users)
 	if err != nil {
 		return out, fmt.Errorf("read counters after the rollback: %w", err)
 	}
-	rolled, err := up.uids(ctx)
+	rolled, err := up.uids(ctx, users)
 	if err != nil {
 		return out, fmt.Errorf("list messages after the rollback: %w", err)
 	}
@@ -279,6 +319,39 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 	return out, nil
 }
 
+// perUser runs a doveadm listing for all users (-A), or for each of users
+// (-u USER), and joins the outputs under one header line.
+func (up Upstream) perUser(ctx context.Context, users []string, args func(who ...string) []string) ([]byte, error) {
+	if len(users) == 0 {
+		return up.doveadm(ctx, args("-A")...)
+	}
+	var all []byte
+	for _, u := range users {
+		out, err := up.doveadm(ctx, args("-u", u)...)
+		if err != nil {
+			return nil, err
+		}
+		lines := strings.Split(strings.TrimRight(string(out), "\n"), "\n")
+		if len(lines) == 0 || lines[0] == "" {
+			continue
+		}
+		// One user's listing has no username column: add it, as -A has.
+		if !slices.Contains(strings.Split(strings.ToLower(lines[0]), "\t"), "username") {
+			lines[0] = "username\t" + lines[0]
+			for j := 1; j < len(lines); j++ {
+				lines[j] = u + "\t" + lines[j]
+			}
+		}
+		if len(all) > 0 { // keep one header line
+			lines = lines[1:]
+		}
+		for _, l := range lines {
+			all = append(all, l+"\n"...)
+		}
+	}
+	return all, nil
+}
+
 // Restore gives a mailbox made again after a rollback the UIDVALIDITY
 // it had before, with UIDNEXT and HIGHESTMODSEQ above every value it had
 // then, provided it is still empty (a UID already handed out under a
@@ -313,8 +386,10 @@ func (up Upstream) Restore(ctx context.Context, c MailboxCounters) (bool, error)
 
 // counters reads every mailbox's counters with doveadm (tab format: a
 // header line naming the columns, then one line per mailbox).
-func (up Upstream) counters(ctx context.Context) ([]MailboxCounters, error) {
-	out, err := up.doveadm(ctx, "-f", "tab", "mailbox", "status", "-A", "uidvalidity uidnext highestmodseq", "*")
+func (up Upstream) counters(ctx context.Context, users []string) ([]MailboxCounters, error) {
+	out, err := up.perUser(ctx, users, func(who ...string) []string {
+		return append(append([]string{"-f", "tab", "mailbox", "status"}, who...), "uidvalidity uidnext highestmodseq", "*")
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -115,6 +115,27 @@ func (s *CopyStore) recover() error {
 			break
 		}
 	}
+	// A user's rollback (RollbackUser) interrupted between its two
+	// fallback renames left the user without a directory: finish it.
+	userNews, _ := filepath.Glob(s.live + ".undomail-user-new-*")
+	for _, n := range userNews {
+		rest := strings.TrimPrefix(n, s.live+".undomail-user-new-")
+		i := strings.LastIndex(rest, "-")
+		if i <= 0 {
+			continue
+		}
+		user := rest[:i]
+		if _, err := os.Lstat(filepath.Join(s.live, user)); errors.Is(err, fs.ErrNotExist) {
+			if olds, _ := filepath.Glob(s.live + ".undomail-user-old-" + user + "-*"); len(olds) > 0 {
+				s.log.Warn("finishing interrupted rollback of a user", "user", user, "from", n)
+				if err := os.Rename(n, filepath.Join(s.live, user)); err != nil {
+					return fmt.Errorf("open copy store %s: finish interrupted rollback of %s: %w", s.dir, user, err)
+				}
+			}
+		}
+	}
+	userLeft, _ := filepath.Glob(s.live + ".undomail-user-*")
+	olds = append(olds, userLeft...)
 	for _, p := range append(news, olds...) {
 		s.log.Warn("removing tree left by an interrupted rollback", "path", p)
 		if err := os.RemoveAll(p); err != nil {
@@ -433,5 +454,84 @@ func (s *CopyStore) Destroy(ctx context.Context, name string) error {
 		return fmt.Errorf("destroy snapshot %s: remove tree: %w", name, err)
 	}
 	s.log.Info("snapshot destroyed", "snapshot", name)
+	return nil
+}
+
+// RollbackUser makes LIVE/<user> identical to the snapshot's <user>
+// directory and leaves every other user's mail as it is: a cycle for one
+// user (UserRollbacker). A user without a directory in the snapshot had
+// no mail then: their live directory is removed. Errors are as for
+// Rollback.
+func (s *CopyStore) RollbackUser(ctx context.Context, name, user string) error {
+	if err := checkName("snapshot", name); err != nil {
+		return err
+	}
+	if user == "" || user == "." || user == ".." || strings.ContainsAny(user, "/\x00") || strings.HasPrefix(user, ".") {
+		return fmt.Errorf("rollback user %q: %w", user, ErrInvalidName)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	start := time.Now()
+	if _, err := s.readMeta(name); err != nil {
+		return fmt.Errorf("rollback %s of %s to %s: %w", user, s.live, name, err)
+	}
+	live := filepath.Join(s.live, user)
+	if err := checkNotBusy(live); err != nil {
+		return fmt.Errorf("rollback %s to %s: %w", live, name, err)
+	}
+	src := filepath.Join(s.treePath(name), user)
+	stamp := snapshotStamp(time.Now())
+	aside := s.live + ".undomail-user-old-" + user + "-" + stamp
+	if _, err := os.Lstat(src); errors.Is(err, fs.ErrNotExist) {
+		// No mail at the snapshot: the user's directory goes.
+		if err := os.Rename(live, aside); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("rollback %s to %s: %w", live, name, err)
+		}
+		_ = os.RemoveAll(aside)
+		s.log.Info("rolled back user", "snapshot", name, "user", user, "path", live, "removed", true, "duration", time.Since(start))
+		return fsyncDir(s.live)
+	}
+	fresh := s.live + ".undomail-user-new-" + user + "-" + stamp
+	linked, copied, err := copyTree(src, fresh)
+	if err == nil {
+		err = syncFS(fresh)
+	}
+	if err == nil {
+		err = checkNotBusy(live)
+	}
+	if err != nil {
+		_ = os.RemoveAll(fresh)
+		return fmt.Errorf("rollback %s to %s: %w", live, name, err)
+	}
+	if _, err := os.Lstat(live); errors.Is(err, fs.ErrNotExist) {
+		err = os.Rename(fresh, live)
+		if err != nil {
+			_ = os.RemoveAll(fresh)
+			return fmt.Errorf("rollback %s to %s: %w", live, name, err)
+		}
+	} else {
+		old := fresh // after an exchange, fresh names the old tree
+		if err := renameExchange(live, fresh); err != nil {
+			if !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOSYS) {
+				_ = os.RemoveAll(fresh)
+				return fmt.Errorf("rollback %s to %s: swap in new tree: %w", live, name, err)
+			}
+			old = aside
+			if err := os.Rename(live, old); err != nil {
+				_ = os.RemoveAll(fresh)
+				return fmt.Errorf("rollback %s to %s: move old tree aside: %w", live, name, err)
+			}
+			if err := os.Rename(fresh, live); err != nil {
+				return fmt.Errorf("rollback %s to %s: move new tree in (old tree kept at %s, new at %s; OpenCopy finishes this): %w", live, name, old, fresh, err)
+			}
+		}
+		if err := os.RemoveAll(old); err != nil {
+			s.log.Warn("could not remove the replaced tree", "path", old, "err", err)
+		}
+	}
+	if err := fsyncDir(s.live); err != nil {
+		return fmt.Errorf("rollback %s to %s: %w", live, name, err)
+	}
+	s.log.Info("rolled back user", "snapshot", name, "user", user, "path", live, "linked", linked, "copied", copied, "duration", time.Since(start))
 	return nil
 }

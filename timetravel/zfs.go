@@ -94,6 +94,7 @@ type ZFSStore struct {
 var (
 	_ Store          = (*ZFSStore)(nil)
 	_ UserRollbacker = (*ZFSStore)(nil)
+	_ UserRollbacker = (*CopyStore)(nil)
 )
 
 // OpenZFS opens the store on an existing, mounted ZFS file system dataset.

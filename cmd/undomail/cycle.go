@@ -28,6 +28,7 @@ func cycleCmd() *cobra.Command {
 	var dataDir, to, cancel, filterAction, reason string
 	var filters []string
 	var sel daemon.CancelSelector
+	var users []string
 	var asJSON, yes, keep bool
 	flags := func(c *cobra.Command) {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
@@ -38,6 +39,7 @@ func cycleCmd() *cobra.Command {
 		c.Flags().StringVar(&sel.Mailbox, "cancel-mailbox", "", "cancel IMAP changes in this mailbox")
 		c.Flags().StringVar(&sel.Since, "cancel-since", "", "cancel changes made at or after this time")
 		c.Flags().StringVar(&sel.Until, "cancel-until", "", "cancel changes made at or before this time")
+		c.Flags().StringSliceVar(&users, "user", nil, "rewind and replay only these users' mail; everyone else's stays as it is (the store must roll back one user: copy, or ZFS with a dataset per user)")
 		c.Flags().StringVar(&reason, "reason", "", "why the cycle runs, in plain words: logged and told to the people whose mail changes")
 		c.Flags().StringArrayVar(&filters, "filter", nil, `retroactive filter on deliveries: 'header:Subject=~(?i)lottery', 'from=~...', 'rcpt=~...', 'body=~...', 'attachment=~\.exe$', or 'cmd:spamc -c'`)
 		c.Flags().StringVar(&filterAction, "filter-action", "drop", "what --filter does with a match: drop, or move:FOLDER")
@@ -47,7 +49,7 @@ func cycleCmd() *cobra.Command {
 		Short: "Show what a cycle would rewind, replay and leave out; changes nothing",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			p, err := planFromFlags(dataDir, to, cancel, sel, filters, filterAction)
+			p, err := planFromFlags(dataDir, to, cancel, sel, filters, filterAction, users)
 			if err != nil {
 				return err
 			}
@@ -69,7 +71,7 @@ except those given with --cancel, lets changes through again and prints the
 verdict. The exit status is 0 only for a verified cycle.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			p, err := planFromFlags(dataDir, to, cancel, sel, filters, filterAction)
+			p, err := planFromFlags(dataDir, to, cancel, sel, filters, filterAction, users)
 			if err != nil {
 				return err
 			}
@@ -89,7 +91,7 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			if err != nil {
 				return err
 			}
-			req := admin.CycleRequest{To: p.To, Cancel: p.cancel, Reason: reason, Keep: keep}
+			req := admin.CycleRequest{To: p.To, Cancel: p.cancel, Reason: reason, Keep: keep, Users: users}
 			for _, f := range filters {
 				if _, err := replay.ParseFilter(f, filterAction); err != nil {
 					return err
@@ -134,11 +136,13 @@ type cyclePlan struct {
 	*admin.Plan
 	// Filtered are the deliveries the filters take away.
 	Filtered []daemon.FilterHit `json:"filtered,omitempty"`
-	cancel   []int64
+	// Users, if set, are the only users the cycle rewinds.
+	Users  []string `json:"users,omitempty"`
+	cancel []int64
 }
 
 // planFromFlags resolves the cycle's flags against the log and plans it.
-func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, filters []string, filterAction string) (*cyclePlan, error) {
+func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, filters []string, filterAction string, users []string) (*cyclePlan, error) {
 	if target == "" {
 		return nil, fmt.Errorf("--to is required: a snapshot (undomail snapshots lists them), a log position or a time")
 	}
@@ -180,14 +184,62 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 		return nil, err
 	}
 	p := &cyclePlan{Plan: plan, cancel: cancelled}
+	if len(users) > 0 {
+		if err := p.onlyUsers(ctx, l, users); err != nil {
+			return nil, err
+		}
+	}
 	if p.Filtered, err = daemon.PreviewFilters(ctx, l, at, fs); err != nil {
 		return nil, err
 	}
 	return p, nil
 }
 
+// onlyUsers keeps the steps of a cycle limited to some users: the verbs
+// that change their mail.
+func (p *cyclePlan) onlyUsers(ctx context.Context, l *undolog.Log, users []string) error {
+	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: p.AtSeq})
+	if err != nil {
+		return err
+	}
+	theirs := map[int64]bool{}
+	for _, v := range verbs {
+		for _, u := range replay.VerbUsers(v) {
+			if slices.Contains(users, u) {
+				theirs[v.Seq] = true
+			}
+		}
+	}
+	keep := p.Verbs[:0]
+	p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect = 0, 0, 0
+	for _, st := range p.Verbs {
+		if !theirs[st.Seq] {
+			if st.Action == "cancel" {
+				return fmt.Errorf("--cancel %d: a change to the mail of someone not in --user %s", st.Seq, strings.Join(users, ","))
+			}
+			continue
+		}
+		switch st.Action {
+		case "replay":
+			p.Counts.Replay++
+		case "cancel":
+			p.Counts.Cancel++
+		default:
+			p.Counts.NoEffect++
+		}
+		keep = append(keep, st)
+	}
+	p.Verbs = keep
+	p.Users = users
+	return nil
+}
+
 func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
-	fmt.Fprintf(w, "rewind to %s (log position %d), then:\n", p.To, p.AtSeq)
+	who := "everyone's mail"
+	if len(p.Users) > 0 {
+		who = "the mail of " + strings.Join(p.Users, ", ") + " (everyone else's stays as it is)"
+	}
+	fmt.Fprintf(w, "rewind %s to %s (log position %d), then:\n", who, p.To, p.AtSeq)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SEQ\tACTION\tKIND\tUSER\tWHAT")
 	for _, s := range p.Verbs {

@@ -110,11 +110,11 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
 	start := time.Now()
-	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep})
+	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep, Users: req.Users})
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
-	v, ran, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, req.Cancel, fs)
+	v, ran, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, req.Cancel, fs, req.Users)
 	v.Cycle, v.Present = intent.Seq, present
 	if ran {
 		// The replay ran to its end (some verbs may have failed): explain
@@ -142,9 +142,9 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 
 // cycle rewinds and replays; ran reports that the replay ran to its end,
 // whatever its verdict.
-func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter) (v CycleVerdict, ran bool, err error) {
+func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter, users []string) (v CycleVerdict, ran bool, err error) {
 	d.prog.phase("rewind")
-	rw, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, to)
+	rw, err := replay.RewindUsers(ctx, d.Log, d.Store, d.upstream, to, users)
 	if err != nil {
 		return v, false, err
 	}
@@ -154,7 +154,7 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 	}
 	start := time.Now()
 	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters, Workers: d.replayWorkers, Progress: d.prog.set,
-		Gone: rw.Gone, Restore: d.upstream.Restore, Returning: rw.Returning}, d.target)
+		Gone: rw.Gone, Restore: d.upstream.Restore, Returning: rw.Returning, Users: userSet(users)}, d.target)
 	v.ReplayS = time.Since(start).Seconds()
 	v.fill(res)
 	if err != nil {
@@ -239,4 +239,15 @@ func (d *Daemon) CycleJSON(ctx context.Context, req admin.CycleRequest) (json.Ra
 	v, err := d.Cycle(ctx, req)
 	b, _ := json.Marshal(v)
 	return b, err
+}
+
+func userSet(users []string) map[string]bool {
+	if len(users) == 0 {
+		return nil
+	}
+	m := map[string]bool{}
+	for _, u := range users {
+		m[u] = true
+	}
+	return m
 }

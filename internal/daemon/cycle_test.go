@@ -409,3 +409,82 @@ func TestCycleFiltersASpamWave(t *testing.T) {
 		t.Fatalf("bob's INBOX after the cycle: %+v %v", sel, err)
 	}
 }
+
+// TestCycleForOneUser: a cycle limited to alice brings back the folder she
+// deleted and leaves bob's mail exactly as it was: same messages, same
+// UIDs, his changes since the snapshot untouched, nothing replayed for him.
+func TestCycleForOneUser(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
+	ctx := context.Background()
+	send(t, tb, "a1@client.test")
+	waitFor(t, tb, "INBOX", "a1@client.test")
+	c := login(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	if err := c.Create("Projects", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	c.Select("INBOX", nil).Wait()
+	if _, err := c.Move(uidOf(t, c, "a1@client.test"), "Projects").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	snap, _, err := tb.Daemon.Snapshot(ctx, "hourly")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete("Projects").Wait(); err != nil {
+		t.Fatal(err)
+	}
+	c.Logout().Wait()
+	c.Close()
+	// Bob's mail goes on meanwhile.
+	sendSubject(t, tb, "bob@example.test", "b1@client.test", "for bob")
+	sendSubject(t, tb, "bob@example.test", "b2@client.test", "for bob")
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if n := countIn(t, tb, "bob", "INBOX"); n == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("bob's mail did not arrive")
+		}
+		tb.Stack.Flush(ctx)
+		time.Sleep(100 * time.Millisecond)
+	}
+	b := login(t, tb.IMAPAddr(), "bob", tb.Stack.Password("bob"))
+	b.Select("INBOX", nil).Wait()
+	if err := b.Store(uidOf(t, b, "b1@client.test"), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagFlagged}}, nil).Close(); err != nil {
+		t.Fatal(err)
+	}
+	b.Logout().Wait()
+	b.Close()
+	bobBefore := clientcheck.Look(t, tb.Stack.IMAPAddr, "bob", tb.Stack.Password("bob"))
+	bobFlags := flagStateOf(t, tb, "bob")
+	alice := cacheBefore(t, tb, "alice")
+
+	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindIMAPDelete}})
+	v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Cancel: []int64{deletes[0].Seq}, Users: []string{"alice"}})
+	if err != nil || !v.OK || v.Users != 1 {
+		t.Fatalf("cycle verdict %+v, %v", v, err)
+	}
+	if got := aliceMail(t, tb)["Projects"]; fmt.Sprint(got) != "[a1@client.test]" {
+		t.Fatalf("alice's Projects after the cycle: %v", aliceMail(t, tb))
+	}
+	alice.checkAfter(t, tb)
+	if after := clientcheck.Look(t, tb.Stack.IMAPAddr, "bob", tb.Stack.Password("bob")); fmt.Sprint(after) != fmt.Sprint(bobBefore) {
+		t.Fatalf("bob's mail changed in a cycle for alice:\nbefore %v\nafter  %v", bobBefore, after)
+	}
+	if got := flagStateOf(t, tb, "bob"); fmt.Sprint(got) != fmt.Sprint(bobFlags) {
+		t.Fatalf("bob's flags changed: %v, were %v", got, bobFlags)
+	}
+}
+
+// countIn counts a user's messages in a mailbox, on Dovecot directly.
+func countIn(t *testing.T, tb *testbed.Testbed, user, mailbox string) int {
+	t.Helper()
+	c := login(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
+	defer c.Close()
+	st, err := c.Status(mailbox, &imap.StatusOptions{NumMessages: true}).Wait()
+	if err != nil || st.NumMessages == nil {
+		return -1
+	}
+	return int(*st.NumMessages)
+}
