@@ -20,7 +20,6 @@ import (
 	"github.com/chromedp/cdproto/page"
 	"github.com/chromedp/chromedp"
 	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/admin"
@@ -128,14 +127,8 @@ func send(t *testing.T, tb *testbed.Testbed, id, subject string) {
 // read from Dovecot directly.
 func aliceMail(t *testing.T, tb *testbed.Testbed) map[string][]string {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	boxes, err := c.List("", "*", nil).Collect()
 	if err != nil {
 		t.Fatal(err)
@@ -187,14 +180,8 @@ func deletedFolder(t *testing.T, tb *testbed.Testbed, a *api) (snap string, del 
 	send(t, tb, "p2@client.test", "Roadmap")
 	waitFor(t, tb, "INBOX", "p1@client.test")
 	waitFor(t, tb, "INBOX", "p2@client.test")
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if err := c.Create("Projects", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}

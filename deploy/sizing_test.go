@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapclient"
 	_ "github.com/mattn/go-sqlite3"
 
 	"github.com/undomail/undomail/internal/testbed"
@@ -94,14 +93,8 @@ func TestLogSizing(t *testing.T) {
 	}
 
 	// IMAP verbs, each on one message, as a mail client sends them.
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if err := c.Create("Archive", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}

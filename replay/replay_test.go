@@ -102,14 +102,8 @@ func TestRewindThenReplay(t *testing.T) {
 // "mailbox Message-Id" -> flags, read directly from Dovecot.
 func mailboxState(t *testing.T, tb *testbed.Testbed, mailboxes ...string) map[string]string {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	out := map[string]string{}
 	for _, mb := range mailboxes {
 		sel, err := c.Select(mb, nil).Wait()
@@ -165,14 +159,8 @@ func TestReplayMessageVerbs(t *testing.T) {
 	deliver(t, tb, 2, 2) // m2, m3: after it
 	waitCount(t, tb, 4)
 
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if err := c.Create("Archive", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/emersion/go-message"
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
@@ -65,14 +64,8 @@ type digest struct {
 // directly from Dovecot and parsed with go-message.
 func userDigests(t *testing.T, tb *testbed.Testbed, user string) []digest {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
 	defer c.Close()
-	if err := c.Login(user, tb.Stack.Password(user)).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if _, err := c.Select("INBOX", &imap.SelectOptions{ReadOnly: true}).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -121,14 +114,8 @@ func userDigests(t *testing.T, tb *testbed.Testbed, user string) []digest {
 // alice saw them.
 func read(t *testing.T, tb *testbed.Testbed, user, mailbox string, ids ...string) {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), user, tb.Stack.Password(user))
 	defer c.Close()
-	if err := c.Login(user, tb.Stack.Password(user)).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if _, err := c.Select(mailbox, nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -286,14 +273,8 @@ func TestCompensationForChangedResults(t *testing.T) {
 		c.Compensation.Policies.ActionCancelled = "notify"
 	})
 	ctx := context.Background()
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	for _, box := range []string{"Archive", "Projects"} {
 		if err := c.Create(box, nil).Wait(); err != nil {
 			t.Fatal(err)
@@ -418,14 +399,8 @@ func TestIMAPCheckerFindsMessagesByUndoID(t *testing.T) {
 	sendMsg(t, tb, "", "bob@example.test", "alice@example.test", m, "")
 	seq := waitDelivered(t, tb, m.subject)
 	waitFor(t, tb, "INBOX", m.id)
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if err := c.Create("Filed", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}

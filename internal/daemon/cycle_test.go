@@ -41,14 +41,8 @@ func send(t *testing.T, tb *testbed.Testbed, id string) {
 // directly from Dovecot.
 func aliceMail(t *testing.T, tb *testbed.Testbed) map[string][]string {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	boxes, err := c.List("", "*", nil).Collect()
 	if err != nil {
 		t.Fatal(err)
@@ -104,14 +98,8 @@ func TestCycleCancelsAnAccidentalDelete(t *testing.T) {
 	send(t, tb, "a2@client.test")
 	waitFor(t, tb, "INBOX", "a2@client.test")
 	waitFor(t, tb, "INBOX", "a1@client.test")
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if err := c.Create("Projects", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -246,14 +234,8 @@ func flagState(t *testing.T, tb *testbed.Testbed) map[string]string {
 // read directly from Dovecot.
 func flagStateOf(t *testing.T, tb *testbed.Testbed, user string) map[string]string {
 	t.Helper()
-	c, err := imapclient.DialInsecure(tb.Stack.IMAPAddr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
 	defer c.Close()
-	if err := c.Login(user, tb.Stack.Password(user)).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	out := map[string]string{}
 	boxes, _ := c.List("", "*", nil).Collect()
 	for _, b := range boxes {
@@ -297,14 +279,8 @@ func TestCycleFiltersASpamWave(t *testing.T) {
 	for _, id := range []string{"h0@client.test", "h1@client.test", "h2@client.test", "s0@spam.test", "s1@spam.test", "s2@spam.test"} {
 		waitFor(t, tb, "INBOX", id)
 	}
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if err := c.Create("Work", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -419,7 +395,8 @@ func TestCycleForOneUser(t *testing.T) {
 	ctx := context.Background()
 	send(t, tb, "a1@client.test")
 	waitFor(t, tb, "INBOX", "a1@client.test")
-	c := login(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	defer c.Close()
 	if err := c.Create("Projects", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -449,7 +426,8 @@ func TestCycleForOneUser(t *testing.T) {
 		tb.Stack.Flush(ctx)
 		time.Sleep(100 * time.Millisecond)
 	}
-	b := login(t, tb.IMAPAddr(), "bob", tb.Stack.Password("bob"))
+	b := testbedtest.IMAP(t, tb.IMAPAddr(), "bob", tb.Stack.Password("bob"))
+	defer b.Close()
 	b.Select("INBOX", nil).Wait()
 	if err := b.Store(uidOf(t, b, "b1@client.test"), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagFlagged}}, nil).Close(); err != nil {
 		t.Fatal(err)
@@ -480,7 +458,7 @@ func TestCycleForOneUser(t *testing.T) {
 // countIn counts a user's messages in a mailbox, on Dovecot directly.
 func countIn(t *testing.T, tb *testbed.Testbed, user, mailbox string) int {
 	t.Helper()
-	c := login(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
 	defer c.Close()
 	st, err := c.Status(mailbox, &imap.StatusOptions{NumMessages: true}).Wait()
 	if err != nil || st.NumMessages == nil {

@@ -13,7 +13,6 @@ import (
 	"time"
 
 	"github.com/emersion/go-imap/v2"
-	"github.com/emersion/go-imap/v2/imapclient"
 
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
@@ -59,7 +58,7 @@ func TestDrill(t *testing.T) {
 	send(t, tb, "n2@client.test")
 	waitFor(t, tb, "INBOX", "n1@client.test")
 	waitFor(t, tb, "INBOX", "n2@client.test")
-	c := login(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	if err := c.Create("Keep", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -98,7 +97,7 @@ func TestDrill(t *testing.T) {
 	waitForUser(t, tb, "bob", "undomail recovery drill PASSED")
 
 	// Behind undomail's back: alice's message flagged on Dovecot directly.
-	d := login(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
+	d := testbedtest.IMAP(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
 	d.Select("INBOX", nil).Wait()
 	if err := d.Store(uidOf(t, d, "n2@client.test"), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagFlagged}}, nil).Close(); err != nil {
 		t.Fatal(err)
@@ -129,23 +128,11 @@ func TestDrill(t *testing.T) {
 	}
 }
 
-func login(t *testing.T, addr, user, pass string) *imapclient.Client {
-	t.Helper()
-	c, err := imapclient.DialInsecure(addr, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.Login(user, pass).Wait(); err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
 // waitForUser waits for a message with the subject in user's INBOX.
 func waitForUser(t *testing.T, tb *testbed.Testbed, user, subject string) {
 	t.Helper()
 	for range 100 {
-		c := login(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
+		c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
 		c.Select("INBOX", nil).Wait()
 		found, err := c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: "Subject", Value: subject}}}, nil).Wait()
 		c.Logout().Wait()

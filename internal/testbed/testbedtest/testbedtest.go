@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emersion/go-imap/v2/imapclient"
+
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/mailstack"
 	"github.com/undomail/undomail/internal/testbed"
@@ -78,4 +80,19 @@ func (w *testWriter) close() {
 	w.mu.Lock()
 	w.done = true
 	w.mu.Unlock()
+}
+
+// IMAP logs in at addr (undomail's front end, or Dovecot directly) as
+// user; it fails the test if it cannot. The caller closes the client.
+func IMAP(t testing.TB, addr, user, pass string) *imapclient.Client {
+	t.Helper()
+	c, err := imapclient.DialInsecure(addr, nil)
+	if err != nil {
+		t.Fatalf("testbedtest: connect to %s: %v", addr, err)
+	}
+	if err := c.Login(user, pass).Wait(); err != nil {
+		c.Close()
+		t.Fatalf("testbedtest: log in as %s at %s: %v", user, addr, err)
+	}
+	return c
 }
