@@ -12,8 +12,6 @@ import (
 
 	_ "github.com/mattn/go-sqlite3"
 
-	"github.com/undomail/undomail/internal/mailstack"
-	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
 )
@@ -26,13 +24,7 @@ import (
 // right), after which the cycle runs; a damaged record has no copy: it
 // stays reported and the cycle stays refused.
 func TestFlippedBits(t *testing.T) {
-	st := mailstacktest.Start(t, mailstack.Options{})
-	s := newServer(t, st)
-	s.extra = []string{"--config", repairConfig(t, st)}
-	s.start()
-	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
-		t.Fatal(err)
-	}
+	st, s := repairServer(t)
 	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
 	if err != nil {
 		t.Fatalf("snapshot: %v %s", err, out)

@@ -32,13 +32,7 @@ import (
 // there exactly once, no UID a client cached is reused, and mail flows
 // again. The proxies never come back half-rewound.
 func TestKill9DuringACycle(t *testing.T) {
-	st := mailstacktest.Start(t, mailstack.Options{})
-	s := newServer(t, st)
-	s.extra = []string{"--config", repairConfig(t, st)}
-	s.start()
-	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
-		t.Fatal(err)
-	}
+	st, s := repairServer(t)
 	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
 	if err != nil {
 		t.Fatalf("snapshot: %v %s", err, out)

@@ -727,13 +727,7 @@ func TestSnapshotCommands(t *testing.T) {
 // TestSplitCycle: rewind --hold, a repair by hand, replay. Changes are
 // refused meanwhile; the replay brings back what came after the snapshot.
 func TestSplitCycle(t *testing.T) {
-	st := mailstacktest.Start(t, mailstack.Options{})
-	s := newServer(t, st)
-	s.extra = []string{"--config", repairConfig(t, st)}
-	s.start()
-	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
-		t.Fatal(err)
-	}
+	st, s := repairServer(t)
 	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
 	if err != nil {
 		t.Fatalf("snapshot: %v %s", err, out)
@@ -886,13 +880,7 @@ func TestServeFromExampleConfig(t *testing.T) {
 // those verbs cancelled brings the messages back, and mail that arrived
 // afterwards stays.
 func TestCycleUndoesAMassExpunge(t *testing.T) {
-	st := mailstacktest.Start(t, mailstack.Options{})
-	s := newServer(t, st)
-	s.extra = []string{"--config", repairConfig(t, st)}
-	s.start()
-	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
-		t.Fatal(err)
-	}
+	st, s := repairServer(t)
 	c, err := imapclient.DialInsecure(s.imapAddr, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -999,6 +987,21 @@ func waitInbox(t *testing.T, st *mailstack.Stack, msgID string) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// repairServer starts a private stack and undomail serve in front of it,
+// configured for rewinds and cycles (repairConfig), with Postfix's
+// deliveries going through undomail's LMTP capture.
+func repairServer(t *testing.T) (*mailstack.Stack, *server) {
+	t.Helper()
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	s.extra = []string{"--config", repairConfig(t, st)}
+	s.start()
+	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	return st, s
 }
 
 // repairConfig writes a config file for undomail serve with what rewinds
