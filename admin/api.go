@@ -570,8 +570,8 @@ func (s *Server) handleCycles(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"cycles": nonNilSlice(cs)})
 }
 
-// parseSeqs reads "812,815".
-func parseSeqs(s string) ([]int64, error) {
+// ParseSeqs reads a list of log positions, "812,815".
+func ParseSeqs(s string) ([]int64, error) {
 	var out []int64
 	for _, f := range strings.Split(s, ",") {
 		if f = strings.TrimSpace(f); f == "" {
@@ -579,7 +579,7 @@ func parseSeqs(s string) ([]int64, error) {
 		}
 		n, err := strconv.ParseInt(f, 10, 64)
 		if err != nil || n <= 0 {
-			return nil, fmt.Errorf("cancel: %q is not a sequence number", f)
+			return nil, fmt.Errorf("%q is not a sequence number", f)
 		}
 		out = append(out, n)
 	}
@@ -587,7 +587,7 @@ func parseSeqs(s string) ([]int64, error) {
 }
 
 func (s *Server) handlePlan(w http.ResponseWriter, r *http.Request) {
-	cancel, err := parseSeqs(r.URL.Query().Get("cancel"))
+	cancel, err := ParseSeqs(r.URL.Query().Get("cancel"))
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err)
 		return

@@ -562,7 +562,7 @@ type planView struct {
 func (w *web) plan(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	p.Title = "plan"
 	qv := r.URL.Query()
-	cancel, err := parseSeqs(strings.Join(qv["cancel"], ","))
+	cancel, err := ParseSeqs(strings.Join(qv["cancel"], ","))
 	if err != nil {
 		return err
 	}
@@ -586,7 +586,7 @@ func (w *web) plan(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 // runCycle starts the cycle of a previewed plan, after the explicit
 // confirmation checkbox.
 func (w *web) runCycle(rw http.ResponseWriter, r *http.Request, p *pageData) error {
-	cancel, err := parseSeqs(r.PostFormValue("cancel"))
+	cancel, err := ParseSeqs(r.PostFormValue("cancel"))
 	if err != nil {
 		return err
 	}

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -115,20 +114,6 @@ verdict. The exit status is 0 only for a verified cycle.`,
 	return cmd
 }
 
-func parseSeqs(s string) ([]int64, error) {
-	var out []int64
-	for _, f := range strings.Split(s, ",") {
-		if f = strings.TrimSpace(f); f == "" {
-			continue
-		}
-		n, err := strconv.ParseInt(f, 10, 64)
-		if err != nil || n <= 0 {
-			return nil, fmt.Errorf("--cancel: %q is not a sequence number", f)
-		}
-		out = append(out, n)
-	}
-	return out, nil
-}
 
 // cyclePlan is what a cycle would do: daemon.PlanCycle's plan, and what
 // the filters take away.
@@ -146,9 +131,9 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 	if target == "" {
 		return nil, fmt.Errorf("--to is required: a snapshot (undomail snapshots lists them), a log position or a time")
 	}
-	cancelled, err := parseSeqs(cancel)
+	cancelled, err := admin.ParseSeqs(cancel)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("--cancel: %w", err)
 	}
 	var fs []*replay.Filter
 	for _, f := range filters {

@@ -175,9 +175,9 @@ func replayCmd() *cobra.Command {
 		Short: "End a held rewind: replay every logged change since the snapshot, then let changes through",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			cancelled, err := parseSeqs(cancel)
+			cancelled, err := admin.ParseSeqs(cancel)
 			if err != nil {
-				return err
+				return fmt.Errorf("--cancel: %w", err)
 			}
 			c, err := admin.Dial(dataDir)
 			if err != nil {
