@@ -157,7 +157,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 		n := sort.Search(len(verbs), func(i int) bool { return verbs[i].Seq >= p.Before })
 		verbs = verbs[:n]
 	}
-	earlier, err := earlierDecisions(ctx, l, p.After, verbs)
+	earlier, err := earlierDecisions(ctx, l, p.After, p.Before, verbs)
 	if err != nil {
 		return res, err
 	}
@@ -512,7 +512,10 @@ func KeptFilters(ctx context.Context, l *undolog.Log) ([]KeptFilter, error) {
 
 // earlierDecisions reads the repairs of earlier cycles that apply to the
 // verbs in this replay's range.
-func earlierDecisions(ctx context.Context, l *undolog.Log, after int64, verbs []undolog.Verb) (decisions, error) {
+func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, verbs []undolog.Verb) (decisions, error) {
+	// Only decisions taken before the end of the range count: a drill
+	// replays the log as it stood then, not with repairs made since.
+	past := func(seq int64) bool { return before <= 0 || seq < before }
 	d := decisions{cancelled: map[int64]int64{}}
 	kept, err := KeptFilters(ctx, l)
 	if err != nil {
@@ -545,12 +548,18 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after int64, verbs []
 	}
 	for _, r := range recs {
 		var o ReplayOutcome
-		if r.Ref > after && json.Unmarshal(r.Outcome, &o) == nil && o.Status == "cancelled" && !interrupted(r.Seq) {
+		if r.Ref > after && past(r.Seq) && json.Unmarshal(r.Outcome, &o) == nil && o.Status == "cancelled" && !interrupted(r.Seq) {
 			d.cancelled[r.Ref] = r.Seq
 		}
 	}
 	keptBy := map[int64]bool{}
 	for _, k := range kept {
+		if !past(k.Cycle) {
+			continue
+		}
+		if k.Removed != 0 && !past(k.Removed) {
+			k.Removed = 0 // removed only later
+		}
 		k.Filter.before = k.Removed
 		d.filters = append(d.filters, k.Filter)
 		keptBy[k.Cycle] = true

@@ -972,6 +972,32 @@ func TestCycleUndoesAMassExpunge(t *testing.T) {
 	if ids, _ := inboxMessageIDs(st, "alice"); ids["later@client.test"] != 1 {
 		t.Fatalf("later mail lost in the cycle: %v", ids)
 	}
+	// The timeline keeps the abandoned branch, with each verb's fate.
+	out, err = run(t, "log", "--data-dir", s.dataDir, "--branches")
+	if err != nil || !strings.Contains(out, "2 cancelled") || !strings.Contains(out, snap) {
+		t.Fatalf("log --branches: %v\n%s", err, out)
+	}
+	out, err = run(t, "log", "--data-dir", s.dataDir, "--branch", strings.Fields(strings.Split(out, "\n")[1])[0])
+	if err != nil || strings.Count(out, "cancelled: left out by the repair") != 2 || !strings.Contains(out, "imap.expunge") {
+		t.Fatalf("log --branch: %v\n%s", err, out)
+	}
+	// A drill from the command line over the cycle's own snapshot and a new
+	// one: it passes and is listed.
+	if out, err := run(t, "snapshot", "--data-dir", s.dataDir); err != nil {
+		t.Fatalf("snapshot: %v %s", err, out)
+	}
+	out, err = run(t, "drill", "--data-dir", s.dataDir)
+	if err != nil || !strings.Contains(out, "drill PASSED") {
+		t.Fatalf("drill: %v\n%s", err, out)
+	}
+	out, err = run(t, "drill", "--data-dir", s.dataDir, "--list")
+	if err != nil || !strings.Contains(out, "passed") {
+		t.Fatalf("drill --list: %v\n%s", err, out)
+	}
+	out, err = run(t, "filters", "--data-dir", s.dataDir)
+	if err != nil || !strings.Contains(out, "no filters are active") {
+		t.Fatalf("filters: %v\n%s", err, out)
+	}
 	s.stop()
 }
 
