@@ -283,10 +283,11 @@ func (c *Client) Cycle(ctx context.Context, req CycleRequest) (json.RawMessage, 
 
 // Drill asks the daemon to run a recovery drill; its verdict is JSON.
 func (c *Client) Drill(ctx context.Context, from, to string) (json.RawMessage, error) {
+	q := "?from=" + url.QueryEscape(from) + "&to=" + url.QueryEscape(to)
 	if c.remote {
-		return nil, errors.New("drill: only on the daemon's machine (control socket)")
+		return c.post(ctx, "/api/drills"+q, nil)
 	}
-	return c.post(ctx, "/drills?from="+url.QueryEscape(from)+"&to="+url.QueryEscape(to), nil)
+	return c.post(ctx, "/drills"+q, nil)
 }
 
 // Filters lists the filters kept active for live mail, as JSON.

@@ -28,6 +28,7 @@ func cycleCmd() *cobra.Command {
 	var filters []string
 	var sel daemon.CancelSelector
 	var users []string
+	var remote daemonFlags
 	var asJSON, yes, keep bool
 	flags := func(c *cobra.Command) {
 		c.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
@@ -70,9 +71,35 @@ except those given with --cancel, lets changes through again and prints the
 verdict. The exit status is 0 only for a verified cycle.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			p, err := planFromFlags(dataDir, to, cancel, sel, filters, filterAction, users)
-			if err != nil {
-				return err
+			remote.dataDir = dataDir
+			var p *cyclePlan
+			var c *admin.Client
+			var err error
+			if remote.adminURL == "" {
+				if p, err = planFromFlags(dataDir, to, cancel, sel, filters, filterAction, users); err != nil {
+					return err
+				}
+				if c, err = admin.Dial(dataDir); err != nil {
+					return err
+				}
+			} else {
+				// A remote daemon: its admin API plans; targets are snapshot
+				// names and cancellations sequence numbers.
+				if !sel.Empty() {
+					return fmt.Errorf("--cancel-* selections need the log: run on the daemon's machine, or list --cancel SEQ,...")
+				}
+				if c, err = remote.client(); err != nil {
+					return err
+				}
+				cancelled, err := admin.ParseSeqs(cancel)
+				if err != nil {
+					return fmt.Errorf("--cancel: %w", err)
+				}
+				plan, err := c.Plan(context.Background(), to, cancelled)
+				if err != nil {
+					return fmt.Errorf("plan the cycle on %s: %w", remote.adminURL, err)
+				}
+				p = &cyclePlan{Plan: plan, cancel: cancelled, Users: users}
 			}
 			out := cmd.OutOrStdout()
 			p.print(out)
@@ -85,10 +112,6 @@ verdict. The exit status is 0 only for a verified cycle.`,
 				if !strings.HasPrefix(strings.ToLower(strings.TrimSpace(answer)), "y") {
 					return fmt.Errorf("cycle not run")
 				}
-			}
-			c, err := admin.Dial(dataDir)
-			if err != nil {
-				return err
 			}
 			req := admin.CycleRequest{To: p.To, Cancel: p.cancel, Reason: reason, Keep: keep, Users: users}
 			for _, f := range filters {
@@ -109,11 +132,13 @@ verdict. The exit status is 0 only for a verified cycle.`,
 	}
 	flags(run)
 	run.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
+	run.Flags().StringVar(&remote.adminURL, "admin", "", "run the cycle on the undomail behind this admin URL (https://host:8025) instead of the local one")
+	run.Flags().StringVar(&remote.caFile, "admin-ca", "", "PEM file of the certificate authority of --admin's HTTPS")
+	run.Flags().StringVar(&remote.tokenFile, "token-file", "", "file with the admin token for --admin (default: admin.token in --data-dir; or $UNDOMAIL_ADMIN_TOKEN)")
 	run.Flags().BoolVar(&keep, "keep", false, "keep the --filter rules active for live mail after the cycle (undomail filters lists them)")
 	cmd.AddCommand(plan, run)
 	return cmd
 }
-
 
 // cyclePlan is what a cycle would do: daemon.PlanCycle's plan, and what
 // the filters take away.

@@ -3,20 +3,21 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
-	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 )
 
 func drillCmd() *cobra.Command {
-	var dataDir, from, to string
+	var df daemonFlags
+	var from, to string
 	var asJSON, list bool
 	cmd := &cobra.Command{
 		Use:   "drill",
@@ -34,9 +35,12 @@ and printed; the exit status is 0 only for a pass.
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
 			if list {
-				return listDrills(cmd, dataDir, asJSON)
+				return listDrills(cmd, df.dataDir, asJSON)
 			}
-			c, err := admin.Dial(dataDir)
+			c, err := df.client()
+			if errors.Is(err, errNoDaemon) {
+				return fmt.Errorf("drill: no undomail runs on %s (a drill runs in the daemon; or give --admin URL)", df.dataDir)
+			}
 			if err != nil {
 				return err
 			}
@@ -62,7 +66,7 @@ and printed; the exit status is 0 only for a pass.
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
+	df.register(cmd)
 	fl.StringVar(&from, "from", "", "the older snapshot")
 	fl.StringVar(&to, "to", "", "the newer snapshot")
 	fl.BoolVar(&list, "list", false, "print past drills' verdicts")
