@@ -86,7 +86,7 @@ verdict. The exit status is 0 only for a verified cycle.`,
 				// A remote daemon: its admin API plans; targets are snapshot
 				// names and cancellations sequence numbers.
 				if !sel.Empty() {
-					return fmt.Errorf("--cancel-* selections need the log: run on the daemon's machine, or list --cancel SEQ,...")
+					return fmt.Errorf("--cancel-* selections need the log: run on the daemon's machine, or list the sequence numbers with --cancel")
 				}
 				if c, err = remote.client(); err != nil {
 					return err
