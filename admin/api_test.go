@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
@@ -62,9 +63,12 @@ func (f *fakeDaemon) DrillJSON(ctx context.Context, from, to string) (json.RawMe
 }
 func (f *fakeDaemon) FiltersJSON() json.RawMessage                     { return json.RawMessage(`[]`) }
 func (f *fakeDaemon) RemoveFilters(ctx context.Context, c int64) error { return nil }
-func (f *fakeDaemon) UndoLog() *undolog.Log                            { return f.l }
-func (f *fakeDaemon) Upstreams() []Upstream                            { return f.ups }
-func (f *fakeDaemon) Holding() bool                                    { return false }
+func (f *fakeDaemon) PruneJSON(ctx context.Context, before, archive string) (json.RawMessage, error) {
+	return nil, errors.New("the fake daemon does not prune")
+}
+func (f *fakeDaemon) UndoLog() *undolog.Log { return f.l }
+func (f *fakeDaemon) Upstreams() []Upstream { return f.ups }
+func (f *fakeDaemon) Holding() bool         { return false }
 func (f *fakeDaemon) PlanCycle(ctx context.Context, to string, cancel []int64) (*Plan, error) {
 	if to == "" {
 		return nil, fmt.Errorf("no snapshot given")

@@ -48,6 +48,9 @@ type Daemon interface {
 	// RemoveFilters stops the ones a cycle kept.
 	FiltersJSON() json.RawMessage
 	RemoveFilters(ctx context.Context, cycle int64) error
+	// PruneJSON removes the log before a snapshot (archive: a file the
+	// daemon writes what it removes to, "" for none).
+	PruneJSON(ctx context.Context, before, archive string) (json.RawMessage, error)
 }
 
 // CycleRequest is the body of POST /cycles.
@@ -148,6 +151,10 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 	})
 	mux.HandleFunc("POST /drills", func(w http.ResponseWriter, r *http.Request) {
 		out, err := s.DrillJSON(r.Context(), r.URL.Query().Get("from"), r.URL.Query().Get("to"))
+		writeOutcome(w, out, err)
+	})
+	mux.HandleFunc("POST /log/prune", func(w http.ResponseWriter, r *http.Request) {
+		out, err := s.PruneJSON(r.Context(), r.URL.Query().Get("before"), r.URL.Query().Get("archive"))
 		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("GET /filters", func(w http.ResponseWriter, r *http.Request) {
@@ -311,6 +318,14 @@ func (c *Client) Filters(ctx context.Context) (json.RawMessage, error) {
 		return nil, fmt.Errorf("control socket %s: bad reply (%s): %w", c.path, resp.Status, err)
 	}
 	return rep.Outcome, nil
+}
+
+// Prune asks the daemon to remove the log before a snapshot.
+func (c *Client) Prune(ctx context.Context, before, archive string) (json.RawMessage, error) {
+	if c.remote {
+		return nil, errors.New("prune: only on the daemon's machine (control socket)")
+	}
+	return c.post(ctx, "/log/prune?before="+url.QueryEscape(before)+"&archive="+url.QueryEscape(archive), nil)
 }
 
 // RemoveFilters stops the live filters a cycle kept.

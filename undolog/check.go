@@ -153,7 +153,14 @@ func (c *checker) checkDB(ctx context.Context) error {
 		c.add(Info, 0, "", "database %s: schema version %d; undomail serve migrates it to %d at its next start", path, version, schemaVersion)
 	}
 
-	last, sumAtHead, err := c.walkRecords(ctx, db, headSeq)
+	base, baseSum, err := readBase(ctx, db)
+	if err != nil {
+		c.add(Error, 0, "", "database %s: %v", path, err)
+	}
+	if base > 0 {
+		c.add(Info, 0, "", "records 1-%d were pruned (archived); the chain is checked from record %d on", base, base+1)
+	}
+	last, sumAtHead, err := c.walkRecords(ctx, db, headSeq, base, baseSum)
 	if err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -262,8 +269,9 @@ func (c *checker) integrity(ctx context.Context, db *sql.DB) error {
 // walkRecords checks contiguity, the chain, each sum and the users index in
 // one pass. It returns the last record's seq and sum, and the sum of the
 // record HEAD names (nil if there is none).
-func (c *checker) walkRecords(ctx context.Context, db *sql.DB, headSeq int64) (last Record, sumAtHead []byte, err error) {
-	rows, err := db.QueryContext(ctx, `SELECT `+recordCols+` FROM records r ORDER BY r.seq`)
+func (c *checker) walkRecords(ctx context.Context, db *sql.DB, headSeq, base int64, baseSum [32]byte) (last Record, sumAtHead []byte, err error) {
+	// Records at or below the base are left by an interrupted prune.
+	rows, err := db.QueryContext(ctx, `SELECT `+recordCols+` FROM records r WHERE r.seq > ? ORDER BY r.seq`, base)
 	if err != nil {
 		return last, nil, err
 	}
@@ -274,9 +282,9 @@ func (c *checker) walkRecords(ctx context.Context, db *sql.DB, headSeq int64) (l
 	}
 	defer idx.close()
 
-	prevSeq := int64(0)
-	var prevSum [32]byte // record 1 links to all zeros
-	linked := true       // false right after a gap: the predecessor is unknown
+	prevSeq := base
+	prevSum := baseSum // record 1 links to all zeros
+	linked := true     // false right after a gap: the predecessor is unknown
 	for rows.Next() {
 		if err := ctx.Err(); err != nil {
 			return last, sumAtHead, err

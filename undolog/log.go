@@ -257,6 +257,15 @@ func verifyTail(ctx context.Context, db *sql.DB, last Record) error {
 		return nil
 	}
 	var prev []byte
+	if base, baseSum, err := readBase(ctx, db); err != nil {
+		return err
+	} else if last.Seq-1 == base {
+		if baseSum != last.PrevSum {
+			return fmt.Errorf("%w: record %d: prev_sum %s does not match the pruned log's base %s: chain broken",
+				ErrCorrupt, last.Seq, shortHex(last.PrevSum[:]), shortHex(baseSum[:]))
+		}
+		return nil
+	}
 	err := db.QueryRowContext(ctx, `SELECT sum FROM records WHERE seq = ?`, last.Seq-1).Scan(&prev)
 	if errors.Is(err, sql.ErrNoRows) {
 		return fmt.Errorf("%w: record %d missing before last record %d", ErrCorrupt, last.Seq-1, last.Seq)

@@ -22,8 +22,18 @@ func (l *Log) VerifyRange(ctx context.Context, after, before int64) ([]Problem, 
 	add := func(seq int64, blob, format string, args ...any) {
 		probs = append(probs, Problem{Seq: seq, Blob: blob, Severity: Error, What: fmt.Sprintf(format, args...)})
 	}
+	base, baseSum, err := readBase(ctx, l.db)
+	if err != nil {
+		return nil, err
+	}
+	if after < base {
+		add(base, "", "records 1-%d were pruned: the range from %d cannot be replayed", base, after+1)
+		after = base
+	}
 	var prevSum [32]byte
-	if after > 0 {
+	if after == base {
+		prevSum = baseSum
+	} else if after > 0 {
 		var s []byte
 		err := l.db.QueryRowContext(ctx, `SELECT sum FROM records WHERE seq = ?`, after).Scan(&s)
 		switch {

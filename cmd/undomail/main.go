@@ -24,7 +24,7 @@ func main() {
 	}
 	root.AddCommand(serveCmd(), logCmd(), fsckCmd(), snapshotCmd(), snapshotsCmd(), rewindCmd(), replayCmd(), cycleCmd(), demoCmd(), loadCmd())
 	root.AddCommand(compensationsCmd())
-	root.AddCommand(drillCmd(), filtersCmd())
+	root.AddCommand(drillCmd(), filtersCmd(), pruneCmd())
 	root.AddCommand(statusCmd()) // status.go: through the admin API
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "undomail:", err)
