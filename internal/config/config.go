@@ -83,6 +83,13 @@ type Snapshots struct {
 	KeepHourly int `yaml:"keep_hourly"`
 	// KeepDaily keeps the newest snapshot of each of the last N days.
 	KeepDaily int `yaml:"keep_daily"`
+	// PruneLog removes the undo log before the oldest snapshot kept,
+	// after each scheduled snapshot's retention, archiving it to
+	// log_archive first (undomail prune does it by hand).
+	PruneLog bool `yaml:"prune_log"`
+	// LogArchive is the directory pruned log goes to, one gzip'd
+	// JSON-lines file per prune; required with prune_log.
+	LogArchive string `yaml:"log_archive"`
 }
 
 // IMAP is the IMAP front end in front of Dovecot's IMAP.
@@ -472,6 +479,12 @@ func (c Config) Validate() error {
 		if d.v <= 0 {
 			bad(d.key, "must be positive")
 		}
+	}
+	if c.Snapshots.PruneLog && c.Snapshots.LogArchive == "" {
+		bad("snapshots.log_archive", "must be set with snapshots.prune_log: the pruned log is archived there, never just dropped")
+	}
+	if c.Snapshots.PruneLog && c.Snapshots.Every == 0 {
+		bad("snapshots.prune_log", "needs snapshots.every: it runs after the scheduled snapshots' retention")
 	}
 	c.Drills.validate(bad)
 	return errors.Join(errs...)

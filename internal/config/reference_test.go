@@ -42,6 +42,8 @@ var examples = map[string]string{
 	"store":                       "zfs:tank/vmail",
 	"mail_root":                   "/var/vmail",
 	"snapshots.every":             "1h",
+	"snapshots.prune_log":         "true",
+	"snapshots.log_archive":       "/srv/undomail-archive",
 	"snapshots.keep_hourly":       "24",
 	"snapshots.keep_daily":        "30",
 	"dovecot.doveadm":             "[docker, exec, dovecot, doveadm]",

@@ -175,7 +175,11 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 		d.scheduled.Add(1)
 		go func() {
 			defer d.scheduled.Done()
-			d.schedule(sctx, every, cfg.Snapshots.KeepHourly, cfg.Snapshots.KeepDaily)
+			archive := ""
+			if cfg.Snapshots.PruneLog {
+				archive = cfg.Snapshots.LogArchive
+			}
+			d.schedule(sctx, every, cfg.Snapshots.KeepHourly, cfg.Snapshots.KeepDaily, archive)
 		}()
 	}
 	if every := time.Duration(cfg.Drills.Every); every > 0 && d.Store != nil {

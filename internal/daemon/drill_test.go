@@ -145,3 +145,37 @@ func waitForUser(t *testing.T, tb *testbed.Testbed, user, subject string) {
 	}
 	t.Fatalf("no %q in %s's INBOX", subject, user)
 }
+
+// TestScheduledLogPruning: with snapshots.prune_log, each scheduled
+// snapshot's retention is followed by pruning the log before the oldest
+// snapshot kept, archived into snapshots.log_archive; the remaining log
+// still verifies.
+func TestScheduledLogPruning(t *testing.T) {
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	archive := t.TempDir()
+	tb := testbedtest.Start(t, func(c *config.Config) {
+		c.Store = "copy:" + snapDir
+		c.Snapshots.Every = config.Duration(time.Second)
+		c.Snapshots.KeepHourly, c.Snapshots.KeepDaily = 1, 0 // keep the newest only
+		c.Snapshots.PruneLog, c.Snapshots.LogArchive = true, archive
+	})
+	ctx := context.Background()
+	send(t, tb, "s1@client.test")
+	waitFor(t, tb, "INBOX", "s1@client.test")
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		base, err := tb.Daemon.Log.Base(ctx)
+		files, _ := filepath.Glob(filepath.Join(archive, "undo-*.jsonl.gz"))
+		if err == nil && base > 0 && len(files) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the log was not pruned on schedule: base %d (%v), archives %v", base, err, files)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	tb.Daemon.StopSchedule() // a prune moving the base would race the check
+	base, _ := tb.Daemon.Log.Base(ctx)
+	if probs, err := tb.Daemon.Log.VerifyRange(ctx, base, 0); err != nil || len(probs) != 0 {
+		t.Fatalf("the pruned log: %v %v", probs, err)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"time"
 
@@ -94,7 +95,7 @@ func (d *Daemon) snapshotHeld(ctx context.Context, reason string, release func()
 
 // schedule takes snapshots every interval and prunes by the retention
 // policy, until ctx ends.
-func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, keepDaily int) {
+func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, keepDaily int, logArchive string) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -117,7 +118,37 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 				d.logger.Error("log pruned snapshot", "snapshot", name, "err", err)
 			}
 		}
+		if logArchive != "" {
+			d.pruneToOldest(ctx, logArchive)
+		}
 	}
+}
+
+// pruneToOldest removes the log before the oldest snapshot kept, archived
+// into dir (snapshots.prune_log).
+func (d *Daemon) pruneToOldest(ctx context.Context, dir string) {
+	logged, err := LoggedSnapshots(ctx, d.Log)
+	if err != nil {
+		d.logger.Error("prune the log: list snapshots", "err", err)
+		return
+	}
+	oldest, at := "", int64(-1)
+	for name, seq := range logged {
+		if at < 0 || seq < at {
+			oldest, at = name, seq
+		}
+	}
+	base, err := d.Log.Base(ctx)
+	if err != nil || oldest == "" || at <= base {
+		return // nothing new to prune
+	}
+	archive := filepath.Join(dir, fmt.Sprintf("undo-%020d-%020d.jsonl.gz", base+1, at))
+	rep, err := d.PruneLog(ctx, oldest, archive)
+	if err != nil {
+		d.logger.Error("prune the log before the oldest snapshot", "snapshot", oldest, "err", err)
+		return
+	}
+	d.logger.Info("pruned the log before the oldest snapshot", "snapshot", oldest, "records", rep.Records, "archive", archive)
 }
 
 // Rewind rolls the mail store back to a snapshot (replay.Rewind) with the
