@@ -41,33 +41,7 @@ func send(t *testing.T, tb *testbed.Testbed, id string) {
 // directly from Dovecot.
 func aliceMail(t *testing.T, tb *testbed.Testbed) map[string][]string {
 	t.Helper()
-	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
-	defer c.Close()
-	boxes, err := c.List("", "*", nil).Collect()
-	if err != nil {
-		t.Fatal(err)
-	}
-	out := map[string][]string{}
-	for _, b := range boxes {
-		sel, err := c.Select(b.Mailbox, nil).Wait()
-		if err != nil {
-			t.Fatal(err)
-		}
-		out[b.Mailbox] = nil
-		if sel.NumMessages == 0 {
-			continue
-		}
-		var all imap.SeqSet
-		all.AddRange(1, 0)
-		msgs, err := c.Fetch(all, &imap.FetchOptions{Envelope: true}).Collect()
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, m := range msgs {
-			out[b.Mailbox] = append(out[b.Mailbox], m.Envelope.MessageID)
-		}
-	}
-	return out
+	return testbedtest.Mail(t, tb, "alice")
 }
 
 func waitFor(t *testing.T, tb *testbed.Testbed, mailbox, id string) {

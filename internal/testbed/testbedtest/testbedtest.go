@@ -7,11 +7,13 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/emersion/go-imap/v2"
 	"github.com/emersion/go-imap/v2/imapclient"
 
 	"github.com/undomail/undomail/internal/config"
@@ -95,4 +97,36 @@ func IMAP(t testing.TB, addr, user, pass string) *imapclient.Client {
 		t.Fatalf("testbedtest: log in as %s at %s: %v", user, addr, err)
 	}
 	return c
+}
+
+// Mail lists a user's mailboxes and the sorted Message-Ids in each, read
+// from Dovecot directly.
+func Mail(t testing.TB, tb *testbed.Testbed, user string) map[string][]string {
+	t.Helper()
+	c := IMAP(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
+	defer c.Close()
+	boxes, err := c.List("", "*", nil).Collect()
+	if err != nil {
+		t.Fatalf("testbedtest: list %s's mailboxes: %v", user, err)
+	}
+	out := map[string][]string{}
+	for _, b := range boxes {
+		sel, err := c.Select(b.Mailbox, nil).Wait()
+		if err != nil {
+			t.Fatalf("testbedtest: select %s: %v", b.Mailbox, err)
+		}
+		out[b.Mailbox] = []string{}
+		if sel.NumMessages == 0 {
+			continue
+		}
+		msgs, err := c.Fetch(imap.SeqSet{imap.SeqRange{Start: 1, Stop: 0}}, &imap.FetchOptions{Envelope: true}).Collect()
+		if err != nil {
+			t.Fatalf("testbedtest: fetch %s: %v", b.Mailbox, err)
+		}
+		for _, m := range msgs {
+			out[b.Mailbox] = append(out[b.Mailbox], m.Envelope.MessageID)
+		}
+		slices.Sort(out[b.Mailbox])
+	}
+	return out
 }
