@@ -167,31 +167,8 @@ func (l *Log) seqRange(ctx context.Context, q PageQuery) (lo, hi int64, empty bo
 // most one kind unless a user drives the scan).
 func (l *Log) pageQuery(ctx context.Context, q PageQuery, lo, hi int64, kinds []string) ([]Verb, error) {
 	query, args := pageSQL(q, lo, hi, kinds)
-	rows, err := l.db.QueryContext(ctx, query, args...)
+	out, err := l.queryVerbs(ctx, query, args)
 	if err != nil {
-		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-	}
-	defer rows.Close()
-	var out []Verb
-	for rows.Next() {
-		var v Verb
-		var o Record
-		vs, oscan := scanInto(&v.Record), scanInto(&o)
-		if err := rows.Scan(append(vs.dest(), oscan.dest()...)...); err != nil {
-			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-		}
-		if err := vs.finish(); err != nil {
-			return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-		}
-		if o.Seq != 0 {
-			if err := oscan.finish(); err != nil {
-				return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
-			}
-			v.Outcome = &o
-		}
-		out = append(out, v)
-	}
-	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("page of undo log %s: %w", l.dir, err)
 	}
 	return out, nil

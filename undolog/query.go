@@ -79,9 +79,19 @@ func (l *Log) Verbs(ctx context.Context, f Filter) ([]Verb, error) {
 	q, args := buildQuery(f, recordCols+", "+outcomeCols,
 		`LEFT JOIN records o ON o.seq = (SELECT min(x.seq) FROM records x WHERE x.kind = 'outcome' AND x.ref = r.seq)`,
 		`r.kind != 'outcome'`)
-	rows, err := l.db.QueryContext(ctx, q, args...)
+	out, err := l.queryVerbs(ctx, q, args)
 	if err != nil {
 		return nil, fmt.Errorf("query verbs in undo log %s: %w", l.dir, err)
+	}
+	return out, nil
+}
+
+// queryVerbs runs a query selecting recordCols then outcomeCols and
+// scans each row into a verb with its outcome (none when o.seq is 0).
+func (l *Log) queryVerbs(ctx context.Context, q string, args []any) ([]Verb, error) {
+	rows, err := l.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
 	}
 	defer rows.Close()
 	var out []Verb
@@ -90,23 +100,20 @@ func (l *Log) Verbs(ctx context.Context, f Filter) ([]Verb, error) {
 		var o Record
 		vs, oscan := scanInto(&v.Record), scanInto(&o)
 		if err := rows.Scan(append(vs.dest(), oscan.dest()...)...); err != nil {
-			return nil, fmt.Errorf("query verbs in undo log %s: %w", l.dir, err)
+			return nil, err
 		}
 		if err := vs.finish(); err != nil {
-			return nil, fmt.Errorf("query verbs in undo log %s: %w", l.dir, err)
+			return nil, err
 		}
 		if o.Seq != 0 {
 			if err := oscan.finish(); err != nil {
-				return nil, fmt.Errorf("query verbs in undo log %s: %w", l.dir, err)
+				return nil, err
 			}
 			v.Outcome = &o
 		}
 		out = append(out, v)
 	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("query verbs in undo log %s: %w", l.dir, err)
-	}
-	return out, nil
+	return out, rows.Err()
 }
 
 // buildQuery turns f into SQL over records r. A user filter drives the query
