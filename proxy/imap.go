@@ -52,6 +52,8 @@ type IMAPProxy struct {
 	preCaps []string
 	// ids maps messages to undo ids (imapids.go).
 	ids idTable
+	// users serialises each user's mutating commands (imaplock.go).
+	users userLocks
 
 	mu       sync.Mutex
 	closed   bool

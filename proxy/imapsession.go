@@ -52,7 +52,11 @@ type imapSession struct {
 	selBusy  int
 	nextTag  int
 	byeSent  bool
-	respDone bool           // the upstream direction has ended
+	respDone bool // the upstream direction has ended
+	expunges int  // EXPUNGE and VANISHED responses seen (imapsplice.go)
+	// idleNext: IDLE is running, and the client's next line ends it.
+	// Only the command reader uses it.
+	idleNext bool
 	bg       sync.WaitGroup // background fetch records
 }
 

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -45,10 +46,38 @@ type pendingCmd struct {
 type injectedCmd struct {
 	uids string // ESEARCH result: the UID set, "" for none
 	done chan error
+	// expunges is the session's count of expunge responses when the
+	// command was sent; shifted is set at its completion when more came
+	// meanwhile (message sequence numbers changed under it).
+	expunges int
+	shifted  bool
+}
+
+// ClientWriteTimeout bounds each write to an IMAP client once the session
+// is spliced. A client that stops reading would otherwise stop the relay of
+// responses, and with it the outcomes of its logged commands: the gate and
+// the user's lock would stay held, and snapshots and the user's other
+// sessions would wait on it. Past the bound the session ends; commands in
+// flight stay in the log without an outcome (unknown), as after a crash.
+const ClientWriteTimeout = 20 * time.Second
+
+// deadlineWriter sets a write deadline before each write.
+type deadlineWriter struct {
+	c net.Conn
+	d time.Duration
+}
+
+func (w deadlineWriter) Write(b []byte) (int, error) {
+	w.c.SetWriteDeadline(time.Now().Add(w.d))
+	return w.c.Write(b)
 }
 
 // splice relays commands and responses until either side ends.
 func (s *imapSession) splice() {
+	s.cwMu.Lock()
+	s.cw.Flush()
+	s.cw = bufio.NewWriterSize(deadlineWriter{s.conn, ClientWriteTimeout}, 32<<10)
+	s.cwMu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
@@ -71,7 +100,7 @@ func (s *imapSession) splice() {
 		// never told OK.
 		for tag, pc := range s.pending {
 			if pc.intent != nil {
-				s.p.cfg.Gate.Leave()
+				s.p.leaveMutation(s.user)
 			}
 			delete(s.pending, tag)
 		}
@@ -114,13 +143,19 @@ func (s *imapSession) relayCommands() error {
 			s.byeForLimit(err)
 			return err
 		}
-		if se != nil && se.Ambiguous {
+		if se != nil && se.Ambiguous && f.mode == relayed {
 			// Dovecot may read the bytes of the command's {n+} literal
 			// as further commands, which the proxy would not see: end
 			// the session rather than lose track of what is executed.
 			f.abort()
 			s.say("* BYE undomail: command syntax the proxy cannot follow safely\r\n")
 			return errSessionOver
+		}
+		if se != nil && f.mode == held {
+			// Nothing of it reached the server: a mutating command is
+			// forwarded only as the proxy understood and logged it.
+			f.mode, f.refusal = refused, "Error in IMAP command "+f.name+": "+se.Msg
+			f.abort()
 		}
 		if err := f.finish(cmd); err != nil {
 			return err
@@ -132,7 +167,8 @@ func (s *imapSession) relayCommands() error {
 type cmdForwarder struct {
 	s       *imapSession
 	started bool
-	hold    bool        // mutating: keep everything until the intent is logged
+	mode    forwardMode
+	refusal string      // refused: the BAD text the client gets instead
 	pc      *pendingCmd // a relayed command, registered at its first byte
 	tag     string
 	name    string
@@ -141,6 +177,22 @@ type cmdForwarder struct {
 	lits    []*heldLiteral // held literal contents, interleaved with raw by index
 	order   []int          // sequence of parts: -1-i for raw[i], i for lits[i]
 }
+
+// forwardMode is what the proxy does with a command, decided from its first
+// line before any of it reaches the server.
+type forwardMode int
+
+const (
+	// relayed: a command that changes no mail goes upstream as it arrives.
+	relayed forwardMode = iota
+	// held: a mutating command is kept whole until its intent is logged.
+	held
+	// refused: answered BAD by the proxy and never forwarded (a command it
+	// cannot follow or record exactly; docs/imap-refusals.md lists them).
+	refused
+	// terminator: the line that ends IDLE (RFC 2177), whatever it says.
+	terminator
+)
 
 // heldLiteral is the content of a literal of a held command.
 type heldLiteral struct {
@@ -159,19 +211,29 @@ func (f *cmdForwarder) forward(p imapwire.Part) error {
 	s := f.s
 	if !f.started {
 		f.started = true
-		f.tag, f.name, f.uid = peekCommand(p.Raw)
-		f.hold = mutating(f.name)
-		if f.name == "DONE" || f.name == "" {
-			f.hold = false
-		}
-		if !f.hold && f.tag != "" {
-			// Registered before any of it can reach the server, so no
-			// response can arrive for an unknown command.
-			f.pc = &pendingCmd{ready: make(chan struct{}), name: f.name, uid: f.uid}
-			s.register(f.tag, f.pc)
+		if err := f.classify(p.Raw); err != nil {
+			return err
 		}
 	}
-	if f.hold {
+	switch f.mode {
+	case refused:
+		if p.Literal != nil {
+			if !p.Literal.NonSync {
+				// The client waits for "+" before it sends a
+				// synchronizing literal: it never comes (RFC 9051 7.5).
+				return imapwire.ErrLiteralRefused
+			}
+			_, err := io.Copy(io.Discard, p.Literal.Body)
+			return err
+		}
+		return nil
+	case terminator:
+		s.up.mu.Lock()
+		_, err := s.up.w.Write(p.Raw)
+		s.up.mu.Unlock()
+		return err
+	}
+	if f.mode == held {
 		if p.Literal == nil {
 			b := append([]byte(nil), p.Raw...)
 			f.order = append(f.order, -1-len(f.raw))
@@ -230,22 +292,105 @@ func (f *cmdForwarder) forward(p imapwire.Part) error {
 // literal and waits for the upstream's "+" (relayed to the client by the
 // other direction) or its refusal.
 func (f *cmdForwarder) awaitContinuation() error {
+	ok, err := f.goAhead()
+	if err == nil && !ok {
+		err = imapwire.ErrLiteralRefused
+	}
+	return err
+}
+
+// goAhead flushes what was relayed of the command and waits for the
+// upstream's continuation request (true) or the command's completion
+// (false).
+func (f *cmdForwarder) goAhead() (bool, error) {
 	s := f.s
 	ch := make(chan bool, 1)
 	s.mu.Lock()
 	if s.respDone {
 		s.mu.Unlock()
-		return errSessionOver
+		return false, errSessionOver
 	}
 	s.contWait, s.contTag = ch, f.tag
 	s.mu.Unlock()
 	if err := s.up.write(nil); err != nil {
-		return err
+		return false, err
 	}
-	if ok := <-ch; !ok {
-		return imapwire.ErrLiteralRefused
+	return <-ch, nil
+}
+
+// classify decides from a command's first line how it is forwarded. It
+// reads the whole line (a tag may be as long as the line), and whatever it
+// cannot place is refused, never forwarded.
+func (f *cmdForwarder) classify(line []byte) error {
+	s := f.s
+	if s.idleNext {
+		// RFC 2177: the line after IDLE's continuation request ends it;
+		// Dovecot reads it as such whatever it says.
+		s.idleNext = false
+		if endsWithLiteralHeader(line) {
+			// Dovecot would read the literal's bytes as new commands,
+			// the tokenizer as a literal: the two would part ways.
+			s.say("* BYE undomail: a literal after IDLE cannot be followed safely\r\n")
+			return errSessionOver
+		}
+		f.mode = terminator
+		return nil
+	}
+	h, err := imapwire.ParseHead(line)
+	f.tag, f.name, f.uid = h.Tag, h.Name, h.UID
+	if err != nil {
+		f.mode, f.refusal = refused, "Error in IMAP command: "+err.Error()
+		return nil
+	}
+	s.mu.Lock()
+	_, dup := s.pending[h.Tag]
+	s.mu.Unlock()
+	why, refuse := refusedCommands[h.Name]
+	switch {
+	case dup:
+		// Responses are matched to commands by tag (RFC 9051 2.2.1): with
+		// two in flight, an outcome could be logged for the wrong one.
+		f.mode, f.refusal = refused, "tag "+h.Tag+" is already used by a command in progress"
+	case refuse:
+		f.mode, f.refusal = refused, h.Name+" is not available through undomail: "+why
+	case mutating(h.Name):
+		f.mode = held
+	case relayedCommands[h.Name]:
+		f.mode = relayed
+		// Registered before any of it can reach the server, so no
+		// response can arrive for an unknown command.
+		f.pc = &pendingCmd{ready: make(chan struct{}), name: f.name, uid: f.uid}
+		s.register(f.tag, f.pc)
+	default:
+		f.mode, f.refusal = refused, "Unknown command "+h.Name
 	}
 	return nil
+}
+
+// relayedCommands are the commands the proxy forwards as they arrive: they
+// change no mail (RFC 9051, and the extensions Dovecot offers after login).
+// LOGIN, AUTHENTICATE and STARTTLS are Dovecot's to refuse after login.
+var relayedCommands = map[string]bool{
+	"CAPABILITY": true, "NOOP": true, "LOGOUT": true, "CHECK": true, "SELECT": true, "EXAMINE": true,
+	"LIST": true, "LSUB": true, "STATUS": true, "FETCH": true, "SEARCH": true, "SORT": true,
+	"THREAD": true, "ENABLE": true, "ID": true, "IDLE": true, "NAMESPACE": true, "NOTIFY": true,
+	"UNSELECT": true, "GETMETADATA": true, "GETQUOTA": true, "GETQUOTAROOT": true, "X-CANCEL": true,
+	"MYRIGHTS": true, "GETACL": true, "LISTRIGHTS": true, "LOGIN": true, "AUTHENTICATE": true,
+	"STARTTLS": true,
+}
+
+// refusedCommands are commands Dovecot may run that the proxy cannot follow
+// or record exactly, with the reason the client is told.
+var refusedCommands = map[string]string{
+	"COMPRESS":   "compression would hide later commands from the undo log",
+	"SETACL":     "access rights changes are not recorded",
+	"DELETEACL":  "access rights changes are not recorded",
+	"SETQUOTA":   "quota changes are not recorded",
+	"GENURLAUTH": "URLAUTH is not offered",
+	"RESETKEY":   "URLAUTH is not offered",
+	"URLFETCH":   "URLAUTH is not offered",
+	"X-STATE":    "session state import would change the selection unseen",
+	"REPLACE":    "not offered",
 }
 
 // abort discards held state after a broken command.
@@ -268,7 +413,16 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	if cmd == nil {
 		return nil
 	}
-	if !f.hold {
+	switch f.mode {
+	case terminator:
+		return s.up.write(nil)
+	case refused:
+		tag := f.tag
+		if tag == "" {
+			tag = "*"
+		}
+		return s.say("%s BAD undomail: %s\r\n", tag, f.refusal)
+	case relayed:
 		var resolve bool
 		if f.pc != nil {
 			s.track(cmd, f.pc)
@@ -277,6 +431,13 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 			}
 			f.pc.setsSeen = cmd.Name == "FETCH" && fetchSetsSeen(cmd)
 			close(f.pc.ready)
+		}
+		if f.name == "IDLE" {
+			// Until the server answers, the next line may be IDLE's
+			// end or a new command: wait, as for a literal.
+			ok, err := f.goAhead()
+			s.idleNext = ok
+			return err
 		}
 		if err := s.up.write(nil); err != nil {
 			return err
@@ -308,11 +469,41 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	verb, err := buildIMAPVerb(cmd, mb)
 	if err != nil {
 		f.abort()
-		return s.say("%s BAD %s\r\n", cmd.Tag, err)
+		return s.say("%s BAD undomail: %s\r\n", cmd.Tag, err)
 	}
+	var blob *heldLiteral
+	if verb.kind == KindIMAPAppend {
+		blob = f.lits[len(f.lits)-1]
+		if err := blob.commit(s.p.log); err != nil {
+			s.logger.Error("spool APPEND message failed; command refused", "err", err)
+			f.abort()
+			return s.refuse(cmd.Tag, err)
+		}
+		verb.args.Size = blob.size
+		verb.args.UndoID = undolog.NewID()
+	}
+	// One mutating command of a user at a time, from its intent to its
+	// completion, across all the user's sessions: the log's order is then
+	// the order the server ran them in, and what a search finds right
+	// before a command is what the command acts on (docs/architecture.md,
+	// "Recording what the server did").
+	if err := s.p.lockUser(s.user, WedgeWait); err != nil {
+		f.abort()
+		return s.say("%s NO [INUSE] undomail: another change of yours is still in progress, nothing changed; try again.\r\n", cmd.Tag)
+	}
+	gctx, cancel := context.WithTimeout(context.Background(), WedgeWait)
+	err = s.p.cfg.Gate.Enter(gctx)
+	cancel()
+	if err != nil {
+		s.p.unlockUser(s.user)
+		f.abort()
+		return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", cmd.Tag)
+	}
+	leave := func() { s.p.leaveMutation(s.user) }
 	if verb.needsUIDs != "" {
-		uids, err := s.searchUIDs(verb.needsUIDs)
+		uids, err := s.resolveUIDs(verb.needsUIDs, verb.bySeq)
 		if err != nil {
+			leave()
 			f.abort()
 			return err
 		}
@@ -324,37 +515,19 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	if verb.kind == KindIMAPDelete || verb.kind == KindIMAPRename {
 		verb.args.UIDValidity = s.uidValidityOf(verb.args.Mailbox)
 	}
-	var blob *heldLiteral
-	if verb.kind == KindIMAPAppend && len(f.lits) > 0 {
-		blob = f.lits[len(f.lits)-1]
-		if err := blob.commit(s.p.log); err != nil {
-			s.logger.Error("spool APPEND message failed; command refused", "err", err)
-			f.abort()
-			return s.refuse(cmd.Tag, err)
-		}
-		verb.args.Size = blob.size
-		verb.args.UndoID = undolog.NewID()
-	}
 	argsJSON, _ := json.Marshal(verb.args)
 	intent := &undolog.Record{User: s.user, Session: s.id, Kind: verb.kind, Users: []string{s.user}, Args: argsJSON}
 	if blob != nil {
 		intent.AttachBlob(blob.ref)
 	}
-	gctx, cancel := context.WithTimeout(context.Background(), WedgeWait)
-	err = s.p.cfg.Gate.Enter(gctx)
-	cancel()
-	if err != nil {
-		f.abort()
-		return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", cmd.Tag)
-	}
 	if err := s.p.log.Append(context.Background(), intent); err != nil {
-		s.p.cfg.Gate.Leave()
+		leave()
 		s.logger.Error("log intent failed; command refused", "command", cmd.Name, "err", err)
 		f.abort()
 		return s.refuse(cmd.Tag, err)
 	}
-	// The gate is left when the command completes (observe) or the
-	// session ends with it pending.
+	// The gate and the user's lock are left when the command completes
+	// (observe) or the session ends with it pending.
 	pc := &pendingCmd{ready: make(chan struct{}), name: cmd.Name, uid: cmd.UID, intent: intent, verb: verb}
 	s.track(cmd, pc)
 	close(pc.ready)
@@ -363,7 +536,7 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		// The upstream direction is gone: this command will never
 		// complete, and nothing else would leave the gate for it.
 		s.mu.Unlock()
-		s.p.cfg.Gate.Leave()
+		leave()
 		return errSessionOver
 	}
 	s.pending[cmd.Tag] = pc
@@ -499,23 +672,62 @@ func (s *imapSession) waitSelection() {
 // follows (ESEARCH, RFC 4731; its TAG correlator keeps the result apart
 // from any search of the client's).
 func (s *imapSession) searchUIDs(criteria string) (string, error) {
+	uids, _, err := s.searchUIDsShift(criteria)
+	return uids, err
+}
+
+// searchUIDsShift is searchUIDs that also reports whether expunges were
+// reported while the search ran.
+func (s *imapSession) searchUIDsShift(criteria string) (string, bool, error) {
 	s.mu.Lock()
 	if s.respDone {
 		s.mu.Unlock()
-		return "", errSessionOver
+		return "", false, errSessionOver
 	}
 	s.nextTag++
 	tag := fmt.Sprintf("%s%d", s.tagPrefix, s.nextTag)
-	ic := &injectedCmd{done: make(chan error, 1)}
+	ic := &injectedCmd{done: make(chan error, 1), expunges: s.expunges}
 	s.injected[tag] = ic
 	s.mu.Unlock()
 	if err := s.up.write([]byte(tag + " UID SEARCH RETURN (ALL) " + criteria + "\r\n")); err != nil {
-		return "", err
+		return "", false, err
 	}
 	if err := <-ic.done; err != nil {
-		return "", err
+		return "", false, err
 	}
-	return ic.uids, nil
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return ic.uids, ic.shifted, nil
+}
+
+// resolveUIDs runs searchUIDs for a command's messages. A command that
+// names messages by sequence number is resolved again when expunges were
+// reported while the search ran: they renumbered the messages between the
+// search and the command. Under the user's lock no new expunge can come
+// from another session, so the second search is exact.
+func (s *imapSession) resolveUIDs(criteria string, bySeq bool) (string, error) {
+	for try := 0; ; try++ {
+		uids, shifted, err := s.searchUIDsShift(criteria)
+		if err != nil || !bySeq || !shifted {
+			return uids, err
+		}
+		if try == 4 {
+			return "", fmt.Errorf("resolve sequence set %q: messages kept being expunged", criteria)
+		}
+	}
+}
+
+// vanishedEarlier reports a VANISHED (EARLIER) response, which tells of
+// expunges before the session selected the mailbox and shifts nothing.
+func vanishedEarlier(r *imapwire.Response) bool {
+	return len(r.Args) > 0 && r.Args[0].Kind == imapwire.List && len(r.Args[0].List) > 0 && r.Args[0].List[0].Is("EARLIER")
+}
+
+// endsWithLiteralHeader reports whether a raw line ends in a literal
+// header, synchronizing or not.
+func endsWithLiteralHeader(b []byte) bool {
+	b = bytes.TrimRight(b, "\r\n")
+	return len(b) > 2 && b[len(b)-1] == '}' && bytes.LastIndexByte(b, '{') >= 0
 }
 
 // relayResponses forwards upstream responses to the client, holding back
@@ -643,6 +855,7 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 	}
 	if ic, ok := s.injected[r.Tag]; ok {
 		delete(s.injected, r.Tag)
+		ic.shifted = s.expunges != ic.expunges
 		s.mu.Unlock()
 		if r.Name != "OK" {
 			ic.done <- fmt.Errorf("upstream refused undomail's UID SEARCH: %s %s", r.Name, r.Text)
@@ -688,7 +901,7 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		return nil
 	}
 	if pc.intent != nil {
-		defer s.p.cfg.Gate.Leave()
+		defer s.p.leaveMutation(s.user)
 		return s.logOutcome(pc, r)
 	}
 	if pc.name == "FETCH" && len(pc.fetched) > 0 {
@@ -710,6 +923,10 @@ func (s *imapSession) observeUntagged(r *imapwire.Response) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch {
+	case r.Name == "EXPUNGE", r.Name == "VANISHED" && !vanishedEarlier(r):
+		// Sequence numbers after it have shifted (RFC 9051 7.5.1,
+		// RFC 7162 3.2.10).
+		s.expunges++
 	case r.Name == "ESEARCH":
 		tag := esearchTag(r)
 		if ic, ok := s.injected[tag]; ok {

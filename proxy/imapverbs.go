@@ -108,6 +108,8 @@ type imapVerb struct {
 	// needsUIDs, when set, is the search that resolves the command's
 	// messages to UIDs on the client's own connection before forwarding.
 	needsUIDs string
+	// bySeq: needsUIDs names messages by sequence number.
+	bySeq bool
 }
 
 // buildIMAPVerb turns a mutating command into an intent, given the
@@ -132,6 +134,7 @@ func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
 		} else {
 			v.args.Seqs = set
 			v.needsUIDs = set
+			v.bySeq = true
 		}
 	}
 	switch cmd.Name {
@@ -141,12 +144,28 @@ func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
 			return nil, errors.New("APPEND needs a mailbox and a message")
 		}
 		v.args.Mailbox = normalizeMailbox(name)
-		for _, x := range a[1 : len(a)-1] {
-			switch x.Kind {
-			case imapwire.List:
+		// RFC 9051 6.3.12: mailbox [flag-list] [date-time] literal, one
+		// message. The proxy logs that literal as the message, so a
+		// MULTIAPPEND (RFC 3502) or CATENATE (RFC 4469) is refused
+		// rather than logged as something else than what the server
+		// stores.
+		last := a[len(a)-1]
+		if last.Kind != imapwire.LiteralString {
+			if last.Kind == imapwire.List && len(a) >= 2 && a[len(a)-2].Is("CATENATE") {
+				return nil, errors.New("APPEND with CATENATE is not available through undomail")
+			}
+			return nil, errors.New("APPEND needs the message as its last argument, a literal")
+		}
+		for i, x := range a[1 : len(a)-1] {
+			switch {
+			case x.Kind == imapwire.List && i == 0:
 				v.args.Flags = valuesText(x.List)
-			case imapwire.Quoted:
+			case x.Kind == imapwire.Quoted && v.args.Date == "":
 				v.args.Date = x.Text
+			case x.Kind == imapwire.LiteralString:
+				return nil, errors.New("APPEND of several messages (MULTIAPPEND) is not available through undomail")
+			default:
+				return nil, fmt.Errorf("APPEND: unexpected argument %s", x.String())
 			}
 		}
 	case "STORE":
