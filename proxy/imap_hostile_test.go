@@ -1,0 +1,229 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+
+	"github.com/undomail/undomail/internal/testbed"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/proxy"
+)
+
+// rawSession logs in with raw IMAP and returns the connection.
+func rawSession(t *testing.T, addr, user, pass string) (net.Conn, *lineReader) {
+	t.Helper()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	r := newLineReader(conn)
+	r.until(t, "* OK")
+	fmt.Fprintf(conn, "L LOGIN %s %s\r\n", user, pass)
+	r.until(t, "L OK")
+	return conn, r
+}
+
+// tagged reads until n tagged responses with tag have come.
+func (r *lineReader) tagged(t *testing.T, tag string, n int) []string {
+	t.Helper()
+	var out []string
+	for len(out) < n {
+		l := r.line(t)
+		if strings.HasPrefix(l, tag+" ") {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// serverMailboxes lists alice's mailboxes straight from Dovecot.
+func serverMailboxes(t *testing.T, tb *testbed.Testbed, user string) map[string]bool {
+	t.Helper()
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
+	defer c.Close()
+	list, err := c.List("", "*", nil).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]bool{}
+	for _, m := range list {
+		out[m.Mailbox] = true
+	}
+	return out
+}
+
+// okCreates returns the mailboxes the log says were created with OK.
+func loggedMailboxVerbs(t *testing.T, tb *testbed.Testbed, kind string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, v := range imapVerbs(t, tb.Daemon.Log, kind) {
+		st := "(no outcome)"
+		if v.Outcome != nil {
+			st = imapOutcome(t, v).Status
+		}
+		out[argsOf(t, v).Mailbox] = st
+	}
+	return out
+}
+
+// TestIMAPHostileClients sends the legal-but-unusual and hostile command
+// streams of issue #14 through undomail to the real Dovecot, and checks
+// the log against what Dovecot itself then holds: every change is logged
+// once with its outcome, nothing is logged that did not run, and a
+// snapshot's gate is never held by the session.
+func TestIMAPHostileClients(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	deliver(t, tb, "alice", "hostile", "hostile.%d@client.test", 2)
+	conn, r := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	send := func(s string) { t.Helper(); fmt.Fprintf(conn, "%s\r\n", s) }
+	expect := func(tag, status string) string {
+		t.Helper()
+		l := r.until(t, tag+" ")
+		last := l[len(l)-1]
+		if !strings.HasPrefix(last, tag+" "+status) {
+			t.Fatalf("%.40s...: got %q, want %s", tag, last, status)
+		}
+		return last
+	}
+
+	// 1. Tags so long that tag and name pass 128 bytes: every mutating
+	// command is recognised, logged and followed.
+	long := strings.Repeat("t", 200)
+	send(long + "C CREATE Other")
+	expect(long+"C", "OK")
+	msg := "Subject: long tag\r\n\r\nhi\r\n"
+	send(fmt.Sprintf("%sA APPEND Other {%d+}\r\n%s", long, len(msg), msg))
+	expect(long+"A", "OK")
+	send(long + "S SELECT Other")
+	expect(long+"S", "OK")
+	send("s1 UID STORE 1 +FLAGS (\\Flagged)")
+	expect("s1", "OK")
+	send(long + "U UID STORE 1 +FLAGS (\\Deleted)")
+	expect(long+"U", "OK")
+	send(long + "E UID EXPUNGE 1")
+	expect(long+"E", "OK")
+	send(long + "X CLOSE")
+	expect(long+"X", "OK")
+	send(long + "R RENAME Other Other2")
+	expect(long+"R", "OK")
+	send(long + "D DELETE Other2")
+	expect(long+"D", "OK")
+
+	stores := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore)
+	if len(stores) != 2 {
+		t.Fatalf("%d STOREs logged, want 2", len(stores))
+	}
+	for _, v := range stores {
+		if a := argsOf(t, v); a.Mailbox != "Other" || a.UIDs != "1" {
+			t.Fatalf("STORE logged against %q uid %q, want Other uid 1 (the mailbox a long-tagged SELECT chose)", a.Mailbox, a.UIDs)
+		}
+	}
+	for _, kind := range []string{proxy.KindIMAPCreate, proxy.KindIMAPAppend, proxy.KindIMAPExpunge, proxy.KindIMAPRename, proxy.KindIMAPDelete} {
+		vs := imapVerbs(t, tb.Daemon.Log, kind)
+		if len(vs) == 0 {
+			t.Fatalf("no %s logged for a long-tagged command", kind)
+		}
+		for _, v := range vs {
+			if o := imapOutcome(t, v); o.Status != "OK" {
+				t.Fatalf("%s logged with %s, Dovecot answered OK", kind, o.Status)
+			}
+		}
+	}
+	if ex := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPExpunge); argsOf(t, ex[0]).UIDs != "1" {
+		t.Fatalf("UID EXPUNGE logged with uids %q, want 1", argsOf(t, ex[0]).UIDs)
+	}
+
+	// 2. Duplicate tags, pipelined: whichever way the proxy takes them
+	// (run, or refused while the first is in flight), a mailbox exists on
+	// the server exactly when the log has its CREATE with OK.
+	send("t CREATE Dup1\r\nt CREATE Dup2")
+	r.tagged(t, "t", 2)
+	send("u CREATE INBOX\r\nu CREATE BrandNew")
+	r.tagged(t, "u", 2)
+	boxes := serverMailboxes(t, tb, "alice")
+	logged := loggedMailboxVerbs(t, tb, proxy.KindIMAPCreate)
+	for _, name := range []string{"Dup1", "Dup2", "BrandNew"} {
+		if boxes[name] != (logged[name] == "OK") {
+			t.Fatalf("%s: on the server %v, logged %q", name, boxes[name], logged[name])
+		}
+	}
+	if logged["INBOX"] != "NO" {
+		t.Fatalf("CREATE INBOX logged %q, Dovecot answers NO", logged["INBOX"])
+	}
+
+	// 5. A TAB where the tag ends: Dovecot answers BAD, so does the proxy,
+	// and nothing is logged.
+	send("x5\tCREATE V5")
+	if l := r.line(t); !strings.Contains(l, "BAD") {
+		t.Fatalf("tag with a TAB got %q, want BAD", l)
+	}
+
+	// 4. MULTIAPPEND and CATENATE are refused, not logged as one message.
+	appends := len(imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend))
+	send("m APPEND INBOX {3+}\r\nabc {3+}\r\ndef")
+	expect("m", "BAD")
+	send("n APPEND INBOX CATENATE (URL \"/INBOX;UIDVALIDITY=1/;UID=1\" TEXT {3+}\r\nabc)")
+	expect("n", "BAD")
+	if n := len(imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend)); n != appends {
+		t.Fatalf("refused APPENDs left %d records", n-appends)
+	}
+	// COMPRESS would hide every later command from the log.
+	send("z COMPRESS DEFLATE")
+	expect("z", "BAD")
+	send("y FROBNICATE")
+	expect("y", "BAD")
+
+	// 3. IDLE, then a command instead of DONE: Dovecot ends IDLE and never
+	// runs it; the proxy must not log it nor hold the gate for it.
+	send("i IDLE")
+	r.until(t, "+")
+	send("x CREATE GateHold")
+	r.until(t, "i ")
+	send("n1 NOOP")
+	r.until(t, "n1 ")
+
+	boxes = serverMailboxes(t, tb, "alice")
+	logged = loggedMailboxVerbs(t, tb, proxy.KindIMAPCreate)
+	for _, name := range []string{"V5", "GateHold"} {
+		if boxes[name] {
+			t.Fatalf("%s exists on the server", name)
+		}
+		if _, ok := logged[name]; ok {
+			t.Fatalf("%s was logged, Dovecot never ran it", name)
+		}
+	}
+	if n := len(serverMessages(t, tb, "INBOX")); n != 2 {
+		t.Fatalf("INBOX has %d messages, the refused APPENDs added some", n)
+	}
+
+	// The hostile session is still open: a snapshot's cut is not held.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	resume, err := tb.Daemon.Gate.Wedge(ctx)
+	if err != nil {
+		t.Fatalf("gate held after the hostile session: %v", err)
+	}
+	resume()
+}
+
+// serverMessages returns alice's UIDs in mailbox straight from Dovecot.
+func serverMessages(t *testing.T, tb *testbed.Testbed, mailbox string) []imap.UID {
+	t.Helper()
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
+	defer c.Close()
+	if _, err := c.Select(mailbox, nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	data, err := c.UIDSearch(&imap.SearchCriteria{}, nil).Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data.AllUIDs()
+}
