@@ -54,6 +54,7 @@ type imapSession struct {
 	byeSent  bool
 	respDone bool // the upstream direction has ended
 	expunges int  // EXPUNGE and VANISHED responses seen (imapsplice.go)
+	exists   int  // EXISTS responses seen
 	// idleNext: IDLE is running, and the client's next line ends it.
 	// Only the command reader uses it.
 	idleNext bool

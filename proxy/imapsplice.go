@@ -46,11 +46,12 @@ type pendingCmd struct {
 type injectedCmd struct {
 	uids string // ESEARCH result: the UID set, "" for none
 	done chan error
-	// expunges is the session's count of expunge responses when the
-	// command was sent; shifted is set at its completion when more came
-	// meanwhile (message sequence numbers changed under it).
-	expunges int
-	shifted  bool
+	// expunges and exists are the session's counts of EXPUNGE/VANISHED
+	// and EXISTS responses when the command was sent; shifted and grew are
+	// set at its completion when more came meanwhile: sequence numbers
+	// changed under it, or "*" came to mean another message.
+	expunges, exists int
+	shifted, grew    bool
 }
 
 // ClientWriteTimeout bounds each write to an IMAP client once the session
@@ -672,43 +673,45 @@ func (s *imapSession) waitSelection() {
 // follows (ESEARCH, RFC 4731; its TAG correlator keeps the result apart
 // from any search of the client's).
 func (s *imapSession) searchUIDs(criteria string) (string, error) {
-	uids, _, err := s.searchUIDsShift(criteria)
+	uids, _, err := s.search(criteria)
 	return uids, err
 }
 
-// searchUIDsShift is searchUIDs that also reports whether expunges were
-// reported while the search ran.
-func (s *imapSession) searchUIDsShift(criteria string) (string, bool, error) {
+// search is searchUIDs that also returns the completed search, which
+// tells what was reported while it ran.
+func (s *imapSession) search(criteria string) (string, *injectedCmd, error) {
 	s.mu.Lock()
 	if s.respDone {
 		s.mu.Unlock()
-		return "", false, errSessionOver
+		return "", nil, errSessionOver
 	}
 	s.nextTag++
 	tag := fmt.Sprintf("%s%d", s.tagPrefix, s.nextTag)
-	ic := &injectedCmd{done: make(chan error, 1), expunges: s.expunges}
+	ic := &injectedCmd{done: make(chan error, 1), expunges: s.expunges, exists: s.exists}
 	s.injected[tag] = ic
 	s.mu.Unlock()
 	if err := s.up.write([]byte(tag + " UID SEARCH RETURN (ALL) " + criteria + "\r\n")); err != nil {
-		return "", false, err
+		return "", nil, err
 	}
 	if err := <-ic.done; err != nil {
-		return "", false, err
+		return "", nil, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return ic.uids, ic.shifted, nil
+	return ic.uids, ic, nil
 }
 
 // resolveUIDs runs searchUIDs for a command's messages. A command that
 // names messages by sequence number is resolved again when expunges were
 // reported while the search ran: they renumbered the messages between the
 // search and the command. Under the user's lock no new expunge can come
-// from another session, so the second search is exact.
+// from another session, so the second search is exact. A set with "*" is
+// resolved again when new messages were reported: "*" moved.
 func (s *imapSession) resolveUIDs(criteria string, bySeq bool) (string, error) {
+	star := strings.Contains(criteria, "*")
 	for try := 0; ; try++ {
-		uids, shifted, err := s.searchUIDsShift(criteria)
-		if err != nil || !bySeq || !shifted {
+		uids, ic, err := s.search(criteria)
+		if err != nil || !(bySeq && ic.shifted || star && ic.grew) {
 			return uids, err
 		}
 		if try == 4 {
@@ -855,7 +858,7 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 	}
 	if ic, ok := s.injected[r.Tag]; ok {
 		delete(s.injected, r.Tag)
-		ic.shifted = s.expunges != ic.expunges
+		ic.shifted, ic.grew = s.expunges != ic.expunges, s.exists != ic.exists
 		s.mu.Unlock()
 		if r.Name != "OK" {
 			ic.done <- fmt.Errorf("upstream refused undomail's UID SEARCH: %s %s", r.Name, r.Text)
@@ -927,6 +930,8 @@ func (s *imapSession) observeUntagged(r *imapwire.Response) {
 		// Sequence numbers after it have shifted (RFC 9051 7.5.1,
 		// RFC 7162 3.2.10).
 		s.expunges++
+	case r.Name == "EXISTS":
+		s.exists++
 	case r.Name == "ESEARCH":
 		tag := esearchTag(r)
 		if ic, ok := s.injected[tag]; ok {

@@ -43,6 +43,12 @@ type userReplayer struct {
 	// user's store; they stay out wherever the user later copied or moved
 	// them.
 	removed map[string]bool
+	// taken are undo ids this replay expunged or moved away by replaying
+	// a verb. The log holds each user's verbs in the order the server ran
+	// them, so a later verb that names such a message in the mailbox it
+	// left found it gone the first time too: it had no effect then, and
+	// has none now, which is no paradox.
+	taken map[string]bool
 	// redelivered are the undo ids of messages this replay re-delivered:
 	// the server's own filing (Sieve) placed them, perhaps elsewhere than
 	// the first time, and the user's later verbs on them follow them.
@@ -78,7 +84,7 @@ type msgState struct {
 }
 
 func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
-	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{},
+	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, taken: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{},
 		vanished: map[string]map[imap.UID]bool{}}
 }
 
@@ -764,6 +770,9 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 			continue
 		}
 		uids := byID[id]
+		if len(uids) == 0 && r.taken[id] {
+			continue
+		}
 		var pick imap.UID
 		switch {
 		case len(uids) == 1:
@@ -863,7 +872,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 			return ReplayOutcome{}, err
 		}
 		for _, u := range uids {
-			delete(b.msgs, u)
+			r.take(b, u)
 		}
 	case proxy.KindIMAPCopy, proxy.KindIMAPMove:
 		dst, err := r.load(a.Dest)
@@ -894,11 +903,20 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 		}
 		if v.Kind == proxy.KindIMAPMove {
 			for _, u := range uids {
-				delete(b.msgs, u)
+				r.take(b, u)
 			}
 		}
 	}
 	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set)}, nil
+}
+
+// take removes a message the replay expunged or moved from the model of
+// its mailbox.
+func (r *userReplayer) take(b *mbox, u imap.UID) {
+	if m := b.msgs[u]; m != nil && m.id != "" {
+		r.taken[m.id] = true
+	}
+	delete(b.msgs, u)
 }
 
 // follow replays a verb on the re-delivered messages it named that are
