@@ -138,6 +138,8 @@ func TestIMAPHostileClients(t *testing.T) {
 	}
 	if ex := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPExpunge); argsOf(t, ex[0]).UIDs != "1" {
 		t.Fatalf("UID EXPUNGE logged with uids %q, want 1", argsOf(t, ex[0]).UIDs)
+	} else if o := imapOutcome(t, ex[0]); o.Expunged == nil || *o.Expunged != 1 {
+		t.Fatalf("UID EXPUNGE outcome %+v: want the server's count of 1 expunged", o)
 	}
 
 	// 2. Duplicate tags, pipelined: whichever way the proxy takes them
@@ -226,4 +228,99 @@ func serverMessages(t *testing.T, tb *testbed.Testbed, mailbox string) []imap.UI
 		t.Fatal(err)
 	}
 	return data.AllUIDs()
+}
+
+// TestIMAPConditionalStoreRecordsModified: a STORE with UNCHANGEDSINCE
+// (RFC 7162) that the server refuses for a message changed since records
+// which messages it left alone, by UID, whether the client named them by
+// UID or by sequence number.
+func TestIMAPConditionalStoreRecordsModified(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	deliver(t, tb, "alice", "cond", "cond.%d@client.test", 3)
+	conn, r := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	fmt.Fprintf(conn, "s SELECT INBOX (CONDSTORE)\r\n")
+	var modseq string
+	for _, l := range r.until(t, "s ") {
+		if i := strings.Index(l, "[HIGHESTMODSEQ "); i >= 0 {
+			modseq = strings.Fields(l[i+len("[HIGHESTMODSEQ "):])[0]
+			modseq = strings.TrimSuffix(modseq, "]")
+		}
+	}
+	if modseq == "" {
+		t.Fatal("no HIGHESTMODSEQ in SELECT (CONDSTORE)")
+	}
+	// Another session changes messages 1 and 3 behind the first one's back.
+	other, ro := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	fmt.Fprintf(other, "o1 SELECT INBOX\r\no2 UID STORE 1,3 +FLAGS (\\Answered)\r\n")
+	ro.until(t, "o2 OK")
+
+	fmt.Fprintf(conn, "c1 UID STORE 1:2 (UNCHANGEDSINCE %s) +FLAGS (\\Flagged)\r\n", modseq)
+	if l := r.until(t, "c1 "); !strings.Contains(l[len(l)-1], "MODIFIED 1]") {
+		t.Fatalf("conditional UID STORE: %q, want OK [MODIFIED 1]", l)
+	}
+	// Now by sequence number, with numbers that are not UIDs: UID 1 goes,
+	// so sequence 1 is UID 2 and 2 is UID 3; UID 3 changes after the
+	// client learnt UID 2's MODSEQ.
+	fmt.Fprintf(conn, "x1 UID STORE 1 +FLAGS.SILENT (\\Deleted)\r\nx2 UID EXPUNGE 1\r\nf UID FETCH 2 (MODSEQ)\r\n")
+	for _, l := range r.until(t, "f ") {
+		if i := strings.Index(l, "MODSEQ ("); i >= 0 {
+			modseq = strings.TrimRight(strings.Fields(l[i+len("MODSEQ ("):])[0], ")")
+		}
+	}
+	fmt.Fprintf(other, "o3 UID STORE 3 +FLAGS (\\Seen)\r\n")
+	ro.until(t, "o3 OK")
+	fmt.Fprintf(conn, "c2 STORE 1:2 (UNCHANGEDSINCE %s) +FLAGS (\\Draft)\r\n", modseq)
+	if l := r.until(t, "c2 "); !strings.Contains(l[len(l)-1], "MODIFIED 2]") {
+		t.Fatalf("conditional STORE: %q, want OK [MODIFIED 2]", l)
+	}
+	var got []string
+	for _, v := range imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore) {
+		if a := argsOf(t, v); a.UnchangedSince != 0 {
+			got = append(got, a.UIDs+" modified "+imapOutcome(t, v).Modified)
+		}
+	}
+	if strings.Join(got, "; ") != "1:2 modified 1; 2:3 modified 3" {
+		t.Fatalf("conditional STOREs logged as %q", got)
+	}
+}
+
+// TestIMAPClientThatStopsReading: a client that pipelines large FETCHes
+// and a CREATE and then stops reading cannot hold a snapshot's cut: the
+// proxy's bounded writes end its session, the CREATE's passage through the
+// gate ends with it, and a snapshot goes ahead.
+func TestIMAPClientThatStopsReading(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	big := "Subject: big\r\nMessage-Id: <big.stall@client.test>\r\n\r\n" + strings.Repeat("0123456789abcdef\r\n", 1<<16)
+	sc := dial(t, tb.SMTPAddr(), "")
+	if err := sc.SendMail("sender@example.test", []string{"alice@example.test"}, strings.NewReader(big)); err != nil {
+		t.Fatal(err)
+	}
+	waitForCount(t, tb, "alice", 1)
+	conn, r := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	fmt.Fprintf(conn, "s SELECT INBOX\r\n")
+	r.until(t, "s OK")
+	var b strings.Builder
+	for i := 0; i < 40; i++ {
+		fmt.Fprintf(&b, "f%d UID FETCH 1 BODY.PEEK[]\r\n", i)
+	}
+	b.WriteString("x CREATE Stalled\r\n")
+	if _, err := conn.Write([]byte(b.String())); err != nil {
+		t.Fatal(err)
+	}
+	// The client now reads nothing. The CREATE is logged and forwarded;
+	// its completion waits behind 40 MB the client does not take.
+	deadline := time.Now().Add(30 * time.Second)
+	for len(imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPCreate)) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("the CREATE was never logged")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*proxy.ClientWriteTimeout+30*time.Second)
+	defer cancel()
+	resume, err := tb.Daemon.Gate.Wedge(ctx)
+	if err != nil {
+		t.Fatalf("a client that stopped reading held the gate: %v", err)
+	}
+	resume()
 }

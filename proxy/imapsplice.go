@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
@@ -39,6 +40,13 @@ type pendingCmd struct {
 	// setsSeen: a FETCH of content without PEEK, which sets \Seen on what
 	// it returns (RFC 9051 6.4.5) unless the mailbox is read-only.
 	setsSeen bool
+	// locksUser: it holds the user's mutation lock until its record is
+	// written (a FETCH that sets \Seen in a writable mailbox).
+	locksUser bool
+	// expunges is the session's count of expunge responses when the
+	// command was forwarded: those that come before its completion are
+	// its own (under the user's lock no other session expunges).
+	expunges int
 }
 
 // injectedCmd is a command of the proxy's own on the client's upstream
@@ -102,6 +110,9 @@ func (s *imapSession) splice() {
 		for tag, pc := range s.pending {
 			if pc.intent != nil {
 				s.p.leaveMutation(s.user)
+			}
+			if pc.locksUser {
+				s.p.unlockUser(s.user)
 			}
 			delete(s.pending, tag)
 		}
@@ -270,7 +281,15 @@ func (f *cmdForwarder) forward(p imapwire.Part) error {
 		f.lits = append(f.lits, h)
 		return nil
 	}
-	// Relayed as it comes.
+	// Relayed as it comes; a FETCH waits for finish, which decides
+	// whether it changes \Seen.
+	if f.name == "FETCH" && p.Literal == nil && !endsWithLiteralHeader(p.Raw) {
+		f.raw = append(f.raw, append([]byte(nil), p.Raw...))
+		return nil
+	}
+	if err := f.flushRaw(); err != nil {
+		return err
+	}
 	if p.Literal == nil {
 		s.up.mu.Lock()
 		_, err := s.up.w.Write(p.Raw)
@@ -287,6 +306,23 @@ func (f *cmdForwarder) forward(p imapwire.Part) error {
 	defer s.up.mu.Unlock()
 	_, err := io.Copy(s.up.w, p.Literal.Body)
 	return err
+}
+
+// flushRaw writes the lines of a relayed command kept back so far.
+func (f *cmdForwarder) flushRaw() error {
+	if len(f.raw) == 0 {
+		return nil
+	}
+	s := f.s
+	s.up.mu.Lock()
+	defer s.up.mu.Unlock()
+	for _, b := range f.raw {
+		if _, err := s.up.w.Write(b); err != nil {
+			return err
+		}
+	}
+	f.raw = nil
+	return nil
 }
 
 // awaitContinuation flushes a relayed command up to a synchronizing
@@ -431,7 +467,27 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 				f.pc.seqUIDs = make(chan string, 1)
 			}
 			f.pc.setsSeen = cmd.Name == "FETCH" && fetchSetsSeen(cmd)
+			if f.pc.setsSeen {
+				// Setting \Seen is a change: it takes its place among
+				// the user's mutations, and its record is written
+				// before the next one runs.
+				s.waitSelection()
+				s.mu.Lock()
+				ro := s.state.readOnly
+				s.mu.Unlock()
+				if !ro {
+					if err := s.p.lockUser(s.user, WedgeWait); err != nil {
+						s.unregister(f.tag)
+						close(f.pc.ready)
+						return s.say("%s NO [INUSE] undomail: another change of yours is still in progress, nothing changed; try again.\r\n", f.tag)
+					}
+					f.pc.locksUser = true
+				}
+			}
 			close(f.pc.ready)
+		}
+		if err := f.flushRaw(); err != nil {
+			return err
 		}
 		if f.name == "IDLE" {
 			// Until the server answers, the next line may be IDLE's
@@ -540,6 +596,7 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		leave()
 		return errSessionOver
 	}
+	pc.expunges = s.expunges
 	s.pending[cmd.Tag] = pc
 	s.order = append(s.order, cmd.Tag)
 	s.mu.Unlock()
@@ -654,6 +711,14 @@ func (s *imapSession) register(tag string, pc *pendingCmd) {
 	defer s.mu.Unlock()
 	s.pending[tag] = pc
 	s.order = append(s.order, tag)
+}
+
+// unregister forgets a registered command that was not forwarded after all.
+func (s *imapSession) unregister(tag string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.pending, tag)
+	s.order = slices.DeleteFunc(s.order, func(t string) bool { return t == tag })
 }
 
 // waitSelection blocks until no selection change is in flight.
@@ -899,13 +964,14 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		}
 	}
 	state := s.state
+	expunged := s.expunges
 	s.mu.Unlock()
 	if pc == nil {
 		return nil
 	}
 	if pc.intent != nil {
 		defer s.p.leaveMutation(s.user)
-		return s.logOutcome(pc, r)
+		return s.logOutcome(pc, r, expunged-pc.expunges)
 	}
 	if pc.name == "FETCH" && len(pc.fetched) > 0 {
 		// Looking up undo ids may take a round trip on the side
@@ -914,7 +980,12 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		go func() {
 			defer s.bg.Done()
 			s.logFetch(pc, state)
+			if pc.locksUser {
+				s.p.unlockUser(s.user)
+			}
 		}()
+	} else if pc.locksUser {
+		s.p.unlockUser(s.user)
 	}
 	return nil
 }

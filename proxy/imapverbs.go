@@ -84,6 +84,15 @@ type IMAPOutcome struct {
 	// where COPY and MOVE put the copies.
 	AppendUID string `json:"appenduid,omitempty"` // "uidvalidity uid"
 	CopyUID   string `json:"copyuid,omitempty"`   // "uidvalidity source-uids dest-uids"
+	// Modified holds the UIDs a conditional STORE (UNCHANGEDSINCE, RFC
+	// 7162 3.1.3) left alone because they changed since: its MODIFIED
+	// response code, as UIDs. The STORE acted on the other messages only.
+	Modified string `json:"modified,omitempty"`
+	// Expunged counts the messages the server reported expunged while an
+	// EXPUNGE, UID EXPUNGE or MOVE ran (its untagged EXPUNGE or VANISHED
+	// responses): what the server did, to hold against the UIDs the
+	// intent names. CLOSE expunges silently and has no count.
+	Expunged *int `json:"expunged,omitempty"`
 }
 
 // IMAPFetchArgs is an externalization record: the bodies or headers of
@@ -263,8 +272,18 @@ func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
 // logOutcome records the completion of a logged command. It is written
 // before the completion reaches the client (see relayResponses) but not
 // waited for on disk: the intent is what must be durable.
-func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response) error {
+func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response, expunged int) error {
 	o := IMAPOutcome{Status: r.Name, Text: r.Text}
+	if pc.name == "EXPUNGE" || pc.name == "MOVE" {
+		o.Expunged = &expunged
+		if n := setSize(pc.verb.args.UIDs); r.Name == "OK" && n >= 0 && n != expunged {
+			// Something the proxy does not see changed the mailbox
+			// (a Sieve script, doveadm): the log names what the search
+			// found, the server did otherwise.
+			s.logger.Warn("expunge differs from what the log names", "seq", pc.intent.Seq,
+				"logged", n, "server_expunged", expunged, "mailbox", pc.verb.args.Mailbox)
+		}
+	}
 	if r.Code != nil {
 		o.Code = strings.TrimSpace(r.Code.Name + " " + r.Code.Text)
 		switch r.Code.Name {
@@ -272,6 +291,8 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response) error {
 			o.AppendUID = r.Code.Text
 		case "COPYUID":
 			o.CopyUID = r.Code.Text
+		case "MODIFIED":
+			o.Modified = modifiedUIDs(pc.verb.args, r.Code.Text)
 		}
 	}
 	if pc.copyUID != "" {
@@ -329,6 +350,42 @@ func (s *imapSession) logFetch(pc *pendingCmd, mb mailboxState) {
 	if err := s.p.log.AppendNoSync(context.Background(), rec); err != nil {
 		s.logger.Error("log fetch failed", "err", err)
 	}
+}
+
+// modifiedUIDs turns a MODIFIED set into UIDs. A UID STORE reports UIDs;
+// a STORE by sequence number reports sequence numbers, which map in order
+// onto the UIDs its set was resolved to (every number of a STORE's set
+// exists, or the server refuses the command whole).
+func modifiedUIDs(a IMAPArgs, set string) string {
+	if a.Seqs == "" {
+		return set
+	}
+	seqs, ok1 := expandSet(a.Seqs, maxUIDsPerVerb)
+	uids, ok2 := expandSet(a.UIDs, maxUIDsPerVerb)
+	mod, ok3 := expandSet(set, maxUIDsPerVerb)
+	if !ok1 || !ok2 || !ok3 || len(seqs) != len(uids) {
+		return ""
+	}
+	seqs, uids = sortedUIDs(seqs), sortedUIDs(uids)
+	var out []uint32
+	for _, m := range mod {
+		if i, found := slices.BinarySearch(seqs, m); found {
+			out = append(out, uids[i])
+		}
+	}
+	return compactSet(out)
+}
+
+// setSize counts the numbers in a set of UIDs, -1 when it cannot tell.
+func setSize(set string) int {
+	if set == "" {
+		return 0
+	}
+	l, ok := expandSet(set, maxUIDsPerVerb)
+	if !ok {
+		return -1
+	}
+	return len(l)
 }
 
 // compactSet writes numbers as an IMAP sequence set with ranges.

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/textproto"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -19,6 +20,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/proxy/imapwire"
 	"github.com/undomail/undomail/undolog"
 )
 
@@ -799,6 +801,7 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 // onMessages replays STORE, COPY, MOVE, EXPUNGE and a FETCH's \Seen on
 // the messages the verb named, translated to their UIDs now.
 func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+	a.UndoIDs = withoutModified(v, a.UndoIDs)
 	b, err := r.load(a.Mailbox)
 	var ie *imap.Error
 	switch {
@@ -908,6 +911,31 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 		}
 	}
 	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set)}, nil
+}
+
+// withoutModified drops from a conditional STORE's messages those the
+// server left alone the first time (its MODIFIED response code).
+func withoutModified(v undolog.Verb, ids map[string]string) map[string]string {
+	if v.Kind != proxy.KindIMAPStore || v.Outcome == nil {
+		return ids
+	}
+	var o proxy.IMAPOutcome
+	if json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Modified == "" {
+		return ids
+	}
+	mod, err := imapwire.ParseSeqSet(o.Modified)
+	if err != nil {
+		return ids
+	}
+	out := map[string]string{}
+	for uid, id := range ids {
+		var n uint32
+		fmt.Sscan(uid, &n)
+		if !slices.ContainsFunc(mod, func(r imapwire.SeqRange) bool { return r.Contains(n, 0) }) {
+			out[uid] = id
+		}
+	}
+	return out
 }
 
 // take removes a message the replay expunged or moved from the model of
