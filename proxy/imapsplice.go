@@ -738,32 +738,56 @@ func (s *imapSession) waitSelection() {
 // follows (ESEARCH, RFC 4731; its TAG correlator keeps the result apart
 // from any search of the client's).
 func (s *imapSession) searchUIDs(criteria string) (string, error) {
-	uids, _, err := s.search(criteria)
+	uids, _, err := s.search(criteria, false)
 	return uids, err
 }
 
 // search is searchUIDs that also returns the completed search, which
 // tells what was reported while it ran.
-func (s *imapSession) search(criteria string) (string, *injectedCmd, error) {
+//
+// With sync, a NOOP runs first, and the search only once it completed.
+// Dovecot searches the session's view of the mailbox as of its last sync,
+// which may miss what another session changed since (a \Deleted set a
+// moment ago), and it runs a NOOP and a SEARCH sent together in parallel,
+// syncing after both. A NOOP that completed has brought the view up to
+// date, so the search then sees what the command that follows will act on.
+// The NOOP's untagged updates go to the client as any NOOP's would (RFC
+// 9051 6.1.2).
+func (s *imapSession) search(criteria string, sync bool) (string, *injectedCmd, error) {
+	if sync {
+		if _, err := s.inject("NOOP"); err != nil {
+			return "", nil, err
+		}
+	}
+	ic, err := s.inject("UID SEARCH RETURN (ALL) " + criteria)
+	if err != nil {
+		return "", nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return ic.uids, ic, nil
+}
+
+// inject runs a command of the proxy's own on the client's upstream
+// connection and waits for its completion.
+func (s *imapSession) inject(command string) (*injectedCmd, error) {
 	s.mu.Lock()
 	if s.respDone {
 		s.mu.Unlock()
-		return "", nil, errSessionOver
+		return nil, errSessionOver
 	}
 	s.nextTag++
 	tag := fmt.Sprintf("%s%d", s.tagPrefix, s.nextTag)
 	ic := &injectedCmd{done: make(chan error, 1), expunges: s.expunges, exists: s.exists}
 	s.injected[tag] = ic
 	s.mu.Unlock()
-	if err := s.up.write([]byte(tag + " UID SEARCH RETURN (ALL) " + criteria + "\r\n")); err != nil {
-		return "", nil, err
+	if err := s.up.write([]byte(tag + " " + command + "\r\n")); err != nil {
+		return nil, err
 	}
 	if err := <-ic.done; err != nil {
-		return "", nil, err
+		return nil, err
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return ic.uids, ic, nil
+	return ic, nil
 }
 
 // resolveUIDs runs searchUIDs for a command's messages. A command that
@@ -772,10 +796,17 @@ func (s *imapSession) search(criteria string) (string, *injectedCmd, error) {
 // search and the command. Under the user's lock no new expunge can come
 // from another session, so the second search is exact. A set with "*" is
 // resolved again when new messages were reported: "*" moved.
+//
+// Only a search by flag (EXPUNGE's DELETED) needs the view brought up to
+// date first: numbering and UIDs are those of the session's view, which is
+// also what the command that follows acts on; a message another session
+// expunged meanwhile is then in the log and was left alone by the server,
+// and replay finds it gone as well.
 func (s *imapSession) resolveUIDs(criteria string, bySeq bool) (string, error) {
 	star := strings.Contains(criteria, "*")
+	sync := strings.Contains(criteria, "DELETED")
 	for try := 0; ; try++ {
-		uids, ic, err := s.search(criteria)
+		uids, ic, err := s.search(criteria, sync)
 		if err != nil || !(bySeq && ic.shifted || star && ic.grew) {
 			return uids, err
 		}
@@ -926,7 +957,7 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		ic.shifted, ic.grew = s.expunges != ic.expunges, s.exists != ic.exists
 		s.mu.Unlock()
 		if r.Name != "OK" {
-			ic.done <- fmt.Errorf("upstream refused undomail's UID SEARCH: %s %s", r.Name, r.Text)
+			ic.done <- fmt.Errorf("upstream refused undomail's own command: %s %s", r.Name, r.Text)
 		} else {
 			ic.done <- nil
 		}

@@ -38,6 +38,12 @@ auth_mechanisms = plain login
 # Tests try wrong passwords on purpose; neither the fixed delay nor anvil's
 # growing per-IP penalty (everything comes from 127.0.0.1) should slow them.
 auth_failure_delay = 0
+# undomail keeps one IMAP connection per user of its own (the side
+# connection, docs/imap-refusals.md), from its own address. Here clients,
+# undomail and replay all connect from loopback, so Dovecot counts them in
+# one per-user+address bucket: 10 client sessions, the side connection and
+# sessions still closing must fit.
+mail_max_userip_connections = 20
 
 # Users are stored by bare name and every lookup is reduced to the local
 # part, so IMAP login as "alice" and "alice@{{.Domain}}" and LMTP delivery to

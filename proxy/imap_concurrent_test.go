@@ -1,0 +1,291 @@
+package proxy_test
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"math/rand"
+	"slices"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+
+	"github.com/undomail/undomail/internal/testbed"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+var concurrentSeed = flag.Int64("concurrent.seed", 0, "seed of TestIMAPConcurrentSessionsLogIsTheTruth (0: a few fixed seeds)")
+
+// TestIMAPConcurrentSessionsLogIsTheTruth runs several sessions of one
+// user on one mailbox at once through undomail (STORE +/-/= by UID and by
+// sequence number, \Deleted and EXPUNGE, UID EXPUNGE), then replays the
+// log in a reference model written for this test, from the mailbox as
+// Dovecot listed it before, and compares the result with what Dovecot
+// holds after: the same messages with the same flags. The log is the truth
+// only if it names exactly the messages each command acted on, in the
+// order the server ran them.
+func TestIMAPConcurrentSessionsLogIsTheTruth(t *testing.T) {
+	seeds := []int64{1, 2, 3}
+	if *concurrentSeed != 0 {
+		seeds = []int64{*concurrentSeed}
+	}
+	tb := testbedtest.Start(t, nil)
+	deliver(t, tb, "alice", "concurrent", "conc.%d@client.test", 40)
+	for _, seed := range seeds {
+		for _, sessions := range []int{2, 5, 10} {
+			t.Run(fmt.Sprintf("seed%d/sessions%d", seed, sessions), func(t *testing.T) {
+				checkConcurrent(t, tb, seed, sessions)
+			})
+		}
+	}
+}
+
+type modelMsg map[string]bool // flags
+
+func serverState(t *testing.T, tb *testbed.Testbed) map[uint32]modelMsg {
+	t.Helper()
+	c := testbedtest.IMAP(t, tb.Stack.IMAPAddr, "alice", tb.Stack.Password("alice"))
+	defer c.Close()
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := c.Fetch(imap.UIDSet{imap.UIDRange{Start: 1, Stop: 0}}, &imap.FetchOptions{UID: true, Flags: true}).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[uint32]modelMsg{}
+	for _, m := range msgs {
+		f := modelMsg{}
+		for _, fl := range m.Flags {
+			if fl != `\Recent` {
+				f[strings.ToLower(string(fl))] = true
+			}
+		}
+		out[uint32(m.UID)] = f
+	}
+	return out
+}
+
+func checkConcurrent(t *testing.T, tb *testbed.Testbed, seed int64, sessions int) {
+	before := serverState(t, tb)
+	if len(before) < 10 {
+		// Earlier rounds expunged most of the mailbox: refill it.
+		deliver(t, tb, "alice", "refill", fmt.Sprintf("refill.%d.%d.%%d@client.test", seed, sessions), 30)
+		before = serverState(t, tb)
+	}
+	startSeq := lastSeq(t, tb)
+	flags := []imap.Flag{imap.FlagSeen, imap.FlagFlagged, imap.FlagDeleted, imap.FlagAnswered, "$Label1", "Work"}
+	var wg sync.WaitGroup
+	errs := make(chan error, sessions)
+	for s := 0; s < sessions; s++ {
+		rng := rand.New(rand.NewSource(seed*100 + int64(s)))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close()
+			if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
+				errs <- err
+				return
+			}
+			if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+				errs <- err
+				return
+			}
+			for i := 0; i < 25; i++ {
+				pick := []imap.Flag{flags[rng.Intn(len(flags))]}
+				if rng.Intn(3) == 0 {
+					pick = append(pick, flags[rng.Intn(len(flags))])
+				}
+				op := []imap.StoreFlagsOp{imap.StoreFlagsAdd, imap.StoreFlagsDel, imap.StoreFlagsSet}[rng.Intn(3)]
+				store := &imap.StoreFlags{Op: op, Flags: pick, Silent: rng.Intn(2) == 0}
+				switch k := rng.Intn(10); {
+				case k < 4: // by UID
+					var set imap.UIDSet
+					for j := 0; j < 1+rng.Intn(3); j++ {
+						set.AddNum(uidOf(before, rng))
+					}
+					err = c.Store(set, store, nil).Close()
+				case k < 7: // by sequence number, as this session numbers them
+					n := c.Mailbox().NumMessages
+					if n == 0 {
+						continue
+					}
+					var set imap.SeqSet
+					a := 1 + uint32(rng.Intn(int(n)))
+					set.AddRange(a, min(n, a+uint32(rng.Intn(3))))
+					err = c.Store(set, store, nil).Close()
+				case k < 9:
+					err = c.Expunge().Close()
+				default:
+					var set imap.UIDSet
+					set.AddNum(uidOf(before, rng))
+					err = c.UIDExpunge(set).Close()
+				}
+				if err != nil && !isNoResponse(err) {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("session: %v", err)
+	}
+
+	model := map[uint32]modelMsg{}
+	for u, f := range before {
+		model[u] = modelMsg{}
+		for k := range f {
+			model[u][k] = true
+		}
+	}
+	verbs, err := tb.Daemon.Log.Verbs(t.Context(), undologFilterFrom(startSeq))
+	if err != nil {
+		t.Fatal(err)
+	}
+	applied := 0
+	for _, v := range verbs {
+		if v.Outcome == nil || imapOutcome(t, v).Status != "OK" {
+			continue
+		}
+		a := argsOf(t, v)
+		uids := uidList(t, a.UIDs)
+		switch v.Kind {
+		case proxy.KindIMAPStore:
+			applied++
+			for _, u := range uids {
+				m, ok := model[u]
+				if !ok {
+					continue
+				}
+				if a.Op == "" {
+					for k := range m {
+						delete(m, k)
+					}
+				}
+				for _, f := range a.Flags {
+					f = strings.ToLower(f)
+					if a.Op == "-" {
+						delete(m, f)
+					} else if f != `\recent` {
+						m[f] = true
+					}
+				}
+			}
+		case proxy.KindIMAPExpunge:
+			applied++
+			for _, u := range uids {
+				delete(model, u)
+			}
+		}
+	}
+	after := serverState(t, tb)
+	if applied == 0 {
+		t.Fatal("no verb was logged")
+	}
+	var diffs []string
+	for u, m := range model {
+		s, ok := after[u]
+		switch {
+		case !ok:
+			diffs = append(diffs, fmt.Sprintf("uid %d: the log keeps it (flags %v), the server expunged it", u, keys(m)))
+		case !equalFlags(s, m):
+			diffs = append(diffs, fmt.Sprintf("uid %d: the log gives flags %v, the server has %v", u, keys(m), keys(s)))
+		}
+	}
+	for u := range after {
+		if _, ok := model[u]; !ok {
+			diffs = append(diffs, fmt.Sprintf("uid %d: on the server, expunged by the log", u))
+		}
+	}
+	if len(diffs) > 0 {
+		for _, v := range verbs {
+			st := "-"
+			if v.Outcome != nil {
+				st = imapOutcome(t, v).Summary()
+			}
+			t.Logf("%d %s %s | %s", v.Seq, v.Session[:4], argsOf(t, v).Summary(), st)
+		}
+		sort.Strings(diffs)
+		t.Fatalf("seed %d, %d sessions: the log disagrees with Dovecot on %d messages (rerun: -concurrent.seed %d):\n%s",
+			seed, sessions, len(diffs), seed, strings.Join(diffs, "\n"))
+	}
+	t.Logf("seed %d, %d sessions: %d verbs; the log gives exactly Dovecot's %d messages and their flags", seed, sessions, applied, len(after))
+}
+
+func isNoResponse(err error) bool {
+	var ie *imap.Error
+	return asIMAPError(err, &ie) && (ie.Type == imap.StatusResponseTypeNo || ie.Type == imap.StatusResponseTypeBad)
+}
+
+func uidOf(m map[uint32]modelMsg, rng *rand.Rand) imap.UID {
+	uids := make([]uint32, 0, len(m))
+	for u := range m {
+		uids = append(uids, u)
+	}
+	slices.Sort(uids)
+	return imap.UID(uids[rng.Intn(len(uids))])
+}
+
+func uidList(t *testing.T, set string) []uint32 {
+	t.Helper()
+	var out []uint32
+	for _, part := range strings.Split(set, ",") {
+		if part == "" {
+			continue
+		}
+		a, b, ok := strings.Cut(part, ":")
+		lo, err1 := strconv.ParseUint(a, 10, 32)
+		hi := lo
+		var err2 error
+		if ok {
+			hi, err2 = strconv.ParseUint(b, 10, 32)
+		}
+		if err1 != nil || err2 != nil {
+			t.Fatalf("logged UID set %q is not a list of UIDs", set)
+		}
+		for u := min(lo, hi); u <= max(lo, hi); u++ {
+			out = append(out, uint32(u))
+		}
+	}
+	return out
+}
+
+func keys(m modelMsg) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func equalFlags(a, b modelMsg) bool {
+	return slices.Equal(keys(a), keys(b))
+}
+
+func lastSeq(t *testing.T, tb *testbed.Testbed) int64 {
+	t.Helper()
+	seq, _ := tb.Daemon.Log.Last()
+	return seq
+}
+
+func undologFilterFrom(after int64) undolog.Filter {
+	return undolog.Filter{AfterSeq: after, Kinds: []string{proxy.KindIMAPStore, proxy.KindIMAPExpunge}}
+}
+
+func asIMAPError(err error, target **imap.Error) bool { return errors.As(err, target) }
