@@ -100,6 +100,12 @@ var noArgs = map[string]bool{
 // Offset returns the number of bytes read from the stream so far.
 func (r *CommandReader) Offset() int64 { return r.f.off }
 
+// SetOptions changes the reader's limits from the next command on, keeping
+// what it has buffered: a server's limits change at login (Dovecot's
+// login process allows far less than its imap process), and commands
+// pipelined behind LOGIN are already in the buffer.
+func (r *CommandReader) SetOptions(opts Options) { r.f.opts = opts.withDefaults() }
+
 func (c *Command) parse(p *parser) error {
 	// RFC 2177 section 3: IDLE ends with the untagged line "DONE".
 	if len(p.lits) == 0 && strings.EqualFold(string(p.buf[:p.end]), "DONE") {

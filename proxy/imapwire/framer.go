@@ -75,6 +75,12 @@ func (f *framer) readUnit(fwd Forward, literalOK func(first []byte, hdr int) boo
 		}
 		if fwd != nil {
 			if err := fwd(Part{Raw: seg}); err != nil {
+				if lit != nil && !lit.NonSync && errors.Is(err, ErrLiteralRefused) {
+					// Refused at its header: the server answered before
+					// the forwarder handed on the literal itself.
+					lit.Data = nil
+					return true, nil
+				}
 				return false, f.fail(fmt.Errorf("imapwire: forward %s line at byte %d: %w", f.side, f.off-int64(len(seg)), err))
 			}
 		}
@@ -175,6 +181,14 @@ func (f *framer) literalHeader(segStart int, check func([]byte, int) bool) (*Lit
 	}
 	if size > f.opts.MaxLiteral {
 		return nil, &LiteralTooLargeError{Offset: hdrOff, Size: size, Max: f.opts.MaxLiteral}
+	}
+	if limit := f.opts.MaxCommand; limit > 0 {
+		// The unit's bytes so far, earlier literals' content included,
+		// up to this header's "}", as Dovecot counts them.
+		used := f.off - int64(len(seg)) + int64(n) - f.start
+		if size > limit-used {
+			return nil, &LiteralTooLargeError{Offset: hdrOff, Size: size, Max: max(limit-used, 0)}
+		}
 	}
 	lit := &Literal{Size: size, Binary: binary, NonSync: nonSync, Offset: f.off}
 	if f.budget >= 0 && size <= f.budget {
