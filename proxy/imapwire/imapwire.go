@@ -171,8 +171,8 @@ func (e *LineTooLongError) Error() string {
 
 // LiteralTooLargeError reports a literal header whose size exceeds
 // Options.MaxLiteral, or what Options.MaxCommand leaves for it, or does not
-// fit in 63 bits. The line carrying the header was not forwarded and the
-// reader cannot continue.
+// fit in 63 bits. The line carrying the header was not forwarded. The
+// reader cannot continue, unless InStep is set.
 type LiteralTooLargeError struct {
 	// Offset is where the literal header starts in the stream.
 	Offset int64
@@ -181,6 +181,14 @@ type LiteralTooLargeError struct {
 	// Max is the limit that was exceeded: Options.MaxLiteral, or the
 	// room Options.MaxCommand left for this literal.
 	Max int64
+	// InStep is set for a command's synchronizing literal: the client
+	// sends its content only after a continuation request, so the reader
+	// is still in step with the stream and Next may be called again for
+	// the next command. The command ends at the header, unanswered: the
+	// proxy must answer it itself (a tagged NO instead of "+", RFC 9051
+	// section 7.5), which it can do cleanly only if nothing of the
+	// command reached the server.
+	InStep bool
 }
 
 // Error describes which literal was too large.

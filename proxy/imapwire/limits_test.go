@@ -115,3 +115,47 @@ func TestSetOptions(t *testing.T) {
 		t.Fatalf("APPEND after raising the limits: %v, %v", cmd, err)
 	}
 }
+
+// TestSyncLiteralTooLargeInStep: a synchronizing literal over the limit
+// leaves the reader in step, since the client sends nothing more until it
+// is answered; the command's head is returned for the answer. A
+// non-synchronizing one, whose content is on its way, is final.
+func TestSyncLiteralTooLargeInStep(t *testing.T) {
+	input := "a1 UID APPEND INBOX {2147483648}\r\na2 NOOP\r\na3 LOGIN {1}\r\nx {2147483648}\r\na4 NOOP\r\n"
+	var out bytes.Buffer
+	r := NewCommandReader(strings.NewReader(input), Options{})
+	cmd, err := r.Next(copier(&out))
+	var tl *LiteralTooLargeError
+	if !errors.As(err, &tl) || !tl.InStep || tl.Size != 2147483648 || cmd == nil || cmd.Tag != "a1" || cmd.Name != "APPEND" || !cmd.UID {
+		t.Fatalf("APPEND {2147483648}: %+v, %v; want an in-step *LiteralTooLargeError with the head a1 UID APPEND", cmd, err)
+	}
+	if out.Len() != 0 {
+		t.Fatalf("forwarded %q of the refused command", out.String())
+	}
+	if cmd, err := r.Next(copier(&out)); err != nil || cmd.Tag != "a2" || cmd.Name != "NOOP" {
+		t.Fatalf("after the refusal: %+v, %v; want a2 NOOP", cmd, err)
+	}
+	cmd, err = r.Next(copier(&out))
+	if !errors.As(err, &tl) || !tl.InStep || cmd.Tag != "a3" || cmd.Name != "LOGIN" {
+		t.Fatalf("second-line literal: %+v, %v", cmd, err)
+	}
+	if want := "a2 NOOP\r\na3 LOGIN {1}\r\nx"; out.String() != want {
+		t.Fatalf("forwarded %q, want %q: what came before the refused line", out.String(), want)
+	}
+	if cmd, err := r.Next(nil); err != nil || cmd.Tag != "a4" {
+		t.Fatalf("after the second refusal: %+v, %v; want a4", cmd, err)
+	}
+
+	r = NewCommandReader(strings.NewReader("a1 APPEND INBOX {2147483648+}\r\nabc"), Options{})
+	if _, err = r.Next(nil); !errors.As(err, &tl) || tl.InStep {
+		t.Fatalf("non-synchronizing: %v, want a final *LiteralTooLargeError", err)
+	}
+	if _, err2 := r.Next(nil); err2 != err {
+		t.Fatalf("after a final error Next returned %v", err2)
+	}
+	// A server's literal is sent at once: never in step.
+	rr := NewResponseReader(strings.NewReader("* 1 FETCH (BODY[] {2147483648}\r\n"), Options{})
+	if _, err := rr.Next(nil); !errors.As(err, &tl) || tl.InStep {
+		t.Fatalf("response literal: %v, want a final *LiteralTooLargeError", err)
+	}
+}
