@@ -210,7 +210,11 @@ func longRunning(h http.Handler) http.Handler {
 		if r.Body != nil && r.Body != http.NoBody {
 			body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
 			if err != nil {
-				writeError(w, http.StatusRequestEntityTooLarge, fmt.Errorf("read request body: %w", err))
+				code := http.StatusBadRequest
+				if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+					code = http.StatusRequestEntityTooLarge
+				}
+				writeError(w, code, fmt.Errorf("read request body: %w", err))
 				return
 			}
 			r.Body = io.NopCloser(bytes.NewReader(body))
