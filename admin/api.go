@@ -1,11 +1,13 @@
 package admin
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -87,6 +89,8 @@ type Server struct {
 	metrics *metrics
 	web     *web
 	run     cycleRun
+	// timeouts are the HTTP server's (defaultTimeouts; tests shorten them).
+	timeouts serverTimeouts
 }
 
 // trustedKey marks requests from the control socket: the socket's file
@@ -107,7 +111,7 @@ func New(b Backend, o Options) (*Server, error) {
 	} else if len(tok) < 16 {
 		return nil, errors.New("admin.token: shorter than 16 characters")
 	}
-	s := &Server{b: b, log: b.UndoLog(), logger: o.Logger,
+	s := &Server{b: b, log: b.UndoLog(), logger: o.Logger, timeouts: defaultTimeouts,
 		auth: &auth{token: tok, secure: o.TLSCert != "", sessions: map[string]*session{}}, mux: http.NewServeMux()}
 	s.metrics = newMetrics(s)
 	var err error
@@ -137,7 +141,13 @@ func (s *Server) Listen(o Options) error {
 		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	}
 	s.ln = ln
-	s.srv = &http.Server{Handler: s.mux, ReadHeaderTimeout: 10 * time.Second}
+	s.srv = &http.Server{
+		Handler:           s.Handler(),
+		ReadHeaderTimeout: s.timeouts.header,
+		ReadTimeout:       s.timeouts.read,
+		WriteTimeout:      s.timeouts.write,
+		IdleTimeout:       s.timeouts.idle,
+	}
 	go func() {
 		if err := s.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.logger.Error("admin server stopped", "err", err)
@@ -166,14 +176,64 @@ func (s *Server) Addr() net.Addr {
 }
 
 // Handler is the whole admin server, with authentication.
-func (s *Server) Handler() http.Handler { return s.mux }
+func (s *Server) Handler() http.Handler { return noSniff(s.mux) }
+
+// noSniff tells browsers to take every response as the Content-Type it
+// declares: a JSON answer that quotes user data (a mailbox name, a
+// subject) must never be rendered as HTML.
+func noSniff(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		h.ServeHTTP(w, r)
+	})
+}
+
+// serverTimeouts bound a client's use of a connection: its headers, its
+// whole request (a body trickled in byte by byte), writing the answer,
+// and an idle keep-alive. Handlers that run for long (a snapshot, a
+// drill, a cycle waited for) lift the last two with longRunning.
+type serverTimeouts struct {
+	header, read, write, idle time.Duration
+}
+
+var defaultTimeouts = serverTimeouts{header: 10 * time.Second, read: 30 * time.Second, write: time.Minute, idle: 2 * time.Minute}
+
+// longRunning lifts the connection's read and write deadlines for a
+// handler that may take longer than the server's timeouts (a snapshot
+// waits for commands in flight, a drill or a waited-for cycle runs for
+// minutes). The request body is read first, under the read deadline:
+// a slow client still cannot hold the connection, only the work can.
+// Without lifting the read deadline, its expiry would also cancel the
+// request's context mid-run.
+func longRunning(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Body != nil && r.Body != http.NoBody {
+			body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 1<<20))
+			if err != nil {
+				code := http.StatusBadRequest
+				if mbe := (*http.MaxBytesError)(nil); errors.As(err, &mbe) {
+					code = http.StatusRequestEntityTooLarge
+				}
+				writeError(w, code, fmt.Errorf("read request body: %w", err))
+				return
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		rc := http.NewResponseController(w)
+		// Errors only mean the connection has no deadlines to lift
+		// (httptest recorders, the control socket's own server).
+		rc.SetReadDeadline(time.Time{})
+		rc.SetWriteDeadline(time.Time{})
+		h.ServeHTTP(w, r)
+	})
+}
 
 // TrustedHandler serves the API without authentication, for the control
 // socket, whose file mode admits only the daemon's user.
 func (s *Server) TrustedHandler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return noSniff(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		s.mux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), trustedKey{}, true)))
-	})
+	}))
 }
 
 // Close stops serving; a cycle started through the API runs on.
@@ -194,14 +254,14 @@ func (s *Server) routes() {
 	m.Handle("GET /api/verbs", s.api(http.HandlerFunc(s.handleVerbs)))
 	m.Handle("GET /api/verbs/{seq}", s.api(http.HandlerFunc(s.handleVerb)))
 	m.Handle("GET /api/snapshots", s.api(http.HandlerFunc(s.handleSnapshots)))
-	m.Handle("POST /api/snapshots", s.api(http.HandlerFunc(s.handleSnapshot)))
+	m.Handle("POST /api/snapshots", s.api(longRunning(http.HandlerFunc(s.handleSnapshot))))
 	m.Handle("GET /api/cycles", s.api(http.HandlerFunc(s.handleCycles)))
 	m.Handle("GET /api/cycles/plan", s.api(http.HandlerFunc(s.handlePlan)))
-	m.Handle("POST /api/cycles", s.api(http.HandlerFunc(s.handleRunCycle)))
+	m.Handle("POST /api/cycles", s.api(longRunning(http.HandlerFunc(s.handleRunCycle))))
 	m.Handle("GET /api/cycles/current", s.api(http.HandlerFunc(s.handleCurrent)))
 	m.Handle("GET /api/cycles/progress", s.api(http.HandlerFunc(s.handleProgress)))
 	m.Handle("GET /api/drills", s.api(http.HandlerFunc(s.handleDrills)))
-	m.Handle("POST /api/drills", s.api(http.HandlerFunc(s.handleRunDrill)))
+	m.Handle("POST /api/drills", s.api(longRunning(http.HandlerFunc(s.handleRunDrill))))
 	m.Handle("GET /api/compensations", s.api(http.HandlerFunc(s.handleCompensations)))
 	s.web.routes(m)
 }
@@ -243,6 +303,7 @@ func (s *Server) api(h http.Handler) http.Handler {
 
 func writeJSON(w http.ResponseWriter, code int, v any) {
 	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(code)
 	enc := json.NewEncoder(w)
@@ -515,9 +576,9 @@ func (s *Server) handleVerbs(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) handleVerb(w http.ResponseWriter, r *http.Request) {
-	seq, err := strconv.ParseInt(r.PathValue("seq"), 10, 64)
-	if err != nil {
-		writeError(w, http.StatusBadRequest, fmt.Errorf("%q is not a sequence number", r.PathValue("seq")))
+	seq, ok := parseSeq(r.PathValue("seq"))
+	if !ok {
+		writeError(w, http.StatusNotFound, fmt.Errorf("no verb %q in the undo log: sequence numbers start at 1", r.PathValue("seq")))
 		return
 	}
 	v, ok, err := s.log.Verb(r.Context(), seq)
@@ -568,6 +629,13 @@ func (s *Server) handleCycles(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"cycles": nonNilSlice(cs)})
+}
+
+// parseSeq reads one log position from a URL path. The log numbers its
+// records from 1; zero, negative and non-numeric positions name nothing.
+func parseSeq(s string) (int64, bool) {
+	n, err := strconv.ParseInt(s, 10, 64)
+	return n, err == nil && n > 0
 }
 
 // ParseSeqs reads a list of log positions, "812,815".

@@ -38,6 +38,18 @@ type fakeDaemon struct {
 	ups      []Upstream
 	cycles   []CycleRequest
 	snapshot int
+	// delay makes cycles and drills take this long, as real ones do.
+	delay time.Duration
+}
+
+// work takes f.delay, or fails when ctx ends first.
+func (f *fakeDaemon) work(ctx context.Context) error {
+	select {
+	case <-time.After(f.delay):
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("fake daemon: cancelled after starting: %w", ctx.Err())
+	}
 }
 
 func (f *fakeDaemon) Snapshot(ctx context.Context, reason string) (timetravel.Snapshot, time.Duration, error) {
@@ -55,9 +67,15 @@ func (f *fakeDaemon) RewindJSON(context.Context, string, bool) (json.RawMessage,
 func (f *fakeDaemon) ReplayJSON(context.Context, []int64) (json.RawMessage, error) { return nil, nil }
 func (f *fakeDaemon) CycleJSON(ctx context.Context, req CycleRequest) (json.RawMessage, error) {
 	f.cycles = append(f.cycles, req)
+	if err := f.work(ctx); err != nil {
+		return nil, err
+	}
 	return json.RawMessage(`{"ok":true,"replayed":3,"cancelled":1}`), nil
 }
 func (f *fakeDaemon) DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error) {
+	if err := f.work(ctx); err != nil {
+		return nil, err
+	}
 	r := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(fmt.Sprintf(`{"ok":true,"from":%q,"to":%q}`, from, to))}
 	return r.Outcome, f.l.Append(ctx, r)
 }

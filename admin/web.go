@@ -5,6 +5,7 @@ import (
 	"context"
 	"embed"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"html/template"
 	"io/fs"
@@ -103,11 +104,14 @@ func (w *web) routes(m *http.ServeMux) {
 	m.Handle("GET /cycles/current", w.page(w.current))
 	m.Handle("GET /cycles", w.page(w.cycles))
 	m.Handle("GET /snapshots", w.page(w.snapshots))
-	m.Handle("POST /snapshots/take", w.page(w.takeSnapshot))
+	m.Handle("POST /snapshots/take", longRunning(w.page(w.takeSnapshot)))
 	m.Handle("GET /drills", w.page(w.drills))
-	m.Handle("POST /drills/run", w.page(w.runDrill))
+	m.Handle("POST /drills/run", longRunning(w.page(w.runDrill)))
 	m.Handle("GET /compensations", w.page(w.compensations))
 }
+
+// errNotFound marks a page error that is answered 404 Not Found.
+var errNotFound = errors.New("not found")
 
 // pageData is what every page template gets; Data is the page's own.
 type pageData struct {
@@ -135,6 +139,9 @@ func (w *web) page(h func(http.ResponseWriter, *http.Request, *pageData) error) 
 		status := http.StatusOK
 		if err := h(rw, r, p); err != nil {
 			p.Error, status = err.Error(), http.StatusBadRequest
+			if errors.Is(err, errNotFound) {
+				status = http.StatusNotFound
+			}
 			if p.Title == "" {
 				p.Title = "error"
 			}
@@ -168,12 +175,31 @@ func (w *web) loginPage(rw http.ResponseWriter, r *http.Request) {
 	w.render(rw, &pageData{Title: "login", Data: r.URL.Query().Get("next")}, http.StatusOK)
 }
 
+// localPath returns next if it is a path on this server, else "/". A
+// login form's next= must never send the browser elsewhere: browsers read
+// "//host", "/\host" and "/<TAB>/host" (tabs and newlines are dropped) as
+// another site (WHATWG URL standard: backslash is a path separator in
+// special URLs), so only a single "/" followed by no backslash or control
+// character passes.
+func localPath(next string) string {
+	if len(next) == 0 || next[0] != '/' || (len(next) > 1 && next[1] == '/') {
+		return "/"
+	}
+	for i := 0; i < len(next); i++ {
+		if c := next[i]; c == '\\' || c < 0x20 || c == 0x7f {
+			return "/"
+		}
+	}
+	u, err := url.Parse(next)
+	if err != nil || u.Scheme != "" || u.Host != "" || u.Opaque != "" || u.User != nil {
+		return "/"
+	}
+	return next
+}
+
 // login checks the admin token typed into the form and starts a session.
 func (w *web) login(rw http.ResponseWriter, r *http.Request) {
-	next := r.PostFormValue("next")
-	if !strings.HasPrefix(next, "/") || strings.HasPrefix(next, "//") {
-		next = "/"
-	}
+	next := localPath(r.PostFormValue("next"))
 	if !sameOrigin(r) {
 		http.Error(rw, "cross-origin login refused", http.StatusForbidden)
 		return
@@ -516,16 +542,16 @@ type verbView struct {
 
 func (w *web) verb(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	p.Title = "verb"
-	seq, err := strconv.ParseInt(r.PathValue("seq"), 10, 64)
-	if err != nil {
-		return fmt.Errorf("%q is not a sequence number", r.PathValue("seq"))
+	seq, ok := parseSeq(r.PathValue("seq"))
+	if !ok {
+		return fmt.Errorf("%w: no verb %q in the undo log (sequence numbers start at 1)", errNotFound, r.PathValue("seq"))
 	}
 	lv, ok, err := w.s.log.Verb(r.Context(), seq)
 	if err != nil {
 		return err
 	}
 	if !ok {
-		return fmt.Errorf("no verb %d in the undo log", seq)
+		return fmt.Errorf("%w: no verb %d in the undo log", errNotFound, seq)
 	}
 	vv := &verbView{Verb: NewVerb(lv), Undoable: replay.Replayable[lv.Kind]}
 	p.Data = vv

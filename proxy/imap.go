@@ -32,9 +32,20 @@ type IMAPConfig struct {
 	AllowInsecureAuth bool
 	// UpstreamTimeout bounds connecting and logging in upstream.
 	UpstreamTimeout time.Duration
-	// IdleTimeout ends a client connection silent for this long. RFC 9051
-	// section 5.4 asks for at least 30 minutes.
+	// IdleTimeout ends a logged-in client connection silent for this
+	// long. RFC 9051 section 5.4 asks for at least 30 minutes.
 	IdleTimeout time.Duration
+	// LoginTimeout ends a connection that has not logged in this long
+	// after it was accepted, whatever it sends meanwhile, with the BYE
+	// Dovecot's login process sends after its 3 minutes.
+	LoginTimeout time.Duration
+	// MaxConnections caps the client connections open at once; 0: no cap.
+	// Connections over it are greeted with BYE [UNAVAILABLE] and closed.
+	MaxConnections int
+	// MaxConnectionsPerAddress caps the connections open at once from one
+	// client IP address; 0: no cap. Connections over it are greeted with
+	// BYE [LIMIT] (RFC 5530) and closed.
+	MaxConnectionsPerAddress int
 	// Gate, if set, is passed by every mutating command from its intent to
 	// its completion, so a snapshot can cut between commands.
 	Gate *Gate
@@ -60,8 +71,14 @@ type IMAPProxy struct {
 	ln       net.Listener
 	sessions map[*imapSession]struct{}
 	sides    map[string]*sideConn // by user
+	perAddr  map[string]int       // open connections by client IP address
 	wg       sync.WaitGroup
 }
+
+// DefaultLoginTimeout is how long a connection may take to log in: the
+// 3 minutes after which Dovecot's login process disconnects a client that
+// has not logged in (docs/configuration.md, imap.login_timeout).
+const DefaultLoginTimeout = 3 * time.Minute
 
 // NewIMAP probes the upstream (retrying until ctx ends) for its pre-login
 // capabilities.
@@ -78,7 +95,10 @@ func NewIMAP(ctx context.Context, cfg IMAPConfig, log *undolog.Log, logger *slog
 	if cfg.IdleTimeout == 0 {
 		cfg.IdleTimeout = 30 * time.Minute
 	}
-	p := &IMAPProxy{cfg: cfg, log: log, logger: logger.With("listener", "imap"), sessions: map[*imapSession]struct{}{}, sides: map[string]*sideConn{}}
+	if cfg.LoginTimeout == 0 {
+		cfg.LoginTimeout = DefaultLoginTimeout
+	}
+	p := &IMAPProxy{cfg: cfg, log: log, logger: logger.With("listener", "imap"), sessions: map[*imapSession]struct{}{}, sides: map[string]*sideConn{}, perAddr: map[string]int{}}
 	err := probeUntil(ctx, p.logger, "imap", cfg.Upstream, func() error {
 		up, err := p.dialUpstream(ctx)
 		if err != nil {
@@ -121,17 +141,29 @@ func (p *IMAPProxy) Serve(l net.Listener) error {
 			}
 			return err
 		}
+		addr := clientIP(c)
 		if p.cfg.TLS != nil && p.cfg.ImplicitTLS {
 			c = tls.Server(c, p.cfg.TLS)
 		}
-		s := newIMAPSession(p, c)
 		p.mu.Lock()
 		if p.closed {
 			p.mu.Unlock()
 			c.Close()
 			return nil
 		}
+		if bye := p.overLimit(addr); bye != "" {
+			p.wg.Add(1)
+			p.mu.Unlock()
+			p.logger.Warn("connection refused", "client", c.RemoteAddr().String(), "reason", bye)
+			go func() {
+				defer p.wg.Done()
+				turnAway(c, bye)
+			}()
+			continue
+		}
+		s := newIMAPSession(p, c)
 		p.sessions[s] = struct{}{}
+		p.perAddr[addr]++
 		p.wg.Add(1)
 		p.mu.Unlock()
 		go func() {
@@ -139,9 +171,43 @@ func (p *IMAPProxy) Serve(l net.Listener) error {
 			s.serve()
 			p.mu.Lock()
 			delete(p.sessions, s)
+			if p.perAddr[addr]--; p.perAddr[addr] <= 0 {
+				delete(p.perAddr, addr)
+			}
 			p.mu.Unlock()
 		}()
 	}
+}
+
+// clientIP is the IP address a connection comes from: the key of
+// MaxConnectionsPerAddress.
+func clientIP(c net.Conn) string {
+	if h, _, err := net.SplitHostPort(c.RemoteAddr().String()); err == nil {
+		return h
+	}
+	return c.RemoteAddr().String()
+}
+
+// overLimit returns the BYE text for a new connection from addr that would
+// exceed a connection cap, or "". p.mu must be held.
+func (p *IMAPProxy) overLimit(addr string) string {
+	if max := p.cfg.MaxConnectionsPerAddress; max > 0 && p.perAddr[addr] >= max {
+		return fmt.Sprintf("[LIMIT] Maximum number of connections from your address exceeded (imap.max_connections_per_address=%d)", max)
+	}
+	if max := p.cfg.MaxConnections; max > 0 && len(p.sessions) >= max {
+		return fmt.Sprintf("[UNAVAILABLE] Maximum number of connections exceeded (imap.max_connections=%d); try again later", max)
+	}
+	return ""
+}
+
+// turnAway greets a connection the proxy will not serve with BYE instead
+// of OK (RFC 9051 section 7.1.5: a server may refuse a connection with a
+// BYE greeting) and closes it. The write is bounded: a client that does
+// not read cannot keep it.
+func turnAway(c net.Conn, bye string) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	fmt.Fprintf(c, "* BYE %s\r\n", bye)
 }
 
 // Close stops accepting and ends every session with BYE [UNAVAILABLE]

@@ -81,9 +81,20 @@ func newIMAPSession(p *IMAPProxy, c net.Conn) *imapSession {
 	}
 	s.logger = p.logger.With("session", s.id, "client", c.RemoteAddr().String())
 	s.tagPrefix = "undo" + s.id[:8] + "."
-	s.cr = imapwire.NewCommandReader(c, imapwire.Options{})
+	s.cr = imapwire.NewCommandReader(c, preLoginLimits)
 	return s
 }
+
+// loginMaxCommand is the most a command may take before login, literals
+// included: Dovecot's login process allows 8192 bytes, counted up to each
+// literal's header plus the literal's size, and answers a larger literal
+// with BYE instead of inviting it (measured against Dovecot 2.3; the
+// boundary is checked by TestIMAPPreLoginLiteralLimit).
+const loginMaxCommand = 8192
+
+// preLoginLimits are the command reader's limits until login; after it,
+// the defaults (Dovecot's imap_max_line_length) apply.
+var preLoginLimits = imapwire.Options{MaxLine: loginMaxCommand, MaxCommand: loginMaxCommand, MaxLiteral: loginMaxCommand}
 
 // say writes lines of the proxy's own to the client.
 func (s *imapSession) say(format string, args ...any) error {
@@ -91,6 +102,16 @@ func (s *imapSession) say(format string, args ...any) error {
 	defer s.cwMu.Unlock()
 	fmt.Fprintf(s.cw, format, args...)
 	return s.cw.Flush()
+}
+
+// lastWord writes a final BYE before the session closes, with a short
+// deadline of its own: the login deadline may be what ended the session.
+func (s *imapSession) lastWord(bye string) {
+	s.mu.Lock()
+	s.byeSent = true
+	s.mu.Unlock()
+	s.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	s.say("%s", bye)
 }
 
 // shutdown ends the session with an untagged BYE; used by Close.
@@ -111,6 +132,11 @@ func (s *imapSession) shutdown(why string) {
 
 func (s *imapSession) serve() {
 	defer s.conn.Close()
+	// Until login, reads and writes share one deadline: the whole
+	// not-authenticated state is bounded, as in Dovecot's login process,
+	// and a client that sends commands but never reads the answers
+	// cannot hold the proxy's writes either.
+	s.conn.SetDeadline(time.Now().Add(s.p.cfg.LoginTimeout))
 	_, isTLS := s.conn.(*tls.Conn)
 	if err := s.say("* OK [CAPABILITY %s] %s undomail ready.\r\n", strings.Join(s.p.preLoginCaps(isTLS), " "), s.p.cfg.Hostname); err != nil {
 		return
@@ -126,13 +152,23 @@ func (s *imapSession) serve() {
 // a successful login upstream. It returns false when the session ended.
 func (s *imapSession) preLogin() bool {
 	for {
-		s.conn.SetReadDeadline(time.Now().Add(s.p.cfg.IdleTimeout))
 		cmd, err := s.cr.Next(s.answerLiterals)
 		var se *imapwire.SyntaxError
+		var lt *imapwire.LiteralTooLargeError
+		var ne net.Error
 		switch {
 		case errors.As(err, &se):
 			s.say("%s BAD %s\r\n", tagOr(cmd), "syntax error")
 			continue
+		case errors.As(err, &lt):
+			// Dovecot's login process refuses such a literal at once
+			// with these words and closes, never inviting it.
+			s.lastWord("* BYE Literal size too large\r\n")
+			return false
+		case errors.As(err, &ne) && ne.Timeout():
+			s.logger.Info("not logged in within the login timeout", "timeout", s.p.cfg.LoginTimeout)
+			s.lastWord("* BYE Disconnected for inactivity.\r\n")
+			return false
 		case err != nil:
 			s.byeForLimit(err)
 			return false
@@ -216,15 +252,15 @@ func (s *imapSession) startTLS(cmd *imapwire.Command) bool {
 	}
 	s.say("%s OK Begin TLS negotiation now.\r\n", cmd.Tag)
 	tc := tls.Server(s.conn, s.p.cfg.TLS)
-	tc.SetDeadline(time.Now().Add(time.Minute))
+	// The login deadline (set on the connection beneath) bounds the
+	// handshake too.
 	if err := tc.Handshake(); err != nil {
 		s.logger.Info("TLS handshake failed", "err", err)
 		return false
 	}
-	tc.SetDeadline(time.Time{})
 	s.conn = tc
 	s.cw = bufio.NewWriter(tc)
-	s.cr = imapwire.NewCommandReader(tc, imapwire.Options{})
+	s.cr = imapwire.NewCommandReader(tc, preLoginLimits)
 	return true
 }
 
@@ -357,6 +393,11 @@ func (s *imapSession) login(tag, user, pass string) bool {
 		}
 	}
 	up.conn.SetDeadline(time.Time{})
+	// Logged in: the login deadline and limits give way to the
+	// authenticated state's idle timeout (set per command by the splice)
+	// and Dovecot's post-login limits.
+	s.conn.SetDeadline(time.Time{})
+	s.cr.SetOptions(imapwire.Options{})
 	s.up, s.user = up, user
 	s.side = s.p.acquireSide(user, pass)
 	s.logger = s.logger.With("user", user)

@@ -115,6 +115,21 @@ type IMAP struct {
 	// IdleTimeout ends silent client connections (RFC 9051 section 5.4:
 	// at least 30 minutes).
 	IdleTimeout Duration `yaml:"idle_timeout"`
+	// LoginTimeout ends a connection that has not logged in this long
+	// after connecting, busy or not, with "BYE Disconnected for
+	// inactivity." as Dovecot's login process does after 3 minutes.
+	LoginTimeout Duration `yaml:"login_timeout"`
+	// MaxConnections caps the client connections open at once, logged
+	// in or not; more are greeted with BYE [UNAVAILABLE] and closed. The
+	// default is Dovecot's default process_limit for its imap service.
+	// 0: no cap.
+	MaxConnections int `yaml:"max_connections"`
+	// MaxConnectionsPerAddress caps the connections open at once from
+	// one client IP address; more are greeted with BYE [LIMIT] and
+	// closed. Raise it when many users share an address (a NAT
+	// gateway); Dovecot's own per-user cap, mail_max_userip_connections,
+	// still applies after login. 0: no cap.
+	MaxConnectionsPerAddress int `yaml:"max_connections_per_address"`
 }
 
 // SMTP is the front door: an SMTP listener in front of Postfix's smtpd.
@@ -224,8 +239,11 @@ func Default() Config {
 			ClientTimeout:   Duration(5 * time.Minute),
 		},
 		IMAP: IMAP{
-			UpstreamTimeout: Duration(30 * time.Second),
-			IdleTimeout:     Duration(30 * time.Minute),
+			UpstreamTimeout:          Duration(30 * time.Second),
+			IdleTimeout:              Duration(30 * time.Minute),
+			LoginTimeout:             Duration(3 * time.Minute),
+			MaxConnections:           1024,
+			MaxConnectionsPerAddress: 100,
 		},
 		Admin:     Admin{Listen: "127.0.0.1:8025"},
 		Dovecot:   Dovecot{Doveadm: []string{"doveadm"}},
@@ -462,6 +480,12 @@ func (c Config) Validate() error {
 	if (c.Dovecot.MasterUser == "") != (c.Dovecot.MasterPassword == "") {
 		bad("dovecot.master_user, dovecot.master_password", "set both or neither")
 	}
+	if c.IMAP.MaxConnections < 0 {
+		bad("imap.max_connections", "must not be negative (0: no cap)")
+	}
+	if c.IMAP.MaxConnectionsPerAddress < 0 {
+		bad("imap.max_connections_per_address", "must not be negative (0: no cap)")
+	}
 	if c.SMTP.MaxMessageBytes < 0 {
 		bad("smtp.max_message_bytes", "must not be negative")
 	}
@@ -475,6 +499,7 @@ func (c Config) Validate() error {
 		{"smtp.upstream_timeout", c.SMTP.UpstreamTimeout}, {"smtp.client_timeout", c.SMTP.ClientTimeout},
 		{"lmtp.upstream_timeout", c.LMTP.UpstreamTimeout}, {"lmtp.client_timeout", c.LMTP.ClientTimeout},
 		{"imap.upstream_timeout", c.IMAP.UpstreamTimeout}, {"imap.idle_timeout", c.IMAP.IdleTimeout},
+		{"imap.login_timeout", c.IMAP.LoginTimeout},
 	} {
 		if d.v <= 0 {
 			bad(d.key, "must be positive")

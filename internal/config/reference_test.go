@@ -79,6 +79,10 @@ var examples = map[string]string{
 	"admin.tls_key":               "/etc/ssl/mail/privkey.pem",
 	"admin.allow_insecure_remote": "true",
 
+	"imap.login_timeout":               "1m",
+	"imap.max_connections":             "5000",
+	"imap.max_connections_per_address": "20",
+
 	"compensation.postmaster":                "Mail administrator <postmaster@example.org>",
 	"drills.every":                           "24h",
 	"drills.notify":                          "postmaster@example.org",

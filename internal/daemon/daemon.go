@@ -141,8 +141,11 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			AllowInsecureAuth: cfg.IMAP.AllowInsecureAuth,
 			UpstreamTimeout:   time.Duration(cfg.IMAP.UpstreamTimeout),
 			IdleTimeout:       time.Duration(cfg.IMAP.IdleTimeout),
+			LoginTimeout:      time.Duration(cfg.IMAP.LoginTimeout),
+			MaxConnections:    cfg.IMAP.MaxConnections,
 			Gate:              d.Gate,
 		}
+		ic.MaxConnectionsPerAddress = cfg.IMAP.MaxConnectionsPerAddress
 		if cfg.IMAP.TLSCert != "" {
 			cert, err := tls.LoadX509KeyPair(cfg.IMAP.TLSCert, cfg.IMAP.TLSKey)
 			if err != nil {

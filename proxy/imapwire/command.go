@@ -2,6 +2,7 @@ package imapwire
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"strings"
 )
@@ -47,9 +48,18 @@ func NewCommandReader(r io.Reader, opts Options) *CommandReader {
 //
 // A *SyntaxError comes with the partly parsed command (its Tag when there
 // was one); the command was forwarded whole and Next may be called again.
-// Any other error is final: the stream can no longer be followed.
+// So does a *LiteralTooLargeError with InStep set, with the command's Tag,
+// Name and UID as far as they were read, and nothing of the line carrying
+// the header forwarded. Any other error is final: the stream can no longer
+// be followed.
 func (r *CommandReader) Next(fwd Forward) (*Command, error) {
 	refused, err := r.f.readUnit(fwd, commandLiteralOK)
+	var tl *LiteralTooLargeError
+	if errors.As(err, &tl) && tl.InStep {
+		cmd := &Command{BareLF: r.f.bareLF}
+		cmd.parseHead(&parser{buf: r.f.line, end: trimEOL(r.f.line), base: r.f.start, maxDepth: r.f.opts.MaxDepth})
+		return cmd, err
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -100,12 +110,31 @@ var noArgs = map[string]bool{
 // Offset returns the number of bytes read from the stream so far.
 func (r *CommandReader) Offset() int64 { return r.f.off }
 
+// SetOptions changes the reader's limits from the next command on, keeping
+// what it has buffered: a server's limits change at login (Dovecot's
+// login process allows far less than its imap process), and commands
+// pipelined behind LOGIN are already in the buffer.
+func (r *CommandReader) SetOptions(opts Options) { r.f.opts = opts.withDefaults() }
+
 func (c *Command) parse(p *parser) error {
 	// RFC 2177 section 3: IDLE ends with the untagged line "DONE".
 	if len(p.lits) == 0 && strings.EqualFold(string(p.buf[:p.end]), "DONE") {
 		c.Name = "DONE"
 		return nil
 	}
+	if err := c.parseHead(p); err != nil {
+		return err
+	}
+	var err error
+	c.Args, err = p.args()
+	if err == nil && len(c.Args) > 0 && (noArgs[c.Name] || (c.Name == "EXPUNGE" && !c.UID)) {
+		return p.errorf("%s takes no arguments", c.Name)
+	}
+	return err
+}
+
+// parseHead reads the tag, the command name and a UID prefix.
+func (c *Command) parseHead(p *parser) error {
 	c.Tag = p.word()
 	if c.Tag == "" {
 		return p.errorf("missing tag")
@@ -132,12 +161,7 @@ func (c *Command) parse(p *parser) error {
 			return p.errorf("invalid command name %q", c.Name)
 		}
 	}
-	var err error
-	c.Args, err = p.args()
-	if err == nil && len(c.Args) > 0 && (noArgs[c.Name] || (c.Name == "EXPUNGE" && !c.UID)) {
-		return p.errorf("%s takes no arguments", c.Name)
-	}
-	return err
+	return nil
 }
 
 // validTag checks RFC 9051 section 9: tag = 1*<any ASTRING-CHAR except "+">.

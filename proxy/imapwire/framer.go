@@ -71,10 +71,20 @@ func (f *framer) readUnit(fwd Forward, literalOK func(first []byte, hdr int) boo
 		}
 		lit, err := f.literalHeader(segStart, check)
 		if err != nil {
+			var tl *LiteralTooLargeError
+			if errors.As(err, &tl) && tl.InStep {
+				return false, err
+			}
 			return false, f.fail(err)
 		}
 		if fwd != nil {
 			if err := fwd(Part{Raw: seg}); err != nil {
+				if lit != nil && !lit.NonSync && errors.Is(err, ErrLiteralRefused) {
+					// Refused at its header: the server answered before
+					// the forwarder handed on the literal itself.
+					lit.Data = nil
+					return true, nil
+				}
 				return false, f.fail(fmt.Errorf("imapwire: forward %s line at byte %d: %w", f.side, f.off-int64(len(seg)), err))
 			}
 		}
@@ -166,15 +176,27 @@ func (f *framer) literalHeader(segStart int, check func([]byte, int) bool) (*Lit
 		return nil, nil
 	}
 	hdrOff := f.off - int64(len(seg)) + int64(hdr)
+	// A client waits for "+" before sending a synchronizing literal's
+	// content (RFC 9051 section 7.5): refused, it sends none, and the
+	// stream goes on with its next command.
+	inStep := !nonSync && f.side == "command"
 	var size int64
 	for _, d := range digits {
 		if size > (1<<63-1-9)/10 {
-			return nil, &LiteralTooLargeError{Offset: hdrOff, Size: -1, Max: f.opts.MaxLiteral}
+			return nil, &LiteralTooLargeError{Offset: hdrOff, Size: -1, Max: f.opts.MaxLiteral, InStep: inStep}
 		}
 		size = size*10 + int64(d-'0')
 	}
 	if size > f.opts.MaxLiteral {
-		return nil, &LiteralTooLargeError{Offset: hdrOff, Size: size, Max: f.opts.MaxLiteral}
+		return nil, &LiteralTooLargeError{Offset: hdrOff, Size: size, Max: f.opts.MaxLiteral, InStep: inStep}
+	}
+	if limit := f.opts.MaxCommand; limit > 0 {
+		// The unit's bytes so far, earlier literals' content included,
+		// up to this header's "}", as Dovecot counts them.
+		used := f.off - int64(len(seg)) + int64(n) - f.start
+		if size > limit-used {
+			return nil, &LiteralTooLargeError{Offset: hdrOff, Size: size, Max: max(limit-used, 0), InStep: inStep}
+		}
 	}
 	lit := &Literal{Size: size, Binary: binary, NonSync: nonSync, Offset: f.off}
 	if f.budget >= 0 && size <= f.budget {

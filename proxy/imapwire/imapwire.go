@@ -50,6 +50,12 @@ type Options struct {
 	// MaxLiteral is the largest literal size accepted. A larger literal
 	// header fails with *LiteralTooLargeError.
 	MaxLiteral int64
+	// MaxCommand, if positive, bounds one command or response whole:
+	// a literal fails with *LiteralTooLargeError when its size added to
+	// the bytes before it (lines, earlier literals' content, its own
+	// header up to "}") exceeds it. This is how Dovecot applies its line
+	// length limit to literals, and so its pre-login limit on LOGIN's.
+	MaxCommand int64
 	// MaxInlineLiteral is how many bytes of literal content one command or
 	// response may capture into [Literal.Data] and its argument values.
 	// Literals that do not fit are only streamed. Negative captures nothing.
@@ -120,7 +126,10 @@ type Forward func(Part) error
 // literal that the server refused: it sent a tagged response instead of a
 // continuation request, so the client will not send the content and the
 // command ends at the literal header (RFC 9051 section 7.5). The reader then
-// returns the command with Refused set and reads the next command.
+// returns the command with Refused set and reads the next command. The
+// refusal may come from the call with the Raw part that ends in the
+// literal's header (a forwarder that waits there for the server's answer)
+// or from the call with the Literal, before reading any of its content.
 var ErrLiteralRefused = errors.New("imapwire: synchronizing literal refused by server")
 
 // SyntaxError reports input that was framed and forwarded completely but
@@ -161,15 +170,25 @@ func (e *LineTooLongError) Error() string {
 }
 
 // LiteralTooLargeError reports a literal header whose size exceeds
-// Options.MaxLiteral or does not fit in 63 bits. The line carrying the header
-// was not forwarded and the reader cannot continue.
+// Options.MaxLiteral, or what Options.MaxCommand leaves for it, or does not
+// fit in 63 bits. The line carrying the header was not forwarded. The
+// reader cannot continue, unless InStep is set.
 type LiteralTooLargeError struct {
 	// Offset is where the literal header starts in the stream.
 	Offset int64
 	// Size is the declared size, or -1 if it overflowed.
 	Size int64
-	// Max is the limit that was exceeded.
+	// Max is the limit that was exceeded: Options.MaxLiteral, or the
+	// room Options.MaxCommand left for this literal.
 	Max int64
+	// InStep is set for a command's synchronizing literal: the client
+	// sends its content only after a continuation request, so the reader
+	// is still in step with the stream and Next may be called again for
+	// the next command. The command ends at the header, unanswered: the
+	// proxy must answer it itself (a tagged NO instead of "+", RFC 9051
+	// section 7.5), which it can do cleanly only if nothing of the
+	// command reached the server.
+	InStep bool
 }
 
 // Error describes which literal was too large.
