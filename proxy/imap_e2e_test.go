@@ -700,8 +700,16 @@ func TestIMAPRobustness(t *testing.T) {
 
 	conn, r = login()
 	fmt.Fprintf(conn, "big APPEND INBOX {2147483648}\r\n")
-	if l := r.line(t); !strings.HasPrefix(l, "* BYE [LIMIT]") {
-		t.Fatalf("2 GiB literal got %q, want BYE [LIMIT]", l)
+	if l := r.line(t); !strings.HasPrefix(l, "big NO [TOOBIG]") {
+		t.Fatalf("2 GiB literal got %q, want NO [TOOBIG] before the client sends it", l)
+	}
+	fmt.Fprintf(conn, "sel SELECT {2147483648}\r\n")
+	if l := r.line(t); !strings.HasPrefix(l, "sel NO [LIMIT]") {
+		t.Fatalf("2 GiB literal in SELECT got %q, want NO [LIMIT]", l)
+	}
+	fmt.Fprintf(conn, "after NOOP\r\n")
+	if l := r.until(t, "after "); !strings.HasPrefix(l[len(l)-1], "after OK") {
+		t.Fatalf("session did not go on after refused literals: %q", l)
 	}
 
 	conn, r = login()

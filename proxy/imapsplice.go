@@ -149,6 +149,21 @@ func (s *imapSession) relayCommands() error {
 		s.conn.SetReadDeadline(time.Now().Add(s.p.cfg.IdleTimeout))
 		f := &cmdForwarder{s: s}
 		cmd, err := s.cr.Next(f.forward)
+		var tl *imapwire.LiteralTooLargeError
+		if errors.As(err, &tl) && tl.InStep && (!f.started || f.mode == held || f.mode == refused) {
+			// Nothing of the command reached the server and the client
+			// waits for "+": refuse the literal (RFC 9051 7.5) and go
+			// on. APPEND gets TOOBIG (RFC 7889).
+			f.abort()
+			code := "LIMIT"
+			if cmd.Name == "APPEND" {
+				code = "TOOBIG"
+			}
+			if err := s.say("%s NO [%s] undomail: literal of %d bytes is larger than the limit of %d\r\n", tagOr(cmd), code, tl.Size, tl.Max); err != nil {
+				return err
+			}
+			continue
+		}
 		var se *imapwire.SyntaxError
 		if err != nil && !errors.As(err, &se) {
 			f.abort()
