@@ -26,7 +26,9 @@ state_dir = {{.StateDir}}
 log_path = {{.LogPath}}
 # Process titles become dovecot-umdc-<id>/<service>: Stop finds lingering
 # processes of this instance by that name after the master has exited.
-listen = 127.0.0.1
+# The stack's own loopback address (ClaimHost); clients on this machine
+# still connect from 127.0.0.1.
+listen = {{.Host}}
 # undomail's IMAP front end passes each client's address with ID
 # (x-originating-ip); Dovecot believes it only from these networks.
 login_trusted_networks = 127.0.0.1/32
@@ -85,7 +87,7 @@ userdb {
 
 service imap-login {
   inet_listener imap {
-    address = 127.0.0.1
+    address = {{.Host}}
     port = {{.IMAPPort}}
   }
   inet_listener imaps {
@@ -94,14 +96,14 @@ service imap-login {
 }
 service lmtp {
   inet_listener lmtp {
-    address = 127.0.0.1
+    address = {{.Host}}
     port = {{.LMTPPort}}
   }
 }
 # Postfix authenticates SMTP clients here (smtpd_sasl_type = dovecot).
 service auth {
   inet_listener auth-inet {
-    address = 127.0.0.1
+    address = {{.Host}}
     port = {{.AuthPort}}
   }
 }
@@ -184,6 +186,7 @@ func (s *Stack) writeDovecotConfig() error {
 	defer f.Close()
 	err = dovecotTemplate.Execute(f, map[string]any{
 		"ID":         s.id,
+		"Host":       s.Host,
 		"BaseDir":    s.dovecotBaseDir,
 		"StateDir":   stateDir,
 		"LogPath":    s.DovecotLog(),
@@ -214,6 +217,8 @@ func (s *Stack) startDovecot(ctx context.Context) error {
 	if err := s.runDaemonCommand(ctx, outPath, dovecotBin, "-c", s.dovecotConf); err != nil {
 		return s.dovecotError("start dovecot", err)
 	}
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
 	err := waitFor(ctx, 20*time.Millisecond, func() error {
 		if _, err := s.Doveadm(ctx, "who"); err != nil {
 			return err
@@ -228,7 +233,7 @@ func (s *Stack) startDovecot(ctx context.Context) error {
 		return nil
 	})
 	if err != nil {
-		return s.dovecotError("wait for dovecot", err)
+		return s.dovecotError(fmt.Sprintf("dovecot on %s not ready within %s", s.Host, readyTimeout), err)
 	}
 	return nil
 }
@@ -237,6 +242,7 @@ func (s *Stack) startDovecot(ctx context.Context) error {
 // errPortInUse so Start retries with other ports.
 func (s *Stack) dovecotError(what string, err error) error {
 	tail := logTail(30, s.DovecotLog(), filepath.Join(s.logDir, dovecotOutName))
+	what += " (log " + s.DovecotLog() + ")"
 	if strings.Contains(tail, "Address already in use") {
 		return fmt.Errorf("%s: %w: %w%s", what, errPortInUse, err, tail)
 	}
