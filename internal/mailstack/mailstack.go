@@ -1,5 +1,6 @@
-// Package mailstack runs a private, self-contained Dovecot and Postfix on
-// loopback ports for tests and for the demo command.
+// Package mailstack runs a private, self-contained Dovecot and Postfix on a
+// loopback address of their own (127.b.c.d, see ClaimHost) with fixed ports,
+// for tests, the demo command and recovery drills.
 //
 // A Stack is one instance: Dovecot serves IMAP, LMTP and SASL auth from a
 // passwd-file with a master user; Postfix accepts SMTP for one virtual domain
@@ -9,7 +10,9 @@
 // unix sockets (108-byte limit) and therefore lives in /run/umdc-<id>.
 //
 // Nothing is shared between instances, so several stacks can run at once,
-// in one process or in parallel test binaries. Running one requires root:
+// in one process or in parallel test binaries: each holds its address, so
+// no other server can take its ports. A watchdog stops an instance whose
+// owning process dies without calling Stop, so none outlives it. Running one requires root:
 // Postfix cannot run unprivileged, and Dovecot switches to the mail user.
 //
 // IMAP login names: a user logs in as the bare name ("alice") or as the full
