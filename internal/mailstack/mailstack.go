@@ -12,8 +12,9 @@
 // Nothing is shared between instances, so several stacks can run at once,
 // in one process or in parallel test binaries: each holds its address, so
 // no other server can take its ports. A watchdog stops an instance whose
-// owning process dies without calling Stop, so none outlives it. Running one requires root:
-// Postfix cannot run unprivileged, and Dovecot switches to the mail user.
+// owning process dies without calling Stop, so none outlives it. Running
+// one requires root: Postfix cannot run unprivileged, and Dovecot switches
+// to the mail user.
 //
 // IMAP login names: a user logs in as the bare name ("alice") or as the full
 // address ("alice@example.test"); both map to the same mailbox because Dovecot
@@ -152,8 +153,8 @@ const startTimeout = 60 * time.Second
 const readyTimeout = 30 * time.Second
 
 // Start claims a loopback address for the stack (ClaimHost), writes the
-// configuration into opts.Dir, starts Dovecot and then
-// Postfix, and returns once both are ready. On failure it stops whatever it
+// configuration into opts.Dir, starts Dovecot and then Postfix, and returns
+// once both are ready. On failure it stops whatever it
 // started and returns an error that includes the tail of the relevant log.
 func Start(ctx context.Context, opts Options) (*Stack, error) {
 	if missing := Missing(); len(missing) > 0 {
