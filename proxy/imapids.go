@@ -41,8 +41,8 @@ const maxKnownIDs = 1 << 20
 
 // idTable maps messages to undo ids.
 type idTable struct {
-	mu     sync.Mutex
-	m      map[msgKey]string
+	mu sync.Mutex
+	m  map[msgKey]string
 	// loaded maps users whose history was read from the log to the
 	// gate's count of Holds then: a repair since makes it stale.
 	loaded map[string]uint64
