@@ -8,7 +8,7 @@ import (
 )
 
 // Gate is the consistent cut between the proxies and the mail store
-// (DESIGN: "Time travel"). Every mutation a proxy relays passes it from
+// (docs/architecture.md, "Time travel"). Every mutation a proxy relays passes it from
 // before its intent is logged until the upstream has answered, so once
 // Wedge returns no mutation is half done: the store matches the log up to
 // its last record. A snapshot is taken then, and Resume lets the mutations

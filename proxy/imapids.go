@@ -14,7 +14,7 @@ import (
 	"github.com/undomail/undomail/undolog"
 )
 
-// Message identity (DESIGN: "Message identity across replay"). IMAP names
+// Message identity (docs/architecture.md, "Message identity across replay"). IMAP names
 // messages by UID, which a replay changes; the log names them by undo id
 // as well. A message's undo id is, in order of preference:
 //
