@@ -293,24 +293,49 @@ func (s *imapSession) fetchUndoIDsLocked(mb mailboxState, uids []uint32) (map[ui
 		sc.examined = mb
 	}
 	found := map[uint32]string{}
-	tag := next()
-	_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+TraceHeader+")])\r\n", tag,
-		func(r *imapwire.Response) {
-			if r.Fetch == nil || r.Fetch.UID == 0 {
-				return
-			}
-			for _, sec := range r.Fetch.Sections {
-				if sec.Literal != nil {
-					if id := firstTraceID(sec.Literal.Data); id != "" {
-						found[r.Fetch.UID] = id
+	fetch := func(uids []uint32) error {
+		tag := next()
+		_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+TraceHeader+")])\r\n", tag,
+			func(r *imapwire.Response) {
+				if r.Fetch == nil || r.Fetch.UID == 0 {
+					return
+				}
+				for _, sec := range r.Fetch.Sections {
+					if sec.Literal != nil {
+						if id := firstTraceID(sec.Literal.Data); id != "" {
+							found[r.Fetch.UID] = id
+						}
 					}
 				}
-			}
-		})
-	if err != nil {
-		sc.up.close()
-		sc.up = nil
+			})
+		if err != nil {
+			sc.up.close()
+			sc.up = nil
+		}
+		return err
+	}
+	if err := fetch(uids); err != nil {
 		return nil, err
+	}
+	var missing []uint32
+	for _, u := range uids {
+		if found[u] == "" {
+			missing = append(missing, u)
+		}
+	}
+	if len(missing) > 0 {
+		// Dovecot answers from this connection's view as of its last
+		// sync: a message delivered since is not in it yet. A NOOP brings
+		// the view up to date; then ask once more for what was missing.
+		tag := next()
+		if _, err := sc.up.collect(tag+" NOOP\r\n", tag, func(*imapwire.Response) {}); err != nil {
+			sc.up.close()
+			sc.up = nil
+			return nil, err
+		}
+		if err := fetch(missing); err != nil {
+			return nil, err
+		}
 	}
 	return found, nil
 }

@@ -584,6 +584,9 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 			verb.args.UndoIDs = s.undoIDs(mb, list)
 		}
 	}
+	if len(verb.uids) > 0 {
+		verb.args.UndoIDs = s.undoIDs(mb, verb.uids)
+	}
 	if verb.kind == KindIMAPDelete || verb.kind == KindIMAPRename {
 		verb.args.UIDValidity = s.uidValidityOf(verb.args.Mailbox)
 	}

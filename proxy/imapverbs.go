@@ -119,6 +119,8 @@ type imapVerb struct {
 	needsUIDs string
 	// bySeq: needsUIDs names messages by sequence number.
 	bySeq bool
+	// uids are the messages of a command that names them by plain UIDs.
+	uids []uint32
 }
 
 // buildIMAPVerb turns a mutating command into an intent, given the
@@ -140,6 +142,14 @@ func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
 		if cmd.UID {
 			v.args.UIDs = set
 			v.needsUIDs = "UID " + set
+			// A set of plain UIDs names its messages already: UIDs do not
+			// shift, and one that names no message (gone, or never
+			// there) gets no undo id, so replay leaves it alone as the
+			// server did. Only "*" and sets too large to list need the
+			// server's answer; no round trip for the others.
+			if list, ok := expandSet(set, maxUIDsPerVerb); ok && !strings.Contains(set, "*") {
+				v.args.UIDs, v.needsUIDs, v.uids = compactSet(list), "", list
+			}
 		} else {
 			v.args.Seqs = set
 			v.needsUIDs = set
