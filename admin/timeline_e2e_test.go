@@ -1,0 +1,128 @@
+package admin_test
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/chromedp/chromedp"
+
+	"github.com/undomail/undomail/admin"
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
+)
+
+// TestBrowserTimelineAfterCycle runs a cycle on a real stack and reads
+// the timeline page in headless Chromium as an operator would: every
+// record is in words (no raw JSON anywhere on the page), the cycle is one
+// row with its verdict and its rewind folded in, the replay records are
+// not rows of their own, and each verb the cycle made again says so on
+// its own row.
+func TestBrowserTimelineAfterCycle(t *testing.T) {
+	tb := testbedtest.Start(t, store(filepath.Join(t.TempDir(), "snaps")))
+	a := newAPI(t, tb)
+	snap, del := deletedFolder(t, tb, a)
+	// More mail after the snapshot: each delivery is replayed by the cycle.
+	for i := range 3 {
+		id := fmt.Sprintf("wave%d@client.test", i)
+		send(t, tb, id, fmt.Sprintf("Offer %d", i))
+		waitFor(t, tb, "INBOX", id)
+	}
+	var rep struct {
+		Error string `json:"error"`
+	}
+	a.call("POST", "/api/cycles?wait=1", admin.CycleRequest{To: snap, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"}, &rep)
+	if rep.Error != "" {
+		t.Fatalf("cycle: %s", rep.Error)
+	}
+	v := lastVerdict(a)
+	if !v.OK || v.Replayed < 4 {
+		t.Fatalf("verdict %+v, want verified with the 4 later deliveries replayed", v)
+	}
+	var cs struct{ Cycles []admin.Cycle }
+	a.call("GET", "/api/cycles", nil, &cs)
+	cycle := cs.Cycles[len(cs.Cycles)-1]
+	// The deliveries the cycle made again, from the API.
+	var p admin.VerbPage
+	a.call("GET", fmt.Sprintf("/api/verbs?kind=lmtp.deliver&after=%d&before=%d", cycle.SnapshotSeq, cycle.Seq), nil, &p)
+	if len(p.Verbs) != 4 {
+		t.Fatalf("deliveries between the snapshot and the cycle: %d, want 4 (later and the wave)", len(p.Verbs))
+	}
+	// The API keeps the JSON and adds the words.
+	for _, vb := range p.Verbs {
+		if len(vb.Args) == 0 || vb.Description == "" || strings.Contains(vb.Description, "{") {
+			t.Fatalf("API verb %d: args %s, description %q: want both, the description in words", vb.Seq, vb.Args, vb.Description)
+		}
+	}
+
+	ctx := browser(t)
+	if err := chromedp.Do(ctx,
+		chromedp.Navigate(a.url+"/"),
+		chromedp.WaitVisible(chromedp.CSS("#token")),
+		chromedp.SendKeys(chromedp.CSS("#token"), a.token),
+		clickAndLoad("#login"),
+		chromedp.WaitVisible(chromedp.CSS("#q")),
+	); err != nil {
+		t.Fatalf("log in: %v", err)
+	}
+	shot := screenshot(t, ctx, "timeline-after-cycle.png")
+	table := text(t, ctx, "table")
+	t.Logf("timeline table after the cycle:\n%s", table)
+	if os.Getenv("UNDOMAIL_TIMELINE_TEXT") != "" {
+		os.WriteFile(os.Getenv("UNDOMAIL_TIMELINE_TEXT"), []byte(table), 0o644)
+		os.WriteFile(os.Getenv("UNDOMAIL_TIMELINE_TEXT")+".png", must(os.ReadFile(shot)), 0o644)
+	}
+	body, err := chromedp.Run(ctx, chromedp.Evaluate[string](`document.body.innerText`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if i := strings.Index(body, `{"`); i >= 0 {
+		t.Errorf("raw JSON on the timeline page: %q", body[max(i-80, 0):min(i+120, len(body))])
+	}
+	if n := count(t, ctx, "tr.cycle-row"); n != len(cs.Cycles) {
+		t.Errorf("the timeline has %d cycle rows, want one per cycle (%d)", n, len(cs.Cycles))
+	}
+	row := text(t, ctx, fmt.Sprintf(`tr.cycle-row[data-seq="%d"]`, cycle.Seq))
+	for _, want := range []string{"verified", "rewound", snap, fmt.Sprintf("%d replayed", v.Replayed)} {
+		if !strings.Contains(row, want) {
+			t.Errorf("the cycle's row lacks %q: %q", want, row)
+		}
+	}
+	for _, kind := range []string{"replay", "rewind"} {
+		if n := count(t, ctx, fmt.Sprintf(`a.verb-link[data-kind=%q]`, kind)); n != 0 {
+			t.Errorf("%d %s records have rows of their own, want them folded under their cycle", n, kind)
+		}
+	}
+	for _, vb := range p.Verbs {
+		got := text(t, ctx, fmt.Sprintf(`tr[data-seq="%d"] .replayed`, vb.Seq))
+		if want := fmt.Sprintf("replayed by cycle #%d: made again", cycle.Seq); !strings.Contains(got, want) {
+			t.Errorf("delivery %d's row says %q, want %q", vb.Seq, got, want)
+		}
+	}
+	if got := text(t, ctx, fmt.Sprintf(`tr[data-seq="%d"] .replayed`, del)); !strings.Contains(got, fmt.Sprintf("cycle #%d: cancelled", cycle.Seq)) {
+		t.Errorf("the cancelled DELETE's row says %q, want it cancelled by cycle #%d", got, cycle.Seq)
+	}
+	// The abandoned branch: the same verbs, each with what became of it.
+	if err := chromedp.Do(ctx, chromedp.Navigate(fmt.Sprintf("%s/?branch=%d", a.url, cycle.Seq)), chromedp.WaitVisible(chromedp.CSS("#q"))); err != nil {
+		t.Fatal(err)
+	}
+	screenshot(t, ctx, "branch-after-cycle.png")
+	branch, err := chromedp.Run(ctx, chromedp.Evaluate[string](`document.body.innerText`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(branch, `{"`) {
+		t.Errorf("raw JSON on the branch page:\n%s", branch)
+	}
+	if n := count(t, ctx, "td.replayed"); n < 5 {
+		t.Errorf("the branch shows %d verbs with their fate, want the DELETE and the 4 deliveries", n)
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
+}
