@@ -115,7 +115,7 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 	if strings.Contains(branch, `{"`) {
 		t.Errorf("raw JSON on the branch page:\n%s", branch)
 	}
-	if n := count(t, ctx, "td.replayed"); n < 5 {
+	if n := count(t, ctx, ".replayed"); n < 5 {
 		t.Errorf("the branch shows %d verbs with their fate, want the DELETE and the 4 deliveries", n)
 	}
 }

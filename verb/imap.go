@@ -28,7 +28,7 @@ func imapOutcome(raw json.RawMessage) string {
 	}
 	switch strings.ToUpper(o.Status) {
 	case "OK":
-		s := o.Summary() // "OK [CODE] text": what the client saw
+		s := strings.TrimSuffix(o.Summary(), ".") // "OK [CODE] text": what the client saw
 		if o.Modified != "" {
 			s += "; left alone, changed since (RFC 7162): uid " + o.Modified
 		}
