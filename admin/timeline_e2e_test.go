@@ -103,6 +103,18 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 	if got := text(t, ctx, fmt.Sprintf(`tr[data-seq="%d"] .replayed`, del)); !strings.Contains(got, fmt.Sprintf("cycle #%d: cancelled", cycle.Seq)) {
 		t.Errorf("the cancelled DELETE's row says %q, want it cancelled by cycle #%d", got, cycle.Seq)
 	}
+	// The cycle's own page tells it in words too; the record as logged is
+	// there, folded away, for whoever wants the JSON.
+	if err := chromedp.Do(ctx, chromedp.Navigate(fmt.Sprintf("%s/verb/%d", a.url, cycle.Seq)), chromedp.WaitVisible(chromedp.CSS("#summary"))); err != nil {
+		t.Fatal(err)
+	}
+	page, err := chromedp.Run(ctx, chromedp.Evaluate[string](`document.body.innerText`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(page, `{"`) || !strings.Contains(page, "verified") || count(t, ctx, "details#record pre") == 0 {
+		t.Errorf("the cycle's page, want it in words with the record folded away:\n%s", page)
+	}
 	// The abandoned branch: the same verbs, each with what became of it.
 	if err := chromedp.Do(ctx, chromedp.Navigate(fmt.Sprintf("%s/?branch=%d", a.url, cycle.Seq)), chromedp.WaitVisible(chromedp.CSS("#q"))); err != nil {
 		t.Fatal(err)

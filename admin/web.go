@@ -19,6 +19,7 @@ import (
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // The web admin is rendered on the server from html/template; its one
@@ -55,6 +56,7 @@ func newWeb(s *Server) (*web, error) {
 			return strings.NewReplacer(`\u003c`, "<", `\u003e`, ">", `\u0026`, "&").Replace(b.String())
 		},
 		"verbclass": verbClass,
+		"words":     verb.Words,
 		"short": func(s string) string {
 			if r := []rune(s); len(r) > 160 {
 				return string(r[:160]) + "…"

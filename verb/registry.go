@@ -131,6 +131,10 @@ func Describe(v undolog.Verb) Description {
 	return d
 }
 
+// Words renders a JSON value logged in a field no describer covers (a
+// drill's difference, say) as words; a JSON string is its text.
+func Words(raw json.RawMessage) string { return flatten(raw) }
+
 // flatten renders any JSON value as words: "key value, key value", lists
 // joined with commas, nested objects in parentheses. Used for records of
 // unknown kinds and fields no describer knows.
