@@ -13,18 +13,20 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 )
 
-// TestBrowserTimelineAfterCycle runs a cycle on a real stack and reads
-// the timeline page in headless Chromium as an operator would: every
-// record is in words (no raw JSON anywhere on the page), the cycle is one
-// row with its verdict and its rewind folded in, the replay records are
-// not rows of their own, and each verb the cycle made again says so on
-// its own row.
+// TestBrowserTimelineAfterCycle runs a cycle on a real stack after a
+// spam wave (it cancels alice's DELETE, filters the wave out and replays
+// the rest) and reads the timeline page in headless Chromium as an
+// operator would: every record is in words (no raw JSON anywhere on the
+// page), the cycle is one row with its verdict and its rewind folded in,
+// the replay records are not rows of their own, and each verb the cycle
+// replayed says on its own row what the replay did.
 func TestBrowserTimelineAfterCycle(t *testing.T) {
 	tb := testbedtest.Start(t, store(filepath.Join(t.TempDir(), "snaps")))
 	a := newAPI(t, tb)
 	snap, del := deletedFolder(t, tb, a)
-	// More mail after the snapshot: each delivery is replayed by the cycle.
-	for i := range 3 {
+	// A spam wave after the snapshot, which the cycle filters out.
+	const wave = 8
+	for i := range wave {
 		id := fmt.Sprintf("wave%d@client.test", i)
 		send(t, tb, id, fmt.Sprintf("Offer %d", i))
 		waitFor(t, tb, "INBOX", id)
@@ -32,13 +34,14 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 	var rep struct {
 		Error string `json:"error"`
 	}
-	a.call("POST", "/api/cycles?wait=1", admin.CycleRequest{To: snap, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"}, &rep)
+	a.call("POST", "/api/cycles?wait=1", admin.CycleRequest{To: snap, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake",
+		Filters: []admin.FilterRequest{{Rule: "header:Subject=~^Offer", Action: "drop"}}}, &rep)
 	if rep.Error != "" {
 		t.Fatalf("cycle: %s", rep.Error)
 	}
 	v := lastVerdict(a)
-	if !v.OK || v.Replayed < 4 {
-		t.Fatalf("verdict %+v, want verified with the 4 later deliveries replayed", v)
+	if !v.OK || v.Replayed != 1 || v.Filtered != wave || v.Cancelled != 1 {
+		t.Fatalf("verdict %+v, want verified with the later delivery replayed, the wave filtered, the DELETE cancelled", v)
 	}
 	var cs struct{ Cycles []admin.Cycle }
 	a.call("GET", "/api/cycles", nil, &cs)
@@ -46,8 +49,8 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 	// The deliveries the cycle made again, from the API.
 	var p admin.VerbPage
 	a.call("GET", fmt.Sprintf("/api/verbs?kind=lmtp.deliver&after=%d&before=%d", cycle.SnapshotSeq, cycle.Seq), nil, &p)
-	if len(p.Verbs) != 4 {
-		t.Fatalf("deliveries between the snapshot and the cycle: %d, want 4 (later and the wave)", len(p.Verbs))
+	if len(p.Verbs) != 1+wave {
+		t.Fatalf("deliveries between the snapshot and the cycle: %d, want %d (later and the wave)", len(p.Verbs), 1+wave)
 	}
 	// The API keeps the JSON and adds the words.
 	for _, vb := range p.Verbs {
@@ -83,8 +86,12 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 	if n := count(t, ctx, "tr.cycle-row"); n != len(cs.Cycles) {
 		t.Errorf("the timeline has %d cycle rows, want one per cycle (%d)", n, len(cs.Cycles))
 	}
-	row := text(t, ctx, fmt.Sprintf(`tr.cycle-row[data-seq="%d"]`, cycle.Seq))
-	for _, want := range []string{"verified", "rewound", snap, fmt.Sprintf("%d replayed", v.Replayed)} {
+	sel := fmt.Sprintf(`tr.cycle-row[data-seq="%d"]`, cycle.Seq)
+	if count(t, ctx, sel) != 1 {
+		t.Fatalf("no row for cycle %d", cycle.Seq)
+	}
+	row := text(t, ctx, sel)
+	for _, want := range []string{"verified", "rewound", snap, "1 replayed, 1 cancelled, 8 filtered", `filter "header:Subject=~^Offer": drop`} {
 		if !strings.Contains(row, want) {
 			t.Errorf("the cycle's row lacks %q: %q", want, row)
 		}
@@ -94,13 +101,25 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 			t.Errorf("%d %s records have rows of their own, want them folded under their cycle", n, kind)
 		}
 	}
+	fate := func(seq int64) string {
+		t.Helper()
+		sel := fmt.Sprintf(`tr[data-seq="%d"] .replayed`, seq)
+		if count(t, ctx, sel) != 1 {
+			t.Errorf("verb %d's row does not say what the replay did with it", seq)
+			return ""
+		}
+		return text(t, ctx, sel)
+	}
 	for _, vb := range p.Verbs {
-		got := text(t, ctx, fmt.Sprintf(`tr[data-seq="%d"] .replayed`, vb.Seq))
-		if want := fmt.Sprintf("replayed by cycle #%d: made again", cycle.Seq); !strings.Contains(got, want) {
-			t.Errorf("delivery %d's row says %q, want %q", vb.Seq, got, want)
+		want := fmt.Sprintf("replayed by cycle #%d: made again", cycle.Seq)
+		if strings.Contains(vb.Summary, "Offer") {
+			want = fmt.Sprintf("cycle #%d: removed by a filter", cycle.Seq)
+		}
+		if got := fate(vb.Seq); !strings.Contains(got, want) {
+			t.Errorf("delivery %d (%s) says %q, want %q", vb.Seq, vb.Summary, got, want)
 		}
 	}
-	if got := text(t, ctx, fmt.Sprintf(`tr[data-seq="%d"] .replayed`, del)); !strings.Contains(got, fmt.Sprintf("cycle #%d: cancelled", cycle.Seq)) {
+	if got := fate(del); !strings.Contains(got, fmt.Sprintf("cycle #%d: cancelled", cycle.Seq)) {
 		t.Errorf("the cancelled DELETE's row says %q, want it cancelled by cycle #%d", got, cycle.Seq)
 	}
 	// The cycle's own page tells it in words too; the record as logged is
@@ -127,8 +146,8 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 	if strings.Contains(branch, `{"`) {
 		t.Errorf("raw JSON on the branch page:\n%s", branch)
 	}
-	if n := count(t, ctx, ".replayed"); n < 5 {
-		t.Errorf("the branch shows %d verbs with their fate, want the DELETE and the 4 deliveries", n)
+	if n := count(t, ctx, ".replayed"); n != 2+wave {
+		t.Errorf("the branch shows %d verbs with their fate, want the DELETE and the %d deliveries", n, 1+wave)
 	}
 }
 
