@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -23,6 +24,9 @@ type row struct {
 	// Replayed is what the newest cycle's replay did with this verb, in
 	// words; "" if no cycle replayed it.
 	Replayed string
+	// ReplayClass colours it: "made" (made again), "removed" (cancelled,
+	// filtered, repaired) or "failed".
+	ReplayClass string
 	// Cycle is set on a cycle's row.
 	Cycle *cycleRow
 }
@@ -149,7 +153,14 @@ func (s *Server) fold(ctx context.Context, verbs []undolog.Verb, cycles []Cycle)
 			if seen[r.Ref] { // a delivery replayed per recipient
 				text = rows[i].Replayed + "; " + f.Line()
 			}
-			rows[i].Replayed, seen[r.Ref] = text, true
+			class := "removed"
+			switch {
+			case strings.Contains(f.Status, "failed"):
+				class = "failed"
+			case f.Status == "ok":
+				class = "made"
+			}
+			rows[i].Replayed, rows[i].ReplayClass, seen[r.Ref] = text, class, true
 		}
 		if i, ok := at[c.Seq]; ok {
 			cr := &cycleRow{Present: c.Present, Done: c.Verdict != nil, OK: c.Verdict != nil && c.Verdict.OK}
