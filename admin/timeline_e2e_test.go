@@ -134,6 +134,19 @@ func TestBrowserTimelineAfterCycle(t *testing.T) {
 	if strings.Contains(page, `{"`) || !strings.Contains(page, "verified") || count(t, ctx, "details#record pre") == 0 {
 		t.Errorf("the cycle's page, want it in words with the record folded away:\n%s", page)
 	}
+	// The other pages an operator reads after a cycle are in words too.
+	for _, path := range []string{"/cycles", "/snapshots", "/drills", "/compensations", "/plan?to=" + snap, "/?user=alice&kind=replay"} {
+		if err := chromedp.Do(ctx, chromedp.Navigate(a.url+path), chromedp.WaitVisible(chromedp.CSS("main"))); err != nil {
+			t.Fatalf("open %s: %v", path, err)
+		}
+		body, err := chromedp.Run(ctx, chromedp.Evaluate[string](`document.body.innerText`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := strings.Index(body, `{"`); i >= 0 {
+			t.Errorf("raw JSON on %s: %q", path, body[max(i-80, 0):min(i+120, len(body))])
+		}
+	}
 	// The abandoned branch: the same verbs, each with what became of it.
 	if err := chromedp.Do(ctx, chromedp.Navigate(fmt.Sprintf("%s/?branch=%d", a.url, cycle.Seq)), chromedp.WaitVisible(chromedp.CSS("#q"))); err != nil {
 		t.Fatal(err)
