@@ -252,7 +252,14 @@ func TestDeliveryIsLoggedAndTraced(t *testing.T) {
 		t.Fatalf("send: %v", err)
 	}
 	hdr := waitForMessage(t, tb, "alice", msgID)
+	// Dovecot stores the message before it answers the capture, which
+	// logs that answer before it relays it to Postfix: the delivery's
+	// outcome may come a moment after the message is visible.
 	verbs := verbsOf(t, tb.Daemon.Log, msgID)
+	for deadline := time.Now().Add(20 * time.Second); verbs[proxy.KindLMTPDeliver].Outcome == nil && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		verbs = verbsOf(t, tb.Daemon.Log, msgID)
+	}
 	submit, ok1 := verbs[proxy.KindSMTPSubmit]
 	deliver, ok2 := verbs[proxy.KindLMTPDeliver]
 	if !ok1 || !ok2 {

@@ -31,6 +31,19 @@ const KindCompensation = "compensation"
 type ReplayOutcome struct {
 	Status string `json:"status"` // ok, failed, cancelled, filtered, repaired ("skipped" verbs are not recorded)
 	Detail string `json:"detail,omitempty"`
+	// Placed says where the replay put messages that carry no
+	// Undomail-Id field of their own (APPENDs and their copies): the IMAP
+	// front end learns their undo ids from it, so the user's verbs on them
+	// after the cycle name them by undo id too.
+	Placed []Placed `json:"placed,omitempty"`
+}
+
+// Placed is one message a replay put in a mailbox.
+type Placed struct {
+	Mailbox     string `json:"mailbox"`
+	UIDValidity uint32 `json:"uidvalidity"`
+	UID         uint32 `json:"uid"`
+	UndoID      string `json:"undo_id"`
 }
 
 // Target is the rewound mail server replay acts on, directly: replayed

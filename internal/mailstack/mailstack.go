@@ -129,7 +129,6 @@ const (
 	dovecotSubdir      = "dovecot"
 	dovecotStateSubdir = "dovecot-state"
 	postfixSubdir      = "postfix"
-	postfixQueueSubdir = "postfix-queue"
 	postfixDataSubdir  = "postfix-data"
 	logSubdir          = "log"
 	mailSubdir         = "mail"
@@ -238,7 +237,10 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	s.dovecotConf = filepath.Join(dir, dovecotSubdir, "dovecot.conf")
 	s.dovecotBaseDir = shortBaseDir(s.id)
 	s.postfixConf = filepath.Join(dir, postfixSubdir)
-	s.postfixQueue = filepath.Join(dir, postfixQueueSubdir)
+	// Postfix's public and private sockets live in the queue directory,
+	// as $queue_directory/public/postlog and the like: it must be short
+	// (108-byte unix socket paths), like Dovecot's base_dir.
+	s.postfixQueue = shortDir("umpq-", s.id)
 
 	if err := s.claimHost(); err != nil {
 		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
@@ -344,6 +346,11 @@ func (s *Stack) Stop() error {
 	}
 	if err := os.RemoveAll(s.dovecotBaseDir); err != nil {
 		errs = append(errs, fmt.Errorf("remove dovecot base_dir %s: %w", s.dovecotBaseDir, err))
+	}
+	if len(s.instancePIDs()) == 0 {
+		if err := os.RemoveAll(s.postfixQueue); err != nil {
+			errs = append(errs, fmt.Errorf("remove postfix queue_directory %s: %w", s.postfixQueue, err))
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("stop mail stack in %s: %w", s.Dir, err)

@@ -83,11 +83,15 @@ func makeTraversable(dir string) error {
 // shortBaseDir returns Dovecot's base_dir for instance id. It holds unix
 // sockets, whose paths are limited to 108 bytes, so it cannot live in a test's
 // deep temporary directory.
-func shortBaseDir(id string) string {
+func shortBaseDir(id string) string { return shortDir("umdc-", id) }
+
+// shortDir is a directory with a short path for instance id: under /run,
+// or the temporary directory where there is no /run.
+func shortDir(prefix, id string) string {
 	if st, err := os.Stat("/run"); err == nil && st.IsDir() {
-		return "/run/umdc-" + id
+		return "/run/" + prefix + id
 	}
-	return filepath.Join(os.TempDir(), "umdc-"+id)
+	return filepath.Join(os.TempDir(), prefix+id)
 }
 
 // errPortInUse marks a start failure caused by a port taken between checking
