@@ -23,6 +23,12 @@ func init() {
 type Fate struct {
 	Status string `json:"status"` // ok, failed, cancelled, filtered, repaired, "not replayed"
 	Detail string `json:"detail,omitempty"`
+	// Placed are the messages without an Undomail-Id field of their own
+	// the replay put somewhere (APPENDs and their copies).
+	Placed []struct {
+		Mailbox string `json:"mailbox"`
+		UID     uint32 `json:"uid"`
+	} `json:"placed,omitempty"`
 }
 
 // ReplayWords decodes a replay record's outcome.
@@ -51,8 +57,16 @@ func (f Fate) Words() string {
 
 // Line is the fate and its detail: "cancelled: left out by the repair".
 func (f Fate) Line() string {
-	if f.Detail == "" {
-		return f.Words()
+	s := f.Words()
+	if f.Detail != "" {
+		s += ": " + f.Detail
 	}
-	return f.Words() + ": " + f.Detail
+	if len(f.Placed) > 0 {
+		where := make([]string, len(f.Placed))
+		for i, p := range f.Placed {
+			where[i] = fmt.Sprintf("%q uid %d", p.Mailbox, p.UID)
+		}
+		s += "; placed " + plural(len(f.Placed), "message") + " at " + strings.Join(where, ", ")
+	}
+	return s
 }
