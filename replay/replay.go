@@ -419,7 +419,7 @@ func split(v undolog.Verb) (ts []task, skip bool) {
 		}
 		return []task{{v: v}}, false
 	case proxy.KindIMAPAppend, proxy.KindIMAPCreate, proxy.KindIMAPDelete, proxy.KindIMAPRename,
-		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe,
+		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe, proxy.KindIMAPSetMetadata,
 		proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
 		var o proxy.IMAPOutcome
 		if v.User == "" || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
@@ -611,7 +611,7 @@ var Replayable = map[string]bool{
 	proxy.KindLMTPDeliver: true, KindCompensation: true,
 	proxy.KindIMAPAppend: true, proxy.KindIMAPStore: true, proxy.KindIMAPCopy: true, proxy.KindIMAPMove: true,
 	proxy.KindIMAPExpunge: true, proxy.KindIMAPCreate: true, proxy.KindIMAPDelete: true, proxy.KindIMAPRename: true,
-	proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true,
+	proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true, proxy.KindIMAPSetMetadata: true,
 }
 
 // HadEffect reports whether a verb changed the store the first time, so

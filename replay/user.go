@@ -179,6 +179,17 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
 			r.renamed(a.Mailbox, a.Dest)
 		}
+	case proxy.KindIMAPSetMetadata:
+		entries := map[string]*[]byte{}
+		for k, val := range a.Metadata {
+			if val == nil {
+				entries[k] = nil
+				continue
+			}
+			b := []byte(*val)
+			entries[k] = &b
+		}
+		err = r.c.SetMetadata(a.Mailbox, entries).Wait()
 	case proxy.KindIMAPSubscribe:
 		err = r.c.Subscribe(a.Mailbox).Wait()
 	case proxy.KindIMAPUnsubscribe:

@@ -42,6 +42,7 @@ type sample struct {
 
 func samples(t *testing.T) map[string][]sample {
 	five := 5
+	comment := "my inbox"
 	hdr := proxy.HeaderInfo{MessageID: "<p1@client.test>", From: "Sam <s@example.test>", Subject: "Budget 2027"}
 	deliv := proxy.DeliveryArgs{UndoID: "01M8XP28QFDH7P0GV4FAG085DP", MailFrom: "s@example.test", Rcpts: []string{"alice@example.test"}, Size: 345, Header: hdr}
 	ok := proxy.IMAPOutcome{Status: "OK", Text: "Completed"}
@@ -98,7 +99,7 @@ func samples(t *testing.T) map[string][]sample {
 		proxy.KindIMAPRename:      {{user: "alice", args: imapArgs("RENAME", "Projects", func(a *proxy.IMAPArgs) { a.Dest = "Old" }), outcome: proxy.IMAPOutcome{Status: "BAD", Text: "Invalid arguments"}, what: `-> "Old"`, result: "rejected by the server as invalid: Invalid arguments"}},
 		proxy.KindIMAPSubscribe:   {{user: "alice", args: imapArgs("SUBSCRIBE", "Projects", nil), outcome: ok, what: "SUBSCRIBE", result: "OK"}},
 		proxy.KindIMAPUnsubscribe: {{user: "alice", args: imapArgs("UNSUBSCRIBE", "Projects", nil), outcome: ok, what: "UNSUBSCRIBE", result: "OK"}},
-		proxy.KindIMAPSetMetadata: {{user: "alice", args: proxy.IMAPArgs{Command: "SETMETADATA", Raw: `INBOX (/private/comment "my inbox")`}, outcome: ok, what: "SETMETADATA", result: "OK"}},
+		proxy.KindIMAPSetMetadata: {{user: "alice", args: proxy.IMAPArgs{Command: "SETMETADATA", Mailbox: "INBOX", Metadata: map[string]*string{"/private/comment": &comment, "/private/old": nil}}, outcome: ok, what: `SETMETADATA "INBOX" set /private/comment, removed /private/old`, result: "OK"}},
 		proxy.KindIMAPFetch: {{user: "alice", args: proxy.IMAPFetchArgs{Mailbox: "INBOX", UIDValidity: 1796292551, UIDs: "47", UndoIDs: map[string]string{"47": "01M8X"}, Seen: true},
 			what: `seen "INBOX" uid 47`}},
 		verb.KindSnapshot: {{args: daemon.SnapshotArgs{Name: "undomail-20261203T100911.828Z", AtSeq: 12, Store: "copy:/snaps", Reason: "hourly"},

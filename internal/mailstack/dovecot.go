@@ -57,6 +57,10 @@ auth_username_format = %Ln
 auth_master_user_separator = *
 
 mail_location = maildir:{{.MailRoot}}/%n/Maildir
+# METADATA (RFC 5464): entries live beside the user's mail, so snapshots and
+# rewinds take them along.
+imap_metadata = yes
+mail_attribute_dict = file:{{.MailRoot}}/%n/Maildir/dovecot-attributes
 mail_uid = mail
 mail_gid = mail
 first_valid_uid = {{.MailUID}}
