@@ -240,7 +240,8 @@ func probeUntil(ctx context.Context, logger *slog.Logger, proto, upstream string
 var (
 	replyGoAheadSMTP  = Reply{Code: 354, Text: "End data with <CR><LF>.<CR><LF>"}
 	replyGoAheadLMTP  = Reply{Code: 354, Text: "OK"} // Dovecot's LMTP
-	replyTooBig       = Reply{Code: 552, Enhanced: "5.3.4", Text: "Message size exceeds fixed limit"}
+	replyTooBig       = Reply{Code: 552, Enhanced: "5.3.4", Text: "Error: message file too big"}
+	replyDataInBDAT   = Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: DATA after BDAT"}
 	replyNoXClient    = Reply{Code: 550, Enhanced: "5.7.0", Text: "Error: insufficient authorization"}
 	replyNoTLS        = Reply{Code: 502, Enhanced: "5.5.1", Text: "Error: command not implemented"}
 	replyTLSActive    = Reply{Code: 554, Enhanced: "5.5.1", Text: "Error: TLS already active"}
@@ -297,6 +298,7 @@ type transaction struct {
 	rcpts    []string
 	rejected []RcptReply
 	chunks   *chunkSpool // BDAT chunks so far
+	undoID   string      // minted before the message is complete (BDAT at the front door)
 }
 
 // chunkSpool collects the chunks of one BDAT transaction (RFC 3030).
@@ -471,9 +473,16 @@ func (s *smtpSession) fill() error {
 	return err
 }
 
-// command reads one command and handles it.
+// heldVerbs are the commands the proxy handles itself or must see whole
+// before it forwards them.
+var heldVerbs = []string{"DATA", "BDAT", "STARTTLS", "XCLIENT", "XFORWARD", "AUTH"}
+
+// command reads one command and handles it. Bytes are forwarded as soon as
+// the line cannot be one of heldVerbs, so the upstream sees a slow client
+// as slow as it is.
 func (s *smtpSession) command() error {
 	var head []byte
+	verbDone := false
 	for {
 		if s.br.Buffered() == 0 {
 			if err := s.bw.Flush(); err != nil {
@@ -488,13 +497,19 @@ func (s *smtpSession) command() error {
 		}
 		b, _ := s.br.ReadByte()
 		head = append(head, b)
-		if b == ' ' || b == '\t' || b == '\n' || len(head) >= maxVerb {
+		if b == ' ' || b == '\t' || b == '\r' || b == '\n' || len(head) >= maxVerb {
+			verbDone = true
+			break
+		}
+		if !mayBeHeld(head) {
 			break
 		}
 	}
 	done := head[len(head)-1] == '\n'
-	verb := strings.ToUpper(strings.TrimRight(string(head), " \t\r\n"))
-	switch verb {
+	if !verbDone {
+		return s.relay(head, done)
+	}
+	switch strings.ToUpper(strings.TrimRight(string(head), " \t\r\n")) {
 	case "DATA":
 		line, err := s.restOfLine(head, done)
 		if err != nil {
@@ -531,7 +546,26 @@ func (s *smtpSession) command() error {
 			return nil
 		}
 	}
-	return s.relay(verb, head, done)
+	return s.relay(head, done)
+}
+
+func mayBeHeld(head []byte) bool {
+	h := strings.ToUpper(string(head))
+	for _, v := range heldVerbs {
+		if strings.HasPrefix(v, h) {
+			return true
+		}
+	}
+	return false
+}
+
+// verbOf is a command line's verb, upper case.
+func verbOf(line []byte) string {
+	f := bytes.FieldsFunc(line, func(r rune) bool { return r == ' ' || r == '\t' || r == '\r' || r == '\n' })
+	if len(f) == 0 {
+		return ""
+	}
+	return strings.ToUpper(string(f[0]))
 }
 
 // restOfLine reads the rest of a command line the proxy handles itself,
@@ -587,7 +621,8 @@ func (s *smtpSession) forwardLine(head []byte, done bool) ([]byte, error) {
 // relay passes a command to the upstream and its reply to the client,
 // noting what the session needs to know (the envelope, the greeting, the
 // authentication) on the way.
-func (s *smtpSession) relay(verb string, head []byte, done bool) error {
+func (s *smtpSession) relay(head []byte, done bool) error {
+	verb := verbOf(head)
 	if s.up == nil {
 		if err := s.reconnect(); err != nil {
 			s.logger.Warn("upstream connection failed", "upstream", s.p.cfg.Upstream, "err", err)
@@ -606,6 +641,7 @@ func (s *smtpSession) relay(verb string, head []byte, done bool) error {
 	if err != nil {
 		return err // the client is gone; so is the upstream session with it
 	}
+	verb = verbOf(line)
 	raw, rep, err := s.up.reply()
 	if err != nil {
 		s.upstreamLost(verb, err)
@@ -613,6 +649,10 @@ func (s *smtpSession) relay(verb string, head []byte, done bool) error {
 		return nil
 	}
 	switch verb {
+	case "DATA":
+		if rep.Code == 354 {
+			return s.receive(raw, true)
+		}
 	case "AUTH":
 		if raw, rep, err = s.authExchange(line, raw, rep); err != nil {
 			return err
@@ -649,9 +689,7 @@ func (s *smtpSession) relay(verb string, head []byte, done bool) error {
 		return errSMTPOver
 	}
 	s.write(raw)
-	if rep.Code == 421 {
-		// The upstream ends the session (RFC 5321 section 3.8); so does
-		// Postfix after its hard error limit.
+	if sessionEnds(rep) {
 		return errSMTPOver
 	}
 	return nil
@@ -857,6 +895,11 @@ func parsePath(line []byte, key string) (addr, params string) {
 // message, and only then opens DATA upstream; otherwise the upstream
 // answers the command (and words the refusal).
 func (s *smtpSession) data(line []byte) error {
+	if s.p.cfg.LMTP && s.tx.chunks != nil {
+		// The upstream has not seen the chunks (bdat).
+		s.reply(replyDataInBDAT)
+		return nil
+	}
 	bare := bytes.EqualFold(bytes.TrimRight(line, "\r\n"), []byte("DATA"))
 	if bare && len(s.tx.rcpts) > 0 && s.tx.chunks == nil {
 		goAhead := replyGoAheadSMTP
@@ -880,7 +923,7 @@ func (s *smtpSession) data(line []byte) error {
 	}
 	if rep.Code != 354 {
 		s.write(raw)
-		if rep.Code == 421 {
+		if sessionEnds(rep) {
 			return errSMTPOver
 		}
 		return nil
@@ -986,8 +1029,8 @@ func (s *smtpSession) abortUpstream(upOpen bool) {
 // unstuffed, to dst. The end and the dot-unstuffing follow Postfix's smtpd
 // exactly, so that the proxy and Postfix never disagree on where a message
 // ends (which would let a client smuggle commands): a line is ended by LF,
-// with or without CR before it, and a line that is "." alone ends the
-// message (RFC 5321 section 4.5.2 for CRLF; Postfix also takes a bare LF).
+// any CRs before the LF are not part of it (Postfix's smtp_get), and a
+// line that is "." alone ends the message (RFC 5321 section 4.5.2 for CRLF; Postfix also takes a bare LF).
 // over reports that the message exceeds the proxy's size limit: it is read
 // to its end and no further byte is written.
 func (s *smtpSession) readData(dst io.Writer) (over bool, err error) {
@@ -1003,7 +1046,7 @@ func (s *smtpSession) readData(dst io.Writer) (over bool, err error) {
 		}
 		whole := err == nil
 		if atStart && len(b) > 0 && b[0] == '.' {
-			if whole && (len(b) == 2 || (len(b) == 3 && b[1] == '\r')) {
+			if whole && len(bytes.TrimRight(b[1:len(b)-1], "\r")) == 0 {
 				return over, nil
 			}
 			b = b[1:]
@@ -1019,10 +1062,15 @@ func (s *smtpSession) readData(dst io.Writer) (over bool, err error) {
 	}
 }
 
-// bdat takes a chunk of a message sent with BDAT (RFC 3030). Chunks are
-// spooled and acknowledged by the proxy; the last one completes the
-// message, which is then logged and sent upstream as one chunk. Without
-// accepted recipients the upstream answers (and words the refusal).
+// bdat takes a chunk of a message sent with BDAT (RFC 3030). At the front
+// door each chunk but the last goes upstream as it arrives, after a first
+// chunk of undomail's own with the trace header, and the upstream answers
+// it: Postfix cannot accept a message before its last chunk, which goes
+// upstream only once the whole message is logged. The LMTP capture must
+// see the message's header before it knows whether to add a trace header
+// (linkSubmission), so it acknowledges chunks itself and sends the logged
+// message upstream as one chunk. Without accepted recipients the upstream
+// answers (and words the refusal).
 func (s *smtpSession) bdat(line []byte) error {
 	f := strings.Fields(string(line))
 	var size int64 = -1
@@ -1033,6 +1081,10 @@ func (s *smtpSession) bdat(line []byte) error {
 	if size < 0 || (len(f) == 3 && !last) || (len(s.tx.rcpts) == 0 && s.tx.chunks == nil) {
 		return s.passChunk(line, size)
 	}
+	if err := s.bw.Flush(); err != nil {
+		return err
+	}
+	relay := !s.p.cfg.LMTP
 	c := s.tx.chunks
 	if c == nil {
 		c = &chunkSpool{}
@@ -1044,6 +1096,24 @@ func (s *smtpSession) bdat(line []byte) error {
 			c.w = w
 		}
 		s.tx.chunks = c
+		if relay && c.fail == nil {
+			s.tx.undoID = undolog.NewID()
+			trace := TraceHeader + ": " + s.tx.undoID + "\r\n"
+			raw, rep, err := s.up.command([]byte(fmt.Sprintf("BDAT %d\r\n%s", len(trace), trace)))
+			if err != nil || !rep.Positive() {
+				if _, err := io.CopyN(io.Discard, s.br, size); err != nil {
+					return err
+				}
+				if err != nil {
+					s.upstreamLost("BDAT", err)
+					s.reply(replyUpstreamLost)
+					return nil
+				}
+				s.tx.reset()
+				s.write(raw)
+				return nil
+			}
+		}
 	}
 	var dst io.Writer = io.Discard
 	if c.fail == nil {
@@ -1054,13 +1124,11 @@ func (s *smtpSession) bdat(line []byte) error {
 			dst = io.MultiWriter(c.w, &c.sniff)
 		}
 	}
-	if err := s.bw.Flush(); err != nil {
-		return err
+	if relay && !last && c.fail == nil {
+		fmt.Fprintf(s.up.bw, "BDAT %d\r\n", size)
+		dst = io.MultiWriter(dst, s.up.bw)
 	}
 	if _, err := io.CopyN(dst, s.br, size); err != nil {
-		if c.fail == nil {
-			c.fail = &replyLogUnavailable
-		}
 		var ne net.Error
 		if errors.Is(err, io.EOF) || errors.As(err, &ne) {
 			return err
@@ -1069,9 +1137,21 @@ func (s *smtpSession) bdat(line []byte) error {
 		c.fail = logFailure(err)
 	}
 	if !last {
-		if c.fail != nil {
+		switch {
+		case c.fail != nil:
 			s.reply(*c.fail)
-		} else {
+		case relay:
+			raw, rep, err := s.up.reply()
+			if err != nil {
+				s.upstreamLost("BDAT", err)
+				s.reply(replyUpstreamLost)
+				return nil
+			}
+			s.write(raw)
+			if sessionEnds(rep) {
+				return errSMTPOver
+			}
+		default:
 			s.reply(Reply{Code: 250, Enhanced: "2.0.0", Text: fmt.Sprintf("Ok: %d bytes", size)})
 		}
 		return nil
@@ -1093,12 +1173,29 @@ func (s *smtpSession) bdat(line []byte) error {
 	c.w = nil
 	hdr := c.sniff.info()
 	s.deliver(ref, hdr, func(u *upstreamConn, trace []byte, src io.Reader) error {
-		fmt.Fprintf(u.bw, "BDAT %d LAST\r\n", int64(len(trace))+ref.Size)
+		if relay {
+			// The trace header and the chunks before this one are
+			// upstream already; the last chunk is the blob's tail.
+			if _, err := io.CopyN(io.Discard, src, ref.Size-size); err != nil {
+				return err
+			}
+			trace = nil
+		} else {
+			size = int64(len(trace)) + ref.Size
+		}
+		fmt.Fprintf(u.bw, "BDAT %d LAST\r\n", size)
 		u.bw.Write(trace)
 		_, err := io.Copy(u.bw, src)
 		return err
 	})
 	return nil
+}
+
+// sessionEnds reports whether the upstream closes the session after this
+// reply: 421 (RFC 5321 section 3.8), 521 and 221 (Postfix ends a session
+// with them after a malformed BDAT or a non-SMTP command).
+func sessionEnds(rep Reply) bool {
+	return rep.Code == 421 || rep.Code == 521 || rep.Code == 221
 }
 
 // passChunk relays a BDAT command the upstream is to answer, with its
@@ -1132,7 +1229,7 @@ func (s *smtpSession) passChunk(line []byte, size int64) error {
 		return nil
 	}
 	s.write(raw)
-	if rep.Code == 421 {
+	if sessionEnds(rep) {
 		return errSMTPOver
 	}
 	return nil
@@ -1210,6 +1307,9 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 			s.replyEach(replyLogUnavailable)
 			return
 		}
+	}
+	if args.UndoID == "" {
+		args.UndoID = s.tx.undoID
 	}
 	if args.UndoID == "" {
 		args.UndoID = undolog.NewID()
