@@ -1152,7 +1152,8 @@ func (s *smtpSession) bdat(line []byte) error {
 				return errSMTPOver
 			}
 		default:
-			s.reply(Reply{Code: 250, Enhanced: "2.0.0", Text: fmt.Sprintf("Ok: %d bytes", size)})
+			// Dovecot's LMTP words it so (only the capture holds chunks).
+			s.reply(Reply{Code: 250, Enhanced: "2.0.0", Text: fmt.Sprintf("Added %d octets", size)})
 		}
 		return nil
 	}
