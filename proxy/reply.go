@@ -122,6 +122,4 @@ var (
 	// replyPaused: undomail holds mutations back for a snapshot or a
 	// recovery (DESIGN: "During a cycle: new SMTP gets 451 4.3.2").
 	replyPaused = Reply{Code: 451, Enhanced: "4.3.2", Text: "undomail: mail system paused for maintenance; try again later"}
-	// replyReadError: the client's message could not be read completely.
-	replyReadError = Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail: error reading message data"}
 )
