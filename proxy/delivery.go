@@ -309,11 +309,10 @@ func (s *smtpSession) abortUpstream(upOpen bool) {
 }
 
 // readData reads a message up to its end-of-data line and writes it,
-// unstuffed, to dst. The end and the dot-unstuffing follow Postfix's smtpd
-// exactly, so that the proxy and Postfix never disagree on where a message
-// ends (which would let a client smuggle commands): a line is ended by LF,
-// any CRs before the LF are not part of it (Postfix's smtp_get), and a
-// line that is "." alone ends the message (RFC 5321 section 4.5.2 for CRLF; Postfix also takes a bare LF).
+// unstuffed, to dst. The end follows the upstream's own rules exactly
+// (endOfData), so that the proxy and the upstream never disagree on where
+// a message ends, which would let a client smuggle commands past the log
+// (RFC 5321 section 4.5.2 for CRLF; both upstreams also take a bare LF).
 // over reports that the message exceeds the proxy's size limit: it is read
 // to its end and no further byte is written.
 func (s *smtpSession) readData(dst io.Writer) (over bool, err error) {
@@ -329,7 +328,7 @@ func (s *smtpSession) readData(dst io.Writer) (over bool, err error) {
 		}
 		whole := err == nil
 		if atStart && len(b) > 0 && b[0] == '.' {
-			if whole && len(bytes.TrimRight(b[1:len(b)-1], "\r")) == 0 {
+			if whole && s.endOfData(b) {
 				return over, nil
 			}
 			b = b[1:]
@@ -343,6 +342,17 @@ func (s *smtpSession) readData(dst io.Writer) (over bool, err error) {
 			dst.Write(b)
 		}
 	}
+}
+
+// endOfData reports whether a line (LF included) that starts with "."
+// ends the message. Postfix's smtp_get drops every CR before the LF, so
+// ".\r\r\n" ends a message for Postfix; Dovecot's LMTP takes "." followed
+// by at most one CR. Both take a bare LF.
+func (s *smtpSession) endOfData(line []byte) bool {
+	if s.p.cfg.LMTP {
+		return len(line) == 2 || (len(line) == 3 && line[1] == '\r')
+	}
+	return len(bytes.TrimRight(line[1:len(line)-1], "\r")) == 0
 }
 
 // bdat takes a chunk of a message sent with BDAT (RFC 3030). At the front

@@ -551,6 +551,8 @@ func lmtpCorpus() []paritySession {
 		{name: "line of 5000 bytes", delivers: true, steps: with(lmtpTx(), step(msg("long", long(5000)+"\r\n")+".\r\n", 1))},
 		{name: "line of 60000 bytes", delivers: true, steps: with(lmtpTx(), step(msg("very long", long(60000)+"\r\n")+".\r\n", 1))},
 		{name: "bare LF", delivers: true, steps: with(lmtpTx(), step(strings.ReplaceAll(msg("bare lf", "a\r\nb\r\n"), "\r\n", "\n")+".\r\n", 1))},
+		{name: "LF.LF and CR CR LF as ends", delivers: true, steps: with(lmtpTx(),
+			step(msg("lf end", "a\r\n.\r\r\nb\n.\nNOOP\r\n"), 2), step(".\r\n", 1))},
 		{name: "NUL and 8-bit", delivers: true, steps: with(lmtpTx(), step(msg("nul", "a\x00b \xff\xfe caf\xc3\xa9\r\n")+".\r\n", 1))},
 		{name: "dot-stuffing and CR CR LF", delivers: true, steps: with(lmtpTx(), step(msg("dots", "..\r\n.x\r\na\rb\r\n")+".\r\n", 1))},
 		{name: "empty message", steps: with(lmtpTx(), step(".\r\n", 1))},
