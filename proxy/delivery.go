@@ -345,9 +345,9 @@ func (s *smtpSession) readData(dst io.Writer) (over bool, err error) {
 }
 
 // endOfData reports whether a line (LF included) that starts with "."
-// ends the message. Postfix's smtp_get drops every CR before the LF, so
+// ends the message. Postfix drops every CR before the LF, so
 // ".\r\r\n" ends a message for Postfix; Dovecot's LMTP takes "." followed
-// by at most one CR. Both take a bare LF.
+// by at most one CR. Both take a bare LF (docs/smtp-parity.md).
 func (s *smtpSession) endOfData(line []byte) bool {
 	if s.p.cfg.LMTP {
 		return len(line) == 2 || (len(line) == 3 && line[1] == '\r')

@@ -234,8 +234,9 @@ func probeUntil(ctx context.Context, logger *slog.Logger, proto, upstream string
 }
 
 // Replies the proxy gives for commands it answers itself. Where Postfix
-// (postfix/src/smtpd/smtpd.c) has a reply for the same situation, the
-// proxy uses Postfix's words, so a client cannot tell the difference.
+// has a reply for the same situation, the proxy uses Postfix's words, so a
+// client cannot tell the difference (docs/smtp-parity.md; the parity tests
+// compare them with Postfix's own).
 var (
 	replyGoAheadSMTP  = Reply{Code: 354, Text: "End data with <CR><LF>.<CR><LF>"}
 	replyGoAheadLMTP  = Reply{Code: 354, Text: "OK"} // Dovecot's LMTP

@@ -254,9 +254,8 @@ func (d *dialer) probe(ctx context.Context) (upstreamCaps, error) {
 }
 
 // timedConn bounds each single read and write by timeout, as Postfix's
-// smtpd_timeout bounds each read from and write to a client ("the time
-// limit for sending a server response and for receiving a client
-// request", postconf(5)): a slow but steady peer is never cut off, a
+// smtpd_timeout bounds each read from and write to a client
+// (docs/smtp-parity.md): a slow but steady peer is never cut off, a
 // silent one is. stop, when set, makes the next read return at once (a
 // graceful shutdown of idle sessions).
 type timedConn struct {
