@@ -3,12 +3,10 @@ package proxy_test
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"os/exec"
 	"regexp"
@@ -24,7 +22,6 @@ import (
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
-	"github.com/undomail/undomail/undolog"
 )
 
 // A parity session is a raw SMTP (or LMTP) conversation sent byte for byte
@@ -202,7 +199,12 @@ func TestSMTPParity(t *testing.T) {
 	// timeout; then a front door that learns them from its probe.
 	postconf(t, tb, "smtpd_hard_error_limit=20", "smtpd_soft_error_limit=10", "smtpd_junk_command_limit=100",
 		"message_size_limit=100000", fmt.Sprintf("smtpd_timeout=%ds", int(parityTimeout.Seconds())))
-	front := startFrontDoor(t, tb)
+	// Like the testbed's own front door, with the parity timeout and
+	// Postfix's host name in the replies undomail gives itself.
+	_, front := startRelay(t, proxy.SMTPConfig{
+		Upstream: tb.Stack.SMTPAddr, XClient: true, AllowInsecureAuth: true,
+		Hostname: "mx." + tb.Stack.Domain, ClientTimeout: parityTimeout, UpstreamTimeout: time.Minute,
+	})
 	runParity(t, tb, smtpCorpus(), tb.Stack.SMTPAddr, front, "127.0.0.2")
 }
 
@@ -237,32 +239,6 @@ func postconf(t *testing.T, tb *testbed.Testbed, settings ...string) {
 			t.Fatalf("Postfix did not take the new settings %v", settings)
 		}
 	}
-}
-
-// startFrontDoor starts a front door before the stack's Postfix, like the
-// testbed's own but with the parity test's timeout and Postfix's host
-// name for the replies it gives itself.
-func startFrontDoor(t *testing.T, tb *testbed.Testbed) string {
-	t.Helper()
-	l, err := undolog.Open(t.TempDir(), undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	p, err := proxy.NewSMTP(context.Background(), proxy.SMTPConfig{
-		Upstream: tb.Stack.SMTPAddr, XClient: true, AllowInsecureAuth: true,
-		Hostname: "mx." + tb.Stack.Domain, ClientTimeout: parityTimeout, UpstreamTimeout: time.Minute,
-	}, l, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatalf("start front door: %v", err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go p.Serve(ln)
-	t.Cleanup(func() { p.Close(context.Background()) })
-	return ln.Addr().String()
 }
 
 // readReplyLines reads one reply's raw lines (CRLF kept).

@@ -1,9 +1,6 @@
 package proxy_test
 
 import (
-	"context"
-	"io"
-	"log/slog"
 	"net"
 	"strings"
 	"testing"
@@ -13,7 +10,6 @@ import (
 
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
-	"github.com/undomail/undomail/undolog"
 )
 
 // TestSTARTTLSIsUndomails: the front door terminates TLS (Postfix in the
@@ -22,38 +18,20 @@ import (
 func TestSTARTTLSIsUndomails(t *testing.T) {
 	tb := testbedtest.Start(t, nil)
 	serverTLS, clientTLS := selfSigned(t)
-	l, err := undolog.Open(t.TempDir(), undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { l.Close() })
-	p, err := proxy.NewSMTP(context.Background(), proxy.SMTPConfig{
-		Upstream: tb.Stack.SMTPAddr, XClient: true,
-		TLS: serverTLS,
-	}, l, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go p.Serve(ln)
-	t.Cleanup(func() { p.Close(context.Background()) })
-
-	c := dial(t, ln.Addr().String(), "127.0.0.2")
+	_, addr := startRelay(t, proxy.SMTPConfig{Upstream: tb.Stack.SMTPAddr, XClient: true, TLS: serverTLS})
+	c := dial(t, addr, "127.0.0.2")
 	if ok, _ := c.Extension("STARTTLS"); !ok {
 		t.Fatal("STARTTLS not offered")
 	}
 	if ok, _ := c.Extension("AUTH"); ok {
 		t.Fatal("AUTH offered without TLS")
 	}
-	err = c.Auth(sasl.NewPlainClient("", "alice", tb.Stack.Password("alice")))
+	err := c.Auth(sasl.NewPlainClient("", "alice", tb.Stack.Password("alice")))
 	if se := smtpErr(err); se == nil || se.Code != 503 {
 		t.Fatalf("AUTH without TLS: %v, want 503", err)
 	}
 	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP("127.0.0.2")}}
-	conn, err := d.Dial("tcp", ln.Addr().String())
+	conn, err := d.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
