@@ -175,7 +175,10 @@ func smtpCorpus() []paritySession {
 		// (TestSMTPUTF8), so only the replies are compared.
 		{name: "SMTPUTF8", steps: []parityStep{step(ehlo, 1), step("MAIL FROM:<j\xc3\xb6rg@example.test> SMTPUTF8\r\n", 1),
 			step("RCPT TO:<alice@example.test>\r\n", 1), step("DATA\r\n", 1), step(msg("Gr\xc3\xbc\xc3\x9fe", "x\r\n")+".\r\n", 1)}},
-		{name: "slow client, then silent", steps: []parityStep{{send: "HELO s\r\n", replies: 1, dribble: 700 * time.Millisecond}, step("", -1)}},
+		// 8 s for the line, longer than parityTimeout in all but never
+		// between two bytes: both answer it, then both time out the
+		// silent client.
+		{name: "slow client, then silent", steps: []parityStep{{send: "HELO s\r\n", replies: 1, dribble: time.Second}, step("", -1)}},
 	}
 }
 
@@ -187,7 +190,7 @@ func bdat(data string, last bool) parityStep {
 // parityTimeout is Postfix's smtpd_timeout and the front door's
 // ClientTimeout in the parity test, short so the silent client's session
 // ends within the test.
-const parityTimeout = 3 * time.Second
+const parityTimeout = 6 * time.Second
 
 // TestSMTPParity sends the corpus to Postfix directly and through a front
 // door in front of the same Postfix, and compares the replies and the
