@@ -217,6 +217,7 @@ func (s *smtpSession) data(line []byte) error {
 // receive gives the go-ahead, spools the message the client sends and
 // delivers it. upOpen says the upstream already gave its own go-ahead.
 func (s *smtpSession) receive(goAhead []byte, upOpen bool) error {
+	s.tx.upOpen = upOpen
 	s.write(goAhead)
 	w, err := s.p.log.NewBlob()
 	if err != nil {
@@ -249,7 +250,7 @@ func (s *smtpSession) receive(goAhead []byte, upOpen bool) error {
 		}
 	}
 	if fail != nil {
-		s.abortUpstream(upOpen)
+		s.abortUpstream()
 		s.replyEach(*fail)
 		s.tx.reset()
 		return nil
@@ -295,16 +296,19 @@ func logFailure(err error) *Reply {
 
 // abortUpstream brings the upstream out of a transaction the client's
 // message will not complete: RSET, or, inside DATA, a new connection.
-func (s *smtpSession) abortUpstream(upOpen bool) {
+func (s *smtpSession) abortUpstream() {
 	if s.up == nil {
 		return
 	}
-	if upOpen {
+	if s.tx.upOpen {
 		s.dropUpstream()
 		return
 	}
 	if _, _, err := s.up.command([]byte("RSET\r\n")); err != nil {
-		s.upstreamLost("RSET", err)
+		// The caller still owes the client its replies for the
+		// transaction, so only the connection goes.
+		s.logger.Warn("upstream connection lost", "op", "RSET", "err", err)
+		s.dropUpstream()
 	}
 }
 
@@ -459,7 +463,7 @@ func (s *smtpSession) bdat(line []byte) error {
 		}
 	}
 	if c.fail != nil {
-		s.abortUpstream(false)
+		s.abortUpstream()
 		s.replyEach(*c.fail)
 		s.tx.reset()
 		return nil
@@ -597,7 +601,7 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 		kind = KindLMTPDeliver
 		if err := s.linkSubmission(ctx, &args); err != nil {
 			s.logger.Error("look up front-door submission failed; transaction refused", "err", err)
-			s.abortUpstream(false)
+			s.abortUpstream()
 			s.replyEach(replyLogUnavailable)
 			return
 		}
@@ -618,7 +622,7 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 	cancel()
 	if err != nil {
 		s.logger.Warn("transaction refused: paused", "undo_id", args.UndoID)
-		s.abortUpstream(false)
+		s.abortUpstream()
 		s.replyEach(replyPaused)
 		return
 	}
@@ -627,7 +631,7 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 	intent.AttachBlob(blob)
 	if err := s.p.log.Append(ctx, intent); err != nil {
 		s.logger.Error("log intent failed; transaction refused", "undo_id", args.UndoID, "err", err)
-		s.abortUpstream(false)
+		s.abortUpstream()
 		s.replyEach(*logFailure(err))
 		return
 	}
@@ -636,7 +640,7 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 	var raw []byte
 	if s.p.cfg.LMTP && s.p.cfg.Divert != nil {
 		if out = s.p.cfg.Divert(ctx, args, blob); out != nil {
-			s.abortUpstream(false)
+			s.abortUpstream()
 		}
 	}
 	if out == nil {

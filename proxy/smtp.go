@@ -299,6 +299,7 @@ type transaction struct {
 	rejected []RcptReply
 	chunks   *chunkSpool // BDAT chunks so far
 	undoID   string      // minted before the message is complete (BDAT at the front door)
+	upOpen   bool        // the upstream is inside DATA already (it gave its own go-ahead)
 }
 
 // chunkSpool collects the chunks of one BDAT transaction (RFC 3030).
