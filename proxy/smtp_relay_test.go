@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
 )
@@ -164,4 +165,35 @@ func TestUpstreamLostMidSession(t *testing.T) {
 	if a.AuthUser != "alice" || a.MailFrom != "alice@example.test" || a.Helo != "client.test" || len(a.Rcpts) != 1 {
 		t.Fatalf("logged args %+v, want alice's authenticated submission from client.test to bob", a)
 	}
+}
+
+// TestLMTPLogFailureRepliesPerRecipient: when the log cannot take a
+// delivery, the capture owes Postfix one reply per accepted recipient
+// (RFC 2033 section 4.2), a temporary one, and the session stays usable.
+func TestLMTPLogFailureRepliesPerRecipient(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	l, addr := startRelay(t, proxy.SMTPConfig{Upstream: tb.Stack.LMTPAddr, LMTP: true})
+	l.Close()
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	r := newLineReader(conn)
+	r.expect(t, "220")
+	for _, step := range []struct{ send, want string }{
+		{"LHLO client.test", "250"},
+		{"MAIL FROM:<sender@example.test>", "250"},
+		{"RCPT TO:<alice@example.test>", "250"},
+		{"RCPT TO:<bob@example.test>", "250"},
+		{"DATA", "354"},
+	} {
+		fmt.Fprintf(conn, "%s\r\n", step.send)
+		r.expect(t, step.want)
+	}
+	fmt.Fprintf(conn, "Subject: x\r\n\r\ny\r\n.\r\n")
+	r.expect(t, "451 4.3.0")
+	r.expect(t, "451 4.3.0")
+	fmt.Fprintf(conn, "MAIL FROM:<sender@example.test>\r\n")
+	r.expect(t, "250")
 }
