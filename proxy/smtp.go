@@ -151,12 +151,14 @@ func (p *SMTPProxy) Serve(l net.Listener) error {
 			if p.stop.Load() {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond)
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("accept on %s: %w", l.Addr(), err)
 			}
-			return fmt.Errorf("accept on %s: %w", l.Addr(), err)
+			// Out of file descriptors and the like: wait and go on, as
+			// net/http's server does, rather than stop taking mail.
+			p.logger.Warn("accept failed; retrying", "addr", l.Addr().String(), "err", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
 		}
 		s := p.newSession(c)
 		p.mu.Lock()
