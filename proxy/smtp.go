@@ -317,7 +317,7 @@ func (p *SMTPProxy) newSession(c net.Conn) *smtpSession {
 	rand.Read(idb[:])
 	s := &smtpSession{p: p, id: hex.EncodeToString(idb[:]), client: clientInfo{addr: c.RemoteAddr()}, raw: c}
 	s.conn = &timedConn{Conn: c, timeout: p.cfg.ClientTimeout, stop: &p.stop}
-	s.br = bufio.NewReaderSize(s.conn, 64<<10)
+	s.br = bufio.NewReaderSize(s.conn, 16<<10)
 	s.bw = bufio.NewWriterSize(s.conn, 4096)
 	s.logger = p.logger.With("session", s.id, "client", s.client.addr.String())
 	return s

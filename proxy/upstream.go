@@ -67,7 +67,7 @@ func (d *dialer) dial(ctx context.Context, ci clientInfo, xclient bool) (*upstre
 		return nil, fmt.Errorf("connect to upstream %s: %w", d.addr, err)
 	}
 	tc := &timedConn{Conn: conn, timeout: d.timeout}
-	u := &upstreamConn{conn: tc, br: bufio.NewReaderSize(tc, 4096), bw: bufio.NewWriterSize(tc, 32<<10)}
+	u := &upstreamConn{conn: tc, br: bufio.NewReaderSize(tc, 4096), bw: bufio.NewWriterSize(tc, 16<<10)}
 	raw, rep, err := u.reply()
 	if err != nil {
 		conn.Close()
