@@ -401,28 +401,6 @@ func TestOversizedMessages(t *testing.T) {
 	}
 }
 
-func TestMalformedCommands(t *testing.T) {
-	tb := testbedtest.Start(t, nil)
-	conn, err := net.Dial("tcp", tb.SMTPAddr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	r := newLineReader(conn)
-	r.expect(t, "220")
-	for _, tc := range []struct{ send, want string }{
-		{"EHLO client.test", "250"},
-		{"MAIL TO:<sender@example.test>", "501"},
-		{"RCPT TO:<alice@example.test>", "502"}, // no MAIL yet
-		{"DATA", "502"},
-		{"FROBNICATE", "50"},
-		{"MAIL FROM:<sender@example.test> FOO=BAR", "5"}, // unknown parameter
-	} {
-		fmt.Fprintf(conn, "%s\r\n", tc.send)
-		r.expect(t, tc.want)
-	}
-}
-
 // TestSMTPUTF8 sends an internationalised envelope and header (RFC 6531)
 // through the front door: accepted by Postfix and logged as such. (Postfix
 // cannot deliver it on to Dovecot 2.3, whose LMTP does not offer SMTPUTF8,
