@@ -127,6 +127,12 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
 			}
+			var v struct {
+				OK bool `json:"ok"`
+			}
+			if json.Unmarshal(verdict, &v) != nil || !v.OK {
+				return &exitError{code: 1, msg: "cycle NOT OK: see its verdict"}
+			}
 			return nil
 		},
 	}
@@ -345,13 +351,24 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage
 	fmt.Fprintf(w, "  replayed %d verbs for %d users (%d messages made again) in %.1fs; changes held back %.1fs\n",
 		v.Replayed, v.Users, v.Messages, v.ReplayS, v.Held)
 	fmt.Fprintf(w, "  cancelled %d, filtered %d, skipped as repaired %d, failed %d\n", v.Cancelled, v.Filtered, v.Repaired, v.Failed)
-	fmt.Fprintf(w, "  verified %d mailboxes, %d messages: ", v.Verify.Mailboxes, v.Verify.Messages)
-	if v.Verify.OK() {
-		fmt.Fprintln(w, "the store holds what the log says")
-	} else {
-		fmt.Fprintf(w, "%d differences\n", len(v.Verify.Problems)+v.Verify.More)
-		for _, p := range v.Verify.Problems {
-			fmt.Fprintf(w, "    %s\n", p)
+	if c := v.Compared; c != nil {
+		fmt.Fprintf(w, "  %s\n", c.Summary())
+		for _, p := range c.Problems {
+			fmt.Fprintf(w, "    NOT explained by the repair: %s\n", p)
+		}
+		if c.More > 0 {
+			fmt.Fprintf(w, "    ... and %d more\n", c.More)
+		}
+	}
+	if v.Verify.Mailboxes > 0 || !v.Verify.OK() {
+		fmt.Fprintf(w, "  verified %d mailboxes, %d messages against the replay's model: ", v.Verify.Mailboxes, v.Verify.Messages)
+		if v.Verify.OK() {
+			fmt.Fprintln(w, "the store holds what the log says")
+		} else {
+			fmt.Fprintf(w, "%d differences\n", len(v.Verify.Problems)+v.Verify.More)
+			for _, p := range v.Verify.Problems {
+				fmt.Fprintf(w, "    %s\n", p)
+			}
 		}
 	}
 	if c := v.Compensation; c != nil {
@@ -364,5 +381,5 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage
 	if v.Error != "" {
 		fmt.Fprintf(w, "  error: %s\n", v.Error)
 	}
-	fmt.Fprintf(w, "  undo this cycle: undomail cycle run --to %s\n", v.Present)
+	fmt.Fprintf(w, "  undo this cycle: %s\n", v.UndoCommand())
 }
