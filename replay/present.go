@@ -133,11 +133,17 @@ func (s *RepairSet) Entries() []RepairEntry {
 // ExplainRepair works out, from the log, what a repair changes compared
 // with the present: the verbs with after < seq < before, of users (nil:
 // everyone), with cancel left out and filtered the deliveries the filters
-// dropped or filed elsewhere. Cancellations of earlier cycles are in the
-// present already and change nothing.
+// dropped or filed elsewhere. Cancellations of earlier cycles whose
+// verbs are in the range are in the present already and change nothing;
+// those of verbs before the range (a cycle back to before an earlier
+// cycle's snapshot: undoing it) are undone, and what they changed comes
+// back.
 func ExplainRepair(ctx context.Context, l *undolog.Log, after, before int64, cancel map[int64]bool,
 	filtered map[string]FilteredDelivery, users map[string]bool) (*RepairSet, error) {
 	s := newRepairSet()
+	if err := s.undone(ctx, l, after, before, users); err != nil {
+		return nil, err
+	}
 	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: after})
 	if err != nil {
 		return nil, fmt.Errorf("explain the repair: read the log: %w", err)
@@ -155,7 +161,11 @@ func ExplainRepair(ctx context.Context, l *undolog.Log, after, before int64, can
 			if users != nil && !users[u] {
 				continue
 			}
-			if err := s.add(l, tk, u, cancel[v.Seq], filtered); err != nil {
+			why := ""
+			if cancel[v.Seq] {
+				why = fmt.Sprintf("%s %d is cancelled", strings.TrimPrefix(v.Kind, "imap."), v.Seq)
+			}
+			if err := s.add(l, tk, u, why, why != "", filtered); err != nil {
 				return nil, err
 			}
 		}
@@ -163,8 +173,69 @@ func ExplainRepair(ctx context.Context, l *undolog.Log, after, before int64, can
 	return s, nil
 }
 
-// add accounts for one task of the replay.
-func (s *RepairSet) add(l *undolog.Log, tk task, u string, cancelled bool, filtered map[string]FilteredDelivery) error {
+// undone adds the repairs of earlier cycles that this one undoes: their
+// replay, recorded in the range, cancelled or filtered a verb from before
+// it.
+func (s *RepairSet) undone(ctx context.Context, l *undolog.Log, after, before int64, users map[string]bool) error {
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindReplay}})
+	if err != nil {
+		return fmt.Errorf("explain the repair: read earlier replays: %w", err)
+	}
+	type undo struct {
+		rec    int64
+		user   string
+		status string
+	}
+	refs := map[int64][]undo{}
+	first := int64(-1)
+	for _, r := range recs {
+		if before > 0 && r.Seq >= before {
+			break
+		}
+		var o ReplayOutcome
+		if r.Ref > after || json.Unmarshal(r.Outcome, &o) != nil || (o.Status != "cancelled" && o.Status != "filtered") {
+			continue
+		}
+		if users != nil && !users[r.User] {
+			continue
+		}
+		refs[r.Ref] = append(refs[r.Ref], undo{r.Seq, r.User, o.Status})
+		if first < 0 || r.Ref < first {
+			first = r.Ref
+		}
+	}
+	if len(refs) == 0 {
+		return nil
+	}
+	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: first - 1})
+	if err != nil {
+		return fmt.Errorf("explain the repair: read the verbs earlier repairs left out: %w", err)
+	}
+	for _, v := range verbs {
+		if v.Seq > after {
+			break
+		}
+		for _, un := range refs[v.Seq] {
+			ts, _ := split(v)
+			for _, tk := range ts {
+				if tk.user() != un.user {
+					continue
+				}
+				why := fmt.Sprintf("%s %d, which an earlier repair %s (record %d), is made again: this cycle rewinds to before that repair",
+					strings.TrimPrefix(v.Kind, "imap."), v.Seq, un.status, un.rec)
+				if err := s.add(l, tk, un.user, why, false, nil); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// add accounts for one task of the replay: left out (why, and removes
+// when the message it made is then not in the store), filtered, or
+// acting in a folder the repair changed.
+func (s *RepairSet) add(l *undolog.Log, tk task, u, left string, removes bool, filtered map[string]FilteredDelivery) error {
 	v := tk.v
 	if tk.rcpt != "" {
 		var a proxy.DeliveryArgs
@@ -172,10 +243,11 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u string, cancelled bool, filte
 			return nil
 		}
 		switch f, hit := filtered[a.UndoID]; {
-		case cancelled:
-			why := fmt.Sprintf("delivery %d (verb %d) is cancelled", v.Seq, v.Seq)
-			s.msg(u, a.UndoID, why)
-			s.removed[u+"\x00"+a.UndoID] = why
+		case left != "":
+			s.msg(u, a.UndoID, left)
+			if removes {
+				s.removed[u+"\x00"+a.UndoID] = left
+			}
 		case hit && f.Dropped:
 			s.msg(u, a.UndoID, f.Why)
 			s.removed[u+"\x00"+a.UndoID] = f.Why
@@ -189,7 +261,7 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u string, cancelled bool, filte
 		if json.Unmarshal(v.Args, &a) != nil {
 			return nil
 		}
-		why, ok := s.reason(v, u, cancelled, a.Mailbox, "")
+		why, ok := s.reason(v, u, left, a.Mailbox, "")
 		if ok {
 			for _, id := range a.UndoIDs {
 				s.msg(u, id, why)
@@ -201,7 +273,7 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u string, cancelled bool, filte
 	if json.Unmarshal(v.Args, &a) != nil {
 		return nil
 	}
-	why, ok := s.reason(v, u, cancelled, a.Mailbox, a.Dest)
+	why, ok := s.reason(v, u, left, a.Mailbox, a.Dest)
 	if !ok {
 		return nil
 	}
@@ -213,7 +285,7 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u string, cancelled bool, filte
 		}
 		key := MessageKey(b)
 		s.msg(u, key, why)
-		if cancelled && !strings.HasPrefix(key, "sha256:") {
+		if removes && !strings.HasPrefix(key, "sha256:") {
 			// A hash may be shared by another copy of the same bytes; an
 			// undo id is not.
 			s.removed[u+"\x00"+key] = why
@@ -227,7 +299,7 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u string, cancelled bool, filte
 		for _, id := range a.UndoIDs {
 			s.msg(u, id, why)
 		}
-		if cancelled && a.UIDs != "" && countUIDs(a.UIDs) > len(a.UndoIDs) {
+		if left != "" && a.UIDs != "" && countUIDs(a.UIDs) > len(a.UndoIDs) {
 			// Some of its messages have no undo id: they are known by
 			// content only, in the folders the verb acted on.
 			s.anon[u+"/"+a.Mailbox] = why
@@ -239,19 +311,18 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u string, cancelled bool, filte
 	return nil
 }
 
-// reason says why a verb's messages differ from the present: it is
-// cancelled, or it acted in a folder the repair changed.
-func (s *RepairSet) reason(v undolog.Verb, u string, cancelled bool, mailbox, dest string) (string, bool) {
-	what := fmt.Sprintf("%s %d", strings.TrimPrefix(v.Kind, "imap."), v.Seq)
-	if cancelled {
-		return what + " is cancelled", true
+// reason says why a verb's messages differ from the present: it is left
+// out (left), or it acted in a folder the repair changed.
+func (s *RepairSet) reason(v undolog.Verb, u, left, mailbox, dest string) (string, bool) {
+	if left != "" {
+		return left, true
 	}
 	for _, m := range []string{mailbox, dest} {
 		if m == "" {
 			continue
 		}
 		if why, ok := s.inFolder(u, m); ok {
-			return fmt.Sprintf("%s acted in %s, which the repair changes (%s)", what, m, why), true
+			return fmt.Sprintf("%s %d acted in %s, which the repair changes (%s)", strings.TrimPrefix(v.Kind, "imap."), v.Seq, m, why), true
 		}
 	}
 	return "", false
