@@ -231,4 +231,3 @@ func destroyClone(o DrillOptions, name string) {
 		o.Logger.Warn("drill: remove clone", "clone", name, "err", err)
 	}
 }
-
