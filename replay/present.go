@@ -170,7 +170,46 @@ func ExplainRepair(ctx context.Context, l *undolog.Log, after, before int64, can
 			}
 		}
 	}
+	if err := s.appendedKeys(ctx, l); err != nil {
+		return nil, err
+	}
 	return s, nil
+}
+
+// appendedKeys adds, for each message explained by its undo id that an
+// APPEND made (before the range, too), the key its file has: APPEND does
+// not write the undo id into the message, so the store knows it by its
+// content.
+func (s *RepairSet) appendedKeys(ctx context.Context, l *undolog.Log) error {
+	keyOf := map[string]string{} // undo id -> content key ("" none)
+	for _, m := range []map[string]string{s.msgs, s.removed} {
+		for k, why := range m {
+			u, id, _ := strings.Cut(k, "\x00")
+			if strings.HasPrefix(id, "sha256:") {
+				continue
+			}
+			key, seen := keyOf[id]
+			if !seen {
+				recs, err := l.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{proxy.KindIMAPAppend}})
+				if err != nil {
+					return fmt.Errorf("explain the repair: find the APPEND of message %s: %w", id, err)
+				}
+				for _, r := range recs {
+					if b, err := l.ReadBlob(r.Blob); err == nil {
+						key = MessageKey(b)
+						break
+					}
+				}
+				keyOf[id] = key
+			}
+			if key != "" && key != id {
+				if _, ok := m[u+"\x00"+key]; !ok {
+					m[u+"\x00"+key] = why
+				}
+			}
+		}
+	}
+	return nil
 }
 
 // undone adds the repairs of earlier cycles that this one undoes: their

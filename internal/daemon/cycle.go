@@ -172,6 +172,9 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 		return v, false, err
 	}
 	d.prog.phase("verify")
+	if d.BeforeVerify != nil {
+		d.BeforeVerify()
+	}
 	v.Compared = d.comparePresent(ctx, at, cycleSeq, present, c, res.FilteredIDs, userSet(users))
 	v.OK = v.OK && v.Compared.OK()
 	return v, true, v.check()
