@@ -738,6 +738,16 @@ func TestConcurrentCycleNoticesAFileRemoved(t *testing.T) {
 	// Deliveries only: the replay is then exact today, and the one file
 	// removed is the only difference.
 	runTraffic(t, tb, seed, 0, false)
+	n := deliveries(t, tb)
+	_, body := genMessage(seed, "for-alice")
+	if err := deliver(tb, "alice@example.test", body); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(60 * time.Second); deliveries(t, tb) == n; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the delivery to alice was not recorded")
+		}
+	}
 	var removed, key string
 	tb.Daemon.BeforeVerify = func() {
 		// A delivered message (it carries an undo id) of alice's INBOX.
