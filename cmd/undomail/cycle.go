@@ -153,8 +153,12 @@ type cyclePlan struct {
 	// Filtered are the deliveries the filters take away.
 	Filtered []daemon.FilterHit `json:"filtered,omitempty"`
 	// Users, if set, are the only users the cycle rewinds.
-	Users  []string `json:"users,omitempty"`
-	cancel []int64
+	Users []string `json:"users,omitempty"`
+	// Differs is what the store will differ in from the present after
+	// the cycle, and why: the cycle's verdict lets exactly these
+	// differences through (replay.ExplainRepair).
+	Differs []replay.RepairEntry `json:"differs_from_present"`
+	cancel  []int64
 }
 
 // planFromFlags resolves the cycle's flags against the log and plans it.
@@ -208,7 +212,38 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 	if p.Filtered, err = daemon.PreviewFilters(ctx, l, at, fs); err != nil {
 		return nil, err
 	}
+	if p.Differs, err = differs(ctx, l, at, cancelled, p.Filtered, users); err != nil {
+		return nil, err
+	}
 	return p, nil
+}
+
+// differs says what a cycle will change compared with the present.
+func differs(ctx context.Context, l *undolog.Log, at int64, cancel []int64, hits []daemon.FilterHit, users []string) ([]replay.RepairEntry, error) {
+	c := map[int64]bool{}
+	for _, s := range cancel {
+		c[s] = true
+	}
+	filtered := map[string]replay.FilteredDelivery{}
+	for _, h := range hits {
+		if folder, ok := strings.CutPrefix(h.Action, "move:"); ok {
+			filtered[h.UndoID] = replay.FilteredDelivery{Why: "filed into " + folder + " by filter " + h.Filter}
+		} else {
+			filtered[h.UndoID] = replay.FilteredDelivery{Why: "dropped by filter " + h.Filter, Dropped: true}
+		}
+	}
+	var only map[string]bool
+	if len(users) > 0 {
+		only = map[string]bool{}
+		for _, u := range users {
+			only[u] = true
+		}
+	}
+	rs, err := replay.ExplainRepair(ctx, l, at, 0, c, filtered, only)
+	if err != nil {
+		return nil, err
+	}
+	return rs.Entries(), nil
 }
 
 // onlyUsers keeps the steps of a cycle limited to some users: the verbs
@@ -272,6 +307,25 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	}
 	for _, c := range p.Compensations {
 		fmt.Fprintf(w, "explained to %s: %s\n", c.User, c.Why)
+	}
+	if len(p.Differs) == 0 {
+		fmt.Fprintln(w, "afterwards the store equals the present: the repair changes nothing in it")
+	} else {
+		fmt.Fprintf(w, "afterwards the store differs from the present in these %d places, and nowhere else (the verdict checks it):\n", len(p.Differs))
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "USER\tMAILBOX\tMESSAGE\tWHY")
+		for _, d := range p.Differs {
+			msg := d.Message
+			if d.Removed {
+				msg += " (removed)"
+			}
+			box := d.Mailbox
+			if box == "" {
+				box = "(wherever it is)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", d.User, box, msg, d.Why)
+		}
+		tw.Flush()
 	}
 	if len(p.Filtered) > 0 {
 		seen := 0

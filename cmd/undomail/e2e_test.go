@@ -944,6 +944,16 @@ func TestCycleUndoesAMassExpunge(t *testing.T) {
 	if len(cancel) != 2 {
 		t.Fatalf("plan: %s", js)
 	}
+	// The plan says what will differ from the present, and why.
+	text, err := run(t, "cycle", "plan", "--data-dir", s.dataDir, "--to", snap, "--cancel", strings.Join(cancel, ","))
+	if err != nil || !strings.Contains(text, "afterwards the store differs from the present in these") {
+		t.Fatalf("cycle plan --cancel: %v %s", err, text)
+	}
+	for _, v := range plan.Verbs {
+		if v.Kind == "imap.expunge" && !strings.Contains(text, fmt.Sprintf("expunge %d is cancelled", v.Seq)) {
+			t.Fatalf("the plan does not say the cancelled EXPUNGE %d brings messages back:\n%s", v.Seq, text)
+		}
+	}
 	// alice's mail client cached her UIDs, and mbsync keeps a copy.
 	before := clientcheck.Look(t, s.imapAddr, "alice", st.Password("alice"))
 	mb := clientcheck.NewMbsync(t, s.imapAddr, "alice", st.Password("alice"))
