@@ -88,7 +88,22 @@ func readMaildirs(root string, only map[string]bool) (storeState, error) {
 	return st, nil
 }
 
+// errRaced: a file was renamed while the folder was read.
+var errRaced = errors.New("a message file was renamed while the folder was read")
+
+// readMaildir reads one folder; it reads again when Dovecot renamed a
+// file meanwhile (new/ to cur/, a flag change by a client reading mail:
+// reads are not held back during a cycle).
 func readMaildir(dir string) (map[string][]string, error) {
+	for try := 0; ; try++ {
+		out, err := readMaildirOnce(dir)
+		if !errors.Is(err, errRaced) || try == 4 {
+			return out, err
+		}
+	}
+}
+
+func readMaildirOnce(dir string) (map[string][]string, error) {
 	keywords := map[byte]string{}
 	if b, err := os.ReadFile(filepath.Join(dir, "dovecot-keywords")); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
@@ -114,7 +129,7 @@ func readMaildir(dir string) (map[string][]string, error) {
 			}
 			b, err := os.ReadFile(filepath.Join(dir, sub, e.Name()))
 			if errors.Is(err, os.ErrNotExist) {
-				continue // renamed by Dovecot (a flag change) while listed: read under its new name
+				return nil, fmt.Errorf("%s: %w", filepath.Join(dir, sub, e.Name()), errRaced)
 			}
 			if err != nil {
 				return nil, err
