@@ -91,16 +91,38 @@ func readMaildirs(root string, only map[string]bool) (storeState, error) {
 // errRaced: a file was renamed while the folder was read.
 var errRaced = errors.New("a message file was renamed while the folder was read")
 
-// readMaildir reads one folder; it reads again when Dovecot renamed a
-// file meanwhile (new/ to cur/, a flag change by a client reading mail:
-// reads are not held back during a cycle).
+// readMaildir reads one folder until two reads agree: Dovecot may rename
+// a file meanwhile (new/ to cur/ when a client selects the folder: reads
+// are not held back during a cycle), and a file moved from new/ to cur/
+// between the two listings would be missed or counted twice.
 func readMaildir(dir string) (map[string][]string, error) {
+	var last map[string][]string
 	for try := 0; ; try++ {
 		out, err := readMaildirOnce(dir)
-		if !errors.Is(err, errRaced) || try == 4 {
-			return out, err
+		switch {
+		case errors.Is(err, errRaced) && try < 8:
+			continue
+		case err != nil:
+			return nil, err
+		case last != nil && sameFolder(last, out):
+			return out, nil
+		case try >= 8:
+			return out, nil
+		}
+		last = out
+	}
+}
+
+func sameFolder(a, b map[string][]string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range a {
+		if strings.Join(v, " ") != strings.Join(b[k], " ") {
+			return false
 		}
 	}
+	return true
 }
 
 func readMaildirOnce(dir string) (map[string][]string, error) {
