@@ -97,8 +97,9 @@ var errRaced = errors.New("a message file was renamed while the folder was read"
 // between the two listings would be missed or counted twice.
 func readMaildir(dir string) (map[string][]string, error) {
 	var last map[string][]string
+	keys := map[string]string{} // a file's unique name -> its message key: the bytes never change
 	for try := 0; ; try++ {
-		out, err := readMaildirOnce(dir)
+		out, err := readMaildirOnce(dir, keys)
 		switch {
 		case errors.Is(err, errRaced) && try < 8:
 			continue
@@ -125,7 +126,7 @@ func sameFolder(a, b map[string][]string) bool {
 	return true
 }
 
-func readMaildirOnce(dir string) (map[string][]string, error) {
+func readMaildirOnce(dir string, keys map[string]string) (map[string][]string, error) {
 	keywords := map[byte]string{}
 	if b, err := os.ReadFile(filepath.Join(dir, "dovecot-keywords")); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
@@ -149,14 +150,19 @@ func readMaildirOnce(dir string) (map[string][]string, error) {
 			if !e.Type().IsRegular() {
 				continue
 			}
-			b, err := os.ReadFile(filepath.Join(dir, sub, e.Name()))
-			if errors.Is(err, os.ErrNotExist) {
-				return nil, fmt.Errorf("%s: %w", filepath.Join(dir, sub, e.Name()), errRaced)
+			unique, _, _ := strings.Cut(e.Name(), ":")
+			key, ok := keys[unique]
+			if !ok {
+				b, err := os.ReadFile(filepath.Join(dir, sub, e.Name()))
+				if errors.Is(err, os.ErrNotExist) {
+					return nil, fmt.Errorf("%s: %w", filepath.Join(dir, sub, e.Name()), errRaced)
+				}
+				if err != nil {
+					return nil, err
+				}
+				key = MessageKey(b)
+				keys[unique] = key
 			}
-			if err != nil {
-				return nil, err
-			}
-			key := MessageKey(b)
 			out[key] = append(out[key], maildirFlags(e.Name(), keywords))
 		}
 	}
