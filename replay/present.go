@@ -523,8 +523,17 @@ func SnapshotTree(ctx context.Context, store timetravel.Store, name string) (str
 	return p, func() {
 		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), timetravelWait)
 		defer cancel()
-		if err := store.DestroyClone(dctx, clone); err != nil && !errors.Is(err, timetravel.ErrNotFound) {
-			slog.Warn("remove the clone made to read a snapshot", "clone", clone, "snapshot", name, "err", err)
+		// A clone just read may be busy a moment longer (its unmount).
+		for try := 0; ; try++ {
+			err := store.DestroyClone(dctx, clone)
+			if err == nil || errors.Is(err, timetravel.ErrNotFound) {
+				return
+			}
+			if try == 4 || dctx.Err() != nil {
+				slog.Warn("remove the clone made to read a snapshot", "clone", clone, "snapshot", name, "err", err)
+				return
+			}
+			time.Sleep(time.Second)
 		}
 	}, nil
 }
