@@ -1011,6 +1011,13 @@ func (r *userReplayer) append(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, 
 	}
 	cmd := r.c.Append(a.Mailbox, int64(len(data)), opts)
 	if _, err := cmd.Write(data); err != nil {
+		// The command must be closed even so, or the session's next
+		// command waits forever for it (the server refused the literal:
+		// its answer says why).
+		cmd.Close()
+		if _, werr := cmd.Wait(); werr != nil {
+			err = werr
+		}
 		return ReplayOutcome{}, err
 	}
 	if err := cmd.Close(); err != nil {
