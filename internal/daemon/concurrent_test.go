@@ -9,6 +9,7 @@ import (
 	"math/rand"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"slices"
 	"sort"
 	"strings"
@@ -23,6 +24,7 @@ import (
 
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
@@ -603,6 +605,30 @@ func (l storeListing) diff(want storeListing) []string {
 	return out
 }
 
+// cycleOrHang runs a cycle; one that has not ended after several minutes
+// is hung (a replay session waiting forever holds every change back): the
+// test stops there with the goroutines' stacks, and names the seed.
+func cycleOrHang(t *testing.T, tb *testbed.Testbed, seed int64, req admin.CycleRequest) (daemon.CycleVerdict, error) {
+	t.Helper()
+	type result struct {
+		v   daemon.CycleVerdict
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		v, err := tb.Daemon.Cycle(context.Background(), req)
+		done <- result{v, err}
+	}()
+	select {
+	case r := <-done:
+		return r.v, r.err
+	case <-time.After(5 * time.Minute):
+		pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
+		t.Fatalf("seed %d (rerun with -concurrent.seed=%d): the cycle did not end in 5 minutes: hung (stacks above)", seed, seed)
+		return daemon.CycleVerdict{}, nil
+	}
+}
+
 func concurrentTestbed(t *testing.T) *testbed.Testbed {
 	snapDir := filepath.Join(t.TempDir(), "snaps")
 	return testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
@@ -627,7 +653,7 @@ func TestConcurrentCycleIsIdentity(t *testing.T) {
 				}
 				tr := runTraffic(t, tb, seed, n, false)
 				before := listStore(t, tb)
-				v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Reason: fmt.Sprintf("identity, seed %d", seed)})
+				v, err := cycleOrHang(t, tb, seed, admin.CycleRequest{To: snap.Name, Reason: fmt.Sprintf("identity, seed %d", seed)})
 				after := listStore(t, tb)
 				var problems []string
 				if err != nil || !v.OK || v.Failed != 0 {
@@ -689,7 +715,7 @@ func TestConcurrentCycleCancelsOneSession(t *testing.T) {
 				cancel = append(cancel, vb.Seq)
 			}
 		}
-		v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Cancel: cancel, Reason: fmt.Sprintf("cancel one session, seed %d", seed)})
+		v, err := cycleOrHang(t, tb, seed, admin.CycleRequest{To: snap.Name, Cancel: cancel, Reason: fmt.Sprintf("cancel one session, seed %d", seed)})
 		got := listStore(t, tb).onlyGenerated()
 		var problems []string
 		if err != nil || !v.OK {
