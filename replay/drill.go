@@ -203,11 +203,11 @@ func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
 	if r.Failed > 0 {
 		diffs = append(diffs, fmt.Sprintf("%d verbs failed to replay", r.Failed))
 	}
-	got, err := readMaildirs(replayed, nil)
+	got, err := readMaildirs(replayed, nil, nil)
 	if err != nil {
 		return res, err
 	}
-	exp, err := readMaildirs(want, nil)
+	exp, err := readMaildirs(want, nil, nil)
 	if err != nil {
 		return res, err
 	}

@@ -448,11 +448,12 @@ func (c *PresentCheck) compare(ctx context.Context, store timetravel.Store, pres
 		return err
 	}
 	defer release()
-	want, err := readMaildirs(tree, users)
+	kc := newKeyCache()
+	want, err := readMaildirs(tree, users, kc)
 	if err != nil {
 		return fmt.Errorf("read the present (snapshot %s): %w", present, err)
 	}
-	got, err := readMaildirs(store.Path(), users)
+	got, err := readMaildirs(store.Path(), users, kc)
 	if err != nil {
 		return fmt.Errorf("read the store after the replay: %w", err)
 	}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"syscall"
 
 	"github.com/undomail/undomail/proxy"
 )
@@ -53,7 +54,7 @@ type storeState map[string]map[string][]string
 // INBOX in Maildir, folder F in Maildir/.F), straight from the files:
 // flags from the file names (and dovecot-keywords for keywords). users,
 // if not nil, limits it to those users.
-func readMaildirs(root string, only map[string]bool) (storeState, error) {
+func readMaildirs(root string, only map[string]bool, kc *keyCache) (storeState, error) {
 	users, err := mailUsers(root)
 	if err != nil {
 		return nil, err
@@ -78,7 +79,7 @@ func readMaildirs(root string, only map[string]bool) (storeState, error) {
 			}
 		}
 		for name, dir := range folders {
-			msgs, err := readMaildir(dir)
+			msgs, err := readMaildir(dir, kc)
 			if err != nil {
 				return nil, err
 			}
@@ -95,11 +96,11 @@ var errRaced = errors.New("a message file was renamed while the folder was read"
 // a file meanwhile (new/ to cur/ when a client selects the folder: reads
 // are not held back during a cycle), and a file moved from new/ to cur/
 // between the two listings would be missed or counted twice.
-func readMaildir(dir string) (map[string][]string, error) {
+func readMaildir(dir string, kc *keyCache) (map[string][]string, error) {
 	var last map[string][]string
 	keys := map[string]string{} // a file's unique name -> its message key: the bytes never change
 	for try := 0; ; try++ {
-		out, err := readMaildirOnce(dir, keys)
+		out, err := readMaildirOnce(dir, keys, kc)
 		switch {
 		case errors.Is(err, errRaced) && try < 8:
 			continue
@@ -126,7 +127,7 @@ func sameFolder(a, b map[string][]string) bool {
 	return true
 }
 
-func readMaildirOnce(dir string, keys map[string]string) (map[string][]string, error) {
+func readMaildirOnce(dir string, keys map[string]string, kc *keyCache) (map[string][]string, error) {
 	keywords := map[byte]string{}
 	if b, err := os.ReadFile(filepath.Join(dir, "dovecot-keywords")); err == nil {
 		for _, line := range strings.Split(string(b), "\n") {
@@ -153,14 +154,14 @@ func readMaildirOnce(dir string, keys map[string]string) (map[string][]string, e
 			unique, _, _ := strings.Cut(e.Name(), ":")
 			key, ok := keys[unique]
 			if !ok {
-				b, err := os.ReadFile(filepath.Join(dir, sub, e.Name()))
+				var err error
+				key, err = kc.key(filepath.Join(dir, sub, e.Name()), e)
 				if errors.Is(err, os.ErrNotExist) {
 					return nil, fmt.Errorf("%s: %w", filepath.Join(dir, sub, e.Name()), errRaced)
 				}
 				if err != nil {
 					return nil, err
 				}
-				key = MessageKey(b)
 				keys[unique] = key
 			}
 			out[key] = append(out[key], maildirFlags(e.Name(), keywords))
@@ -170,6 +171,40 @@ func readMaildirOnce(dir string, keys map[string]string) (map[string][]string, e
 		sort.Strings(out[k])
 	}
 	return out, nil
+}
+
+// keyCache remembers message keys by file (device and inode): a
+// snapshot of the copy backend and the store it was taken from share the
+// files of the messages they both hold (hard links), read once.
+type keyCache struct {
+	byFile map[[2]uint64]string
+}
+
+func newKeyCache() *keyCache { return &keyCache{byFile: map[[2]uint64]string{}} }
+
+// key reads the key of the message in file path (nil kc: no cache).
+func (kc *keyCache) key(path string, e os.DirEntry) (string, error) {
+	var id [2]uint64
+	cached := false
+	if kc != nil {
+		if info, err := e.Info(); err != nil {
+			return "", err
+		} else if st, ok := info.Sys().(*syscall.Stat_t); ok {
+			id, cached = [2]uint64{uint64(st.Dev), st.Ino}, true
+			if k, ok := kc.byFile[id]; ok {
+				return k, nil
+			}
+		}
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	k := MessageKey(b)
+	if cached {
+		kc.byFile[id] = k
+	}
+	return k, nil
 }
 
 // MessageKey identifies a message: its topmost Undomail-Id, or a hash of

@@ -34,7 +34,7 @@ func TestReadMaildirs(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(root, "alice", "Maildir", "dovecot-keywords"), []byte("0 kw0\n1 $Label1\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	st, err := readMaildirs(root, map[string]bool{"alice": true})
+	st, err := readMaildirs(root, map[string]bool{"alice": true}, newKeyCache())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -406,7 +406,7 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage
 		v.Replayed, v.Users, v.Messages, v.ReplayS, v.Held)
 	fmt.Fprintf(w, "  cancelled %d, filtered %d, skipped as repaired %d, failed %d\n", v.Cancelled, v.Filtered, v.Repaired, v.Failed)
 	if c := v.Compared; c != nil {
-		fmt.Fprintf(w, "  %s\n", c.Summary())
+		fmt.Fprintf(w, "  %s (%.1fs)\n", c.Summary(), v.VerifyS)
 		for _, p := range c.Problems {
 			fmt.Fprintf(w, "    NOT explained by the repair: %s\n", p)
 		}

@@ -56,6 +56,8 @@ type CycleVerdict struct {
 	// held back in all.
 	ReplayS float64 `json:"replay_s"`
 	Held    float64 `json:"held_s"`
+	// VerifyS is how long the comparison with the present took.
+	VerifyS float64 `json:"verify_s,omitempty"`
 	Error   string  `json:"error,omitempty"`
 	// Compensation counts the paradoxes the cycle created and what was
 	// done about them: explained, silent, notified, by kind (issue 6).
@@ -175,7 +177,9 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 	if d.BeforeVerify != nil {
 		d.BeforeVerify()
 	}
+	vstart := time.Now()
 	v.Compared = d.comparePresent(ctx, at, cycleSeq, present, c, res.FilteredIDs, userSet(users))
+	v.VerifyS = time.Since(vstart).Seconds()
 	v.OK = v.OK && v.Compared.OK()
 	return v, true, v.check()
 }
