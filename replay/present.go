@@ -59,9 +59,20 @@ func newRepairSet() *RepairSet {
 	return &RepairSet{msgs: map[string]string{}, folders: map[string]string{}, anon: map[string]string{}, removed: map[string]string{}}
 }
 
+// msg notes why a message differs; every reason is kept (the first
+// few), so the plan names each verb that changes it.
 func (s *RepairSet) msg(user, key, why string) {
-	if _, ok := s.msgs[user+"\x00"+key]; !ok && key != "" {
-		s.msgs[user+"\x00"+key] = why
+	if key == "" {
+		return
+	}
+	k := user + "\x00" + key
+	old, ok := s.msgs[k]
+	switch {
+	case !ok:
+		s.msgs[k] = why
+	case strings.Contains(old, why) || strings.Count(old, "; ") >= 4:
+	default:
+		s.msgs[k] = old + "; " + why
 	}
 }
 
