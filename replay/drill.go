@@ -1,23 +1,18 @@
 package replay
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/textproto"
 	"os"
 	"path/filepath"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/undomail/undomail/internal/mailstack"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
 )
@@ -208,11 +203,11 @@ func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
 	if r.Failed > 0 {
 		diffs = append(diffs, fmt.Sprintf("%d verbs failed to replay", r.Failed))
 	}
-	got, err := readMaildirs(replayed)
+	got, err := readMaildirs(replayed, nil, nil)
 	if err != nil {
 		return res, err
 	}
-	exp, err := readMaildirs(want)
+	exp, err := readMaildirs(want, nil, nil)
 	if err != nil {
 		return res, err
 	}
@@ -235,192 +230,4 @@ func destroyClone(o DrillOptions, name string) {
 	if err := o.Store.DestroyClone(ctx, name); err != nil {
 		o.Logger.Warn("drill: remove clone", "clone", name, "err", err)
 	}
-}
-
-// mailUsers lists the users with mail in either tree: the directories
-// of the mail root (the layout MAIL_ROOT/<user>/Maildir).
-func mailUsers(roots ...string) ([]string, error) {
-	seen := map[string]bool{}
-	for _, root := range roots {
-		ents, err := os.ReadDir(root)
-		if err != nil {
-			return nil, fmt.Errorf("list users in %s: %w", root, err)
-		}
-		for _, e := range ents {
-			if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
-				seen[e.Name()] = true
-			}
-		}
-	}
-	var out []string
-	for u := range seen {
-		out = append(out, u)
-	}
-	sort.Strings(out)
-	return out, nil
-}
-
-// storeState is every message of a mail store: by "user/folder", the
-// flags of each message by its identity (its undo id, or a hash of its
-// content), one entry per copy.
-type storeState map[string]map[string][]string
-
-// readMaildirs reads a store laid out as ROOT/<user>/Maildir (Maildir++:
-// INBOX in Maildir, folder F in Maildir/.F), straight from the files:
-// flags from the file names (and dovecot-keywords for keywords).
-func readMaildirs(root string) (storeState, error) {
-	users, err := mailUsers(root)
-	if err != nil {
-		return nil, err
-	}
-	st := storeState{}
-	for _, u := range users {
-		md := filepath.Join(root, u, "Maildir")
-		if _, err := os.Stat(md); errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		folders := map[string]string{"INBOX": md}
-		ents, err := os.ReadDir(md)
-		if err != nil {
-			return nil, err
-		}
-		for _, e := range ents {
-			if e.IsDir() && strings.HasPrefix(e.Name(), ".") && e.Name() != "." && e.Name() != ".." {
-				folders[strings.TrimPrefix(e.Name(), ".")] = filepath.Join(md, e.Name())
-			}
-		}
-		for name, dir := range folders {
-			msgs, err := readMaildir(dir)
-			if err != nil {
-				return nil, err
-			}
-			st[u+"/"+name] = msgs
-		}
-	}
-	return st, nil
-}
-
-func readMaildir(dir string) (map[string][]string, error) {
-	keywords := map[byte]string{}
-	if b, err := os.ReadFile(filepath.Join(dir, "dovecot-keywords")); err == nil {
-		for _, line := range strings.Split(string(b), "\n") {
-			var n int
-			var name string
-			if _, err := fmt.Sscanf(line, "%d %s", &n, &name); err == nil && n < 26 {
-				keywords['a'+byte(n)] = name
-			}
-		}
-	}
-	out := map[string][]string{}
-	for _, sub := range []string{"cur", "new"} {
-		ents, err := os.ReadDir(filepath.Join(dir, sub))
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		for _, e := range ents {
-			if !e.Type().IsRegular() {
-				continue
-			}
-			key, err := messageKey(filepath.Join(dir, sub, e.Name()))
-			if err != nil {
-				return nil, err
-			}
-			out[key] = append(out[key], maildirFlags(e.Name(), keywords))
-		}
-	}
-	for k := range out {
-		sort.Strings(out[k])
-	}
-	return out, nil
-}
-
-// messageKey identifies a message: its topmost Undomail-Id, or a hash of
-// its bytes.
-func messageKey(path string) (string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", err
-	}
-	tr := textproto.NewReader(bufio.NewReader(strings.NewReader(string(b))))
-	if h, err := tr.ReadMIMEHeader(); err == nil {
-		if id := strings.TrimSpace(h.Get(proxy.TraceHeader)); id != "" {
-			return id, nil
-		}
-	}
-	sum := sha256.Sum256(b)
-	return "sha256:" + hex.EncodeToString(sum[:8]), nil
-}
-
-// maildirFlags renders a maildir file name's flags as IMAP flags.
-func maildirFlags(name string, keywords map[byte]string) string {
-	_, info, ok := strings.Cut(name, ":2,")
-	if !ok {
-		return "()"
-	}
-	std := map[byte]string{'D': `\Draft`, 'F': `\Flagged`, 'R': `\Answered`, 'S': `\Seen`, 'T': `\Deleted`}
-	var fs []string
-	for i := 0; i < len(info); i++ {
-		if f, ok := std[info[i]]; ok {
-			fs = append(fs, f)
-		} else if k, ok := keywords[info[i]]; ok {
-			fs = append(fs, k)
-		}
-	}
-	sort.Strings(fs)
-	return "(" + strings.Join(fs, " ") + ")"
-}
-
-// compareStores lists how got differs from want, folder by folder.
-func compareStores(got, want storeState) []string {
-	var diffs []string
-	names := map[string]bool{}
-	for n := range got {
-		names[n] = true
-	}
-	for n := range want {
-		names[n] = true
-	}
-	var sorted []string
-	for n := range names {
-		sorted = append(sorted, n)
-	}
-	sort.Strings(sorted)
-	for _, n := range sorted {
-		g, w := got[n], want[n]
-		switch {
-		case g == nil:
-			diffs = append(diffs, fmt.Sprintf("%s: missing after replay (%d messages in the snapshot)", n, len(w)))
-			continue
-		case w == nil:
-			diffs = append(diffs, fmt.Sprintf("%s: made by the replay, not in the snapshot (%d messages)", n, len(g)))
-			continue
-		}
-		keys := map[string]bool{}
-		for k := range g {
-			keys[k] = true
-		}
-		for k := range w {
-			keys[k] = true
-		}
-		var ks []string
-		for k := range keys {
-			ks = append(ks, k)
-		}
-		sort.Strings(ks)
-		for _, k := range ks {
-			gf, wf := g[k], w[k]
-			switch {
-			case len(gf) == 0:
-				diffs = append(diffs, fmt.Sprintf("%s: message %s is in the snapshot %v but not after replay", n, k, wf))
-			case len(wf) == 0:
-				diffs = append(diffs, fmt.Sprintf("%s: message %s is there after replay %v but not in the snapshot", n, k, gf))
-			case strings.Join(gf, " ") != strings.Join(wf, " "):
-				diffs = append(diffs, fmt.Sprintf("%s: message %s has flags %v after replay, %v in the snapshot", n, k, gf, wf))
-			}
-		}
-	}
-	return diffs
 }

@@ -56,6 +56,10 @@ type userReplayer struct {
 	// the first time, and the user's later verbs on them follow them.
 	redelivered map[string]bool
 	made        int // messages made again: deliveries and APPENDs
+	// filtered are the deliveries a filter dropped or filed elsewhere,
+	// by undo id: the cycle's verification lets them differ from the
+	// present (present.go).
+	filtered map[string]FilteredDelivery
 	// gone are this user's mailboxes the rewind took away, by name; when
 	// the replay makes one again, restore gives it its old UIDVALIDITY.
 	gone       map[string]MailboxCounters
@@ -86,7 +90,7 @@ type msgState struct {
 }
 
 func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
-	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, taken: map[string]bool{}, redelivered: map[string]bool{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{},
+	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, taken: map[string]bool{}, redelivered: map[string]bool{}, filtered: map[string]FilteredDelivery{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{},
 		vanished: map[string]map[imap.UID]bool{}}
 }
 
@@ -640,6 +644,7 @@ func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a proxy.Delive
 	folder, move := strings.CutPrefix(f.Action, "move:")
 	if !move {
 		r.removed[a.UndoID] = true
+		r.filtered[a.UndoID] = FilteredDelivery{Why: "dropped by filter " + f.Spec, Dropped: true}
 		return ReplayOutcome{Status: "filtered", Detail: "dropped by filter " + f.Spec}, nil
 	}
 	msg, err := r.log.ReadBlob(v.Blob)
@@ -673,6 +678,7 @@ func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a proxy.Delive
 	}
 	b.msgs[data.UID] = &msgState{id: a.UndoID, flags: map[imap.Flag]bool{}}
 	r.made++
+	r.filtered[a.UndoID] = FilteredDelivery{Why: "filed into " + folder + " by filter " + f.Spec}
 	return ReplayOutcome{Status: "filtered", Detail: "filed into " + folder + " by filter " + f.Spec}, nil
 }
 
@@ -1089,6 +1095,13 @@ func (r *userReplayer) append(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, 
 	}
 	cmd := r.c.Append(a.Mailbox, int64(len(data)), opts)
 	if _, err := cmd.Write(data); err != nil {
+		// The command must be closed even so, or the session's next
+		// command waits forever for it (the server refused the literal:
+		// its answer says why).
+		cmd.Close()
+		if _, werr := cmd.Wait(); werr != nil {
+			err = werr
+		}
 		return ReplayOutcome{}, err
 	}
 	if err := cmd.Close(); err != nil {

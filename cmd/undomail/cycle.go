@@ -127,6 +127,12 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
 			}
+			var v struct {
+				OK bool `json:"ok"`
+			}
+			if json.Unmarshal(verdict, &v) != nil || !v.OK {
+				return &exitError{code: 1, msg: "cycle NOT OK: see its verdict"}
+			}
 			return nil
 		},
 	}
@@ -147,8 +153,12 @@ type cyclePlan struct {
 	// Filtered are the deliveries the filters take away.
 	Filtered []daemon.FilterHit `json:"filtered,omitempty"`
 	// Users, if set, are the only users the cycle rewinds.
-	Users  []string `json:"users,omitempty"`
-	cancel []int64
+	Users []string `json:"users,omitempty"`
+	// Differs is what the store will differ in from the present after
+	// the cycle, and why: the cycle's verdict lets exactly these
+	// differences through (replay.ExplainRepair).
+	Differs []replay.RepairEntry `json:"differs_from_present"`
+	cancel  []int64
 }
 
 // planFromFlags resolves the cycle's flags against the log and plans it.
@@ -202,7 +212,38 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 	if p.Filtered, err = daemon.PreviewFilters(ctx, l, at, fs); err != nil {
 		return nil, err
 	}
+	if p.Differs, err = differs(ctx, l, at, cancelled, p.Filtered, users); err != nil {
+		return nil, err
+	}
 	return p, nil
+}
+
+// differs says what a cycle will change compared with the present.
+func differs(ctx context.Context, l *undolog.Log, at int64, cancel []int64, hits []daemon.FilterHit, users []string) ([]replay.RepairEntry, error) {
+	c := map[int64]bool{}
+	for _, s := range cancel {
+		c[s] = true
+	}
+	filtered := map[string]replay.FilteredDelivery{}
+	for _, h := range hits {
+		if folder, ok := strings.CutPrefix(h.Action, "move:"); ok {
+			filtered[h.UndoID] = replay.FilteredDelivery{Why: "filed into " + folder + " by filter " + h.Filter}
+		} else {
+			filtered[h.UndoID] = replay.FilteredDelivery{Why: "dropped by filter " + h.Filter, Dropped: true}
+		}
+	}
+	var only map[string]bool
+	if len(users) > 0 {
+		only = map[string]bool{}
+		for _, u := range users {
+			only[u] = true
+		}
+	}
+	rs, err := replay.ExplainRepair(ctx, l, at, 0, c, filtered, only)
+	if err != nil {
+		return nil, err
+	}
+	return rs.Entries(), nil
 }
 
 // onlyUsers keeps the steps of a cycle limited to some users: the verbs
@@ -266,6 +307,25 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	}
 	for _, c := range p.Compensations {
 		fmt.Fprintf(w, "explained to %s: %s\n", c.User, c.Why)
+	}
+	if len(p.Differs) == 0 {
+		fmt.Fprintln(w, "afterwards the store equals the present: the repair changes nothing in it")
+	} else {
+		fmt.Fprintf(w, "afterwards the store differs from the present in these %d places, and nowhere else (the verdict checks it):\n", len(p.Differs))
+		tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+		fmt.Fprintln(tw, "USER\tMAILBOX\tMESSAGE\tWHY")
+		for _, d := range p.Differs {
+			msg := d.Message
+			if d.Removed {
+				msg += " (removed)"
+			}
+			box := d.Mailbox
+			if box == "" {
+				box = "(wherever it is)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", d.User, box, msg, d.Why)
+		}
+		tw.Flush()
 	}
 	if len(p.Filtered) > 0 {
 		seen := 0
@@ -345,13 +405,24 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage
 	fmt.Fprintf(w, "  replayed %d verbs for %d users (%d messages made again) in %.1fs; changes held back %.1fs\n",
 		v.Replayed, v.Users, v.Messages, v.ReplayS, v.Held)
 	fmt.Fprintf(w, "  cancelled %d, filtered %d, skipped as repaired %d, failed %d\n", v.Cancelled, v.Filtered, v.Repaired, v.Failed)
-	fmt.Fprintf(w, "  verified %d mailboxes, %d messages: ", v.Verify.Mailboxes, v.Verify.Messages)
-	if v.Verify.OK() {
-		fmt.Fprintln(w, "the store holds what the log says")
-	} else {
-		fmt.Fprintf(w, "%d differences\n", len(v.Verify.Problems)+v.Verify.More)
-		for _, p := range v.Verify.Problems {
-			fmt.Fprintf(w, "    %s\n", p)
+	if c := v.Compared; c != nil {
+		fmt.Fprintf(w, "  %s (%.1fs)\n", c.Summary(), v.VerifyS)
+		for _, p := range c.Problems {
+			fmt.Fprintf(w, "    NOT explained by the repair: %s\n", p)
+		}
+		if c.More > 0 {
+			fmt.Fprintf(w, "    ... and %d more\n", c.More)
+		}
+	}
+	if v.Verify.Mailboxes > 0 || !v.Verify.OK() {
+		fmt.Fprintf(w, "  verified %d mailboxes, %d messages against the replay's model: ", v.Verify.Mailboxes, v.Verify.Messages)
+		if v.Verify.OK() {
+			fmt.Fprintln(w, "the store holds what the log says")
+		} else {
+			fmt.Fprintf(w, "%d differences\n", len(v.Verify.Problems)+v.Verify.More)
+			for _, p := range v.Verify.Problems {
+				fmt.Fprintf(w, "    %s\n", p)
+			}
 		}
 	}
 	if c := v.Compensation; c != nil {
@@ -364,5 +435,5 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage
 	if v.Error != "" {
 		fmt.Fprintf(w, "  error: %s\n", v.Error)
 	}
-	fmt.Fprintf(w, "  undo this cycle: undomail cycle run --to %s\n", v.Present)
+	fmt.Fprintf(w, "  undo this cycle: %s\n", v.UndoCommand())
 }

@@ -40,12 +40,24 @@ type CycleVerdict struct {
 	Users     int            `json:"users"`
 	Messages  int            `json:"messages"` // messages made again
 	// Verify compares the store after the replay with the log's
-	// prediction; the cycle is OK only if it found nothing.
+	// prediction. Cycles leave it out (it is empty): they compare with
+	// the present instead (Compared). The split form (undomail replay),
+	// where the operator repairs the server by hand, still uses it.
 	Verify replay.Verification `json:"verify"`
+	// Compared is the cycle's verification: the store after the replay
+	// compared with the snapshot of the present taken before the rewind;
+	// every difference must be explained by the repair. The cycle is OK
+	// only if it found nothing else.
+	Compared *replay.PresentCheck `json:"compared,omitempty"`
+	// Users given to the cycle (--user): the only users rewound, replayed
+	// and compared.
+	OnlyUsers []string `json:"only_users,omitempty"`
 	// ReplayS is how long the replay took, Held how long changes were
 	// held back in all.
 	ReplayS float64 `json:"replay_s"`
 	Held    float64 `json:"held_s"`
+	// VerifyS is how long the comparison with the present took.
+	VerifyS float64 `json:"verify_s,omitempty"`
 	Error   string  `json:"error,omitempty"`
 	// Compensation counts the paradoxes the cycle created and what was
 	// done about them: explained, silent, notified, by kind (issue 6).
@@ -114,8 +126,8 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
-	v, ran, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, req.Cancel, fs, req.Users)
-	v.Cycle, v.Present = intent.Seq, present
+	v, ran, cerr := d.cycle(ctx, snap.Seq, req.To, intent.Seq, present, req.Cancel, fs, req.Users)
+	v.Cycle, v.Present, v.OnlyUsers = intent.Seq, present, req.Users
 	if ran {
 		// The replay ran to its end (some verbs may have failed): explain
 		// what changed, failures included.
@@ -136,13 +148,14 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	d.endRepair(ctx, intent.Seq, v)
 	resume()
 	d.logger.Info("cycle done", "to", req.To, "ok", v.OK, "replayed", v.Replayed, "cancelled", v.Cancelled,
-		"filtered", v.Filtered, "failed", v.Failed, "problems", len(v.Verify.Problems), "held", v.Held)
+		"filtered", v.Filtered, "failed", v.Failed, "problems", v.problems(), "held", v.Held)
 	return v, cerr
 }
 
 // cycle rewinds and replays; ran reports that the replay ran to its end,
 // whatever its verdict.
-func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, cancel []int64, filters []*replay.Filter, users []string) (v CycleVerdict, ran bool, err error) {
+func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64, present string, cancel []int64, filters []*replay.Filter, users []string) (v CycleVerdict, ran bool, err error) {
+	v.Present, v.OnlyUsers = present, users
 	d.prog.phase("rewind")
 	rw, err := replay.RewindUsers(ctx, d.Log, d.Store, d.upstream, to, users)
 	if err != nil {
@@ -154,13 +167,37 @@ func (d *Daemon) cycle(ctx context.Context, at int64, to string, cycleSeq int64,
 	}
 	start := time.Now()
 	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: at, Before: cycleSeq, Cancel: c, Filters: filters, Workers: d.replayWorkers, Progress: d.prog.set,
-		Gone: rw.Gone, Restore: d.upstream.Restore, Returning: rw.Returning, Users: userSet(users)}, d.target)
+		Gone: rw.Gone, Restore: d.upstream.Restore, Returning: rw.Returning, Users: userSet(users), NoModelCheck: true}, d.target)
 	v.ReplayS = time.Since(start).Seconds()
 	v.fill(res)
 	if err != nil {
 		return v, false, err
 	}
+	d.prog.phase("verify")
+	if d.BeforeVerify != nil {
+		d.BeforeVerify()
+	}
+	vstart := time.Now()
+	v.Compared = d.comparePresent(ctx, at, cycleSeq, present, c, res.FilteredIDs, userSet(users))
+	v.VerifyS = time.Since(vstart).Seconds()
+	v.OK = v.OK && v.Compared.OK()
 	return v, true, v.check()
+}
+
+// comparePresent verifies a cycle against the present it snapshotted
+// before the rewind: what differs must be what the repair (the verbs in
+// cancel, the deliveries filtered) explains.
+func (d *Daemon) comparePresent(ctx context.Context, at, cycleSeq int64, present string, cancel map[int64]bool,
+	filtered map[string]replay.FilteredDelivery, users map[string]bool) *replay.PresentCheck {
+	rs, err := replay.ExplainRepair(ctx, d.Log, at, cycleSeq, cancel, filtered, users)
+	if err != nil {
+		return &replay.PresentCheck{Snapshot: present, Error: err.Error()}
+	}
+	c := replay.ComparePresent(ctx, d.Store, present, users, rs)
+	for _, p := range c.Problems {
+		d.logger.Error("cycle: the store differs from the present where the repair does not explain it", "difference", p)
+	}
+	return &c
 }
 
 // fill copies a replay's result into the verdict.
@@ -178,8 +215,32 @@ func (v *CycleVerdict) check() error {
 		return fmt.Errorf("%d verbs failed to replay", v.Failed)
 	case !v.Verify.OK():
 		return fmt.Errorf("verification found %d differences between the store and the log", len(v.Verify.Problems)+v.Verify.More)
+	case v.Compared != nil && !v.Compared.Done:
+		return fmt.Errorf("verification: %s", v.Compared.Summary())
+	case v.Compared != nil && !v.Compared.OK():
+		return fmt.Errorf("verification: the store differs from the present in %d ways the repair does not explain (first: %s); undo this cycle: %s",
+			len(v.Compared.Problems)+v.Compared.More, v.Compared.Problems[0], v.UndoCommand())
 	}
 	return nil
+}
+
+// UndoCommand is the one command that undoes the cycle: a cycle back to
+// the present it snapshotted first, for the same users.
+func (v *CycleVerdict) UndoCommand() string {
+	cmd := "undomail cycle run --to " + v.Present
+	if len(v.OnlyUsers) > 0 {
+		cmd += " --user " + strings.Join(v.OnlyUsers, ",")
+	}
+	return cmd
+}
+
+// problems counts the differences verification found.
+func (v *CycleVerdict) problems() int {
+	n := len(v.Verify.Problems) + v.Verify.More
+	if v.Compared != nil {
+		n += len(v.Compared.Problems) + v.Compared.More
+	}
+	return n
 }
 
 // verifyRange refuses to replay a damaged stretch of the log: every

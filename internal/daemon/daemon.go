@@ -38,6 +38,10 @@ type Daemon struct {
 	Gate *proxy.Gate
 	// Store keeps snapshots of the mail store; nil without `store`.
 	Store timetravel.Store
+	// BeforeVerify, if set, runs after a cycle's replay and before the
+	// store is compared with the present: fault injection for tests (a
+	// file removed behind undomail's back must make the verdict NOT OK).
+	BeforeVerify func()
 
 	storeSpec string
 	upstream  replay.Upstream // how a rewind quiesces Dovecot

@@ -89,6 +89,8 @@ func BenchmarkCycleReplay(b *testing.B) {
 	b.ResetTimer()
 	var v struct {
 		replayS float64
+		heldS   float64
+		verifyS float64
 		msgs    int
 		n       int
 	}
@@ -97,7 +99,7 @@ func BenchmarkCycleReplay(b *testing.B) {
 		if err != nil || !verdict.OK {
 			b.Fatalf("cycle: %v (verdict: replayed %d, failed %d, problems %v)", err, verdict.Replayed, verdict.Failed, verdict.Verify.Problems)
 		}
-		v.replayS, v.msgs, v.n = verdict.ReplayS, verdict.Messages, verdict.Replayed
+		v.replayS, v.heldS, v.verifyS, v.msgs, v.n = verdict.ReplayS, verdict.Held, verdict.VerifyS, verdict.Messages, verdict.Replayed
 		// The next round replays from the same snapshot: the history
 		// and this cycle's replay (which the next cycle skips).
 	}
@@ -105,6 +107,10 @@ func BenchmarkCycleReplay(b *testing.B) {
 	b.ReportMetric(float64(v.n)/v.replayS, "verbs/s")
 	b.ReportMetric(float64(v.msgs)/v.replayS, "msgs/s")
 	b.ReportMetric(v.replayS/span.Seconds(), "replay/span")
+	// Held is the whole cycle with changes held back: snapshot, rewind,
+	// replay, verification and compensation.
+	b.ReportMetric(v.heldS, "held_s")
+	b.ReportMetric(v.verifyS, "verify_s")
 	b.Logf("history: %d users, %d replayable verbs (%d deliveries) made in %.1fs; replay of %d verbs (%d messages) took %.1fs: %.0f verbs/s, %.0f messages/s, %.2f × the history's span",
 		len(users), replayable, deliveries*len(users), span.Seconds(), v.n, v.msgs, v.replayS,
 		float64(v.n)/v.replayS, float64(v.msgs)/v.replayS, v.replayS/span.Seconds())
