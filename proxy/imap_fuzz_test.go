@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -62,6 +63,12 @@ import (
 func FuzzIMAPDifferential(f *testing.F) {
 	for _, s := range fuzzSeeds() {
 		f.Add([]byte(s))
+	}
+	if flagSet("test.fuzz") && !flagSet("test.fuzzworker") {
+		// The fuzzing engine's coordinator runs no input itself: only
+		// its workers need a mail stack.
+		f.Fuzz(func(t *testing.T, session []byte) { t.Fatal("the coordinator ran an input") })
+		return
 	}
 	d := startDifferential(f)
 	f.Fuzz(func(t *testing.T, session []byte) {
@@ -118,10 +125,17 @@ func startDifferential(f *testing.F) *differential {
 		}
 	})
 	d := &differential{tb: tb, logs: logs, wait: 60 * time.Second}
-	if fl := flag.Lookup("test.fuzz"); fl != nil && fl.Value.String() != "" {
+	if flagSet("test.fuzz") {
 		d.fuzzing, d.wait = true, 5*time.Second
 	}
 	return d
+}
+
+// flagSet reports whether the testing flag name is set (not empty, not
+// false).
+func flagSet(name string) bool {
+	fl := flag.Lookup(name)
+	return fl != nil && fl.Value.String() != "" && fl.Value.String() != "false"
 }
 
 // syncBuffer collects undomail's log lines of the current input, for the
@@ -173,6 +187,15 @@ func (d *differential) check(t *testing.T, session []byte) {
 		d.notComparable(t, "the input leaves a literal or a line open")
 		return
 	}
+	// A hang anywhere (no read or write here is unbounded, but the
+	// fuzzing engine has no timeout of its own): crash the worker with
+	// every goroutine's stack, so the engine keeps the input.
+	watchdog := time.AfterFunc(4*d.wait+time.Minute, func() {
+		buf := make([]byte, 4<<20)
+		buf = buf[:runtime.Stack(buf, true)]
+		panic(fmt.Sprintf("FuzzIMAPDifferential: input %q hung:\n%s\nundomail's log:\n%s", session, buf, d.logs.tail(8<<10)))
+	})
+	defer watchdog.Stop()
 	d.reset(t)
 	d.logs.reset()
 	start, _ := d.tb.Daemon.Log.Last()
@@ -761,10 +784,13 @@ func (d *differential) reset(t *testing.T) {
 
 func (d *differential) dial(t *testing.T, user string) *imapclient.Client {
 	t.Helper()
-	c, err := imapclient.DialInsecure(d.tb.Stack.IMAPAddr, nil)
+	conn, err := net.DialTimeout("tcp", d.tb.Stack.IMAPAddr, d.wait)
 	if err != nil {
 		t.Fatalf("connect to Dovecot: %v", err)
 	}
+	// Every step of a reset or a read of the mail is bounded.
+	conn.SetDeadline(time.Now().Add(d.wait))
+	c := imapclient.New(conn, nil)
 	if err := c.Login(user, d.tb.Stack.Password(user)).Wait(); err != nil {
 		c.Close()
 		t.Fatalf("log in to Dovecot as %s: %v", user, err)
