@@ -72,7 +72,9 @@ func FuzzIMAPDifferential(f *testing.F) {
 	}
 	d := startDifferential(f)
 	f.Fuzz(func(t *testing.T, session []byte) {
-		d.check(t, session)
+		began := time.Now()
+		what := d.check(t, session)
+		d.trace(began, what)
 	})
 }
 
@@ -170,10 +172,25 @@ func (b *syncBuffer) tail(n int) string {
 	return s
 }
 
-// check runs one input.
-func (d *differential) check(t *testing.T, session []byte) {
-	if len(session) > diffMaxInput {
+// trace appends a line per input to the file FUZZ_IMAP_TRACE names, if
+// set: how long each took and what came of it, to measure a fuzzing run.
+func (d *differential) trace(began time.Time, what string) {
+	name := os.Getenv("FUZZ_IMAP_TRACE")
+	if name == "" {
 		return
+	}
+	f, err := os.OpenFile(name, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return
+	}
+	fmt.Fprintf(f, "%s %d %.3fs %s\n", began.UTC().Format(time.RFC3339), os.Getpid(), time.Since(began).Seconds(), what)
+	f.Close()
+}
+
+// check runs one input and says what came of it.
+func (d *differential) check(t *testing.T, session []byte) string {
+	if len(session) > diffMaxInput {
+		return "too long"
 	}
 	input := append([]byte(nil), session...)
 	if len(input) > 0 && input[len(input)-1] != '\n' {
@@ -185,7 +202,7 @@ func (d *differential) check(t *testing.T, session []byte) {
 		// The end markers would be read as part of a literal or a
 		// broken line: the input leaves a literal open.
 		d.notComparable(t, "the input leaves a literal or a line open")
-		return
+		return "not comparable: open literal"
 	}
 	// A hang anywhere (no read or write here is unbounded, but the
 	// fuzzing engine has no timeout of its own): crash the worker with
@@ -216,8 +233,9 @@ func (d *differential) check(t *testing.T, session []byte) {
 		t.Fatalf("session setup failed: direct: %v; through undomail: %v\n%s", direct.setup, proxied.setup, d.logs.tail(4<<10))
 	}
 	if !direct.done || !proxied.done {
-		d.notComparable(t, fmt.Sprintf("direct: %v; through undomail: %v", direct.end, proxied.end))
-		return
+		why := fmt.Sprintf("direct: %v; through undomail: %v", direct.end, proxied.end)
+		d.notComparable(t, why)
+		return "not comparable: " + why
 	}
 	records := d.records(t, start)
 	r := compareSessions(cmds, &direct, &proxied, records)
@@ -234,6 +252,7 @@ func (d *differential) check(t *testing.T, session []byte) {
 	if testing.Verbose() {
 		t.Logf("commands and answers (direct | through undomail):\n%s\nrecords:\n%s", r.trace, describeRecords(t, records))
 	}
+	return fmt.Sprintf("compared: %d commands, %d records, mail %s", len(cmds), len(records), mail)
 }
 
 func (d *differential) notComparable(t *testing.T, why string) {
