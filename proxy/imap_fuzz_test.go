@@ -241,7 +241,7 @@ func (d *differential) check(t *testing.T, session []byte) string {
 		return "not comparable: " + why
 	}
 	records := d.records(t, start)
-	r := compareSessions(cmds, &direct, &proxied, records)
+	r := compareSessions(input, cmds, &direct, &proxied, records)
 	if closed {
 		// What each server read before it closed depends on timing:
 		// the proxy holds a mutating command back while it logs it.
@@ -522,11 +522,30 @@ type comparison struct {
 var mailboxCommands = map[string]bool{"STORE": true, "COPY": true, "MOVE": true, "EXPUNGE": true}
 
 // compareSessions applies checks 1 and 2 (see FuzzIMAPDifferential).
-func compareSessions(cmds []sessionCmd, direct, proxied *sessionLog, records []undolog.Verb) comparison {
+func compareSessions(input []byte, cmds []sessionCmd, direct, proxied *sessionLog, records []undolog.Verb) comparison {
 	var r comparison
 	var trace strings.Builder
 	fail := func(format string, args ...any) { r.failures = append(r.failures, fmt.Sprintf(format, args...)) }
-	diverged := false
+	// Answers to tags beyond the input's commands: a server read bytes
+	// as commands that the client-side reader took otherwise (after a
+	// literal header Dovecot found broken, it may read the rest of an
+	// APPEND line as a command; a refused literal's bytes are read as
+	// commands). Then answers cannot be paired across the two sides.
+	occAll := map[string]int{}
+	for _, c := range cmds {
+		occAll[c.tag]++
+	}
+	extra := func(tr *sessionLog) map[string][]answer {
+		out := map[string][]answer{}
+		for tag, as := range tr.tagged {
+			if len(as) > occAll[tag] {
+				out[tag] = as
+			}
+		}
+		return out
+	}
+	directExtra, proxiedExtra := extra(direct), extra(proxied)
+	diverged := len(directExtra) > 0 || len(proxiedExtra) > 0
 	// The mailbox Dovecot had selected, as its direct answers tell;
 	// selKnown is false after a SELECT it answered BAD.
 	selected, selKnown := "", true
@@ -612,14 +631,62 @@ func compareSessions(cmds []sessionCmd, direct, proxied *sessionLog, records []u
 	}
 	// Answers to tags the input's commands do not account for: the two
 	// servers read some bytes differently than the client-side reader.
+	for _, side := range []struct {
+		name string
+		log  *sessionLog
+	}{{"direct", direct}, {"through undomail", proxied}} {
+		for tag, as := range side.log.tagged {
+			if len(as) > occ[tag] {
+				fmt.Fprintf(&trace, "    answers %s to tag %.40q beyond the input's %d commands: %v\n", side.name, tag, occ[tag], as)
+			}
+		}
+	}
 	for tag, as := range direct.tagged {
 		if len(as) > occ[tag] && len(proxied.tagged[tag]) != len(as) {
 			diverged = true
 		}
 	}
+	for _, u := range direct.untagged {
+		fmt.Fprintf(&trace, "    direct: %.100s\n", u)
+	}
+	for _, u := range proxied.untagged {
+		fmt.Fprintf(&trace, "    through undomail: %.100s\n", u)
+	}
 	r.trace, r.diverged = trace.String(), diverged
 
 	// Check 2: one record per mutating command answered through undomail.
+	if len(proxiedExtra) > 0 {
+		// The proxied session ran commands the client-side reader
+		// did not see as such: find them in the input by their tag at
+		// a line's start, and hold the records against the kinds of
+		// all mutating commands answered, in any order.
+		kinds := map[string]int{}
+		for _, w := range want {
+			if w.p != nil {
+				kinds[w.kind]++
+			}
+		}
+		for tag, as := range proxiedExtra {
+			names := hiddenCommands(input, tag)
+			// names holds every command with this tag in order,
+			// the ones the reader saw too.
+			for k := occAll[tag]; k < len(as) && k < len(names); k++ {
+				if kind, ok := mutatingKinds[names[k]]; ok && !as[k].refusal() {
+					kinds[kind]++
+				}
+			}
+		}
+		logged := map[string]int{}
+		for _, v := range records {
+			logged[v.Kind]++
+		}
+		for _, kind := range mutatingKinds {
+			if kinds[kind] != logged[kind] {
+				fail("%d records of %s, %d mutating commands of that kind answered through undomail", logged[kind], kind, kinds[kind])
+			}
+		}
+		return r
+	}
 	var matched []expected
 	var recs []undolog.Verb
 	j := 0
@@ -674,6 +741,25 @@ func compareSessions(cmds []sessionCmd, direct, proxied *sessionLog, records []u
 		}
 	}
 	return r
+}
+
+// hiddenCommands returns the names of the commands that start with tag
+// at the input's start or after a CR or LF, in order: where a server
+// may read a command, the client-side reader's or not.
+func hiddenCommands(input []byte, tag string) []string {
+	var out []string
+	for i := 0; i < len(input); i++ {
+		if (i == 0 || input[i-1] == '\r' || input[i-1] == '\n') && bytes.HasPrefix(input[i:], []byte(tag+" ")) {
+			line := input[i:]
+			if j := bytes.IndexAny(line, "\r\n"); j >= 0 {
+				line = line[:j]
+			}
+			if h, err := imapwire.ParseHead(line); err == nil {
+				out = append(out, h.Name)
+			}
+		}
+	}
+	return out
 }
 
 func normalizeBox(name string) string {
@@ -1133,7 +1219,7 @@ func TestIMAPDifferentialChecksCanFail(t *testing.T) {
 			diffEndA: {{"OK", "NOOP"}}, diffEndB: {{"OK", "NOOP"}},
 		}}, []undolog.Verb{create}, "does not list"},
 	} {
-		r := compareSessions(cmds, tc.direct, tc.proxied, tc.records)
+		r := compareSessions(input, cmds, tc.direct, tc.proxied, tc.records)
 		got := strings.Join(r.failures, "\n")
 		if (tc.want == "") != (got == "") || !strings.Contains(got, tc.want) {
 			t.Errorf("%s: failures %q, want %q", tc.name, got, tc.want)
