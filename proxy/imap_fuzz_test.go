@@ -1168,6 +1168,31 @@ func fuzzSeeds() []string {
 			`n APPEND INBOX CATENATE (URL "/INBOX/;UID=1" TEXT `+litp("Subject: c\r\n\r\nghi\r\n")+`)`,
 			`o SELECT INBOX`,
 		),
+		// A SELECT Dovecot answers BAD leaves nothing selected, for
+		// Dovecot and the proxy alike.
+		lines(
+			`s SELECT Archive`,
+			`b SELECT`,
+			`c STORE 1 +FLAGS (\Flagged)`,
+		),
+		// Renaming the selected mailbox: Dovecot ends the session with
+		// BYE at the next command.
+		lines(
+			`s SELECT Archive`,
+			`r RENAME Archive A2`,
+			`c STORE 1 +FLAGS (\Flagged)`,
+			`x EXPUNGE`,
+		),
+		// Dovecot's grammar is laxer than the proxy's: it runs this
+		// CREATE, the proxy refuses it (the documented syntax refusal).
+		lines(
+			`c CREATE "LitU"x`,
+			`d CREATE LitV`,
+		),
+		// A bare CR after a broken literal header in APPEND: Dovecot
+		// reads what follows as a command of its own (b CREATE), the
+		// proxy refuses the whole line and forwards none of it.
+		"14 append \"Work\" (\\Seen) {}\rb CREATE Evil7\r\n",
 		// Unknown and refused commands, then a normal change.
 		lines(
 			`y FROBNICATE`,
