@@ -564,7 +564,16 @@ func compareSessions(input []byte, cmds []sessionCmd, direct, proxied *sessionLo
 		return out
 	}
 	directExtra, proxiedExtra := extra(direct), extra(proxied)
-	diverged := len(directExtra) > 0 || len(proxiedExtra) > 0
+	// A tag used twice: the proxy answers its refusals at once, so
+	// answers to a reused tag may come in another order than the
+	// commands (a refusal of the second before the first's completion).
+	dupTags := map[string]bool{}
+	for tag, n := range occAll {
+		if tag != "" && n > 1 {
+			dupTags[tag] = true
+		}
+	}
+	diverged := len(directExtra) > 0 || len(proxiedExtra) > 0 || len(dupTags) > 0
 	// The mailbox Dovecot had selected, as its direct answers tell;
 	// selKnown is false after a SELECT it answered BAD.
 	selected, selKnown := "", true
@@ -675,30 +684,52 @@ func compareSessions(input []byte, cmds []sessionCmd, direct, proxied *sessionLo
 	r.trace, r.diverged = trace.String(), diverged
 
 	// Check 2: one record per mutating command answered through undomail.
-	if len(proxiedExtra) > 0 {
-		// The proxied session ran commands the client-side reader
-		// did not see as such: find them in the input by their tag at
-		// a line's start, and hold the records against the kinds of
-		// all mutating commands answered, in any order.
+	if len(proxiedExtra) > 0 || len(dupTags) > 0 {
+		// Answers cannot be paired with commands by tag: the proxied
+		// session ran commands the client-side reader did not see as
+		// such (found in the input by their tag at a line's start), or
+		// a tag was reused. Hold the records against the kinds of all
+		// mutating commands answered but not refused, in any order; of
+		// a tag's commands, the first ones count as the answered ones
+		// (the proxy refuses a reused tag's later commands).
 		kinds := map[string]int{}
 		for _, w := range want {
-			if w.p != nil {
+			tag := cmds[w.i].tag
+			if w.p != nil && !dupTags[tag] && proxiedExtra[tag] == nil {
 				kinds[w.kind]++
 			}
 		}
-		for tag, as := range proxiedExtra {
-			names := hiddenCommands(input, tag)
-			// names holds every command with this tag in order,
-			// the ones the reader saw too.
-			for k := occAll[tag]; k < len(as) && k < len(names); k++ {
-				if kind, ok := mutatingKinds[names[k]]; ok && !as[k].refusal() {
+		for tag := range occAll {
+			if !dupTags[tag] && proxiedExtra[tag] == nil {
+				continue
+			}
+			answered := 0
+			for _, a := range proxied.tagged[tag] {
+				if !a.refusal() {
+					answered++
+				}
+			}
+			var names []string
+			if proxiedExtra[tag] != nil {
+				names = hiddenCommands(input, tag)
+			} else {
+				for _, c := range cmds {
+					if c.tag == tag && c.headErr == nil {
+						names = append(names, c.name)
+					}
+				}
+			}
+			for k := 0; k < answered && k < len(names); k++ {
+				if kind, ok := mutatingKinds[names[k]]; ok {
 					kinds[kind]++
 				}
 			}
 		}
 		logged := map[string]int{}
 		for _, v := range records {
-			logged[v.Kind]++
+			if v.Outcome != nil || !proxied.closed {
+				logged[v.Kind]++
+			}
 		}
 		for _, kind := range mutatingKinds {
 			if kinds[kind] != logged[kind] {
