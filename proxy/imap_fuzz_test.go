@@ -703,24 +703,26 @@ func compareSessions(input []byte, cmds []sessionCmd, direct, proxied *sessionLo
 			if !dupTags[tag] && proxiedExtra[tag] == nil {
 				continue
 			}
-			answered := 0
-			for _, a := range proxied.tagged[tag] {
-				if !a.refusal() {
-					answered++
-				}
-			}
 			var names []string
 			if proxiedExtra[tag] != nil {
+				answered := 0
+				for _, a := range proxied.tagged[tag] {
+					if !a.refusal() {
+						answered++
+					}
+				}
 				names = hiddenCommands(input, tag)
+				names = names[:min(answered, len(names))]
 			} else {
 				for _, c := range cmds {
 					if c.tag == tag && c.headErr == nil {
 						names = append(names, c.name)
 					}
 				}
+				names = unrefused(names, proxied.tagged[tag])
 			}
-			for k := 0; k < answered && k < len(names); k++ {
-				if kind, ok := mutatingKinds[names[k]]; ok {
+			for _, name := range names {
+				if kind, ok := mutatingKinds[name]; ok {
 					kinds[kind]++
 				}
 			}
@@ -792,6 +794,35 @@ func compareSessions(input []byte, cmds []sessionCmd, direct, proxied *sessionLo
 		}
 	}
 	return r
+}
+
+// unrefused takes from names (the commands of one tag, in order) those
+// the proxy refused, as its refusals among answers tell: by the command
+// they name, or else (a reused tag, a change in progress) the last ones.
+// Refusals of lines the proxy could not read (ParseHead) are not among
+// names.
+func unrefused(names []string, answers []answer) []string {
+	names = slices.Clone(names)
+	for _, a := range answers {
+		if !a.refusal() || strings.Contains(a.text, "undomail: Error in IMAP command: ") {
+			continue
+		}
+		_, rest, _ := strings.Cut(a.text, "undomail: ")
+		name := ""
+		for _, prefix := range []string{"Unknown command ", "Error in IMAP command ", ""} {
+			if after, ok := strings.CutPrefix(rest, prefix); ok {
+				name, _, _ = strings.Cut(after, " ")
+				name = strings.TrimSuffix(name, ":")
+				break
+			}
+		}
+		if i := slices.Index(names, name); i >= 0 {
+			names = slices.Delete(names, i, i+1)
+		} else if len(names) > 0 {
+			names = names[:len(names)-1]
+		}
+	}
+	return names
 }
 
 // hiddenCommands returns the names of the commands that start with tag
