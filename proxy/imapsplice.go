@@ -40,6 +40,8 @@ type pendingCmd struct {
 	// setsSeen: a FETCH of content without PEEK, which sets \Seen on what
 	// it returns (RFC 9051 6.4.5) unless the mailbox is read-only.
 	setsSeen bool
+	// syntaxErr: the proxy's reader found the command malformed.
+	syntaxErr bool
 	// locksUser: it holds the user's mutation lock until its record is
 	// written (a FETCH that sets \Seen in a writable mailbox).
 	locksUser bool
@@ -177,6 +179,11 @@ func (s *imapSession) relayCommands() error {
 			f.abort()
 			s.say("* BYE undomail: command syntax the proxy cannot follow safely\r\n")
 			return errSessionOver
+		}
+		if se != nil && f.pc != nil {
+			// Dovecot rejects what its own reader cannot parse before the
+			// command starts (see observe for SELECT).
+			f.pc.syntaxErr = true
 		}
 		if se != nil && f.mode == held {
 			// Nothing of it reached the server: a mutating command is
@@ -1003,10 +1010,14 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 				st.readOnly = true
 			}
 			s.state = st
-		case pc.selects != nil && r.Name == "NO", pc.deselects && r.Name == "OK":
+		case pc.selects != nil && (r.Name == "NO" || r.Name == "BAD" && !pc.syntaxErr), pc.deselects && r.Name == "OK":
 			// A failed SELECT leaves nothing selected (RFC 9051 6.3.2).
-			// One the server answered BAD never ran: what was selected
-			// stays selected, as Dovecot keeps it (found by the
+			// Dovecot closes the selected mailbox before it checks a
+			// SELECT's arguments (its BAD to "SELECT" without a name
+			// leaves nothing selected), but a line its reader cannot
+			// parse (a missing closing quote) never starts the command:
+			// what was selected stays selected. The proxy's reader
+			// stands for Dovecot's there (both found by the
 			// differential fuzzer).
 			s.state = mailboxState{}
 		}
