@@ -68,6 +68,9 @@ type removal struct {
 	msg   Message
 	now   string
 	moved string // the folder a filter filed it into, "" if it is gone
+	// misdelivered: the repaired MTA delivers it to someone else
+	// (replay.StatusRerouted).
+	misdelivered bool
 }
 
 // detector holds the log as the checks need it.
@@ -274,6 +277,11 @@ func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 			switch {
 			case r.out.Status == "ok":
 				d.markMade(userKey(rc), a.UndoID, v)
+			case r.out.Status == replay.StatusRerouted:
+				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: r.out.Detail, misdelivered: true})
+			case r.out.Status == replay.StatusRefused:
+				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: removalText(r.out)})
+				d.checkSender(ctx, v, a, rc, r.out)
 			case r.out.Status == "filtered" && moved:
 				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: "filed into the folder " + folder + " by the repair", moved: folder})
 			case r.out.Status == "filtered" || r.out.Status == "cancelled" || r.out.Status == "failed":
@@ -356,6 +364,8 @@ func removalText(o replay.ReplayOutcome) string {
 		return "cancelled by the administrator's repair"
 	case "failed":
 		return "refused by the mail server when it was redone: " + serverSaid(o.Detail)
+	case replay.StatusRefused, replay.StatusRerouted:
+		return o.Detail
 	}
 	return o.Status + " (" + o.Detail + ")"
 }
@@ -387,7 +397,10 @@ func (d *detector) checkReads() {
 				continue
 			}
 			kind := ReadRemoved
-			if r.moved != "" {
+			switch {
+			case r.misdelivered:
+				kind = Misdelivered
+			case r.moved != "":
 				kind = ReadMoved
 			}
 			msg := r.msg

@@ -62,10 +62,16 @@ const (
 	// follows read_removed's unless set on its own: it corrects what
 	// that explanation said.
 	Restored Kind = "restored"
+	// Misdelivered: a message the user read was never theirs: the
+	// repaired mail system (a wrong virtual alias fixed, replayed through
+	// Postfix) delivers it to someone else, and it left the user's
+	// mailbox. The operator notice lists it as exposure: which message,
+	// seen by whom, when.
+	Misdelivered Kind = "misdelivered"
 )
 
 // Kinds lists every paradox kind, in the order digests present them.
-var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored}
+var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored, Misdelivered}
 
 // Policy says what is done about an observed paradox of a kind.
 type Policy string
@@ -110,6 +116,7 @@ func DefaultPolicies() map[Kind]Policy {
 		SentOnwards:     Explain,
 		ActionCancelled: Ignore,
 		Restored:        Explain,
+		Misdelivered:    Explain,
 	}
 }
 

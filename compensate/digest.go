@@ -72,6 +72,10 @@ func BuildNotice(l Letter) ([]byte, error) {
 		if who == "" {
 			who = "a sender outside"
 		}
+		if p.Kind == Misdelivered {
+			items = append(items, exposure(p))
+			continue
+		}
 		items = append(items, fmt.Sprintf("[%s] %s, verb %d (%s): %s", p.Kind, who, p.Verb, p.VerbKind, explain(p)))
 	}
 	doc := document{
@@ -85,6 +89,21 @@ func BuildNotice(l Letter) ([]byte, error) {
 		footer:  "undomail compensations --cycle " + fmt.Sprint(l.Cycle.Seq) + " lists them with the digests users were sent.",
 	}
 	return build(l, doc)
+}
+
+// exposure is the operator notice's line for mail someone read that was
+// not theirs: which message, seen by whom, when, and where it belongs.
+func exposure(p Paradox) string {
+	id := ""
+	if p.Message != nil {
+		id = " (undo id " + p.Message.UndoID
+		if p.Message.MessageID != "" {
+			id += ", Message-ID " + p.Message.MessageID
+		}
+		id += ")"
+	}
+	return fmt.Sprintf("[%s] exposure: %s read %s%s on %s, delivered by verb %d (%s); %s.",
+		p.Kind, p.User, describeMessage(p.Message), id, when(p.Seen), p.Verb, p.VerbKind, p.Now)
 }
 
 // why is the repair's reason, in the operator's words when given.
@@ -156,6 +175,10 @@ func explain(p Paradox) string {
 		return fmt.Sprintf("On %s %s (%s). Since then %s.", when(p.Seen), p.Action, msg, p.Now)
 	case ActionCancelled:
 		return fmt.Sprintf("On %s %s. The administrator undid this in the repair.", when(p.Seen), p.Action)
+	case Misdelivered:
+		return fmt.Sprintf("On %s you read %s. It was not meant for you: the mail system delivered it to you by mistake, "+
+			"and after the repair %s. It is no longer in your mailbox; please treat what you read as confidential.",
+			when(p.Seen), msg, p.Now)
 	case Restored:
 		return fmt.Sprintf("On %s you were told that %s had been removed. It is back in your mailbox: %s.", when(p.Seen), msg, p.Now)
 	}

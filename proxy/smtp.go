@@ -58,6 +58,13 @@ type SMTPConfig struct {
 	// returns replaces forwarding (the message was dropped or filed
 	// elsewhere); nil forwards as usual.
 	Divert func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
+	// Collect, if set, sees every LMTP delivery linked to a front-door
+	// submission before it is logged or gated: a replay that handed the
+	// submission to Postfix again takes the deliveries Postfix makes of
+	// it (an outcome it returns is the reply, and nothing is logged as a
+	// new delivery); nil goes on as usual. See docs/operations.md,
+	// "Replay through Postfix".
+	Collect func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
 }
 
 // SMTPProxy is a write-ahead SMTP or LMTP relay: for each transaction it
@@ -433,6 +440,12 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 			s.logger.Error("look up front-door submission failed; transaction refused", "err", err)
 			s.Reset()
 			return nil, replyLogUnavailable.smtpError()
+		}
+		if args.Submission != 0 && s.p.cfg.Collect != nil {
+			if out := s.p.cfg.Collect(ctx, args, blob); out != nil {
+				s.logger.Info("taken for replay", "undo_id", args.UndoID, "rcpts", len(args.Rcpts), "reply", out.Summary())
+				return out, nil
+			}
 		}
 	}
 	if args.UndoID == "" {

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/emersion/go-imap/v2"
 
@@ -47,6 +48,15 @@ type Target struct {
 	MasterPassword string
 	Separator      string // default "*"
 	Logger         *slog.Logger
+	// ReinjectAddr is Postfix's replay service (docs/operations.md,
+	// "Replay through Postfix"): mail the front door recorded is handed
+	// to it again, so the repaired Postfix routes it anew, and Capture
+	// takes what it delivers. Empty: deliveries replay as recorded.
+	ReinjectAddr string
+	Capture      *Capture
+	// ReinjectTimeout bounds the wait for one re-injected message
+	// (default DefaultReinjectTimeout).
+	ReinjectTimeout time.Duration
 }
 
 // Plan says which part of the log to replay and which verbs to leave out.
@@ -110,6 +120,9 @@ type Result struct {
 	// Renumbered messages that came back under a UID clients had seen
 	// expunged and were given a new one.
 	Restored, Renumbered int
+	// Reinjected counts front-door messages handed to Postfix again
+	// (reinject.go); a re-injection that failed counts in Failed.
+	Reinjected int
 	// Verify compares the store after the replay with what the log
 	// predicts.
 	Verify Verification
@@ -125,6 +138,9 @@ type task struct {
 	v      undolog.Verb
 	rcpt   string // deliveries: the recipient
 	cancel string // why the verb is left out; "" replays it
+	// fixed is the outcome of a delivery a re-injection replaced that is
+	// not made again (reinject.go).
+	fixed *ReplayOutcome
 }
 
 // Replay re-executes the logged verbs with After < seq < Before against
@@ -161,6 +177,11 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 	if err != nil {
 		return res, err
 	}
+	rj, err := reinjectAll(ctx, l, p, t, verbs, earlier)
+	if err != nil {
+		return res, err
+	}
+	res.Reinjected, res.Failed = rj.count, len(rj.failed)
 	queues := map[string][]task{}
 	total := 0
 	for _, v := range verbs {
@@ -172,6 +193,9 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 			why = fmt.Sprintf("left out by an earlier repair (record %d)", earlier.cancelled[v.Seq])
 		}
 		ts, skip := split(v)
+		if r, ok := rj.replace[v.Seq]; ok {
+			ts, skip = r, len(r) == 0
+		}
 		if skip {
 			res.Skipped[v.Kind]++
 			continue
@@ -286,7 +310,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 				}
 				stopped := false
 				for _, tk := range queues[user] {
-					if tk.rcpt != "" && tk.cancel == "" && ctx.Err() == nil {
+					if tk.rcpt != "" && tk.cancel == "" && tk.fixed == nil && ctx.Err() == nil {
 						// A run of deliveries is sent in one LMTP session and
 						// found in the store at once (flush).
 						out, deferred, err := r.queueDelivery(ctx, tk)

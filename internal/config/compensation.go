@@ -56,6 +56,10 @@ type CompensationPolicies struct {
 	// ActionCancelled: the operator cancelled a command the user was
 	// told succeeded (default ignore).
 	ActionCancelled string `yaml:"action_cancelled"`
+	// Misdelivered: a message the user read was delivered to them by
+	// mistake and the repaired mail system delivers it to someone else
+	// (default explain; the operator notice lists it as exposure).
+	Misdelivered string `yaml:"misdelivered"`
 }
 
 // ByKind returns the configured policies by paradox kind name, leaving
@@ -65,7 +69,7 @@ func (p CompensationPolicies) ByKind() map[string]string {
 	for k, v := range map[string]string{
 		"read_removed": p.ReadRemoved, "read_moved": p.ReadMoved, "read_changed": p.ReadChanged,
 		"delivery_lost": p.DeliveryLost, "action_failed": p.ActionFailed, "sent_onwards": p.SentOnwards,
-		"action_cancelled": p.ActionCancelled,
+		"action_cancelled": p.ActionCancelled, "misdelivered": p.Misdelivered,
 	} {
 		if v != "" {
 			out[k] = v

@@ -1,0 +1,364 @@
+package replay
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/undolog"
+)
+
+// Statuses of a delivery a re-injection replaced (ReplayOutcome.Status).
+const (
+	// StatusRerouted: the repaired Postfix delivered the message, but not
+	// to this recipient: its first delivery here was the mistake the
+	// repair corrected (a wrong virtual alias). Detail names where it went.
+	StatusRerouted = "rerouted"
+	// StatusRefused: the repaired Postfix refused the message or gave it
+	// to no local mailbox at all.
+	StatusRefused = "refused"
+	// StatusReinjected is the record of a re-injection itself, Ref the
+	// front-door submission: its Args are the delivery Postfix made (a
+	// proxy.DeliveryArgs), its blob the message as Postfix delivered it.
+	StatusReinjected = "reinjected"
+)
+
+// DefaultReinjectTimeout bounds how long a replay waits for Postfix to
+// deliver a re-injected message to the capture.
+const DefaultReinjectTimeout = 2 * time.Minute
+
+// Capture is the LMTP capture's side of a re-injection: while a replay
+// waits for a message it handed to Postfix again, the deliveries Postfix
+// makes of it (the capture links them to the front door's undo id) are
+// taken here instead of being logged as new deliveries and forwarded.
+// The replay then delivers them itself, in the order of the log. Set
+// Collect as proxy.SMTPConfig.Collect of the LMTP listener.
+type Capture struct {
+	mu   sync.Mutex
+	want map[string]*catch
+}
+
+// catch collects the deliveries of one re-injected message.
+type catch struct {
+	got     []captured
+	arrived chan struct{} // closed at the first delivery
+}
+
+type captured struct {
+	args proxy.DeliveryArgs
+	blob undolog.BlobRef
+}
+
+func (c *Capture) expect(id string) *catch {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.want == nil {
+		c.want = map[string]*catch{}
+	}
+	k := &catch{arrived: make(chan struct{})}
+	c.want[id] = k
+	return k
+}
+
+func (c *Capture) forget(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.want, id)
+}
+
+// take returns what has arrived for a message so far.
+func (c *Capture) take(k *catch) []captured {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]captured(nil), k.got...)
+}
+
+// Collect takes a delivery of a message a replay is waiting for and
+// accepts it for every recipient; nil for any other delivery.
+func (c *Capture) Collect(_ context.Context, args proxy.DeliveryArgs, blob undolog.BlobRef) *proxy.DeliveryOutcome {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k := c.want[args.UndoID]
+	if k == nil {
+		return nil
+	}
+	k.got = append(k.got, captured{args: args, blob: blob})
+	if len(k.got) == 1 {
+		close(k.arrived)
+	}
+	out := &proxy.DeliveryOutcome{}
+	for _, rc := range args.Rcpts {
+		out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: rc, Reply: proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: "taken by undomail's replay"}})
+	}
+	return out
+}
+
+// reinjection is what handing the front door's mail to Postfix again
+// decided: for each delivery verb it replaced, the tasks that take its
+// place (the deliveries Postfix makes now, and the recipients it no
+// longer delivers to, with a fixed outcome).
+type reinjection struct {
+	replace map[int64][]task
+	// failed are re-injections that did not complete; their deliveries
+	// replay as they were recorded.
+	failed []string
+	count  int // messages Postfix took again
+}
+
+// frontDoor is a submission to re-inject with the deliveries the first
+// run made of it.
+type frontDoor struct {
+	sub   undolog.Verb
+	args  proxy.DeliveryArgs
+	first []undolog.Verb // its lmtp.deliver verbs, in log order
+}
+
+// reinjectAll hands every front-door submission of the replayed period
+// whose local deliveries the replay would redo to Postfix's replay
+// service again and collects what Postfix delivers now. Submissions it
+// cannot re-inject (cancelled, replayed for some users only, no
+// re-injection configured) keep their recorded deliveries.
+func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []undolog.Verb, earlier decisions) (reinjection, error) {
+	rj := reinjection{replace: map[int64][]task{}}
+	if t.ReinjectAddr == "" || t.Capture == nil || p.NoRecord || len(p.Users) > 0 {
+		return rj, nil
+	}
+	cancelled := func(seq int64) bool { return p.Cancel[seq] || earlier.cancelled[seq] != 0 }
+	subs := map[int64]*frontDoor{}
+	var order []int64
+	for _, v := range verbs {
+		switch v.Kind {
+		case proxy.KindSMTPSubmit:
+			var a proxy.DeliveryArgs
+			var o proxy.DeliveryOutcome
+			if v.Blob == "" || v.Outcome == nil || json.Unmarshal(v.Args, &a) != nil ||
+				json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil || !o.Reply.Positive() {
+				continue
+			}
+			subs[v.Seq] = &frontDoor{sub: v, args: a}
+			order = append(order, v.Seq)
+		case proxy.KindLMTPDeliver:
+			var a proxy.DeliveryArgs
+			if json.Unmarshal(v.Args, &a) != nil || a.Submission == 0 || subs[a.Submission] == nil {
+				continue
+			}
+			if ts, skip := split(v); skip || len(ts) == 0 {
+				continue
+			}
+			subs[a.Submission].first = append(subs[a.Submission].first, v)
+		}
+	}
+	timeout := t.ReinjectTimeout
+	if timeout <= 0 {
+		timeout = DefaultReinjectTimeout
+	}
+	for _, seq := range order {
+		fd := subs[seq]
+		if len(fd.first) == 0 || cancelled(seq) {
+			continue // nothing was delivered here, or it was called off
+		}
+		if slices.ContainsFunc(fd.first, func(v undolog.Verb) bool { return cancelled(v.Seq) }) {
+			continue // the operator cancelled its delivery: that decides
+		}
+		got, refused, err := reinject(ctx, l, t, fd, timeout)
+		if err != nil {
+			if ctx.Err() != nil {
+				return rj, fmt.Errorf("replay: %w", ctx.Err())
+			}
+			msg := fmt.Sprintf("re-inject front-door message %d (undo id %s, Message-Id %s, %q) through Postfix at %s: %v",
+				seq, fd.args.UndoID, fd.args.Header.MessageID, fd.args.Header.Subject, t.ReinjectAddr, err)
+			t.Logger.Warn("replay: re-injection failed; its deliveries replay as recorded", "seq", seq, "undo_id", fd.args.UndoID, "err", err)
+			rj.failed = append(rj.failed, msg)
+			if !p.NoRecord {
+				b, _ := json.Marshal(ReplayOutcome{Status: "failed", Detail: msg})
+				if err := l.AppendNoSync(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", Ref: seq, Outcome: b}); err != nil {
+					return rj, fmt.Errorf("replay: record the re-injection of %d: %w", seq, err)
+				}
+			}
+			continue
+		}
+		rj.count++
+		tasks, err := rj.plan(ctx, l, fd, got, refused)
+		if err != nil {
+			return rj, err
+		}
+		for s, ts := range tasks {
+			rj.replace[s] = ts
+		}
+	}
+	return rj, nil
+}
+
+// reinject hands one submission to Postfix's replay service as its client
+// handed it to the front door (XCLIENT, envelope, message with the front
+// door's Undomail-Id) and waits, at most timeout, for Postfix to deliver
+// it to the capture. refused is Postfix's reply when it refused the
+// message outright (no recipient accepted, or refused at the end of DATA).
+func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, timeout time.Duration) (got []captured, refused string, err error) {
+	a := fd.args
+	k := t.Capture.expect(a.UndoID)
+	defer t.Capture.forget(a.UndoID)
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	c, err := proxy.DialReinject(dctx, t.ReinjectAddr, a.Client, a.Helo, "undomail-replay", timeout)
+	if err != nil {
+		return nil, "", err
+	}
+	defer c.Close()
+	opts := &smtp.MailOptions{Body: smtp.BodyType(a.Body), UTF8: a.SMTPUTF8}
+	if err := c.Mail(a.MailFrom, opts); err != nil {
+		return nil, "", fmt.Errorf("MAIL FROM:<%s>: %w", a.MailFrom, err)
+	}
+	var said []string
+	accepted := 0
+	for _, rc := range a.Rcpts {
+		if err := c.Rcpt(rc, nil); err != nil {
+			var se *smtp.SMTPError
+			if errors.As(err, &se) {
+				said = append(said, fmt.Sprintf("<%s> %d %s", rc, se.Code, se.Message))
+				continue
+			}
+			return nil, "", fmt.Errorf("RCPT TO:<%s>: %w", rc, err)
+		}
+		accepted++
+	}
+	if accepted == 0 {
+		c.Reset()
+		c.Quit()
+		return nil, strings.Join(said, "; "), nil
+	}
+	w, err := c.Data()
+	if err != nil {
+		return nil, "", fmt.Errorf("DATA: %w", err)
+	}
+	body, err := l.OpenBlob(fd.sub.Blob)
+	if err != nil {
+		return nil, "", fmt.Errorf("open the front door's message blob: %w", err)
+	}
+	defer body.Close()
+	// The front door's id, as the front door stamped it when it forwarded
+	// the message the first time (proxy.TraceHeader): the capture links
+	// Postfix's deliveries to it.
+	if _, err := fmt.Fprintf(w, "%s: %s\r\n", proxy.TraceHeader, a.UndoID); err != nil {
+		return nil, "", fmt.Errorf("send message: %w", err)
+	}
+	if _, err := io.Copy(w, body); err != nil {
+		return nil, "", fmt.Errorf("send message: %w", err)
+	}
+	if err := w.Close(); err != nil {
+		var se *smtp.SMTPError
+		if errors.As(err, &se) && se.Code >= 500 {
+			return nil, fmt.Sprintf("%d %s", se.Code, se.Message), nil
+		}
+		return nil, "", fmt.Errorf("end of DATA: %w", err)
+	}
+	c.Quit()
+	select {
+	case <-k.arrived:
+	case <-dctx.Done():
+		if ctx.Err() != nil {
+			return nil, "", ctx.Err()
+		}
+		return nil, "", fmt.Errorf("Postfix accepted it but delivered nothing to the capture within %s "+
+			"(is the replay service's content_filter the capture's address? see docs/operations.md)", timeout)
+	}
+	return t.Capture.take(k), "", nil
+}
+
+// plan turns what Postfix delivered now into the tasks that replace the
+// first run's deliveries of the message, and records the re-injection.
+// A recipient that had the message and still gets it gets the new
+// delivery in place of the old one; one that had it and does not get it
+// now loses it (rerouted, or refused if Postfix delivers it nowhere
+// here); one that gets it only now gets it where the first delivery was
+// in the log.
+func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, got []captured, refused string) (map[int64][]task, error) {
+	type newRcpt struct {
+		rcpt string
+		verb undolog.Verb // the delivery to make: the capture's args and blob
+	}
+	byAddr := map[string]*newRcpt{}
+	var addrs []string
+	for _, g := range got {
+		rec := &undolog.Record{Kind: KindReplay, Session: "replay", Ref: fd.sub.Seq}
+		for _, rc := range g.args.Rcpts {
+			rec.Users = append(rec.Users, UserOf(rc))
+		}
+		rec.Args, _ = json.Marshal(g.args)
+		rec.Outcome, _ = json.Marshal(ReplayOutcome{Status: StatusReinjected,
+			Detail: "the repaired Postfix delivered it to " + strings.Join(angle(g.args.Rcpts), ", ")})
+		rec.AttachBlob(g.blob)
+		if err := l.AppendNoSync(ctx, rec); err != nil {
+			return nil, fmt.Errorf("replay: record the re-injection of %d: %w", fd.sub.Seq, err)
+		}
+		for _, rc := range g.args.Rcpts {
+			key := strings.ToLower(rc)
+			if byAddr[key] != nil {
+				continue
+			}
+			a := g.args
+			a.Rcpts = []string{rc}
+			v := undolog.Verb{Record: *rec}
+			v.Kind = proxy.KindLMTPDeliver
+			v.Args, _ = json.Marshal(a)
+			byAddr[key] = &newRcpt{rcpt: rc, verb: v}
+			addrs = append(addrs, rc)
+		}
+	}
+	sort.Strings(addrs)
+	now := "the repaired mail system delivered it to " + strings.Join(angle(addrs), ", ") + " instead"
+	lost := ReplayOutcome{Status: StatusRerouted, Detail: now}
+	if len(addrs) == 0 {
+		lost = ReplayOutcome{Status: StatusRefused, Detail: "the repaired mail system refused it: " + refused}
+	}
+	out := map[int64][]task{}
+	used := map[string]bool{}
+	for _, d := range fd.first {
+		ts, _ := split(d)
+		repl := []task{}
+		for _, tk := range ts {
+			key := strings.ToLower(tk.rcpt)
+			if n := byAddr[key]; n != nil && !used[key] {
+				used[key] = true
+				v := n.verb
+				v.Seq = d.Seq // replayed in place of this delivery
+				repl = append(repl, task{v: v, rcpt: n.rcpt})
+				continue
+			}
+			fixed := lost
+			repl = append(repl, task{v: d, rcpt: tk.rcpt, fixed: &fixed})
+		}
+		out[d.Seq] = repl
+	}
+	// Recipients only the repaired Postfix delivers to: in the place of
+	// the first delivery, recorded against the submission.
+	first := fd.first[0].Seq
+	for _, rc := range addrs {
+		key := strings.ToLower(rc)
+		if used[key] {
+			continue
+		}
+		v := byAddr[key].verb
+		v.Seq = fd.sub.Seq
+		out[first] = append(out[first], task{v: v, rcpt: rc})
+	}
+	return out, nil
+}
+
+func angle(addrs []string) []string {
+	out := make([]string, len(addrs))
+	for i, a := range addrs {
+		out[i] = "<" + a + ">"
+	}
+	return out
+}
