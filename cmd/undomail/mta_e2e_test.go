@@ -1,0 +1,276 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-imap/v2"
+	"github.com/emersion/go-imap/v2/imapclient"
+	"github.com/emersion/go-message/mail"
+	"github.com/emersion/go-smtp"
+
+	"github.com/undomail/undomail/compensate"
+	"github.com/undomail/undomail/internal/mailstack"
+	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
+)
+
+// TestMisrouteRepairedThroughPostfix is issue 15's first scenario, as an
+// operator runs it: a virtual alias sends bob's mail to carol for a
+// while; carol reads two of the five messages through undomail. The
+// operator rewinds with --hold, removes the alias, reloads Postfix and
+// replays: the replay hands the front door's mail to Postfix's replay
+// service again, so bob has every message once and carol none; carol's
+// digest explains exactly the two she read, and the operator notice lists
+// them as exposure. The replay's verdict is OK.
+func TestMisrouteRepairedThroughPostfix(t *testing.T) {
+	ctx := context.Background()
+	st := mailstacktest.Start(t, mailstack.Options{})
+	s := newServer(t, st)
+	cfg := repairConfig(t, st)
+	f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(f, "smtp:\n  replay_upstream: %s\ncompensation:\n  operator: alice@%s\n", st.ReplaySMTPAddr, st.Domain)
+	f.Close()
+	s.extra = []string{"--config", cfg}
+	s.start()
+	if err := st.SetLMTPRelay(ctx, s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
+	if err != nil {
+		t.Fatalf("snapshot: %v %s", err, out)
+	}
+	snap := strings.Fields(out)[1]
+
+	// The mistake: bob's mail goes to carol.
+	bob, carol := "bob@"+st.Domain, "carol@"+st.Domain
+	if err := st.SetVirtualAliases(ctx, map[string]string{bob: carol}); err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for i := 1; i <= 5; i++ {
+		id := fmt.Sprintf("m%d@client.test", i)
+		ids = append(ids, id)
+		msg := fmt.Sprintf("From: Dana <dana@client.test>\r\nTo: <%s>\r\nSubject: For bob %d\r\nMessage-Id: <%s>\r\n\r\nfor bob only\r\n", bob, i, id)
+		if err := sendTo(s.smtpAddr, "dana@client.test", bob, msg); err != nil {
+			t.Fatalf("send %s: %v", id, err)
+		}
+	}
+	waitMessages(t, st, "carol", ids)
+	if got, err := inboxMessageIDs(st, "bob"); err != nil || len(got) != 0 {
+		t.Fatalf("bob's INBOX while the alias is there: %v, %v; want empty", got, err)
+	}
+	// carol reads two of them through undomail.
+	read := []string{ids[1], ids[3]}
+	c, err := imapclient.DialInsecure(s.imapAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Login("carol", st.Password("carol")).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range read {
+		found, err := c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: "Message-Id", Value: id}}}, nil).Wait()
+		if err != nil || len(found.AllUIDs()) != 1 {
+			t.Fatalf("find %s in carol's INBOX: %v %v", id, found, err)
+		}
+		if _, err := c.Fetch(imap.UIDSetNum(found.AllUIDs()[0]), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Logout().Wait()
+	c.Close()
+
+	// The repair: rewind and hold, remove the alias, replay.
+	if out, err := run(t, "rewind", "--data-dir", s.dataDir, "--to", snap, "--hold", "--yes"); err != nil {
+		t.Fatalf("rewind --hold: %v %s", err, out)
+	}
+	if err := st.SetVirtualAliases(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	out, err = run(t, "replay", "--data-dir", s.dataDir)
+	if err != nil || !strings.Contains(out, `"Reinjected":5`) || !strings.Contains(out, `"Failed":0`) {
+		b, _ := os.ReadFile(s.logPath)
+		t.Fatalf("replay (the verdict must be OK): %v\n%s\n%s", err, out, tail(string(b), 40))
+	}
+
+	bobHas, err := inboxMessageIDs(st, "bob")
+	if err != nil {
+		t.Fatal(err)
+	}
+	carolHas, err := inboxMessageIDs(st, "carol")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if bobHas[id] != 1 || carolHas[id] != 0 {
+			t.Errorf("%s: bob has it %d times, carol %d; want 1 and 0", id, bobHas[id], carolHas[id])
+		}
+	}
+	if len(bobHas) != 5 {
+		t.Errorf("bob's INBOX after the replay: %v; want exactly the five messages", bobHas)
+	}
+
+	// carol is told about exactly the two she read.
+	js, err := run(t, "compensations", "--data-dir", s.dataDir, "--json")
+	if err != nil {
+		t.Fatalf("compensations --json: %v\n%s", err, js)
+	}
+	var toCarol, toOperator *compensationJSON
+	for _, line := range strings.Split(strings.TrimSpace(js), "\n") {
+		var cj compensationJSON
+		if err := json.Unmarshal([]byte(line), &cj); err != nil {
+			t.Fatalf("compensations --json line %q: %v", line, err)
+		}
+		switch {
+		case cj.Audience == compensate.AudienceUser && cj.User == "carol":
+			toCarol = &cj
+		case cj.Audience == compensate.AudienceOperator:
+			toOperator = &cj
+		default:
+			t.Errorf("unexpected compensation: %s", line)
+		}
+	}
+	if toCarol == nil || toOperator == nil || !toCarol.Delivered || !toOperator.Delivered {
+		t.Fatalf("want a delivered digest for carol and a delivered operator notice:\n%s", js)
+	}
+	var told []string
+	for _, p := range toCarol.Paradoxes {
+		if p.Kind != compensate.Misdelivered || p.Message == nil {
+			t.Errorf("carol's paradox %+v: want kind misdelivered with its message", p)
+			continue
+		}
+		told = append(told, p.Message.MessageID)
+	}
+	if fmt.Sprint(told) != fmt.Sprint([]string{"<" + read[0] + ">", "<" + read[1] + ">"}) {
+		t.Errorf("carol was told about %v; want exactly the two she read, %v", told, read)
+	}
+	digest := messageText(t, st, "carol", compensate.DefaultSubject)
+	for i, id := range ids {
+		subj := fmt.Sprintf("For bob %d", i+1)
+		wantIn := id == read[0] || id == read[1]
+		if strings.Contains(digest, subj) != wantIn {
+			t.Errorf("carol's digest mentions %q: %v, want %v:\n%s", subj, !wantIn, wantIn, digest)
+		}
+	}
+	if !strings.Contains(digest, "not meant for you") {
+		t.Errorf("carol's digest does not say the mail was not meant for her:\n%s", digest)
+	}
+	notice := messageText(t, st, "alice", "undomail: cycle")
+	for _, id := range read {
+		if !strings.Contains(notice, "exposure: carol read") || !strings.Contains(notice, "<"+id+">") {
+			t.Errorf("the operator notice does not list carol's exposure to %s:\n%s", id, notice)
+		}
+	}
+	for _, id := range []string{ids[0], ids[2], ids[4]} {
+		if strings.Contains(notice, "<"+id+">") {
+			t.Errorf("the operator notice lists %s, which nobody read:\n%s", id, notice)
+		}
+	}
+	s.stop()
+}
+
+// sendTo sends one message without TLS from one sender to one recipient.
+func sendTo(addr, from, to, msg string) error {
+	c, err := smtp.Dial(addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if err := c.SendMail(from, []string{to}, strings.NewReader(msg)); err != nil {
+		return err
+	}
+	c.Quit()
+	return nil
+}
+
+// waitMessages waits until user's INBOX holds each Message-Id once.
+func waitMessages(t *testing.T, st *mailstack.Stack, user string, msgIDs []string) {
+	t.Helper()
+	for deadline := time.Now().Add(60 * time.Second); ; {
+		got, _ := inboxMessageIDs(st, user)
+		n := 0
+		for _, id := range msgIDs {
+			if got[id] == 1 {
+				n++
+			}
+		}
+		if n == len(msgIDs) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s's INBOX holds %v; want %v", user, got, msgIDs)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// messageText returns the text of the one message in user's INBOX whose
+// subject starts with prefix (its text/plain part, decoded).
+func messageText(t *testing.T, st *mailstack.Stack, user, prefix string) string {
+	t.Helper()
+	c, err := imapclient.DialInsecure(st.IMAPAddr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Login(user, st.Password(user)).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	msgs, err := c.Fetch(seqAll(), &imap.FetchOptions{Envelope: true, BodySection: []*imap.FetchItemBodySection{{Peek: true}}}).Collect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var texts []string
+	for _, m := range msgs {
+		if m.Envelope == nil || !strings.HasPrefix(m.Envelope.Subject, prefix) {
+			continue
+		}
+		var raw []byte
+		for _, b := range m.BodySection {
+			raw = b.Bytes
+		}
+		r, err := mail.CreateReader(strings.NewReader(string(raw)))
+		if err != nil {
+			t.Fatalf("read %s's message %q: %v", user, m.Envelope.Subject, err)
+		}
+		for {
+			p, err := r.NextPart()
+			if err != nil {
+				break
+			}
+			if h, ok := p.Header.(*mail.InlineHeader); ok {
+				if ct, _, _ := h.ContentType(); ct == "text/plain" {
+					b, _ := io.ReadAll(p.Body)
+					texts = append(texts, string(b))
+				}
+			}
+		}
+	}
+	if len(texts) != 1 {
+		t.Fatalf("%s's INBOX holds %d messages with a subject starting %q; want 1", user, len(texts), prefix)
+	}
+	return strings.Join(strings.Fields(texts[0]), " ") // unwrapped
+}
+
+func tail(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
