@@ -269,7 +269,7 @@ func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, time
 		if ctx.Err() != nil {
 			return nil, "", ctx.Err()
 		}
-		return nil, "", fmt.Errorf("Postfix accepted it but delivered nothing to the capture within %s "+
+		return nil, "", fmt.Errorf("accepted by Postfix, but nothing delivered to the capture within %s "+
 			"(is the replay service's content_filter the capture's address? see docs/operations.md)", timeout)
 	}
 	return t.Capture.take(k), "", nil
