@@ -148,6 +148,7 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 		v := d.verbs[seq]
 		switch {
 		case v.Kind == proxy.KindSMTPSubmit:
+			d.checkRefused(v)
 			if err := d.checkSubmission(v); err != nil {
 				return Findings{}, err
 			}
@@ -318,6 +319,34 @@ func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a proxy.Deli
 	msg := messageOf(a)
 	d.out = append(d.out, Paradox{Kind: DeliveryLost, User: sender, Verb: verb, VerbKind: kind, Message: &msg,
 		Rcpt: rcpt, Seen: at, Now: removalText(out), Observed: true})
+}
+
+// checkRefused: a message Postfix refused (5xx) the first time, its
+// sender told so, that the repaired Postfix accepted on replay (replay
+// records of the submission with status ok, one per recipient user): the
+// recipient has mail they never knew of, and the sender was told
+// something that is no longer true.
+func (d *detector) checkRefused(v undolog.Verb) {
+	var a proxy.DeliveryArgs
+	var o proxy.DeliveryOutcome
+	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil ||
+		o.Reply == nil || o.Reply.Positive() {
+		return
+	}
+	msg := messageOf(a)
+	for _, r := range d.replays[v.Seq] {
+		rcpt, ok := strings.CutPrefix(r.out.Detail, "re-delivered to ")
+		if r.out.Status != "ok" || r.user == "" || !ok {
+			continue
+		}
+		sender := a.MailFrom
+		if sender == "" {
+			sender = "the null sender (a bounce)"
+		}
+		d.out = append(d.out, Paradox{Kind: RefusedByMistake, User: r.user, Verb: v.Seq, VerbKind: v.Kind, Message: &msg,
+			Rcpt: rcpt, Action: sender, Seen: v.Time, Observed: true,
+			Now: fmt.Sprintf("its sender <%s> was told %q", a.MailFrom, o.Reply.String())})
+	}
 }
 
 // movedTo parses the folder out of a filter's "filed into FOLDER by

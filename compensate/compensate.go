@@ -68,10 +68,15 @@ const (
 	// mailbox. The operator notice lists it as exposure: which message,
 	// seen by whom, when.
 	Misdelivered Kind = "misdelivered"
+	// RefusedByMistake: mail to the user was refused (5xx) during the bad
+	// period, its sender told it could not be delivered; the repaired
+	// mail system accepted it on replay and it is in the user's mailbox
+	// now. The operator notice lists the sender who was told 5xx.
+	RefusedByMistake Kind = "refused_by_mistake"
 )
 
 // Kinds lists every paradox kind, in the order digests present them.
-var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored, Misdelivered}
+var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored, Misdelivered, RefusedByMistake}
 
 // Policy says what is done about an observed paradox of a kind.
 type Policy string
@@ -108,15 +113,16 @@ func ParsePolicy(s string) (Policy, error) {
 // explained.
 func DefaultPolicies() map[Kind]Policy {
 	return map[Kind]Policy{
-		ReadRemoved:     Explain,
-		ReadMoved:       Ignore,
-		ReadChanged:     Explain,
-		DeliveryLost:    Explain,
-		ActionFailed:    Explain,
-		SentOnwards:     Explain,
-		ActionCancelled: Ignore,
-		Restored:        Explain,
-		Misdelivered:    Explain,
+		ReadRemoved:      Explain,
+		ReadMoved:        Ignore,
+		ReadChanged:      Explain,
+		DeliveryLost:     Explain,
+		ActionFailed:     Explain,
+		SentOnwards:      Explain,
+		ActionCancelled:  Ignore,
+		Restored:         Explain,
+		Misdelivered:     Explain,
+		RefusedByMistake: Explain,
 	}
 }
 

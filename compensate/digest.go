@@ -72,8 +72,13 @@ func BuildNotice(l Letter) ([]byte, error) {
 		if who == "" {
 			who = "a sender outside"
 		}
-		if p.Kind == Misdelivered {
+		switch p.Kind {
+		case Misdelivered:
 			items = append(items, exposure(p))
+			continue
+		case RefusedByMistake:
+			items = append(items, fmt.Sprintf("[%s] sender %s was refused on %s: %s to <%s> (undo id %s); %s. After the repair it is in %s's mailbox.",
+				p.Kind, p.Action, when(p.Seen), describeMessage(p.Message), p.Rcpt, messageID(p.Message), p.Now, p.User))
 			continue
 		}
 		items = append(items, fmt.Sprintf("[%s] %s, verb %d (%s): %s", p.Kind, who, p.Verb, p.VerbKind, explain(p)))
@@ -104,6 +109,13 @@ func exposure(p Paradox) string {
 	}
 	return fmt.Sprintf("[%s] exposure: %s read %s%s on %s, delivered by verb %d (%s); %s.",
 		p.Kind, p.User, describeMessage(p.Message), id, when(p.Seen), p.Verb, p.VerbKind, p.Now)
+}
+
+func messageID(m *Message) string {
+	if m == nil {
+		return ""
+	}
+	return m.UndoID
 }
 
 // why is the repair's reason, in the operator's words when given.
@@ -179,6 +191,9 @@ func explain(p Paradox) string {
 		return fmt.Sprintf("On %s you read %s. It was not meant for you: the mail system delivered it to you by mistake, "+
 			"and after the repair %s. It is no longer in your mailbox; please treat what you read as confidential.",
 			when(p.Seen), msg, p.Now)
+	case RefusedByMistake:
+		return fmt.Sprintf("On %s %s, addressed to you, was refused by mistake (%s). After the repair it was delivered: "+
+			"it is in your mailbox now.", when(p.Seen), msg, p.Now)
 	case Restored:
 		return fmt.Sprintf("On %s you were told that %s had been removed. It is back in your mailbox: %s.", when(p.Seen), msg, p.Now)
 	}

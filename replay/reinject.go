@@ -121,6 +121,9 @@ type frontDoor struct {
 	sub   undolog.Verb
 	args  proxy.DeliveryArgs
 	first []undolog.Verb // its lmtp.deliver verbs, in log order
+	// refused: Postfix refused it permanently (5xx) the first time, and
+	// its sender was told so. The repaired Postfix may accept it now.
+	refused bool
 }
 
 // reinjectAll hands every front-door submission of the replayed period
@@ -142,10 +145,15 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 			var a proxy.DeliveryArgs
 			var o proxy.DeliveryOutcome
 			if v.Blob == "" || v.Outcome == nil || json.Unmarshal(v.Args, &a) != nil ||
-				json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil || !o.Reply.Positive() {
+				json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil || len(a.Rcpts) == 0 {
 				continue
 			}
-			subs[v.Seq] = &frontDoor{sub: v, args: a}
+			// A 4xx the sender retries: the retry is a submission of its
+			// own. Only a final answer decided the message's fate.
+			if !o.Reply.Positive() && o.Reply.Code < 500 {
+				continue
+			}
+			subs[v.Seq] = &frontDoor{sub: v, args: a, refused: !o.Reply.Positive()}
 			order = append(order, v.Seq)
 		case proxy.KindLMTPDeliver:
 			var a proxy.DeliveryArgs
@@ -164,7 +172,7 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 	}
 	for _, seq := range order {
 		fd := subs[seq]
-		if len(fd.first) == 0 || cancelled(seq) {
+		if (len(fd.first) == 0 && !fd.refused) || cancelled(seq) {
 			continue // nothing was delivered here, or it was called off
 		}
 		if slices.ContainsFunc(fd.first, func(v undolog.Verb) bool { return cancelled(v.Seq) }) {
@@ -341,8 +349,12 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 		out[d.Seq] = repl
 	}
 	// Recipients only the repaired Postfix delivers to: in the place of
-	// the first delivery, recorded against the submission.
-	first := fd.first[0].Seq
+	// the first delivery (of the submission, if Postfix refused it the
+	// first time), recorded against the submission.
+	first := fd.sub.Seq
+	if len(fd.first) > 0 {
+		first = fd.first[0].Seq
+	}
 	for _, rc := range addrs {
 		key := strings.ToLower(rc)
 		if used[key] {

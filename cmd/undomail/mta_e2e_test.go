@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -30,25 +31,7 @@ import (
 // them as exposure. The replay's verdict is OK.
 func TestMisrouteRepairedThroughPostfix(t *testing.T) {
 	ctx := context.Background()
-	st := mailstacktest.Start(t, mailstack.Options{})
-	s := newServer(t, st)
-	cfg := repairConfig(t, st)
-	f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(f, "smtp:\n  replay_upstream: %s\ncompensation:\n  operator: alice@%s\n", st.ReplaySMTPAddr, st.Domain)
-	f.Close()
-	s.extra = []string{"--config", cfg}
-	s.start()
-	if err := st.SetLMTPRelay(ctx, s.lmtpAdr); err != nil {
-		t.Fatal(err)
-	}
-	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
-	if err != nil {
-		t.Fatalf("snapshot: %v %s", err, out)
-	}
-	snap := strings.Fields(out)[1]
+	st, s, snap := mtaServer(t)
 
 	// The mistake: bob's mail goes to carol.
 	bob, carol := "bob@"+st.Domain, "carol@"+st.Domain
@@ -99,7 +82,7 @@ func TestMisrouteRepairedThroughPostfix(t *testing.T) {
 	if err := st.SetVirtualAliases(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
-	out, err = run(t, "replay", "--data-dir", s.dataDir)
+	out, err := run(t, "replay", "--data-dir", s.dataDir)
 	if err != nil || !strings.Contains(out, `"Reinjected":5`) || !strings.Contains(out, `"Failed":0`) {
 		b, _ := os.ReadFile(s.logPath)
 		t.Fatalf("replay (the verdict must be OK): %v\n%s\n%s", err, out, tail(string(b), 40))
@@ -177,6 +160,115 @@ func TestMisrouteRepairedThroughPostfix(t *testing.T) {
 		if strings.Contains(notice, "<"+id+">") {
 			t.Errorf("the operator notice lists %s, which nobody read:\n%s", id, notice)
 		}
+	}
+	s.stop()
+}
+
+// mtaServer starts a private stack and undomail serve in front of it,
+// set up for cycles through Postfix's replay service, with the operator
+// notice going to alice, and takes a snapshot.
+func mtaServer(t *testing.T) (st *mailstack.Stack, s *server, snap string) {
+	t.Helper()
+	st = mailstacktest.Start(t, mailstack.Options{})
+	s = newServer(t, st)
+	cfg := repairConfig(t, st)
+	f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(f, "smtp:\n  replay_upstream: %s\ncompensation:\n  operator: alice@%s\n", st.ReplaySMTPAddr, st.Domain)
+	f.Close()
+	s.extra = []string{"--config", cfg}
+	s.start()
+	if err := st.SetLMTPRelay(context.Background(), s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
+	if err != nil {
+		t.Fatalf("snapshot: %v %s", err, out)
+	}
+	return st, s, strings.Fields(out)[1]
+}
+
+// TestRefusedByMistakeDeliveredByACycle is issue 15's reject-rule
+// scenario: a header check refuses bob's invoices for a while (the sender
+// is told 550); the operator removes it and runs a cycle. The two
+// messages are delivered once, bob's digest tells him of them, and the
+// operator notice lists the sender who was told 5xx.
+func TestRefusedByMistakeDeliveredByACycle(t *testing.T) {
+	ctx := context.Background()
+	st, s, snap := mtaServer(t)
+	if err := st.SetHeaderChecks(ctx, "/^Subject: .*[Ii]nvoice/ REJECT 5.7.1 looks like spam\n"); err != nil {
+		t.Fatal(err)
+	}
+	bob := "bob@" + st.Domain
+	ids := []string{"inv1@client.test", "inv2@client.test", "note@client.test"}
+	subjects := []string{"Invoice 1", "Invoice 2", "A note"}
+	for i, id := range ids {
+		msg := fmt.Sprintf("From: Dana <dana@client.test>\r\nTo: <%s>\r\nSubject: %s\r\nMessage-Id: <%s>\r\n\r\nplease pay\r\n", bob, subjects[i], id)
+		err := sendTo(s.smtpAddr, "dana@client.test", bob, msg)
+		var se *smtp.SMTPError
+		switch {
+		case i < 2 && (!errors.As(err, &se) || se.Code != 550):
+			t.Fatalf("send %s with the reject rule: %v, want 550", id, err)
+		case i == 2 && err != nil:
+			t.Fatalf("send %s: %v", id, err)
+		}
+	}
+	waitMessages(t, st, "bob", ids[2:])
+	if err := st.SetHeaderChecks(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "cycle", "run", "--data-dir", s.dataDir, "--to", snap, "--reason", "A header check refused invoices.", "--yes")
+	if err != nil || !strings.Contains(out, "verdict: OK") {
+		b, _ := os.ReadFile(s.logPath)
+		t.Fatalf("cycle run: %v\n%s\n%s", err, out, tail(string(b), 40))
+	}
+	has, err := inboxMessageIDs(st, "bob")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if has[id] != 1 {
+			t.Errorf("bob has %s %d times after the cycle, want once: %v", id, has[id], has)
+		}
+	}
+	js, err := run(t, "compensations", "--data-dir", s.dataDir, "--json")
+	if err != nil {
+		t.Fatalf("compensations --json: %v\n%s", err, js)
+	}
+	var told []string
+	notices := 0
+	for _, line := range strings.Split(strings.TrimSpace(js), "\n") {
+		var cj compensationJSON
+		if err := json.Unmarshal([]byte(line), &cj); err != nil {
+			t.Fatalf("compensations --json line %q: %v", line, err)
+		}
+		switch {
+		case cj.Audience == compensate.AudienceUser && cj.User == "bob" && cj.Delivered:
+			for _, p := range cj.Paradoxes {
+				if p.Kind == compensate.RefusedByMistake && p.Message != nil {
+					told = append(told, p.Message.MessageID)
+				}
+			}
+		case cj.Audience == compensate.AudienceOperator && cj.Delivered:
+			notices++
+		default:
+			t.Errorf("unexpected compensation: %s", line)
+		}
+	}
+	if fmt.Sprint(told) != fmt.Sprint([]string{"<" + ids[0] + ">", "<" + ids[1] + ">"}) || notices != 1 {
+		t.Fatalf("bob was told about %v (want the two invoices), %d operator notices (want 1):\n%s", told, notices, js)
+	}
+	digest := messageText(t, st, "bob", compensate.DefaultSubject)
+	for _, subj := range subjects[:2] {
+		if !strings.Contains(digest, subj) || !strings.Contains(digest, "refused by mistake") {
+			t.Errorf("bob's digest does not tell him %q was refused by mistake:\n%s", subj, digest)
+		}
+	}
+	notice := messageText(t, st, "alice", "undomail: cycle")
+	if strings.Count(notice, "sender dana@client.test was refused") != 2 || !strings.Contains(notice, "550") {
+		t.Errorf("the operator notice does not list the sender told 550 for both messages:\n%s", notice)
 	}
 	s.stop()
 }

@@ -60,6 +60,10 @@ type CompensationPolicies struct {
 	// mistake and the repaired mail system delivers it to someone else
 	// (default explain; the operator notice lists it as exposure).
 	Misdelivered string `yaml:"misdelivered"`
+	// RefusedByMistake: mail to the user was refused (5xx) during the bad
+	// period and the repaired mail system delivered it (default explain;
+	// the operator notice lists the senders who were told 5xx).
+	RefusedByMistake string `yaml:"refused_by_mistake"`
 }
 
 // ByKind returns the configured policies by paradox kind name, leaving
@@ -70,6 +74,7 @@ func (p CompensationPolicies) ByKind() map[string]string {
 		"read_removed": p.ReadRemoved, "read_moved": p.ReadMoved, "read_changed": p.ReadChanged,
 		"delivery_lost": p.DeliveryLost, "action_failed": p.ActionFailed, "sent_onwards": p.SentOnwards,
 		"action_cancelled": p.ActionCancelled, "misdelivered": p.Misdelivered,
+		"refused_by_mistake": p.RefusedByMistake,
 	} {
 		if v != "" {
 			out[k] = v

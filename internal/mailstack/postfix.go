@@ -337,6 +337,30 @@ func (s *Stack) SetVirtualAliases(ctx context.Context, aliases map[string]string
 	return nil
 }
 
+// SetHeaderChecks replaces Postfix's header_checks with a regexp table
+// (regexp_table(5) lines, e.g. "/^Subject: .*invoice/ REJECT no") and
+// reloads Postfix; "" removes them.
+func (s *Stack) SetHeaderChecks(ctx context.Context, table string) error {
+	path := filepath.Join(s.postfixConf, "header_checks")
+	if err := os.WriteFile(path, []byte(table), 0o644); err != nil {
+		return fmt.Errorf("write header checks of mail stack %s: %w", s.Dir, err)
+	}
+	value := ""
+	if table != "" {
+		value = "regexp:" + path
+	}
+	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", "header_checks="+value); err != nil {
+		return fmt.Errorf("set header checks of mail stack %s: %w", s.Dir, err)
+	}
+	if err := backdate(s.postfixConf, "main.cf", "header_checks"); err != nil {
+		return fmt.Errorf("set header checks of mail stack %s: %w", s.Dir, err)
+	}
+	if _, err := run(ctx, postfixBin, "-c", s.postfixConf, "reload"); err != nil {
+		return fmt.Errorf("reload postfix of mail stack %s for header checks: %w%s", s.Dir, err, logTail(20, s.PostfixLog()))
+	}
+	return nil
+}
+
 // Flush asks Postfix to retry all deferred mail now (postqueue -f).
 func (s *Stack) Flush(ctx context.Context) error {
 	if _, err := run(ctx, postqueueBin, "-c", s.postfixConf, "-f"); err != nil {
