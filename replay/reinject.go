@@ -46,6 +46,10 @@ const DefaultReinjectTimeout = 2 * time.Minute
 type Capture struct {
 	mu   sync.Mutex
 	want map[string]*catch
+	// late are messages a replay stopped waiting for and replayed as
+	// recorded instead: a delivery Postfix makes of one later is taken
+	// and dropped, or the message would be delivered twice.
+	late map[string]bool
 }
 
 // catch collects the deliveries of one re-injected message.
@@ -76,6 +80,18 @@ func (c *Capture) forget(id string) {
 	delete(c.want, id)
 }
 
+// giveUp forgets a message whose re-injection failed and drops what
+// Postfix may still deliver of it.
+func (c *Capture) giveUp(id string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.want, id)
+	if c.late == nil {
+		c.late = map[string]bool{}
+	}
+	c.late[id] = true
+}
+
 // take returns what has arrived for a message so far.
 func (c *Capture) take(k *catch) []captured {
 	c.mu.Lock()
@@ -88,17 +104,20 @@ func (c *Capture) take(k *catch) []captured {
 func (c *Capture) Collect(_ context.Context, args proxy.DeliveryArgs, blob undolog.BlobRef) *proxy.DeliveryOutcome {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	k := c.want[args.UndoID]
-	if k == nil {
+	text := "taken by undomail's replay"
+	if k := c.want[args.UndoID]; k != nil {
+		k.got = append(k.got, captured{args: args, blob: blob})
+		if len(k.got) == 1 {
+			close(k.arrived)
+		}
+	} else if c.late[args.UndoID] {
+		text = "dropped: undomail's replay gave up waiting for it and replayed its recorded deliveries"
+	} else {
 		return nil
-	}
-	k.got = append(k.got, captured{args: args, blob: blob})
-	if len(k.got) == 1 {
-		close(k.arrived)
 	}
 	out := &proxy.DeliveryOutcome{}
 	for _, rc := range args.Rcpts {
-		out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: rc, Reply: proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: "taken by undomail's replay"}})
+		out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: rc, Reply: proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: text}})
 	}
 	return out
 }
@@ -170,6 +189,50 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 	if timeout <= 0 {
 		timeout = DefaultReinjectTimeout
 	}
+	// Re-injections are pipelined: up to reinjectWindow messages are with
+	// Postfix at once, and each is settled, in log order, when the capture
+	// has it.
+	var pending []inflight
+	defer func() {
+		for _, in := range pending {
+			t.Capture.forget(in.fd.args.UndoID)
+		}
+	}()
+	settle := func(in inflight) error {
+		fd, seq := in.fd, in.fd.sub.Seq
+		defer t.Capture.forget(fd.args.UndoID)
+		var got []captured
+		err := in.err
+		if err == nil && in.wait {
+			got, err = waitCapture(ctx, t.Capture, in.k, in.sent.Add(timeout), timeout)
+		}
+		if err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("replay: %w", ctx.Err())
+			}
+			msg := fmt.Sprintf("re-inject front-door message %d (undo id %s, Message-Id %s, %q) through Postfix at %s: %v",
+				seq, fd.args.UndoID, fd.args.Header.MessageID, fd.args.Header.Subject, t.ReinjectAddr, err)
+			t.Logger.Warn("replay: re-injection failed; its deliveries replay as recorded", "seq", seq, "undo_id", fd.args.UndoID, "err", err)
+			if in.wait {
+				t.Capture.giveUp(fd.args.UndoID)
+			}
+			rj.failed = append(rj.failed, msg)
+			b, _ := json.Marshal(ReplayOutcome{Status: "failed", Detail: msg})
+			if err := l.AppendNoSync(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", Ref: seq, Outcome: b}); err != nil {
+				return fmt.Errorf("replay: record the re-injection of %d: %w", seq, err)
+			}
+			return nil
+		}
+		rj.count++
+		tasks, err := rj.plan(ctx, l, fd, got, in.refused)
+		if err != nil {
+			return err
+		}
+		for s, ts := range tasks {
+			rj.replace[s] = ts
+		}
+		return nil
+	}
 	for _, seq := range order {
 		fd := subs[seq]
 		if (len(fd.first) == 0 && !fd.refused) || cancelled(seq) {
@@ -178,54 +241,58 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 		if slices.ContainsFunc(fd.first, func(v undolog.Verb) bool { return cancelled(v.Seq) }) {
 			continue // the operator cancelled its delivery: that decides
 		}
-		got, refused, err := reinject(ctx, l, t, fd, timeout)
-		if err != nil {
-			if ctx.Err() != nil {
-				return rj, fmt.Errorf("replay: %w", ctx.Err())
+		k := t.Capture.expect(fd.args.UndoID)
+		in := inflight{fd: fd, k: k, sent: time.Now()}
+		in.refused, in.wait, in.err = reinject(ctx, l, t, fd, timeout)
+		pending = append(pending, in)
+		if len(pending) >= reinjectWindow {
+			err := settle(pending[0])
+			pending = pending[1:]
+			if err != nil {
+				return rj, err
 			}
-			msg := fmt.Sprintf("re-inject front-door message %d (undo id %s, Message-Id %s, %q) through Postfix at %s: %v",
-				seq, fd.args.UndoID, fd.args.Header.MessageID, fd.args.Header.Subject, t.ReinjectAddr, err)
-			t.Logger.Warn("replay: re-injection failed; its deliveries replay as recorded", "seq", seq, "undo_id", fd.args.UndoID, "err", err)
-			rj.failed = append(rj.failed, msg)
-			if !p.NoRecord {
-				b, _ := json.Marshal(ReplayOutcome{Status: "failed", Detail: msg})
-				if err := l.AppendNoSync(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", Ref: seq, Outcome: b}); err != nil {
-					return rj, fmt.Errorf("replay: record the re-injection of %d: %w", seq, err)
-				}
-			}
-			continue
 		}
-		rj.count++
-		tasks, err := rj.plan(ctx, l, fd, got, refused)
-		if err != nil {
+	}
+	for _, in := range pending {
+		if err := settle(in); err != nil {
 			return rj, err
-		}
-		for s, ts := range tasks {
-			rj.replace[s] = ts
 		}
 	}
 	return rj, nil
 }
 
+// reinjectWindow bounds how many re-injected messages are with Postfix at
+// once, not yet found at the capture.
+const reinjectWindow = 32
+
+// inflight is a re-injection whose deliveries are awaited.
+type inflight struct {
+	fd      *frontDoor
+	k       *catch
+	sent    time.Time
+	refused string // Postfix refused it outright
+	wait    bool   // Postfix accepted it: wait for the capture
+	err     error
+}
+
 // reinject hands one submission to Postfix's replay service as its client
 // handed it to the front door (XCLIENT, envelope, message with the front
-// door's Undomail-Id) and waits, at most timeout, for Postfix to deliver
-// it to the capture. refused is Postfix's reply when it refused the
-// message outright (no recipient accepted, or refused at the end of DATA).
-func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, timeout time.Duration) (got []captured, refused string, err error) {
+// door's Undomail-Id). wait reports that Postfix accepted it, so its
+// deliveries are to come to the capture; refused is Postfix's reply when
+// it refused the message outright (no recipient accepted, or refused at
+// the end of DATA).
+func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, timeout time.Duration) (refused string, wait bool, err error) {
 	a := fd.args
-	k := t.Capture.expect(a.UndoID)
-	defer t.Capture.forget(a.UndoID)
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	c, err := proxy.DialReinject(dctx, t.ReinjectAddr, a.Client, a.Helo, "undomail-replay", timeout)
 	if err != nil {
-		return nil, "", err
+		return "", false, err
 	}
 	defer c.Close()
 	opts := &smtp.MailOptions{Body: smtp.BodyType(a.Body), UTF8: a.SMTPUTF8}
 	if err := c.Mail(a.MailFrom, opts); err != nil {
-		return nil, "", fmt.Errorf("MAIL FROM:<%s>: %w", a.MailFrom, err)
+		return "", false, fmt.Errorf("MAIL FROM:<%s>: %w", a.MailFrom, err)
 	}
 	var said []string
 	accepted := 0
@@ -236,51 +303,59 @@ func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, time
 				said = append(said, fmt.Sprintf("<%s> %d %s", rc, se.Code, se.Message))
 				continue
 			}
-			return nil, "", fmt.Errorf("RCPT TO:<%s>: %w", rc, err)
+			return "", false, fmt.Errorf("RCPT TO:<%s>: %w", rc, err)
 		}
 		accepted++
 	}
 	if accepted == 0 {
 		c.Reset()
 		c.Quit()
-		return nil, strings.Join(said, "; "), nil
+		return strings.Join(said, "; "), false, nil
 	}
 	w, err := c.Data()
 	if err != nil {
-		return nil, "", fmt.Errorf("DATA: %w", err)
+		return "", false, fmt.Errorf("DATA: %w", err)
 	}
 	body, err := l.OpenBlob(fd.sub.Blob)
 	if err != nil {
-		return nil, "", fmt.Errorf("open the front door's message blob: %w", err)
+		return "", false, fmt.Errorf("open the front door's message blob: %w", err)
 	}
 	defer body.Close()
 	// The front door's id, as the front door stamped it when it forwarded
 	// the message the first time (proxy.TraceHeader): the capture links
 	// Postfix's deliveries to it.
 	if _, err := fmt.Fprintf(w, "%s: %s\r\n", proxy.TraceHeader, a.UndoID); err != nil {
-		return nil, "", fmt.Errorf("send message: %w", err)
+		return "", false, fmt.Errorf("send message: %w", err)
 	}
 	if _, err := io.Copy(w, body); err != nil {
-		return nil, "", fmt.Errorf("send message: %w", err)
+		return "", false, fmt.Errorf("send message: %w", err)
 	}
 	if err := w.Close(); err != nil {
 		var se *smtp.SMTPError
 		if errors.As(err, &se) && se.Code >= 500 {
-			return nil, fmt.Sprintf("%d %s", se.Code, se.Message), nil
+			return fmt.Sprintf("%d %s", se.Code, se.Message), false, nil
 		}
-		return nil, "", fmt.Errorf("end of DATA: %w", err)
+		return "", false, fmt.Errorf("end of DATA: %w", err)
 	}
 	c.Quit()
+	return "", true, nil
+}
+
+// waitCapture waits until the capture has a delivery of a re-injected
+// message, at most until deadline, and returns what it has then.
+func waitCapture(ctx context.Context, c *Capture, k *catch, deadline time.Time, timeout time.Duration) ([]captured, error) {
+	wctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	select {
 	case <-k.arrived:
-	case <-dctx.Done():
+	case <-wctx.Done():
 		if ctx.Err() != nil {
-			return nil, "", ctx.Err()
+			return nil, ctx.Err()
 		}
-		return nil, "", fmt.Errorf("accepted by Postfix, but nothing delivered to the capture within %s "+
+		return nil, fmt.Errorf("accepted by Postfix, but nothing delivered to the capture within %s "+
 			"(is the replay service's content_filter the capture's address? see docs/operations.md)", timeout)
 	}
-	return t.Capture.take(k), "", nil
+	return c.take(k), nil
 }
 
 // plan turns what Postfix delivered now into the tasks that replace the
