@@ -141,8 +141,10 @@ type frontDoor struct {
 	args  proxy.DeliveryArgs
 	first []undolog.Verb // its lmtp.deliver verbs, in log order
 	// refused: Postfix refused it permanently (5xx) the first time, and
-	// its sender was told so. The repaired Postfix may accept it now.
+	// its sender was told so (reply). The repaired Postfix may accept it
+	// now.
 	refused bool
+	reply   string
 }
 
 // reinjectAll hands every front-door submission of the replayed period
@@ -156,35 +158,7 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 		return rj, nil
 	}
 	cancelled := func(seq int64) bool { return p.Cancel[seq] || earlier.cancelled[seq] != 0 }
-	subs := map[int64]*frontDoor{}
-	var order []int64
-	for _, v := range verbs {
-		switch v.Kind {
-		case proxy.KindSMTPSubmit:
-			var a proxy.DeliveryArgs
-			var o proxy.DeliveryOutcome
-			if v.Blob == "" || v.Outcome == nil || json.Unmarshal(v.Args, &a) != nil ||
-				json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil || len(a.Rcpts) == 0 {
-				continue
-			}
-			// A 4xx the sender retries: the retry is a submission of its
-			// own. Only a final answer decided the message's fate.
-			if !o.Reply.Positive() && o.Reply.Code < 500 {
-				continue
-			}
-			subs[v.Seq] = &frontDoor{sub: v, args: a, refused: !o.Reply.Positive()}
-			order = append(order, v.Seq)
-		case proxy.KindLMTPDeliver:
-			var a proxy.DeliveryArgs
-			if json.Unmarshal(v.Args, &a) != nil || a.Submission == 0 || subs[a.Submission] == nil {
-				continue
-			}
-			if ts, skip := split(v); skip || len(ts) == 0 {
-				continue
-			}
-			subs[a.Submission].first = append(subs[a.Submission].first, v)
-		}
-	}
+	subs, order := frontDoors(verbs)
 	timeout := t.ReinjectTimeout
 	if timeout <= 0 {
 		timeout = DefaultReinjectTimeout
@@ -235,11 +209,8 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 	}
 	for _, seq := range order {
 		fd := subs[seq]
-		if (len(fd.first) == 0 && !fd.refused) || cancelled(seq) {
-			continue // nothing was delivered here, or it was called off
-		}
-		if slices.ContainsFunc(fd.first, func(v undolog.Verb) bool { return cancelled(v.Seq) }) {
-			continue // the operator cancelled its delivery: that decides
+		if !fd.reinjectable(cancelled) {
+			continue
 		}
 		k := t.Capture.expect(fd.args.UndoID)
 		in := inflight{fd: fd, k: k, sent: time.Now()}
@@ -259,6 +230,138 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 		}
 	}
 	return rj, nil
+}
+
+// frontDoors finds the front door's submissions among verbs, by seq and
+// in log order, with the local deliveries the first run made of each.
+func frontDoors(verbs []undolog.Verb) (map[int64]*frontDoor, []int64) {
+	subs := map[int64]*frontDoor{}
+	var order []int64
+	for _, v := range verbs {
+		switch v.Kind {
+		case proxy.KindSMTPSubmit:
+			var a proxy.DeliveryArgs
+			var o proxy.DeliveryOutcome
+			if v.Blob == "" || v.Outcome == nil || json.Unmarshal(v.Args, &a) != nil ||
+				json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil || len(a.Rcpts) == 0 {
+				continue
+			}
+			// A 4xx the sender retries: the retry is a submission of its
+			// own. Only a final answer decided the message's fate.
+			if !o.Reply.Positive() && o.Reply.Code < 500 {
+				continue
+			}
+			fd := &frontDoor{sub: v, args: a, refused: !o.Reply.Positive()}
+			if fd.refused {
+				fd.reply = o.Reply.String()
+			}
+			subs[v.Seq] = fd
+			order = append(order, v.Seq)
+		case proxy.KindLMTPDeliver:
+			var a proxy.DeliveryArgs
+			if json.Unmarshal(v.Args, &a) != nil || a.Submission == 0 || subs[a.Submission] == nil {
+				continue
+			}
+			if ts, skip := split(v); skip || len(ts) == 0 {
+				continue
+			}
+			subs[a.Submission].first = append(subs[a.Submission].first, v)
+		}
+	}
+	return subs, order
+}
+
+// reinjectable reports whether a replay hands the submission to Postfix
+// again: the first run delivered it here or Postfix refused it, and
+// neither it nor one of its deliveries is cancelled (the operator's
+// decision stands).
+func (fd *frontDoor) reinjectable(cancelled func(int64) bool) bool {
+	if (len(fd.first) == 0 && !fd.refused) || cancelled(fd.sub.Seq) {
+		return false
+	}
+	return !slices.ContainsFunc(fd.first, func(v undolog.Verb) bool { return cancelled(v.Seq) })
+}
+
+// Route is where a front-door message went: the first time, and after a
+// replay through Postfix (cycle plan and verdict, issue 15).
+type Route struct {
+	Submission  int64    `json:"submission"`
+	UndoID      string   `json:"undo_id"`
+	MessageID   string   `json:"message_id,omitempty"`
+	Subject     string   `json:"subject,omitempty"`
+	AddressedTo []string `json:"addressed_to"`
+	// First are the mailboxes the first run delivered it to; Refused the
+	// reply its sender got when Postfix refused it.
+	First   []string `json:"first,omitempty"`
+	Refused string   `json:"refused,omitempty"`
+	// Now is where the repaired Postfix delivered it, NowStatus
+	// "reinjected", "refused" or "failed" (Failed says why); empty
+	// before a replay.
+	Now       []string `json:"now,omitempty"`
+	NowStatus string   `json:"now_status,omitempty"`
+	Failed    string   `json:"failed,omitempty"`
+}
+
+// Routes lists the front-door messages with after < seq (and seq < before
+// if before > 0) that a replay through Postfix hands to it again, minus
+// cancel, with where each went the first time. With before > 0 it adds
+// where the replay that followed before (a cycle's record) delivered them.
+func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map[int64]bool) ([]Route, error) {
+	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: after})
+	if err != nil {
+		return nil, fmt.Errorf("routes: read the log: %w", err)
+	}
+	if before > 0 {
+		n := sort.Search(len(verbs), func(i int) bool { return verbs[i].Seq >= before })
+		verbs = verbs[:n]
+	}
+	subs, order := frontDoors(verbs)
+	var out []Route
+	index := map[int64]int{}
+	for _, seq := range order {
+		fd := subs[seq]
+		if !fd.reinjectable(func(s int64) bool { return cancel[s] }) {
+			continue
+		}
+		r := Route{Submission: seq, UndoID: fd.args.UndoID, MessageID: fd.args.Header.MessageID, Subject: fd.args.Header.Subject,
+			AddressedTo: fd.args.Rcpts, Refused: fd.reply}
+		for _, d := range fd.first {
+			ts, _ := split(d)
+			for _, tk := range ts {
+				r.First = append(r.First, tk.rcpt)
+			}
+		}
+		index[seq] = len(out)
+		out = append(out, r)
+	}
+	if before <= 0 || len(out) == 0 {
+		return out, nil
+	}
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: before, Kinds: []string{KindReplay}})
+	if err != nil {
+		return nil, fmt.Errorf("routes: read the replay records: %w", err)
+	}
+	for _, rec := range recs {
+		i, ok := index[rec.Ref]
+		if !ok || rec.User != "" {
+			continue
+		}
+		var o ReplayOutcome
+		if json.Unmarshal(rec.Outcome, &o) != nil {
+			continue
+		}
+		switch o.Status {
+		case StatusReinjected:
+			var a proxy.DeliveryArgs
+			if json.Unmarshal(rec.Args, &a) == nil {
+				out[i].Now = append(out[i].Now, a.Rcpts...)
+			}
+			out[i].NowStatus = o.Status
+		case "failed", StatusRefused:
+			out[i].NowStatus, out[i].Failed = o.Status, o.Detail
+		}
+	}
+	return out, nil
 }
 
 // reinjectWindow bounds how many re-injected messages are with Postfix at
@@ -396,6 +499,12 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 			v.Args, _ = json.Marshal(a)
 			byAddr[key] = &newRcpt{rcpt: rc, verb: v}
 			addrs = append(addrs, rc)
+		}
+	}
+	if len(got) == 0 {
+		b, _ := json.Marshal(ReplayOutcome{Status: StatusRefused, Detail: "the repaired mail system refused it: " + refused})
+		if err := l.AppendNoSync(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", Ref: fd.sub.Seq, Outcome: b}); err != nil {
+			return nil, fmt.Errorf("replay: record the re-injection of %d: %w", fd.sub.Seq, err)
 		}
 	}
 	sort.Strings(addrs)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"strings"
@@ -124,6 +125,16 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			verdict, err := c.Cycle(context.Background(), req)
 			stop()
 			printVerdict(out, verdict)
+			var v daemon.CycleVerdict
+			if remote.adminURL == "" && len(p.Reinject) > 0 && json.Unmarshal(verdict, &v) == nil && v.Cycle > 0 {
+				if l, lerr := undolog.OpenReadOnly(dataDir); lerr == nil {
+					routes, rerr := replay.Routes(context.Background(), l, p.AtSeq, v.Cycle, cancelSet(p.cancel))
+					l.Close()
+					if rerr == nil {
+						printRoutes(out, routes, true)
+					}
+				}
+			}
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
 			}
@@ -147,8 +158,12 @@ type cyclePlan struct {
 	// Filtered are the deliveries the filters take away.
 	Filtered []daemon.FilterHit `json:"filtered,omitempty"`
 	// Users, if set, are the only users the cycle rewinds.
-	Users  []string `json:"users,omitempty"`
-	cancel []int64
+	Users []string `json:"users,omitempty"`
+	// Reinject are the front-door messages a replay through Postfix
+	// (smtp.replay_upstream) hands to it again, with where each went the
+	// first time.
+	Reinject []replay.Route `json:"reinject,omitempty"`
+	cancel   []int64
 }
 
 // planFromFlags resolves the cycle's flags against the log and plans it.
@@ -202,7 +217,62 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 	if p.Filtered, err = daemon.PreviewFilters(ctx, l, at, fs); err != nil {
 		return nil, err
 	}
+	if len(users) == 0 { // a cycle for some users replays recorded deliveries
+		if p.Reinject, err = replay.Routes(ctx, l, at, 0, cancelSet(cancelled)); err != nil {
+			return nil, err
+		}
+	}
 	return p, nil
+}
+
+func cancelSet(seqs []int64) map[int64]bool {
+	m := map[int64]bool{}
+	for _, s := range seqs {
+		m[s] = true
+	}
+	return m
+}
+
+// printRoutes lists re-injected mail: where each message went the first
+// time and, after the cycle, where it went this time.
+func printRoutes(w io.Writer, routes []replay.Route, after bool) {
+	if len(routes) == 0 {
+		return
+	}
+	if after {
+		fmt.Fprintln(w, "front-door mail handed to Postfix again, where it went this time:")
+	} else {
+		fmt.Fprintf(w, "%d front-door messages go through Postfix again (if smtp.replay_upstream is set); where each went the first time:\n", len(routes))
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	if after {
+		fmt.Fprintln(tw, "SEQ\tMESSAGE\tFIRST\tNOW")
+	} else {
+		fmt.Fprintln(tw, "SEQ\tMESSAGE\tADDRESSED TO\tFIRST")
+	}
+	for _, r := range routes {
+		msg := r.MessageID
+		if r.Subject != "" {
+			msg += fmt.Sprintf(" %q", r.Subject)
+		}
+		first := strings.Join(r.First, ", ")
+		if r.Refused != "" {
+			first = "refused: " + r.Refused
+		}
+		if !after {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", r.Submission, msg, strings.Join(r.AddressedTo, ", "), first)
+			continue
+		}
+		now := strings.Join(r.Now, ", ")
+		switch r.NowStatus {
+		case "":
+			now = "not re-injected: its recorded deliveries were replayed"
+		case "failed", replay.StatusRefused:
+			now = r.NowStatus + ": " + r.Failed
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", r.Submission, msg, first, now)
+	}
+	tw.Flush()
 }
 
 // onlyUsers keeps the steps of a cycle limited to some users: the verbs
@@ -258,6 +328,7 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	tw.Flush()
 	fmt.Fprintf(w, "%d to replay, %d cancelled, %d without effect (their clients were not told they happened)\n",
 		p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect)
+	printRoutes(w, p.Reinject, false)
 	for _, c := range p.ComesBack {
 		fmt.Fprintf(w, "comes back: %s\n", c)
 	}

@@ -75,6 +75,12 @@ func TestMisrouteRepairedThroughPostfix(t *testing.T) {
 	c.Logout().Wait()
 	c.Close()
 
+	// The plan says where each message went the first time.
+	plan, err := run(t, "cycle", "plan", "--data-dir", s.dataDir, "--to", snap)
+	if err != nil || !strings.Contains(plan, "5 front-door messages go through Postfix again") || strings.Count(plan, bob+"  "+carol) != 5 {
+		t.Fatalf("cycle plan: %v\n%s", err, plan)
+	}
+
 	// The repair: rewind and hold, remove the alias, replay.
 	if out, err := run(t, "rewind", "--data-dir", s.dataDir, "--to", snap, "--hold", "--yes"); err != nil {
 		t.Fatalf("rewind --hold: %v %s", err, out)
@@ -223,6 +229,18 @@ func TestRefusedByMistakeDeliveredByACycle(t *testing.T) {
 	if err != nil || !strings.Contains(out, "verdict: OK") {
 		b, _ := os.ReadFile(s.logPath)
 		t.Fatalf("cycle run: %v\n%s\n%s", err, out, tail(string(b), 40))
+	}
+	// The plan showed where each went the first time, the verdict where
+	// it went this time.
+	for _, id := range ids[:2] {
+		var plan, now bool
+		for _, line := range strings.Split(out, "\n") {
+			plan = plan || strings.Contains(line, "<"+id+">") && strings.Contains(line, "refused: 550")
+			now = now || strings.Contains(line, "<"+id+">") && strings.HasSuffix(strings.TrimSpace(line), bob)
+		}
+		if !plan || !now {
+			t.Errorf("cycle run output: %s first refused listed %v, delivered to %s now listed %v:\n%s", id, plan, bob, now, out)
+		}
 	}
 	has, err := inboxMessageIDs(st, "bob")
 	if err != nil {
