@@ -216,6 +216,11 @@ func TestComposeConfigs(t *testing.T) {
 	if err != nil || !strings.Contains(string(out), "10025      inet  n       -       n") || strings.Contains(string(out), "smtp      inet") {
 		t.Fatalf("master.cf after the image's edits: smtpd must be on 10025 only, without chroot: %v\n%s", err, out)
 	}
+	out, err = exec.Command("postconf", "-c", pdir, "-P", "10026/inet/content_filter", "10026/inet/smtpd_relay_restrictions").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "10026/inet/content_filter = $virtual_transport") ||
+		!strings.Contains(string(out), "10026/inet/smtpd_relay_restrictions = reject_unauth_destination") {
+		t.Fatalf("master.cf after the image's edits: the replay service must send everything to the capture and refuse other domains: %v\n%s", err, out)
+	}
 	out, err = exec.Command("postconf", "-c", pdir, "-n").CombinedOutput()
 	if err != nil || strings.Contains(string(out), "warning") {
 		t.Fatalf("postconf on the compose Postfix main.cf: %v\n%s", err, out)
