@@ -65,7 +65,7 @@ missing ones with apt-get (--yes installs without asking).`,
 			if smtpListen == "127.0.0.1:2525" && !portFree(smtpListen) {
 				smtpListen = "127.0.0.1:0"
 			}
-			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, SMTPListen: smtpListen, Logger: logger})
+			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, SMTPListen: smtpListen, Logger: logger, ReplayThroughPostfix: true})
 			if err != nil {
 				return err
 			}
