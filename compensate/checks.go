@@ -321,7 +321,10 @@ func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a proxy.Deli
 		Rcpt: rcpt, Seen: at, Now: removalText(out), Observed: true})
 }
 
-// checkRefused: a message Postfix refused (5xx) the first time, its
+// checkRefused finds, for a front-door submission, the destinations
+// outside the machine the repaired Postfix delivers it to, which the
+// replay held (held_outside, for the operator); and, for a message
+// Postfix refused (5xx) the first time, its
 // sender told so, that the repaired Postfix accepted on replay (replay
 // records of the submission with status ok, one per recipient user): the
 // recipient has mail they never knew of, and the sender was told
@@ -329,11 +332,25 @@ func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a proxy.Deli
 func (d *detector) checkRefused(v undolog.Verb) {
 	var a proxy.DeliveryArgs
 	var o proxy.DeliveryOutcome
-	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil ||
-		o.Reply == nil || o.Reply.Positive() {
+	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil {
 		return
 	}
 	msg := messageOf(a)
+	for _, r := range d.replays[v.Seq] {
+		if r.out.Status == replay.StatusHeld {
+			rcpt := ""
+			if i := strings.Index(r.out.Detail, "<"); i >= 0 {
+				if j := strings.Index(r.out.Detail[i:], ">"); j > 0 {
+					rcpt = r.out.Detail[i+1 : i+j]
+				}
+			}
+			d.out = append(d.out, Paradox{Kind: HeldOutside, Verb: v.Seq, VerbKind: v.Kind, Message: &msg, Rcpt: rcpt,
+				Seen: v.Time, Now: r.out.Detail, Observed: true})
+		}
+	}
+	if o.Reply.Positive() {
+		return
+	}
 	for _, r := range d.replays[v.Seq] {
 		rcpt, ok := strings.CutPrefix(r.out.Detail, "re-delivered to ")
 		if r.out.Status != "ok" || r.user == "" || !ok {

@@ -73,10 +73,15 @@ const (
 	// mail system accepted it on replay and it is in the user's mailbox
 	// now. The operator notice lists the sender who was told 5xx.
 	RefusedByMistake Kind = "refused_by_mistake"
+	// HeldOutside: the repaired mail system delivers a message to a
+	// destination that is no mailbox here (an alias fixed to point
+	// outside); the replay held it instead of sending it. For the
+	// operator, who decides whether it goes.
+	HeldOutside Kind = "held_outside"
 )
 
 // Kinds lists every paradox kind, in the order digests present them.
-var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored, Misdelivered, RefusedByMistake}
+var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored, Misdelivered, RefusedByMistake, HeldOutside}
 
 // Policy says what is done about an observed paradox of a kind.
 type Policy string
@@ -123,6 +128,7 @@ func DefaultPolicies() map[Kind]Policy {
 		Restored:         Explain,
 		Misdelivered:     Explain,
 		RefusedByMistake: Explain,
+		HeldOutside:      Notify,
 	}
 }
 

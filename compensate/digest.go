@@ -76,6 +76,10 @@ func BuildNotice(l Letter) ([]byte, error) {
 		case Misdelivered:
 			items = append(items, exposure(p))
 			continue
+		case HeldOutside:
+			items = append(items, fmt.Sprintf("[%s] %s (undo id %s), sent on %s: %s. It is in the undo log: undomail log shows the re-injection with the message.",
+				p.Kind, describeMessage(p.Message), messageID(p.Message), when(p.Seen), p.Now))
+			continue
 		case RefusedByMistake:
 			items = append(items, fmt.Sprintf("[%s] sender %s was refused on %s: %s to <%s> (undo id %s); %s. After the repair it is in %s's mailbox.",
 				p.Kind, p.Action, when(p.Seen), describeMessage(p.Message), p.Rcpt, messageID(p.Message), p.Now, p.User))
@@ -191,6 +195,8 @@ func explain(p Paradox) string {
 		return fmt.Sprintf("On %s you read %s. It was not meant for you: the mail system delivered it to you by mistake, "+
 			"and after the repair %s. It is no longer in your mailbox; please treat what you read as confidential.",
 			when(p.Seen), msg, p.Now)
+	case HeldOutside:
+		return fmt.Sprintf("%s, sent on %s: %s.", describeMessage(p.Message), when(p.Seen), p.Now)
 	case RefusedByMistake:
 		return fmt.Sprintf("On %s %s, addressed to you, was refused by mistake (%s). After the repair it was delivered: "+
 			"it is in your mailbox now.", when(p.Seen), msg, p.Now)

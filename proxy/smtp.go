@@ -58,14 +58,19 @@ type SMTPConfig struct {
 	// returns replaces forwarding (the message was dropped or filed
 	// elsewhere); nil forwards as usual.
 	Divert func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
-	// Collect, if set, sees every LMTP delivery linked to a front-door
-	// submission before it is logged or gated: a replay that handed the
-	// submission to Postfix again takes the deliveries Postfix makes of
-	// it (an outcome it returns is the reply, and nothing is logged as a
-	// new delivery); nil goes on as usual. See docs/operations.md,
-	// "Replay through Postfix".
+	// Collect, if set, takes the deliveries of LMTP sessions whose LHLO
+	// name is ReplayLHLO: Postfix's replay service handing back what it
+	// decided for mail a replay gave it again (docs/operations.md,
+	// "Replay through Postfix"). Such a session never reaches the
+	// upstream, is neither gated nor logged as new deliveries, and every
+	// recipient is accepted; Collect's outcome is the reply, nil refuses
+	// the message (no replay waits for it).
 	Collect func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
 }
+
+// ReplayLHLO is the LHLO name of Postfix's lmtp transport for replayed
+// mail (lmtp_lhlo_name in its master.cf entry).
+const ReplayLHLO = "undomail-replay"
 
 // SMTPProxy is a write-ahead SMTP or LMTP relay: for each transaction it
 // logs the envelope and message durably, forwards them, logs the
@@ -330,8 +335,18 @@ func (s *smtpSession) saslClient() sasl.Client {
 	return sasl.NewPlainClient(s.authIdentity, s.authUser, s.authPassword)
 }
 
+// replay reports whether the session is Postfix's replay transport
+// handing back replayed mail (SMTPConfig.Collect): it stays local.
+func (s *smtpSession) replay() bool {
+	return s.p.cfg.LMTP && s.p.cfg.Collect != nil && s.client.helo == ReplayLHLO
+}
+
 // Mail implements smtp.Session.
 func (s *smtpSession) Mail(from string, opts *smtp.MailOptions) error {
+	if s.replay() {
+		s.inTx, s.from, s.mailOpts = false, from, opts
+		return nil
+	}
 	if s.up == nil {
 		if err := s.connect(); err != nil {
 			return err
@@ -348,6 +363,10 @@ func (s *smtpSession) Mail(from string, opts *smtp.MailOptions) error {
 // Rcpt implements smtp.Session. The upstream decides: undomail is never
 // an open relay because it has no relay policy of its own.
 func (s *smtpSession) Rcpt(to string, opts *smtp.RcptOptions) error {
+	if s.replay() {
+		s.rcpts = append(s.rcpts, to)
+		return nil
+	}
 	if s.up == nil {
 		return replyUpstreamLost.smtpError()
 	}
@@ -411,7 +430,7 @@ func (s *smtpSession) LMTPData(r io.Reader, status smtp.StatusCollector) error {
 // for the client. An error return is the reply for the whole transaction.
 func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 	ctx := context.Background()
-	if s.up == nil {
+	if s.up == nil && !s.replay() {
 		return nil, replyUpstreamLost.smtpError()
 	}
 	blob, hdr, err := s.spool(r)
@@ -441,11 +460,15 @@ func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
 			s.Reset()
 			return nil, replyLogUnavailable.smtpError()
 		}
-		if args.Submission != 0 && s.p.cfg.Collect != nil {
-			if out := s.p.cfg.Collect(ctx, args, blob); out != nil {
-				s.logger.Info("taken for replay", "undo_id", args.UndoID, "rcpts", len(args.Rcpts), "reply", out.Summary())
-				return out, nil
+		if s.replay() {
+			out := s.p.cfg.Collect(ctx, args, blob)
+			s.Reset()
+			if args.Submission == 0 || out == nil {
+				s.logger.Warn("replayed delivery refused: no replay waits for it", "undo_id", args.UndoID)
+				return nil, &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "no undomail replay waits for this message"}
 			}
+			s.logger.Info("taken for replay", "undo_id", args.UndoID, "rcpts", len(args.Rcpts), "reply", out.Summary())
+			return out, nil
 		}
 	}
 	if args.UndoID == "" {

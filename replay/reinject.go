@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"slices"
 	"sort"
 	"strings"
@@ -31,6 +32,11 @@ const (
 	// front-door submission: its Args are the delivery Postfix made (a
 	// proxy.DeliveryArgs), its blob the message as Postfix delivered it.
 	StatusReinjected = "reinjected"
+	// StatusHeld: the repaired Postfix delivers the message to a
+	// destination that is no mailbox here (an alias fixed to point
+	// outside). A replay never sends mail off the machine: it is held for
+	// the operator, who finds it in the re-injection's record.
+	StatusHeld = "held"
 )
 
 // DefaultReinjectTimeout bounds how long a replay waits for Postfix to
@@ -546,9 +552,45 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 		}
 		v := byAddr[key].verb
 		v.Seq = fd.sub.Seq
-		out[first] = append(out[first], task{v: v, rcpt: rc})
+		out[first] = append(out[first], task{v: v, rcpt: rc, outside: true})
 	}
 	return out, nil
+}
+
+// heldOutside asks Dovecot's LMTP whether a destination only the
+// repaired Postfix delivers to is a mailbox here (RCPT, then RSET). One
+// that is not would leave the machine, which a replay never does: it is
+// held for the operator. A zero outcome means deliver it.
+func heldOutside(ctx context.Context, t Target, tk task) (ReplayOutcome, error) {
+	var a proxy.DeliveryArgs
+	if err := json.Unmarshal(tk.v.Args, &a); err != nil {
+		return ReplayOutcome{}, fmt.Errorf("delivery args: %w", err)
+	}
+	conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", t.LMTPAddr)
+	if err != nil {
+		return ReplayOutcome{}, err
+	}
+	c := smtp.NewClientLMTP(conn)
+	defer c.Close()
+	if err := c.Hello("undomail-replay"); err != nil {
+		return ReplayOutcome{}, err
+	}
+	if err := c.Mail(a.MailFrom, nil); err != nil {
+		return ReplayOutcome{}, err
+	}
+	err = c.Rcpt(tk.rcpt, nil)
+	var se *smtp.SMTPError
+	switch {
+	case err == nil:
+		c.Reset()
+		c.Quit()
+		return ReplayOutcome{}, nil
+	case errors.As(err, &se) && se.Code >= 500:
+		c.Quit()
+		return ReplayOutcome{Status: StatusHeld, Detail: fmt.Sprintf("the repaired mail system delivers it to <%s>, which is no mailbox here "+
+			"(%d %s): held for the operator, not sent", tk.rcpt, se.Code, se.Message)}, nil
+	}
+	return ReplayOutcome{}, fmt.Errorf("RCPT %s: %w", tk.rcpt, err)
 }
 
 func angle(addrs []string) []string {

@@ -121,8 +121,10 @@ type Result struct {
 	// expunged and were given a new one.
 	Restored, Renumbered int
 	// Reinjected counts front-door messages handed to Postfix again
-	// (reinject.go); a re-injection that failed counts in Failed.
-	Reinjected int
+	// (reinject.go); a re-injection that failed counts in Failed. Held
+	// counts deliveries the repaired Postfix made to a destination that
+	// is no mailbox here: held for the operator, not sent.
+	Reinjected, Held int
 	// Verify compares the store after the replay with what the log
 	// predicts.
 	Verify Verification
@@ -141,6 +143,9 @@ type task struct {
 	// fixed is the outcome of a delivery a re-injection replaced that is
 	// not made again (reinject.go).
 	fixed *ReplayOutcome
+	// outside: a destination only the repaired Postfix delivers to; if
+	// Dovecot has no such mailbox, it is held, not failed (reinject.go).
+	outside bool
 }
 
 // Replay re-executes the logged verbs with After < seq < Before against
@@ -277,6 +282,8 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 						res.Repaired++
 					case out.Status == "cancelled":
 						res.Cancelled++
+					case out.Status == StatusHeld:
+						res.Held++
 					}
 					mu.Unlock()
 					if out.Status != "skipped" && !p.NoRecord {
@@ -313,7 +320,15 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					if tk.rcpt != "" && tk.cancel == "" && tk.fixed == nil && ctx.Err() == nil {
 						// A run of deliveries is sent in one LMTP session and
 						// found in the store at once (flush).
-						out, deferred, err := r.queueDelivery(ctx, tk)
+						var out ReplayOutcome
+						var deferred bool
+						var err error
+						if tk.outside {
+							out, err = heldOutside(ctx, t, tk)
+						}
+						if out.Status == "" && err == nil {
+							out, deferred, err = r.queueDelivery(ctx, tk)
+						}
 						if !deferred && !record(tk, out, err) {
 							stopped = true
 							break

@@ -384,3 +384,71 @@ func tail(s string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// TestRepairPointingOutsideIsHeld: issue 15's "nothing leaves the machine
+// twice". bob's mail went to carol by mistake; the operator's repair
+// points bob's alias at an address outside. The replay through Postfix
+// takes carol's copies away, but sends nothing out: the two deliveries to
+// the outside address are held, the operator notice lists them, and
+// Postfix's log shows them only as taken by undomail's capture.
+func TestRepairPointingOutsideIsHeld(t *testing.T) {
+	ctx := context.Background()
+	st, s, snap := mtaServer(t)
+	bob, carol, outside := "bob@"+st.Domain, "carol@"+st.Domain, "robert@elsewhere.test"
+	if err := st.SetVirtualAliases(ctx, map[string]string{bob: carol}); err != nil {
+		t.Fatal(err)
+	}
+	ids := []string{"o1@client.test", "o2@client.test"}
+	for i, id := range ids {
+		msg := fmt.Sprintf("From: Dana <dana@client.test>\r\nSubject: Outward %d\r\nMessage-Id: <%s>\r\n\r\nx\r\n", i+1, id)
+		if err := sendTo(s.smtpAddr, "dana@client.test", bob, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitMessages(t, st, "carol", ids)
+	if out, err := run(t, "rewind", "--data-dir", s.dataDir, "--to", snap, "--hold", "--yes"); err != nil {
+		t.Fatalf("rewind --hold: %v %s", err, out)
+	}
+	if err := st.SetVirtualAliases(ctx, map[string]string{bob: outside}); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "replay", "--data-dir", s.dataDir)
+	if err != nil || !strings.Contains(out, `"Held":2`) || !strings.Contains(out, `"Failed":0`) {
+		b, _ := os.ReadFile(s.logPath)
+		pf, _ := os.ReadFile(st.PostfixLog())
+		t.Fatalf("replay (the verdict must be OK): %v\n%s\n%s\npostfix:\n%s", err, out, tail(string(b), 40), tail(string(pf), 30))
+	}
+	for _, u := range []string{"bob", "carol"} {
+		if has, err := inboxMessageIDs(st, u); err != nil || has[ids[0]]+has[ids[1]] != 0 {
+			t.Errorf("%s's INBOX after the replay: %v %v; want neither message", u, has, err)
+		}
+	}
+	notice := messageText(t, st, "alice", "undomail: cycle")
+	if strings.Count(notice, "[held_outside]") != 2 || !strings.Contains(notice, "<"+outside+">") || !strings.Contains(notice, "not sent") {
+		t.Errorf("the operator notice does not list the two held messages:\n%s", notice)
+	}
+	// Postfix handed both to the capture and to nothing else.
+	var lines []string
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		b, _ := os.ReadFile(st.PostfixLog())
+		lines = lines[:0]
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "to=<"+outside+">") {
+				lines = append(lines, l)
+			}
+		}
+		if len(lines) >= 2 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if len(lines) != 2 {
+		t.Fatalf("Postfix logged %d deliveries to %s, want the 2 to the capture:\n%s", len(lines), outside, strings.Join(lines, "\n"))
+	}
+	for _, l := range lines {
+		if !strings.Contains(l, "status=sent") || !strings.Contains(l, "taken by undomail") {
+			t.Errorf("Postfix delivered to %s other than to undomail's capture: %s", outside, l)
+		}
+	}
+	s.stop()
+}

@@ -64,6 +64,10 @@ type CompensationPolicies struct {
 	// period and the repaired mail system delivered it (default explain;
 	// the operator notice lists the senders who were told 5xx).
 	RefusedByMistake string `yaml:"refused_by_mistake"`
+	// HeldOutside: the repaired mail system delivers a message to a
+	// destination outside the machine; the replay held it, unsent
+	// (default notify: the operator decides whether it goes).
+	HeldOutside string `yaml:"held_outside"`
 }
 
 // ByKind returns the configured policies by paradox kind name, leaving
@@ -74,7 +78,7 @@ func (p CompensationPolicies) ByKind() map[string]string {
 		"read_removed": p.ReadRemoved, "read_moved": p.ReadMoved, "read_changed": p.ReadChanged,
 		"delivery_lost": p.DeliveryLost, "action_failed": p.ActionFailed, "sent_onwards": p.SentOnwards,
 		"action_cancelled": p.ActionCancelled, "misdelivered": p.Misdelivered,
-		"refused_by_mistake": p.RefusedByMistake,
+		"refused_by_mistake": p.RefusedByMistake, "held_outside": p.HeldOutside,
 	} {
 		if v != "" {
 			out[k] = v

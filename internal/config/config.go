@@ -159,8 +159,9 @@ type SMTP struct {
 	// ClientTimeout bounds each read from and write to a client.
 	ClientTimeout Duration `yaml:"client_timeout"`
 	// ReplayUpstream is Postfix's replay service: a second smtpd in
-	// master.cf, on a loopback port, whose content_filter is
-	// lmtp.listen's address. A replay hands the mail the front door
+	// master.cf, on a loopback port, whose content_filter is an lmtp
+	// transport with lmtp_lhlo_name undomail-replay to lmtp.listen's
+	// address. A replay hands the mail the front door
 	// recorded to it again, so the repaired Postfix (aliases, virtual
 	// maps, restrictions, header checks, milters) routes it anew, and
 	// takes what it delivers at the capture (docs/operations.md, "Replay

@@ -96,6 +96,7 @@ var examples = map[string]string{
 	"compensation.policies.read_moved":         "notify",
 	"compensation.policies.misdelivered":       "notify",
 	"compensation.policies.refused_by_mistake": "notify",
+	"compensation.policies.held_outside":       "ignore",
 	"compensation.policies.read_changed":       "explain",
 	"compensation.policies.delivery_lost":      "explain",
 	"compensation.policies.action_failed":      "notify",

@@ -64,7 +64,10 @@ append_dot_mydomain = no
 recipient_delimiter = +
 virtual_mailbox_domains = {{.Domain}}
 virtual_mailbox_maps = texthash:{{.MailboxMap}}
-virtual_transport = lmtp:inet:{{.LMTP}}
+# Where local mail is delivered: Dovecot's LMTP, or undomail's capture
+# (SetLMTPRelay). The replay service (master.cf) delivers there too.
+undomail_capture = inet:{{.LMTP}}
+virtual_transport = lmtp:$undomail_capture
 # Empty until a test misroutes mail (SetVirtualAliases).
 virtual_alias_maps = texthash:{{.AliasMap}}
 lmtp_destination_concurrency_limit = 10
@@ -133,11 +136,14 @@ scache     unix  -       -       n       -       1       scache
 postlog    unix-dgram n  -       n       -       1       postlogd
 # undomail's replay service (docs/operations.md, "Replay through Postfix"):
 # every message goes to undomail's capture (content_filter, after cleanup
-# applied the virtual aliases), recipients outside the local domains are
-# refused, and XCLIENT gives the original client.
+# applied the virtual aliases) through an lmtp transport that names itself
+# undomail-replay, recipients outside the local domains are refused, and
+# XCLIENT gives the original client.
+undomail-replay unix -    -       n       -       -       lmtp
+  -o lmtp_lhlo_name=undomail-replay
 {{.Replay}} inet n     -       n       -       -       smtpd
   -o syslog_name=postfix/replay
-  -o content_filter=$virtual_transport
+  -o content_filter=undomail-replay:$undomail_capture
   -o smtpd_relay_restrictions=reject_unauth_destination
   -o smtpd_sasl_auth_enable=no
   -o smtpd_authorized_xclient_hosts=127.0.0.1/32
@@ -304,7 +310,7 @@ func (s *Stack) SetLMTPRelay(ctx context.Context, addr string) error {
 	if target == "" {
 		target = s.LMTPAddr
 	}
-	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", "virtual_transport=lmtp:inet:"+target); err != nil {
+	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", "undomail_capture=inet:"+target); err != nil {
 		return fmt.Errorf("set lmtp relay of mail stack %s to %s: %w", s.Dir, target, err)
 	}
 	if err := backdate(s.postfixConf, "main.cf"); err != nil {
