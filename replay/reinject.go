@@ -278,15 +278,21 @@ func frontDoors(verbs []undolog.Verb) (map[int64]*frontDoor, []int64) {
 }
 
 // reinjectable reports whether a replay hands the submission to Postfix
-// again: the first run delivered it here or Postfix refused it, and
-// neither it nor one of its deliveries is cancelled (the operator's
-// decision stands).
+// again: neither it nor one of its deliveries is cancelled (the
+// operator's decision stands). That includes mail the first run relayed
+// off the machine only (relayed): the replay service refuses recipients
+// outside, so it does not leave again, but a local recipient the mistake
+// had aliased outside gets it now.
 func (fd *frontDoor) reinjectable(cancelled func(int64) bool) bool {
-	if (len(fd.first) == 0 && !fd.refused) || cancelled(fd.sub.Seq) {
+	if cancelled(fd.sub.Seq) {
 		return false
 	}
 	return !slices.ContainsFunc(fd.first, func(v undolog.Verb) bool { return cancelled(v.Seq) })
 }
+
+// relayed reports that the first run delivered the message nowhere here:
+// Postfix accepted it and sent it off the machine.
+func (fd *frontDoor) relayed() bool { return len(fd.first) == 0 && !fd.refused }
 
 // Route is where a front-door message went: the first time, and after a
 // replay through Postfix (cycle plan and verdict, issue 15).
@@ -300,6 +306,10 @@ type Route struct {
 	// reply its sender got when Postfix refused it.
 	First   []string `json:"first,omitempty"`
 	Refused string   `json:"refused,omitempty"`
+	// Relayed: the first run delivered it nowhere here (it left).
+	Relayed bool `json:"relayed,omitempty"`
+	// Held are the users whose delivery the replay held (outside).
+	Held []string `json:"held,omitempty"`
 	// Now is where the repaired Postfix delivered it, NowStatus
 	// "reinjected", "refused" or "failed" (Failed says why); empty
 	// before a replay.
@@ -326,11 +336,11 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 	index := map[int64]int{}
 	for _, seq := range order {
 		fd := subs[seq]
-		if !fd.reinjectable(func(s int64) bool { return cancel[s] }) {
-			continue
+		if !fd.reinjectable(func(s int64) bool { return cancel[s] }) || (fd.relayed() && before <= 0) {
+			continue // relayed mail is listed only where the replay delivered or held it
 		}
 		r := Route{Submission: seq, UndoID: fd.args.UndoID, MessageID: fd.args.Header.MessageID, Subject: fd.args.Header.Subject,
-			AddressedTo: fd.args.Rcpts, Refused: fd.reply}
+			AddressedTo: fd.args.Rcpts, Refused: fd.reply, Relayed: fd.relayed()}
 		for _, d := range fd.first {
 			ts, _ := split(d)
 			for _, tk := range ts {
@@ -367,7 +377,29 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 			out[i].NowStatus, out[i].Failed = o.Status, o.Detail
 		}
 	}
-	return out, nil
+	// What happened to relayed mail shows in its recipients' replay
+	// records (delivered here now, or held).
+	now := map[int64][]string{}
+	for _, rec := range recs {
+		var o ReplayOutcome
+		if _, ok := index[rec.Ref]; !ok || rec.User == "" || json.Unmarshal(rec.Outcome, &o) != nil {
+			continue
+		}
+		if o.Status == StatusHeld {
+			now[rec.Ref] = append(now[rec.Ref], rec.User+" (held, not sent)")
+		}
+	}
+	keep := out[:0]
+	for _, r := range out {
+		if held := now[r.Submission]; len(held) > 0 {
+			r.Held = held
+		}
+		if r.Relayed && len(r.Now) == 0 && len(r.Held) == 0 {
+			continue
+		}
+		keep = append(keep, r)
+	}
+	return keep, nil
 }
 
 // reinjectWindow bounds how many re-injected messages are with Postfix at
@@ -507,7 +539,7 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 			addrs = append(addrs, rc)
 		}
 	}
-	if len(got) == 0 {
+	if len(got) == 0 && !fd.relayed() { // relayed mail refused again: it went out, and stays out
 		b, _ := json.Marshal(ReplayOutcome{Status: StatusRefused, Detail: "the repaired mail system refused it: " + refused})
 		if err := l.AppendNoSync(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", Ref: fd.sub.Seq, Outcome: b}); err != nil {
 			return nil, fmt.Errorf("replay: record the re-injection of %d: %w", fd.sub.Seq, err)

@@ -256,8 +256,11 @@ func printRoutes(w io.Writer, routes []replay.Route, after bool) {
 			msg += fmt.Sprintf(" %q", r.Subject)
 		}
 		first := strings.Join(r.First, ", ")
-		if r.Refused != "" {
+		switch {
+		case r.Refused != "":
 			first = "refused: " + r.Refused
+		case r.Relayed:
+			first = "relayed off the machine"
 		}
 		if !after {
 			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", r.Submission, msg, strings.Join(r.AddressedTo, ", "), first)
@@ -269,6 +272,9 @@ func printRoutes(w io.Writer, routes []replay.Route, after bool) {
 			now = "not re-injected: its recorded deliveries were replayed"
 		case "failed", replay.StatusRefused:
 			now = r.NowStatus + ": " + r.Failed
+		}
+		if len(r.Held) > 0 {
+			now = strings.TrimPrefix(now+"; held: "+strings.Join(r.Held, ", "), "; ")
 		}
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", r.Submission, msg, first, now)
 	}
