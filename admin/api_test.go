@@ -433,6 +433,17 @@ func TestVerbsPagingAndFilters(t *testing.T) {
 	if p := get("user=alice&kind=lmtp.deliver&exact=1"); len(p.Verbs) != 0 {
 		t.Fatalf("deliveries filed under the login alice alone: %v, want none", seqs(p.Verbs))
 	}
+	// Every verb the API returns is described in words beside its JSON.
+	for _, v := range get("limit=100").Verbs {
+		if v.Description == "" || strings.ContainsAny(v.Description, "{}") || !strings.HasPrefix(v.Description, v.Summary) {
+			t.Errorf("verb %d (%s): description %q, want its summary and outcome in words", v.Seq, v.Kind, v.Description)
+		}
+	}
+	if p := get(fmt.Sprintf("kind=imap.delete&before=%d", bobDel)); len(p.Verbs) != 1 {
+		t.Fatalf("deletes before bob's: %v, want alice's", seqs(p.Verbs))
+	} else if d := p.Verbs[0]; d.Description != `DELETE "Projects" — OK` || d.ForUser != `you deleted the folder "Projects" with its messages` {
+		t.Errorf("alice's DELETE described as %q, for her %q", d.Description, d.ForUser)
+	}
 	// One verb, and the metrics count the kinds.
 	if resp, body := ts.do(t, "GET", fmt.Sprintf("/api/verbs/%d", del), ts.token, nil); resp.StatusCode != 200 || !strings.Contains(body, `"kind": "imap.delete"`) {
 		t.Fatalf("GET /api/verbs/%d: %s %s", del, resp.Status, body)

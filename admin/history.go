@@ -3,28 +3,27 @@ package admin
 import (
 	"context"
 	"encoding/json"
-	"fmt"
-	"strings"
 	"time"
 
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
-// The record kinds the admin reads besides the proxies' verbs. They are
-// written by the daemon (snapshots, cycles), drills and compensation; the
-// admin decodes only the fields it shows, by their JSON names, so it does
-// not depend on the packages that write them.
+// The record kinds the admin reads besides the proxies' verbs, as package
+// verb names them.
 const (
-	KindSnapshot       = "snapshot"
-	KindSnapshotPruned = "snapshot.pruned"
-	KindCycle          = "cycle"
-	KindDrill          = "drill"
-	KindCompensation   = "compensation"
+	KindSnapshot       = verb.KindSnapshot
+	KindSnapshotPruned = verb.KindSnapshotPruned
+	KindCycle          = verb.KindCycle
+	KindDrill          = verb.KindDrill
+	KindCompensation   = verb.KindCompensation
+	KindReplay         = verb.KindReplay
+	KindRewind         = verb.KindRewind
 )
 
 // Verb is a verb as the API returns it: the fields of `undomail log
-// --json` plus a one-line summary.
+// --json` plus the record in words, from package verb.
 type Verb struct {
 	Seq        int64           `json:"seq"`
 	Time       time.Time       `json:"time"`
@@ -34,10 +33,15 @@ type Verb struct {
 	Users      []string        `json:"users,omitempty"`
 	Blob       string          `json:"blob,omitempty"`
 	Args       json.RawMessage `json:"args,omitempty"`
-	Summary    string          `json:"summary"`
+	Summary    string          `json:"summary"` // what was done, in words (verb.Description.What)
 	OutcomeSeq int64           `json:"outcome_seq,omitempty"`
 	Outcome    json.RawMessage `json:"outcome,omitempty"`
-	Result     string          `json:"result,omitempty"` // the outcome in one line
+	Result     string          `json:"result,omitempty"` // the outcome in words
+	// Description is the record in one line of words, what and outcome:
+	// what a person reads where the JSON above is for programs.
+	Description string `json:"description"`
+	// ForUser is how the record is told to the user it concerns.
+	ForUser string `json:"for_user,omitempty"`
 	// Header is a delivered or compensating message's headers.
 	Header *proxy.HeaderInfo `json:"header,omitempty"`
 	// Paradoxes are what a compensation explains: the verbs whose
@@ -53,68 +57,28 @@ type Paradox struct {
 	VerbKind string `json:"verb_kind"`
 }
 
-// NewVerb converts a logged verb. An outcome carried on the record itself
-// (drills, compensations) is shown like a separate outcome record.
+// NewVerb converts a logged verb and describes it (verb.Describe). An
+// outcome carried on the record itself (drills, replays, compensations)
+// is shown like a separate outcome record.
 func NewVerb(v undolog.Verb) Verb {
 	out := Verb{Seq: v.Seq, Time: v.Time, User: v.User, Session: v.Session, Kind: v.Kind,
 		Users: v.Users, Blob: v.Blob, Args: v.Args, Outcome: v.Record.Outcome}
 	if v.Outcome != nil {
 		out.OutcomeSeq, out.Outcome = v.Outcome.Seq, v.Outcome.Outcome
 	}
-	out.Summary, out.Result, out.Header = describe(v.Kind, v.Args, out.Outcome)
-	if v.Kind == KindCompensation {
+	d := verb.Describe(v)
+	out.Summary, out.Result, out.Description, out.ForUser = d.What, d.Outcome, d.Line(), d.ForUser
+	switch v.Kind {
+	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver, KindCompensation:
 		var a struct {
-			Cycle     int64     `json:"cycle"`
-			Audience  string    `json:"audience"`
-			Paradoxes []Paradox `json:"paradoxes"`
+			Header    proxy.HeaderInfo `json:"header"`
+			Paradoxes []Paradox        `json:"paradoxes"`
 		}
 		if json.Unmarshal(v.Args, &a) == nil {
-			out.Paradoxes = a.Paradoxes
-			out.Summary = fmt.Sprintf("%s explaining %d paradoxes of cycle #%d: %s", a.Audience, len(a.Paradoxes), a.Cycle, out.Summary)
+			out.Header, out.Paradoxes = &a.Header, a.Paradoxes
 		}
 	}
 	return out
-}
-
-// describe renders a verb's arguments and outcome in one line each.
-func describe(kind string, args, outcome json.RawMessage) (summary, result string, hdr *proxy.HeaderInfo) {
-	summary, result = string(args), string(outcome)
-	switch {
-	case kind == proxy.KindSMTPSubmit || kind == proxy.KindLMTPDeliver || kind == KindCompensation:
-		var a proxy.DeliveryArgs
-		if json.Unmarshal(args, &a) == nil {
-			summary, hdr = a.Summary(), &a.Header
-		}
-		var o proxy.DeliveryOutcome
-		if len(outcome) > 0 && json.Unmarshal(outcome, &o) == nil && (o.Reply != nil || len(o.Rcpts) > 0) {
-			result = o.Summary()
-		}
-	case kind == proxy.KindIMAPFetch:
-		var a proxy.IMAPFetchArgs
-		if json.Unmarshal(args, &a) == nil {
-			summary = a.Summary()
-		}
-	case strings.HasPrefix(kind, "imap."):
-		var a proxy.IMAPArgs
-		if json.Unmarshal(args, &a) == nil {
-			summary = a.Summary()
-		}
-		var o proxy.IMAPOutcome
-		if len(outcome) > 0 && json.Unmarshal(outcome, &o) == nil && o.Status != "" {
-			result = o.Summary()
-		}
-	case kind == KindSnapshot || kind == KindSnapshotPruned:
-		var a snapshotArgs
-		if json.Unmarshal(args, &a) == nil {
-			summary = fmt.Sprintf("%s at log position %d (%s)", a.Name, a.AtSeq, a.Reason)
-		}
-	case kind == KindCycle:
-		var a cycleArgs
-		if json.Unmarshal(args, &a) == nil {
-			summary = fmt.Sprintf("rewind to %s, cancel %v", a.To, a.Cancel)
-		}
-	}
-	return summary, result, hdr
 }
 
 type snapshotArgs struct {
@@ -161,9 +125,12 @@ type Cycle struct {
 	Cancel      []int64         `json:"cancel,omitempty"`
 	Filters     []FilterRequest `json:"filters,omitempty"`
 	Present     string          `json:"present,omitempty"`
-	// Verdict is nil while the cycle runs (or if it was cut off).
-	Verdict *Verdict        `json:"verdict,omitempty"`
-	Raw     json.RawMessage `json:"verdict_raw,omitempty"`
+	// Verdict is nil while the cycle runs (or if it was cut off);
+	// VerdictSeq is its record. The cycle's own records (its rewind and
+	// replays) are between Seq and VerdictSeq.
+	Verdict    *Verdict        `json:"verdict,omitempty"`
+	VerdictSeq int64           `json:"verdict_seq,omitempty"`
+	Raw        json.RawMessage `json:"verdict_raw,omitempty"`
 }
 
 // Verdict is the part of a cycle's verdict the admin shows.
@@ -265,7 +232,7 @@ func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
 	c := Cycle{Seq: v.Seq, Time: v.Time, To: a.To, AtSeq: at[a.To].AtSeq, SnapshotSeq: at[a.To].Seq,
 		Cancel: a.Cancel, Filters: a.Filters, Present: a.Present}
 	if v.Outcome != nil {
-		c.Raw = v.Outcome.Outcome
+		c.Raw, c.VerdictSeq = v.Outcome.Outcome, v.Outcome.Seq
 		var vd Verdict
 		if json.Unmarshal(v.Outcome.Outcome, &vd) == nil {
 			c.Verdict = &vd

@@ -19,6 +19,7 @@ import (
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // The web admin is rendered on the server from html/template; its one
@@ -55,6 +56,7 @@ func newWeb(s *Server) (*web, error) {
 			return strings.NewReplacer(`\u003c`, "<", `\u003e`, ">", `\u0026`, "&").Replace(b.String())
 		},
 		"verbclass": verbClass,
+		"words":     verb.Words,
 		"short": func(s string) string {
 			if r := []rune(s); len(r) > 160 {
 				return string(r[:160]) + "…"
@@ -225,7 +227,7 @@ type timelineView struct {
 	Branches            []branchBand
 	Ticks               []tick
 	Height              int
-	Verbs               []Verb
+	Rows                []row  // the table: cycles' own records folded in (fold.go)
 	More                string // link to older verbs of the window
 	Snapshots           []Snapshot
 	Branch              *Cycle
@@ -386,16 +388,22 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		v.Start = v.End.Add(-span)
 		q.Since, q.Until = v.Start, v.End
 	}
-	page, err := w.s.verbs(ctx, q)
+	cycles, err := Cycles(ctx, w.s.log, snaps)
 	if err != nil {
 		return err
 	}
-	v.Verbs = page.Verbs
+	verbs, next, err := w.s.timelinePage(ctx, q, cycles)
+	if err != nil {
+		return err
+	}
+	if v.Rows, err = w.s.fold(ctx, verbs, cycles); err != nil {
+		return err
+	}
 	if fit {
 		// The newest page of verbs, with a margin on both sides.
 		v.Span, span = "", 24*time.Hour
-		if n := len(v.Verbs); n > 0 {
-			newest, oldest := v.Verbs[0].Time, v.Verbs[n-1].Time
+		if n := len(v.Rows); n > 0 {
+			newest, oldest := v.Rows[0].Time, v.Rows[n-1].Time
 			span = max(newest.Sub(oldest)*12/10, 2*time.Second)
 			v.End = newest.Add(span / 12)
 		}
@@ -425,10 +433,10 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 	for _, s := range spans {
 		v.Zoom[s.Name] = link(mid.Add(s.D/2), s.D)
 	}
-	if page.Next != 0 {
+	if next != 0 {
 		u, _ := url.Parse(link(v.End, span))
 		vals := u.Query()
-		vals.Set("before", strconv.FormatInt(page.Next, 10))
+		vals.Set("before", strconv.FormatInt(next, 10))
 		v.More = "/?" + vals.Encode()
 	}
 	x := func(t time.Time) float64 {
@@ -441,7 +449,8 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 	}
 	lanes := map[string]*lane{}
 	var order []string
-	for _, vb := range v.Verbs {
+	for _, r := range v.Rows {
+		vb := r.Verb
 		name := laneOf(vb)
 		l := lanes[name]
 		if l == nil {
@@ -450,7 +459,7 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 			order = append(order, name)
 		}
 		d := dot{X: x(vb.Time), Seq: vb.Seq, Class: verbClass(vb),
-			Title: fmt.Sprintf("#%d %s %s %s", vb.Seq, vb.Time.Local().Format("15:04:05.000"), vb.Kind, vb.Summary)}
+			Title: fmt.Sprintf("#%d %s %s", vb.Seq, vb.Time.Local().Format("15:04:05.000"), vb.Description)}
 		if why, ok := paradoxes[vb.Seq]; ok {
 			d.Paradox, d.Title = true, d.Title+" — paradox: "+why
 		}
@@ -482,10 +491,6 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 		}
 		v.Marks = append(v.Marks, mark{X: x(s.Time), Label: "snapshot " + s.Time.Local().Format("15:04:05"), Title: s.Name + ": plan a cycle back to it",
 			Href: "/plan?to=" + url.QueryEscape(s.Name), Class: "snap"})
-	}
-	cycles, err := Cycles(ctx, w.s.log, snaps)
-	if err != nil {
-		return err
 	}
 	for _, c := range cycles {
 		from, ok := snapTime[c.To]

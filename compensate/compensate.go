@@ -1,7 +1,6 @@
 // Package compensate finds the paradoxes a 3R cycle created and explains
-// them to the people affected (DESIGN: "Compensation"; the seed's
-// "externalized state": "leave the inconsistency, but explain it to the
-// user").
+// them to the people affected (docs/architecture.md,
+// "Compensation": leave the inconsistency, but explain it to the user).
 //
 // A paradox is a difference between what someone already observed (the
 // reply a sender got, the message a user was shown, the OK an IMAP client

@@ -8,7 +8,7 @@ import (
 )
 
 // Gate is the consistent cut between the proxies and the mail store
-// (DESIGN: "Time travel"). Every mutation a proxy relays passes it from
+// (docs/architecture.md, "Time travel"). Every mutation a proxy relays passes it from
 // before its intent is logged until the upstream has answered, so once
 // Wedge returns no mutation is half done: the store matches the log up to
 // its last record. A snapshot is taken then, and Resume lets the mutations
@@ -19,6 +19,7 @@ type Gate struct {
 	wedged  chan struct{} // non-nil while wedged; closed by resume
 	drained chan struct{} // closed when active reaches 0 while wedged
 	holding bool          // wedged for a long repair: refuse at once
+	holds   uint64        // Holds that ended: the store may have been rewound
 	wedging sync.Mutex    // one Wedge at a time
 }
 
@@ -87,6 +88,18 @@ func (g *Gate) Hold(ctx context.Context) (resume func(), err error) {
 	return g.wedge(ctx, true)
 }
 
+// Holds counts the Holds that have ended. A repair (rewind, replay) runs
+// under a Hold: a new count tells that messages may have moved under the
+// proxies, and what they learnt about the store may be stale.
+func (g *Gate) Holds() uint64 {
+	if g == nil {
+		return 0
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.holds
+}
+
 // Holding reports whether a Hold is in force.
 func (g *Gate) Holding() bool {
 	if g == nil {
@@ -111,6 +124,9 @@ func (g *Gate) wedge(ctx context.Context, hold bool) (resume func(), err error) 
 	g.mu.Unlock()
 	resume = func() {
 		g.mu.Lock()
+		if g.holding {
+			g.holds++
+		}
 		g.wedged, g.drained, g.holding = nil, nil, false
 		g.mu.Unlock()
 		close(w)

@@ -4,12 +4,15 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/emersion/go-imap/v2"
 
+	"github.com/undomail/undomail/admin"
+	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
@@ -79,8 +82,13 @@ func loggedMailboxVerbs(t *testing.T, tb *testbed.Testbed, kind string) map[stri
 // once with its outcome, nothing is logged that did not run, and a
 // snapshot's gate is never held by the session.
 func TestIMAPHostileClients(t *testing.T) {
-	tb := testbedtest.Start(t, nil)
+	snapDir := filepath.Join(t.TempDir(), "snaps")
+	tb := testbedtest.Start(t, func(c *config.Config) { c.Store = "copy:" + snapDir })
 	deliver(t, tb, "alice", "hostile", "hostile.%d@client.test", 2)
+	snap, _, err := tb.Daemon.Snapshot(context.Background(), "before the hostile session")
+	if err != nil {
+		t.Fatal(err)
+	}
 	conn, r := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	send := func(s string) { t.Helper(); fmt.Fprintf(conn, "%s\r\n", s) }
 	expect := func(tag, status string) string {
@@ -213,6 +221,23 @@ func TestIMAPHostileClients(t *testing.T) {
 		t.Fatalf("gate held after the hostile session: %v", err)
 	}
 	resume()
+
+	// A cycle with no repair back to before the session makes every
+	// change it made again: the same folders with the same messages and
+	// flags, as Dovecot lists them.
+	conn.Close()
+	present := testbedtest.Mail(t, tb, "alice")
+	flags := stateByMessageID(t, tb)
+	v, err := tb.Daemon.Cycle(context.Background(), admin.CycleRequest{To: snap.Name})
+	if err != nil || !v.OK {
+		t.Fatalf("cycle after the hostile session: %+v, %v", v, err)
+	}
+	if after := testbedtest.Mail(t, tb, "alice"); fmt.Sprint(after) != fmt.Sprint(present) {
+		t.Fatalf("after the cycle alice has\n%v\nbefore it\n%v", after, present)
+	}
+	if after := stateByMessageID(t, tb); fmt.Sprint(after) != fmt.Sprint(flags) {
+		t.Fatalf("flags after the cycle\n%v\nbefore it\n%v", after, flags)
+	}
 }
 
 // serverMessages returns alice's UIDs in mailbox straight from Dovecot.

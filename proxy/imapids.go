@@ -14,7 +14,7 @@ import (
 	"github.com/undomail/undomail/undolog"
 )
 
-// Message identity (DESIGN: "Message identity across replay"). IMAP names
+// Message identity (docs/architecture.md, "Message identity across replay"). IMAP names
 // messages by UID, which a replay changes; the log names them by undo id
 // as well. A message's undo id is, in order of preference:
 //
@@ -41,9 +41,11 @@ const maxKnownIDs = 1 << 20
 
 // idTable maps messages to undo ids.
 type idTable struct {
-	mu     sync.Mutex
-	m      map[msgKey]string
-	loaded map[string]bool // users whose history was read from the log
+	mu sync.Mutex
+	m  map[msgKey]string
+	// loaded maps users whose history was read from the log to the
+	// gate's count of Holds then: a repair since makes it stale.
+	loaded map[string]uint64
 }
 
 func (t *idTable) get(k msgKey) string {
@@ -69,16 +71,42 @@ func (t *idTable) put(k msgKey, id string) {
 // messages: where logged APPENDs put them and where logged COPYs and MOVEs
 // copied them. A restart of undomail then still names messages that were
 // appended over IMAP (they carry no Undomail-Id field) by their undo id.
+//
+// After a repair it reads the log again, replays included: a replay puts
+// appended messages and their copies under new UIDs and records where
+// ("placed" in its records), and the user's later verbs on them must name
+// them by undo id as well.
 func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
+	holds := p.cfg.Gate.Holds()
 	p.ids.mu.Lock()
-	done := p.ids.loaded[user]
+	at, done := p.ids.loaded[user]
 	p.ids.mu.Unlock()
-	if done {
+	if done && at == holds {
 		return nil
 	}
 	verbs, err := p.log.Verbs(ctx, undolog.Filter{User: user, Kinds: []string{KindIMAPAppend, KindIMAPCopy, KindIMAPMove}})
 	if err != nil {
 		return fmt.Errorf("read %s's message history: %w", user, err)
+	}
+	replays, err := p.log.Records(ctx, undolog.Filter{User: user, Kinds: []string{kindReplay}})
+	if err != nil {
+		return fmt.Errorf("read %s's replayed history: %w", user, err)
+	}
+	for _, r := range replays {
+		var o struct {
+			Placed []struct {
+				Mailbox     string `json:"mailbox"`
+				UIDValidity uint32 `json:"uidvalidity"`
+				UID         uint32 `json:"uid"`
+				UndoID      string `json:"undo_id"`
+			} `json:"placed"`
+		}
+		if json.Unmarshal(r.Outcome, &o) != nil {
+			continue
+		}
+		for _, pl := range o.Placed {
+			p.ids.put(msgKey{user, pl.Mailbox, pl.UIDValidity, pl.UID}, pl.UndoID)
+		}
 	}
 	for _, v := range verbs {
 		if v.User != user || v.Outcome == nil {
@@ -100,12 +128,16 @@ func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
 	}
 	p.ids.mu.Lock()
 	if p.ids.loaded == nil {
-		p.ids.loaded = map[string]bool{}
+		p.ids.loaded = map[string]uint64{}
 	}
-	p.ids.loaded[user] = true
+	p.ids.loaded[user] = holds
 	p.ids.mu.Unlock()
 	return nil
 }
+
+// kindReplay is the kind of the replay engine's records (replay.KindReplay,
+// which the proxy cannot import).
+const kindReplay = "replay"
 
 // sideConn is a second upstream connection, logged in as the user, used
 // only to read Undomail-Id fields and UIDVALIDITY. One serves all of a
@@ -261,24 +293,49 @@ func (s *imapSession) fetchUndoIDsLocked(mb mailboxState, uids []uint32) (map[ui
 		sc.examined = mb
 	}
 	found := map[uint32]string{}
-	tag := next()
-	_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+TraceHeader+")])\r\n", tag,
-		func(r *imapwire.Response) {
-			if r.Fetch == nil || r.Fetch.UID == 0 {
-				return
-			}
-			for _, sec := range r.Fetch.Sections {
-				if sec.Literal != nil {
-					if id := firstTraceID(sec.Literal.Data); id != "" {
-						found[r.Fetch.UID] = id
+	fetch := func(uids []uint32) error {
+		tag := next()
+		_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+TraceHeader+")])\r\n", tag,
+			func(r *imapwire.Response) {
+				if r.Fetch == nil || r.Fetch.UID == 0 {
+					return
+				}
+				for _, sec := range r.Fetch.Sections {
+					if sec.Literal != nil {
+						if id := firstTraceID(sec.Literal.Data); id != "" {
+							found[r.Fetch.UID] = id
+						}
 					}
 				}
-			}
-		})
-	if err != nil {
-		sc.up.close()
-		sc.up = nil
+			})
+		if err != nil {
+			sc.up.close()
+			sc.up = nil
+		}
+		return err
+	}
+	if err := fetch(uids); err != nil {
 		return nil, err
+	}
+	var missing []uint32
+	for _, u := range uids {
+		if found[u] == "" {
+			missing = append(missing, u)
+		}
+	}
+	if len(missing) > 0 {
+		// Dovecot answers from this connection's view as of its last
+		// sync: a message delivered since is not in it yet. A NOOP brings
+		// the view up to date; then ask once more for what was missing.
+		tag := next()
+		if _, err := sc.up.collect(tag+" NOOP\r\n", tag, func(*imapwire.Response) {}); err != nil {
+			sc.up.close()
+			sc.up = nil
+			return nil, err
+		}
+		if err := fetch(missing); err != nil {
+			return nil, err
+		}
 	}
 	return found, nil
 }

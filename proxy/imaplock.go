@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"log/slog"
 	"sync"
 	"time"
 )
@@ -54,9 +55,14 @@ func (u *userLocks) lock(user string, wait time.Duration) error {
 	}
 }
 
-// unlock releases the user's lock taken by lock.
+// unlock releases the user's lock taken by lock. Releasing a lock that is
+// not held is a bug; it must not block the session that does it.
 func (u *userLocks) unlock(user string) {
-	<-u.ch(user)
+	select {
+	case <-u.ch(user):
+	default:
+		slog.Error("IMAP front end: unlock of a user's mutation lock that is not held", "user", user)
+	}
 }
 
 func (p *IMAPProxy) lockUser(user string, wait time.Duration) error {

@@ -340,8 +340,8 @@ func (s *imapSession) authenticate(cmd *imapwire.Command) (user, pass string, ok
 func (s *imapSession) login(tag, user, pass string) bool {
 	if s.p.cfg.Gate.Holding() {
 		// A rewind or cycle is changing the store under Dovecot: a new
-		// session would see it half done (DESIGN: logins get
-		// NO [UNAVAILABLE] until it is verified).
+		// session would see it half done (docs/architecture.md, "Replay,
+		// repair and history": logins get NO [UNAVAILABLE] until it is verified).
 		s.say("%s NO [UNAVAILABLE] undomail: mail store under repair; try again in a few minutes.\r\n", tag)
 		return false
 	}

@@ -584,6 +584,9 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 			verb.args.UndoIDs = s.undoIDs(mb, list)
 		}
 	}
+	if len(verb.uids) > 0 {
+		verb.args.UndoIDs = s.undoIDs(mb, verb.uids)
+	}
 	if verb.kind == KindIMAPDelete || verb.kind == KindIMAPRename {
 		verb.args.UIDValidity = s.uidValidityOf(verb.args.Mailbox)
 	}
@@ -1129,24 +1132,6 @@ func fetchSetsSeen(cmd *imapwire.Command) bool {
 		}
 	}
 	return false
-}
-
-// peekCommand reads tag and command name from a command's first line
-// without the full parser, to decide how to forward it before the rest
-// arrives.
-func peekCommand(line []byte) (tag, name string, uid bool) {
-	f := strings.Fields(string(line[:min(len(line), 128)]))
-	if len(f) == 1 {
-		return "", strings.ToUpper(f[0]), false // DONE
-	}
-	if len(f) < 2 {
-		return "", "", false
-	}
-	tag, name = f[0], strings.ToUpper(f[1])
-	if name == "UID" && len(f) > 2 {
-		return tag, strings.ToUpper(f[2]), true
-	}
-	return tag, name, false
 }
 
 func firstWord(b []byte) string {

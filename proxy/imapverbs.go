@@ -70,8 +70,11 @@ type IMAPArgs struct {
 	UndoID string `json:"undo_id,omitempty"`
 	Date   string `json:"date,omitempty"`
 	Size   int64  `json:"size,omitempty"`
+	// Metadata holds what SETMETADATA (RFC 5464 4.3) set: entry name to
+	// value, null for an entry it removed.
+	Metadata map[string]*string `json:"metadata,omitempty"`
 	// Raw holds the arguments of commands recorded without a structured
-	// form (SETMETADATA).
+	// form.
 	Raw string `json:"raw,omitempty"`
 }
 
@@ -119,6 +122,8 @@ type imapVerb struct {
 	needsUIDs string
 	// bySeq: needsUIDs names messages by sequence number.
 	bySeq bool
+	// uids are the messages of a command that names them by plain UIDs.
+	uids []uint32
 }
 
 // buildIMAPVerb turns a mutating command into an intent, given the
@@ -140,6 +145,14 @@ func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
 		if cmd.UID {
 			v.args.UIDs = set
 			v.needsUIDs = "UID " + set
+			// A set of plain UIDs names its messages already: UIDs do not
+			// shift, and one that names no message (gone, or never
+			// there) gets no undo id, so replay leaves it alone as the
+			// server did. Only "*" and sets too large to list need the
+			// server's answer; no round trip for the others.
+			if list, ok := expandSet(set, maxUIDsPerVerb); ok && !strings.Contains(set, "*") {
+				v.args.UIDs, v.needsUIDs, v.uids = compactSet(list), "", list
+			}
 		} else {
 			v.args.Seqs = set
 			v.needsUIDs = set
@@ -259,6 +272,33 @@ func buildIMAPVerb(cmd *imapwire.Command, mb mailboxState) (*imapVerb, error) {
 		from, _ := a[0].AString()
 		to, _ := a[1].AString()
 		v.args.Mailbox, v.args.Dest = normalizeMailbox(from), normalizeMailbox(to)
+	case "SETMETADATA":
+		// RFC 5464 4.3: SETMETADATA mailbox (entry value ...), where the
+		// mailbox "" is the server's and a value of NIL removes the entry.
+		name, ok := firstAString(a)
+		if !ok || len(a) != 2 || a[1].Kind != imapwire.List || len(a[1].List)%2 != 0 || len(a[1].List) == 0 {
+			return nil, errors.New("SETMETADATA needs a mailbox and a list of entries and values")
+		}
+		v.args.Mailbox = normalizeMailbox(name)
+		v.args.Metadata = map[string]*string{}
+		for i := 0; i < len(a[1].List); i += 2 {
+			entry, ok := a[1].List[i].AString()
+			if !ok || a[1].List[i].Kind == imapwire.Nil {
+				return nil, fmt.Errorf("SETMETADATA: entry %d is not a name", i/2+1)
+			}
+			val := a[1].List[i+1]
+			if val.Kind == imapwire.Nil {
+				v.args.Metadata[entry] = nil
+				continue
+			}
+			text, ok := val.AString()
+			if !ok {
+				// A literal too large to keep in the record: the value
+				// would not be logged exactly.
+				return nil, fmt.Errorf("SETMETADATA: the value of %s cannot be logged", entry)
+			}
+			v.args.Metadata[entry] = &text
+		}
 	default:
 		parts := make([]string, len(a))
 		for i, x := range a {
@@ -475,6 +515,26 @@ func (a IMAPArgs) Summary() string {
 	}
 	if n := len(a.UndoIDs); n > 0 {
 		fmt.Fprintf(&b, " ids=%s", summarizeIDs(a.UndoIDs))
+	}
+	if len(a.Metadata) > 0 {
+		var set, removed []string
+		for entry, v := range a.Metadata {
+			if v == nil {
+				removed = append(removed, entry)
+			} else {
+				set = append(set, entry)
+			}
+		}
+		slices.Sort(set)
+		slices.Sort(removed)
+		var parts []string
+		if len(set) > 0 {
+			parts = append(parts, "set "+strings.Join(set, ", "))
+		}
+		if len(removed) > 0 {
+			parts = append(parts, "removed "+strings.Join(removed, ", "))
+		}
+		b.WriteString(" " + strings.Join(parts, ", "))
 	}
 	if a.Raw != "" {
 		b.WriteString(" " + a.Raw)

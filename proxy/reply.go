@@ -1,10 +1,9 @@
 package proxy
 
 import (
+	"bytes"
 	"fmt"
 	"strings"
-
-	"github.com/emersion/go-smtp"
 )
 
 // Reply is an SMTP or LMTP reply as the upstream sent it: the basic code,
@@ -32,75 +31,72 @@ func (r Reply) String() string {
 // Positive reports whether the reply accepted the command (2yz).
 func (r Reply) Positive() bool { return r.Code >= 200 && r.Code < 300 }
 
-// replyFromText builds a Reply from a code and the text go-smtp's client
-// returns for a positive reply, where the enhanced code is still the first
-// word of each line (RFC 2034 section 4: it is repeated on every line).
+// replyFromText builds a Reply from a code and the text of its lines
+// joined by newlines.
 func replyFromText(code int, msg string) Reply {
-	first, _, _ := strings.Cut(msg, " ")
+	return replyFromLines(code, strings.Split(msg, "\n"))
+}
+
+// replyFromLines builds a Reply from a code and the text of each line,
+// where an enhanced code is the first word of each line (RFC 2034 section
+// 4: it is repeated on every line).
+func replyFromLines(code int, lines []string) Reply {
+	first, _, _ := strings.Cut(lines[0], " ")
 	if ec, ok := parseEnhanced(first); ok && ec[0] == code/100 {
-		enh := first
-		lines := strings.Split(msg, "\n")
+		out := make([]string, len(lines))
 		for i, l := range lines {
-			lines[i] = strings.TrimPrefix(strings.TrimPrefix(l, enh), " ")
+			out[i] = strings.TrimPrefix(strings.TrimPrefix(l, first), " ")
 		}
-		return Reply{Code: code, Enhanced: enh, Text: strings.Join(lines, "\n")}
+		return Reply{Code: code, Enhanced: first, Text: strings.Join(out, "\n")}
 	}
-	return Reply{Code: code, Text: msg}
+	return Reply{Code: code, Text: strings.Join(lines, "\n")}
 }
 
-// replyFromError converts an *smtp.SMTPError from the upstream into a Reply.
-func replyFromError(e *smtp.SMTPError) Reply {
-	r := Reply{Code: e.Code, Text: e.Message}
-	if e.EnhancedCode != smtp.EnhancedCodeNotSet && e.EnhancedCode != smtp.NoEnhancedCode {
-		r.Enhanced = fmt.Sprintf("%d.%d.%d", e.EnhancedCode[0], e.EnhancedCode[1], e.EnhancedCode[2])
-	}
-	return r
-}
-
-// smtpError turns the reply into the value go-smtp's server writes back to
-// the client. go-smtp writes any *SMTPError verbatim, 2yz codes included,
-// which is how a positive DATA reply keeps the upstream's own text (its queue
-// id, for instance). A reply without an enhanced code is relayed without one
-// rather than with a made-up X.0.0.
-func (r Reply) smtpError() *smtp.SMTPError {
-	ec := smtp.NoEnhancedCode
-	text := r.Text
-	if e, ok := parseEnhanced(r.Enhanced); ok {
-		ec = e
-		// go-smtp writes the enhanced code on the last line only; RFC 2034
-		// section 4 wants it on every line, as the upstream sent it.
-		if lines := strings.Split(text, "\n"); len(lines) > 1 {
-			for i := range lines[:len(lines)-1] {
-				lines[i] = r.Enhanced + " " + lines[i]
+// wire formats the reply as the lines a client reads, the enhanced code
+// on every line (RFC 2034 section 4).
+func (r Reply) wire() []byte {
+	var b bytes.Buffer
+	lines := strings.Split(r.Text, "\n")
+	for i, l := range lines {
+		sep := byte('-')
+		if i == len(lines)-1 {
+			sep = ' '
+		}
+		fmt.Fprintf(&b, "%03d%c", r.Code, sep)
+		if r.Enhanced != "" {
+			b.WriteString(r.Enhanced)
+			if l != "" {
+				b.WriteByte(' ')
 			}
-			text = strings.Join(lines, "\n")
 		}
+		b.WriteString(l)
+		b.WriteString("\r\n")
 	}
-	return &smtp.SMTPError{Code: r.Code, EnhancedCode: ec, Message: text}
+	return b.Bytes()
 }
 
 // parseEnhanced parses "class.subject.detail" (RFC 3463 section 2).
-func parseEnhanced(s string) (smtp.EnhancedCode, bool) {
+func parseEnhanced(s string) ([3]int, bool) {
 	parts := strings.Split(s, ".")
 	if len(parts) != 3 {
-		return smtp.EnhancedCode{}, false
+		return [3]int{}, false
 	}
-	var ec smtp.EnhancedCode
+	var ec [3]int
 	for i, p := range parts {
 		if p == "" || len(p) > 3 {
-			return smtp.EnhancedCode{}, false
+			return [3]int{}, false
 		}
 		n := 0
 		for _, c := range p {
 			if c < '0' || c > '9' {
-				return smtp.EnhancedCode{}, false
+				return [3]int{}, false
 			}
 			n = n*10 + int(c-'0')
 		}
 		ec[i] = n
 	}
 	if ec[0] != 2 && ec[0] != 4 && ec[0] != 5 {
-		return smtp.EnhancedCode{}, false
+		return [3]int{}, false
 	}
 	return ec, true
 }
@@ -126,6 +122,4 @@ var (
 	// replyPaused: undomail holds mutations back for a snapshot or a
 	// recovery (DESIGN: "During a cycle: new SMTP gets 451 4.3.2").
 	replyPaused = Reply{Code: 451, Enhanced: "4.3.2", Text: "undomail: mail system paused for maintenance; try again later"}
-	// replyReadError: the client's message could not be read completely.
-	replyReadError = Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail: error reading message data"}
 )

@@ -4,22 +4,23 @@
 package proxy
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
-
-	"github.com/emersion/go-sasl"
-	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/undolog"
 )
@@ -31,20 +32,24 @@ type SMTPConfig struct {
 	Upstream string
 	// LMTP makes the listener speak LMTP to its clients and to Upstream.
 	LMTP bool
-	// Hostname is the name in the greeting and in EHLO/LHLO upstream.
+	// Hostname names undomail in the replies it gives itself (the
+	// greeting while the upstream is down, a timeout). Every other reply,
+	// the greeting included, is the upstream's.
 	Hostname string
-	// MaxMessageBytes limits a message's size. 0 takes the upstream's
-	// advertised SIZE, or 10240000 (Postfix's default) if it has none.
+	// MaxMessageBytes limits what undomail spools of one message. 0 takes
+	// the upstream's advertised SIZE, and no limit if it has none (the
+	// upstream's own limit then applies). A limit below the upstream's
+	// replaces SIZE in the EHLO reply.
 	MaxMessageBytes int64
-	// MaxRecipients limits recipients per transaction (0: 1000).
-	MaxRecipients int
-	// UpstreamTimeout bounds connecting and each command upstream.
+	// UpstreamTimeout bounds connecting and each read and write upstream.
 	UpstreamTimeout time.Duration
-	// ClientTimeout bounds each read from and write to the client.
+	// ClientTimeout bounds each single read from and write to the client,
+	// like Postfix's smtpd_timeout: a client that sends slowly but
+	// steadily is never cut off.
 	ClientTimeout time.Duration
-	// XClient passes the client's address and HELO name to the upstream
-	// with Postfix's XCLIENT, so the upstream's relay policy sees the real
-	// client. Ignored for LMTP.
+	// XClient passes the client's address to the upstream with Postfix's
+	// XCLIENT, so the upstream's relay policy sees the real client.
+	// Ignored for LMTP.
 	XClient bool
 	// AllowInsecureAuth offers AUTH without TLS (loopback test setups).
 	AllowInsecureAuth bool
@@ -61,10 +66,11 @@ type SMTPConfig struct {
 	// Collect, if set, takes the deliveries of LMTP sessions whose LHLO
 	// name is ReplayLHLO: Postfix's replay service handing back what it
 	// decided for mail a replay gave it again (docs/operations.md,
-	// "Replay through Postfix"). Such a session never reaches the
-	// upstream, is neither gated nor logged as new deliveries, and every
-	// recipient is accepted; Collect's outcome is the reply, nil refuses
-	// the message (no replay waits for it).
+	// "Replay through Postfix"). In such a session MAIL, RCPT and RSET
+	// never reach the upstream and every recipient is accepted; the
+	// message is neither gated nor logged as a new delivery. Collect's
+	// outcome is the reply; nil refuses the message (no replay waits for
+	// it).
 	Collect func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
 }
 
@@ -72,24 +78,33 @@ type SMTPConfig struct {
 // mail (lmtp_lhlo_name in its master.cf entry).
 const ReplayLHLO = "undomail-replay"
 
-// SMTPProxy is a write-ahead SMTP or LMTP relay: for each transaction it
-// logs the envelope and message durably, forwards them, logs the
-// upstream's reply and only then relays that reply to the client.
+// SMTPProxy is a write-ahead SMTP or LMTP relay. Commands and replies pass
+// through as raw lines, so every decision about the protocol (syntax,
+// limits, error counts, policy) and every reply text is the upstream's:
+// whatever Postfix (Dovecot's LMTP) accepts, the proxy accepts, and a
+// client gets Postfix's reply to whatever Postfix refuses. The proxy steps
+// in only where it must (docs/smtp-parity.md): it takes the message itself
+// at DATA or BDAT, logs the envelope and message durably, forwards them,
+// logs the upstream's reply and only then relays that reply; it keeps
+// XCLIENT and XFORWARD for itself and terminates TLS.
 type SMTPProxy struct {
-	cfg    SMTPConfig
-	log    *undolog.Log
-	logger *slog.Logger
-	dialer dialer
-	caps   upstreamCaps
-	server *smtp.Server
+	cfg     SMTPConfig
+	log     *undolog.Log
+	logger  *slog.Logger
+	dialer  dialer
+	caps    upstreamCaps
+	maxSize int64 // 0: no limit of undomail's own
 
-	mu     sync.Mutex
-	closed bool
-	conns  sync.Map // *smtp.Conn of every session, for Close
+	stop     atomic.Bool // set by Close: sessions end at their next command
+	mu       sync.Mutex
+	closed   bool
+	lns      []net.Listener
+	sessions map[*smtpSession]struct{}
+	wg       sync.WaitGroup
 }
 
 // NewSMTP probes the upstream (retrying until ctx ends) and returns a proxy
-// that advertises what the upstream offers.
+// in front of it.
 func NewSMTP(ctx context.Context, cfg SMTPConfig, log *undolog.Log, logger *slog.Logger) (*SMTPProxy, error) {
 	if cfg.Upstream == "" {
 		return nil, errors.New("smtp proxy: no upstream address")
@@ -101,20 +116,18 @@ func NewSMTP(ctx context.Context, cfg SMTPConfig, log *undolog.Log, logger *slog
 		cfg.UpstreamTimeout = 5 * time.Minute
 	}
 	if cfg.ClientTimeout == 0 {
-		cfg.ClientTimeout = 5 * time.Minute
-	}
-	if cfg.MaxRecipients == 0 {
-		cfg.MaxRecipients = 1000
+		cfg.ClientTimeout = 5 * time.Minute // Postfix's smtpd_timeout
 	}
 	proto := "smtp"
 	if cfg.LMTP {
 		proto = "lmtp"
 	}
 	p := &SMTPProxy{
-		cfg:    cfg,
-		log:    log,
-		logger: logger.With("listener", proto),
-		dialer: dialer{addr: cfg.Upstream, lmtp: cfg.LMTP, timeout: cfg.UpstreamTimeout, xclient: cfg.XClient, localName: cfg.Hostname},
+		cfg:      cfg,
+		log:      log,
+		logger:   logger.With("listener", proto),
+		dialer:   dialer{addr: cfg.Upstream, lmtp: cfg.LMTP, timeout: cfg.UpstreamTimeout, xclient: cfg.XClient, localName: cfg.Hostname},
+		sessions: map[*smtpSession]struct{}{},
 	}
 	err := probeUntil(ctx, p.logger, proto, cfg.Upstream, func() (err error) {
 		pctx, cancel := context.WithTimeout(ctx, cfg.UpstreamTimeout)
@@ -125,38 +138,59 @@ func NewSMTP(ctx context.Context, cfg SMTPConfig, log *undolog.Log, logger *slog
 	if err != nil {
 		return nil, err
 	}
-	s := smtp.NewServer(p)
-	s.Domain = cfg.Hostname
-	s.LMTP = cfg.LMTP
-	s.ReadTimeout = cfg.ClientTimeout
-	s.WriteTimeout = cfg.ClientTimeout
-	s.MaxRecipients = cfg.MaxRecipients
-	s.MaxMessageBytes = cfg.MaxMessageBytes
-	if s.MaxMessageBytes == 0 {
-		s.MaxMessageBytes = p.caps.size
+	p.maxSize = p.caps.size
+	if cfg.MaxMessageBytes > 0 && (p.maxSize == 0 || cfg.MaxMessageBytes < p.maxSize) {
+		p.maxSize = cfg.MaxMessageBytes
 	}
-	if s.MaxMessageBytes == 0 {
-		s.MaxMessageBytes = 10240000
-	}
-	s.EnableSMTPUTF8 = p.caps.smtpUTF8
-	s.EnableDSN = p.caps.dsn
-	s.AllowInsecureAuth = cfg.AllowInsecureAuth
-	s.TLSConfig = cfg.TLS
-	s.ErrorLog = slogErrorLog{p.logger}
-	p.server = s
-	p.logger.Info("upstream probed", "upstream", cfg.Upstream, "size", s.MaxMessageBytes,
+	p.logger.Info("upstream probed", "upstream", cfg.Upstream, "size", p.maxSize, "chunking", p.caps.chunking,
 		"smtputf8", p.caps.smtpUTF8, "dsn", p.caps.dsn, "auth", p.caps.auth, "xclient", cfg.XClient && !cfg.LMTP)
 	return p, nil
 }
 
 // Serve accepts connections on l until Close.
 func (p *SMTPProxy) Serve(l net.Listener) error {
-	p.logger.Info("listening", "addr", l.Addr().String(), "upstream", p.cfg.Upstream)
-	err := p.server.Serve(l)
-	if errors.Is(err, smtp.ErrServerClosed) {
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		l.Close()
 		return nil
 	}
-	return err
+	p.lns = append(p.lns, l)
+	p.mu.Unlock()
+	p.logger.Info("listening", "addr", l.Addr().String(), "upstream", p.cfg.Upstream)
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			if p.stop.Load() {
+				return nil
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("accept on %s: %w", l.Addr(), err)
+			}
+			// Out of file descriptors and the like: wait and go on, as
+			// net/http's server does, rather than stop taking mail.
+			p.logger.Warn("accept failed; retrying", "addr", l.Addr().String(), "err", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		s := p.newSession(c)
+		p.mu.Lock()
+		if p.closed {
+			p.mu.Unlock()
+			c.Close()
+			continue
+		}
+		p.sessions[s] = struct{}{}
+		p.wg.Add(1)
+		p.mu.Unlock()
+		go func() {
+			defer p.wg.Done()
+			s.run()
+			p.mu.Lock()
+			delete(p.sessions, s)
+			p.mu.Unlock()
+		}()
+	}
 }
 
 // Close stops accepting, lets connections finish their current command
@@ -165,21 +199,34 @@ func (p *SMTPProxy) Serve(l net.Listener) error {
 // got no acknowledgement and will retry.
 func (p *SMTPProxy) Close(ctx context.Context) error {
 	p.mu.Lock()
-	defer p.mu.Unlock()
 	if p.closed {
+		p.mu.Unlock()
 		return nil
 	}
 	p.closed = true
-	err := p.server.Shutdown(ctx)
-	if err == nil {
-		return nil
+	p.stop.Store(true)
+	for _, l := range p.lns {
+		l.Close()
 	}
-	// go-smtp's Close is a no-op once Shutdown has begun, so close the
-	// connections still open ourselves.
-	p.conns.Range(func(c, _ any) bool {
-		c.(*smtp.Conn).Close()
-		return true
-	})
+	for s := range p.sessions {
+		if s.idle.Load() {
+			s.raw.SetReadDeadline(time.Now())
+		}
+	}
+	p.mu.Unlock()
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	p.mu.Lock()
+	for s := range p.sessions {
+		s.raw.Close()
+	}
+	p.mu.Unlock()
+	<-done
 	return nil
 }
 
@@ -201,462 +248,671 @@ func probeUntil(ctx context.Context, logger *slog.Logger, proto, upstream string
 	}
 }
 
-type slogErrorLog struct{ l *slog.Logger }
+// Replies the proxy gives for commands it answers itself. Where Postfix
+// has a reply for the same situation, the proxy uses Postfix's words, so a
+// client cannot tell the difference (docs/smtp-parity.md; the parity tests
+// compare them with Postfix's own).
+var (
+	replyGoAheadSMTP  = Reply{Code: 354, Text: "End data with <CR><LF>.<CR><LF>"}
+	replyGoAheadLMTP  = Reply{Code: 354, Text: "OK"} // Dovecot's LMTP
+	replyTooBig       = Reply{Code: 552, Enhanced: "5.3.4", Text: "Error: message file too big"}
+	replyDataInBDAT   = Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: DATA after BDAT"}
+	replyNoXClient    = Reply{Code: 550, Enhanced: "5.7.0", Text: "Error: insufficient authorization"}
+	replyNoTLS        = Reply{Code: 502, Enhanced: "5.5.1", Text: "Error: command not implemented"}
+	replyTLSActive    = Reply{Code: 554, Enhanced: "5.5.1", Text: "Error: TLS already active"}
+	replyTLSSyntax    = Reply{Code: 501, Enhanced: "5.5.4", Text: "Syntax: STARTTLS"}
+	replyTLSInTx      = Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: MAIL transaction in progress"}
+	replyTLSReady     = Reply{Code: 220, Enhanced: "2.0.0", Text: "Ready to start TLS"}
+	replyAuthDisabled = Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: authentication not enabled"}
+	replyClosing      = Reply{Code: 221, Enhanced: "2.0.0", Text: "Bye"}
+)
 
-func (e slogErrorLog) Printf(format string, v ...any) { e.l.Error(fmt.Sprintf(format, v...)) }
-func (e slogErrorLog) Println(v ...any)               { e.l.Error(fmt.Sprint(v...)) }
+// errSMTPOver ends a session normally (QUIT, a 421, the client gone).
+var errSMTPOver = errors.New("session over")
 
-// NewSession implements smtp.Backend. go-smtp calls it at the client's
-// first EHLO/HELO/LHLO; the upstream connection is opened then so its
-// refusal reaches the client as a reply to that greeting.
-func (p *SMTPProxy) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	var idb [8]byte
-	rand.Read(idb[:])
-	s := &smtpSession{
-		p:      p,
-		id:     hex.EncodeToString(idb[:]),
-		client: clientInfo{addr: c.Conn().RemoteAddr(), helo: c.Hostname()},
-	}
-	s.logger = p.logger.With("session", s.id, "client", s.client.addr.String())
-	if err := s.connect(); err != nil {
-		return nil, err
-	}
-	s.conn = c
-	p.conns.Store(c, struct{}{})
-	return s, nil
-}
+const (
+	// maxVerb is how much of a line is read before it is classified; a
+	// command the proxy handles itself is shorter.
+	maxVerb = 16
+	// maxKeptLine is how much of a command line the proxy keeps to parse
+	// (addresses, HELO name) and to replay on a new upstream connection;
+	// Postfix reads at most line_length_limit (2048) of a command.
+	maxKeptLine = 4096
+)
 
-// smtpSession relays one client connection. go-smtp calls its methods one
-// at a time.
+// smtpSession relays one client connection. One goroutine runs it: a
+// command is read (and streamed upstream as it arrives), its reply read and
+// relayed, then the next; pipelined commands wait in the client's buffer
+// and their replies are flushed together (RFC 2920 section 3.1).
 type smtpSession struct {
 	p      *SMTPProxy
-	conn   *smtp.Conn
 	id     string
 	client clientInfo
 	logger *slog.Logger
+	raw    net.Conn // the client's connection as accepted
+	conn   net.Conn // raw or its TLS layer, each read and write timed
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	tls    bool
+	idle   atomic.Bool // waiting for the first byte of a command
 
-	up *smtp.Client // nil after the upstream connection failed
+	up       *upstreamConn // nil while there is no upstream connection
+	hello    []byte        // the accepted HELO/EHLO/LHLO line, replayed on a new upstream connection
+	auth     [][]byte      // the client's lines of its accepted AUTH exchange, likewise
+	authUser string
 
-	authUser, authIdentity, authPassword, authMech string
-
-	inTx     bool
-	from     string
-	mailOpts *smtp.MailOptions
-	rcpts    []string
-	rejected []RcptReply
+	tx transaction
 }
 
-var (
-	_ smtp.Session     = (*smtpSession)(nil)
-	_ smtp.AuthSession = (*smtpSession)(nil)
-	_ smtp.LMTPSession = (*smtpSession)(nil)
-)
+// transaction is the mail transaction in progress (RFC 5321 section 3.3).
+type transaction struct {
+	active   bool
+	from     string
+	body     string
+	utf8     bool
+	rcpts    []string
+	rejected []RcptReply
+	chunks   *chunkSpool // BDAT chunks so far
+	undoID   string      // minted before the message is complete (BDAT at the front door)
+	upOpen   bool        // the upstream is inside DATA already (it gave its own go-ahead)
+}
 
-// connect (re)opens the upstream connection, authenticating again if the
-// client had authenticated.
+// chunkSpool collects the chunks of one BDAT transaction (RFC 3030).
+type chunkSpool struct {
+	w     *undolog.BlobWriter
+	sniff headerSniffer
+	size  int64
+	fail  *Reply // the reply every further chunk gets once one failed
+}
+
+func (p *SMTPProxy) newSession(c net.Conn) *smtpSession {
+	var idb [8]byte
+	rand.Read(idb[:])
+	s := &smtpSession{p: p, id: hex.EncodeToString(idb[:]), client: clientInfo{addr: c.RemoteAddr()}, raw: c}
+	s.conn = &timedConn{Conn: c, timeout: p.cfg.ClientTimeout, stop: &p.stop}
+	s.br = bufio.NewReaderSize(s.conn, 16<<10)
+	s.bw = bufio.NewWriterSize(s.conn, 4096)
+	s.logger = p.logger.With("session", s.id, "client", s.client.addr.String())
+	return s
+}
+
+// run greets the client with the upstream's greeting and relays commands
+// until either side ends the session.
+func (s *smtpSession) run() {
+	defer func() {
+		if s.up != nil {
+			s.up.close()
+		}
+		s.raw.Close()
+	}()
+	if err := s.connect(); err != nil {
+		// The client still gets a session: each command is answered 451
+		// 4.4.1 until the upstream is back, so that clients retry.
+		s.logger.Warn("upstream connection failed", "upstream", s.p.cfg.Upstream, "err", err)
+		s.write([]byte("220 " + s.p.cfg.Hostname + " ESMTP\r\n"))
+	} else {
+		s.write(s.up.greeting)
+		if s.up.greetCode == 421 {
+			s.bw.Flush()
+			return
+		}
+	}
+	for {
+		if s.p.stop.Load() {
+			s.bw.Flush()
+			return
+		}
+		err := s.command()
+		if err == nil {
+			continue
+		}
+		if !errors.Is(err, errSMTPOver) {
+			s.readFailed(err)
+		}
+		s.bw.Flush()
+		return
+	}
+}
+
+// readFailed ends a session whose client read failed: a client silent for
+// ClientTimeout gets Postfix's timeout reply.
+func (s *smtpSession) readFailed(err error) {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() && !s.p.stop.Load() {
+		s.reply(Reply{Code: 421, Enhanced: "4.4.2", Text: s.p.cfg.Hostname + " Error: timeout exceeded"})
+		s.logger.Info("client timed out")
+		return
+	}
+	if !errors.Is(err, io.EOF) && !s.p.stop.Load() {
+		s.logger.Info("client connection ended", "err", err)
+	}
+}
+
+// connect opens a new upstream connection (with XCLIENT at the front door).
 func (s *smtpSession) connect() error {
 	ctx, cancel := context.WithTimeout(context.Background(), s.p.cfg.UpstreamTimeout)
 	defer cancel()
-	up, err := s.p.dialer.dial(ctx, s.client)
+	u, err := s.p.dialer.dial(ctx, s.client, s.p.cfg.XClient && !s.p.cfg.LMTP)
 	if err != nil {
-		s.logger.Warn("upstream connection failed", "upstream", s.p.cfg.Upstream, "err", err)
-		var se *smtp.SMTPError
-		if errors.As(err, &se) {
-			return replyFromError(se).smtpError()
-		}
-		return replyUpstreamDown.smtpError()
+		return err
 	}
-	if s.authUser != "" {
-		if err := up.Auth(s.saslClient()); err != nil {
-			up.Close()
-			s.logger.Warn("re-authentication upstream failed", "err", err)
-			return replyUpstreamDown.smtpError()
-		}
-	}
-	s.up = up
+	s.up = u
 	return nil
 }
 
-// upstreamError converts an error from the upstream client into what the
-// client is told. A reply from the upstream is relayed as is; a broken
-// connection is dropped (the next MAIL reconnects) and reported as 451.
-func (s *smtpSession) upstreamError(op string, err error) error {
-	var se *smtp.SMTPError
-	if errors.As(err, &se) {
-		return replyFromError(se).smtpError()
+// reconnect replaces a lost upstream connection, greeting and
+// authenticating again as the client had.
+func (s *smtpSession) reconnect() error {
+	if err := s.connect(); err != nil {
+		return err
 	}
-	s.logger.Warn("upstream connection lost", "op", op, "err", err)
-	s.dropUpstream()
-	return replyUpstreamLost.smtpError()
+	fail := func(what string, rep Reply, err error) error {
+		s.dropUpstream()
+		if err != nil {
+			return fmt.Errorf("%s on the new upstream connection: %w", what, err)
+		}
+		return fmt.Errorf("%s on the new upstream connection: %s", what, rep)
+	}
+	if s.up.greetCode != 220 {
+		return fail("greeting", replyFromText(s.up.greetCode, ""), nil)
+	}
+	if s.hello != nil {
+		if _, rep, err := s.up.command(s.hello); err != nil || !rep.Positive() {
+			return fail("greet again", rep, err)
+		}
+	}
+	for i, l := range s.auth {
+		_, rep, err := s.up.command(l)
+		want := 334
+		if i == len(s.auth)-1 {
+			want = 235
+		}
+		if err != nil || rep.Code != want {
+			return fail("authenticate again", rep, err)
+		}
+	}
+	return nil
 }
 
+// dropUpstream closes the upstream connection, which abandons its
+// transaction; the next command opens a new one.
 func (s *smtpSession) dropUpstream() {
 	if s.up != nil {
-		s.up.Close()
+		s.up.close()
 		s.up = nil
 	}
-	s.inTx = false
 }
 
-// AuthMechanisms implements smtp.AuthSession: the upstream's mechanisms
-// that can be relayed (PLAIN, LOGIN: the password is needed upstream).
-func (s *smtpSession) AuthMechanisms() []string { return s.p.caps.auth }
+// upstreamLost handles a broken upstream connection mid-command: the
+// transaction is gone with it and the client is told to retry.
+func (s *smtpSession) upstreamLost(op string, err error) {
+	s.logger.Warn("upstream connection lost", "op", op, "err", err)
+	s.dropUpstream()
+	s.tx.reset()
+}
 
-// Auth implements smtp.AuthSession. The credentials are checked by the
-// upstream, whose reply (235, or 535 and its text) the client gets.
-func (s *smtpSession) Auth(mech string) (sasl.Server, error) {
-	check := func(identity, user, pass string) error {
-		if s.up == nil {
-			if err := s.connect(); err != nil {
+func (t *transaction) reset() {
+	if t.chunks != nil && t.chunks.w != nil {
+		t.chunks.w.Abort()
+	}
+	*t = transaction{}
+}
+
+// write queues bytes for the client; they are flushed before the session
+// waits for the client.
+func (s *smtpSession) write(b []byte) { s.bw.Write(b) }
+
+func (s *smtpSession) reply(r Reply) { s.bw.Write(r.wire()) }
+
+// replyEach gives r once in SMTP and once per accepted recipient in LMTP
+// (RFC 2033 section 4.2), the replies due after a message.
+func (s *smtpSession) replyEach(r Reply) {
+	if !s.p.cfg.LMTP {
+		s.reply(r)
+		return
+	}
+	for range s.tx.rcpts {
+		s.reply(r)
+	}
+}
+
+// fill waits until the client has sent something, flushing queued
+// replies first.
+func (s *smtpSession) fill() error {
+	if s.br.Buffered() > 0 {
+		return nil
+	}
+	if err := s.bw.Flush(); err != nil {
+		return err
+	}
+	_, err := s.br.Peek(1)
+	return err
+}
+
+// heldVerbs are the commands the proxy handles itself or must see whole
+// before it forwards them.
+var heldVerbs = []string{"DATA", "BDAT", "STARTTLS", "XCLIENT", "XFORWARD", "AUTH"}
+
+// command reads one command and handles it. Bytes are forwarded as soon as
+// the line cannot be one of heldVerbs, so the upstream sees a slow client
+// as slow as it is.
+func (s *smtpSession) command() error {
+	var head []byte
+	verbDone := false
+	for {
+		if s.br.Buffered() == 0 {
+			if err := s.bw.Flush(); err != nil {
+				return err
+			}
+			s.idle.Store(len(head) == 0)
+			_, err := s.br.Peek(1)
+			s.idle.Store(false)
+			if err != nil {
 				return err
 			}
 		}
-		s.authMech, s.authIdentity, s.authUser, s.authPassword = mech, identity, user, pass
-		if err := s.up.Auth(s.saslClient()); err != nil {
-			s.authUser, s.authIdentity, s.authPassword = "", "", ""
-			return s.upstreamError("AUTH", err)
+		b, _ := s.br.ReadByte()
+		head = append(head, b)
+		if b == ' ' || b == '\t' || b == '\r' || b == '\n' || len(head) >= maxVerb {
+			verbDone = true
+			break
 		}
-		s.logger.Info("authenticated upstream", "user", user)
-		return nil
+		if !mayBeHeld(head) {
+			break
+		}
 	}
-	switch mech {
-	case sasl.Plain:
-		return sasl.NewPlainServer(check), nil
-	case sasl.Login:
-		return newLoginServer(func(user, pass string) error { return check("", user, pass) }), nil
+	done := head[len(head)-1] == '\n'
+	if !verbDone {
+		return s.relay(head, done)
 	}
-	return nil, smtp.ErrAuthUnknownMechanism
-}
-
-func (s *smtpSession) saslClient() sasl.Client {
-	if s.authMech == sasl.Login {
-		return sasl.NewLoginClient(s.authUser, s.authPassword)
-	}
-	return sasl.NewPlainClient(s.authIdentity, s.authUser, s.authPassword)
-}
-
-// replay reports whether the session is Postfix's replay transport
-// handing back replayed mail (SMTPConfig.Collect): it stays local.
-func (s *smtpSession) replay() bool {
-	return s.p.cfg.LMTP && s.p.cfg.Collect != nil && s.client.helo == ReplayLHLO
-}
-
-// Mail implements smtp.Session.
-func (s *smtpSession) Mail(from string, opts *smtp.MailOptions) error {
-	if s.replay() {
-		s.inTx, s.from, s.mailOpts = false, from, opts
-		return nil
-	}
-	if s.up == nil {
-		if err := s.connect(); err != nil {
+	switch strings.ToUpper(strings.TrimRight(string(head), " \t\r\n")) {
+	case "DATA":
+		line, err := s.restOfLine(head, done)
+		if err != nil {
 			return err
 		}
-	}
-	if err := s.up.Mail(from, opts); err != nil {
-		return s.upstreamError("MAIL", err)
-	}
-	s.inTx = true
-	s.from, s.mailOpts = from, opts
-	return nil
-}
-
-// Rcpt implements smtp.Session. The upstream decides: undomail is never
-// an open relay because it has no relay policy of its own.
-func (s *smtpSession) Rcpt(to string, opts *smtp.RcptOptions) error {
-	if s.replay() {
-		s.rcpts = append(s.rcpts, to)
-		return nil
-	}
-	if s.up == nil {
-		return replyUpstreamLost.smtpError()
-	}
-	if err := s.up.Rcpt(to, opts); err != nil {
-		var se *smtp.SMTPError
-		if errors.As(err, &se) {
-			s.rejected = append(s.rejected, RcptReply{Rcpt: to, Reply: replyFromError(se)})
-		}
-		return s.upstreamError("RCPT", err)
-	}
-	s.rcpts = append(s.rcpts, to)
-	return nil
-}
-
-// Reset implements smtp.Session.
-func (s *smtpSession) Reset() {
-	if s.inTx && s.up != nil {
-		if err := s.up.Reset(); err != nil {
-			s.logger.Warn("upstream RSET failed", "err", err)
-			s.dropUpstream()
-		}
-	}
-	s.inTx = false
-	s.from, s.mailOpts, s.rcpts, s.rejected = "", nil, nil, nil
-}
-
-// Logout implements smtp.Session.
-func (s *smtpSession) Logout() error {
-	s.p.conns.Delete(s.conn)
-	if s.up != nil {
-		s.up.Quit()
-		s.up.Close()
-		s.up = nil
-	}
-	return nil
-}
-
-// Data implements smtp.Session for SMTP.
-func (s *smtpSession) Data(r io.Reader) error {
-	out, err := s.relay(r)
-	if err != nil {
-		return err
-	}
-	return out.Reply.smtpError()
-}
-
-// LMTPData implements smtp.LMTPSession: one reply per recipient.
-func (s *smtpSession) LMTPData(r io.Reader, status smtp.StatusCollector) error {
-	out, err := s.relay(r)
-	if err != nil {
-		return err // go-smtp gives every recipient this reply
-	}
-	for _, rr := range out.Rcpts {
-		status.SetStatus(rr.Rcpt, rr.Reply.smtpError())
-	}
-	return nil
-}
-
-// relay is the write-ahead transaction: spool the message to a blob and
-// log the intent durably, forward, log the outcome durably, and return it
-// for the client. An error return is the reply for the whole transaction.
-func (s *smtpSession) relay(r io.Reader) (*DeliveryOutcome, error) {
-	ctx := context.Background()
-	if s.up == nil && !s.replay() {
-		return nil, replyUpstreamLost.smtpError()
-	}
-	blob, hdr, err := s.spool(r)
-	if err != nil {
-		s.Reset()
-		return nil, err
-	}
-	args := DeliveryArgs{
-		Client:   s.client.addr.String(),
-		Helo:     s.client.helo,
-		AuthUser: s.authUser,
-		MailFrom: s.from,
-		Rcpts:    s.rcpts,
-		Rejected: s.rejected,
-		Size:     blob.Size,
-		Header:   hdr,
-	}
-	if s.mailOpts != nil {
-		args.Body = string(s.mailOpts.Body)
-		args.SMTPUTF8 = s.mailOpts.UTF8
-	}
-	kind := KindSMTPSubmit
-	if s.p.cfg.LMTP {
-		kind = KindLMTPDeliver
-		if err := s.linkSubmission(ctx, &args); err != nil {
-			s.logger.Error("look up front-door submission failed; transaction refused", "err", err)
-			s.Reset()
-			return nil, replyLogUnavailable.smtpError()
-		}
-		if s.replay() {
-			out := s.p.cfg.Collect(ctx, args, blob)
-			s.Reset()
-			if args.Submission == 0 || out == nil {
-				s.logger.Warn("replayed delivery refused: no replay waits for it", "undo_id", args.UndoID)
-				return nil, &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "no undomail replay waits for this message"}
+		return s.data(line)
+	case "BDAT":
+		if s.p.caps.chunking {
+			line, err := s.restOfLine(head, done)
+			if err != nil {
+				return err
 			}
-			s.logger.Info("taken for replay", "undo_id", args.UndoID, "rcpts", len(args.Rcpts), "reply", out.Summary())
-			return out, nil
+			return s.bdat(line)
 		}
-	}
-	if args.UndoID == "" {
-		args.UndoID = undolog.NewID()
-	}
-	users := append([]string(nil), s.rcpts...)
-	if s.authUser != "" {
-		users = append(users, s.authUser)
-	}
-	argsJSON, _ := json.Marshal(args)
-	gctx, cancel := context.WithTimeout(ctx, WedgeWait)
-	err = s.p.cfg.Gate.Enter(gctx)
-	cancel()
-	if err != nil {
-		s.logger.Warn("transaction refused: paused", "undo_id", args.UndoID)
-		s.Reset()
-		return nil, replyPaused.smtpError()
-	}
-	defer s.p.cfg.Gate.Leave()
-	intent := &undolog.Record{User: s.authUser, Session: s.id, Kind: kind, Users: users, Args: argsJSON}
-	intent.AttachBlob(blob)
-	if err := s.p.log.Append(ctx, intent); err != nil {
-		s.logger.Error("log intent failed; transaction refused", "undo_id", args.UndoID, "err", err)
-		s.Reset()
-		if errors.Is(err, undolog.ErrFull) {
-			return nil, replyLogFull.smtpError()
-		}
-		return nil, replyLogUnavailable.smtpError()
-	}
-	seq := intent.Seq
-	var out *DeliveryOutcome
-	if s.p.cfg.LMTP && s.p.cfg.Divert != nil {
-		out = s.p.cfg.Divert(ctx, args, blob)
-	}
-	if out == nil {
-		out = s.forward(args, blob)
-	}
-	outJSON, _ := json.Marshal(out)
-	// The outcome is written before the client hears it, but not fsynced
-	// first: the intent already holds everything the sender handed over,
-	// so a power failure within undolog.SyncLag can only leave the verb's
-	// outcome unknown, never lose the message. A crash of undomail itself
-	// loses nothing: the write is in the kernel.
-	if err := s.p.log.AppendNoSync(ctx, &undolog.Record{
-		User: s.authUser, Session: s.id, Kind: undolog.KindOutcome, Ref: seq, Users: users, Outcome: outJSON,
-	}); err != nil {
-		s.logger.Error("log outcome failed; client told to retry", "seq", seq, "undo_id", args.UndoID, "err", err)
-		return nil, replyOutcomeUnlogged.smtpError()
-	}
-	s.logger.Info("relayed", "seq", seq, "undo_id", args.UndoID, "from", args.MailFrom, "rcpts", len(args.Rcpts),
-		"size", args.Size, "reply", out.Summary())
-	return out, nil
-}
-
-// linkSubmission recognises a delivery of a message that came in through
-// the front door: its topmost Undomail-Id (Postfix adds only a Received
-// field above it) names an smtp.submit verb in the log. The delivery then
-// shares that id instead of minting a second one. An id the log does not
-// know as a submission, e.g. one a sender wrote into its own message, is
-// ignored: only ids undomail minted can link.
-func (s *smtpSession) linkSubmission(ctx context.Context, args *DeliveryArgs) error {
-	if len(args.Header.PriorIDs) == 0 {
-		return nil
-	}
-	id := args.Header.PriorIDs[0]
-	recs, err := s.p.log.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{KindSMTPSubmit}, Limit: 1})
-	if err != nil {
-		return err
-	}
-	if len(recs) == 1 {
-		args.UndoID, args.Submission = id, recs[0].Seq
-	}
-	return nil
-}
-
-// spool streams the client's message into a new blob, keeping the header
-// section for the log summary.
-func (s *smtpSession) spool(r io.Reader) (undolog.BlobRef, HeaderInfo, error) {
-	w, err := s.p.log.NewBlob()
-	if err != nil {
-		s.logger.Error("create blob failed", "err", err)
-		if errors.Is(err, undolog.ErrFull) {
-			return undolog.BlobRef{}, HeaderInfo{}, replyLogFull.smtpError()
-		}
-		return undolog.BlobRef{}, HeaderInfo{}, replyLogUnavailable.smtpError()
-	}
-	var sniff headerSniffer
-	if _, err := io.Copy(io.MultiWriter(w, &sniff), r); err != nil {
-		w.Abort()
-		if errors.Is(err, smtp.ErrDataTooLarge) {
-			return undolog.BlobRef{}, HeaderInfo{}, smtp.ErrDataTooLarge
-		}
-		if errors.Is(err, undolog.ErrFull) {
-			s.logger.Error("write blob failed", "err", err)
-			return undolog.BlobRef{}, HeaderInfo{}, replyLogFull.smtpError()
-		}
-		var opErr *net.OpError
-		if errors.As(err, &opErr) || errors.Is(err, io.ErrUnexpectedEOF) {
-			return undolog.BlobRef{}, HeaderInfo{}, replyReadError.smtpError()
-		}
-		s.logger.Error("write blob failed", "err", err)
-		return undolog.BlobRef{}, HeaderInfo{}, replyLogUnavailable.smtpError()
-	}
-	ref, err := w.Commit()
-	if err != nil {
-		s.logger.Error("commit blob failed", "err", err)
-		if errors.Is(err, undolog.ErrFull) {
-			return undolog.BlobRef{}, HeaderInfo{}, replyLogFull.smtpError()
-		}
-		return undolog.BlobRef{}, HeaderInfo{}, replyLogUnavailable.smtpError()
-	}
-	return ref, sniff.info(), nil
-}
-
-// forward sends the logged message upstream with the trace header and
-// collects the reply. It never returns without an outcome: failures become
-// the 4xx reply the client will get.
-func (s *smtpSession) forward(args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome {
-	fail := func(op string, err error) *DeliveryOutcome {
-		var se *smtp.SMTPError
-		out := &DeliveryOutcome{}
-		var rep Reply
-		if errors.As(err, &se) {
-			rep = replyFromError(se)
-		} else {
-			rep = replyUpstreamLost
-			out.Error = fmt.Sprintf("%s: %v", op, err)
-			s.logger.Warn("upstream failed", "op", op, "err", err)
-			s.dropUpstream()
-		}
-		if s.p.cfg.LMTP {
-			for _, rc := range args.Rcpts {
-				out.Rcpts = append(out.Rcpts, RcptReply{Rcpt: rc, Reply: rep})
-			}
-		} else {
-			out.Reply = &rep
-		}
-		return out
-	}
-	s.inTx = false // DATA ends the upstream transaction whatever happens
-	wc, err := s.up.Data()
-	if err != nil {
-		return fail("DATA", err)
-	}
-	src, err := s.p.log.OpenRef(blob)
-	if err != nil {
-		s.dropUpstream() // abandon the half-sent DATA: the upstream discards it
-		return fail("open blob", err)
-	}
-	defer src.Close()
-	if args.Submission == 0 {
-		if _, err := fmt.Fprintf(wc, "%s: %s\r\n", TraceHeader, args.UndoID); err != nil {
-			return fail("send message", err)
-		}
-	}
-	if _, err := io.Copy(wc, src); err != nil {
-		// A read error here is a blob that failed verification; never
-		// complete a DATA whose content is not what was logged.
-		s.dropUpstream()
-		return fail("send message", err)
-	}
-	if !s.p.cfg.LMTP {
-		resp, err := wc.CloseWithResponse()
+	case "STARTTLS":
+		line, err := s.restOfLine(head, done)
 		if err != nil {
-			return fail("end of data", err)
+			return err
 		}
-		rep := replyFromText(250, resp.StatusText)
-		return &DeliveryOutcome{Reply: &rep}
-	}
-	resps, err := wc.CloseWithLMTPResponse()
-	var lerr smtp.LMTPDataError
-	if err != nil && !errors.As(err, &lerr) {
-		return fail("end of data", err)
-	}
-	out := &DeliveryOutcome{}
-	for _, rc := range args.Rcpts {
-		var rep Reply
-		if e, ok := lerr[rc]; ok {
-			rep = replyFromError(e)
-		} else if r, ok := resps[rc]; ok {
-			rep = replyFromText(250, r.StatusText)
-		} else {
-			rep = replyUpstreamLost
+		return s.starttls(line)
+	case "XCLIENT", "XFORWARD":
+		// Only undomail speaks for the client's identity upstream.
+		if _, err := s.restOfLine(head, done); err != nil {
+			return err
 		}
-		// go-smtp's LMTP server writes "<rcpt> " before each recipient's
-		// text; Dovecot already starts its text with it.
-		rep.Text = strings.TrimPrefix(rep.Text, "<"+rc+"> ")
-		out.Rcpts = append(out.Rcpts, RcptReply{Rcpt: rc, Reply: rep})
+		s.reply(replyNoXClient)
+		return nil
+	case "AUTH":
+		if !s.authAllowed() {
+			if _, err := s.restOfLine(head, done); err != nil {
+				return err
+			}
+			s.reply(replyAuthDisabled)
+			return nil
+		}
 	}
-	return out
+	return s.relay(head, done)
+}
+
+func mayBeHeld(head []byte) bool {
+	h := strings.ToUpper(string(head))
+	for _, v := range heldVerbs {
+		if strings.HasPrefix(v, h) {
+			return true
+		}
+	}
+	return false
+}
+
+// verbOf is a command line's verb, upper case.
+func verbOf(line []byte) string {
+	f := bytes.FieldsFunc(line, func(r rune) bool { return r == ' ' || r == '\t' || r == '\r' || r == '\n' })
+	if len(f) == 0 {
+		return ""
+	}
+	return strings.ToUpper(string(f[0]))
+}
+
+// restOfLine reads the rest of a command line the proxy handles itself,
+// keeping at most maxKeptLine bytes of it.
+func (s *smtpSession) restOfLine(head []byte, done bool) ([]byte, error) {
+	line := head
+	for !done {
+		if err := s.fill(); err != nil {
+			return nil, err
+		}
+		buf, _ := s.br.Peek(s.br.Buffered())
+		n := len(buf)
+		if i := bytes.IndexByte(buf, '\n'); i >= 0 {
+			n, done = i+1, true
+		}
+		if room := maxKeptLine - len(line); room > 0 {
+			line = append(line, buf[:min(n, room)]...)
+		}
+		s.br.Discard(n)
+	}
+	return line, nil
+}
+
+// forwardLine streams the rest of a line to the upstream as it arrives (a
+// client sending slowly is seen as slow by the upstream too, whose own
+// timeouts then apply) and returns the line as far as it is kept.
+func (s *smtpSession) forwardLine(head []byte, done bool) ([]byte, error) {
+	line := append([]byte(nil), head...)
+	s.up.bw.Write(head)
+	for !done {
+		if s.br.Buffered() == 0 {
+			if err := s.up.bw.Flush(); err != nil {
+				return nil, err
+			}
+		}
+		if err := s.fill(); err != nil {
+			return nil, err
+		}
+		buf, _ := s.br.Peek(s.br.Buffered())
+		n := len(buf)
+		if i := bytes.IndexByte(buf, '\n'); i >= 0 {
+			n, done = i+1, true
+		}
+		s.up.bw.Write(buf[:n])
+		if room := maxKeptLine - len(line); room > 0 {
+			line = append(line, buf[:min(n, room)]...)
+		}
+		s.br.Discard(n)
+	}
+	return line, nil
+}
+
+// relay passes a command to the upstream and its reply to the client,
+// noting what the session needs to know (the envelope, the greeting, the
+// authentication) on the way.
+func (s *smtpSession) relay(head []byte, done bool) error {
+	if s.replay() {
+		// Postfix's replay transport: its envelope stays here (reinject.go).
+		line, err := s.restOfLine(head, done)
+		if err != nil {
+			return err
+		}
+		if s.replayEnvelope(verbOf(line), line) {
+			return nil
+		}
+		head, done = line, true
+	}
+	verb := verbOf(head)
+	if s.up == nil {
+		if err := s.reconnect(); err != nil {
+			s.logger.Warn("upstream connection failed", "upstream", s.p.cfg.Upstream, "err", err)
+			if _, err := s.restOfLine(head, done); err != nil {
+				return err
+			}
+			if verb == "QUIT" {
+				s.reply(replyClosing)
+				return errSMTPOver
+			}
+			s.reply(replyUpstreamDown)
+			return nil
+		}
+	}
+	line, err := s.forwardLine(head, done)
+	if err != nil {
+		return err // the client is gone; so is the upstream session with it
+	}
+	verb = verbOf(line)
+	raw, rep, err := s.up.reply()
+	if err != nil {
+		s.upstreamLost(verb, err)
+		s.reply(replyUpstreamLost)
+		return nil
+	}
+	switch verb {
+	case "DATA":
+		if rep.Code == 354 {
+			return s.receive(raw, true)
+		}
+	case "AUTH":
+		if raw, rep, err = s.authExchange(line, raw, rep); err != nil {
+			return err
+		}
+	case "EHLO", "HELO", "LHLO":
+		if rep.Positive() {
+			s.hello = line
+			s.tx.reset()
+			if verb != "HELO" {
+				raw = s.filterExtensions(raw)
+			}
+		}
+	case "MAIL":
+		if rep.Positive() {
+			s.tx.reset()
+			s.tx.active = true
+			s.tx.from, s.tx.body, s.tx.utf8 = parseMailFrom(line)
+		}
+	case "RCPT":
+		if s.tx.active {
+			to := parseRcptTo(line)
+			if rep.Positive() {
+				s.tx.rcpts = append(s.tx.rcpts, to)
+			} else {
+				s.tx.rejected = append(s.tx.rejected, RcptReply{Rcpt: to, Reply: rep})
+			}
+		}
+	case "RSET":
+		if rep.Positive() {
+			s.tx.reset()
+		}
+	case "QUIT":
+		s.write(raw)
+		return errSMTPOver
+	}
+	s.write(raw)
+	if sessionEnds(rep) {
+		return errSMTPOver
+	}
+	return nil
+}
+
+// authExchange relays the rest of an AUTH exchange (RFC 4954 section 4):
+// each 334 challenge to the client, each response line (a "*" that cancels
+// included) to the upstream, which decides. The client's lines of an
+// exchange that succeeds are kept to authenticate a new upstream
+// connection the same way.
+func (s *smtpSession) authExchange(cmd, raw []byte, rep Reply) ([]byte, Reply, error) {
+	lines := [][]byte{cmd}
+	for rep.Code == 334 {
+		s.write(raw)
+		if err := s.fill(); err != nil {
+			return nil, rep, err
+		}
+		line, err := s.forwardLine(nil, false)
+		if err != nil {
+			return nil, rep, err
+		}
+		lines = append(lines, line)
+		if raw, rep, err = s.up.reply(); err != nil {
+			s.upstreamLost("AUTH", err)
+			return replyUpstreamLost.wire(), replyUpstreamLost, nil
+		}
+	}
+	if rep.Code == 235 {
+		s.auth, s.authUser = lines, saslUser(lines)
+		s.logger.Info("authenticated upstream", "user", s.authUser)
+	}
+	return raw, rep, nil
+}
+
+// saslUser finds the user name in a PLAIN (RFC 4616) or LOGIN exchange,
+// for the log; "" for other mechanisms.
+func saslUser(lines [][]byte) string {
+	f := strings.Fields(string(lines[0]))
+	if len(f) < 2 {
+		return ""
+	}
+	resp := ""
+	if len(f) > 2 {
+		resp = f[2]
+	} else if len(lines) > 1 {
+		resp = strings.TrimSpace(string(lines[1]))
+	}
+	b, err := base64.StdEncoding.DecodeString(resp)
+	if err != nil {
+		return ""
+	}
+	switch strings.ToUpper(f[1]) {
+	case "PLAIN":
+		if parts := strings.Split(string(b), "\x00"); len(parts) == 3 {
+			return parts[1]
+		}
+	case "LOGIN":
+		return string(b)
+	}
+	return ""
+}
+
+func (s *smtpSession) authAllowed() bool { return s.tls || s.p.cfg.AllowInsecureAuth }
+
+// filterExtensions edits the upstream's EHLO/LHLO reply: XCLIENT and
+// XFORWARD are undomail's own, STARTTLS is undomail's to offer (it
+// terminates TLS), AUTH is withheld without TLS unless allowed, and SIZE
+// names undomail's own limit when that is lower.
+func (s *smtpSession) filterExtensions(raw []byte) []byte {
+	lines := capLines(raw)
+	if len(lines) == 0 {
+		return raw
+	}
+	out := [][]byte{lines[0]}
+	for _, l := range lines[1:] {
+		kw, _, _ := strings.Cut(strings.ToUpper(string(l)), " ")
+		switch {
+		case kw == "XCLIENT", kw == "XFORWARD", kw == "STARTTLS":
+			continue
+		case kw == "AUTH" || strings.HasPrefix(kw, "AUTH="):
+			if !s.authAllowed() {
+				continue
+			}
+		case kw == "SIZE" && s.p.maxSize > 0 && s.p.maxSize != s.p.caps.size:
+			l = []byte("SIZE " + strconv.FormatInt(s.p.maxSize, 10))
+		}
+		out = append(out, l)
+	}
+	if s.p.cfg.TLS != nil && !s.tls {
+		out = append(out, []byte("STARTTLS"))
+	}
+	var b bytes.Buffer
+	for i, l := range out {
+		sep := "-"
+		if i == len(out)-1 {
+			sep = " "
+		}
+		b.WriteString(string(raw[:3]) + sep)
+		b.Write(l)
+		b.WriteString("\r\n")
+	}
+	return b.Bytes()
+}
+
+// starttls terminates TLS for the client (RFC 3207). The session starts
+// over afterwards (section 4.2), upstream too: a new upstream connection,
+// so a client that skips EHLO after TLS gets the upstream's answer to that.
+func (s *smtpSession) starttls(line []byte) error {
+	switch {
+	case s.p.cfg.TLS == nil:
+		s.reply(replyNoTLS)
+		return nil
+	case len(bytes.Fields(line)) != 1:
+		s.reply(replyTLSSyntax)
+		return nil
+	case s.tx.active:
+		s.reply(replyTLSInTx)
+		return nil
+	case s.tls:
+		s.reply(replyTLSActive)
+		return nil
+	}
+	s.reply(replyTLSReady)
+	if err := s.bw.Flush(); err != nil {
+		return err
+	}
+	// Anything sent in the clear after STARTTLS is dropped, never taken
+	// as a command of the protected session (CVE-2011-0411).
+	s.br.Discard(s.br.Buffered())
+	tc := tls.Server(s.raw, s.p.cfg.TLS)
+	s.raw.SetDeadline(time.Now().Add(s.p.cfg.ClientTimeout))
+	if err := tc.Handshake(); err != nil {
+		return fmt.Errorf("TLS handshake: %w", err)
+	}
+	s.raw.SetDeadline(time.Time{})
+	s.conn = &timedConn{Conn: tc, timeout: s.p.cfg.ClientTimeout, stop: &s.p.stop}
+	s.br.Reset(s.conn)
+	s.bw.Reset(s.conn)
+	s.tls = true
+	s.dropUpstream()
+	s.hello, s.auth, s.authUser = nil, nil, ""
+	s.tx.reset()
+	if err := s.connect(); err != nil {
+		s.logger.Warn("upstream connection failed", "upstream", s.p.cfg.Upstream, "err", err)
+	}
+	return nil
+}
+
+// parseMailFrom extracts the reverse-path and the BODY and SMTPUTF8
+// parameters from a MAIL command the upstream accepted. It is lenient: the
+// upstream already judged the syntax; this is only what the log records.
+func parseMailFrom(line []byte) (from, body string, utf8 bool) {
+	from, params := parsePath(line, "FROM:")
+	for _, p := range strings.Fields(params) {
+		k, v, _ := strings.Cut(p, "=")
+		switch strings.ToUpper(k) {
+		case "BODY":
+			body = strings.ToUpper(v)
+		case "SMTPUTF8":
+			utf8 = true
+		}
+	}
+	return from, body, utf8
+}
+
+func parseRcptTo(line []byte) string {
+	to, _ := parsePath(line, "TO:")
+	return to
+}
+
+// parsePath returns the address after key ("FROM:", "TO:") and the
+// parameters after it. Inside angle brackets a quoted local part (RFC 5321
+// section 4.1.2) may hold spaces and '>'.
+func parsePath(line []byte, key string) (addr, params string) {
+	s := strings.TrimRight(string(line), "\r\n")
+	i := strings.Index(strings.ToUpper(s), key)
+	if i < 0 {
+		return "", ""
+	}
+	s = strings.TrimLeft(s[i+len(key):], " \t")
+	if !strings.HasPrefix(s, "<") {
+		addr, params, _ = strings.Cut(s, " ")
+		return addr, params
+	}
+	quoted := false
+	for j := 1; j < len(s); j++ {
+		switch s[j] {
+		case '\\':
+			j++
+		case '"':
+			quoted = !quoted
+		case '>':
+			if !quoted {
+				return s[1:j], s[j+1:]
+			}
+		}
+	}
+	return s[1:], ""
 }

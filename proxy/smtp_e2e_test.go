@@ -252,7 +252,14 @@ func TestDeliveryIsLoggedAndTraced(t *testing.T) {
 		t.Fatalf("send: %v", err)
 	}
 	hdr := waitForMessage(t, tb, "alice", msgID)
+	// Dovecot stores the message before it answers the capture, which
+	// logs that answer before it relays it to Postfix: the delivery's
+	// outcome may come a moment after the message is visible.
 	verbs := verbsOf(t, tb.Daemon.Log, msgID)
+	for deadline := time.Now().Add(20 * time.Second); verbs[proxy.KindLMTPDeliver].Outcome == nil && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		verbs = verbsOf(t, tb.Daemon.Log, msgID)
+	}
 	submit, ok1 := verbs[proxy.KindSMTPSubmit]
 	deliver, ok2 := verbs[proxy.KindLMTPDeliver]
 	if !ok1 || !ok2 {
@@ -391,28 +398,6 @@ func TestOversizedMessages(t *testing.T) {
 	}
 	if after, _ := tb.Daemon.Log.Last(); after != before {
 		t.Fatalf("log grew from %d to %d records for a refused message", before, after)
-	}
-}
-
-func TestMalformedCommands(t *testing.T) {
-	tb := testbedtest.Start(t, nil)
-	conn, err := net.Dial("tcp", tb.SMTPAddr())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	r := newLineReader(conn)
-	r.expect(t, "220")
-	for _, tc := range []struct{ send, want string }{
-		{"EHLO client.test", "250"},
-		{"MAIL TO:<sender@example.test>", "501"},
-		{"RCPT TO:<alice@example.test>", "502"}, // no MAIL yet
-		{"DATA", "502"},
-		{"FROBNICATE", "50"},
-		{"MAIL FROM:<sender@example.test> FOO=BAR", "5"}, // unknown parameter
-	} {
-		fmt.Fprintf(conn, "%s\r\n", tc.send)
-		r.expect(t, tc.want)
 	}
 }
 

@@ -2,22 +2,22 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
-
-	"github.com/emersion/go-smtp"
 )
 
-// upstreamCaps is what the upstream's EHLO/LHLO advertised.
+// upstreamCaps is what the upstream's EHLO/LHLO advertised to undomail.
 type upstreamCaps struct {
 	size     int64
 	smtpUTF8 bool
 	dsn      bool
+	chunking bool
 	auth     []string
 	xclient  bool
 }
@@ -25,7 +25,6 @@ type upstreamCaps struct {
 // clientInfo is what the proxy knows about the client it relays for.
 type clientInfo struct {
 	addr net.Addr
-	helo string
 }
 
 // dialer opens upstream connections for one listener.
@@ -40,76 +39,85 @@ type dialer struct {
 	// undomail's own loopback address, which is usually in mynetworks: an
 	// open relay.
 	xclient bool
-	// localName is sent in LHLO (LMTP) and in the EHLO before XCLIENT.
+	// localName is sent in the probe's EHLO/LHLO.
 	localName string
 }
 
-// dial connects to the upstream and returns a client that has greeted it.
-// Network failures are returned as errors; a refusal by the upstream as an
-// *smtp.SMTPError.
-func (d *dialer) dial(ctx context.Context, ci clientInfo) (*smtp.Client, error) {
+// upstreamConn is one raw connection to the upstream. Commands go out as
+// the client sent them; replies come back as raw lines to relay unchanged.
+type upstreamConn struct {
+	conn net.Conn
+	br   *bufio.Reader
+	bw   *bufio.Writer
+	// greeting is the upstream's 220 reply, raw: after XCLIENT the second
+	// one, which names the real client's session.
+	greeting  []byte
+	greetCode int
+}
+
+// dial connects to the upstream and reads its greeting. With XCLIENT it
+// sends the client's address first, so the greeting returned is the one
+// for the client's session. Network failures and a refused XCLIENT are
+// errors; a greeting that refuses service (554, 421) is returned for the
+// caller to relay.
+func (d *dialer) dial(ctx context.Context, ci clientInfo, xclient bool) (*upstreamConn, error) {
 	nd := net.Dialer{Timeout: d.timeout}
 	conn, err := nd.DialContext(ctx, "tcp", d.addr)
 	if err != nil {
 		return nil, fmt.Errorf("connect to upstream %s: %w", d.addr, err)
 	}
-	if d.xclient && !d.lmtp {
-		if err := d.sendXClient(conn, ci); err != nil {
+	tc := &timedConn{Conn: conn, timeout: d.timeout}
+	u := &upstreamConn{conn: tc, br: bufio.NewReaderSize(tc, 4096), bw: bufio.NewWriterSize(tc, 16<<10)}
+	raw, rep, err := u.reply()
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("read greeting from upstream %s: %w", d.addr, err)
+	}
+	if xclient && rep.Code == 220 {
+		// XCLIENT_README: "the server responds with a 220 greeting" that
+		// starts the client's session afresh. HELO and PROTO are left to
+		// the client's own EHLO, which the upstream sees next.
+		raw, rep, err = u.command([]byte("XCLIENT " + xclientArgs(ci) + "\r\n"))
+		if err != nil {
 			conn.Close()
-			return nil, err
+			return nil, fmt.Errorf("send XCLIENT to upstream %s: %w", d.addr, err)
+		}
+		if rep.Code != 220 {
+			conn.Close()
+			// undomail's configuration problem, not the client's: it must
+			// not reach the client as a permanent error.
+			return nil, fmt.Errorf("upstream %s refused XCLIENT (is undomail's address in smtpd_authorized_xclient_hosts?): %s", d.addr, rep)
 		}
 	}
-	var c *smtp.Client
-	if d.lmtp {
-		c = smtp.NewClientLMTP(conn)
-	} else {
-		c = smtp.NewClient(conn)
-	}
-	c.CommandTimeout = d.timeout
-	c.SubmissionTimeout = d.timeout
-	name := d.localName
-	if d.xclient && !d.lmtp && ci.helo != "" {
-		// After XCLIENT the upstream logs and checks the client's own
-		// HELO name; greeting with it again keeps them consistent.
-		name = ci.helo
-	}
-	if err := c.Hello(name); err != nil {
-		c.Close()
-		var se *smtp.SMTPError
-		if d.xclient && !d.lmtp && errors.As(err, &se) {
-			// The "greeting" was the reply to XCLIENT: a refusal is
-			// undomail's configuration problem, not the client's, and
-			// must not reach it as a permanent error.
-			return nil, fmt.Errorf("upstream %s refused XCLIENT (is undomail's address in smtpd_authorized_xclient_hosts?): %v", d.addr, se)
-		}
-		return nil, fmt.Errorf("greet upstream %s: %w", d.addr, err)
-	}
-	return c, nil
+	u.greeting, u.greetCode = raw, rep.Code
+	return u, nil
 }
 
-// sendXClient reads the greeting and sends XCLIENT. Its reply is a fresh
-// 220 greeting (XCLIENT_README: "the server responds with a 220
-// greeting"), left unread for go-smtp's client to consume as the session's
-// greeting. No EHLO goes first: whether the upstream offers XCLIENT to
-// undomail was checked once by probe, and Postfix accepts XCLIENT in any
-// state outside a mail transaction, so each connection saves a round trip
-// and an EHLO's worth of work in smtpd.
-func (d *dialer) sendXClient(conn net.Conn, ci clientInfo) error {
-	if err := conn.SetDeadline(time.Now().Add(d.timeout)); err != nil {
-		return err
+// command sends one raw command line and reads the reply.
+func (u *upstreamConn) command(line []byte) ([]byte, Reply, error) {
+	if _, err := u.bw.Write(line); err != nil {
+		return nil, Reply{}, err
 	}
-	defer conn.SetDeadline(time.Time{})
-	// The upstream sends nothing unasked after its greeting, so this
-	// reader cannot consume bytes meant for go-smtp.
-	br := bufio.NewReader(conn)
-	if _, _, err := readReply(br); err != nil {
-		return fmt.Errorf("read greeting from upstream %s: %w", d.addr, err)
+	if err := u.bw.Flush(); err != nil {
+		return nil, Reply{}, err
 	}
-	if _, err := fmt.Fprintf(conn, "XCLIENT %s\r\n", xclientArgs(ci)); err != nil {
-		return fmt.Errorf("send XCLIENT to upstream %s: %w", d.addr, err)
-	}
-	return nil
+	return u.reply()
 }
+
+// reply reads one reply: its raw bytes, to relay unchanged, and parsed.
+func (u *upstreamConn) reply() ([]byte, Reply, error) {
+	if err := u.bw.Flush(); err != nil {
+		return nil, Reply{}, err
+	}
+	var raw []byte
+	code, lines, err := readReplyRaw(u.br, &raw)
+	if err != nil {
+		return nil, Reply{}, err
+	}
+	return raw, replyFromLines(code, lines), nil
+}
+
+func (u *upstreamConn) close() { u.conn.Close() }
 
 // xclientArgs formats the XCLIENT attributes for a client. NAME is
 // [UNAVAILABLE] because undomail does no reverse lookups of its own; the
@@ -123,10 +131,6 @@ func xclientArgs(ci clientInfo) string {
 		}
 		args = append(args, "ADDR="+xtext(ip), "PORT="+strconv.Itoa(ta.Port))
 	}
-	if ci.helo != "" {
-		args = append(args, "HELO="+xtext(ci.helo))
-	}
-	args = append(args, "PROTO=ESMTP")
 	return strings.Join(args, " ")
 }
 
@@ -147,23 +151,48 @@ func xtext(s string) string {
 // readReply reads one possibly multi-line SMTP reply (RFC 5321 section
 // 4.2.1) and returns its code and the text of each line.
 func readReply(br *bufio.Reader) (int, []string, error) {
+	return readReplyRaw(br, nil)
+}
+
+// maxReplyLine bounds one reply line from the upstream (RFC 5321 section
+// 4.5.3.1.5 allows 512 octets; Postfix and Dovecot stay well below this).
+const maxReplyLine = 64 << 10
+
+// readReplyRaw is readReply that also appends the reply's bytes to raw.
+func readReplyRaw(br *bufio.Reader, raw *[]byte) (int, []string, error) {
 	var lines []string
+	code := 0
 	for {
-		line, err := br.ReadString('\n')
+		b, err := br.ReadSlice('\n')
+		if err == bufio.ErrBufferFull {
+			long := append([]byte(nil), b...)
+			for err == bufio.ErrBufferFull && len(long) < maxReplyLine {
+				b, err = br.ReadSlice('\n')
+				long = append(long, b...)
+			}
+			b = long
+		}
 		if err != nil {
 			return 0, nil, err
 		}
-		line = strings.TrimRight(line, "\r\n")
+		if raw != nil {
+			*raw = append(*raw, b...)
+		}
+		line := strings.TrimRight(string(b), "\r\n")
 		if len(line) < 3 {
 			return 0, nil, fmt.Errorf("malformed reply line %q", line)
 		}
-		code := 0
-		for _, c := range line[:3] {
-			if c < '0' || c > '9' {
+		c := 0
+		for _, ch := range line[:3] {
+			if ch < '0' || ch > '9' {
 				return 0, nil, fmt.Errorf("malformed reply line %q", line)
 			}
-			code = code*10 + int(c-'0')
+			c = c*10 + int(ch-'0')
 		}
+		if code != 0 && c != code {
+			return 0, nil, fmt.Errorf("reply line %q changes the code %d", line, code)
+		}
+		code = c
 		if len(line) > 3 {
 			lines = append(lines, line[4:])
 		} else {
@@ -178,35 +207,88 @@ func readReply(br *bufio.Reader) (int, []string, error) {
 	}
 }
 
-// probe connects once and reads the upstream's capabilities, so the proxy
-// advertises only what the upstream offers (SIZE, SMTPUTF8, DSN, AUTH).
+// probe connects once and reads the upstream's capabilities: SIZE bounds
+// what undomail spools, and XCLIENT must be offered when it is used.
 func (d *dialer) probe(ctx context.Context) (upstreamCaps, error) {
 	var caps upstreamCaps
-	pd := *d
-	pd.xclient = false // XCLIENT's presence is checked by every real dial
-	c, err := pd.dial(ctx, clientInfo{})
+	u, err := d.dial(ctx, clientInfo{}, false)
 	if err != nil {
 		return caps, err
 	}
-	defer c.Close()
-	if ok, v := c.Extension("SIZE"); ok {
-		caps.size, _ = strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+	defer u.close()
+	verb := "EHLO "
+	if d.lmtp {
+		verb = "LHLO "
 	}
-	caps.smtpUTF8, _ = c.Extension("SMTPUTF8")
-	caps.dsn, _ = c.Extension("DSN")
-	caps.xclient, _ = c.Extension("XCLIENT")
-	if ok, v := c.Extension("AUTH"); ok {
-		for _, m := range strings.Fields(strings.ToUpper(v)) {
-			if m == "PLAIN" || m == "LOGIN" {
-				caps.auth = append(caps.auth, m)
-			}
+	_, rep, err := u.command([]byte(verb + d.localName + "\r\n"))
+	if err != nil {
+		return caps, fmt.Errorf("greet upstream %s: %w", d.addr, err)
+	}
+	if !rep.Positive() {
+		return caps, fmt.Errorf("greet upstream %s: %s", d.addr, rep)
+	}
+	for _, l := range strings.Split(rep.Text, "\n")[1:] {
+		kw, arg, _ := strings.Cut(l, " ")
+		switch strings.ToUpper(kw) {
+		case "SIZE":
+			caps.size, _ = strconv.ParseInt(strings.TrimSpace(arg), 10, 64)
+		case "SMTPUTF8":
+			caps.smtpUTF8 = true
+		case "DSN":
+			caps.dsn = true
+		case "CHUNKING":
+			caps.chunking = true
+		case "XCLIENT":
+			caps.xclient = true
+		case "AUTH":
+			caps.auth = strings.Fields(strings.ToUpper(arg))
 		}
 	}
-	c.Quit()
+	u.command([]byte("QUIT\r\n"))
 	if d.xclient && !d.lmtp && !caps.xclient {
 		return caps, fmt.Errorf("upstream %s does not offer XCLIENT to undomail: "+
 			"add undomail's address to Postfix's smtpd_authorized_xclient_hosts, "+
 			"or set smtp.xclient to false if the upstream's relay policy does not trust undomail's address", d.addr)
 	}
 	return caps, nil
+}
+
+// timedConn bounds each single read and write by timeout, as Postfix's
+// smtpd_timeout bounds each read from and write to a client
+// (docs/smtp-parity.md): a slow but steady peer is never cut off, a
+// silent one is. stop, when set, makes the next read return at once (a
+// graceful shutdown of idle sessions).
+type timedConn struct {
+	net.Conn
+	timeout time.Duration
+	stop    *atomic.Bool
+}
+
+func (c *timedConn) Read(p []byte) (int, error) {
+	d := time.Now().Add(c.timeout)
+	if c.stop != nil && c.stop.Load() {
+		d = time.Now()
+	}
+	if err := c.Conn.SetReadDeadline(d); err != nil {
+		return 0, err
+	}
+	return c.Conn.Read(p)
+}
+
+func (c *timedConn) Write(p []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(p)
+}
+
+// capLines splits an EHLO/LHLO reply into its lines of text.
+func capLines(raw []byte) [][]byte {
+	var out [][]byte
+	for _, l := range bytes.SplitAfter(raw, []byte("\n")) {
+		if len(l) >= 4 {
+			out = append(out, bytes.TrimRight(l[4:], "\r\n"))
+		}
+	}
+	return out
 }

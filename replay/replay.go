@@ -32,6 +32,19 @@ const KindCompensation = "compensation"
 type ReplayOutcome struct {
 	Status string `json:"status"` // ok, failed, cancelled, filtered, repaired ("skipped" verbs are not recorded)
 	Detail string `json:"detail,omitempty"`
+	// Placed says where the replay put messages that carry no
+	// Undomail-Id field of their own (APPENDs and their copies): the IMAP
+	// front end learns their undo ids from it, so the user's verbs on them
+	// after the cycle name them by undo id too.
+	Placed []Placed `json:"placed,omitempty"`
+}
+
+// Placed is one message a replay put in a mailbox.
+type Placed struct {
+	Mailbox     string `json:"mailbox"`
+	UIDValidity uint32 `json:"uidvalidity"`
+	UID         uint32 `json:"uid"`
+	UndoID      string `json:"undo_id"`
 }
 
 // Target is the rewound mail server replay acts on, directly: replayed
@@ -445,7 +458,7 @@ func split(v undolog.Verb) (ts []task, skip bool) {
 		}
 		return []task{{v: v}}, false
 	case proxy.KindIMAPAppend, proxy.KindIMAPCreate, proxy.KindIMAPDelete, proxy.KindIMAPRename,
-		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe,
+		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe, proxy.KindIMAPSetMetadata,
 		proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
 		var o proxy.IMAPOutcome
 		if v.User == "" || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
@@ -637,7 +650,7 @@ var Replayable = map[string]bool{
 	proxy.KindLMTPDeliver: true, KindCompensation: true,
 	proxy.KindIMAPAppend: true, proxy.KindIMAPStore: true, proxy.KindIMAPCopy: true, proxy.KindIMAPMove: true,
 	proxy.KindIMAPExpunge: true, proxy.KindIMAPCreate: true, proxy.KindIMAPDelete: true, proxy.KindIMAPRename: true,
-	proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true,
+	proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true, proxy.KindIMAPSetMetadata: true,
 }
 
 // HadEffect reports whether a verb changed the store the first time, so

@@ -188,6 +188,17 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
 			r.renamed(a.Mailbox, a.Dest)
 		}
+	case proxy.KindIMAPSetMetadata:
+		entries := map[string]*[]byte{}
+		for k, val := range a.Metadata {
+			if val == nil {
+				entries[k] = nil
+				continue
+			}
+			b := []byte(*val)
+			entries[k] = &b
+		}
+		err = r.c.SetMetadata(a.Mailbox, entries).Wait()
 	case proxy.KindIMAPSubscribe:
 		err = r.c.Subscribe(a.Mailbox).Wait()
 	case proxy.KindIMAPUnsubscribe:
@@ -796,7 +807,11 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 				}
 			}
 		case n > 0 && b.msgs[imap.UID(n)] != nil && b.msgs[imap.UID(n)].id == "":
+			// A message without an Undomail-Id field (appended) that the
+			// log names: the model learns its id, so later verbs find it
+			// by id wherever it goes.
 			pick = imap.UID(n)
+			b.msgs[pick].id = id
 		default:
 			gone++
 			continue
@@ -842,6 +857,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 	if err := r.sel(a.Mailbox); err != nil {
 		return ReplayOutcome{}, err
 	}
+	var placed []Placed
 	switch v.Kind {
 	case proxy.KindIMAPStore, proxy.KindIMAPFetch:
 		op := imap.StoreFlagsSet
@@ -895,23 +911,26 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 			return ReplayOutcome{}, err
 		}
 		var srcSet, dstSet imap.NumSet
+		var validity uint32
 		if v.Kind == proxy.KindIMAPCopy {
 			data, err := r.c.Copy(set, a.Dest).Wait()
 			if err != nil {
 				return ReplayOutcome{}, err
 			}
-			srcSet, dstSet = data.SourceUIDs, data.DestUIDs
+			srcSet, dstSet, validity = data.SourceUIDs, data.DestUIDs, data.UIDValidity
 		} else {
 			data, err := r.c.Move(set, a.Dest).Wait()
 			if err != nil {
 				return ReplayOutcome{}, err
 			}
-			srcSet, dstSet = data.SourceUIDs, data.DestUIDs
+			srcSet, dstSet, validity = data.SourceUIDs, data.DestUIDs, data.UIDValidity
 		}
 		if err := learnCopies(b, dst, srcSet, dstSet); err != nil {
 			// Without COPYUID the model cannot follow the copies: read the
 			// destination again.
 			delete(r.boxes, a.Dest)
+		} else {
+			placed = copiesPlaced(dst, a.Dest, validity, dstSet)
 		}
 		if v.Kind == proxy.KindIMAPMove {
 			for _, u := range uids {
@@ -919,7 +938,26 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 			}
 		}
 	}
-	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set)}, nil
+	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set), Placed: placed}, nil
+}
+
+// copiesPlaced lists where COPY or MOVE put messages that have an undo id.
+func copiesPlaced(dst *mbox, mailbox string, validity uint32, dstSet imap.NumSet) []Placed {
+	d, ok := dstSet.(imap.UIDSet)
+	if !ok {
+		return nil
+	}
+	uids, ok := d.Nums()
+	if !ok {
+		return nil
+	}
+	var out []Placed
+	for _, u := range uids {
+		if m := dst.msgs[u]; m != nil && m.id != "" {
+			out = append(out, Placed{Mailbox: mailbox, UIDValidity: validity, UID: uint32(u), UndoID: m.id})
+		}
+	}
+	return out
 }
 
 // withoutModified drops from a conditional STORE's messages those the
@@ -1074,7 +1112,8 @@ func (r *userReplayer) append(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, 
 	}
 	b.msgs[res.UID] = &msgState{id: a.UndoID, flags: flags}
 	r.made++
-	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID)}, nil
+	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID),
+		Placed: []Placed{{Mailbox: a.Mailbox, UIDValidity: res.UIDValidity, UID: uint32(res.UID), UndoID: a.UndoID}}}, nil
 }
 
 // FileInto appends a message to a user's folder through the master user,

@@ -12,7 +12,7 @@
 //     files) and copies (for everything Dovecot rewrites in place).
 //
 // A snapshot is a consistent cut only if nothing writes to the store while
-// it is taken: the caller wedges the proxy first (DESIGN.md, "Time travel").
+// it is taken: the caller wedges the proxy first (docs/architecture.md, "Time travel").
 // Likewise Rollback needs a quiet store: the caller stops Dovecot and waits
 // until no process has a file open under Path. Backends check again and
 // refuse with ErrBusy, because rolling back under an open file corrupts

@@ -87,8 +87,8 @@ const (
 
 // classify maps an error from SQLite or the file system to an errClass.
 // Anything not recognised is fatal: when in doubt about what reached the disk
-// the log must stop rather than keep on trucking (DESIGN.md, "Write-ahead,
-// fail-safe").
+// the log must stop rather than keep on trucking (docs/architecture.md,
+// "Binding rules": write-ahead, fail-safe).
 func classify(err error) errClass {
 	var se sqlite3.Error
 	if errors.As(err, &se) {

@@ -15,8 +15,8 @@ import (
 // VerifyRange checks the records after < seq < before (before 0: to the
 // end) before anything acts on them: each record's checksum, its link to
 // the record before it, and the content of every blob they name. A replay
-// must not use a range with problems (DESIGN: never replay a damaged
-// record blindly); undomail fsck --repair mends blobs that have a copy.
+// must not use a range with problems (docs/architecture.md, "Binding
+// rules": never replay a damaged record blindly); undomail fsck --repair mends blobs that have a copy.
 func (l *Log) VerifyRange(ctx context.Context, after, before int64) ([]Problem, error) {
 	var probs []Problem
 	add := func(seq int64, blob, format string, args ...any) {

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -20,25 +21,34 @@ import (
 	"github.com/emersion/go-smtp"
 	"github.com/spf13/cobra"
 
+	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/mailstack"
 	"github.com/undomail/undomail/internal/testbed"
 )
 
 func demoCmd() *cobra.Command {
 	var dir, smtpListen string
-	var yes, once, verbose bool
+	var yes, once, verbose, tour bool
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Start a private Dovecot + Postfix with undomail in front and show mail flowing through it",
 		Long: `demo starts a private Dovecot and Postfix on loopback ports, undomail in
 front of them (SMTP front door before Postfix, LMTP capture between Postfix and
-Dovecot, IMAP front end before Dovecot), sends a first message through it and prints where to point a mail
-client and how to read the undo log. Ctrl-C stops everything; the data
-directory is kept so the log can still be read.
+Dovecot, IMAP front end before Dovecot), with snapshots of the mail store
+copied into the demo's directory. It sends a first message through it, gives
+alice a folder Projects with two messages, takes a first snapshot, and prints
+where to point a mail client and how to read the undo log. Ctrl-C stops
+everything; the directory is kept so the log can still be read.
+
+--tour then plays the README's "Undo your first mistake": alice deletes
+Projects, mail keeps arriving, the plan, the cycle, Projects back with the
+later mail kept, the verdict, alice's digest and the web timeline. On a
+terminal it waits for Enter between steps (not with --yes).
 
 It needs root (Postfix instances cannot run unprivileged) and Debian's
-dovecot-imapd, dovecot-lmtpd and postfix packages; it offers to install
-missing ones with apt-get (--yes installs without asking).`,
+dovecot-imapd, dovecot-lmtpd, dovecot-sieve and postfix packages, and swaks
+and curl for the commands it suggests; it offers to install missing ones with
+apt-get (--yes installs without asking).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if os.Geteuid() != 0 {
@@ -65,7 +75,16 @@ missing ones with apt-get (--yes installs without asking).`,
 			if smtpListen == "127.0.0.1:2525" && !portFree(smtpListen) {
 				smtpListen = "127.0.0.1:0"
 			}
-			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, SMTPListen: smtpListen, Logger: logger, ReplayThroughPostfix: true})
+			snapDir := filepath.Join(dir, "snapshots")
+			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, SMTPListen: smtpListen, Logger: logger, ReplayThroughPostfix: true,
+				Tweak: func(c *config.Config) {
+					c.Store = "copy:" + snapDir
+					// The tour's repair cancels a DELETE alice was told
+					// succeeded; by default that is not explained to her,
+					// here it is, so the tour can show a digest.
+					c.Compensation.Policies.ActionCancelled = "explain"
+					c.Compensation.Contact = "whoever runs this demo"
+				}})
 			if err != nil {
 				return err
 			}
@@ -79,10 +98,20 @@ missing ones with apt-get (--yes installs without asking).`,
 			if err := sendWelcome(ctx, tb, out); err != nil {
 				return err
 			}
-			printDemoGuide(out, tb)
+			snap, err := seedDemo(ctx, tb, out)
+			if err != nil {
+				return err
+			}
+			printDemoGuide(out, tb, snap)
+			if tour {
+				if err := runTour(ctx, tb, out, cmd.InOrStdin(), snap, !yes && isTerminal(os.Stdin)); err != nil {
+					return err
+				}
+			}
 			if once {
 				return nil
 			}
+			fmt.Fprintln(out, "\nundomail demo keeps running; press Ctrl-C to stop.")
 			<-ctx.Done()
 			return nil
 		},
@@ -91,14 +120,15 @@ missing ones with apt-get (--yes installs without asking).`,
 	f.StringVar(&dir, "dir", "", "directory for the mail stack and the undo log (default: a new temporary directory)")
 	f.StringVar(&smtpListen, "smtp-listen", "127.0.0.1:2525", "address of undomail's SMTP front door (a random port if this one is taken)")
 	f.BoolVarP(&yes, "yes", "y", false, "install missing Debian packages without asking")
-	f.BoolVar(&once, "once", false, "stop after the first message has arrived (for scripts and tests)")
+	f.BoolVar(&once, "once", false, "stop after the first message has arrived, or after the tour (for scripts and tests)")
+	f.BoolVar(&tour, "tour", false, "play a guided undo: a folder deleted by mistake comes back, later mail kept")
 	f.BoolVarP(&verbose, "verbose", "v", false, "show undomail's and the stack's logs")
 	return cmd
 }
 
 // ensurePackages installs what mailstack needs, asking first on a terminal.
 func ensurePackages(in io.Reader, out io.Writer, yes bool) error {
-	missing := mailstack.Missing()
+	missing := append(mailstack.Missing(), missingTools()...)
 	if len(missing) == 0 {
 		return nil
 	}
@@ -129,10 +159,28 @@ func ensurePackages(in io.Reader, out io.Writer, yes bool) error {
 			return fmt.Errorf("apt-get %s: %w", strings.Join(a, " "), err)
 		}
 	}
-	if m := mailstack.Missing(); len(m) > 0 {
+	if m := append(mailstack.Missing(), missingTools()...); len(m) > 0 {
 		return fmt.Errorf("still missing after apt-get: %v", m)
 	}
 	return nil
+}
+
+// demoTools are the programs the demo's guide tells a person to run, with
+// the Debian package of each: whatever it suggests must work right away.
+var demoTools = []struct{ name, pkg string }{
+	{"swaks", "swaks"},
+	{"curl", "curl"},
+}
+
+// missingTools returns the packages of demoTools that are not installed.
+func missingTools() []string {
+	var missing []string
+	for _, t := range demoTools {
+		if _, err := exec.LookPath(t.name); err != nil {
+			missing = append(missing, t.pkg)
+		}
+	}
+	return missing
 }
 
 func portFree(addr string) bool {
@@ -199,12 +247,9 @@ func countSubject(tb *testbed.Testbed, user, subject string) (int, error) {
 	return len(data.AllSeqNums()), nil
 }
 
-func printDemoGuide(out io.Writer, tb *testbed.Testbed) {
+func printDemoGuide(out io.Writer, tb *testbed.Testbed, snapshot string) {
 	st := tb.Stack
-	self, _ := os.Executable()
-	if strings.Contains(self, "go-build") {
-		self = "go run ./cmd/undomail"
-	}
+	self, _ := demoSelf()
 	var users []string
 	for _, u := range st.Users {
 		users = append(users, u.Name+" / "+u.Password)
@@ -219,19 +264,24 @@ undomail demo is running.
 
 Send mail through it:
   swaks --server %[1]s --to bob@%[7]s --from you@%[7]s --header "Subject: hello"
-Read it:
-  python3 -c 'import imaplib; m=imaplib.IMAP4("%[8]s",%[9]s); m.login("bob","secret-bob"); print(m.select("INBOX")); m.create("Undoable")'
+Read it, and make a change (through undomail's IMAP front end):
+  curl -s imap://%[8]s:%[9]s/INBOX -u bob:secret-bob -X 'FETCH 1:* (FLAGS ENVELOPE)'
+  curl -s imap://%[8]s:%[9]s/ -u bob:secret-bob -X 'CREATE Undoable'
 See the undo log and check it:
   %[10]s log --data-dir %[11]s
   %[10]s fsck --data-dir %[11]s
   %[10]s status --data-dir %[11]s
+Snapshots (copied into %[17]s) and undo, starting from the first snapshot %[16]s:
+  %[10]s snapshots --data-dir %[11]s
+  %[10]s cycle plan --data-dir %[11]s --to %[16]s
+  %[10]s demo --tour   (a guided undo in a demo of its own: the README's "Undo your first mistake")
 The web timeline: http://%[15]s/ (log in with the token in %[11]s/admin.token)
 
 Stack logs: %[12]s, %[13]s
 Press Ctrl-C to stop.
 `, tb.SMTPAddr(), st.SMTPAddr, tb.Daemon.LMTPAddr, st.LMTPAddr, st.IMAPAddr, strings.Join(users, ", "), st.Domain,
 		hostOf(tb.IMAPAddr()), portOf(tb.IMAPAddr()), self, tb.Config.DataDir, st.PostfixLog(), st.DovecotLog(), tb.IMAPAddr(),
-		tb.Daemon.AdminAddr())
+		tb.Daemon.AdminAddr(), snapshot, strings.TrimPrefix(tb.Config.Store, "copy:"))
 }
 
 func hostOf(addr string) string { h, _, _ := net.SplitHostPort(addr); return h }

@@ -48,15 +48,9 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
+// freeAddr is an address of its own for a server started later; binding
+// 127.0.0.1:0 and closing it raced other test packages' servers.
+func freeAddr(t *testing.T) string { return mailstacktest.Addr(t) }
 
 // server is an `undomail serve` process in front of a mail stack.
 type server struct {

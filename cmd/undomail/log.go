@@ -12,9 +12,9 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func logCmd() *cobra.Command {
@@ -37,7 +37,11 @@ Every rewind abandons a branch of the timeline: the verbs between the
 snapshot it went back to and the rewind. --branches lists them; --branch N
 (a rewind's or a cycle's sequence number) prints one branch's verbs with
 what the replay did with each: ok (made again), cancelled, filtered,
-repaired (skipped: its messages were removed by the repair) or failed.`,
+repaired (skipped: its messages were removed by the repair) or failed.
+
+Records are told in words; --json prints them as logged. Unless --kind is
+given, a cycle's replay records are told on the rows of the verbs they
+replayed, and its rewind under the cycle.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if listBranches || branch != 0 {
@@ -63,7 +67,7 @@ repaired (skipped: its messages were removed by the repair) or failed.`,
 			if asJSON {
 				return printVerbsJSON(cmd.OutOrStdout(), verbs)
 			}
-			printVerbs(cmd.OutOrStdout(), verbs)
+			printVerbs(cmd.OutOrStdout(), verbs, len(kinds) == 0)
 			return nil
 		},
 	}
@@ -136,25 +140,24 @@ func printBranches(w io.Writer, dataDir string, id int64, asJSON bool) error {
 	fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tUSER\tWHAT\tFATE")
 	for _, v := range verbs {
 		what, _ := describe(v.Verb)
-		fate := v.Fate
-		if v.Detail != "" {
-			fate += ": " + v.Detail
-		}
+		fate := verb.Fate{Status: v.Fate, Detail: v.Detail}.Line()
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", v.Seq, v.Time.Local().Format(time.DateTime), v.Kind, v.User, what, fate)
 	}
 	return tw.Flush()
 }
 
+// fateText counts a branch's fates in words ("3 made again, 2 cancelled").
 func fateText(f map[string]int) string {
+	order := []string{"ok", "cancelled", "filtered", "repaired", "failed", "not replayed"}
 	var parts []string
-	for _, k := range []string{"ok", "cancelled", "filtered", "repaired", "failed", "not replayed"} {
+	for _, k := range order {
 		if f[k] > 0 {
-			parts = append(parts, fmt.Sprintf("%d %s", f[k], k))
+			parts = append(parts, fmt.Sprintf("%d %s", f[k], verb.Fate{Status: k}.Words()))
 		}
 	}
 	for k, n := range f {
-		if !slices.Contains([]string{"ok", "cancelled", "filtered", "repaired", "failed", "not replayed"}, k) {
-			parts = append(parts, fmt.Sprintf("%d %s", n, k))
+		if !slices.Contains(order, k) {
+			parts = append(parts, fmt.Sprintf("%d %s", n, verb.Fate{Status: k}.Words()))
 		}
 	}
 	return strings.Join(parts, ", ")
@@ -180,52 +183,59 @@ func parseTime(s string) (time.Time, error) {
 	return time.Time{}, fmt.Errorf("%q is not a time (2026-11-21T10:00:00Z, 2026-11-21, or a duration like 90m)", s)
 }
 
-// describe renders a verb's arguments and outcome for people. Verb kinds
-// the CLI does not know are shown as their raw JSON.
+// describe tells a record in words (package verb, the one place that
+// describes each kind).
 func describe(v undolog.Verb) (what, outcome string) {
-	what = string(v.Args)
-	var args interface{ Summary() string }
-	var out interface{ Summary() string }
-	switch v.Kind {
-	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver, replay.KindCompensation:
-		args, out = &proxy.DeliveryArgs{}, &proxy.DeliveryOutcome{}
-	case proxy.KindIMAPFetch:
-		args = &proxy.IMAPFetchArgs{}
-	default:
-		if strings.HasPrefix(v.Kind, "imap.") {
-			args, out = &proxy.IMAPArgs{}, &proxy.IMAPOutcome{}
-		}
-	}
-	if args != nil && json.Unmarshal(v.Args, args) == nil {
-		what = args.Summary()
-	}
-	if out == nil {
-		if args == nil && v.Outcome != nil { // an unknown kind: raw
-			return what, string(v.Outcome.Outcome)
-		}
-		return what, "" // a record of what happened, not a command: no outcome
-	}
-	if v.Outcome == nil {
-		return what, "(no outcome: cut off before the client was answered)"
-	}
-	outcome = string(v.Outcome.Outcome)
-	if json.Unmarshal(v.Outcome.Outcome, out) == nil {
-		outcome = out.Summary()
-	}
-	return what, outcome
+	d := verb.Describe(v)
+	return d.What, d.Outcome
 }
 
-func printVerbs(w io.Writer, verbs []undolog.Verb) {
+// logRow is one line of `undomail log`, with what was folded into it.
+type logRow struct {
+	v             undolog.Verb
+	what, outcome string
+	more          []string // lines under it: a cycle's rewind
+}
+
+// printVerbs prints records in words. Unless kinds are asked for, a
+// cycle's own records are folded as on the web timeline: a replay record
+// is told on the row of the verb it replayed, a rewind under its cycle.
+func printVerbs(w io.Writer, verbs []undolog.Verb, fold bool) {
+	var rows []*logRow
+	at := map[int64]*logRow{}
+	var cycle *logRow // the newest cycle so far: replays and rewinds are its
+	for _, v := range verbs {
+		if fold && cycle != nil {
+			if r, ok := at[v.Ref]; ok && v.Kind == verb.KindReplay {
+				f := verb.ReplayWords(v.Record.Outcome)
+				r.outcome += fmt.Sprintf("; replayed by cycle #%d: %s", cycle.v.Seq, f.Line())
+				continue
+			}
+			if v.Kind == verb.KindRewind {
+				cycle.more = append(cycle.more, verb.Describe(v).Line())
+				continue
+			}
+		}
+		r := &logRow{v: v}
+		r.what, r.outcome = describe(v)
+		rows = append(rows, r)
+		at[v.Seq] = r
+		if v.Kind == verb.KindCycle {
+			cycle = r
+		}
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tUSER\tWHAT\tOUTCOME")
-	for _, v := range verbs {
-		what, outcome := describe(v)
-		user := v.User
+	for _, r := range rows {
+		user := r.v.User
 		if user == "" {
 			user = "-"
 		}
-		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", v.Seq, v.Time.Local().Format("2006-01-02 15:04:05.000"),
-			v.Kind, user, what, outcome)
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", r.v.Seq, r.v.Time.Local().Format("2006-01-02 15:04:05.000"),
+			r.v.Kind, user, r.what, r.outcome)
+		for _, m := range r.more {
+			fmt.Fprintf(tw, "\t\t\t\t  %s\t\n", m)
+		}
 	}
 	tw.Flush()
 	if len(verbs) == 0 {

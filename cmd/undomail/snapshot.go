@@ -137,7 +137,17 @@ repair the server by hand, then run undomail replay.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if to == "" {
-				return fmt.Errorf("--to SNAPSHOT is required (undomail snapshots lists them)")
+				return fmt.Errorf("--to is required: a snapshot (undomail snapshots lists them), a log position or a time")
+			}
+			// The same targets as cycle run --to, resolved the same way.
+			target := to
+			name, at, err := resolveTarget(dataDir, to)
+			if err != nil {
+				return err
+			}
+			to = name
+			if target != name {
+				fmt.Fprintf(cmd.OutOrStdout(), "--to %s: snapshot %s (log position %d)\n", target, name, at)
 			}
 			if !yes {
 				if !isTerminal(os.Stdin) {
@@ -162,10 +172,25 @@ repair the server by hand, then run undomail replay.`,
 		},
 	}
 	cmd.Flags().StringVar(&dataDir, "data-dir", "/var/lib/undomail", "undomail's data directory")
-	cmd.Flags().StringVar(&to, "to", "", "the snapshot to roll back to")
+	cmd.Flags().StringVar(&to, "to", "", "where to roll back to: a snapshot's name, a log position or a time (the newest snapshot at or before it)")
 	cmd.Flags().BoolVarP(&yes, "yes", "y", false, "do not ask for confirmation")
 	cmd.Flags().BoolVar(&hold, "hold", false, "keep changes held after the rewind until undomail replay (repair by hand in between)")
 	return cmd
+}
+
+// resolveTarget names the snapshot a rewind target means, as cycle run --to
+// does (daemon.ResolveTarget): a snapshot's name, a log position or a time.
+func resolveTarget(dataDir, target string) (string, int64, error) {
+	l, err := undolog.OpenReadOnly(dataDir)
+	if err != nil {
+		return "", 0, err
+	}
+	defer l.Close()
+	name, at, err := daemon.ResolveTarget(context.Background(), l, target)
+	if err != nil {
+		return "", 0, fmt.Errorf("--to: %w", err)
+	}
+	return name, at, nil
 }
 
 func replayCmd() *cobra.Command {

@@ -7,7 +7,7 @@ import (
 )
 
 // Compensation says what a cycle does about the paradoxes it creates
-// (DESIGN: "Compensation"): who explanations come from, whom users are
+// (docs/architecture.md, "Compensation"): who explanations come from, whom users are
 // told to ask, whether the operator gets a notice, and a policy per kind
 // of paradox.
 type Compensation struct {

@@ -461,8 +461,8 @@ func (c Config) Validate() error {
 	case kind == "copy" && within(arg, c.MailRoot):
 		bad("store", "%s lies inside mail_root %s: snapshots would copy themselves", arg, c.MailRoot)
 	}
-	// The log must survive a rewind of the store (DESIGN: the undo log
-	// never lives on the dataset that is rolled back).
+	// The log must survive a rewind of the store (docs/architecture.md,
+	// "Binding rules": the undo log never lives on the dataset that is rolled back).
 	if c.Store != "" && c.MailRoot != "" && c.DataDir != "" && within(c.DataDir, c.MailRoot) {
 		bad("data_dir", "%s lies inside mail_root %s: a rewind would roll the undo log back with the mail", c.DataDir, c.MailRoot)
 	}

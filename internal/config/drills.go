@@ -7,7 +7,7 @@ import (
 )
 
 // Drills schedule recovery drills and say where their verdicts go
-// (DESIGN: "Recovery drills"). A drill reports every time, pass or fail:
+// (docs/architecture.md, "Recovery drills"). A drill reports every time, pass or fail:
 // a missing report is how an operator notices a drill that did not run.
 type Drills struct {
 	// Every runs a drill this often, over the newest two snapshots with no

@@ -114,6 +114,8 @@ func effect(v undolog.Verb) (comesBack, goes string, ids []string) {
 		return "", fmt.Sprintf("the copies %s made in %q go", who, a.Dest), nil
 	case proxy.KindIMAPSubscribe:
 		return "", fmt.Sprintf("%s's subscription to %q goes", who, a.Mailbox), nil
+	case proxy.KindIMAPSetMetadata:
+		return fmt.Sprintf("the annotations %s set on %q are as before", who, a.Mailbox), "", nil
 	}
 	return "", "", nil
 }

@@ -26,7 +26,9 @@ state_dir = {{.StateDir}}
 log_path = {{.LogPath}}
 # Process titles become dovecot-umdc-<id>/<service>: Stop finds lingering
 # processes of this instance by that name after the master has exited.
-listen = 127.0.0.1
+# The stack's own loopback address (ClaimHost); clients on this machine
+# still connect from 127.0.0.1.
+listen = {{.Host}}
 # undomail's IMAP front end passes each client's address with ID
 # (x-originating-ip); Dovecot believes it only from these networks.
 login_trusted_networks = 127.0.0.1/32
@@ -35,6 +37,9 @@ ssl = no
 # Plaintext passwords over loopback only.
 disable_plaintext_auth = no
 auth_mechanisms = plain login
+# The auth process runs as this user and reads the passwd-files below,
+# which are 0600 and owned by it (they hold passwords).
+default_internal_user = {{.AuthUser}}
 # Tests try wrong passwords on purpose; neither the fixed delay nor anvil's
 # growing per-IP penalty (everything comes from 127.0.0.1) should slow them.
 auth_failure_delay = 0
@@ -52,6 +57,10 @@ auth_username_format = %Ln
 auth_master_user_separator = *
 
 mail_location = maildir:{{.MailRoot}}/%n/Maildir
+# METADATA (RFC 5464): entries live beside the user's mail, so snapshots and
+# rewinds take them along.
+imap_metadata = yes
+mail_attribute_dict = file:{{.MailRoot}}/%n/Maildir/dovecot-attributes
 mail_uid = mail
 mail_gid = mail
 first_valid_uid = {{.MailUID}}
@@ -91,7 +100,7 @@ userdb {
 
 service imap-login {
   inet_listener imap {
-    address = 127.0.0.1
+    address = {{.Host}}
     port = {{.IMAPPort}}
   }
   inet_listener imaps {
@@ -100,14 +109,14 @@ service imap-login {
 }
 service lmtp {
   inet_listener lmtp {
-    address = 127.0.0.1
+    address = {{.Host}}
     port = {{.LMTPPort}}
   }
 }
 # Postfix authenticates SMTP clients here (smtpd_sasl_type = dovecot).
 service auth {
   inet_listener auth-inet {
-    address = 127.0.0.1
+    address = {{.Host}}
     port = {{.AuthPort}}
   }
 }
@@ -174,12 +183,19 @@ func (s *Stack) writeDovecotConfig() error {
 		}
 		fmt.Fprintf(&users, "%s:{PLAIN}%s::::::\n", u.Name, u.Password)
 	}
-	if err := os.WriteFile(usersFile, []byte(users.String()), 0o644); err != nil {
+	// Both files hold passwords in the clear: only Dovecot's auth
+	// process, which runs as default_internal_user (Dovecot's
+	// auth service default), may read them.
+	authUID, authGID, err := authUser()
+	if err != nil {
+		return err
+	}
+	if err := writeSecret(usersFile, users.String(), authUID, authGID); err != nil {
 		return fmt.Errorf("write dovecot users file: %w", err)
 	}
 	masterFile := filepath.Join(confDir, "master-users")
 	master := fmt.Sprintf("%s:{PLAIN}%s::::::\n", s.MasterUser, s.MasterPassword)
-	if err := os.WriteFile(masterFile, []byte(master), 0o644); err != nil {
+	if err := writeSecret(masterFile, master, authUID, authGID); err != nil {
 		return fmt.Errorf("write dovecot master users file: %w", err)
 	}
 
@@ -190,6 +206,8 @@ func (s *Stack) writeDovecotConfig() error {
 	defer f.Close()
 	err = dovecotTemplate.Execute(f, map[string]any{
 		"ID":         s.id,
+		"Host":       s.Host,
+		"AuthUser":   AuthUser,
 		"BaseDir":    s.dovecotBaseDir,
 		"StateDir":   stateDir,
 		"LogPath":    s.DovecotLog(),
@@ -220,6 +238,8 @@ func (s *Stack) startDovecot(ctx context.Context) error {
 	if err := s.runDaemonCommand(ctx, outPath, dovecotBin, "-c", s.dovecotConf); err != nil {
 		return s.dovecotError("start dovecot", err)
 	}
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
 	err := waitFor(ctx, 20*time.Millisecond, func() error {
 		if _, err := s.Doveadm(ctx, "who"); err != nil {
 			return err
@@ -234,7 +254,7 @@ func (s *Stack) startDovecot(ctx context.Context) error {
 		return nil
 	})
 	if err != nil {
-		return s.dovecotError("wait for dovecot", err)
+		return s.dovecotError(fmt.Sprintf("dovecot on %s not ready within %s", s.Host, readyTimeout), err)
 	}
 	return nil
 }
@@ -243,6 +263,7 @@ func (s *Stack) startDovecot(ctx context.Context) error {
 // errPortInUse so Start retries with other ports.
 func (s *Stack) dovecotError(what string, err error) error {
 	tail := logTail(30, s.DovecotLog(), filepath.Join(s.logDir, dovecotOutName))
+	what += " (log " + s.DovecotLog() + ")"
 	if strings.Contains(tail, "Address already in use") {
 		return fmt.Errorf("%s: %w: %w%s", what, errPortInUse, err, tail)
 	}
@@ -316,4 +337,44 @@ func (s *Stack) SetSieve(ctx context.Context, script string) error {
 		return fmt.Errorf("compile sieve script %s: %v: %s", path, err, out)
 	}
 	return nil
+}
+
+// AuthUser is the user Dovecot's auth process runs as and reads the
+// passwd-files with: default_internal_user, "dovecot" unless configured
+// otherwise (the configuration here leaves it alone).
+const AuthUser = "dovecot"
+
+// authUser returns AuthUser's uid and gid.
+func authUser() (uid, gid int, err error) {
+	u, err := user.Lookup(AuthUser)
+	if err != nil {
+		return 0, 0, fmt.Errorf("look up %s, the user of dovecot's auth process: %w", AuthUser, err)
+	}
+	if uid, err = strconv.Atoi(u.Uid); err != nil {
+		return 0, 0, fmt.Errorf("parse uid %q of user %s: %w", u.Uid, AuthUser, err)
+	}
+	if gid, err = strconv.Atoi(u.Gid); err != nil {
+		return 0, 0, fmt.Errorf("parse gid %q of user %s: %w", u.Gid, AuthUser, err)
+	}
+	return uid, gid, nil
+}
+
+// writeSecret writes a file only its owner, uid, may read (0600). It is
+// created that way, never readable by others even for a moment, and
+// rewritten in place of an older file with a wider mode.
+func writeSecret(path, content string, uid, gid int) error {
+	os.Remove(path) // an older file may have been created 0644
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Chown(uid, gid); err != nil {
+		f.Close()
+		return fmt.Errorf("chown %s: %w", path, err)
+	}
+	if _, err := f.WriteString(content); err != nil {
+		f.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return f.Close()
 }

@@ -1,5 +1,6 @@
-// Package mailstack runs a private, self-contained Dovecot and Postfix on
-// loopback ports for tests and for the demo command.
+// Package mailstack runs a private, self-contained Dovecot and Postfix on a
+// loopback address of their own (127.b.c.d, see ClaimHost) with fixed ports,
+// for tests, the demo command and recovery drills.
 //
 // A Stack is one instance: Dovecot serves IMAP, LMTP and SASL auth from a
 // passwd-file with a master user; Postfix accepts SMTP for one virtual domain
@@ -9,8 +10,11 @@
 // unix sockets (108-byte limit) and therefore lives in /run/umdc-<id>.
 //
 // Nothing is shared between instances, so several stacks can run at once,
-// in one process or in parallel test binaries. Running one requires root:
-// Postfix cannot run unprivileged, and Dovecot switches to the mail user.
+// in one process or in parallel test binaries: each holds its address, so
+// no other server can take its ports. A watchdog stops an instance whose
+// owning process dies without calling Stop, so none outlives it. Running
+// one requires root: Postfix cannot run unprivileged, and Dovecot switches
+// to the mail user.
 //
 // IMAP login names: a user logs in as the bare name ("alice") or as the full
 // address ("alice@example.test"); both map to the same mailbox because Dovecot
@@ -26,6 +30,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"time"
@@ -84,7 +89,10 @@ type Stack struct {
 	// MasterUser and MasterPassword log in as any user over IMAP:
 	// login name "alice*"+MasterUser, password MasterPassword.
 	MasterUser, MasterPassword string
-	// IMAPAddr is Dovecot's IMAP listener, 127.0.0.1:port.
+	// Host is the loopback address all the stack's listeners are on, a
+	// 127.b.c.d of its own (see ClaimHost).
+	Host string
+	// IMAPAddr is Dovecot's IMAP listener, Host:port.
 	IMAPAddr string
 	// LMTPAddr is Dovecot's LMTP listener (TCP).
 	LMTPAddr string
@@ -109,6 +117,11 @@ type Stack struct {
 	sieve          bool // Options.Sieve
 	noPostfix      bool // Options.DovecotOnly
 
+	host *Host // claim on Host, released by Stop
+
+	watchdog     *exec.Cmd // stops the instance if this process dies first
+	watchdogPipe *os.File  // its stdin's write end, held only here
+
 	mu      sync.Mutex
 	stopped bool
 }
@@ -119,7 +132,6 @@ const (
 	dovecotSubdir      = "dovecot"
 	dovecotStateSubdir = "dovecot-state"
 	postfixSubdir      = "postfix"
-	postfixQueueSubdir = "postfix-queue"
 	postfixDataSubdir  = "postfix-data"
 	logSubdir          = "log"
 	mailSubdir         = "mail"
@@ -138,8 +150,13 @@ const envMarker = "UNDOMAIL_MAILSTACK"
 // startTimeout bounds Start when ctx has no deadline.
 const startTimeout = 60 * time.Second
 
-// Start writes the configuration into opts.Dir, starts Dovecot and then
-// Postfix, and returns once both are ready. On failure it stops whatever it
+// readyTimeout bounds the wait for each daemon to serve once started; the
+// error then names the daemon and its log.
+const readyTimeout = 30 * time.Second
+
+// Start claims a loopback address for the stack (ClaimHost), writes the
+// configuration into opts.Dir, starts Dovecot and then Postfix, and returns
+// once both are ready. On failure it stops whatever it
 // started and returns an error that includes the tail of the relevant log.
 func Start(ctx context.Context, opts Options) (*Stack, error) {
 	if missing := Missing(); len(missing) > 0 {
@@ -164,8 +181,9 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 		return nil, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
 
-	// Another process may grab one of our free ports between choosing it
-	// and the daemon binding it; retry with fresh ports in that case only.
+	// The stack's ports are on a loopback address of its own (ClaimHost),
+	// checked free just before; only a wildcard listener opened since can
+	// take one. Retry on another address in that case only.
 	const attempts = 3
 	for attempt := 1; ; attempt++ {
 		s, err := start(ctx, dir, opts)
@@ -175,7 +193,7 @@ func Start(ctx context.Context, opts Options) (*Stack, error) {
 		if attempt == attempts || !errors.Is(err, errPortInUse) || ctx.Err() != nil {
 			return nil, err
 		}
-		s.logger.Warn("mail stack port taken, retrying with new ports", "dir", dir, "attempt", attempt, "err", err)
+		s.logger.Warn("mail stack port taken, retrying on another address", "dir", dir, "attempt", attempt, "err", err)
 	}
 }
 
@@ -222,14 +240,18 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	s.dovecotConf = filepath.Join(dir, dovecotSubdir, "dovecot.conf")
 	s.dovecotBaseDir = shortBaseDir(s.id)
 	s.postfixConf = filepath.Join(dir, postfixSubdir)
-	s.postfixQueue = filepath.Join(dir, postfixQueueSubdir)
+	// Postfix's public and private sockets live in the queue directory,
+	// as $queue_directory/public/postlog and the like: it must be short
+	// (108-byte unix socket paths), like Dovecot's base_dir.
+	s.postfixQueue = shortDir("umpq-", s.id)
 
-	ports, err := freePorts(4)
-	if err != nil {
+	if err := s.claimHost(); err != nil {
 		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
-	s.IMAPAddr, s.LMTPAddr, s.AuthAddr, s.SMTPAddr = ports[0], ports[1], ports[2], ports[3]
 
+	if err := s.startWatchdog(); err != nil {
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
+	}
 	if err := s.writeDovecotConfig(); err != nil {
 		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
@@ -318,8 +340,20 @@ func (s *Stack) Stop() error {
 	if err := s.reapInstance(); err != nil {
 		errs = append(errs, err)
 	}
+	if err := s.stopWatchdog(); err != nil {
+		errs = append(errs, err)
+	}
+	// Only once nothing of the instance listens on it any more.
+	if s.host != nil && len(s.instancePIDs()) == 0 {
+		s.host.Release()
+	}
 	if err := os.RemoveAll(s.dovecotBaseDir); err != nil {
 		errs = append(errs, fmt.Errorf("remove dovecot base_dir %s: %w", s.dovecotBaseDir, err))
+	}
+	if len(s.instancePIDs()) == 0 {
+		if err := os.RemoveAll(s.postfixQueue); err != nil {
+			errs = append(errs, fmt.Errorf("remove postfix queue_directory %s: %w", s.postfixQueue, err))
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("stop mail stack in %s: %w", s.Dir, err)

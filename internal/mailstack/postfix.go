@@ -31,7 +31,14 @@ import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C POSTLOG_SERVIC
 myhostname = mx.{{.Domain}}
 mydomain = {{.Domain}}
 myorigin = $mydomain
+# smtpd listens on the stack's own loopback address, named in master.cf
+# (ClaimHost). inet_interfaces must name an address of an interface, which
+# 127.b.c.d is not (lo carries 127.0.0.1/8), so it stays 127.0.0.1: nothing
+# listens on it, and Postfix knows the stack address as its own through
+# proxy_interfaces. Clients on this machine, undomail among them, still
+# connect from 127.0.0.1, which mynetworks trusts.
 inet_interfaces = 127.0.0.1
+proxy_interfaces = {{.Host}}
 inet_protocols = ipv4
 # Only 127.0.0.1 is trusted: tests connect from 127.0.0.2 to act as an
 # outside client.
@@ -175,11 +182,13 @@ func (s *Stack) writePostfixConfig(lmtp string) error {
 	if err := os.Chown(dataDir, uid, gid); err != nil {
 		return fmt.Errorf("chown postfix data_directory %s: %w", dataDir, err)
 	}
-	replayPort, err := freePorts(1)
+	// The replay service listens two ports above smtpd on the stack's own
+	// address (10027 beside 10025), which nothing else binds.
+	smtpPort, err := strconv.Atoi(port(s.SMTPAddr))
 	if err != nil {
 		return fmt.Errorf("port for postfix replay service: %w", err)
 	}
-	s.ReplaySMTPAddr = replayPort[0]
+	s.ReplaySMTPAddr = net.JoinHostPort(s.Host, strconv.Itoa(smtpPort+2))
 	aliasMap := filepath.Join(s.postfixConf, "virtual")
 	if err := os.WriteFile(aliasMap, nil, 0o644); err != nil {
 		return fmt.Errorf("write postfix virtual alias map: %w", err)
@@ -194,6 +203,7 @@ func (s *Stack) writePostfixConfig(lmtp string) error {
 	}
 	data := map[string]any{
 		"ID":         s.id,
+		"Host":       s.Host,
 		"QueueDir":   s.postfixQueue,
 		"DataDir":    dataDir,
 		"LogPath":    s.PostfixLog(),
@@ -244,8 +254,10 @@ func (s *Stack) startPostfix(ctx context.Context) error {
 	if err := s.runDaemonCommand(ctx, outPath, postfixBin, "-c", s.postfixConf, "start"); err != nil {
 		return s.postfixError("start postfix", err)
 	}
+	ctx, cancel := context.WithTimeout(ctx, readyTimeout)
+	defer cancel()
 	if err := waitFor(ctx, 20*time.Millisecond, s.smtpGreets); err != nil {
-		return s.postfixError("wait for postfix smtpd", err)
+		return s.postfixError(fmt.Sprintf("postfix smtpd on %s not greeting within %s", s.SMTPAddr, readyTimeout), err)
 	}
 	return nil
 }
@@ -276,6 +288,7 @@ func (s *Stack) smtpGreets() error {
 // errPortInUse so Start retries with other ports.
 func (s *Stack) postfixError(what string, err error) error {
 	tail := logTail(30, s.PostfixLog(), filepath.Join(s.logDir, postfixOutName))
+	what += " (log " + s.PostfixLog() + ")"
 	if strings.Contains(tail, "Address already in use") {
 		return fmt.Errorf("%s: %w: %w%s", what, errPortInUse, err, tail)
 	}

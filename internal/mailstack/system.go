@@ -83,30 +83,37 @@ func makeTraversable(dir string) error {
 // shortBaseDir returns Dovecot's base_dir for instance id. It holds unix
 // sockets, whose paths are limited to 108 bytes, so it cannot live in a test's
 // deep temporary directory.
-func shortBaseDir(id string) string {
+func shortBaseDir(id string) string { return shortDir("umdc-", id) }
+
+// shortDir is a directory with a short path for instance id: under /run,
+// or the temporary directory where there is no /run.
+func shortDir(prefix, id string) string {
 	if st, err := os.Stat("/run"); err == nil && st.IsDir() {
-		return "/run/umdc-" + id
+		return "/run/" + prefix + id
 	}
-	return filepath.Join(os.TempDir(), "umdc-"+id)
+	return filepath.Join(os.TempDir(), prefix+id)
 }
 
-// errPortInUse marks a start failure caused by a port taken between choosing
-// it and binding it; Start retries those.
+// errPortInUse marks a start failure caused by a port taken between checking
+// it and the daemon binding it; Start retries those on another address.
 var errPortInUse = errors.New("port already in use")
 
-// freePorts returns n distinct free loopback addresses. All listeners stay
-// open until every port is chosen so the kernel cannot hand out one twice.
-func freePorts(n int) ([]string, error) {
-	addrs := make([]string, 0, n)
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+// claimHost claims the stack's loopback address and sets its listener
+// addresses, trying the next port set if a wildcard listener holds one of
+// the first set's ports on every candidate address.
+func (s *Stack) claimHost() error {
+	var errs []error
+	for _, ports := range stackPortSets {
+		h, err := ClaimHost(ports[:]...)
 		if err != nil {
-			return nil, fmt.Errorf("find free loopback port: %w", err)
+			errs = append(errs, err)
+			continue
 		}
-		defer l.Close()
-		addrs = append(addrs, l.Addr().String())
+		s.host, s.Host = h, h.IP
+		s.IMAPAddr, s.LMTPAddr, s.AuthAddr, s.SMTPAddr = h.Addr(ports[0]), h.Addr(ports[1]), h.Addr(ports[2]), h.Addr(ports[3])
+		return nil
 	}
-	return addrs, nil
+	return errors.Join(errs...)
 }
 
 // port returns the port part of a host:port address.

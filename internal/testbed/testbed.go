@@ -11,11 +11,16 @@ import (
 	"fmt"
 	"log/slog"
 	"path/filepath"
+	"time"
 
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/internal/mailstack"
 )
+
+// UpstreamTimeout bounds undomail's wait on the stack's Postfix and Dovecot
+// (connecting and each command), in place of the production defaults.
+const UpstreamTimeout = 30 * time.Second
 
 // Options configure Start.
 type Options struct {
@@ -82,6 +87,12 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.IMAP.Upstream = st.IMAPAddr
 	cfg.IMAP.AllowInsecureAuth = true // loopback only
 	cfg.Admin.Listen = "127.0.0.1:0"  // tests and demos run side by side
+	// The upstreams are a private Postfix and Dovecot on this machine: one
+	// that has not answered in UpstreamTimeout is hung, and a test (or the
+	// demo) should hear so long before the production default of 5 minutes.
+	cfg.SMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
+	cfg.LMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
+	cfg.IMAP.UpstreamTimeout = config.Duration(UpstreamTimeout)
 	if o.Tweak != nil {
 		o.Tweak(&cfg)
 	}

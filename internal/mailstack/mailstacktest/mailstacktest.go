@@ -49,3 +49,17 @@ func Start(t testing.TB, opts mailstack.Options) *mailstack.Stack {
 	})
 	return s
 }
+
+// Addr returns a loopback address, on an IP of its own held until the test
+// ends, for a server the test starts later and must name first (an
+// `undomail serve` process). Unlike binding 127.0.0.1:0 and closing it, no
+// other server can take it in between (mailstack.ClaimHost).
+func Addr(t testing.TB) string {
+	t.Helper()
+	addr, h, err := mailstack.ClaimAddr()
+	if err != nil {
+		t.Fatalf("mailstacktest: %v", err)
+	}
+	t.Cleanup(h.Release)
+	return addr
+}

@@ -1,0 +1,163 @@
+package verb
+
+import (
+	"encoding/json"
+	"fmt"
+	"sort"
+	"strings"
+)
+
+// cycle: a 3R cycle (rewind, repair, replay; docs: README "Undo your
+// first mistake"). Its arguments are the repair, its outcome the verdict.
+func init() {
+	register(Kind{Name: KindCycle, Family: "cycle", System: true, Describe: func(r Record) Description {
+		var a CycleArgs
+		if json.Unmarshal(r.Args, &a) != nil {
+			return Description{What: "cycle: " + flatten(r.Args), Outcome: flatten(r.Outcome)}
+		}
+		d := Description{What: a.Words()}
+		if !r.Answered {
+			d.Outcome = "no verdict yet: running, or cut off"
+			return d
+		}
+		var v Verdict
+		if json.Unmarshal(r.Outcome, &v) != nil {
+			d.Outcome = flatten(r.Outcome)
+			return d
+		}
+		d.Outcome = v.Words()
+		return d
+	}})
+}
+
+// CycleArgs are the parts of a cycle's arguments that are told.
+type CycleArgs struct {
+	To      string  `json:"to"`
+	At      int64   `json:"at"`
+	Cancel  []int64 `json:"cancel"`
+	Filters []struct {
+		Rule   string `json:"rule"`
+		Action string `json:"action"`
+	} `json:"filters"`
+	Reason string   `json:"reason"`
+	Users  []string `json:"users"`
+	Split  bool     `json:"split"`
+	Keep   bool     `json:"keep"`
+}
+
+// Words tells the cycle's repair.
+func (a CycleArgs) Words() string {
+	var b strings.Builder
+	b.WriteString("cycle: rewind")
+	if len(a.Users) > 0 {
+		b.WriteString(" " + strings.Join(a.Users, ", ") + "'s mail")
+	}
+	b.WriteString(" to snapshot " + a.To)
+	if a.At > 0 {
+		fmt.Fprintf(&b, " (log position %d)", a.At)
+	}
+	var repair []string
+	if len(a.Cancel) > 0 {
+		repair = append(repair, "cancel "+seqList(a.Cancel))
+	}
+	for _, f := range a.Filters {
+		repair = append(repair, fmt.Sprintf("filter %q: %s", f.Rule, f.Action))
+	}
+	if a.Keep && len(a.Filters) > 0 {
+		repair = append(repair, "keep the filters for live mail")
+	}
+	if len(repair) > 0 {
+		b.WriteString(", " + strings.Join(repair, ", "))
+	}
+	if a.Split {
+		b.WriteString(", held for a repair by hand")
+	} else {
+		b.WriteString(", replay the rest")
+	}
+	if a.Reason != "" {
+		b.WriteString("; reason: " + a.Reason)
+	}
+	return b.String()
+}
+
+// Verdict is the part of a cycle's verdict that is told.
+type Verdict struct {
+	OK        bool           `json:"ok"`
+	Replayed  int            `json:"replayed"`
+	Cancelled int            `json:"cancelled"`
+	Filtered  int            `json:"filtered"`
+	Repaired  int            `json:"repaired"`
+	Failed    int            `json:"failed"`
+	Skipped   map[string]int `json:"skipped"`
+	Users     int            `json:"users"`
+	Messages  int            `json:"messages"`
+	Verify    struct {
+		Users     int      `json:"users"`
+		Mailboxes int      `json:"mailboxes"`
+		Messages  int      `json:"messages"`
+		Problems  []string `json:"problems"`
+		More      int      `json:"more"`
+	} `json:"verify"`
+	Held         float64 `json:"held_s"`
+	Error        string  `json:"error"`
+	Compensation *struct {
+		Explained int      `json:"explained"`
+		Notified  int      `json:"notified"`
+		Digests   []string `json:"digests"`
+		Notice    bool     `json:"notice"`
+		Failed    []string `json:"failed"`
+	} `json:"compensation"`
+}
+
+// Words tells the verdict: verified or FAILED, what the replay did, what
+// the check of the store found, and who was told.
+func (v Verdict) Words() string {
+	var parts []string
+	head := "verified"
+	if !v.OK {
+		head = "FAILED"
+	}
+	counts := fmt.Sprintf("%d replayed, %d cancelled", v.Replayed, v.Cancelled)
+	if v.Filtered > 0 {
+		counts += fmt.Sprintf(", %d filtered", v.Filtered)
+	}
+	if v.Repaired > 0 {
+		counts += fmt.Sprintf(", %d removed by the repair", v.Repaired)
+	}
+	counts += fmt.Sprintf(", %d failed", v.Failed)
+	parts = append(parts, head+": "+counts)
+	if len(v.Skipped) > 0 {
+		kinds := make([]string, 0, len(v.Skipped))
+		for k, n := range v.Skipped {
+			kinds = append(kinds, fmt.Sprintf("%d %s", n, k))
+		}
+		sort.Strings(kinds)
+		parts = append(parts, "not replayed (no effect of their own): "+strings.Join(kinds, ", "))
+	}
+	if v.Verify.Mailboxes > 0 || len(v.Verify.Problems) > 0 {
+		s := fmt.Sprintf("store checked against the log: %s, %s, %s", plural(v.Verify.Users, "user"),
+			plural(v.Verify.Mailboxes, "mailbox"), plural(v.Verify.Messages, "message"))
+		if n := len(v.Verify.Problems) + v.Verify.More; n > 0 {
+			s += fmt.Sprintf(", %s, first: %s", plural(n, "problem"), v.Verify.Problems[0])
+		}
+		parts = append(parts, s)
+	}
+	if c := v.Compensation; c != nil {
+		if len(c.Digests) > 0 {
+			parts = append(parts, "explained to "+strings.Join(c.Digests, ", "))
+		}
+		if c.Notice {
+			parts = append(parts, "the operator was sent a notice")
+		}
+		if len(c.Failed) > 0 {
+			parts = append(parts, "could not deliver: "+strings.Join(c.Failed, ", "))
+		}
+	}
+	if v.Held > 0 {
+		parts = append(parts, fmt.Sprintf("changes held back %.1f s", v.Held))
+	}
+	if v.Error != "" {
+		parts = append(parts, v.Error)
+	}
+	return strings.Join(parts, "; ")
+}

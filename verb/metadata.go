@@ -1,0 +1,43 @@
+package verb
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+
+	"github.com/undomail/undomail/proxy"
+)
+
+// imap.setmetadata: SETMETADATA (RFC 5464 section 4.3), recorded entry by
+// entry (proxy.IMAPArgs.Metadata: a value, or null for a removal) and
+// replayed as such.
+func init() {
+	register(Kind{Name: proxy.KindIMAPSetMetadata, Family: "metadata", Answered: true,
+		Describe: imapCommand(func(a proxy.IMAPArgs) string {
+			var set, removed []string
+			for entry, v := range a.Metadata {
+				if v == nil {
+					removed = append(removed, entry)
+				} else {
+					set = append(set, entry)
+				}
+			}
+			sort.Strings(set)
+			sort.Strings(removed)
+			var what []string
+			if len(set) > 0 {
+				what = append(what, "set "+strings.Join(set, ", "))
+			}
+			if len(removed) > 0 {
+				what = append(what, "removed "+strings.Join(removed, ", "))
+			}
+			where := "your account"
+			if a.Mailbox != "" {
+				where = "the folder " + folder(a.Mailbox)
+			}
+			if len(what) == 0 {
+				return "you changed an annotation of " + where
+			}
+			return fmt.Sprintf("you %s on %s", strings.Join(what, " and "), where)
+		})})
+}

@@ -1,0 +1,59 @@
+package verb
+
+import (
+	"encoding/json"
+	"fmt"
+)
+
+// snapshot and snapshot.pruned: a snapshot of the mail store, cut at a
+// log position, and its destruction by retention.
+func init() {
+	register(Kind{Name: KindSnapshot, Family: "snapshot", System: true, Describe: func(r Record) Description {
+		a, ok := snapshotArgs(r)
+		if !ok {
+			return Description{What: "snapshot: " + flatten(r.Args), Outcome: flatten(r.Outcome)}
+		}
+		d := Description{What: fmt.Sprintf("snapshot %s at log position %d", a.Name, a.AtSeq)}
+		if a.Reason != "" {
+			d.What += " (" + a.Reason + ")"
+		}
+		var o struct {
+			OK    bool    `json:"ok"`
+			Error string  `json:"error"`
+			Pause float64 `json:"pause_ms"`
+		}
+		switch {
+		case !r.Answered:
+			d.Outcome = "no outcome: cut off while it was taken"
+		case json.Unmarshal(r.Outcome, &o) != nil:
+			d.Outcome = flatten(r.Outcome)
+		case o.OK:
+			d.Outcome = fmt.Sprintf("taken; changes were held back %.1f ms", o.Pause)
+		default:
+			d.Outcome = "FAILED: " + o.Error
+		}
+		return d
+	}})
+	register(Kind{Name: KindSnapshotPruned, Family: "snapshot", System: true, Describe: func(r Record) Description {
+		a, ok := snapshotArgs(r)
+		if !ok {
+			return Description{What: "snapshot pruned: " + flatten(r.Args)}
+		}
+		d := Description{What: "snapshot " + a.Name + " destroyed"}
+		if a.Reason != "" {
+			d.What += " by " + a.Reason
+		}
+		return d
+	}})
+}
+
+type snapshot struct {
+	Name   string `json:"name"`
+	AtSeq  int64  `json:"at_seq"`
+	Reason string `json:"reason"`
+}
+
+func snapshotArgs(r Record) (snapshot, bool) {
+	var a snapshot
+	return a, json.Unmarshal(r.Args, &a) == nil && a.Name != ""
+}
