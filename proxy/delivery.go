@@ -438,16 +438,7 @@ func (s *smtpSession) bdat(line []byte) error {
 		case c.fail != nil:
 			s.reply(*c.fail)
 		case relay:
-			raw, rep, err := s.up.reply()
-			if err != nil {
-				s.upstreamLost("BDAT", err)
-				s.reply(replyUpstreamLost)
-				return nil
-			}
-			s.write(raw)
-			if sessionEnds(rep) {
-				return errSMTPOver
-			}
+			return s.relayUpstreamReply("BDAT")
 		default:
 			// Dovecot's LMTP words it so (only the capture holds chunks).
 			s.reply(Reply{Code: 250, Enhanced: "2.0.0", Text: fmt.Sprintf("Added %d octets", size)})
@@ -520,17 +511,7 @@ func (s *smtpSession) passChunk(line []byte, size int64) error {
 			return err
 		}
 	}
-	raw, rep, err := s.up.reply()
-	if err != nil {
-		s.upstreamLost("BDAT", err)
-		s.reply(replyUpstreamLost)
-		return nil
-	}
-	s.write(raw)
-	if sessionEnds(rep) {
-		return errSMTPOver
-	}
-	return nil
+	return s.relayUpstreamReply("BDAT")
 }
 
 // dotWriter writes a message as DATA content (RFC 5321 section 4.5.2):
@@ -775,4 +756,20 @@ func (s *smtpSession) outcomeFor(out *DeliveryOutcome, rep Reply) {
 	for _, rc := range s.tx.rcpts {
 		out.Rcpts = append(out.Rcpts, RcptReply{Rcpt: rc, Reply: rep})
 	}
+}
+
+// relayUpstreamReply relays the upstream's reply to cmd as it came; a lost
+// upstream is the client's temporary failure.
+func (s *smtpSession) relayUpstreamReply(cmd string) error {
+	raw, rep, err := s.up.reply()
+	if err != nil {
+		s.upstreamLost(cmd, err)
+		s.reply(replyUpstreamLost)
+		return nil
+	}
+	s.write(raw)
+	if sessionEnds(rep) {
+		return errSMTPOver
+	}
+	return nil
 }

@@ -349,3 +349,27 @@ func TestIMAPClientThatStopsReading(t *testing.T) {
 	}
 	resume()
 }
+
+// TestIMAPBadSelectKeepsSelection: a SELECT Dovecot answers BAD (a
+// missing closing quote) never ran, so the mailbox selected before stays
+// selected, for Dovecot and for the log: the STORE that follows runs in
+// Other and is logged there (found by FuzzIMAPDifferential).
+func TestIMAPBadSelectKeepsSelection(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	conn, r := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	msg := "Subject: x\r\n\r\nhi\r\n"
+	fmt.Fprintf(conn, "c CREATE Other\r\na APPEND Other {%d+}\r\n%s\r\ns SELECT Other\r\n", len(msg), msg)
+	r.until(t, "s OK")
+	fmt.Fprintf(conn, "b SELECT \"Other\r\n")
+	if l := r.until(t, "b "); !strings.HasPrefix(l[len(l)-1], "b BAD") {
+		t.Fatalf("SELECT with a missing quote: %q, want Dovecot's BAD", l)
+	}
+	fmt.Fprintf(conn, "x STORE 1 +FLAGS (\\Flagged)\r\n")
+	if l := r.until(t, "x "); !strings.HasPrefix(l[len(l)-1], "x OK") {
+		t.Fatalf("STORE after the BAD SELECT: %q, want OK (Other is still selected)", l)
+	}
+	stores := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore)
+	if len(stores) != 1 || argsOf(t, stores[0]).Mailbox != "Other" || imapOutcome(t, stores[0]).Status != "OK" {
+		t.Fatalf("STORE logged as %+v", stores)
+	}
+}

@@ -1003,8 +1003,11 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 				st.readOnly = true
 			}
 			s.state = st
-		case pc.selects != nil, pc.deselects && r.Name == "OK":
+		case pc.selects != nil && r.Name == "NO", pc.deselects && r.Name == "OK":
 			// A failed SELECT leaves nothing selected (RFC 9051 6.3.2).
+			// One the server answered BAD never ran: what was selected
+			// stays selected, as Dovecot keeps it (found by the
+			// differential fuzzer).
 			s.state = mailboxState{}
 		}
 		s.selBusy--

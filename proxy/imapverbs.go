@@ -517,16 +517,7 @@ func (a IMAPArgs) Summary() string {
 		fmt.Fprintf(&b, " ids=%s", summarizeIDs(a.UndoIDs))
 	}
 	if len(a.Metadata) > 0 {
-		var set, removed []string
-		for entry, v := range a.Metadata {
-			if v == nil {
-				removed = append(removed, entry)
-			} else {
-				set = append(set, entry)
-			}
-		}
-		slices.Sort(set)
-		slices.Sort(removed)
+		set, removed := a.MetadataEntries()
 		var parts []string
 		if len(set) > 0 {
 			parts = append(parts, "set "+strings.Join(set, ", "))
@@ -540,6 +531,21 @@ func (a IMAPArgs) Summary() string {
 		b.WriteString(" " + a.Raw)
 	}
 	return b.String()
+}
+
+// MetadataEntries lists, sorted, the entries a SETMETADATA set and those
+// it removed.
+func (a IMAPArgs) MetadataEntries() (set, removed []string) {
+	for entry, v := range a.Metadata {
+		if v == nil {
+			removed = append(removed, entry)
+		} else {
+			set = append(set, entry)
+		}
+	}
+	slices.Sort(set)
+	slices.Sort(removed)
+	return set, removed
 }
 
 // Summary describes the outcome in one line for `undomail log`.

@@ -2,7 +2,6 @@ package verb
 
 import (
 	"fmt"
-	"sort"
 	"strings"
 
 	"github.com/undomail/undomail/proxy"
@@ -14,16 +13,7 @@ import (
 func init() {
 	register(Kind{Name: proxy.KindIMAPSetMetadata, Family: "metadata", Answered: true,
 		Describe: imapCommand(func(a proxy.IMAPArgs) string {
-			var set, removed []string
-			for entry, v := range a.Metadata {
-				if v == nil {
-					removed = append(removed, entry)
-				} else {
-					set = append(set, entry)
-				}
-			}
-			sort.Strings(set)
-			sort.Strings(removed)
+			set, removed := a.MetadataEntries()
 			var what []string
 			if len(set) > 0 {
 				what = append(what, "set "+strings.Join(set, ", "))

@@ -52,12 +52,29 @@ func StartWith(t testing.TB, o testbed.Options) *testbed.Testbed {
 		t.Fatalf("testbedtest: %v", err)
 	}
 	t.Cleanup(func() {
+		if t.Failed() {
+			// What the mail stack said is often the cause: show it with
+			// the failure, the directory goes with the test.
+			for _, p := range []string{tb.Stack.PostfixLog(), tb.Stack.DovecotLog()} {
+				t.Logf("testbedtest: tail of %s:\n%s", p, tail(p, 40))
+			}
+		}
 		if err := tb.Stop(); err != nil {
 			t.Errorf("testbedtest: stop: %v", err)
 		}
 		tw.close()
 	})
 	return tb
+}
+
+// tail returns the last n lines of a file, or why it cannot.
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
 }
 
 // testWriter sends log lines to t.Log, so they show with the failing test.
