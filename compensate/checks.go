@@ -68,6 +68,9 @@ type removal struct {
 	msg   Message
 	now   string
 	moved string // the folder a filter filed it into, "" if it is gone
+	// misdelivered: the repaired MTA delivers it to someone else
+	// (replay.StatusRerouted).
+	misdelivered bool
 }
 
 // detector holds the log as the checks need it.
@@ -145,6 +148,7 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 		v := d.verbs[seq]
 		switch {
 		case v.Kind == proxy.KindSMTPSubmit:
+			d.checkRefused(v)
 			if err := d.checkSubmission(v); err != nil {
 				return Findings{}, err
 			}
@@ -274,6 +278,11 @@ func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 			switch {
 			case r.out.Status == "ok":
 				d.markMade(userKey(rc), a.UndoID, v)
+			case r.out.Status == replay.StatusRerouted:
+				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: r.out.Detail, misdelivered: true})
+			case r.out.Status == replay.StatusRefused:
+				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: removalText(r.out)})
+				d.checkSender(ctx, v, a, rc, r.out)
 			case r.out.Status == "filtered" && moved:
 				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: "filed into the folder " + folder + " by the repair", moved: folder})
 			case r.out.Status == "filtered" || r.out.Status == "cancelled" || r.out.Status == "failed":
@@ -310,6 +319,51 @@ func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a proxy.Deli
 	msg := messageOf(a)
 	d.out = append(d.out, Paradox{Kind: DeliveryLost, User: sender, Verb: verb, VerbKind: kind, Message: &msg,
 		Rcpt: rcpt, Seen: at, Now: removalText(out), Observed: true})
+}
+
+// checkRefused finds, for a front-door submission, the destinations
+// outside the machine the repaired Postfix delivers it to, which the
+// replay held (held_outside, for the operator); and, for a message
+// Postfix refused (5xx) the first time, its
+// sender told so, that the repaired Postfix accepted on replay (replay
+// records of the submission with status ok, one per recipient user): the
+// recipient has mail they never knew of, and the sender was told
+// something that is no longer true.
+func (d *detector) checkRefused(v undolog.Verb) {
+	var a proxy.DeliveryArgs
+	var o proxy.DeliveryOutcome
+	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil {
+		return
+	}
+	msg := messageOf(a)
+	for _, r := range d.replays[v.Seq] {
+		if r.out.Status == replay.StatusHeld {
+			rcpt := ""
+			if i := strings.Index(r.out.Detail, "<"); i >= 0 {
+				if j := strings.Index(r.out.Detail[i:], ">"); j > 0 {
+					rcpt = r.out.Detail[i+1 : i+j]
+				}
+			}
+			d.out = append(d.out, Paradox{Kind: HeldOutside, Verb: v.Seq, VerbKind: v.Kind, Message: &msg, Rcpt: rcpt,
+				Seen: v.Time, Now: r.out.Detail, Observed: true})
+		}
+	}
+	if o.Reply.Positive() {
+		return
+	}
+	for _, r := range d.replays[v.Seq] {
+		rcpt, ok := strings.CutPrefix(r.out.Detail, "re-delivered to ")
+		if r.out.Status != "ok" || r.user == "" || !ok {
+			continue
+		}
+		sender := a.MailFrom
+		if sender == "" {
+			sender = "the null sender (a bounce)"
+		}
+		d.out = append(d.out, Paradox{Kind: RefusedByMistake, User: r.user, Verb: v.Seq, VerbKind: v.Kind, Message: &msg,
+			Rcpt: rcpt, Action: sender, Seen: v.Time, Observed: true,
+			Now: fmt.Sprintf("its sender <%s> was told %q", a.MailFrom, o.Reply.String())})
+	}
 }
 
 // movedTo parses the folder out of a filter's "filed into FOLDER by
@@ -356,6 +410,8 @@ func removalText(o replay.ReplayOutcome) string {
 		return "cancelled by the administrator's repair"
 	case "failed":
 		return "refused by the mail server when it was redone: " + serverSaid(o.Detail)
+	case replay.StatusRefused, replay.StatusRerouted:
+		return o.Detail
 	}
 	return o.Status + " (" + o.Detail + ")"
 }
@@ -387,7 +443,10 @@ func (d *detector) checkReads() {
 				continue
 			}
 			kind := ReadRemoved
-			if r.moved != "" {
+			switch {
+			case r.misdelivered:
+				kind = Misdelivered
+			case r.moved != "":
 				kind = ReadMoved
 			}
 			msg := r.msg

@@ -401,3 +401,67 @@ func TestRestored(t *testing.T) {
 		t.Fatalf("third run: %+v, %v", rep, err)
 	}
 }
+
+// TestMisdelivered: the repaired MTA delivers two messages carol had to
+// bob instead (replay status rerouted). The one she read is a
+// misdelivered paradox she observed, the other a silent one; no sender is
+// told of a lost delivery (the message was delivered, elsewhere); the
+// operator notice lists the exposure with the message and when she read
+// it.
+func TestMisdelivered(t *testing.T) {
+	l, err := undolog.Open(t.TempDir(), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	b := &logBuilder{t: t, l: l}
+	s1 := b.submit("dana", "one", "", "bob@example.org", "")
+	d1 := b.deliver("M1", "<m1@example.org>", "For bob 1", s1, "carol@example.org")
+	s2 := b.submit("dana", "two", "", "bob@example.org", "")
+	d2 := b.deliver("M2", "<m2@example.org>", "For bob 2", s2, "carol@example.org")
+	b.fetch("carol", map[string]string{"2": "M2"})
+	cycle := b.append(&undolog.Record{Kind: "cycle", Session: "cycle", Args: json.RawMessage(`{"to":"s1","present":"s2"}`)}, nil)
+	now := "the repaired mail system delivered it to <bob@example.org> instead"
+	b.replayed(d1, "carol", replay.StatusRerouted, now)
+	b.replayed(d2, "carol", replay.StatusRerouted, now)
+	f, err := Detect(context.Background(), l, Cycle{Seq: cycle, Reason: "a wrong virtual alias"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"misdelivered carol lmtp.deliver M1 false", "misdelivered carol lmtp.deliver M2 true"}
+	if got := describe(f.Paradoxes); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("paradoxes:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	var seen Paradox
+	for _, p := range f.Paradoxes {
+		if p.Observed {
+			seen = p
+		}
+	}
+	if seen.Now != now || seen.Seen.IsZero() {
+		t.Fatalf("observed paradox %+v: want now %q and the time she read it", seen, now)
+	}
+	notice, err := BuildNotice(Letter{From: "postmaster@example.org", To: "ops@example.org", Subject: "n", MessageID: "n@x",
+		Cycle: Cycle{Seq: cycle}, Paradoxes: []Paradox{seen}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.Join(strings.Fields(qpSoftBreaks.Replace(string(notice))), " ")
+	for _, w := range []string{"[misdelivered] exposure: carol read the message", "For bob 2", "<m2@example.org>", when(seen.Seen), "<bob@example.org>"} {
+		if !strings.Contains(text, w) {
+			t.Errorf("operator notice lacks %q:\n%s", w, text)
+		}
+	}
+	digest, err := BuildDigest(Letter{From: "postmaster@example.org", To: "carol@example.org", Name: "carol", Subject: "d", MessageID: "d@x",
+		Cycle: Cycle{Seq: cycle}, Paradoxes: []Paradox{seen}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if text := strings.Join(strings.Fields(qpSoftBreaks.Replace(string(digest))), " "); !strings.Contains(text, "not meant for you") {
+		t.Errorf("carol's digest does not say it was not meant for her:\n%s", text)
+	}
+}
+
+// qpSoftBreaks undoes quoted-printable soft line breaks (RFC 2045
+// section 6.7) so a test can search the text.
+var qpSoftBreaks = strings.NewReplacer("=\r\n", "")

@@ -61,10 +61,26 @@ const (
 	// follows read_removed's unless set on its own: it corrects what
 	// that explanation said.
 	Restored Kind = "restored"
+	// Misdelivered: a message the user read was never theirs: the
+	// repaired mail system (a wrong virtual alias fixed, replayed through
+	// Postfix) delivers it to someone else, and it left the user's
+	// mailbox. The operator notice lists it as exposure: which message,
+	// seen by whom, when.
+	Misdelivered Kind = "misdelivered"
+	// RefusedByMistake: mail to the user was refused (5xx) during the bad
+	// period, its sender told it could not be delivered; the repaired
+	// mail system accepted it on replay and it is in the user's mailbox
+	// now. The operator notice lists the sender who was told 5xx.
+	RefusedByMistake Kind = "refused_by_mistake"
+	// HeldOutside: the repaired mail system delivers a message to a
+	// destination that is no mailbox here (an alias fixed to point
+	// outside); the replay held it instead of sending it. For the
+	// operator, who decides whether it goes.
+	HeldOutside Kind = "held_outside"
 )
 
 // Kinds lists every paradox kind, in the order digests present them.
-var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored}
+var Kinds = []Kind{ReadRemoved, ReadMoved, ReadChanged, DeliveryLost, ActionFailed, SentOnwards, ActionCancelled, Restored, Misdelivered, RefusedByMistake, HeldOutside}
 
 // Policy says what is done about an observed paradox of a kind.
 type Policy string
@@ -101,14 +117,17 @@ func ParsePolicy(s string) (Policy, error) {
 // explained.
 func DefaultPolicies() map[Kind]Policy {
 	return map[Kind]Policy{
-		ReadRemoved:     Explain,
-		ReadMoved:       Ignore,
-		ReadChanged:     Explain,
-		DeliveryLost:    Explain,
-		ActionFailed:    Explain,
-		SentOnwards:     Explain,
-		ActionCancelled: Ignore,
-		Restored:        Explain,
+		ReadRemoved:      Explain,
+		ReadMoved:        Ignore,
+		ReadChanged:      Explain,
+		DeliveryLost:     Explain,
+		ActionFailed:     Explain,
+		SentOnwards:      Explain,
+		ActionCancelled:  Ignore,
+		Restored:         Explain,
+		Misdelivered:     Explain,
+		RefusedByMistake: Explain,
+		HeldOutside:      Notify,
 	}
 }
 

@@ -72,6 +72,19 @@ func BuildNotice(l Letter) ([]byte, error) {
 		if who == "" {
 			who = "a sender outside"
 		}
+		switch p.Kind {
+		case Misdelivered:
+			items = append(items, exposure(p))
+			continue
+		case HeldOutside:
+			items = append(items, fmt.Sprintf("[%s] %s (undo id %s), sent on %s: %s. It is in the undo log: undomail log shows the re-injection with the message.",
+				p.Kind, describeMessage(p.Message), messageID(p.Message), when(p.Seen), p.Now))
+			continue
+		case RefusedByMistake:
+			items = append(items, fmt.Sprintf("[%s] sender %s was refused on %s: %s to <%s> (undo id %s); %s. After the repair it is in %s's mailbox.",
+				p.Kind, p.Action, when(p.Seen), describeMessage(p.Message), p.Rcpt, messageID(p.Message), p.Now, p.User))
+			continue
+		}
 		items = append(items, fmt.Sprintf("[%s] %s, verb %d (%s): %s", p.Kind, who, p.Verb, p.VerbKind, explain(p)))
 	}
 	doc := document{
@@ -85,6 +98,28 @@ func BuildNotice(l Letter) ([]byte, error) {
 		footer:  "undomail compensations --cycle " + fmt.Sprint(l.Cycle.Seq) + " lists them with the digests users were sent.",
 	}
 	return build(l, doc)
+}
+
+// exposure is the operator notice's line for mail someone read that was
+// not theirs: which message, seen by whom, when, and where it belongs.
+func exposure(p Paradox) string {
+	id := ""
+	if p.Message != nil {
+		id = " (undo id " + p.Message.UndoID
+		if p.Message.MessageID != "" {
+			id += ", Message-ID " + p.Message.MessageID
+		}
+		id += ")"
+	}
+	return fmt.Sprintf("[%s] exposure: %s read %s%s on %s, delivered by verb %d (%s); %s.",
+		p.Kind, p.User, describeMessage(p.Message), id, when(p.Seen), p.Verb, p.VerbKind, p.Now)
+}
+
+func messageID(m *Message) string {
+	if m == nil {
+		return ""
+	}
+	return m.UndoID
 }
 
 // why is the repair's reason, in the operator's words when given.
@@ -156,6 +191,15 @@ func explain(p Paradox) string {
 		return fmt.Sprintf("On %s %s (%s). Since then %s.", when(p.Seen), p.Action, msg, p.Now)
 	case ActionCancelled:
 		return fmt.Sprintf("On %s %s. The administrator undid this in the repair.", when(p.Seen), p.Action)
+	case Misdelivered:
+		return fmt.Sprintf("On %s you read %s. It was not meant for you: the mail system delivered it to you by mistake, "+
+			"and after the repair %s. It is no longer in your mailbox; please treat what you read as confidential.",
+			when(p.Seen), msg, p.Now)
+	case HeldOutside:
+		return fmt.Sprintf("%s, sent on %s: %s.", describeMessage(p.Message), when(p.Seen), p.Now)
+	case RefusedByMistake:
+		return fmt.Sprintf("On %s %s, addressed to you, was refused by mistake (%s). After the repair it was delivered: "+
+			"it is in your mailbox now.", when(p.Seen), msg, p.Now)
 	case Restored:
 		return fmt.Sprintf("On %s you were told that %s had been removed. It is back in your mailbox: %s.", when(p.Seen), msg, p.Now)
 	}

@@ -586,6 +586,10 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 			s.replyEach(replyLogUnavailable)
 			return
 		}
+		if s.replay() {
+			s.collect(ctx, args, blob) // reinject.go
+			return
+		}
 	}
 	if args.UndoID == "" {
 		args.UndoID = s.tx.undoID

@@ -63,7 +63,20 @@ type SMTPConfig struct {
 	// returns replaces forwarding (the message was dropped or filed
 	// elsewhere); nil forwards as usual.
 	Divert func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
+	// Collect, if set, takes the deliveries of LMTP sessions whose LHLO
+	// name is ReplayLHLO: Postfix's replay service handing back what it
+	// decided for mail a replay gave it again (docs/operations.md,
+	// "Replay through Postfix"). In such a session MAIL, RCPT and RSET
+	// never reach the upstream and every recipient is accepted; the
+	// message is neither gated nor logged as a new delivery. Collect's
+	// outcome is the reply; nil refuses the message (no replay waits for
+	// it).
+	Collect func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
 }
+
+// ReplayLHLO is the LHLO name of Postfix's lmtp transport for replayed
+// mail (lmtp_lhlo_name in its master.cf entry).
+const ReplayLHLO = "undomail-replay"
 
 // SMTPProxy is a write-ahead SMTP or LMTP relay. Commands and replies pass
 // through as raw lines, so every decision about the protocol (syntax,
@@ -625,6 +638,17 @@ func (s *smtpSession) forwardLine(head []byte, done bool) ([]byte, error) {
 // noting what the session needs to know (the envelope, the greeting, the
 // authentication) on the way.
 func (s *smtpSession) relay(head []byte, done bool) error {
+	if s.replay() {
+		// Postfix's replay transport: its envelope stays here (reinject.go).
+		line, err := s.restOfLine(head, done)
+		if err != nil {
+			return err
+		}
+		if s.replayEnvelope(verbOf(line), line) {
+			return nil
+		}
+		head, done = line, true
+	}
 	verb := verbOf(head)
 	if s.up == nil {
 		if err := s.reconnect(); err != nil {

@@ -8,6 +8,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/emersion/go-imap/v2"
 
@@ -60,6 +61,15 @@ type Target struct {
 	MasterPassword string
 	Separator      string // default "*"
 	Logger         *slog.Logger
+	// ReinjectAddr is Postfix's replay service (docs/operations.md,
+	// "Replay through Postfix"): mail the front door recorded is handed
+	// to it again, so the repaired Postfix routes it anew, and Capture
+	// takes what it delivers. Empty: deliveries replay as recorded.
+	ReinjectAddr string
+	Capture      *Capture
+	// ReinjectTimeout bounds the wait for one re-injected message
+	// (default DefaultReinjectTimeout).
+	ReinjectTimeout time.Duration
 }
 
 // Plan says which part of the log to replay and which verbs to leave out.
@@ -127,6 +137,11 @@ type Result struct {
 	// Renumbered messages that came back under a UID clients had seen
 	// expunged and were given a new one.
 	Restored, Renumbered int
+	// Reinjected counts front-door messages handed to Postfix again
+	// (reinject.go); a re-injection that failed counts in Failed. Held
+	// counts deliveries the repaired Postfix made to a destination that
+	// is no mailbox here: held for the operator, not sent.
+	Reinjected, Held int
 	// Verify compares the store after the replay with what the log
 	// predicts (not done with Plan.NoModelCheck).
 	Verify Verification
@@ -145,6 +160,12 @@ type task struct {
 	v      undolog.Verb
 	rcpt   string // deliveries: the recipient
 	cancel string // why the verb is left out; "" replays it
+	// fixed is the outcome of a delivery a re-injection replaced that is
+	// not made again (reinject.go).
+	fixed *ReplayOutcome
+	// outside: a destination only the repaired Postfix delivers to; if
+	// Dovecot has no such mailbox, it is held, not failed (reinject.go).
+	outside bool
 }
 
 // Replay re-executes the logged verbs with After < seq < Before against
@@ -181,6 +202,11 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 	if err != nil {
 		return res, err
 	}
+	rj, err := reinjectAll(ctx, l, p, t, verbs, earlier)
+	if err != nil {
+		return res, err
+	}
+	res.Reinjected, res.Failed = rj.count, len(rj.failed)
 	queues := map[string][]task{}
 	total := 0
 	for _, v := range verbs {
@@ -192,6 +218,9 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 			why = fmt.Sprintf("left out by an earlier repair (record %d)", earlier.cancelled[v.Seq])
 		}
 		ts, skip := split(v)
+		if r, ok := rj.replace[v.Seq]; ok {
+			ts, skip = r, len(r) == 0
+		}
 		if skip {
 			res.Skipped[v.Kind]++
 			continue
@@ -273,6 +302,8 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 						res.Repaired++
 					case out.Status == "cancelled":
 						res.Cancelled++
+					case out.Status == StatusHeld:
+						res.Held++
 					}
 					mu.Unlock()
 					if out.Status != "skipped" && !p.NoRecord {
@@ -306,10 +337,18 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 				}
 				stopped := false
 				for _, tk := range queues[user] {
-					if tk.rcpt != "" && tk.cancel == "" && ctx.Err() == nil {
+					if tk.rcpt != "" && tk.cancel == "" && tk.fixed == nil && ctx.Err() == nil {
 						// A run of deliveries is sent in one LMTP session and
 						// found in the store at once (flush).
-						out, deferred, err := r.queueDelivery(ctx, tk)
+						var out ReplayOutcome
+						var deferred bool
+						var err error
+						if tk.outside {
+							out, err = heldOutside(ctx, t, tk)
+						}
+						if out.Status == "" && err == nil {
+							out, deferred, err = r.queueDelivery(ctx, tk)
+						}
 						if !deferred && !record(tk, out, err) {
 							stopped = true
 							break

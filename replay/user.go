@@ -114,6 +114,15 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 	if err := ctx.Err(); err != nil {
 		return ReplayOutcome{}, err
 	}
+	if tk.fixed != nil {
+		// A re-injection took the message away from this recipient: later
+		// verbs on it here are skipped as repaired.
+		var a proxy.DeliveryArgs
+		if json.Unmarshal(tk.v.Args, &a) == nil {
+			r.removed[a.UndoID] = true
+		}
+		return *tk.fixed, nil
+	}
 	if tk.cancel != "" {
 		if tk.rcpt == "" && (tk.v.Kind == proxy.KindIMAPAppend) {
 			// The message the cancelled APPEND made is not in the store:

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"slices"
 	"strings"
@@ -124,6 +125,16 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			verdict, err := c.Cycle(context.Background(), req)
 			stop()
 			printVerdict(out, verdict)
+			var cv daemon.CycleVerdict
+			if remote.adminURL == "" && len(p.Reinject) > 0 && json.Unmarshal(verdict, &cv) == nil && cv.Cycle > 0 {
+				if l, lerr := undolog.OpenReadOnly(dataDir); lerr == nil {
+					routes, rerr := replay.Routes(context.Background(), l, p.AtSeq, cv.Cycle, cancelSet(p.cancel))
+					l.Close()
+					if rerr == nil {
+						printRoutes(out, routes, true)
+					}
+				}
+			}
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
 			}
@@ -158,7 +169,11 @@ type cyclePlan struct {
 	// the cycle, and why: the cycle's verdict lets exactly these
 	// differences through (replay.ExplainRepair).
 	Differs []replay.RepairEntry `json:"differs_from_present"`
-	cancel  []int64
+	// Reinject are the front-door messages a replay through Postfix
+	// (smtp.replay_upstream) hands to it again, with where each went the
+	// first time.
+	Reinject []replay.Route `json:"reinject,omitempty"`
+	cancel   []int64
 }
 
 // planFromFlags resolves the cycle's flags against the log and plans it.
@@ -215,15 +230,17 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 	if p.Differs, err = differs(ctx, l, at, cancelled, p.Filtered, users); err != nil {
 		return nil, err
 	}
+	if len(users) == 0 { // a cycle for some users replays recorded deliveries
+		if p.Reinject, err = replay.Routes(ctx, l, at, 0, cancelSet(cancelled)); err != nil {
+			return nil, err
+		}
+	}
 	return p, nil
 }
 
 // differs says what a cycle will change compared with the present.
 func differs(ctx context.Context, l *undolog.Log, at int64, cancel []int64, hits []daemon.FilterHit, users []string) ([]replay.RepairEntry, error) {
-	c := map[int64]bool{}
-	for _, s := range cancel {
-		c[s] = true
-	}
+	c := cancelSet(cancel)
 	filtered := map[string]replay.FilteredDelivery{}
 	for _, h := range hits {
 		if folder, ok := strings.CutPrefix(h.Action, "move:"); ok {
@@ -244,6 +261,62 @@ func differs(ctx context.Context, l *undolog.Log, at int64, cancel []int64, hits
 		return nil, err
 	}
 	return rs.Entries(), nil
+}
+
+func cancelSet(seqs []int64) map[int64]bool {
+	m := map[int64]bool{}
+	for _, s := range seqs {
+		m[s] = true
+	}
+	return m
+}
+
+// printRoutes lists re-injected mail: where each message went the first
+// time and, after the cycle, where it went this time.
+func printRoutes(w io.Writer, routes []replay.Route, after bool) {
+	if len(routes) == 0 {
+		return
+	}
+	if after {
+		fmt.Fprintln(w, "front-door mail handed to Postfix again, where it went this time:")
+	} else {
+		fmt.Fprintf(w, "%d front-door messages go through Postfix again (if smtp.replay_upstream is set); where each went the first time:\n", len(routes))
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	if after {
+		fmt.Fprintln(tw, "SEQ\tMESSAGE\tFIRST\tNOW")
+	} else {
+		fmt.Fprintln(tw, "SEQ\tMESSAGE\tADDRESSED TO\tFIRST")
+	}
+	for _, r := range routes {
+		msg := r.MessageID
+		if r.Subject != "" {
+			msg += fmt.Sprintf(" %q", r.Subject)
+		}
+		first := strings.Join(r.First, ", ")
+		switch {
+		case r.Refused != "":
+			first = "refused: " + r.Refused
+		case r.Relayed:
+			first = "relayed off the machine"
+		}
+		if !after {
+			fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", r.Submission, msg, strings.Join(r.AddressedTo, ", "), first)
+			continue
+		}
+		now := strings.Join(r.Now, ", ")
+		switch r.NowStatus {
+		case "":
+			now = "not re-injected: its recorded deliveries were replayed"
+		case "failed", replay.StatusRefused:
+			now = r.NowStatus + ": " + r.Failed
+		}
+		if len(r.Held) > 0 {
+			now = strings.TrimPrefix(now+"; held: "+strings.Join(r.Held, ", "), "; ")
+		}
+		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\n", r.Submission, msg, first, now)
+	}
+	tw.Flush()
 }
 
 // onlyUsers keeps the steps of a cycle limited to some users: the verbs
@@ -299,6 +372,7 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	tw.Flush()
 	fmt.Fprintf(w, "%d to replay, %d cancelled, %d without effect (their clients were not told they happened)\n",
 		p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect)
+	printRoutes(w, p.Reinject, false)
 	for _, c := range p.ComesBack {
 		fmt.Fprintf(w, "comes back: %s\n", c)
 	}

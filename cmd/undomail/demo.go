@@ -76,7 +76,7 @@ apt-get (--yes installs without asking).`,
 				smtpListen = "127.0.0.1:0"
 			}
 			snapDir := filepath.Join(dir, "snapshots")
-			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, SMTPListen: smtpListen, Logger: logger,
+			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, SMTPListen: smtpListen, Logger: logger, ReplayThroughPostfix: true,
 				Tweak: func(c *config.Config) {
 					c.Store = "copy:" + snapDir
 					// The tour's repair cancels a DELETE alice was told

@@ -56,6 +56,18 @@ type CompensationPolicies struct {
 	// ActionCancelled: the operator cancelled a command the user was
 	// told succeeded (default ignore).
 	ActionCancelled string `yaml:"action_cancelled"`
+	// Misdelivered: a message the user read was delivered to them by
+	// mistake and the repaired mail system delivers it to someone else
+	// (default explain; the operator notice lists it as exposure).
+	Misdelivered string `yaml:"misdelivered"`
+	// RefusedByMistake: mail to the user was refused (5xx) during the bad
+	// period and the repaired mail system delivered it (default explain;
+	// the operator notice lists the senders who were told 5xx).
+	RefusedByMistake string `yaml:"refused_by_mistake"`
+	// HeldOutside: the repaired mail system delivers a message to a
+	// destination outside the machine; the replay held it, unsent
+	// (default notify: the operator decides whether it goes).
+	HeldOutside string `yaml:"held_outside"`
 }
 
 // ByKind returns the configured policies by paradox kind name, leaving
@@ -65,7 +77,8 @@ func (p CompensationPolicies) ByKind() map[string]string {
 	for k, v := range map[string]string{
 		"read_removed": p.ReadRemoved, "read_moved": p.ReadMoved, "read_changed": p.ReadChanged,
 		"delivery_lost": p.DeliveryLost, "action_failed": p.ActionFailed, "sent_onwards": p.SentOnwards,
-		"action_cancelled": p.ActionCancelled,
+		"action_cancelled": p.ActionCancelled, "misdelivered": p.Misdelivered,
+		"refused_by_mistake": p.RefusedByMistake, "held_outside": p.HeldOutside,
 	} {
 		if v != "" {
 			out[k] = v

@@ -158,6 +158,16 @@ type SMTP struct {
 	UpstreamTimeout Duration `yaml:"upstream_timeout"`
 	// ClientTimeout bounds each read from and write to a client.
 	ClientTimeout Duration `yaml:"client_timeout"`
+	// ReplayUpstream is Postfix's replay service: a second smtpd in
+	// master.cf, on a loopback port, whose content_filter is an lmtp
+	// transport with lmtp_lhlo_name undomail-replay to lmtp.listen's
+	// address. A replay hands the mail the front door
+	// recorded to it again, so the repaired Postfix (aliases, virtual
+	// maps, restrictions, header checks, milters) routes it anew, and
+	// takes what it delivers at the capture (docs/operations.md, "Replay
+	// through Postfix"). Needs lmtp.listen. Empty: deliveries replay as
+	// they were recorded.
+	ReplayUpstream string `yaml:"replay_upstream"`
 }
 
 // LMTP is delivery capture: Postfix's virtual_transport points at Listen,
@@ -406,6 +416,10 @@ func (c Config) Validate() error {
 	checkAddr("smtp.upstream", c.SMTP.Upstream, false)
 	checkAddr("lmtp.upstream", c.LMTP.Upstream, false)
 	checkAddr("imap.upstream", c.IMAP.Upstream, false)
+	checkAddr("smtp.replay_upstream", c.SMTP.ReplayUpstream, false)
+	if c.SMTP.ReplayUpstream != "" && c.LMTP.Listen == "" {
+		bad("smtp.replay_upstream", "needs lmtp.listen: Postfix delivers replayed mail to the capture")
+	}
 	if c.SMTP.Listen != "" && c.SMTP.Upstream == "" {
 		bad("smtp.upstream", "must be set when smtp.listen is (Postfix's smtpd address)")
 	}

@@ -80,7 +80,8 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 		drills: cfg.Drills, dataDir: cfg.DataDir, hostname: cfg.Hostname, smtpUpstream: cfg.SMTP.Upstream, comp: compensation{cfg.Compensation, cfg.Hostname},
 		upstream: replay.Upstream{Doveadm: cfg.Dovecot.Doveadm, Quiesce: cfg.Dovecot.Quiesce, Resume: cfg.Dovecot.Resume, Logger: logger},
 		target: replay.Target{LMTPAddr: cfg.LMTP.Upstream, IMAPAddr: cfg.IMAP.Upstream,
-			MasterUser: cfg.Dovecot.MasterUser, MasterPassword: cfg.Dovecot.MasterPassword, Logger: logger}}
+			MasterUser: cfg.Dovecot.MasterUser, MasterPassword: cfg.Dovecot.MasterPassword, Logger: logger,
+			ReinjectAddr: cfg.SMTP.ReplayUpstream, Capture: &replay.Capture{}}}
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -109,6 +110,7 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 			ClientTimeout:   time.Duration(cfg.LMTP.ClientTimeout),
 			Gate:            d.Gate,
 			Divert:          d.divert,
+			Collect:         d.target.Capture.Collect,
 		})
 		if err != nil {
 			return nil, err

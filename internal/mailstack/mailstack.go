@@ -100,6 +100,9 @@ type Stack struct {
 	AuthAddr string
 	// SMTPAddr is Postfix's smtpd listener.
 	SMTPAddr string
+	// ReplaySMTPAddr is Postfix's replay service (postfix.go): undomail's
+	// smtp.replay_upstream.
+	ReplaySMTPAddr string
 	// MailRoot holds the maildirs, at MailRoot/<user>/Maildir.
 	MailRoot string
 

@@ -71,7 +71,12 @@ append_dot_mydomain = no
 recipient_delimiter = +
 virtual_mailbox_domains = {{.Domain}}
 virtual_mailbox_maps = texthash:{{.MailboxMap}}
-virtual_transport = lmtp:inet:{{.LMTP}}
+# Where local mail is delivered: Dovecot's LMTP, or undomail's capture
+# (SetLMTPRelay). The replay service (master.cf) delivers there too.
+undomail_capture = inet:{{.LMTP}}
+virtual_transport = lmtp:$undomail_capture
+# Empty until a test misroutes mail (SetVirtualAliases).
+virtual_alias_maps = texthash:{{.AliasMap}}
 lmtp_destination_concurrency_limit = 10
 
 smtpd_sasl_auth_enable = yes
@@ -136,6 +141,19 @@ lmtp       unix  -       -       n       -       -       lmtp
 anvil      unix  -       -       n       -       1       anvil
 scache     unix  -       -       n       -       1       scache
 postlog    unix-dgram n  -       n       -       1       postlogd
+# undomail's replay service (docs/operations.md, "Replay through Postfix"):
+# every message goes to undomail's capture (content_filter, after cleanup
+# applied the virtual aliases) through an lmtp transport that names itself
+# undomail-replay, recipients outside the local domains are refused, and
+# XCLIENT gives the original client.
+undomail-replay unix -    -       n       -       -       lmtp
+  -o lmtp_lhlo_name=undomail-replay
+{{.Replay}} inet n     -       n       -       -       smtpd
+  -o syslog_name=postfix/replay
+  -o content_filter=undomail-replay:$undomail_capture
+  -o smtpd_relay_restrictions=reject_unauth_destination
+  -o smtpd_sasl_auth_enable=no
+  -o smtpd_authorized_xclient_hosts=127.0.0.1/32
 `))
 
 // writePostfixConfig writes main.cf, master.cf and the mailbox map, and
@@ -164,6 +182,17 @@ func (s *Stack) writePostfixConfig(lmtp string) error {
 	if err := os.Chown(dataDir, uid, gid); err != nil {
 		return fmt.Errorf("chown postfix data_directory %s: %w", dataDir, err)
 	}
+	// The replay service listens two ports above smtpd on the stack's own
+	// address (10027 beside 10025), which nothing else binds.
+	smtpPort, err := strconv.Atoi(port(s.SMTPAddr))
+	if err != nil {
+		return fmt.Errorf("port for postfix replay service: %w", err)
+	}
+	s.ReplaySMTPAddr = net.JoinHostPort(s.Host, strconv.Itoa(smtpPort+2))
+	aliasMap := filepath.Join(s.postfixConf, "virtual")
+	if err := os.WriteFile(aliasMap, nil, 0o644); err != nil {
+		return fmt.Errorf("write postfix virtual alias map: %w", err)
+	}
 	mailboxMap := filepath.Join(s.postfixConf, "vmailbox")
 	var m strings.Builder
 	for _, u := range s.Users {
@@ -185,6 +214,8 @@ func (s *Stack) writePostfixConfig(lmtp string) error {
 		"LMTP":       lmtp,
 		"Auth":       s.AuthAddr,
 		"SMTP":       s.SMTPAddr,
+		"Replay":     s.ReplaySMTPAddr,
+		"AliasMap":   aliasMap,
 	}
 	for name, tmpl := range map[string]*template.Template{
 		"main.cf":   postfixMainTemplate,
@@ -199,7 +230,7 @@ func (s *Stack) writePostfixConfig(lmtp string) error {
 			return fmt.Errorf("write postfix %s: %w", path, err)
 		}
 	}
-	return backdate(s.postfixConf, "main.cf", "master.cf", "vmailbox")
+	return backdate(s.postfixConf, "main.cf", "master.cf", "vmailbox", "virtual")
 }
 
 // backdate sets the modification time of files in dir two seconds into the
@@ -292,7 +323,7 @@ func (s *Stack) SetLMTPRelay(ctx context.Context, addr string) error {
 	if target == "" {
 		target = s.LMTPAddr
 	}
-	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", "virtual_transport=lmtp:inet:"+target); err != nil {
+	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", "undomail_capture=inet:"+target); err != nil {
 		return fmt.Errorf("set lmtp relay of mail stack %s to %s: %w", s.Dir, target, err)
 	}
 	if err := backdate(s.postfixConf, "main.cf"); err != nil {
@@ -302,6 +333,50 @@ func (s *Stack) SetLMTPRelay(ctx context.Context, addr string) error {
 		return fmt.Errorf("reload postfix of mail stack %s for lmtp relay %s: %w%s", s.Dir, target, err, logTail(20, s.PostfixLog()))
 	}
 	s.logger.Info("mail stack lmtp relay set", "dir", s.Dir, "virtual_transport", "lmtp:inet:"+target)
+	return nil
+}
+
+// SetVirtualAliases replaces Postfix's virtual alias map (address ->
+// address it is delivered to instead) and reloads Postfix: a test's
+// configuration mistake, or its repair (nil).
+func (s *Stack) SetVirtualAliases(ctx context.Context, aliases map[string]string) error {
+	var b strings.Builder
+	for from, to := range aliases {
+		fmt.Fprintf(&b, "%s %s\n", from, to)
+	}
+	if err := os.WriteFile(filepath.Join(s.postfixConf, "virtual"), []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("write virtual aliases of mail stack %s: %w", s.Dir, err)
+	}
+	if err := backdate(s.postfixConf, "virtual"); err != nil {
+		return fmt.Errorf("set virtual aliases of mail stack %s: %w", s.Dir, err)
+	}
+	if _, err := run(ctx, postfixBin, "-c", s.postfixConf, "reload"); err != nil {
+		return fmt.Errorf("reload postfix of mail stack %s for virtual aliases: %w%s", s.Dir, err, logTail(20, s.PostfixLog()))
+	}
+	return nil
+}
+
+// SetHeaderChecks replaces Postfix's header_checks with a regexp table
+// (regexp_table(5) lines, e.g. "/^Subject: .*invoice/ REJECT no") and
+// reloads Postfix; "" removes them.
+func (s *Stack) SetHeaderChecks(ctx context.Context, table string) error {
+	path := filepath.Join(s.postfixConf, "header_checks")
+	if err := os.WriteFile(path, []byte(table), 0o644); err != nil {
+		return fmt.Errorf("write header checks of mail stack %s: %w", s.Dir, err)
+	}
+	value := ""
+	if table != "" {
+		value = "regexp:" + path
+	}
+	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", "header_checks="+value); err != nil {
+		return fmt.Errorf("set header checks of mail stack %s: %w", s.Dir, err)
+	}
+	if err := backdate(s.postfixConf, "main.cf", "header_checks"); err != nil {
+		return fmt.Errorf("set header checks of mail stack %s: %w", s.Dir, err)
+	}
+	if _, err := run(ctx, postfixBin, "-c", s.postfixConf, "reload"); err != nil {
+		return fmt.Errorf("reload postfix of mail stack %s for header checks: %w%s", s.Dir, err, logTail(20, s.PostfixLog()))
+	}
 	return nil
 }
 

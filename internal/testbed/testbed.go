@@ -38,6 +38,9 @@ type Options struct {
 	Sieve bool
 	// Users are the mailboxes (default: mailstack.DefaultUsers).
 	Users []mailstack.User
+	// ReplayThroughPostfix sets smtp.replay_upstream to the stack's
+	// replay service, so replays hand front-door mail to Postfix again.
+	ReplayThroughPostfix bool
 }
 
 // Testbed is a running stack with undomail in front of it.
@@ -75,6 +78,9 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.SMTP.Listen = o.SMTPListen
 	cfg.SMTP.Upstream = st.SMTPAddr
 	cfg.SMTP.AllowInsecureAuth = true // loopback only
+	if o.ReplayThroughPostfix {
+		cfg.SMTP.ReplayUpstream = st.ReplaySMTPAddr
+	}
 	cfg.LMTP.Listen = "127.0.0.1:0"
 	cfg.LMTP.Upstream = st.LMTPAddr
 	cfg.IMAP.Listen = "127.0.0.1:0"
