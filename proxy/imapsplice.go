@@ -42,8 +42,8 @@ type pendingCmd struct {
 	setsSeen bool
 	// syntaxErr: the proxy's reader found the command malformed.
 	syntaxErr bool
-	// locksUser: it holds the user's mutation lock until its record is
-	// written (a FETCH that sets \Seen in a writable mailbox).
+	// locksUser: it holds the user's mutation lock and the gate until its
+	// record is written (a FETCH that sets \Seen in a writable mailbox).
 	locksUser bool
 	// expunges is the session's count of expunge responses when the
 	// command was forwarded: those that come before its completion are
@@ -114,7 +114,7 @@ func (s *imapSession) splice() {
 				s.p.leaveMutation(s.user)
 			}
 			if pc.locksUser {
-				s.p.unlockUser(s.user)
+				s.p.leaveMutation(s.user)
 			}
 			delete(s.pending, tag)
 		}
@@ -502,6 +502,17 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 						s.unregister(f.tag)
 						close(f.pc.ready)
 						return s.say("%s NO [INUSE] undomail: another change of yours is still in progress, nothing changed; try again.\r\n", f.tag)
+					}
+					// And through the gate, as any change: a snapshot
+					// cuts before it or after its record.
+					gctx, cancel := context.WithTimeout(context.Background(), WedgeWait)
+					err := s.p.cfg.Gate.Enter(gctx)
+					cancel()
+					if err != nil {
+						s.p.unlockUser(s.user)
+						s.unregister(f.tag)
+						close(f.pc.ready)
+						return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", f.tag)
 					}
 					f.pc.locksUser = true
 				}
@@ -1044,11 +1055,11 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 			defer s.bg.Done()
 			s.logFetch(pc, state)
 			if pc.locksUser {
-				s.p.unlockUser(s.user)
+				s.p.leaveMutation(s.user)
 			}
 		}()
 	} else if pc.locksUser {
-		s.p.unlockUser(s.user)
+		s.p.leaveMutation(s.user)
 	}
 	return nil
 }
