@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -181,10 +182,58 @@ func ExplainRepair(ctx context.Context, l *undolog.Log, after, before int64, can
 			}
 		}
 	}
+	if before > 0 {
+		// Mail the repaired Postfix routed anew (reinject.go): where it
+		// went the first time and where it went now differ because of
+		// the repair, for every user on either side.
+		routes, err := Routes(ctx, l, after, before, cancel)
+		if err != nil {
+			return nil, fmt.Errorf("explain the repair: %w", err)
+		}
+		for _, r := range routes {
+			if r.NowStatus == "" || r.UndoID == "" || sameRoute(r) {
+				continue
+			}
+			why := fmt.Sprintf("routed anew by the repaired Postfix (first %s, now %s)", routeWords(r.First, r.Refused, r.Relayed), routeWords(r.Now, "", false))
+			for _, addrs := range [][]string{r.First, r.Now, r.Held} {
+				for _, a := range addrs {
+					if u := UserOf(a); users == nil || users[u] {
+						s.msg(u, r.UndoID, why)
+					}
+				}
+			}
+		}
+	}
 	if err := s.appendedKeys(ctx, l); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// sameRoute reports that the repaired Postfix delivered a message where
+// the first run did: nothing about it is the repair's doing.
+func sameRoute(r Route) bool {
+	if r.Refused != "" || r.Relayed || len(r.Held) > 0 || len(r.First) != len(r.Now) {
+		return false
+	}
+	first := slices.Clone(r.First)
+	now := slices.Clone(r.Now)
+	slices.Sort(first)
+	slices.Sort(now)
+	return slices.Equal(first, now)
+}
+
+// routeWords says where a message went, for a repair's explanation.
+func routeWords(to []string, refused string, relayed bool) string {
+	switch {
+	case refused != "":
+		return "refused"
+	case relayed:
+		return "relayed off the machine"
+	case len(to) == 0:
+		return "nowhere here"
+	}
+	return strings.Join(to, ", ")
 }
 
 // appendedKeys adds, for each message explained by its undo id that an
