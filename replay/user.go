@@ -51,6 +51,9 @@ type userReplayer struct {
 	// left found it gone the first time too: it had no effect then, and
 	// has none now, which is no paradox.
 	taken map[string]bool
+	// picked maps the UIDs translate picked last to the first-run UIDs
+	// the verb named them by.
+	picked map[imap.UID]imap.UID
 	// redelivered are the undo ids of messages this replay re-delivered:
 	// the server's own filing (Sieve) placed them, perhaps elsewhere than
 	// the first time, and the user's later verbs on them follow them.
@@ -82,6 +85,11 @@ type userReplayer struct {
 // mbox is the model of one mailbox.
 type mbox struct {
 	msgs map[imap.UID]*msgState
+	// orig maps UIDs the first run gave messages (by APPEND, COPY, MOVE)
+	// to the UIDs this replay gave them: copies of one message share its
+	// undo id, and the verbs that name one of them by its first-run UID
+	// must act on that one.
+	orig map[imap.UID]imap.UID
 }
 
 type msgState struct {
@@ -784,6 +792,7 @@ func (r *userReplayer) findNew(mailbox, undoID string) (bool, error) {
 // gone messages that do not exist now for another reason (the verb that
 // made them was not replayed).
 func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.UIDSet, now []imap.UID, removed, gone int) {
+	r.picked = map[imap.UID]imap.UID{}
 	byID := map[string][]imap.UID{}
 	for u, m := range b.msgs {
 		if m.id != "" {
@@ -812,6 +821,9 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 					pick = u
 				}
 			}
+			if u, ok := b.orig[imap.UID(n)]; ok && slices.Contains(uids, u) {
+				pick = u
+			}
 		case n > 0 && b.msgs[imap.UID(n)] != nil && b.msgs[imap.UID(n)].id == "":
 			// A message without an Undomail-Id field (appended) that the
 			// log names: the model learns its id, so later verbs find it
@@ -824,8 +836,64 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 		}
 		set.AddNum(pick)
 		now = append(now, pick)
+		r.picked[pick] = imap.UID(n)
 	}
 	return set, now, removed, gone
+}
+
+// learnOrig records, for the copies a replayed COPY or MOVE made, the
+// UIDs the first run gave them (its outcome's COPYUID), by way of the
+// first-run UIDs of the sources translate picked.
+func (r *userReplayer) learnOrig(v undolog.Verb, dst *mbox, srcSet, dstSet imap.NumSet) {
+	var o proxy.IMAPOutcome
+	if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
+		return
+	}
+	f := strings.Fields(o.CopyUID)
+	s, ok1 := srcSet.(imap.UIDSet)
+	d, ok2 := dstSet.(imap.UIDSet)
+	if len(f) != 3 || !ok1 || !ok2 {
+		return
+	}
+	origSrc, err1 := expandUIDs(f[1])
+	origDst, err2 := expandUIDs(f[2])
+	su, ok1 := s.Nums()
+	du, ok2 := d.Nums()
+	if err1 != nil || err2 != nil || !ok1 || !ok2 || len(origSrc) != len(origDst) || len(su) != len(du) {
+		return
+	}
+	firstDst := map[imap.UID]imap.UID{}
+	for i := range origSrc {
+		firstDst[origSrc[i]] = origDst[i]
+	}
+	if dst.orig == nil {
+		dst.orig = map[imap.UID]imap.UID{}
+	}
+	for i := range su {
+		if n, ok := r.picked[su[i]]; ok {
+			if od, ok := firstDst[n]; ok {
+				dst.orig[od] = du[i]
+			}
+		}
+	}
+}
+
+// expandUIDs lists the UIDs of a set written without "*".
+func expandUIDs(set string) ([]imap.UID, error) {
+	ranges, err := imapwire.ParseSeqSet(set)
+	if err != nil {
+		return nil, err
+	}
+	var out []imap.UID
+	for _, rg := range ranges {
+		if rg.Start == imapwire.Star || rg.Stop == imapwire.Star || rg.Stop-rg.Start > 1<<16 {
+			return nil, fmt.Errorf("UID set %q cannot be listed", set)
+		}
+		for u := rg.Start; u <= rg.Stop; u++ {
+			out = append(out, imap.UID(u))
+		}
+	}
+	return out, nil
 }
 
 // onMessages replays STORE, COPY, MOVE, EXPUNGE and a FETCH's \Seen on
@@ -936,6 +1004,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 			// destination again.
 			delete(r.boxes, a.Dest)
 		} else {
+			r.learnOrig(v, dst, srcSet, dstSet)
 			placed = copiesPlaced(dst, a.Dest, validity, dstSet)
 		}
 		if v.Kind == proxy.KindIMAPMove {
@@ -1124,6 +1193,17 @@ func (r *userReplayer) append(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, 
 		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
 	}
 	b.msgs[res.UID] = &msgState{id: a.UndoID, flags: flags}
+	var o proxy.IMAPOutcome
+	if v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &o) == nil {
+		if f := strings.Fields(o.AppendUID); len(f) == 2 {
+			var first uint32
+			fmt.Sscan(f[1], &first)
+			if b.orig == nil {
+				b.orig = map[imap.UID]imap.UID{}
+			}
+			b.orig[imap.UID(first)] = res.UID
+		}
+	}
 	r.made++
 	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID),
 		Placed: []Placed{{Mailbox: a.Mailbox, UIDValidity: res.UIDValidity, UID: uint32(res.UID), UndoID: a.UndoID}}}, nil
