@@ -220,7 +220,8 @@ func runSessions(t *testing.T, tb *testbed.Testbed, seed int64, sessions int, be
 						_, err = c.Move(set, "Archive").Wait()
 					}
 				case k == 12: // MOVE by sequence number
-					if n := c.Mailbox().NumMessages; n > 0 {
+					if mb := c.Mailbox(); mb != nil && mb.NumMessages > 0 {
+						n := mb.NumMessages
 						var set imap.SeqSet
 						set.AddNum(1 + uint32(rng.Intn(int(n))))
 						_, err = c.Move(set, "Archive").Wait()
@@ -246,10 +247,11 @@ func runSessions(t *testing.T, tb *testbed.Testbed, seed int64, sessions int, be
 					}
 					err = c.Store(set, store, nil).Close()
 				case k < 7: // by sequence number, as this session numbers them
-					n := c.Mailbox().NumMessages
-					if n == 0 {
+					mb := c.Mailbox()
+					if mb == nil || mb.NumMessages == 0 {
 						continue
 					}
+					n := mb.NumMessages
 					var set imap.SeqSet
 					a := 1 + uint32(rng.Intn(int(n)))
 					set.AddRange(a, min(n, a+uint32(rng.Intn(3))))
