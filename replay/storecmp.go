@@ -271,24 +271,29 @@ func (d storeDiff) describe(gotName, wantName string) string {
 	return fmt.Sprintf("%s: message %s has flags %v %s, %v %s", d.Folder, d.Key, d.Got, gotName, d.Want, wantName)
 }
 
+// unionKeys returns the keys of a and b, sorted, each once.
+func unionKeys[V any](a, b map[string]V) []string {
+	keys := map[string]bool{}
+	for k := range a {
+		keys[k] = true
+	}
+	for k := range b {
+		keys[k] = true
+	}
+	out := make([]string, 0, len(keys))
+	for k := range keys {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
 // diffStores lists how got differs from want, folder by folder. A folder
 // only one side has is one difference, followed by one per message in
 // it (Got or Want empty).
 func diffStores(got, want storeState) []storeDiff {
 	var diffs []storeDiff
-	names := map[string]bool{}
-	for n := range got {
-		names[n] = true
-	}
-	for n := range want {
-		names[n] = true
-	}
-	var sorted []string
-	for n := range names {
-		sorted = append(sorted, n)
-	}
-	sort.Strings(sorted)
-	for _, n := range sorted {
+	for _, n := range unionKeys(got, want) {
 		g, w := got[n], want[n]
 		if strings.HasSuffix(n, "/INBOX") {
 			// INBOX always exists (RFC 9051 5.1): a user whose maildir
@@ -306,19 +311,7 @@ func diffStores(got, want storeState) []storeDiff {
 		case w == nil:
 			diffs = append(diffs, storeDiff{Folder: n, NoWant: true, Got: keysOf(g)})
 		}
-		keys := map[string]bool{}
-		for k := range g {
-			keys[k] = true
-		}
-		for k := range w {
-			keys[k] = true
-		}
-		var ks []string
-		for k := range keys {
-			ks = append(ks, k)
-		}
-		sort.Strings(ks)
-		for _, k := range ks {
+		for _, k := range unionKeys(g, w) {
 			gf, wf := g[k], w[k]
 			if strings.Join(gf, " ") != strings.Join(wf, " ") {
 				diffs = append(diffs, storeDiff{Folder: n, Key: k, Got: gf, Want: wf})
