@@ -26,9 +26,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // fakeDaemon is a Backend over a real undo log: the admin reads the log
@@ -107,7 +107,7 @@ func logSnapshot(ctx context.Context, l *undolog.Log, name string, at int64) err
 // imapVerb logs an IMAP verb by user with an OK outcome.
 func imapVerb(t *testing.T, l *undolog.Log, user, kind, mailbox string) int64 {
 	t.Helper()
-	args, _ := json.Marshal(proxy.IMAPArgs{Command: strings.ToUpper(strings.TrimPrefix(kind, "imap.")), Mailbox: mailbox})
+	args, _ := json.Marshal(verb.IMAPArgs{Command: strings.ToUpper(strings.TrimPrefix(kind, "imap.")), Mailbox: mailbox})
 	r := &undolog.Record{Kind: kind, User: user, Session: "s-" + user, Users: []string{user}, Args: args}
 	ctx := context.Background()
 	if err := l.Append(ctx, r); err != nil {
@@ -423,7 +423,7 @@ func TestVerbsPagingAndFilters(t *testing.T) {
 		t.Fatalf("branch= a delete: %s, want 400", resp.Status)
 	}
 	// A login finds the mail delivered to its addresses, unless exact=1.
-	dlv := &undolog.Record{Kind: proxy.KindLMTPDeliver, Session: "lmtp", Users: []string{"alice@example.test"}, Args: []byte(`{"undo_id":"D1","rcpts":["alice@example.test"]}`)}
+	dlv := &undolog.Record{Kind: verb.KindLMTPDeliver, Session: "lmtp", Users: []string{"alice@example.test"}, Args: []byte(`{"undo_id":"D1","rcpts":["alice@example.test"]}`)}
 	if err := l.Append(ctx, dlv); err != nil {
 		t.Fatal(err)
 	}

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // BenchmarkTimeline renders the web timeline (one user, one day, 300
@@ -56,13 +56,13 @@ func BenchmarkTimeline(b *testing.B) {
 	}
 	ctx := context.Background()
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	kinds := []string{proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge, proxy.KindIMAPCreate}
+	kinds := []string{verb.KindIMAPStore, verb.KindIMAPCopy, verb.KindIMAPMove, verb.KindIMAPExpunge, verb.KindIMAPCreate}
 	have := 0
 	for _, n := range []int{1e4, 1e5, 1e6} {
 		var recs []*undolog.Record
 		for i := have; i < n; i++ {
 			user := fmt.Sprintf("u%d", i%10)
-			args, _ := json.Marshal(proxy.IMAPArgs{Command: strings.ToUpper(strings.TrimPrefix(kinds[i%5], "imap.")), Mailbox: fmt.Sprintf("Folder %d", i%7)})
+			args, _ := json.Marshal(verb.IMAPArgs{Command: strings.ToUpper(strings.TrimPrefix(kinds[i%5], "imap.")), Mailbox: fmt.Sprintf("Folder %d", i%7)})
 			recs = append(recs, &undolog.Record{Time: t0.Add(time.Duration(i) * time.Second), User: user, Session: "s",
 				Kind: kinds[i%5], Users: []string{user}, Args: args})
 			if len(recs) == 2000 || i == n-1 {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"time"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -43,7 +42,7 @@ type Verb struct {
 	// ForUser is how the record is told to the user it concerns.
 	ForUser string `json:"for_user,omitempty"`
 	// Header is a delivered or compensating message's headers.
-	Header *proxy.HeaderInfo `json:"header,omitempty"`
+	Header *verb.HeaderInfo `json:"header,omitempty"`
 	// Paradoxes are what a compensation explains: the verbs whose
 	// result a cycle changed after someone had seen it.
 	Paradoxes []Paradox `json:"paradoxes,omitempty"`
@@ -69,10 +68,10 @@ func NewVerb(v undolog.Verb) Verb {
 	d := verb.Describe(v)
 	out.Summary, out.Result, out.Description, out.ForUser = d.What, d.Outcome, d.Line(), d.ForUser
 	switch v.Kind {
-	case proxy.KindSMTPSubmit, proxy.KindLMTPDeliver, KindCompensation:
+	case verb.KindSMTPSubmit, verb.KindLMTPDeliver, KindCompensation:
 		var a struct {
-			Header    proxy.HeaderInfo `json:"header"`
-			Paradoxes []Paradox        `json:"paradoxes"`
+			Header    verb.HeaderInfo `json:"header"`
+			Paradoxes []Paradox       `json:"paradoxes"`
 		}
 		if json.Unmarshal(v.Args, &a) == nil {
 			out.Header, out.Paradoxes = &a.Header, a.Paradoxes

@@ -16,7 +16,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -280,11 +279,11 @@ func verbClass(v Verb) string {
 	switch {
 	case v.Kind == KindCompensation:
 		return "comp"
-	case v.Kind == proxy.KindIMAPDelete || v.Kind == proxy.KindIMAPExpunge:
+	case v.Kind == verb.KindIMAPDelete || v.Kind == verb.KindIMAPExpunge:
 		return "destroy"
-	case v.Kind == proxy.KindSMTPSubmit || v.Kind == proxy.KindLMTPDeliver:
+	case v.Kind == verb.KindSMTPSubmit || v.Kind == verb.KindLMTPDeliver:
 		return "deliver"
-	case v.Kind == proxy.KindIMAPFetch:
+	case v.Kind == verb.KindIMAPFetch:
 		return "read"
 	case strings.HasPrefix(v.Kind, "imap."):
 		return "change"

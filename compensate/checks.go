@@ -14,9 +14,9 @@ import (
 	"github.com/emersion/go-message"
 	"github.com/emersion/go-message/textproto"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Cycle is what detection needs to know about a cycle.
@@ -132,7 +132,7 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 			}
 			d.replays[v.Ref] = append(d.replays[v.Ref], replayed{user: v.User, out: out})
 		}
-		if v.Kind == proxy.KindIMAPFetch {
+		if v.Kind == verb.KindIMAPFetch {
 			d.fetched(v)
 		}
 	}
@@ -140,19 +140,19 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 	// of later commands on those messages find.
 	for _, seq := range d.order {
 		v := d.verbs[seq]
-		if v.Kind == proxy.KindLMTPDeliver || v.Kind == proxy.KindIMAPAppend {
+		if v.Kind == verb.KindLMTPDeliver || v.Kind == verb.KindIMAPAppend {
 			d.checkCreation(ctx, v)
 		}
 	}
 	for _, seq := range d.order {
 		v := d.verbs[seq]
 		switch {
-		case v.Kind == proxy.KindSMTPSubmit:
+		case v.Kind == verb.KindSMTPSubmit:
 			d.checkRefused(v)
 			if err := d.checkSubmission(v); err != nil {
 				return Findings{}, err
 			}
-		case strings.HasPrefix(v.Kind, "imap.") && v.Kind != proxy.KindIMAPFetch:
+		case strings.HasPrefix(v.Kind, "imap.") && v.Kind != verb.KindIMAPFetch:
 			d.checkCommand(v)
 		}
 	}
@@ -164,8 +164,8 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 // delivered to, and the messages they expunged themselves.
 func (d *detector) learn(v undolog.Verb) {
 	switch v.Kind {
-	case proxy.KindLMTPDeliver, replay.KindCompensation:
-		var a proxy.DeliveryArgs
+	case verb.KindLMTPDeliver, replay.KindCompensation:
+		var a verb.DeliveryArgs
 		if json.Unmarshal(v.Args, &a) == nil {
 			for _, r := range a.Rcpts {
 				if _, ok := d.addrs[userKey(r)]; !ok && strings.Contains(r, "@") {
@@ -173,15 +173,15 @@ func (d *detector) learn(v undolog.Verb) {
 				}
 			}
 		}
-	case proxy.KindSMTPSubmit:
-		var a proxy.DeliveryArgs
+	case verb.KindSMTPSubmit:
+		var a verb.DeliveryArgs
 		if json.Unmarshal(v.Args, &a) == nil && a.AuthUser != "" && a.MailFrom != "" {
 			if _, ok := d.addrs[userKey(a.AuthUser)]; !ok {
 				d.addrs[userKey(a.AuthUser)] = a.MailFrom
 			}
 		}
-	case proxy.KindIMAPExpunge:
-		var a proxy.IMAPArgs
+	case verb.KindIMAPExpunge:
+		var a verb.IMAPArgs
 		if json.Unmarshal(v.Args, &a) == nil && imapOK(v) {
 			u := userKey(v.User)
 			for _, id := range a.UndoIDs {
@@ -196,7 +196,7 @@ func (d *detector) learn(v undolog.Verb) {
 
 // fetched notes which messages a user was sent, and when first.
 func (d *detector) fetched(v undolog.Verb) {
-	var a proxy.IMAPFetchArgs
+	var a verb.IMAPFetchArgs
 	if json.Unmarshal(v.Args, &a) != nil {
 		return
 	}
@@ -213,11 +213,11 @@ func (d *detector) fetched(v undolog.Verb) {
 
 // imapOK reports whether an IMAP verb's client was told OK.
 func imapOK(v undolog.Verb) bool {
-	var o proxy.IMAPOutcome
+	var o verb.IMAPOutcome
 	return v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Status == "OK"
 }
 
-func messageOf(a proxy.DeliveryArgs) Message {
+func messageOf(a verb.DeliveryArgs) Message {
 	return Message{UndoID: a.UndoID, MessageID: a.Header.MessageID, Subject: a.Header.Subject, From: a.Header.From, Date: a.Header.Date}
 }
 
@@ -227,8 +227,8 @@ func messageOf(a proxy.DeliveryArgs) Message {
 // difference.
 func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 	reps := d.replays[v.Seq]
-	if v.Kind == proxy.KindIMAPAppend {
-		var a proxy.IMAPArgs
+	if v.Kind == verb.KindIMAPAppend {
+		var a verb.IMAPArgs
 		if json.Unmarshal(v.Args, &a) != nil || !imapOK(v) || a.UndoID == "" {
 			return
 		}
@@ -246,8 +246,8 @@ func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 		}
 		return
 	}
-	var a proxy.DeliveryArgs
-	var o proxy.DeliveryOutcome
+	var a verb.DeliveryArgs
+	var o verb.DeliveryOutcome
 	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
 		return
 	}
@@ -299,7 +299,7 @@ func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 // filter, a cancel) is what the repair was for and nobody here saw it go;
 // mail from outside that failed to be delivered again was promised to an
 // outside host and is for the operator.
-func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a proxy.DeliveryArgs, rcpt string, out replay.ReplayOutcome) {
+func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a verb.DeliveryArgs, rcpt string, out replay.ReplayOutcome) {
 	sender, at, verb, kind := "", v.Time, v.Seq, v.Kind
 	if a.Submission != 0 {
 		sub, ok := d.verbs[a.Submission]
@@ -330,8 +330,8 @@ func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a proxy.Deli
 // recipient has mail they never knew of, and the sender was told
 // something that is no longer true.
 func (d *detector) checkRefused(v undolog.Verb) {
-	var a proxy.DeliveryArgs
-	var o proxy.DeliveryOutcome
+	var a verb.DeliveryArgs
+	var o verb.DeliveryOutcome
 	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil {
 		return
 	}
@@ -465,8 +465,8 @@ func (d *detector) checkReads() {
 			}
 			v := d.made[u][id]
 			c := ReadCheck{User: f.user, Verb: v.Seq, Kind: v.Kind, Blob: v.Blob, Message: Message{UndoID: id}, Seen: f.at}
-			var a proxy.DeliveryArgs
-			if v.Kind == proxy.KindLMTPDeliver && json.Unmarshal(v.Args, &a) == nil {
+			var a verb.DeliveryArgs
+			if v.Kind == verb.KindLMTPDeliver && json.Unmarshal(v.Args, &a) == nil {
 				c.Message = messageOf(a)
 			} else if hdr, err := d.blobHeader(v.Blob); err == nil {
 				c.Message = headerMessage(id, hdr)
@@ -480,10 +480,10 @@ func (d *detector) checkReads() {
 // replay.
 func (d *detector) checkCommand(v undolog.Verb) {
 	reps := d.replays[v.Seq]
-	if len(reps) == 0 || !imapOK(v) || v.Kind == proxy.KindIMAPAppend {
+	if len(reps) == 0 || !imapOK(v) || v.Kind == verb.KindIMAPAppend {
 		return
 	}
-	var a proxy.IMAPArgs
+	var a verb.IMAPArgs
 	if json.Unmarshal(v.Args, &a) != nil {
 		return
 	}
@@ -497,7 +497,7 @@ func (d *detector) checkCommand(v undolog.Verb) {
 	for _, r := range reps {
 		base := Paradox{User: v.User, Verb: v.Seq, VerbKind: v.Kind, Action: describeCommand(v.Kind, a), Seen: v.Time, Observed: true}
 		switch {
-		case (v.Kind == proxy.KindIMAPCopy || v.Kind == proxy.KindIMAPMove) && len(gone) > 0:
+		case (v.Kind == verb.KindIMAPCopy || v.Kind == verb.KindIMAPMove) && len(gone) > 0:
 			// The copy went where the original went: the user filed
 			// away something the repair took out.
 			for _, g := range gone {
@@ -509,7 +509,7 @@ func (d *detector) checkCommand(v undolog.Verb) {
 			p := base
 			p.Kind, p.Now = ActionCancelled, "cancelled by the administrator's repair"
 			d.out = append(d.out, p)
-		case r.out.Status == "repaired" && v.Kind == proxy.KindIMAPExpunge:
+		case r.out.Status == "repaired" && v.Kind == verb.KindIMAPExpunge:
 			// The user wanted those messages gone, and they are.
 		case r.out.Status == "repaired" || r.out.Status == "failed":
 			p := base
@@ -533,9 +533,9 @@ func (d *detector) checkCommand(v undolog.Verb) {
 }
 
 // describeCommand says what an IMAP command did, for the user who gave it.
-func describeCommand(kind string, a proxy.IMAPArgs) string {
+func describeCommand(kind string, a verb.IMAPArgs) string {
 	switch kind {
-	case proxy.KindIMAPStore:
+	case verb.KindIMAPStore:
 		what := "set the flags " + strings.Join(a.Flags, " ")
 		switch a.Op {
 		case "+":
@@ -544,21 +544,21 @@ func describeCommand(kind string, a proxy.IMAPArgs) string {
 			what = "removed the flags " + strings.Join(a.Flags, " ")
 		}
 		return fmt.Sprintf("you %s on a message in %q", what, a.Mailbox)
-	case proxy.KindIMAPCopy:
+	case verb.KindIMAPCopy:
 		return fmt.Sprintf("you copied a message from %q to %q", a.Mailbox, a.Dest)
-	case proxy.KindIMAPMove:
+	case verb.KindIMAPMove:
 		return fmt.Sprintf("you moved a message from %q to %q", a.Mailbox, a.Dest)
-	case proxy.KindIMAPExpunge:
+	case verb.KindIMAPExpunge:
 		return fmt.Sprintf("you deleted messages in %q", a.Mailbox)
-	case proxy.KindIMAPCreate:
+	case verb.KindIMAPCreate:
 		return fmt.Sprintf("you created the folder %q", a.Mailbox)
-	case proxy.KindIMAPDelete:
+	case verb.KindIMAPDelete:
 		return fmt.Sprintf("you deleted the folder %q", a.Mailbox)
-	case proxy.KindIMAPRename:
+	case verb.KindIMAPRename:
 		return fmt.Sprintf("you renamed the folder %q to %q", a.Mailbox, a.Dest)
-	case proxy.KindIMAPSubscribe:
+	case verb.KindIMAPSubscribe:
 		return fmt.Sprintf("you subscribed to the folder %q", a.Mailbox)
-	case proxy.KindIMAPUnsubscribe:
+	case verb.KindIMAPUnsubscribe:
 		return fmt.Sprintf("you unsubscribed from the folder %q", a.Mailbox)
 	}
 	return "you gave the command " + a.Summary()
@@ -570,8 +570,8 @@ func describeCommand(kind string, a proxy.IMAPArgs) string {
 // (RFC 5322 section 3.6.4), or it carries the message as an attachment
 // (message/rfc822). That content has left and cannot be called back.
 func (d *detector) checkSubmission(v undolog.Verb) error {
-	var a proxy.DeliveryArgs
-	var o proxy.DeliveryOutcome
+	var a verb.DeliveryArgs
+	var o verb.DeliveryOutcome
 	if json.Unmarshal(v.Args, &a) != nil || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil ||
 		o.Reply == nil || !o.Reply.Positive() {
 		return nil

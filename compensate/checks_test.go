@@ -13,9 +13,9 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // logBuilder appends a synthetic history to an undo log in a temp dir.
@@ -56,14 +56,14 @@ func (b *logBuilder) blob(msg string) undolog.BlobRef {
 // recipient.
 func (b *logBuilder) deliver(id, msgID, subject string, submission int64, rcpts ...string) int64 {
 	msg := fmt.Sprintf("From: Sender <s@spam.test>\r\nSubject: %s\r\nMessage-Id: %s\r\n\r\nbody\r\n", subject, msgID)
-	a := proxy.DeliveryArgs{UndoID: id, Submission: submission, MailFrom: "s@spam.test", Rcpts: rcpts,
-		Header: proxy.HeaderInfo{MessageID: msgID, Subject: subject, From: "Sender <s@spam.test>"}}
-	var o proxy.DeliveryOutcome
+	a := verb.DeliveryArgs{UndoID: id, Submission: submission, MailFrom: "s@spam.test", Rcpts: rcpts,
+		Header: verb.HeaderInfo{MessageID: msgID, Subject: subject, From: "Sender <s@spam.test>"}}
+	var o verb.DeliveryOutcome
 	for _, r := range rcpts {
-		o.Rcpts = append(o.Rcpts, proxy.RcptReply{Rcpt: r, Reply: proxy.Reply{Code: 250, Text: "ok"}})
+		o.Rcpts = append(o.Rcpts, verb.RcptReply{Rcpt: r, Reply: verb.Reply{Code: 250, Text: "ok"}})
 	}
 	args, _ := json.Marshal(a)
-	r := &undolog.Record{Kind: proxy.KindLMTPDeliver, Users: rcpts, Args: args}
+	r := &undolog.Record{Kind: verb.KindLMTPDeliver, Users: rcpts, Args: args}
 	r.AttachBlob(b.blob(msg))
 	return b.append(r, o)
 }
@@ -74,22 +74,22 @@ func (b *logBuilder) submit(user, subject, extra, rcpt, body string) int64 {
 	}
 	rcpts := []string{rcpt}
 	msg := "From: " + user + "@example.org\r\nSubject: " + subject + "\r\n" + extra + "\r\n" + body
-	a := proxy.DeliveryArgs{UndoID: "sub-" + subject, AuthUser: user, MailFrom: user + "@example.org", Rcpts: rcpts,
-		Header: proxy.HeaderInfo{Subject: subject}}
+	a := verb.DeliveryArgs{UndoID: "sub-" + subject, AuthUser: user, MailFrom: user + "@example.org", Rcpts: rcpts,
+		Header: verb.HeaderInfo{Subject: subject}}
 	args, _ := json.Marshal(a)
-	r := &undolog.Record{Kind: proxy.KindSMTPSubmit, User: user, Args: args}
+	r := &undolog.Record{Kind: verb.KindSMTPSubmit, User: user, Args: args}
 	r.AttachBlob(b.blob(msg))
-	return b.append(r, proxy.DeliveryOutcome{Reply: &proxy.Reply{Code: 250, Text: "queued"}})
+	return b.append(r, verb.DeliveryOutcome{Reply: &verb.Reply{Code: 250, Text: "queued"}})
 }
 
-func (b *logBuilder) imap(user, kind string, a proxy.IMAPArgs) int64 {
+func (b *logBuilder) imap(user, kind string, a verb.IMAPArgs) int64 {
 	args, _ := json.Marshal(a)
-	return b.append(&undolog.Record{Kind: kind, User: user, Users: []string{user}, Args: args}, proxy.IMAPOutcome{Status: "OK"})
+	return b.append(&undolog.Record{Kind: kind, User: user, Users: []string{user}, Args: args}, verb.IMAPOutcome{Status: "OK"})
 }
 
 func (b *logBuilder) fetch(user string, ids map[string]string) {
-	args, _ := json.Marshal(proxy.IMAPFetchArgs{Mailbox: "INBOX", UIDValidity: 1, UndoIDs: ids})
-	b.append(&undolog.Record{Kind: proxy.KindIMAPFetch, User: user, Users: []string{user}, Args: args}, nil)
+	args, _ := json.Marshal(verb.IMAPFetchArgs{Mailbox: "INBOX", UIDValidity: 1, UndoIDs: ids})
+	b.append(&undolog.Record{Kind: verb.KindIMAPFetch, User: user, Users: []string{user}, Args: args}, nil)
 }
 
 func (b *logBuilder) replayed(verb int64, user, status, detail string) {
@@ -117,16 +117,16 @@ func history(t *testing.T) (*undolog.Log, Cycle) {
 	d5 := b.deliver("D5", "<s5@spam.test>", "Lottery 5", 0, "bob@example.org")
 	b.fetch("alice", map[string]string{"1": "D1", "3": "D3"})
 	b.fetch("bob", map[string]string{"5": "D5"})
-	store := b.imap("alice", proxy.KindIMAPStore, proxy.IMAPArgs{Command: "UID STORE", Mailbox: "INBOX", Op: "+", Flags: []string{`\Flagged`}, UndoIDs: map[string]string{"2": "D2"}})
-	cp := b.imap("alice", proxy.KindIMAPCopy, proxy.IMAPArgs{Command: "UID COPY", Mailbox: "INBOX", Dest: "Keep", UndoIDs: map[string]string{"1": "D1"}})
-	exp := b.imap("bob", proxy.KindIMAPExpunge, proxy.IMAPArgs{Command: "EXPUNGE", Mailbox: "INBOX", UndoIDs: map[string]string{"5": "D5"}})
+	store := b.imap("alice", verb.KindIMAPStore, verb.IMAPArgs{Command: "UID STORE", Mailbox: "INBOX", Op: "+", Flags: []string{`\Flagged`}, UndoIDs: map[string]string{"2": "D2"}})
+	cp := b.imap("alice", verb.KindIMAPCopy, verb.IMAPArgs{Command: "UID COPY", Mailbox: "INBOX", Dest: "Keep", UndoIDs: map[string]string{"1": "D1"}})
+	exp := b.imap("bob", verb.KindIMAPExpunge, verb.IMAPArgs{Command: "EXPUNGE", Mailbox: "INBOX", UndoIDs: map[string]string{"5": "D5"}})
 	b.submit("alice", "Re: Lottery 2", "In-Reply-To: <s2@spam.test>\r\nReferences: <x@y> <s2@spam.test>\r\n", "friend@elsewhere.test", "")
 	b.submit("alice", "Fwd: Lottery 1", "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n",
 		"friend@elsewhere.test", "--b\r\nContent-Type: text/plain\r\n\r\nlook\r\n--b\r\nContent-Type: message/rfc822\r\n\r\n"+
 			"Subject: Lottery 1\r\nMessage-Id: <s1@spam.test>\r\n\r\nwin\r\n--b--\r\n")
 	s2 := b.submit("alice", "Numbers", "", "carol@example.org", "")
 	d4 := b.deliver("D4", "<n@example.org>", "Numbers", s2, "carol@example.org")
-	ren := b.imap("alice", proxy.KindIMAPRename, proxy.IMAPArgs{Command: "RENAME", Mailbox: "Drafts2", Dest: "Archive"})
+	ren := b.imap("alice", verb.KindIMAPRename, verb.IMAPArgs{Command: "RENAME", Mailbox: "Drafts2", Dest: "Archive"})
 	cycle := b.append(&undolog.Record{Kind: "cycle", Session: "cycle", Args: json.RawMessage(`{"to":"s1","present":"s2"}`)}, nil)
 	drop := "dropped by filter header:Subject=~Lottery"
 	b.replayed(d1, "alice", "filtered", drop)
@@ -276,7 +276,7 @@ func TestRunOnceAndOnlyOnce(t *testing.T) {
 		t.Fatalf("delivered %+v; want alice's digest, then the notice", got)
 	}
 	for _, m := range got {
-		if m.from != "" || !strings.HasPrefix(m.data, proxy.TraceHeader+": ") {
+		if m.from != "" || !strings.HasPrefix(m.data, verb.TraceHeader+": ") {
 			t.Errorf("delivery from <%s> starting %.40q: want the null sender and the trace field first", m.from, m.data)
 		}
 	}
@@ -349,7 +349,7 @@ func TestReadChanged(t *testing.T) {
 		t.Fatal(err)
 	}
 	orig := "From: Sender <s@spam.test>\r\nSubject: minutes\r\nMessage-Id: <h3@example.org>\r\n\r\nbody\r\n"
-	trace := proxy.TraceHeader + ": D3\r\nReturn-Path: <s@spam.test>\r\nDelivered-To: alice@example.org\r\n"
+	trace := verb.TraceHeader + ": D3\r\nReturn-Path: <s@spam.test>\r\nDelivered-To: alice@example.org\r\n"
 	for store, want := range map[string]string{
 		trace + orig: "",
 		trace + strings.Replace(orig, "Subject: minutes", "Subject: [SPAM?] minutes", 1):              "its Subject is different now",

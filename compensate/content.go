@@ -11,9 +11,9 @@ import (
 	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/emersion/go-message/textproto"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // ContentChecker reads the message a user has now under an undo id, for
@@ -81,7 +81,7 @@ func (k *IMAPChecker) index(ctx context.Context, c *imapclient.Client, user stri
 		return nil, fmt.Errorf("list %s's mailboxes: %w", user, err)
 	}
 	where := map[string]location{}
-	trace := &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{proxy.TraceHeader}, Peek: true}
+	trace := &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{verb.TraceHeader}, Peek: true}
 	for _, b := range boxes {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -107,7 +107,7 @@ func (k *IMAPChecker) index(ctx context.Context, c *imapclient.Client, user stri
 				if err != nil {
 					continue
 				}
-				for _, id := range h.Values(proxy.TraceHeader) {
+				for _, id := range h.Values(verb.TraceHeader) {
 					where[strings.TrimSpace(id)] = location{mailbox: b.Mailbox, uid: m.UID}
 				}
 			}

@@ -10,8 +10,7 @@ import (
 
 	"github.com/emersion/go-message"
 	gomail "github.com/emersion/go-message/mail"
-
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 // DefaultSubject is the subject of a digest when none is configured.
@@ -184,7 +183,7 @@ func explain(p Paradox) string {
 		}
 		return s + " After the repair " + p.Now + "."
 	case SentOnwards:
-		if p.VerbKind == proxy.KindSMTPSubmit {
+		if p.VerbKind == verb.KindSMTPSubmit {
 			return fmt.Sprintf("On %s you replied to or forwarded %s %s. Since then it was %s; what you sent has already left.",
 				when(p.Seen), msg, p.Action, p.Now)
 		}

@@ -11,9 +11,9 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Audiences of a compensating message.
@@ -28,7 +28,7 @@ const (
 // plus what the message compensated: a later cycle that finds the same
 // paradoxes (by Paradox.Key) leaves them alone.
 type Args struct {
-	proxy.DeliveryArgs
+	verb.DeliveryArgs
 	Cycle     int64     `json:"cycle"`    // seq of the cycle that created the paradoxes
 	Audience  string    `json:"audience"` // AudienceUser or AudienceOperator
 	User      string    `json:"user"`     // whose digest; the operator's mailbox for a notice
@@ -42,7 +42,7 @@ type Compensation struct {
 	Args Args
 	// Outcome is what Dovecot's LMTP answered; nil if the delivery was
 	// cut off before it was logged.
-	Outcome *proxy.DeliveryOutcome
+	Outcome *verb.DeliveryOutcome
 }
 
 // Delivered reports whether every recipient accepted the message.
@@ -73,7 +73,7 @@ func List(ctx context.Context, l *undolog.Log, f undolog.Filter) ([]Compensation
 			return nil, fmt.Errorf("list compensations: record %d: %w", v.Seq, err)
 		}
 		if v.Outcome != nil {
-			var o proxy.DeliveryOutcome
+			var o verb.DeliveryOutcome
 			if err := json.Unmarshal(v.Outcome.Outcome, &o); err != nil {
 				return nil, fmt.Errorf("list compensations: outcome of record %d: %w", v.Seq, err)
 			}
@@ -107,23 +107,23 @@ func compensated(cs []Compensation) done {
 // are durable before the message is handed over, and the outcome is
 // logged after. The message is delivered with an Undomail-Id trace field
 // naming a fresh undo id, as replay will re-deliver it.
-func send(ctx context.Context, l *undolog.Log, lmtpAddr, hostname string, a Args, msg []byte) (int64, proxy.DeliveryOutcome, error) {
+func send(ctx context.Context, l *undolog.Log, lmtpAddr, hostname string, a Args, msg []byte) (int64, verb.DeliveryOutcome, error) {
 	w, err := l.NewBlob()
 	if err != nil {
-		return 0, proxy.DeliveryOutcome{}, fmt.Errorf("store the message: %w", err)
+		return 0, verb.DeliveryOutcome{}, fmt.Errorf("store the message: %w", err)
 	}
 	if _, err := w.Write(msg); err != nil {
 		w.Abort()
-		return 0, proxy.DeliveryOutcome{}, fmt.Errorf("store the message: %w", err)
+		return 0, verb.DeliveryOutcome{}, fmt.Errorf("store the message: %w", err)
 	}
 	ref, err := w.Commit()
 	if err != nil {
-		return 0, proxy.DeliveryOutcome{}, fmt.Errorf("store the message: %w", err)
+		return 0, verb.DeliveryOutcome{}, fmt.Errorf("store the message: %w", err)
 	}
 	a.Size = ref.Size
 	args, err := json.Marshal(a)
 	if err != nil {
-		return 0, proxy.DeliveryOutcome{}, fmt.Errorf("encode the compensation: %w", err)
+		return 0, verb.DeliveryOutcome{}, fmt.Errorf("encode the compensation: %w", err)
 	}
 	users := []string{a.User}
 	for _, r := range a.Rcpts {
@@ -135,7 +135,7 @@ func send(ctx context.Context, l *undolog.Log, lmtpAddr, hostname string, a Args
 		Users: users, Args: args}
 	intent.AttachBlob(ref)
 	if err := l.Append(ctx, intent); err != nil {
-		return 0, proxy.DeliveryOutcome{}, fmt.Errorf("log the compensation: %w", err)
+		return 0, verb.DeliveryOutcome{}, fmt.Errorf("log the compensation: %w", err)
 	}
 	out, derr := deliver(ctx, lmtpAddr, hostname, a, msg)
 	b, _ := json.Marshal(out)
@@ -157,16 +157,16 @@ func send(ctx context.Context, l *undolog.Log, lmtpAddr, hostname string, a Args
 // (RFC 2033 section 4.2). It never returns an outcome without a reply for
 // each recipient: failures on undomail's side become 451 replies, as the
 // LMTP capture records them.
-func deliver(ctx context.Context, addr, hostname string, a Args, msg []byte) (proxy.DeliveryOutcome, error) {
-	fail := func(op string, err error) (proxy.DeliveryOutcome, error) {
-		out := proxy.DeliveryOutcome{Error: fmt.Sprintf("%s: %v", op, err)}
-		rep := proxy.Reply{Code: 451, Enhanced: "4.3.0", Text: "not delivered: " + out.Error}
+func deliver(ctx context.Context, addr, hostname string, a Args, msg []byte) (verb.DeliveryOutcome, error) {
+	fail := func(op string, err error) (verb.DeliveryOutcome, error) {
+		out := verb.DeliveryOutcome{Error: fmt.Sprintf("%s: %v", op, err)}
+		rep := verb.Reply{Code: 451, Enhanced: "4.3.0", Text: "not delivered: " + out.Error}
 		var se *smtp.SMTPError
 		if errors.As(err, &se) {
-			rep = proxy.Reply{Code: se.Code, Text: se.Message}
+			rep = verb.Reply{Code: se.Code, Text: se.Message}
 		}
 		for _, r := range a.Rcpts {
-			out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: r, Reply: rep})
+			out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: r, Reply: rep})
 		}
 		return out, fmt.Errorf("deliver to LMTP %s: %s: %w", addr, op, err)
 	}
@@ -197,7 +197,7 @@ func deliver(ctx context.Context, addr, hostname string, a Args, msg []byte) (pr
 		return fail("DATA", err)
 	}
 	var buf bytes.Buffer
-	fmt.Fprintf(&buf, "%s: %s\r\n", proxy.TraceHeader, a.UndoID)
+	fmt.Fprintf(&buf, "%s: %s\r\n", verb.TraceHeader, a.UndoID)
 	buf.Write(msg)
 	if _, err := w.Write(buf.Bytes()); err != nil {
 		return fail("send message", err)
@@ -208,15 +208,15 @@ func deliver(ctx context.Context, addr, hostname string, a Args, msg []byte) (pr
 		return fail("end of data", err)
 	}
 	c.Quit()
-	var out proxy.DeliveryOutcome
+	var out verb.DeliveryOutcome
 	for _, r := range a.Rcpts {
-		rep := proxy.Reply{Code: 451, Enhanced: "4.3.0", Text: "no reply for this recipient"}
+		rep := verb.Reply{Code: 451, Enhanced: "4.3.0", Text: "no reply for this recipient"}
 		if e, ok := lerr[r]; ok {
-			rep = proxy.Reply{Code: e.Code, Text: e.Message}
+			rep = verb.Reply{Code: e.Code, Text: e.Message}
 		} else if resp, ok := resps[r]; ok {
-			rep = proxy.Reply{Code: 250, Text: resp.StatusText}
+			rep = verb.Reply{Code: 250, Text: resp.StatusText}
 		}
-		out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: r, Reply: rep})
+		out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: r, Reply: rep})
 	}
 	return out, nil
 }

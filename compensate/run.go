@@ -8,8 +8,8 @@ import (
 	"net/mail"
 	"time"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Options configure Run.
@@ -189,7 +189,7 @@ func (o Options) send(ctx context.Context, l *undolog.Log, letter Letter, audien
 	a := Args{
 		// The null reverse-path: an automatic message must never cause
 		// a bounce or an auto-reply (RFC 3834 section 3.3).
-		DeliveryArgs: proxy.DeliveryArgs{UndoID: id, Rcpts: []string{letter.To}, Header: proxy.HeaderInfo{
+		DeliveryArgs: verb.DeliveryArgs{UndoID: id, Rcpts: []string{letter.To}, Header: verb.HeaderInfo{
 			MessageID: "<" + letter.MessageID + ">", From: letter.From, Subject: letter.Subject,
 			Date: letter.Date.Format(time.RFC1123Z)}},
 		Cycle: letter.Cycle.Seq, Audience: audience, User: user, Paradoxes: letter.Paradoxes,

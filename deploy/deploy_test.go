@@ -19,7 +19,7 @@ import (
 	"github.com/moby/buildkit/frontend/dockerfile/parser"
 
 	"github.com/undomail/undomail/internal/config"
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 // loadCompose loads ../docker-compose.yml as docker compose would, with
@@ -219,7 +219,7 @@ func TestComposeConfigs(t *testing.T) {
 	}
 	out, err = exec.Command("postconf", "-c", pdir, "-P", "10026/inet/content_filter", "10026/inet/smtpd_relay_restrictions", "undomail-replay/unix/lmtp_lhlo_name").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "10026/inet/content_filter = undomail-replay:inet:undomail:10024") ||
-		!strings.Contains(string(out), "undomail-replay/unix/lmtp_lhlo_name = "+proxy.ReplayLHLO) ||
+		!strings.Contains(string(out), "undomail-replay/unix/lmtp_lhlo_name = "+verb.ReplayLHLO) ||
 		!strings.Contains(string(out), "10026/inet/smtpd_relay_restrictions = reject_unauth_destination") {
 		t.Fatalf("master.cf after the image's edits: the replay service must send everything to the capture and refuse other domains: %v\n%s", err, out)
 	}

@@ -16,79 +16,8 @@ import (
 	"github.com/emersion/go-message/textproto"
 
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// Verb kinds recorded by the SMTP-family listeners.
-const (
-	// KindSMTPSubmit is a transaction accepted at the front door (SMTP in
-	// front of Postfix): what a sender handed over and what it was told.
-	KindSMTPSubmit = "smtp.submit"
-	// KindLMTPDeliver is a final local delivery captured on the LMTP path
-	// (Postfix to Dovecot): the unit replay re-delivers.
-	KindLMTPDeliver = "lmtp.deliver"
-)
-
-// TraceHeader carries a message's undo id. It is prepended like a
-// Received: trace field (RFC 5321 section 4.4), so a DKIM signature, which
-// never covers fields added above it, stays valid. The topmost one is the
-// newest: a delivery captured on the LMTP path after the front door carries
-// both ids.
-const TraceHeader = "Undomail-Id"
-
-// DeliveryArgs are the arguments of an smtp.submit or lmtp.deliver intent:
-// the envelope and a summary of the message whose bytes, exactly as the
-// client sent them, are the record's blob. The forwarded message is the
-// blob with "Undomail-Id: <UndoID>" prepended, except for a delivery linked
-// to its front-door submission, which already carries that id.
-type DeliveryArgs struct {
-	UndoID string `json:"undo_id"`
-	// Submission is the seq of the smtp.submit verb this delivery came
-	// from, when the LMTP capture recognised the front door's id (DESIGN:
-	// "the LMTP listener recognises the undo id the front door stamped on
-	// a message and links each delivery to that record").
-	Submission int64       `json:"submission,omitempty"`
-	Client     string      `json:"client,omitempty"`
-	Helo       string      `json:"helo,omitempty"`
-	AuthUser   string      `json:"auth_user,omitempty"`
-	MailFrom   string      `json:"mail_from"`
-	Body       string      `json:"body,omitempty"` // BODY= parameter (7BIT, 8BITMIME)
-	SMTPUTF8   bool        `json:"smtputf8,omitempty"`
-	Rcpts      []string    `json:"rcpts"`
-	Rejected   []RcptReply `json:"rejected,omitempty"` // recipients the upstream refused at RCPT time
-	Size       int64       `json:"size"`
-	Header     HeaderInfo  `json:"header"`
-}
-
-// RcptReply is the reply for one recipient.
-type RcptReply struct {
-	Rcpt  string `json:"rcpt"`
-	Reply Reply  `json:"reply"`
-}
-
-// HeaderInfo is what an operator needs to recognise a message in the log
-// without opening its blob.
-type HeaderInfo struct {
-	MessageID string `json:"message_id,omitempty"`
-	From      string `json:"from,omitempty"`
-	Subject   string `json:"subject,omitempty"`
-	Date      string `json:"date,omitempty"`
-	// PriorIDs are the Undomail-Id fields the message arrived with, topmost
-	// first: on the LMTP path, the front door's.
-	PriorIDs []string `json:"prior_ids,omitempty"`
-}
-
-// DeliveryOutcome is the outcome of a delivery intent: the reply the client
-// was given, for SMTP one reply, for LMTP one per recipient.
-type DeliveryOutcome struct {
-	Reply *Reply      `json:"reply,omitempty"`
-	Rcpts []RcptReply `json:"rcpts,omitempty"`
-	// Error says what went wrong on undomail's side when the reply is one
-	// undomail made up (upstream lost, timeout) rather than the upstream's.
-	Error string `json:"error,omitempty"`
-	// Filtered names the live filter that dropped the message or filed it
-	// elsewhere instead of forwarding it ("RULE -> ACTION").
-	Filtered string `json:"filtered,omitempty"`
-}
 
 // headerSniffer keeps the header section of a message as it streams past,
 // up to a bound, so the log can summarise it without a second read.
@@ -120,7 +49,7 @@ func (h *headerSniffer) Write(p []byte) (int, error) {
 
 // info parses what was kept. A malformed header section yields what could
 // be read; the message itself is relayed unchanged either way.
-func (h *headerSniffer) info() HeaderInfo {
+func (h *headerSniffer) info() verb.HeaderInfo {
 	hdr, _ := textproto.ReadHeader(bufio.NewReader(bytes.NewReader(h.buf.Bytes())))
 	dec := mime.WordDecoder{}
 	decode := func(s string) string {
@@ -129,48 +58,16 @@ func (h *headerSniffer) info() HeaderInfo {
 		}
 		return s
 	}
-	info := HeaderInfo{
+	info := verb.HeaderInfo{
 		MessageID: strings.TrimSpace(hdr.Get("Message-Id")),
 		From:      decode(hdr.Get("From")),
 		Subject:   decode(hdr.Get("Subject")),
 		Date:      hdr.Get("Date"),
 	}
-	for _, v := range hdr.Values(TraceHeader) {
+	for _, v := range hdr.Values(verb.TraceHeader) {
 		info.PriorIDs = append(info.PriorIDs, strings.TrimSpace(v))
 	}
 	return info
-}
-
-// Summary describes the delivery in one line for `undomail log`.
-func (a DeliveryArgs) Summary() string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "<%s> -> ", a.MailFrom)
-	for i, r := range a.Rcpts {
-		if i > 0 {
-			b.WriteString(", ")
-		}
-		fmt.Fprintf(&b, "<%s>", r)
-	}
-	if a.Header.Subject != "" {
-		fmt.Fprintf(&b, " %q", a.Header.Subject)
-	}
-	fmt.Fprintf(&b, " %d bytes id=%s", a.Size, a.UndoID)
-	if len(a.Rejected) > 0 {
-		fmt.Fprintf(&b, " (%d rcpt refused)", len(a.Rejected))
-	}
-	return b.String()
-}
-
-// Summary describes the outcome in one line for `undomail log`.
-func (o DeliveryOutcome) Summary() string {
-	if o.Reply != nil {
-		return o.Reply.String()
-	}
-	parts := make([]string, len(o.Rcpts))
-	for i, r := range o.Rcpts {
-		parts[i] = "<" + r.Rcpt + "> " + r.Reply.String()
-	}
-	return strings.Join(parts, "; ")
 }
 
 // data takes a message sent with DATA. When the transaction has accepted
@@ -189,7 +86,7 @@ func (s *smtpSession) data(line []byte) error {
 		if s.p.cfg.LMTP {
 			goAhead = replyGoAheadLMTP
 		}
-		return s.receive(goAhead.wire(), false)
+		return s.receive(replyWire(goAhead), false)
 	}
 	if s.up == nil {
 		if err := s.reconnect(); err != nil {
@@ -235,7 +132,7 @@ func (s *smtpSession) receive(goAhead []byte, upOpen bool) error {
 		}
 		return rerr // the client is gone or timed out; the session ends
 	}
-	var fail *Reply
+	var fail *verb.Reply
 	var ref undolog.BlobRef
 	switch {
 	case w == nil:
@@ -281,13 +178,13 @@ func (s *smtpSession) receive(goAhead []byte, upOpen bool) error {
 // errRefused carries an upstream's refusal of DATA to deliver.
 type errRefused struct {
 	raw []byte
-	rep Reply
+	rep verb.Reply
 }
 
 func (e *errRefused) Error() string { return e.rep.String() }
 
 // logFailure is the reply when the log cannot take a message.
-func logFailure(err error) *Reply {
+func logFailure(err error) *verb.Reply {
 	if errors.Is(err, undolog.ErrFull) {
 		return &replyLogFull
 	}
@@ -395,7 +292,7 @@ func (s *smtpSession) bdat(line []byte) error {
 		s.tx.chunks = c
 		if relay && c.fail == nil {
 			s.tx.undoID = undolog.NewID()
-			trace := TraceHeader + ": " + s.tx.undoID + "\r\n"
+			trace := verb.TraceHeader + ": " + s.tx.undoID + "\r\n"
 			raw, rep, err := s.up.command([]byte(fmt.Sprintf("BDAT %d\r\n%s", len(trace), trace)))
 			if err != nil || !rep.Positive() {
 				if _, err := io.CopyN(io.Discard, s.br, size); err != nil {
@@ -441,7 +338,7 @@ func (s *smtpSession) bdat(line []byte) error {
 			return s.relayUpstreamReply("BDAT")
 		default:
 			// Dovecot's LMTP words it so (only the capture holds chunks).
-			s.reply(Reply{Code: 250, Enhanced: "2.0.0", Text: fmt.Sprintf("Added %d octets", size)})
+			s.reply(verb.Reply{Code: 250, Enhanced: "2.0.0", Text: fmt.Sprintf("Added %d octets", size)})
 		}
 		return nil
 	}
@@ -483,7 +380,7 @@ func (s *smtpSession) bdat(line []byte) error {
 // sessionEnds reports whether the upstream closes the session after this
 // reply: 421 (RFC 5321 section 3.8), 521 and 221 (Postfix ends a session
 // with them after a malformed BDAT or a non-SMTP command).
-func sessionEnds(rep Reply) bool {
+func sessionEnds(rep verb.Reply) bool {
 	return rep.Code == 421 || rep.Code == 521 || rep.Code == 221
 }
 
@@ -558,14 +455,14 @@ func (d *dotWriter) close() {
 // intent durably, send the message upstream with send, log the outcome,
 // and relay it. send writes the message (and the trace header before it);
 // An *errRefused means the upstream refused to take it.
-func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u *upstreamConn, trace []byte, src io.Reader) error) {
+func (s *smtpSession) deliver(blob undolog.BlobRef, hdr verb.HeaderInfo, send func(u *upstreamConn, trace []byte, src io.Reader) error) {
 	ctx := context.Background()
 	defer s.tx.reset()
 	helo := ""
 	if f := strings.Fields(string(s.hello)); len(f) > 1 {
 		helo = f[1]
 	}
-	args := DeliveryArgs{
+	args := verb.DeliveryArgs{
 		Client:   s.client.addr.String(),
 		Helo:     helo,
 		AuthUser: s.authUser,
@@ -577,9 +474,9 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 		Size:     blob.Size,
 		Header:   hdr,
 	}
-	kind := KindSMTPSubmit
+	kind := verb.KindSMTPSubmit
 	if s.p.cfg.LMTP {
-		kind = KindLMTPDeliver
+		kind = verb.KindLMTPDeliver
 		if err := s.linkSubmission(ctx, &args); err != nil {
 			s.logger.Error("look up front-door submission failed; transaction refused", "err", err)
 			s.abortUpstream()
@@ -621,7 +518,7 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 		return
 	}
 	seq := intent.Seq
-	var out *DeliveryOutcome
+	var out *verb.DeliveryOutcome
 	var raw []byte
 	if s.p.cfg.LMTP && s.p.cfg.Divert != nil {
 		if out = s.p.cfg.Divert(ctx, args, blob); out != nil {
@@ -665,12 +562,12 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr HeaderInfo, send func(u 
 // shares that id instead of minting a second one. An id the log does not
 // know as a submission, e.g. one a sender wrote into its own message, is
 // ignored: only ids undomail minted can link.
-func (s *smtpSession) linkSubmission(ctx context.Context, args *DeliveryArgs) error {
+func (s *smtpSession) linkSubmission(ctx context.Context, args *verb.DeliveryArgs) error {
 	if len(args.Header.PriorIDs) == 0 {
 		return nil
 	}
 	id := args.Header.PriorIDs[0]
-	recs, err := s.p.log.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{KindSMTPSubmit}, Limit: 1})
+	recs, err := s.p.log.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{verb.KindSMTPSubmit}, Limit: 1})
 	if err != nil {
 		return err
 	}
@@ -685,11 +582,11 @@ func (s *smtpSession) linkSubmission(ctx context.Context, args *DeliveryArgs) er
 // returns without an outcome: failures become the 4xx reply the client
 // will get. raw is the upstream's reply as sent, to relay unchanged, when
 // there is one.
-func (s *smtpSession) forward(args DeliveryArgs, blob undolog.BlobRef, send func(*upstreamConn, []byte, io.Reader) error) (*DeliveryOutcome, []byte) {
-	fail := func(op string, err error) *DeliveryOutcome {
+func (s *smtpSession) forward(args verb.DeliveryArgs, blob undolog.BlobRef, send func(*upstreamConn, []byte, io.Reader) error) (*verb.DeliveryOutcome, []byte) {
+	fail := func(op string, err error) *verb.DeliveryOutcome {
 		s.logger.Warn("upstream failed", "op", op, "err", err)
 		s.dropUpstream()
-		out := &DeliveryOutcome{Error: fmt.Sprintf("%s: %v", op, err)}
+		out := &verb.DeliveryOutcome{Error: fmt.Sprintf("%s: %v", op, err)}
 		s.outcomeFor(out, replyUpstreamLost)
 		return out
 	}
@@ -703,12 +600,12 @@ func (s *smtpSession) forward(args DeliveryArgs, blob undolog.BlobRef, send func
 	defer src.Close()
 	var trace []byte
 	if args.Submission == 0 {
-		trace = []byte(TraceHeader + ": " + args.UndoID + "\r\n")
+		trace = []byte(verb.TraceHeader + ": " + args.UndoID + "\r\n")
 	}
 	if err := send(s.up, trace, src); err != nil {
 		var ref *errRefused
 		if errors.As(err, &ref) {
-			out := &DeliveryOutcome{}
+			out := &verb.DeliveryOutcome{}
 			s.outcomeFor(out, ref.rep)
 			if s.p.cfg.LMTP {
 				return out, nil
@@ -724,9 +621,9 @@ func (s *smtpSession) forward(args DeliveryArgs, blob undolog.BlobRef, send func
 		if err != nil {
 			return fail("end of data", err), nil
 		}
-		return &DeliveryOutcome{Reply: &rep}, raw
+		return &verb.DeliveryOutcome{Reply: &rep}, raw
 	}
-	out := &DeliveryOutcome{}
+	out := &verb.DeliveryOutcome{}
 	var all []byte
 	for _, rc := range args.Rcpts {
 		raw, rep, err := s.up.reply()
@@ -734,27 +631,27 @@ func (s *smtpSession) forward(args DeliveryArgs, blob undolog.BlobRef, send func
 			// The recipients answered so far keep their replies.
 			o := fail("end of data", err)
 			for i := len(out.Rcpts); i < len(args.Rcpts); i++ {
-				out.Rcpts = append(out.Rcpts, RcptReply{Rcpt: args.Rcpts[i], Reply: o.Rcpts[i].Reply})
+				out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: args.Rcpts[i], Reply: o.Rcpts[i].Reply})
 			}
 			out.Error = o.Error
 			return out, nil
 		}
 		all = append(all, raw...)
-		out.Rcpts = append(out.Rcpts, RcptReply{Rcpt: rc, Reply: rep})
+		out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: rc, Reply: rep})
 	}
 	return out, all
 }
 
 // outcomeFor sets rep as the outcome: the reply in SMTP, every
 // recipient's in LMTP.
-func (s *smtpSession) outcomeFor(out *DeliveryOutcome, rep Reply) {
+func (s *smtpSession) outcomeFor(out *verb.DeliveryOutcome, rep verb.Reply) {
 	if !s.p.cfg.LMTP {
 		out.Reply = &rep
 		return
 	}
 	out.Rcpts = nil
 	for _, rc := range s.tx.rcpts {
-		out.Rcpts = append(out.Rcpts, RcptReply{Rcpt: rc, Reply: rep})
+		out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: rc, Reply: rep})
 	}
 }
 

@@ -22,6 +22,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // mountTmpfs mounts a tmpfs of size bytes at a new directory.
@@ -307,7 +308,7 @@ func TestUpstreamTimeouts(t *testing.T) {
 			if len(verbs) != 1 || verbs[0].Outcome == nil {
 				t.Fatalf("want one verb with an outcome, got %+v", verbs)
 			}
-			var o proxy.DeliveryOutcome
+			var o verb.DeliveryOutcome
 			json.Unmarshal(verbs[0].Outcome.Outcome, &o)
 			if o.Reply == nil || o.Reply.Code != 451 || !strings.Contains(o.Error, "timeout") {
 				t.Fatalf("logged outcome %+v, want the 451 the client got and the timeout", o)
@@ -330,7 +331,7 @@ func TestIntentLoggedBeforeForwarding(t *testing.T) {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if len(f.logAtData) != 1 || f.logAtData[0].Kind != proxy.KindSMTPSubmit || f.logAtData[0].Blob == "" {
+	if len(f.logAtData) != 1 || f.logAtData[0].Kind != verb.KindSMTPSubmit || f.logAtData[0].Blob == "" {
 		t.Fatalf("log when the upstream heard DATA: %+v, want exactly the smtp.submit intent", f.logAtData)
 	}
 	all, _ := l.Records(context.Background(), undolog.Filter{})
@@ -373,7 +374,7 @@ func TestMultilineReplyRelayed(t *testing.T) {
 		t.Fatalf("client got %q, want the upstream's lines %q", got, want)
 	}
 	verbs, _ := l.Verbs(context.Background(), undolog.Filter{})
-	var o proxy.DeliveryOutcome
+	var o verb.DeliveryOutcome
 	if len(verbs) != 1 || verbs[0].Outcome == nil || json.Unmarshal(verbs[0].Outcome.Outcome, &o) != nil {
 		t.Fatalf("verbs = %+v", verbs)
 	}

@@ -21,8 +21,8 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 var concurrentSeed = flag.Int64("concurrent.seed", 0, "seed of TestIMAPConcurrentSessionsLogIsTheTruth (0: a few fixed seeds)")
@@ -106,7 +106,7 @@ func checkConcurrent(t *testing.T, tb *testbed.Testbed, seed int64, sessions int
 		a := argsOf(t, v)
 		uids := uidList(t, a.UIDs)
 		switch v.Kind {
-		case proxy.KindIMAPStore:
+		case verb.KindIMAPStore:
 			applied++
 			for _, u := range uids {
 				m, ok := model[u]
@@ -127,7 +127,7 @@ func checkConcurrent(t *testing.T, tb *testbed.Testbed, seed int64, sessions int
 					}
 				}
 			}
-		case proxy.KindIMAPExpunge:
+		case verb.KindIMAPExpunge:
 			applied++
 			for _, u := range uids {
 				delete(model, u)
@@ -336,7 +336,7 @@ func lastSeq(t *testing.T, tb *testbed.Testbed) int64 {
 }
 
 func undologFilterFrom(after int64) undolog.Filter {
-	return undolog.Filter{AfterSeq: after, Kinds: []string{proxy.KindIMAPStore, proxy.KindIMAPExpunge}}
+	return undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindIMAPStore, verb.KindIMAPExpunge}}
 }
 
 func asIMAPError(err error, target **imap.Error) bool { return errors.As(err, target) }
@@ -457,7 +457,7 @@ func mislabels(t *testing.T, tb *testbed.Testbed, after int64) []string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		sec := &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{proxy.TraceHeader}, Peek: true}
+		sec := &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{verb.TraceHeader}, Peek: true}
 		msgs, err := c.Fetch(imap.UIDSet{imap.UIDRange{Start: 1, Stop: 0}}, &imap.FetchOptions{UID: true, BodySection: []*imap.FetchItemBodySection{sec}}).Collect()
 		if err != nil {
 			t.Fatal(err)

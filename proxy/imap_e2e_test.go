@@ -40,6 +40,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func imapLogin(t *testing.T, addr, user, pass string) *imapclient.Client {
@@ -65,21 +66,21 @@ func imapVerbs(t *testing.T, l *undolog.Log, kind string) []undolog.Verb {
 	return vs
 }
 
-func argsOf(t *testing.T, v undolog.Verb) proxy.IMAPArgs {
+func argsOf(t *testing.T, v undolog.Verb) verb.IMAPArgs {
 	t.Helper()
-	var a proxy.IMAPArgs
+	var a verb.IMAPArgs
 	if err := json.Unmarshal(v.Args, &a); err != nil {
 		t.Fatalf("args of %d: %v", v.Seq, err)
 	}
 	return a
 }
 
-func imapOutcome(t *testing.T, v undolog.Verb) proxy.IMAPOutcome {
+func imapOutcome(t *testing.T, v undolog.Verb) verb.IMAPOutcome {
 	t.Helper()
 	if v.Outcome == nil {
 		t.Fatalf("verb %d (%s) has no outcome", v.Seq, v.Kind)
 	}
-	var o proxy.IMAPOutcome
+	var o verb.IMAPOutcome
 	if err := json.Unmarshal(v.Outcome.Outcome, &o); err != nil {
 		t.Fatalf("outcome of %d: %v", v.Seq, err)
 	}
@@ -175,14 +176,14 @@ func TestIMAPVerbsRecorded(t *testing.T) {
 	}
 
 	uv := sel.UIDValidity
-	creates := imapVerbs(t, l, proxy.KindIMAPCreate)
+	creates := imapVerbs(t, l, verb.KindIMAPCreate)
 	if len(creates) != 1 || argsOf(t, creates[0]).Mailbox != "Projects" || imapOutcome(t, creates[0]).Status != "OK" {
 		t.Fatalf("CREATE verbs: %+v", creates)
 	}
-	if subs := imapVerbs(t, l, proxy.KindIMAPSubscribe); len(subs) != 1 {
+	if subs := imapVerbs(t, l, verb.KindIMAPSubscribe); len(subs) != 1 {
 		t.Fatalf("SUBSCRIBE verbs: %d", len(subs))
 	}
-	appends := imapVerbs(t, l, proxy.KindIMAPAppend)
+	appends := imapVerbs(t, l, verb.KindIMAPAppend)
 	if len(appends) != 3 {
 		t.Fatalf("APPEND verbs: %d, want 3", len(appends))
 	}
@@ -199,7 +200,7 @@ func TestIMAPVerbsRecorded(t *testing.T) {
 			t.Fatalf("APPEND %d blob = %q, %v", i, b, err)
 		}
 	}
-	stores := imapVerbs(t, l, proxy.KindIMAPStore)
+	stores := imapVerbs(t, l, verb.KindIMAPStore)
 	if len(stores) != 2 {
 		t.Fatalf("STORE verbs: %d", len(stores))
 	}
@@ -207,16 +208,16 @@ func TestIMAPVerbsRecorded(t *testing.T) {
 		a.Flags[0] != `\Flagged` || a.Mailbox != "INBOX" || a.UIDValidity != uv {
 		t.Fatalf("seq STORE args %+v", a)
 	}
-	copies := imapVerbs(t, l, proxy.KindIMAPCopy)
+	copies := imapVerbs(t, l, verb.KindIMAPCopy)
 	if len(copies) != 1 || argsOf(t, copies[0]).UIDs != "1" || argsOf(t, copies[0]).Dest != "Projects" ||
 		!strings.HasSuffix(imapOutcome(t, copies[0]).CopyUID, " 1 1") {
 		t.Fatalf("COPY verb %+v outcome %+v", argsOf(t, copies[0]), imapOutcome(t, copies[0]))
 	}
-	moves := imapVerbs(t, l, proxy.KindIMAPMove)
+	moves := imapVerbs(t, l, verb.KindIMAPMove)
 	if len(moves) != 1 || argsOf(t, moves[0]).UIDs != "3" || !strings.HasSuffix(imapOutcome(t, moves[0]).CopyUID, " 3 2") {
 		t.Fatalf("MOVE verb %+v outcome %+v", argsOf(t, moves[0]), imapOutcome(t, moves[0]))
 	}
-	expunges := imapVerbs(t, l, proxy.KindIMAPExpunge)
+	expunges := imapVerbs(t, l, verb.KindIMAPExpunge)
 	if len(expunges) != 1 || argsOf(t, expunges[0]).UIDs != "1" {
 		t.Fatalf("EXPUNGE verbs %+v", expunges)
 	}
@@ -240,7 +241,7 @@ func TestIMAPVerbsRecorded(t *testing.T) {
 			t.Errorf("%s verb %d undo ids %v, want %v", c.v.Kind, c.v.Seq, got, c.want)
 		}
 	}
-	renames := imapVerbs(t, l, proxy.KindIMAPRename)
+	renames := imapVerbs(t, l, verb.KindIMAPRename)
 	if len(renames) != 1 || argsOf(t, renames[0]).Mailbox != "Projects" || argsOf(t, renames[0]).Dest != "Archive" {
 		t.Fatalf("RENAME verbs %+v", renames)
 	}
@@ -287,9 +288,9 @@ func TestIMAPFetchRecordedAsSeen(t *testing.T) {
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		vs := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPFetch)
+		vs := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPFetch)
 		if len(vs) == 1 {
-			var a proxy.IMAPFetchArgs
+			var a verb.IMAPFetchArgs
 			json.Unmarshal(vs[0].Args, &a)
 			if a.Mailbox != "INBOX" || a.UIDs != "1,3" || a.UIDValidity == 0 || vs[0].User != "bob" {
 				t.Fatalf("fetch record %+v by %s", a, vs[0].User)
@@ -297,8 +298,8 @@ func TestIMAPFetchRecordedAsSeen(t *testing.T) {
 			// The ids are those the deliveries were logged with.
 			for _, uid := range []string{"1", "3"} {
 				msgID := msgIDOf[uid]
-				var da proxy.DeliveryArgs
-				json.Unmarshal(verbsOf(t, tb.Daemon.Log, msgID)[proxy.KindLMTPDeliver].Args, &da)
+				var da verb.DeliveryArgs
+				json.Unmarshal(verbsOf(t, tb.Daemon.Log, msgID)[verb.KindLMTPDeliver].Args, &da)
 				if a.UndoIDs[uid] == "" || a.UndoIDs[uid] != da.UndoID {
 					t.Fatalf("fetch record names UID %s as %q, its delivery was %q", uid, a.UndoIDs[uid], da.UndoID)
 				}
@@ -475,8 +476,8 @@ SyncState *
 	if hdr, _ := fetchHeader(tb, "alice", "offline.1@client.test"); hdr == "" {
 		t.Fatal("the offline message did not reach the server")
 	}
-	appends := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend)
-	stores := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore)
+	appends := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPAppend)
+	stores := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPStore)
 	if len(appends) != 1 || argsOf(t, appends[0]).Mailbox != "INBOX" || imapOutcome(t, appends[0]).AppendUID == "" {
 		t.Fatalf("APPEND verbs %+v", appends)
 	}
@@ -644,7 +645,7 @@ func TestIMAPLargeAppendAndFetchStream(t *testing.T) {
 	if grew > 12<<20 {
 		t.Fatalf("heap grew by %d bytes: the message was held in memory", grew)
 	}
-	v := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend)
+	v := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPAppend)
 	if len(v) != 1 || argsOf(t, v[0]).Size != size {
 		t.Fatalf("APPEND verbs %+v", v)
 	}

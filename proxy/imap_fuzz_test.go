@@ -29,9 +29,9 @@ import (
 
 	"github.com/undomail/undomail/internal/mailstack"
 	"github.com/undomail/undomail/internal/testbed"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/proxy/imapwire"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // FuzzIMAPDifferential sends the same IMAP session (the fuzz input, the
@@ -474,11 +474,11 @@ func readResponse(br *bufio.Reader) (string, error) {
 // mutatingKinds maps the commands that change mail to the kind of record
 // undomail logs for them (proxy/imapverbs.go, docs/architecture.md).
 var mutatingKinds = map[string]string{
-	"APPEND": proxy.KindIMAPAppend, "STORE": proxy.KindIMAPStore, "COPY": proxy.KindIMAPCopy,
-	"MOVE": proxy.KindIMAPMove, "EXPUNGE": proxy.KindIMAPExpunge, "CLOSE": proxy.KindIMAPExpunge,
-	"CREATE": proxy.KindIMAPCreate, "DELETE": proxy.KindIMAPDelete, "RENAME": proxy.KindIMAPRename,
-	"SUBSCRIBE": proxy.KindIMAPSubscribe, "UNSUBSCRIBE": proxy.KindIMAPUnsubscribe,
-	"SETMETADATA": proxy.KindIMAPSetMetadata,
+	"APPEND": verb.KindIMAPAppend, "STORE": verb.KindIMAPStore, "COPY": verb.KindIMAPCopy,
+	"MOVE": verb.KindIMAPMove, "EXPUNGE": verb.KindIMAPExpunge, "CLOSE": verb.KindIMAPExpunge,
+	"CREATE": verb.KindIMAPCreate, "DELETE": verb.KindIMAPDelete, "RENAME": verb.KindIMAPRename,
+	"SUBSCRIBE": verb.KindIMAPSubscribe, "UNSUBSCRIBE": verb.KindIMAPUnsubscribe,
+	"SETMETADATA": verb.KindIMAPSetMetadata,
 }
 
 // documentedRefusals are the texts of the refusals docs/imap-refusals.md
@@ -862,7 +862,7 @@ func (d *differential) records(t *testing.T, after int64) []undolog.Verb {
 	var out []undolog.Verb
 	sessions := map[string]bool{}
 	for _, v := range vs {
-		if v.Kind == proxy.KindIMAPFetch {
+		if v.Kind == verb.KindIMAPFetch {
 			continue
 		}
 		sessions[v.Session] = true
@@ -874,14 +874,14 @@ func (d *differential) records(t *testing.T, after int64) []undolog.Verb {
 	return out
 }
 
-func recordArgs(v undolog.Verb) (proxy.IMAPArgs, error) {
-	var a proxy.IMAPArgs
+func recordArgs(v undolog.Verb) (verb.IMAPArgs, error) {
+	var a verb.IMAPArgs
 	err := json.Unmarshal(v.Args, &a)
 	return a, err
 }
 
-func recordOutcome(v undolog.Verb) (proxy.IMAPOutcome, error) {
-	var o proxy.IMAPOutcome
+func recordOutcome(v undolog.Verb) (verb.IMAPOutcome, error) {
+	var o verb.IMAPOutcome
 	if v.Outcome == nil {
 		return o, errors.New("no outcome logged, though the client was answered")
 	}
@@ -1127,7 +1127,7 @@ func fuzzSeeds() []string {
 			`5 select "INBOX" (CONDSTORE)`,
 			`6 UID fetch 1:* (FLAGS)`,
 			`7 select "Archive" (CONDSTORE)`,
-			`8 UID fetch 1:3 (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups In-Reply-To Content-Type Reply-To)])`,
+			`8 UID fetch 1:3 (UID RFC822.SIZE FLAGS BODY.PEEK[HEADER.FIELDS (From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups In-verb.Reply-To Content-Type verb.Reply-To)])`,
 			`9 UID fetch 1 (UID RFC822.SIZE BODY.PEEK[])`,
 			`10 uid store 1 +Flags (\Seen)`,
 			`11 uid store 2 +Flags (\Deleted)`,
@@ -1302,13 +1302,13 @@ func TestIMAPDifferentialChecksCanFail(t *testing.T) {
 			diffEndA: {{"OK", "NOOP"}}, diffEndB: {{"OK", "NOOP"}},
 		}}
 	}
-	rec := func(seq int64, kind string, a proxy.IMAPArgs, status string) undolog.Verb {
+	rec := func(seq int64, kind string, a verb.IMAPArgs, status string) undolog.Verb {
 		args, _ := json.Marshal(a)
-		out, _ := json.Marshal(proxy.IMAPOutcome{Status: status})
+		out, _ := json.Marshal(verb.IMAPOutcome{Status: status})
 		return undolog.Verb{Record: undolog.Record{Seq: seq, Kind: kind, Args: args}, Outcome: &undolog.Record{Outcome: out}}
 	}
-	create := rec(1, proxy.KindIMAPCreate, proxy.IMAPArgs{Command: "CREATE", Mailbox: "X"}, "OK")
-	store := rec(2, proxy.KindIMAPStore, proxy.IMAPArgs{Command: "UID STORE", Mailbox: "Archive", UIDs: "1"}, "OK")
+	create := rec(1, verb.KindIMAPCreate, verb.IMAPArgs{Command: "CREATE", Mailbox: "X"}, "OK")
+	store := rec(2, verb.KindIMAPStore, verb.IMAPArgs{Command: "UID STORE", Mailbox: "Archive", UIDs: "1"}, "OK")
 	for _, tc := range []struct {
 		name            string
 		direct, proxied *sessionLog
@@ -1319,8 +1319,8 @@ func TestIMAPDifferentialChecksCanFail(t *testing.T) {
 		{"unlogged change", ok3("OK", "OK"), ok3("OK", "OK"), []undolog.Verb{create}, "2 mutating commands were answered through undomail, 1 records logged"},
 		{"OK logged for a rejected command", ok3("NO", "OK"), ok3("NO", "OK"), []undolog.Verb{create, store}, "logged OK, the client was answered NO"},
 		{"another mailbox", ok3("OK", "OK"), ok3("OK", "OK"),
-			[]undolog.Verb{create, rec(2, proxy.KindIMAPStore, proxy.IMAPArgs{Command: "UID STORE", Mailbox: "INBOX"}, "OK")}, `names mailbox "INBOX", Dovecot had "Archive" selected`},
-		{"another answer", ok3("OK", "OK"), ok3("NO", "OK"), []undolog.Verb{rec(1, proxy.KindIMAPCreate, proxy.IMAPArgs{Command: "CREATE"}, "NO"), store}, "Dovecot answered OK create, through undomail NO"},
+			[]undolog.Verb{create, rec(2, verb.KindIMAPStore, verb.IMAPArgs{Command: "UID STORE", Mailbox: "INBOX"}, "OK")}, `names mailbox "INBOX", Dovecot had "Archive" selected`},
+		{"another answer", ok3("OK", "OK"), ok3("NO", "OK"), []undolog.Verb{rec(1, verb.KindIMAPCreate, verb.IMAPArgs{Command: "CREATE"}, "NO"), store}, "Dovecot answered OK create, through undomail NO"},
 		{"undocumented refusal", ok3("OK", "OK"), &sessionLog{done: true, tagged: map[string][]answer{
 			"s": {{"OK", "select"}}, "c": {{"OK", "create"}}, "u": {{"BAD", "undomail: STORE needs a selected mailbox"}},
 			diffEndA: {{"OK", "NOOP"}}, diffEndB: {{"OK", "NOOP"}},

@@ -16,6 +16,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 // rawSession logs in with raw IMAP and returns the connection.
@@ -124,7 +125,7 @@ func TestIMAPHostileClients(t *testing.T) {
 	send(long + "D DELETE Other2")
 	expect(long+"D", "OK")
 
-	stores := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore)
+	stores := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPStore)
 	if len(stores) != 2 {
 		t.Fatalf("%d STOREs logged, want 2", len(stores))
 	}
@@ -133,7 +134,7 @@ func TestIMAPHostileClients(t *testing.T) {
 			t.Fatalf("STORE logged against %q uid %q, want Other uid 1 (the mailbox a long-tagged SELECT chose)", a.Mailbox, a.UIDs)
 		}
 	}
-	for _, kind := range []string{proxy.KindIMAPCreate, proxy.KindIMAPAppend, proxy.KindIMAPExpunge, proxy.KindIMAPRename, proxy.KindIMAPDelete} {
+	for _, kind := range []string{verb.KindIMAPCreate, verb.KindIMAPAppend, verb.KindIMAPExpunge, verb.KindIMAPRename, verb.KindIMAPDelete} {
 		vs := imapVerbs(t, tb.Daemon.Log, kind)
 		if len(vs) == 0 {
 			t.Fatalf("no %s logged for a long-tagged command", kind)
@@ -144,7 +145,7 @@ func TestIMAPHostileClients(t *testing.T) {
 			}
 		}
 	}
-	if ex := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPExpunge); argsOf(t, ex[0]).UIDs != "1" {
+	if ex := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPExpunge); argsOf(t, ex[0]).UIDs != "1" {
 		t.Fatalf("UID EXPUNGE logged with uids %q, want 1", argsOf(t, ex[0]).UIDs)
 	} else if o := imapOutcome(t, ex[0]); o.Expunged == nil || *o.Expunged != 1 {
 		t.Fatalf("UID EXPUNGE outcome %+v: want the server's count of 1 expunged", o)
@@ -158,7 +159,7 @@ func TestIMAPHostileClients(t *testing.T) {
 	send("u CREATE INBOX\r\nu CREATE BrandNew")
 	r.tagged(t, "u", 2)
 	boxes := serverMailboxes(t, tb, "alice")
-	logged := loggedMailboxVerbs(t, tb, proxy.KindIMAPCreate)
+	logged := loggedMailboxVerbs(t, tb, verb.KindIMAPCreate)
 	for _, name := range []string{"Dup1", "Dup2", "BrandNew"} {
 		if boxes[name] != (logged[name] == "OK") {
 			t.Fatalf("%s: on the server %v, logged %q", name, boxes[name], logged[name])
@@ -176,12 +177,12 @@ func TestIMAPHostileClients(t *testing.T) {
 	}
 
 	// 4. MULTIAPPEND and CATENATE are refused, not logged as one message.
-	appends := len(imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend))
+	appends := len(imapVerbs(t, tb.Daemon.Log, verb.KindIMAPAppend))
 	send("m APPEND INBOX {3+}\r\nabc {3+}\r\ndef")
 	expect("m", "BAD")
 	send("n APPEND INBOX CATENATE (URL \"/INBOX;UIDVALIDITY=1/;UID=1\" TEXT {3+}\r\nabc)")
 	expect("n", "BAD")
-	if n := len(imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPAppend)); n != appends {
+	if n := len(imapVerbs(t, tb.Daemon.Log, verb.KindIMAPAppend)); n != appends {
 		t.Fatalf("refused APPENDs left %d records", n-appends)
 	}
 	// COMPRESS would hide every later command from the log.
@@ -200,7 +201,7 @@ func TestIMAPHostileClients(t *testing.T) {
 	r.until(t, "n1 ")
 
 	boxes = serverMailboxes(t, tb, "alice")
-	logged = loggedMailboxVerbs(t, tb, proxy.KindIMAPCreate)
+	logged = loggedMailboxVerbs(t, tb, verb.KindIMAPCreate)
 	for _, name := range []string{"V5", "GateHold"} {
 		if boxes[name] {
 			t.Fatalf("%s exists on the server", name)
@@ -299,7 +300,7 @@ func TestIMAPConditionalStoreRecordsModified(t *testing.T) {
 		t.Fatalf("conditional STORE: %q, want OK [MODIFIED 2]", l)
 	}
 	var got []string
-	for _, v := range imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore) {
+	for _, v := range imapVerbs(t, tb.Daemon.Log, verb.KindIMAPStore) {
 		if a := argsOf(t, v); a.UnchangedSince != 0 {
 			got = append(got, a.UIDs+" modified "+imapOutcome(t, v).Modified)
 		}
@@ -335,7 +336,7 @@ func TestIMAPClientThatStopsReading(t *testing.T) {
 	// The client now reads nothing. The CREATE is logged and forwarded;
 	// its completion waits behind 40 MB the client does not take.
 	deadline := time.Now().Add(30 * time.Second)
-	for len(imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPCreate)) == 0 {
+	for len(imapVerbs(t, tb.Daemon.Log, verb.KindIMAPCreate)) == 0 {
 		if time.Now().After(deadline) {
 			t.Fatal("the CREATE was never logged")
 		}
@@ -368,7 +369,7 @@ func TestIMAPBadSelectKeepsSelection(t *testing.T) {
 	if l := r.until(t, "x "); !strings.HasPrefix(l[len(l)-1], "x OK") {
 		t.Fatalf("STORE after the BAD SELECT: %q, want OK (Other is still selected)", l)
 	}
-	stores := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPStore)
+	stores := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPStore)
 	if len(stores) != 1 || argsOf(t, stores[0]).Mailbox != "Other" || imapOutcome(t, stores[0]).Status != "OK" {
 		t.Fatalf("STORE logged as %+v", stores)
 	}

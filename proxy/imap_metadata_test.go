@@ -10,7 +10,7 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestSetMetadataLoggedAndReplayed: annotations a client sets and removes
@@ -37,7 +37,7 @@ func TestSetMetadataLoggedAndReplayed(t *testing.T) {
 	send(`c SETMETADATA INBOX (/private/vendor/undomail/x NIL)`)
 	r.until(t, "c OK")
 
-	vs := imapVerbs(t, tb.Daemon.Log, proxy.KindIMAPSetMetadata)
+	vs := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPSetMetadata)
 	if len(vs) != 4 {
 		t.Fatalf("%d SETMETADATA logged, want 4", len(vs))
 	}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/undomail/undomail/proxy/imapwire"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Message identity (docs/architecture.md, "Message identity across replay"). IMAP names
@@ -84,7 +85,7 @@ func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
 	if done && at == holds {
 		return nil
 	}
-	verbs, err := p.log.Verbs(ctx, undolog.Filter{User: user, Kinds: []string{KindIMAPAppend, KindIMAPCopy, KindIMAPMove}})
+	verbs, err := p.log.Verbs(ctx, undolog.Filter{User: user, Kinds: []string{verb.KindIMAPAppend, verb.KindIMAPCopy, verb.KindIMAPMove}})
 	if err != nil {
 		return fmt.Errorf("read %s's message history: %w", user, err)
 	}
@@ -112,13 +113,13 @@ func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
 		if v.User != user || v.Outcome == nil {
 			continue
 		}
-		var a IMAPArgs
-		var o IMAPOutcome
+		var a verb.IMAPArgs
+		var o verb.IMAPOutcome
 		if json.Unmarshal(v.Args, &a) != nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
 			continue
 		}
 		switch v.Kind {
-		case KindIMAPAppend:
+		case verb.KindIMAPAppend:
 			if f := strings.Fields(o.AppendUID); len(f) == 2 {
 				p.ids.put(msgKey{user, a.Mailbox, parseUint32(f[0]), parseUint32(f[1])}, a.UndoID)
 			}
@@ -295,7 +296,7 @@ func (s *imapSession) fetchUndoIDsLocked(mb mailboxState, uids []uint32) (map[ui
 	found := map[uint32]string{}
 	fetch := func(uids []uint32) error {
 		tag := next()
-		_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+TraceHeader+")])\r\n", tag,
+		_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+verb.TraceHeader+")])\r\n", tag,
 			func(r *imapwire.Response) {
 				if r.Fetch == nil || r.Fetch.UID == 0 {
 					return
@@ -403,7 +404,7 @@ func firstTraceID(hdr []byte) string {
 	sc := bufio.NewScanner(strings.NewReader(string(hdr)))
 	for sc.Scan() {
 		name, value, ok := strings.Cut(sc.Text(), ":")
-		if ok && strings.EqualFold(strings.TrimSpace(name), TraceHeader) {
+		if ok && strings.EqualFold(strings.TrimSpace(name), verb.TraceHeader) {
 			return strings.TrimSpace(value)
 		}
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/undomail/undomail/proxy/imapwire"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // pendingCmd is a client command forwarded upstream and not yet completed.
@@ -556,21 +557,21 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	s.mu.Lock()
 	mb := s.state
 	s.mu.Unlock()
-	verb, err := buildIMAPVerb(cmd, mb)
+	iv, err := buildIMAPVerb(cmd, mb)
 	if err != nil {
 		f.abort()
 		return s.say("%s BAD undomail: %s\r\n", cmd.Tag, err)
 	}
 	var blob *heldLiteral
-	if verb.kind == KindIMAPAppend {
+	if iv.kind == verb.KindIMAPAppend {
 		blob = f.lits[len(f.lits)-1]
 		if err := blob.commit(s.p.log); err != nil {
 			s.logger.Error("spool APPEND message failed; command refused", "err", err)
 			f.abort()
 			return s.refuse(cmd.Tag, err)
 		}
-		verb.args.Size = blob.size
-		verb.args.UndoID = undolog.NewID()
+		iv.args.Size = blob.size
+		iv.args.UndoID = undolog.NewID()
 	}
 	// One mutating command of a user at a time, from its intent to its
 	// completion, across all the user's sessions: the log's order is then
@@ -590,26 +591,26 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", cmd.Tag)
 	}
 	leave := func() { s.p.leaveMutation(s.user) }
-	if verb.needsUIDs != "" {
-		uids, err := s.resolveUIDs(verb.needsUIDs, verb.bySeq)
+	if iv.needsUIDs != "" {
+		uids, err := s.resolveUIDs(iv.needsUIDs, iv.bySeq)
 		if err != nil {
 			leave()
 			f.abort()
 			return err
 		}
-		verb.args.UIDs = uids
+		iv.args.UIDs = uids
 		if list, ok := expandSet(uids, maxUIDsPerVerb); ok && len(list) > 0 {
-			verb.args.UndoIDs = s.undoIDs(mb, list)
+			iv.args.UndoIDs = s.undoIDs(mb, list)
 		}
 	}
-	if len(verb.uids) > 0 {
-		verb.args.UndoIDs = s.undoIDs(mb, verb.uids)
+	if len(iv.uids) > 0 {
+		iv.args.UndoIDs = s.undoIDs(mb, iv.uids)
 	}
-	if verb.kind == KindIMAPDelete || verb.kind == KindIMAPRename {
-		verb.args.UIDValidity = s.uidValidityOf(verb.args.Mailbox)
+	if iv.kind == verb.KindIMAPDelete || iv.kind == verb.KindIMAPRename {
+		iv.args.UIDValidity = s.uidValidityOf(iv.args.Mailbox)
 	}
-	argsJSON, _ := json.Marshal(verb.args)
-	intent := &undolog.Record{User: s.user, Session: s.id, Kind: verb.kind, Users: []string{s.user}, Args: argsJSON}
+	argsJSON, _ := json.Marshal(iv.args)
+	intent := &undolog.Record{User: s.user, Session: s.id, Kind: iv.kind, Users: []string{s.user}, Args: argsJSON}
 	if blob != nil {
 		intent.AttachBlob(blob.ref)
 	}
@@ -621,7 +622,7 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	}
 	// The gate and the user's lock are left when the command completes
 	// (observe) or the session ends with it pending.
-	pc := &pendingCmd{ready: make(chan struct{}), name: cmd.Name, uid: cmd.UID, intent: intent, verb: verb}
+	pc := &pendingCmd{ready: make(chan struct{}), name: cmd.Name, uid: cmd.UID, intent: intent, verb: iv}
 	s.track(cmd, pc)
 	close(pc.ready)
 	s.mu.Lock()

@@ -11,6 +11,7 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // DialReinject opens an SMTP session with Postfix's replay service (see
@@ -18,7 +19,7 @@ import (
 // submission came from: XCLIENT (https://www.postfix.org/XCLIENT_README.html)
 // gives Postfix the client's address and HELO name as the front door
 // recorded them, so its restrictions judge the original client again; the
-// session then greets with that HELO name. client is DeliveryArgs.Client
+// session then greets with that HELO name. client is verb.DeliveryArgs.Client
 // ("ip:port"); one that does not parse is left out and Postfix sees
 // undomail's own address.
 func DialReinject(ctx context.Context, addr, client, helo, localName string, timeout time.Duration) (*smtp.Client, error) {
@@ -70,44 +71,44 @@ func (s *smtpSession) replay() bool {
 		return false
 	}
 	f := strings.Fields(string(s.hello))
-	return len(f) > 1 && strings.EqualFold(f[1], ReplayLHLO)
+	return len(f) > 1 && strings.EqualFold(f[1], verb.ReplayLHLO)
 }
 
 // replayEnvelope answers MAIL, RCPT and RSET of a replay session itself;
 // false for any other command.
-func (s *smtpSession) replayEnvelope(verb string, line []byte) bool {
-	switch verb {
+func (s *smtpSession) replayEnvelope(cmd string, line []byte) bool {
+	switch cmd {
 	default:
 		return false
 	case "MAIL":
 		s.tx.reset()
 		s.tx.active = true
 		s.tx.from, s.tx.body, s.tx.utf8 = parseMailFrom(line)
-		s.reply(Reply{Code: 250, Enhanced: "2.1.0", Text: "Ok"})
+		s.reply(verb.Reply{Code: 250, Enhanced: "2.1.0", Text: "Ok"})
 	case "RCPT":
 		if !s.tx.active {
-			s.reply(Reply{Code: 503, Enhanced: "5.5.1", Text: "MAIL first"})
+			s.reply(verb.Reply{Code: 503, Enhanced: "5.5.1", Text: "MAIL first"})
 			return true
 		}
 		s.tx.rcpts = append(s.tx.rcpts, parseRcptTo(line))
-		s.reply(Reply{Code: 250, Enhanced: "2.1.5", Text: "Ok"})
+		s.reply(verb.Reply{Code: 250, Enhanced: "2.1.5", Text: "Ok"})
 	case "RSET":
 		s.tx.reset()
-		s.reply(Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok"})
+		s.reply(verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok"})
 	}
 	return true
 }
 
 // collect hands a replay session's message to SMTPConfig.Collect and
 // replies with its outcome, per recipient.
-func (s *smtpSession) collect(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) {
-	var out *DeliveryOutcome
+func (s *smtpSession) collect(ctx context.Context, args verb.DeliveryArgs, blob undolog.BlobRef) {
+	var out *verb.DeliveryOutcome
 	if args.Submission != 0 {
 		out = s.p.cfg.Collect(ctx, args, blob)
 	}
 	if out == nil {
 		s.logger.Warn("replayed delivery refused: no replay waits for it", "undo_id", args.UndoID)
-		s.replyEach(Reply{Code: 550, Enhanced: "5.7.0", Text: "no undomail replay waits for this message"})
+		s.replyEach(verb.Reply{Code: 550, Enhanced: "5.7.0", Text: "no undomail replay waits for this message"})
 		return
 	}
 	s.logger.Info("taken for replay", "undo_id", args.UndoID, "rcpts", len(args.Rcpts), "reply", out.Summary())

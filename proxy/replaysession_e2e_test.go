@@ -14,10 +14,11 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestReplaySessionStaysLocal: an LMTP session that greets with
-// proxy.ReplayLHLO is Postfix's replay transport. Every recipient is
+// verb.ReplayLHLO is Postfix's replay transport. Every recipient is
 // accepted by the capture itself (Dovecot would refuse nosuch@ at RCPT),
 // the message goes to Collect linked to its front-door submission, the
 // client gets Collect's replies, nothing is logged as a delivery and
@@ -37,24 +38,24 @@ func TestReplaySessionStaysLocal(t *testing.T) {
 	}
 	sc.Close()
 	waitForMessage(t, tb, "alice", "replay.0@client.test")
-	sub := verbsOf(t, tb.Daemon.Log, "replay.0@client.test")[proxy.KindSMTPSubmit]
-	var subArgs proxy.DeliveryArgs
+	sub := verbsOf(t, tb.Daemon.Log, "replay.0@client.test")[verb.KindSMTPSubmit]
+	var subArgs verb.DeliveryArgs
 	if err := json.Unmarshal(sub.Args, &subArgs); err != nil || subArgs.UndoID == "" {
 		t.Fatalf("front-door submission: %+v %v", sub, err)
 	}
 
 	var mu sync.Mutex
-	var got []proxy.DeliveryArgs
-	collect := func(_ context.Context, a proxy.DeliveryArgs, _ undolog.BlobRef) *proxy.DeliveryOutcome {
+	var got []verb.DeliveryArgs
+	collect := func(_ context.Context, a verb.DeliveryArgs, _ undolog.BlobRef) *verb.DeliveryOutcome {
 		if a.UndoID != subArgs.UndoID {
 			return nil
 		}
 		mu.Lock()
 		got = append(got, a)
 		mu.Unlock()
-		out := &proxy.DeliveryOutcome{}
+		out := &verb.DeliveryOutcome{}
 		for _, rc := range a.Rcpts {
-			out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: rc, Reply: proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: "taken"}})
+			out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: rc, Reply: verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "taken"}})
 		}
 		return out
 	}
@@ -69,7 +70,7 @@ func TestReplaySessionStaysLocal(t *testing.T) {
 	}
 	go p.Serve(ln)
 	t.Cleanup(func() { p.Close(ctx) })
-	before, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver}})
+	before, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{verb.KindLMTPDeliver}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +81,7 @@ func TestReplaySessionStaysLocal(t *testing.T) {
 	}
 	c := smtp.NewClientLMTP(conn)
 	defer c.Close()
-	if err := c.Hello(proxy.ReplayLHLO); err != nil {
+	if err := c.Hello(verb.ReplayLHLO); err != nil {
 		t.Fatal(err)
 	}
 	send := func(id string) (map[string]*smtp.DataResponse, error) {
@@ -96,7 +97,7 @@ func TestReplaySessionStaysLocal(t *testing.T) {
 		if err != nil {
 			t.Fatalf("DATA: %v", err)
 		}
-		w.Write([]byte(proxy.TraceHeader + ": " + id + "\r\n" + message("replayed", "replay.1@client.test")))
+		w.Write([]byte(verb.TraceHeader + ": " + id + "\r\n" + message("replayed", "replay.1@client.test")))
 		return w.CloseWithLMTPResponse()
 	}
 	resps, err := send(subArgs.UndoID)
@@ -114,7 +115,7 @@ func TestReplaySessionStaysLocal(t *testing.T) {
 			t.Fatalf("a message no replay waits for: %v, want 550 for each recipient", err)
 		}
 	}
-	after, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver}})
+	after, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{verb.KindLMTPDeliver}})
 	if err != nil || len(after) != len(before) {
 		t.Fatalf("replay session logged deliveries: %d before, %d after (%v)", len(before), len(after), err)
 	}

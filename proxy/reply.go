@@ -4,57 +4,34 @@ import (
 	"bytes"
 	"fmt"
 	"strings"
+
+	"github.com/undomail/undomail/verb"
 )
 
-// Reply is an SMTP or LMTP reply as the upstream sent it: the basic code,
-// the enhanced status code (RFC 3463) if the upstream gave one, and the text
-// lines. It is what the undo log records as the outcome a client was given,
-// and what the proxy relays to the client unchanged.
-type Reply struct {
-	Code     int    `json:"code"`
-	Enhanced string `json:"enhanced,omitempty"`
-	Text     string `json:"text"`
-}
-
-// String formats the reply as one line for logs and the CLI.
-func (r Reply) String() string {
-	s := fmt.Sprint(r.Code)
-	if r.Enhanced != "" {
-		s += " " + r.Enhanced
-	}
-	if r.Text != "" {
-		s += " " + strings.ReplaceAll(r.Text, "\n", " / ")
-	}
-	return s
-}
-
-// Positive reports whether the reply accepted the command (2yz).
-func (r Reply) Positive() bool { return r.Code >= 200 && r.Code < 300 }
-
-// replyFromText builds a Reply from a code and the text of its lines
+// replyFromText builds a verb.Reply from a code and the text of its lines
 // joined by newlines.
-func replyFromText(code int, msg string) Reply {
+func replyFromText(code int, msg string) verb.Reply {
 	return replyFromLines(code, strings.Split(msg, "\n"))
 }
 
-// replyFromLines builds a Reply from a code and the text of each line,
+// replyFromLines builds a verb.Reply from a code and the text of each line,
 // where an enhanced code is the first word of each line (RFC 2034 section
 // 4: it is repeated on every line).
-func replyFromLines(code int, lines []string) Reply {
+func replyFromLines(code int, lines []string) verb.Reply {
 	first, _, _ := strings.Cut(lines[0], " ")
 	if ec, ok := parseEnhanced(first); ok && ec[0] == code/100 {
 		out := make([]string, len(lines))
 		for i, l := range lines {
 			out[i] = strings.TrimPrefix(strings.TrimPrefix(l, first), " ")
 		}
-		return Reply{Code: code, Enhanced: first, Text: strings.Join(out, "\n")}
+		return verb.Reply{Code: code, Enhanced: first, Text: strings.Join(out, "\n")}
 	}
-	return Reply{Code: code, Text: strings.Join(lines, "\n")}
+	return verb.Reply{Code: code, Text: strings.Join(lines, "\n")}
 }
 
 // wire formats the reply as the lines a client reads, the enhanced code
 // on every line (RFC 2034 section 4).
-func (r Reply) wire() []byte {
+func replyWire(r verb.Reply) []byte {
 	var b bytes.Buffer
 	lines := strings.Split(r.Text, "\n")
 	for i, l := range lines {
@@ -106,20 +83,20 @@ func parseEnhanced(s string) ([3]int, bool) {
 var (
 	// replyLogFull: the undo log's disk is full (RFC 3463 4.3.1 "mail
 	// system full"); 452 asks the client to retry later.
-	replyLogFull = Reply{Code: 452, Enhanced: "4.3.1", Text: "undomail: undo log storage full, message not accepted; try again later"}
+	replyLogFull = verb.Reply{Code: 452, Enhanced: "4.3.1", Text: "undomail: undo log storage full, message not accepted; try again later"}
 	// replyLogUnavailable: the undo log cannot be written for another
 	// reason (read-only, I/O error, corruption).
-	replyLogUnavailable = Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail: undo log unavailable, message not accepted; try again later"}
+	replyLogUnavailable = verb.Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail: undo log unavailable, message not accepted; try again later"}
 	// replyOutcomeUnlogged: the upstream answered but its outcome could not
 	// be logged. The client must retry: a possible duplicate is better than
 	// an acknowledgement the log cannot back (RFC 5321 section 6.1 prefers
 	// duplicates to loss).
-	replyOutcomeUnlogged = Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail: could not record the delivery outcome; try again later"}
+	replyOutcomeUnlogged = verb.Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail: could not record the delivery outcome; try again later"}
 	// replyUpstreamDown: no connection to the upstream server.
-	replyUpstreamDown = Reply{Code: 451, Enhanced: "4.4.1", Text: "undomail: upstream mail server unavailable; try again later"}
+	replyUpstreamDown = verb.Reply{Code: 451, Enhanced: "4.4.1", Text: "undomail: upstream mail server unavailable; try again later"}
 	// replyUpstreamLost: the upstream connection broke or timed out mid-command.
-	replyUpstreamLost = Reply{Code: 451, Enhanced: "4.4.2", Text: "undomail: connection to upstream mail server lost; try again later"}
+	replyUpstreamLost = verb.Reply{Code: 451, Enhanced: "4.4.2", Text: "undomail: connection to upstream mail server lost; try again later"}
 	// replyPaused: undomail holds mutations back for a snapshot or a
 	// recovery (DESIGN: "During a cycle: new SMTP gets 451 4.3.2").
-	replyPaused = Reply{Code: 451, Enhanced: "4.3.2", Text: "undomail: mail system paused for maintenance; try again later"}
+	replyPaused = verb.Reply{Code: 451, Enhanced: "4.3.2", Text: "undomail: mail system paused for maintenance; try again later"}
 )

@@ -6,20 +6,22 @@ import (
 	"net"
 	"strings"
 	"testing"
+
+	"github.com/undomail/undomail/verb"
 )
 
 func TestReplyFromText(t *testing.T) {
 	for _, tc := range []struct {
 		code int
 		msg  string
-		want Reply
+		want verb.Reply
 	}{
-		{250, "2.0.0 Ok: queued as 4F1", Reply{250, "2.0.0", "Ok: queued as 4F1"}},
-		{250, "Ok", Reply{250, "", "Ok"}},
-		{250, "2.0.0 first\n2.0.0 second", Reply{250, "2.0.0", "first\nsecond"}},
-		{250, "5.0.0 class does not match the code", Reply{250, "", "5.0.0 class does not match the code"}},
-		{250, "2.0 not enhanced", Reply{250, "", "2.0 not enhanced"}},
-		{250, "", Reply{250, "", ""}},
+		{250, "2.0.0 Ok: queued as 4F1", verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok: queued as 4F1"}},
+		{250, "Ok", verb.Reply{Code: 250, Enhanced: "", Text: "Ok"}},
+		{250, "2.0.0 first\n2.0.0 second", verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "first\nsecond"}},
+		{250, "5.0.0 class does not match the code", verb.Reply{Code: 250, Enhanced: "", Text: "5.0.0 class does not match the code"}},
+		{250, "2.0 not enhanced", verb.Reply{Code: 250, Enhanced: "", Text: "2.0 not enhanced"}},
+		{250, "", verb.Reply{Code: 250, Enhanced: "", Text: ""}},
 	} {
 		if got := replyFromText(tc.code, tc.msg); got != tc.want {
 			t.Errorf("replyFromText(%d, %q) = %+v, want %+v", tc.code, tc.msg, got, tc.want)
@@ -30,14 +32,14 @@ func TestReplyFromText(t *testing.T) {
 func TestReplyWire(t *testing.T) {
 	// A reply without an enhanced code is given without one, not with a
 	// made-up X.0.0; a multi-line one repeats its code on every line.
-	if got := string((Reply{Code: 554, Text: "no"}).wire()); got != "554 no\r\n" {
+	if got := string(replyWire(verb.Reply{Code: 554, Text: "no"})); got != "554 no\r\n" {
 		t.Fatalf("wire = %q", got)
 	}
-	r := Reply{Code: 550, Enhanced: "5.1.1", Text: "line1\nline2"}
-	if got := string(r.wire()); got != "550-5.1.1 line1\r\n550 5.1.1 line2\r\n" {
+	r := verb.Reply{Code: 550, Enhanced: "5.1.1", Text: "line1\nline2"}
+	if got := string(replyWire(r)); got != "550-5.1.1 line1\r\n550 5.1.1 line2\r\n" {
 		t.Fatalf("wire = %q", got)
 	}
-	code, lines, err := readReply(bufio.NewReader(bytes.NewReader(r.wire())))
+	code, lines, err := readReply(bufio.NewReader(bytes.NewReader(replyWire(r))))
 	if err != nil || replyFromLines(code, lines) != r {
 		t.Fatalf("round trip = %+v %v", replyFromLines(code, lines), err)
 	}

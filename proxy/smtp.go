@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // SMTPConfig configures one SMTP-family listener.
@@ -62,21 +63,17 @@ type SMTPConfig struct {
 	// forwarded: filters a cycle left active for live mail. An outcome it
 	// returns replaces forwarding (the message was dropped or filed
 	// elsewhere); nil forwards as usual.
-	Divert func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
+	Divert func(ctx context.Context, args verb.DeliveryArgs, blob undolog.BlobRef) *verb.DeliveryOutcome
 	// Collect, if set, takes the deliveries of LMTP sessions whose LHLO
-	// name is ReplayLHLO: Postfix's replay service handing back what it
+	// name is verb.ReplayLHLO: Postfix's replay service handing back what it
 	// decided for mail a replay gave it again (docs/operations.md,
 	// "Replay through Postfix"). In such a session MAIL, RCPT and RSET
 	// never reach the upstream and every recipient is accepted; the
 	// message is neither gated nor logged as a new delivery. Collect's
 	// outcome is the reply; nil refuses the message (no replay waits for
 	// it).
-	Collect func(ctx context.Context, args DeliveryArgs, blob undolog.BlobRef) *DeliveryOutcome
+	Collect func(ctx context.Context, args verb.DeliveryArgs, blob undolog.BlobRef) *verb.DeliveryOutcome
 }
-
-// ReplayLHLO is the LHLO name of Postfix's lmtp transport for replayed
-// mail (lmtp_lhlo_name in its master.cf entry).
-const ReplayLHLO = "undomail-replay"
 
 // SMTPProxy is a write-ahead SMTP or LMTP relay. Commands and replies pass
 // through as raw lines, so every decision about the protocol (syntax,
@@ -253,18 +250,18 @@ func probeUntil(ctx context.Context, logger *slog.Logger, proto, upstream string
 // client cannot tell the difference (docs/smtp-parity.md; the parity tests
 // compare them with Postfix's own).
 var (
-	replyGoAheadSMTP  = Reply{Code: 354, Text: "End data with <CR><LF>.<CR><LF>"}
-	replyGoAheadLMTP  = Reply{Code: 354, Text: "OK"} // Dovecot's LMTP
-	replyTooBig       = Reply{Code: 552, Enhanced: "5.3.4", Text: "Error: message file too big"}
-	replyDataInBDAT   = Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: DATA after BDAT"}
-	replyNoXClient    = Reply{Code: 550, Enhanced: "5.7.0", Text: "Error: insufficient authorization"}
-	replyNoTLS        = Reply{Code: 502, Enhanced: "5.5.1", Text: "Error: command not implemented"}
-	replyTLSActive    = Reply{Code: 554, Enhanced: "5.5.1", Text: "Error: TLS already active"}
-	replyTLSSyntax    = Reply{Code: 501, Enhanced: "5.5.4", Text: "Syntax: STARTTLS"}
-	replyTLSInTx      = Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: MAIL transaction in progress"}
-	replyTLSReady     = Reply{Code: 220, Enhanced: "2.0.0", Text: "Ready to start TLS"}
-	replyAuthDisabled = Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: authentication not enabled"}
-	replyClosing      = Reply{Code: 221, Enhanced: "2.0.0", Text: "Bye"}
+	replyGoAheadSMTP  = verb.Reply{Code: 354, Text: "End data with <CR><LF>.<CR><LF>"}
+	replyGoAheadLMTP  = verb.Reply{Code: 354, Text: "OK"} // Dovecot's LMTP
+	replyTooBig       = verb.Reply{Code: 552, Enhanced: "5.3.4", Text: "Error: message file too big"}
+	replyDataInBDAT   = verb.Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: DATA after BDAT"}
+	replyNoXClient    = verb.Reply{Code: 550, Enhanced: "5.7.0", Text: "Error: insufficient authorization"}
+	replyNoTLS        = verb.Reply{Code: 502, Enhanced: "5.5.1", Text: "Error: command not implemented"}
+	replyTLSActive    = verb.Reply{Code: 554, Enhanced: "5.5.1", Text: "Error: TLS already active"}
+	replyTLSSyntax    = verb.Reply{Code: 501, Enhanced: "5.5.4", Text: "Syntax: STARTTLS"}
+	replyTLSInTx      = verb.Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: MAIL transaction in progress"}
+	replyTLSReady     = verb.Reply{Code: 220, Enhanced: "2.0.0", Text: "Ready to start TLS"}
+	replyAuthDisabled = verb.Reply{Code: 503, Enhanced: "5.5.1", Text: "Error: authentication not enabled"}
+	replyClosing      = verb.Reply{Code: 221, Enhanced: "2.0.0", Text: "Bye"}
 )
 
 // errSMTPOver ends a session normally (QUIT, a 421, the client gone).
@@ -311,7 +308,7 @@ type transaction struct {
 	body     string
 	utf8     bool
 	rcpts    []string
-	rejected []RcptReply
+	rejected []verb.RcptReply
 	chunks   *chunkSpool // BDAT chunks so far
 	undoID   string      // minted before the message is complete (BDAT at the front door)
 	upOpen   bool        // the upstream is inside DATA already (it gave its own go-ahead)
@@ -322,7 +319,7 @@ type chunkSpool struct {
 	w     *undolog.BlobWriter
 	sniff headerSniffer
 	size  int64
-	fail  *Reply // the reply every further chunk gets once one failed
+	fail  *verb.Reply // the reply every further chunk gets once one failed
 }
 
 func (p *SMTPProxy) newSession(c net.Conn) *smtpSession {
@@ -379,7 +376,7 @@ func (s *smtpSession) run() {
 func (s *smtpSession) readFailed(err error) {
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() && !s.p.stop.Load() {
-		s.reply(Reply{Code: 421, Enhanced: "4.4.2", Text: s.p.cfg.Hostname + " Error: timeout exceeded"})
+		s.reply(verb.Reply{Code: 421, Enhanced: "4.4.2", Text: s.p.cfg.Hostname + " Error: timeout exceeded"})
 		s.logger.Info("client timed out")
 		return
 	}
@@ -406,7 +403,7 @@ func (s *smtpSession) reconnect() error {
 	if err := s.connect(); err != nil {
 		return err
 	}
-	fail := func(what string, rep Reply, err error) error {
+	fail := func(what string, rep verb.Reply, err error) error {
 		s.dropUpstream()
 		if err != nil {
 			return fmt.Errorf("%s on the new upstream connection: %w", what, err)
@@ -462,11 +459,11 @@ func (t *transaction) reset() {
 // waits for the client.
 func (s *smtpSession) write(b []byte) { s.bw.Write(b) }
 
-func (s *smtpSession) reply(r Reply) { s.bw.Write(r.wire()) }
+func (s *smtpSession) reply(r verb.Reply) { s.bw.Write(replyWire(r)) }
 
 // replyEach gives r once in SMTP and once per accepted recipient in LMTP
 // (RFC 2033 section 4.2), the replies due after a message.
-func (s *smtpSession) replyEach(r Reply) {
+func (s *smtpSession) replyEach(r verb.Reply) {
 	if !s.p.cfg.LMTP {
 		s.reply(r)
 		return
@@ -649,14 +646,14 @@ func (s *smtpSession) relay(head []byte, done bool) error {
 		}
 		head, done = line, true
 	}
-	verb := verbOf(head)
+	cmdVerb := verbOf(head)
 	if s.up == nil {
 		if err := s.reconnect(); err != nil {
 			s.logger.Warn("upstream connection failed", "upstream", s.p.cfg.Upstream, "err", err)
 			if _, err := s.restOfLine(head, done); err != nil {
 				return err
 			}
-			if verb == "QUIT" {
+			if cmdVerb == "QUIT" {
 				s.reply(replyClosing)
 				return errSMTPOver
 			}
@@ -668,14 +665,14 @@ func (s *smtpSession) relay(head []byte, done bool) error {
 	if err != nil {
 		return err // the client is gone; so is the upstream session with it
 	}
-	verb = verbOf(line)
+	cmdVerb = verbOf(line)
 	raw, rep, err := s.up.reply()
 	if err != nil {
-		s.upstreamLost(verb, err)
+		s.upstreamLost(cmdVerb, err)
 		s.reply(replyUpstreamLost)
 		return nil
 	}
-	switch verb {
+	switch cmdVerb {
 	case "DATA":
 		if rep.Code == 354 {
 			return s.receive(raw, true)
@@ -688,7 +685,7 @@ func (s *smtpSession) relay(head []byte, done bool) error {
 		if rep.Positive() {
 			s.hello = line
 			s.tx.reset()
-			if verb != "HELO" {
+			if cmdVerb != "HELO" {
 				raw = s.filterExtensions(raw)
 			}
 		}
@@ -704,7 +701,7 @@ func (s *smtpSession) relay(head []byte, done bool) error {
 			if rep.Positive() {
 				s.tx.rcpts = append(s.tx.rcpts, to)
 			} else {
-				s.tx.rejected = append(s.tx.rejected, RcptReply{Rcpt: to, Reply: rep})
+				s.tx.rejected = append(s.tx.rejected, verb.RcptReply{Rcpt: to, Reply: rep})
 			}
 		}
 	case "RSET":
@@ -727,7 +724,7 @@ func (s *smtpSession) relay(head []byte, done bool) error {
 // included) to the upstream, which decides. The client's lines of an
 // exchange that succeeds are kept to authenticate a new upstream
 // connection the same way.
-func (s *smtpSession) authExchange(cmd, raw []byte, rep Reply) ([]byte, Reply, error) {
+func (s *smtpSession) authExchange(cmd, raw []byte, rep verb.Reply) ([]byte, verb.Reply, error) {
 	lines := [][]byte{cmd}
 	for rep.Code == 334 {
 		s.write(raw)
@@ -741,7 +738,7 @@ func (s *smtpSession) authExchange(cmd, raw []byte, rep Reply) ([]byte, Reply, e
 		lines = append(lines, line)
 		if raw, rep, err = s.up.reply(); err != nil {
 			s.upstreamLost("AUTH", err)
-			return replyUpstreamLost.wire(), replyUpstreamLost, nil
+			return replyWire(replyUpstreamLost), replyUpstreamLost, nil
 		}
 	}
 	if rep.Code == 235 {

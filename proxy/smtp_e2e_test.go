@@ -19,8 +19,8 @@ import (
 
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // dial connects an SMTP client to addr from the given loopback source
@@ -222,7 +222,7 @@ func verbsOf(t *testing.T, l *undolog.Log, msgID string) map[string]undolog.Verb
 	}
 	out := map[string]undolog.Verb{}
 	for _, v := range verbs {
-		var a proxy.DeliveryArgs
+		var a verb.DeliveryArgs
 		if json.Unmarshal(v.Args, &a) == nil && a.Header.MessageID == "<"+msgID+">" {
 			out[v.Kind] = v
 		}
@@ -230,12 +230,12 @@ func verbsOf(t *testing.T, l *undolog.Log, msgID string) map[string]undolog.Verb
 	return out
 }
 
-func outcomeOf(t *testing.T, v undolog.Verb) proxy.DeliveryOutcome {
+func outcomeOf(t *testing.T, v undolog.Verb) verb.DeliveryOutcome {
 	t.Helper()
 	if v.Outcome == nil {
 		t.Fatalf("verb %d (%s) has no outcome", v.Seq, v.Kind)
 	}
-	var o proxy.DeliveryOutcome
+	var o verb.DeliveryOutcome
 	if err := json.Unmarshal(v.Outcome.Outcome, &o); err != nil {
 		t.Fatalf("verb %d outcome: %v", v.Seq, err)
 	}
@@ -256,16 +256,16 @@ func TestDeliveryIsLoggedAndTraced(t *testing.T) {
 	// logs that answer before it relays it to Postfix: the delivery's
 	// outcome may come a moment after the message is visible.
 	verbs := verbsOf(t, tb.Daemon.Log, msgID)
-	for deadline := time.Now().Add(20 * time.Second); verbs[proxy.KindLMTPDeliver].Outcome == nil && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(20 * time.Second); verbs[verb.KindLMTPDeliver].Outcome == nil && time.Now().Before(deadline); {
 		time.Sleep(20 * time.Millisecond)
 		verbs = verbsOf(t, tb.Daemon.Log, msgID)
 	}
-	submit, ok1 := verbs[proxy.KindSMTPSubmit]
-	deliver, ok2 := verbs[proxy.KindLMTPDeliver]
+	submit, ok1 := verbs[verb.KindSMTPSubmit]
+	deliver, ok2 := verbs[verb.KindLMTPDeliver]
 	if !ok1 || !ok2 {
 		t.Fatalf("want an smtp.submit and an lmtp.deliver verb for the message, got %v", verbs)
 	}
-	var sa, da proxy.DeliveryArgs
+	var sa, da verb.DeliveryArgs
 	json.Unmarshal(submit.Args, &sa)
 	json.Unmarshal(deliver.Args, &da)
 	// The delivery is linked to the submission and shares its id; the
@@ -273,7 +273,7 @@ func TestDeliveryIsLoggedAndTraced(t *testing.T) {
 	if da.UndoID != sa.UndoID || da.Submission != submit.Seq {
 		t.Fatalf("delivery id %s submission %d, want the front door's id %s and seq %d", da.UndoID, da.Submission, sa.UndoID, submit.Seq)
 	}
-	if n := strings.Count(hdr, proxy.TraceHeader+":"); n != 1 || !strings.Contains(hdr, fmt.Sprintf("%s: %s\r\n", proxy.TraceHeader, sa.UndoID)) {
+	if n := strings.Count(hdr, verb.TraceHeader+":"); n != 1 || !strings.Contains(hdr, fmt.Sprintf("%s: %s\r\n", verb.TraceHeader, sa.UndoID)) {
 		t.Fatalf("stored message has %d trace headers, want one with %s:\n%s", n, sa.UndoID, hdr)
 	}
 	so := outcomeOf(t, submit)
@@ -344,8 +344,8 @@ func TestLMTPPerRecipientReplies(t *testing.T) {
 		t.Fatalf("recipient repeated in bob's reply: %q", bob.Message)
 	}
 	waitForMessage(t, tb, "alice", "lmtp.1@client.test")
-	v := verbsOf(t, tb.Daemon.Log, "lmtp.1@client.test")[proxy.KindLMTPDeliver]
-	var a proxy.DeliveryArgs
+	v := verbsOf(t, tb.Daemon.Log, "lmtp.1@client.test")[verb.KindLMTPDeliver]
+	var a verb.DeliveryArgs
 	json.Unmarshal(v.Args, &a)
 	if len(a.Rejected) != 1 || a.Rejected[0].Rcpt != "nosuch@example.test" || a.Rejected[0].Reply.Code != 550 {
 		t.Fatalf("logged rejected recipients = %+v, want nosuch with 550", a.Rejected)
@@ -425,8 +425,8 @@ func TestSMTPUTF8(t *testing.T) {
 	if err := w.Close(); err != nil {
 		t.Fatalf("end of data: %v", err)
 	}
-	v := verbsOf(t, tb.Daemon.Log, "utf8.1@client.test")[proxy.KindSMTPSubmit]
-	var a proxy.DeliveryArgs
+	v := verbsOf(t, tb.Daemon.Log, "utf8.1@client.test")[verb.KindSMTPSubmit]
+	var a verb.DeliveryArgs
 	json.Unmarshal(v.Args, &a)
 	if a.MailFrom != "jörg@example.test" || !a.SMTPUTF8 || a.Header.Subject != "Grüße" {
 		t.Fatalf("logged %+v", a)
@@ -448,9 +448,9 @@ func TestForgedUndoIDIsNotTrusted(t *testing.T) {
 	}
 	waitForMessage(t, tb, "alice", "forged.1@client.test")
 	verbs := verbsOf(t, tb.Daemon.Log, "forged.1@client.test")
-	var sa, da proxy.DeliveryArgs
-	json.Unmarshal(verbs[proxy.KindSMTPSubmit].Args, &sa)
-	json.Unmarshal(verbs[proxy.KindLMTPDeliver].Args, &da)
+	var sa, da verb.DeliveryArgs
+	json.Unmarshal(verbs[verb.KindSMTPSubmit].Args, &sa)
+	json.Unmarshal(verbs[verb.KindLMTPDeliver].Args, &da)
 	if da.UndoID != sa.UndoID || sa.UndoID == "01FORGEDFORGEDFORGEDFORGED" {
 		t.Fatalf("submission %s, delivery %s: want both the front door's own id", sa.UndoID, da.UndoID)
 	}
@@ -472,12 +472,12 @@ func TestForgedUndoIDIsNotTrusted(t *testing.T) {
 		t.Fatal(err)
 	}
 	hdr := waitForMessage(t, tb, "alice", "forged.2@client.test")
-	da = proxy.DeliveryArgs{}
-	json.Unmarshal(verbsOf(t, tb.Daemon.Log, "forged.2@client.test")[proxy.KindLMTPDeliver].Args, &da)
+	da = verb.DeliveryArgs{}
+	json.Unmarshal(verbsOf(t, tb.Daemon.Log, "forged.2@client.test")[verb.KindLMTPDeliver].Args, &da)
 	if da.UndoID == "" || da.UndoID == "01FORGEDFORGEDFORGEDFORGED" || da.Submission != 0 {
 		t.Fatalf("direct LMTP delivery took the forged id: %+v", da)
 	}
-	if i := strings.Index(hdr, proxy.TraceHeader+":"); i < 0 || !strings.HasPrefix(hdr[i:], proxy.TraceHeader+": "+da.UndoID+"\r\n") {
+	if i := strings.Index(hdr, verb.TraceHeader+":"); i < 0 || !strings.HasPrefix(hdr[i:], verb.TraceHeader+": "+da.UndoID+"\r\n") {
 		t.Fatalf("the delivery's own id is not the topmost trace header:\n%s", hdr)
 	}
 }

@@ -22,6 +22,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 // A parity session is a raw SMTP (or LMTP) conversation sent byte for byte
@@ -446,7 +447,7 @@ func normaliseMessage(m []byte, id string) []byte {
 			}
 			continue
 		}
-		skip = bytes.HasPrefix(l, []byte("Received:")) || bytes.HasPrefix(l, []byte(proxy.TraceHeader+":"))
+		skip = bytes.HasPrefix(l, []byte("Received:")) || bytes.HasPrefix(l, []byte(verb.TraceHeader+":"))
 		if !skip {
 			out.Write(l)
 		}

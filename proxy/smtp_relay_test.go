@@ -17,6 +17,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // scriptedUpstream answers like Postfix would, records every line it
@@ -156,11 +157,11 @@ func TestUpstreamLostMidSession(t *testing.T) {
 	if ehlo != 2 || auths != 2 {
 		t.Fatalf("upstream saw EHLO %d times and the AUTH %d times, want each twice (once replayed): %q", ehlo, auths, up.seen())
 	}
-	verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{proxy.KindSMTPSubmit}})
+	verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindSMTPSubmit}})
 	if err != nil || len(verbs) != 1 {
 		t.Fatalf("verbs = %+v, %v; want one submission", verbs, err)
 	}
-	var a proxy.DeliveryArgs
+	var a verb.DeliveryArgs
 	json.Unmarshal(verbs[0].Args, &a)
 	if a.AuthUser != "alice" || a.MailFrom != "alice@example.test" || a.Helo != "client.test" || len(a.Rcpts) != 1 {
 		t.Fatalf("logged args %+v, want alice's authenticated submission from client.test to bob", a)

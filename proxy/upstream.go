@@ -10,6 +10,8 @@ import (
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/undomail/undomail/verb"
 )
 
 // upstreamCaps is what the upstream's EHLO/LHLO advertised to undomail.
@@ -94,25 +96,25 @@ func (d *dialer) dial(ctx context.Context, ci clientInfo, xclient bool) (*upstre
 }
 
 // command sends one raw command line and reads the reply.
-func (u *upstreamConn) command(line []byte) ([]byte, Reply, error) {
+func (u *upstreamConn) command(line []byte) ([]byte, verb.Reply, error) {
 	if _, err := u.bw.Write(line); err != nil {
-		return nil, Reply{}, err
+		return nil, verb.Reply{}, err
 	}
 	if err := u.bw.Flush(); err != nil {
-		return nil, Reply{}, err
+		return nil, verb.Reply{}, err
 	}
 	return u.reply()
 }
 
 // reply reads one reply: its raw bytes, to relay unchanged, and parsed.
-func (u *upstreamConn) reply() ([]byte, Reply, error) {
+func (u *upstreamConn) reply() ([]byte, verb.Reply, error) {
 	if err := u.bw.Flush(); err != nil {
-		return nil, Reply{}, err
+		return nil, verb.Reply{}, err
 	}
 	var raw []byte
 	code, lines, err := readReplyRaw(u.br, &raw)
 	if err != nil {
-		return nil, Reply{}, err
+		return nil, verb.Reply{}, err
 	}
 	return raw, replyFromLines(code, lines), nil
 }

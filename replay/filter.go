@@ -16,8 +16,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-message"
-
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 // Filter is a retroactive filter on deliveries, a repair: during replay a
@@ -84,7 +83,7 @@ func ParseFilter(spec, action string) (*Filter, error) {
 const maxBodyScan = 1 << 20
 
 // Match reports whether the filter matches a delivery.
-func (f *Filter) Match(ctx context.Context, a proxy.DeliveryArgs, msg []byte) (bool, error) {
+func (f *Filter) Match(ctx context.Context, a verb.DeliveryArgs, msg []byte) (bool, error) {
 	switch {
 	case f.field == "cmd":
 		ctx, cancel := context.WithTimeout(ctx, time.Minute)
@@ -172,7 +171,7 @@ type filterVerdict struct {
 }
 
 // judge returns the filter that matches delivery seq, if any.
-func (s *filterSet) judge(ctx context.Context, seq int64, a proxy.DeliveryArgs, msg func() ([]byte, error)) (*Filter, error) {
+func (s *filterSet) judge(ctx context.Context, seq int64, a verb.DeliveryArgs, msg func() ([]byte, error)) (*Filter, error) {
 	if len(s.filters) == 0 {
 		return nil, nil
 	}
@@ -189,7 +188,7 @@ func (s *filterSet) judge(ctx context.Context, seq int64, a proxy.DeliveryArgs, 
 	return v.f, v.err
 }
 
-func (s *filterSet) match(ctx context.Context, seq int64, a proxy.DeliveryArgs, msg func() ([]byte, error)) filterVerdict {
+func (s *filterSet) match(ctx context.Context, seq int64, a verb.DeliveryArgs, msg func() ([]byte, error)) filterVerdict {
 	var body []byte
 	for _, f := range s.filters {
 		if (f.before > 0 && seq >= f.before) || seq <= f.after {

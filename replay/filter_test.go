@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 const plainMsg = "From: a@example.test\r\nSubject: =?utf-8?q?Gro=C3=9Fer_Gewinn?=\r\n\r\nClick here to claim.\r\n"
@@ -15,7 +15,7 @@ const mimeMsg = "Subject: invoice\r\nMIME-Version: 1.0\r\nContent-Type: multipar
 	"--b\r\nContent-Type: application/octet-stream\r\nContent-Disposition: attachment; filename=\"invoice.exe\"\r\n\r\nMZ\r\n--b--\r\n"
 
 func TestFilterRules(t *testing.T) {
-	env := proxy.DeliveryArgs{MailFrom: "promo@spam.example", Rcpts: []string{"bob@example.test"}}
+	env := verb.DeliveryArgs{MailFrom: "promo@spam.example", Rcpts: []string{"bob@example.test"}}
 	for _, tc := range []struct {
 		rule string
 		msg  string

@@ -15,9 +15,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // A cycle is verified against an independent truth (DESIGN: "Positive
@@ -250,7 +250,7 @@ func (s *RepairSet) appendedKeys(ctx context.Context, l *undolog.Log) error {
 			}
 			key, seen := keyOf[id]
 			if !seen {
-				recs, err := l.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{proxy.KindIMAPAppend}})
+				recs, err := l.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{verb.KindIMAPAppend}})
 				if err != nil {
 					return fmt.Errorf("explain the repair: find the APPEND of message %s: %w", id, err)
 				}
@@ -337,7 +337,7 @@ func (s *RepairSet) undone(ctx context.Context, l *undolog.Log, after, before in
 func (s *RepairSet) add(l *undolog.Log, tk task, u, left string, removes bool, filtered map[string]FilteredDelivery) error {
 	v := tk.v
 	if tk.rcpt != "" {
-		var a proxy.DeliveryArgs
+		var a verb.DeliveryArgs
 		if json.Unmarshal(v.Args, &a) != nil || a.UndoID == "" {
 			return nil
 		}
@@ -355,8 +355,8 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u, left string, removes bool, f
 		}
 		return nil
 	}
-	if v.Kind == proxy.KindIMAPFetch {
-		var a proxy.IMAPFetchArgs
+	if v.Kind == verb.KindIMAPFetch {
+		var a verb.IMAPFetchArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			return nil
 		}
@@ -368,7 +368,7 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u, left string, removes bool, f
 		}
 		return nil
 	}
-	var a proxy.IMAPArgs
+	var a verb.IMAPArgs
 	if json.Unmarshal(v.Args, &a) != nil {
 		return nil
 	}
@@ -377,7 +377,7 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u, left string, removes bool, f
 		return nil
 	}
 	switch v.Kind {
-	case proxy.KindIMAPAppend:
+	case verb.KindIMAPAppend:
 		b, err := l.ReadBlob(v.Blob)
 		if err != nil {
 			return fmt.Errorf("explain the repair: message of APPEND %d: %w", v.Seq, err)
@@ -389,12 +389,12 @@ func (s *RepairSet) add(l *undolog.Log, tk task, u, left string, removes bool, f
 			// undo id is not.
 			s.removed[u+"\x00"+key] = why
 		}
-	case proxy.KindIMAPCreate, proxy.KindIMAPDelete:
+	case verb.KindIMAPCreate, verb.KindIMAPDelete:
 		s.folder(u, a.Mailbox, why)
-	case proxy.KindIMAPRename:
+	case verb.KindIMAPRename:
 		s.folder(u, a.Mailbox, why)
 		s.folder(u, a.Dest, why)
-	case proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
+	case verb.KindIMAPStore, verb.KindIMAPCopy, verb.KindIMAPMove, verb.KindIMAPExpunge:
 		for _, id := range a.UndoIDs {
 			s.msg(u, id, why)
 		}

@@ -17,6 +17,7 @@ import (
 
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Statuses of a delivery a re-injection replaced (ReplayOutcome.Status).
@@ -30,7 +31,7 @@ const (
 	StatusRefused = "refused"
 	// StatusReinjected is the record of a re-injection itself, Ref the
 	// front-door submission: its Args are the delivery Postfix made (a
-	// proxy.DeliveryArgs), its blob the message as Postfix delivered it.
+	// verb.DeliveryArgs), its blob the message as Postfix delivered it.
 	StatusReinjected = "reinjected"
 	// StatusHeld: the repaired Postfix delivers the message to a
 	// destination that is no mailbox here (an alias fixed to point
@@ -65,7 +66,7 @@ type catch struct {
 }
 
 type captured struct {
-	args proxy.DeliveryArgs
+	args verb.DeliveryArgs
 	blob undolog.BlobRef
 }
 
@@ -107,7 +108,7 @@ func (c *Capture) take(k *catch) []captured {
 
 // Collect takes a delivery of a message a replay is waiting for and
 // accepts it for every recipient; nil for any other delivery.
-func (c *Capture) Collect(_ context.Context, args proxy.DeliveryArgs, blob undolog.BlobRef) *proxy.DeliveryOutcome {
+func (c *Capture) Collect(_ context.Context, args verb.DeliveryArgs, blob undolog.BlobRef) *verb.DeliveryOutcome {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	text := "taken by undomail's replay"
@@ -121,9 +122,9 @@ func (c *Capture) Collect(_ context.Context, args proxy.DeliveryArgs, blob undol
 	} else {
 		return nil
 	}
-	out := &proxy.DeliveryOutcome{}
+	out := &verb.DeliveryOutcome{}
 	for _, rc := range args.Rcpts {
-		out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: rc, Reply: proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: text}})
+		out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: rc, Reply: verb.Reply{Code: 250, Enhanced: "2.0.0", Text: text}})
 	}
 	return out
 }
@@ -144,7 +145,7 @@ type reinjection struct {
 // run made of it.
 type frontDoor struct {
 	sub   undolog.Verb
-	args  proxy.DeliveryArgs
+	args  verb.DeliveryArgs
 	first []undolog.Verb // its lmtp.deliver verbs, in log order
 	// refused: Postfix refused it permanently (5xx) the first time, and
 	// its sender was told so (reply). The repaired Postfix may accept it
@@ -245,9 +246,9 @@ func frontDoors(verbs []undolog.Verb) (map[int64]*frontDoor, []int64) {
 	var order []int64
 	for _, v := range verbs {
 		switch v.Kind {
-		case proxy.KindSMTPSubmit:
-			var a proxy.DeliveryArgs
-			var o proxy.DeliveryOutcome
+		case verb.KindSMTPSubmit:
+			var a verb.DeliveryArgs
+			var o verb.DeliveryOutcome
 			if v.Blob == "" || v.Outcome == nil || json.Unmarshal(v.Args, &a) != nil ||
 				json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Reply == nil || len(a.Rcpts) == 0 {
 				continue
@@ -263,8 +264,8 @@ func frontDoors(verbs []undolog.Verb) (map[int64]*frontDoor, []int64) {
 			}
 			subs[v.Seq] = fd
 			order = append(order, v.Seq)
-		case proxy.KindLMTPDeliver:
-			var a proxy.DeliveryArgs
+		case verb.KindLMTPDeliver:
+			var a verb.DeliveryArgs
 			if json.Unmarshal(v.Args, &a) != nil || a.Submission == 0 || subs[a.Submission] == nil {
 				continue
 			}
@@ -368,7 +369,7 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 		}
 		switch o.Status {
 		case StatusReinjected:
-			var a proxy.DeliveryArgs
+			var a verb.DeliveryArgs
 			if json.Unmarshal(rec.Args, &a) == nil {
 				out[i].Now = append(out[i].Now, a.Rcpts...)
 			}
@@ -463,9 +464,9 @@ func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, time
 	}
 	defer body.Close()
 	// The front door's id, as the front door stamped it when it forwarded
-	// the message the first time (proxy.TraceHeader): the capture links
+	// the message the first time (verb.TraceHeader): the capture links
 	// Postfix's deliveries to it.
-	if _, err := fmt.Fprintf(w, "%s: %s\r\n", proxy.TraceHeader, a.UndoID); err != nil {
+	if _, err := fmt.Fprintf(w, "%s: %s\r\n", verb.TraceHeader, a.UndoID); err != nil {
 		return "", false, fmt.Errorf("send message: %w", err)
 	}
 	if _, err := io.Copy(w, body); err != nil {
@@ -533,7 +534,7 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 			a := g.args
 			a.Rcpts = []string{rc}
 			v := undolog.Verb{Record: *rec}
-			v.Kind = proxy.KindLMTPDeliver
+			v.Kind = verb.KindLMTPDeliver
 			v.Args, _ = json.Marshal(a)
 			byAddr[key] = &newRcpt{rcpt: rc, verb: v}
 			addrs = append(addrs, rc)
@@ -594,7 +595,7 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 // that is not would leave the machine, which a replay never does: it is
 // held for the operator. A zero outcome means deliver it.
 func heldOutside(ctx context.Context, t Target, tk task) (ReplayOutcome, error) {
-	var a proxy.DeliveryArgs
+	var a verb.DeliveryArgs
 	if err := json.Unmarshal(tk.v.Args, &a); err != nil {
 		return ReplayOutcome{}, fmt.Errorf("delivery args: %w", err)
 	}

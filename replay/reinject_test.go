@@ -12,9 +12,9 @@ import (
 
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // silentMTA is an SMTP server that accepts XCLIENT and every message and
@@ -112,7 +112,7 @@ func TestReinjectFallsBackWhenNothingArrives(t *testing.T) {
 		t.Fatalf("replay result %+v: want 2 failed re-injections and the 2 recorded deliveries replayed", res)
 	}
 	for range 2 {
-		if m := <-took; !strings.HasPrefix(m, proxy.TraceHeader+": ") {
+		if m := <-took; !strings.HasPrefix(m, verb.TraceHeader+": ") {
 			t.Fatalf("re-injected message does not start with the front door's id:\n%s", m)
 		}
 	}
@@ -135,11 +135,11 @@ func TestReinjectFallsBackWhenNothingArrives(t *testing.T) {
 		t.Fatalf("%d failure records name the message and the cause, want 2: %+v", named, recs)
 	}
 	// Postfix delivers one of them late: the capture takes it and drops it.
-	subs, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{proxy.KindSMTPSubmit}})
+	subs, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{verb.KindSMTPSubmit}})
 	if err != nil || len(subs) == 0 {
 		t.Fatalf("submissions: %v %v", subs, err)
 	}
-	var a proxy.DeliveryArgs
+	var a verb.DeliveryArgs
 	if err := json.Unmarshal(subs[0].Args, &a); err != nil {
 		t.Fatal(err)
 	}

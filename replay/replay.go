@@ -12,8 +12,8 @@ import (
 
 	"github.com/emersion/go-imap/v2"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // KindReplay records what replaying one logged verb did; Ref names the
@@ -23,7 +23,7 @@ import (
 const KindReplay = "replay"
 
 // KindCompensation is a compensating message undomail delivered (issue 6):
-// Args are proxy.DeliveryArgs, Outcome a proxy.DeliveryOutcome, Blob the
+// Args are verb.DeliveryArgs, Outcome a verb.DeliveryOutcome, Blob the
 // message. A later replay re-delivers it like a captured delivery, so the
 // explanation survives later cycles and is never made twice.
 const KindCompensation = "compensation"
@@ -455,8 +455,8 @@ func UserOf(rcpt string) string {
 // own (a submission at the front door, a read, a refused command).
 func split(v undolog.Verb) (ts []task, skip bool) {
 	switch v.Kind {
-	case proxy.KindLMTPDeliver, KindCompensation:
-		var o proxy.DeliveryOutcome
+	case verb.KindLMTPDeliver, KindCompensation:
+		var o verb.DeliveryOutcome
 		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
 			return nil, true
 		}
@@ -466,16 +466,16 @@ func split(v undolog.Verb) (ts []task, skip bool) {
 			}
 		}
 		return ts, len(ts) == 0
-	case proxy.KindIMAPFetch:
-		var a proxy.IMAPFetchArgs
+	case verb.KindIMAPFetch:
+		var a verb.IMAPFetchArgs
 		if json.Unmarshal(v.Args, &a) != nil || !a.Seen || len(a.UndoIDs) == 0 || v.User == "" {
 			return nil, true
 		}
 		return []task{{v: v}}, false
-	case proxy.KindIMAPAppend, proxy.KindIMAPCreate, proxy.KindIMAPDelete, proxy.KindIMAPRename,
-		proxy.KindIMAPSubscribe, proxy.KindIMAPUnsubscribe, proxy.KindIMAPSetMetadata,
-		proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
-		var o proxy.IMAPOutcome
+	case verb.KindIMAPAppend, verb.KindIMAPCreate, verb.KindIMAPDelete, verb.KindIMAPRename,
+		verb.KindIMAPSubscribe, verb.KindIMAPUnsubscribe, verb.KindIMAPSetMetadata,
+		verb.KindIMAPStore, verb.KindIMAPCopy, verb.KindIMAPMove, verb.KindIMAPExpunge:
+		var o verb.IMAPOutcome
 		if v.User == "" || v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" {
 			return nil, true // the client was not told it happened
 		}
@@ -662,10 +662,10 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 
 // Replayable are the verb kinds a replay re-executes.
 var Replayable = map[string]bool{
-	proxy.KindLMTPDeliver: true, KindCompensation: true,
-	proxy.KindIMAPAppend: true, proxy.KindIMAPStore: true, proxy.KindIMAPCopy: true, proxy.KindIMAPMove: true,
-	proxy.KindIMAPExpunge: true, proxy.KindIMAPCreate: true, proxy.KindIMAPDelete: true, proxy.KindIMAPRename: true,
-	proxy.KindIMAPSubscribe: true, proxy.KindIMAPUnsubscribe: true, proxy.KindIMAPSetMetadata: true,
+	verb.KindLMTPDeliver: true, KindCompensation: true,
+	verb.KindIMAPAppend: true, verb.KindIMAPStore: true, verb.KindIMAPCopy: true, verb.KindIMAPMove: true,
+	verb.KindIMAPExpunge: true, verb.KindIMAPCreate: true, verb.KindIMAPDelete: true, verb.KindIMAPRename: true,
+	verb.KindIMAPSubscribe: true, verb.KindIMAPUnsubscribe: true, verb.KindIMAPSetMetadata: true,
 }
 
 // HadEffect reports whether a verb changed the store the first time, so

@@ -13,9 +13,9 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestRewindThenReplay: after a snapshot, mail is delivered and alice
@@ -71,7 +71,7 @@ func TestRewindThenReplay(t *testing.T) {
 	}
 	// 2 deliveries, CREATE, APPEND; the front-door submissions have no
 	// effect of their own.
-	if res.Replayed != 4 || res.Failed != 0 || res.Skipped[proxy.KindSMTPSubmit] != 2 {
+	if res.Replayed != 4 || res.Failed != 0 || res.Skipped[verb.KindSMTPSubmit] != 2 {
 		t.Fatalf("replay result %+v", res)
 	}
 	if got := flagsByMessageID(t, tb); len(got) != 3 || got["m1@client.test"] != before["m1@client.test"] || got["m2@client.test"] == "" {

@@ -14,7 +14,7 @@ import (
 	"strings"
 	"syscall"
 
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/verb"
 )
 
 // This file reads a mail store straight from its files and compares two
@@ -213,7 +213,7 @@ func (kc *keyCache) key(path string, e os.DirEntry) (string, error) {
 func MessageKey(b []byte) string {
 	tr := textproto.NewReader(bufio.NewReader(bytes.NewReader(b)))
 	if h, err := tr.ReadMIMEHeader(); err == nil {
-		if id := strings.TrimSpace(h.Get(proxy.TraceHeader)); id != "" {
+		if id := strings.TrimSpace(h.Get(verb.TraceHeader)); id != "" {
 			return id
 		}
 	}

@@ -19,9 +19,9 @@ import (
 	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/proxy/imapwire"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // userReplayer replays one user's verbs, in order, in one IMAP session.
@@ -125,23 +125,23 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 	if tk.fixed != nil {
 		// A re-injection took the message away from this recipient: later
 		// verbs on it here are skipped as repaired.
-		var a proxy.DeliveryArgs
+		var a verb.DeliveryArgs
 		if json.Unmarshal(tk.v.Args, &a) == nil {
 			r.removed[a.UndoID] = true
 		}
 		return *tk.fixed, nil
 	}
 	if tk.cancel != "" {
-		if tk.rcpt == "" && (tk.v.Kind == proxy.KindIMAPAppend) {
+		if tk.rcpt == "" && (tk.v.Kind == verb.KindIMAPAppend) {
 			// The message the cancelled APPEND made is not in the store:
 			// later verbs on it are skipped as repaired.
-			var a proxy.IMAPArgs
+			var a verb.IMAPArgs
 			if json.Unmarshal(tk.v.Args, &a) == nil && a.UndoID != "" {
 				r.removed[a.UndoID] = true
 			}
 		}
 		if tk.rcpt != "" {
-			var a proxy.DeliveryArgs
+			var a verb.DeliveryArgs
 			if json.Unmarshal(tk.v.Args, &a) == nil {
 				r.removed[a.UndoID] = true
 			}
@@ -160,20 +160,20 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		return ReplayOutcome{}, err
 	}
 	v := tk.v
-	if v.Kind == proxy.KindIMAPFetch {
-		var a proxy.IMAPFetchArgs
+	if v.Kind == verb.KindIMAPFetch {
+		var a verb.IMAPFetchArgs
 		if err := json.Unmarshal(v.Args, &a); err != nil {
 			return skipped, nil
 		}
-		return r.onMessages(v, proxy.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
+		return r.onMessages(v, verb.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
 	}
-	var a proxy.IMAPArgs
+	var a verb.IMAPArgs
 	if err := json.Unmarshal(v.Args, &a); err != nil {
 		return skipped, nil
 	}
 	var err error
 	switch v.Kind {
-	case proxy.KindIMAPCreate:
+	case verb.KindIMAPCreate:
 		if r.precreated[a.Mailbox] {
 			delete(r.precreated, a.Mailbox)
 			return ReplayOutcome{Status: "ok", Detail: "made again with its old UIDVALIDITY"}, nil
@@ -182,14 +182,14 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 			r.boxes[a.Mailbox] = &mbox{msgs: map[imap.UID]*msgState{}}
 			err = r.remade(ctx, a.Mailbox)
 		}
-	case proxy.KindIMAPDelete:
+	case verb.KindIMAPDelete:
 		if err = r.c.Delete(a.Mailbox).Wait(); err == nil {
 			delete(r.boxes, a.Mailbox)
 			if r.selected == a.Mailbox {
 				r.selected = ""
 			}
 		}
-	case proxy.KindIMAPRename:
+	case verb.KindIMAPRename:
 		if r.precreated[a.Dest] {
 			// The name the user renamed to was made again in advance;
 			// the renamed mailbox takes it, as it did the first time.
@@ -200,7 +200,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
 			r.renamed(a.Mailbox, a.Dest)
 		}
-	case proxy.KindIMAPSetMetadata:
+	case verb.KindIMAPSetMetadata:
 		entries := map[string]*[]byte{}
 		for k, val := range a.Metadata {
 			if val == nil {
@@ -211,13 +211,13 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 			entries[k] = &b
 		}
 		err = r.c.SetMetadata(a.Mailbox, entries).Wait()
-	case proxy.KindIMAPSubscribe:
+	case verb.KindIMAPSubscribe:
 		err = r.c.Subscribe(a.Mailbox).Wait()
-	case proxy.KindIMAPUnsubscribe:
+	case verb.KindIMAPUnsubscribe:
 		err = r.c.Unsubscribe(a.Mailbox).Wait()
-	case proxy.KindIMAPAppend:
+	case verb.KindIMAPAppend:
 		return r.append(v, a)
-	case proxy.KindIMAPStore, proxy.KindIMAPCopy, proxy.KindIMAPMove, proxy.KindIMAPExpunge:
+	case verb.KindIMAPStore, verb.KindIMAPCopy, verb.KindIMAPMove, verb.KindIMAPExpunge:
 		return r.onMessages(v, a)
 	default:
 		return skipped, nil
@@ -435,7 +435,7 @@ func (r *userReplayer) sel(mailbox string) error {
 }
 
 // idSection fetches a message's Undomail-Id fields.
-var idSection = &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{proxy.TraceHeader}, Peek: true}
+var idSection = &imap.FetchItemBodySection{Specifier: imap.PartSpecifierHeader, HeaderFields: []string{verb.TraceHeader}, Peek: true}
 
 // read fetches what a mailbox holds now: UIDs, flags and undo ids. It
 // selects the mailbox.
@@ -476,7 +476,7 @@ func (r *userReplayer) load(mailbox string) (*mbox, error) {
 func topmostID(h []byte) string {
 	tr := textproto.NewReader(bufio.NewReader(bytes.NewReader(h)))
 	hdr, _ := tr.ReadMIMEHeader()
-	return strings.TrimSpace(hdr.Get(proxy.TraceHeader))
+	return strings.TrimSpace(hdr.Get(verb.TraceHeader))
 }
 
 func flagSet(fs []imap.Flag) map[imap.Flag]bool {
@@ -511,7 +511,7 @@ type settled struct {
 // search for many messages instead of one each.
 func (r *userReplayer) queueDelivery(ctx context.Context, tk task) (out ReplayOutcome, deferred bool, err error) {
 	v, rcpt := tk.v, tk.rcpt
-	var a proxy.DeliveryArgs
+	var a verb.DeliveryArgs
 	if json.Unmarshal(v.Args, &a) != nil {
 		return skipped, false, nil
 	}
@@ -612,7 +612,7 @@ func (r *userReplayer) flush() []settled {
 
 // lmtpSend delivers one message to one recipient over the replayer's LMTP
 // session, opening it if needed; a failed session is dropped.
-func (r *userReplayer) lmtpSend(ctx context.Context, a proxy.DeliveryArgs, rcpt string, body io.Reader) error {
+func (r *userReplayer) lmtpSend(ctx context.Context, a verb.DeliveryArgs, rcpt string, body io.Reader) error {
 	if r.lmtp == nil {
 		conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", r.t.LMTPAddr)
 		if err != nil {
@@ -634,7 +634,7 @@ func (r *userReplayer) lmtpSend(ctx context.Context, a proxy.DeliveryArgs, rcpt 
 }
 
 // lmtpTransaction is one LMTP transaction for one recipient.
-func lmtpTransaction(c *smtp.Client, a proxy.DeliveryArgs, rcpt string, body io.Reader) error {
+func lmtpTransaction(c *smtp.Client, a verb.DeliveryArgs, rcpt string, body io.Reader) error {
 	if err := c.Mail(a.MailFrom, nil); err != nil {
 		return err
 	}
@@ -646,7 +646,7 @@ func lmtpTransaction(c *smtp.Client, a proxy.DeliveryArgs, rcpt string, body io.
 		return err
 	}
 	if a.Submission == 0 {
-		fmt.Fprintf(w, "%s: %s\r\n", proxy.TraceHeader, a.UndoID)
+		fmt.Fprintf(w, "%s: %s\r\n", verb.TraceHeader, a.UndoID)
 	}
 	if _, err := io.Copy(w, body); err != nil {
 		return fmt.Errorf("send message: %w", err)
@@ -657,7 +657,7 @@ func lmtpTransaction(c *smtp.Client, a proxy.DeliveryArgs, rcpt string, body io.
 
 // filed carries out a filter's verdict on a delivery: drop it, or file it
 // into a folder with APPEND.
-func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a proxy.DeliveryArgs, f *Filter) (ReplayOutcome, error) {
+func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a verb.DeliveryArgs, f *Filter) (ReplayOutcome, error) {
 	folder, move := strings.CutPrefix(f.Action, "move:")
 	if !move {
 		r.removed[a.UndoID] = true
@@ -669,7 +669,7 @@ func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a proxy.Delive
 		return ReplayOutcome{}, fmt.Errorf("read message blob: %w", err)
 	}
 	if a.Submission == 0 {
-		msg = append([]byte(proxy.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
+		msg = append([]byte(verb.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
 	}
 	if r.boxes[folder] == nil {
 		if err := r.c.Create(folder, nil).Wait(); err == nil {
@@ -756,7 +756,7 @@ func (r *userReplayer) findNew(mailbox, undoID string) (bool, error) {
 	if err := r.c.Noop().Wait(); err != nil {
 		return false, err
 	}
-	found, err := r.c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: proxy.TraceHeader, Value: undoID}}}, nil).Wait()
+	found, err := r.c.UIDSearch(&imap.SearchCriteria{Header: []imap.SearchCriteriaHeaderField{{Key: verb.TraceHeader, Value: undoID}}}, nil).Wait()
 	if err != nil {
 		return false, err
 	}
@@ -845,7 +845,7 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 // UIDs the first run gave them (its outcome's COPYUID), by way of the
 // first-run UIDs of the sources translate picked.
 func (r *userReplayer) learnOrig(v undolog.Verb, dst *mbox, srcSet, dstSet imap.NumSet) {
-	var o proxy.IMAPOutcome
+	var o verb.IMAPOutcome
 	if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
 		return
 	}
@@ -898,7 +898,7 @@ func expandUIDs(set string) ([]imap.UID, error) {
 
 // onMessages replays STORE, COPY, MOVE, EXPUNGE and a FETCH's \Seen on
 // the messages the verb named, translated to their UIDs now.
-func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcome, error) {
 	a.UndoIDs = withoutModified(v, a.UndoIDs)
 	b, err := r.load(a.Mailbox)
 	var ie *imap.Error
@@ -933,7 +933,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 	}
 	var placed []Placed
 	switch v.Kind {
-	case proxy.KindIMAPStore, proxy.KindIMAPFetch:
+	case verb.KindIMAPStore, verb.KindIMAPFetch:
 		op := imap.StoreFlagsSet
 		switch a.Op {
 		case "+":
@@ -964,7 +964,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 				}
 			}
 		}
-	case proxy.KindIMAPExpunge:
+	case verb.KindIMAPExpunge:
 		// Exactly the messages the original expunged: mark them, then
 		// expunge only them (UIDPLUS), not whatever else is \Deleted now.
 		if err := r.c.Store(set, &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
@@ -976,7 +976,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 		for _, u := range uids {
 			r.take(b, u)
 		}
-	case proxy.KindIMAPCopy, proxy.KindIMAPMove:
+	case verb.KindIMAPCopy, verb.KindIMAPMove:
 		dst, err := r.load(a.Dest)
 		if err != nil {
 			return ReplayOutcome{}, err
@@ -986,7 +986,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 		}
 		var srcSet, dstSet imap.NumSet
 		var validity uint32
-		if v.Kind == proxy.KindIMAPCopy {
+		if v.Kind == verb.KindIMAPCopy {
 			data, err := r.c.Copy(set, a.Dest).Wait()
 			if err != nil {
 				return ReplayOutcome{}, err
@@ -1007,7 +1007,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutco
 			r.learnOrig(v, dst, srcSet, dstSet)
 			placed = copiesPlaced(dst, a.Dest, validity, dstSet)
 		}
-		if v.Kind == proxy.KindIMAPMove {
+		if v.Kind == verb.KindIMAPMove {
 			for _, u := range uids {
 				r.take(b, u)
 			}
@@ -1038,10 +1038,10 @@ func copiesPlaced(dst *mbox, mailbox string, validity uint32, dstSet imap.NumSet
 // withoutModified drops from a conditional STORE's messages those the
 // server left alone the first time (its MODIFIED response code).
 func withoutModified(v undolog.Verb, ids map[string]string) map[string]string {
-	if v.Kind != proxy.KindIMAPStore || v.Outcome == nil {
+	if v.Kind != verb.KindIMAPStore || v.Outcome == nil {
 		return ids
 	}
-	var o proxy.IMAPOutcome
+	var o verb.IMAPOutcome
 	if json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Modified == "" {
 		return ids
 	}
@@ -1072,7 +1072,7 @@ func (r *userReplayer) take(b *mbox, u imap.UID) {
 // follow replays a verb on the re-delivered messages it named that are
 // not in its mailbox now but in exactly one other: ok reports that there
 // were such messages.
-func (r *userReplayer) follow(v undolog.Verb, a proxy.IMAPArgs, b *mbox) (out ReplayOutcome, ok bool, err error) {
+func (r *userReplayer) follow(v undolog.Verb, a verb.IMAPArgs, b *mbox) (out ReplayOutcome, ok bool, err error) {
 	present := map[string]bool{}
 	for _, m := range b.msgs {
 		present[m.id] = true
@@ -1104,7 +1104,7 @@ func (r *userReplayer) follow(v undolog.Verb, a proxy.IMAPArgs, b *mbox) (out Re
 	}
 	var details []string
 	for mailbox, ids := range moved {
-		if a.Dest == mailbox && v.Kind != proxy.KindIMAPStore {
+		if a.Dest == mailbox && v.Kind != verb.KindIMAPStore {
 			continue // already where the user put it
 		}
 		fa := a
@@ -1149,7 +1149,7 @@ func learnCopies(src, dst *mbox, srcSet, dstSet imap.NumSet) error {
 }
 
 // append re-appends a logged message with its flags and date.
-func (r *userReplayer) append(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, error) {
+func (r *userReplayer) append(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcome, error) {
 	data, err := r.log.ReadBlob(v.Blob)
 	if err != nil {
 		return ReplayOutcome{}, fmt.Errorf("read appended message: %w", err)
@@ -1193,7 +1193,7 @@ func (r *userReplayer) append(v undolog.Verb, a proxy.IMAPArgs) (ReplayOutcome, 
 		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
 	}
 	b.msgs[res.UID] = &msgState{id: a.UndoID, flags: flags}
-	var o proxy.IMAPOutcome
+	var o verb.IMAPOutcome
 	if v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &o) == nil {
 		if f := strings.Fields(o.AppendUID); len(f) == 2 {
 			var first uint32

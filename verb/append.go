@@ -2,15 +2,13 @@ package verb
 
 import (
 	"fmt"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // imap.append: APPEND (RFC 9051 section 6.3.12); the message is the
 // record's blob.
 func init() {
-	register(Kind{Name: proxy.KindIMAPAppend, Family: "append", Answered: true,
-		Describe: imapCommand(func(a proxy.IMAPArgs) string {
+	register(Kind{Name: KindIMAPAppend, Family: "append", Answered: true,
+		Describe: imapCommand(func(a IMAPArgs) string {
 			s := "you added a message to " + folder(a.Mailbox)
 			if a.Size > 0 {
 				s += fmt.Sprintf(" (%d bytes)", a.Size)

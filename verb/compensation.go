@@ -4,8 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // compensation: a message undomail delivered to explain what a cycle
@@ -41,7 +39,7 @@ func init() {
 
 // CompensationArgs are a compensation's arguments (compensate.Args).
 type CompensationArgs struct {
-	proxy.DeliveryArgs
+	DeliveryArgs
 	Cycle     int64  `json:"cycle"`
 	Audience  string `json:"audience"`
 	User      string `json:"user"`

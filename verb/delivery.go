@@ -3,22 +3,20 @@ package verb
 import (
 	"encoding/json"
 	"strings"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // smtp.submit and lmtp.deliver: a transaction at the front door (SMTP,
 // RFC 5321) and a final delivery captured on the LMTP path (RFC 2033).
 // The message is the record's blob.
 func init() {
-	register(Kind{Name: proxy.KindSMTPSubmit, Family: "delivery", Answered: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindSMTPSubmit, Family: "delivery", Answered: true, Describe: func(r Record) Description {
 		d, a, ok := delivery(r)
 		if ok {
 			d.ForUser = "you sent " + subject(a.Header) + " to " + strings.Join(a.Rcpts, ", ")
 		}
 		return d
 	}})
-	register(Kind{Name: proxy.KindLMTPDeliver, Family: "delivery", Answered: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindLMTPDeliver, Family: "delivery", Answered: true, Describe: func(r Record) Description {
 		d, a, ok := delivery(r)
 		if ok {
 			from := a.Header.From
@@ -32,8 +30,8 @@ func init() {
 }
 
 // delivery describes a delivery's envelope and the replies it was given.
-func delivery(r Record) (Description, proxy.DeliveryArgs, bool) {
-	var a proxy.DeliveryArgs
+func delivery(r Record) (Description, DeliveryArgs, bool) {
+	var a DeliveryArgs
 	if json.Unmarshal(r.Args, &a) != nil {
 		return Description{What: r.Kind + ": " + flatten(r.Args), Outcome: deliveryOutcome(r.Outcome)}, a, false
 	}
@@ -44,7 +42,7 @@ func delivery(r Record) (Description, proxy.DeliveryArgs, bool) {
 // (RFC 2033 section 4.2), in words: accepted, deferred (4xx) or refused
 // (5xx), with the server's own text.
 func deliveryOutcome(raw json.RawMessage) string {
-	var o proxy.DeliveryOutcome
+	var o DeliveryOutcome
 	if len(raw) == 0 || json.Unmarshal(raw, &o) != nil {
 		return flatten(raw)
 	}
@@ -72,7 +70,7 @@ func deliveryOutcome(raw json.RawMessage) string {
 }
 
 // replyWord names an SMTP reply's class (RFC 5321 section 4.2.1).
-func replyWord(r proxy.Reply) string {
+func replyWord(r Reply) string {
 	switch {
 	case r.Positive():
 		return "accepted"
@@ -82,7 +80,7 @@ func replyWord(r proxy.Reply) string {
 	return "refused"
 }
 
-func subject(h proxy.HeaderInfo) string {
+func subject(h HeaderInfo) string {
 	if h.Subject == "" {
 		return "a message without subject"
 	}

@@ -2,15 +2,13 @@ package verb
 
 import (
 	"strings"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // imap.expunge: EXPUNGE, UID EXPUNGE (RFC 4315) and the CLOSE of a
 // writable mailbox (RFC 9051 section 6.4.1), which expunges silently.
 func init() {
-	register(Kind{Name: proxy.KindIMAPExpunge, Family: "expunge", Answered: true,
-		Describe: imapCommand(func(a proxy.IMAPArgs) string {
+	register(Kind{Name: KindIMAPExpunge, Family: "expunge", Answered: true,
+		Describe: imapCommand(func(a IMAPArgs) string {
 			if strings.EqualFold(a.Command, "CLOSE") {
 				return "closing " + folder(a.Mailbox) + " permanently removed the messages marked deleted"
 			}

@@ -4,16 +4,14 @@ import (
 	"encoding/json"
 	"strconv"
 	"strings"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // imap.fetch: an externalization, the bodies or headers of messages a
 // user was sent (FETCH, RFC 9051 section 6.4.5). It has no outcome: it
 // records what was shown, not a command.
 func init() {
-	register(Kind{Name: proxy.KindIMAPFetch, Family: "fetch", Describe: func(r Record) Description {
-		var a proxy.IMAPFetchArgs
+	register(Kind{Name: KindIMAPFetch, Family: "fetch", Describe: func(r Record) Description {
+		var a IMAPFetchArgs
 		if json.Unmarshal(r.Args, &a) != nil {
 			return Description{What: "read: " + flatten(r.Args)}
 		}

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // This file holds what the IMAP kind families share: decoding a
@@ -15,14 +13,14 @@ import (
 
 // imapArgs decodes an IMAP command's arguments; ok is false if they are
 // not an IMAP command's.
-func imapArgs(r Record) (proxy.IMAPArgs, bool) {
-	var a proxy.IMAPArgs
+func imapArgs(r Record) (IMAPArgs, bool) {
+	var a IMAPArgs
 	return a, json.Unmarshal(r.Args, &a) == nil && a.Command != ""
 }
 
 // imapOutcome tells the tagged response a client was given.
 func imapOutcome(raw json.RawMessage) string {
-	var o proxy.IMAPOutcome
+	var o IMAPOutcome
 	if len(raw) == 0 || json.Unmarshal(raw, &o) != nil || o.Status == "" {
 		return flatten(raw)
 	}
@@ -44,7 +42,7 @@ func imapOutcome(raw json.RawMessage) string {
 	return o.Summary()
 }
 
-func codeText(o proxy.IMAPOutcome) string {
+func codeText(o IMAPOutcome) string {
 	s := o.Text
 	if o.Code != "" {
 		s = "[" + o.Code + "] " + s
@@ -58,7 +56,7 @@ func codeText(o proxy.IMAPOutcome) string {
 // imapCommand describes a user's IMAP command: the operator's line is the
 // command as the client sent it, with its messages resolved to UIDs;
 // user(a) is the same for the user.
-func imapCommand(user func(proxy.IMAPArgs) string) func(Record) Description {
+func imapCommand(user func(IMAPArgs) string) func(Record) Description {
 	return func(r Record) Description {
 		a, ok := imapArgs(r)
 		if !ok {
@@ -73,7 +71,7 @@ func imapCommand(user func(proxy.IMAPArgs) string) func(Record) Description {
 }
 
 // messages says how many messages a UID or sequence set names, in words.
-func messages(a proxy.IMAPArgs) string {
+func messages(a IMAPArgs) string {
 	set := a.UIDs
 	if set == "" {
 		set = a.Seqs

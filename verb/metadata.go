@@ -3,16 +3,14 @@ package verb
 import (
 	"fmt"
 	"strings"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // imap.setmetadata: SETMETADATA (RFC 5464 section 4.3), recorded entry by
-// entry (proxy.IMAPArgs.Metadata: a value, or null for a removal) and
+// entry (IMAPArgs.Metadata: a value, or null for a removal) and
 // replayed as such.
 func init() {
-	register(Kind{Name: proxy.KindIMAPSetMetadata, Family: "metadata", Answered: true,
-		Describe: imapCommand(func(a proxy.IMAPArgs) string {
+	register(Kind{Name: KindIMAPSetMetadata, Family: "metadata", Answered: true,
+		Describe: imapCommand(func(a IMAPArgs) string {
 			set, removed := a.MetadataEntries()
 			var what []string
 			if len(set) > 0 {

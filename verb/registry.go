@@ -1,12 +1,11 @@
-// Package verb is the undo log's vocabulary, begun: for every kind of
-// record the log holds it says, in one place per kind family, how the
-// record is told to people. The web timeline, `undomail log` and the
-// admin API describe records only through Describe (issue #18, item 4).
-//
-// The argument and outcome types of the proxies' verbs still live in
-// package proxy; the system records (snapshot, cycle, rewind, replay,
-// drill, compensation, filter) are decoded here by their JSON field
-// names, so that this package depends on nothing but undolog and proxy.
+// Package verb is the undo log's vocabulary: the kinds of record the log
+// holds, the argument and outcome types the proxies write
+// (imapargs.go, delivery_types.go), and, in one place per kind family,
+// how each record is told to people. The web timeline, `undomail log`
+// and the admin API describe records only through Describe (issue #18,
+// item 4). It depends on nothing but undolog, so the packages that read
+// the log (replay, compensate, admin, the CLI) need not import the
+// proxies that write it.
 package verb
 
 import (

@@ -2,15 +2,13 @@ package verb
 
 import (
 	"strings"
-
-	"github.com/undomail/undomail/proxy"
 )
 
 // imap.store: STORE and UID STORE (RFC 9051 section 6.4.6), flags and
 // keywords.
 func init() {
-	register(Kind{Name: proxy.KindIMAPStore, Family: "store", Answered: true,
-		Describe: imapCommand(func(a proxy.IMAPArgs) string {
+	register(Kind{Name: KindIMAPStore, Family: "store", Answered: true,
+		Describe: imapCommand(func(a IMAPArgs) string {
 			what := messages(a) + " in " + folder(a.Mailbox)
 			flags := flagWords(a.Flags)
 			switch a.Op {

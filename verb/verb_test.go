@@ -13,7 +13,6 @@ import (
 
 	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/internal/daemon"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -43,12 +42,12 @@ type sample struct {
 func samples(t *testing.T) map[string][]sample {
 	five := 5
 	comment := "my inbox"
-	hdr := proxy.HeaderInfo{MessageID: "<p1@client.test>", From: "Sam <s@example.test>", Subject: "Budget 2027"}
-	deliv := proxy.DeliveryArgs{UndoID: "01M8XP28QFDH7P0GV4FAG085DP", MailFrom: "s@example.test", Rcpts: []string{"alice@example.test"}, Size: 345, Header: hdr}
-	ok := proxy.IMAPOutcome{Status: "OK", Text: "Completed"}
-	no := proxy.IMAPOutcome{Status: "NO", Code: "NONEXISTENT", Text: "Mailbox doesn't exist: Projects"}
-	imapArgs := func(cmd, mb string, mod func(*proxy.IMAPArgs)) proxy.IMAPArgs {
-		a := proxy.IMAPArgs{Command: cmd, Mailbox: mb, UIDValidity: 1796292551}
+	hdr := verb.HeaderInfo{MessageID: "<p1@client.test>", From: "Sam <s@example.test>", Subject: "Budget 2027"}
+	deliv := verb.DeliveryArgs{UndoID: "01M8XP28QFDH7P0GV4FAG085DP", MailFrom: "s@example.test", Rcpts: []string{"alice@example.test"}, Size: 345, Header: hdr}
+	ok := verb.IMAPOutcome{Status: "OK", Text: "Completed"}
+	no := verb.IMAPOutcome{Status: "NO", Code: "NONEXISTENT", Text: "Mailbox doesn't exist: Projects"}
+	imapArgs := func(cmd, mb string, mod func(*verb.IMAPArgs)) verb.IMAPArgs {
+		a := verb.IMAPArgs{Command: cmd, Mailbox: mb, UIDValidity: 1796292551}
 		if mod != nil {
 			mod(&a)
 		}
@@ -69,38 +68,38 @@ func samples(t *testing.T) map[string][]sample {
 	failed.OK, failed.Failed, failed.Error = false, 1, "the store differs from the log"
 	failed.Verify.Problems = []string{`alice "INBOX": 1 message missing`}
 	comp := compensate.Args{DeliveryArgs: deliv, Cycle: 35, Audience: compensate.AudienceUser, User: "alice",
-		Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: "alice", Verb: 19, VerbKind: proxy.KindLMTPDeliver}}}
+		Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: "alice", Verb: 19, VerbKind: verb.KindLMTPDeliver}}}
 	comp.Header.Subject = "Your mailbox was repaired: what changed"
 	drill := daemon.DrillVerdict{DrillResult: replay.DrillResult{OK: true, From: "s1", To: "s2", Replayed: 12, Messages: 40, Seconds: 3.2},
 		Acknowledged: []string{"mail ops@example.test"}}
 	badDrill := daemon.DrillVerdict{DrillResult: replay.DrillResult{OK: false, From: "s1", To: "s2", Differences: []string{`alice "INBOX" uid 3: flags differ`}, More: 2}}
 	return map[string][]sample{
-		proxy.KindSMTPSubmit: {{user: "bob", args: deliv, outcome: proxy.DeliveryOutcome{Reply: &proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok: queued as 4ABC"}},
+		verb.KindSMTPSubmit: {{user: "bob", args: deliv, outcome: verb.DeliveryOutcome{Reply: &verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok: queued as 4ABC"}},
 			what: `"Budget 2027"`, result: "accepted: 250 2.0.0 Ok: queued as 4ABC"},
-			{args: deliv, outcome: proxy.DeliveryOutcome{Reply: &proxy.Reply{Code: 550, Enhanced: "5.7.1", Text: "spam"}}, what: "<s@example.test>", result: "refused: 550"}},
-		proxy.KindLMTPDeliver: {{args: deliv, outcome: proxy.DeliveryOutcome{Rcpts: []proxy.RcptReply{{Rcpt: "alice@example.test", Reply: proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: "Saved"}}}},
+			{args: deliv, outcome: verb.DeliveryOutcome{Reply: &verb.Reply{Code: 550, Enhanced: "5.7.1", Text: "spam"}}, what: "<s@example.test>", result: "refused: 550"}},
+		verb.KindLMTPDeliver: {{args: deliv, outcome: verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice@example.test", Reply: verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Saved"}}}},
 			what: "<alice@example.test>", result: "delivered to <alice@example.test> 250 2.0.0 Saved"}},
-		proxy.KindIMAPAppend: {{user: "alice", args: imapArgs("APPEND", "Sent", func(a *proxy.IMAPArgs) { a.Size, a.UndoID = 1200, "01M8X" }),
-			outcome: proxy.IMAPOutcome{Status: "OK", Code: "APPENDUID 1796292551 48", AppendUID: "1796292551 48"}, what: `APPEND "Sent"`, result: "OK [APPENDUID"}},
-		proxy.KindIMAPStore: {{user: "alice", args: imapArgs("UID STORE", "INBOX", func(a *proxy.IMAPArgs) { a.UIDs, a.Op, a.Flags = "3:5", "+", []string{`\Seen`} }),
+		verb.KindIMAPAppend: {{user: "alice", args: imapArgs("APPEND", "Sent", func(a *verb.IMAPArgs) { a.Size, a.UndoID = 1200, "01M8X" }),
+			outcome: verb.IMAPOutcome{Status: "OK", Code: "APPENDUID 1796292551 48", AppendUID: "1796292551 48"}, what: `APPEND "Sent"`, result: "OK [APPENDUID"}},
+		verb.KindIMAPStore: {{user: "alice", args: imapArgs("UID STORE", "INBOX", func(a *verb.IMAPArgs) { a.UIDs, a.Op, a.Flags = "3:5", "+", []string{`\Seen`} }),
 			outcome: ok, what: `UID STORE "INBOX" uid 3:5 +FLAGS (\Seen)`, result: "OK"},
-			{user: "alice", args: imapArgs("UID STORE", "INBOX", func(a *proxy.IMAPArgs) {
+			{user: "alice", args: imapArgs("UID STORE", "INBOX", func(a *verb.IMAPArgs) {
 				a.UIDs, a.Op, a.Flags, a.UnchangedSince = "3:5", "-", []string{`\Flagged`}, 80
 			}),
-				outcome: proxy.IMAPOutcome{Status: "OK", Code: "MODIFIED 4", Modified: "4"}, what: "uid 3:5", result: "left alone, changed since"}},
-		proxy.KindIMAPCopy: {{user: "alice", args: imapArgs("COPY", "INBOX", func(a *proxy.IMAPArgs) { a.Seqs, a.UIDs, a.Dest = "1:2", "47:48", "Archive" }),
+				outcome: verb.IMAPOutcome{Status: "OK", Code: "MODIFIED 4", Modified: "4"}, what: "uid 3:5", result: "left alone, changed since"}},
+		verb.KindIMAPCopy: {{user: "alice", args: imapArgs("COPY", "INBOX", func(a *verb.IMAPArgs) { a.Seqs, a.UIDs, a.Dest = "1:2", "47:48", "Archive" }),
 			outcome: no, what: `COPY "INBOX" seq 1:2 uid 47:48 -> "Archive"`, result: "refused by the server: [NONEXISTENT] Mailbox doesn't exist"}},
-		proxy.KindIMAPMove: {{user: "alice", args: imapArgs("UID MOVE", "INBOX", func(a *proxy.IMAPArgs) { a.UIDs, a.Dest = "4", "Work" }),
-			outcome: proxy.IMAPOutcome{Status: "OK", CopyUID: "1796292552 4 1", Expunged: &five}, what: `UID MOVE "INBOX" uid 4 -> "Work"`, result: "OK [COPYUID"}},
-		proxy.KindIMAPExpunge: {{user: "alice", args: imapArgs("EXPUNGE", "INBOX", func(a *proxy.IMAPArgs) { a.UIDs = "1:5" }),
-			outcome: proxy.IMAPOutcome{Status: "OK", Expunged: &five}, what: `EXPUNGE "INBOX" uid 1:5`, result: "the server expunged 5 messages"}},
-		proxy.KindIMAPCreate:      {{user: "alice", args: imapArgs("CREATE", "Projects", nil), outcome: ok, what: `CREATE "Projects"`, result: "OK"}},
-		proxy.KindIMAPDelete:      {{user: "alice", args: imapArgs("DELETE", "Projects", nil), outcome: ok, what: `DELETE "Projects"`, result: "OK"}},
-		proxy.KindIMAPRename:      {{user: "alice", args: imapArgs("RENAME", "Projects", func(a *proxy.IMAPArgs) { a.Dest = "Old" }), outcome: proxy.IMAPOutcome{Status: "BAD", Text: "Invalid arguments"}, what: `-> "Old"`, result: "rejected by the server as invalid: Invalid arguments"}},
-		proxy.KindIMAPSubscribe:   {{user: "alice", args: imapArgs("SUBSCRIBE", "Projects", nil), outcome: ok, what: "SUBSCRIBE", result: "OK"}},
-		proxy.KindIMAPUnsubscribe: {{user: "alice", args: imapArgs("UNSUBSCRIBE", "Projects", nil), outcome: ok, what: "UNSUBSCRIBE", result: "OK"}},
-		proxy.KindIMAPSetMetadata: {{user: "alice", args: proxy.IMAPArgs{Command: "SETMETADATA", Mailbox: "INBOX", Metadata: map[string]*string{"/private/comment": &comment, "/private/old": nil}}, outcome: ok, what: `SETMETADATA "INBOX" set /private/comment, removed /private/old`, result: "OK"}},
-		proxy.KindIMAPFetch: {{user: "alice", args: proxy.IMAPFetchArgs{Mailbox: "INBOX", UIDValidity: 1796292551, UIDs: "47", UndoIDs: map[string]string{"47": "01M8X"}, Seen: true},
+		verb.KindIMAPMove: {{user: "alice", args: imapArgs("UID MOVE", "INBOX", func(a *verb.IMAPArgs) { a.UIDs, a.Dest = "4", "Work" }),
+			outcome: verb.IMAPOutcome{Status: "OK", CopyUID: "1796292552 4 1", Expunged: &five}, what: `UID MOVE "INBOX" uid 4 -> "Work"`, result: "OK [COPYUID"}},
+		verb.KindIMAPExpunge: {{user: "alice", args: imapArgs("EXPUNGE", "INBOX", func(a *verb.IMAPArgs) { a.UIDs = "1:5" }),
+			outcome: verb.IMAPOutcome{Status: "OK", Expunged: &five}, what: `EXPUNGE "INBOX" uid 1:5`, result: "the server expunged 5 messages"}},
+		verb.KindIMAPCreate:      {{user: "alice", args: imapArgs("CREATE", "Projects", nil), outcome: ok, what: `CREATE "Projects"`, result: "OK"}},
+		verb.KindIMAPDelete:      {{user: "alice", args: imapArgs("DELETE", "Projects", nil), outcome: ok, what: `DELETE "Projects"`, result: "OK"}},
+		verb.KindIMAPRename:      {{user: "alice", args: imapArgs("RENAME", "Projects", func(a *verb.IMAPArgs) { a.Dest = "Old" }), outcome: verb.IMAPOutcome{Status: "BAD", Text: "Invalid arguments"}, what: `-> "Old"`, result: "rejected by the server as invalid: Invalid arguments"}},
+		verb.KindIMAPSubscribe:   {{user: "alice", args: imapArgs("SUBSCRIBE", "Projects", nil), outcome: ok, what: "SUBSCRIBE", result: "OK"}},
+		verb.KindIMAPUnsubscribe: {{user: "alice", args: imapArgs("UNSUBSCRIBE", "Projects", nil), outcome: ok, what: "UNSUBSCRIBE", result: "OK"}},
+		verb.KindIMAPSetMetadata: {{user: "alice", args: verb.IMAPArgs{Command: "SETMETADATA", Mailbox: "INBOX", Metadata: map[string]*string{"/private/comment": &comment, "/private/old": nil}}, outcome: ok, what: `SETMETADATA "INBOX" set /private/comment, removed /private/old`, result: "OK"}},
+		verb.KindIMAPFetch: {{user: "alice", args: verb.IMAPFetchArgs{Mailbox: "INBOX", UIDValidity: 1796292551, UIDs: "47", UndoIDs: map[string]string{"47": "01M8X"}, Seen: true},
 			what: `seen "INBOX" uid 47`}},
 		verb.KindSnapshot: {{args: daemon.SnapshotArgs{Name: "undomail-20261203T100911.828Z", AtSeq: 12, Store: "copy:/snaps", Reason: "hourly"},
 			outcome: daemon.SnapshotOutcome{OK: true, Pause: 25.01}, what: "snapshot undomail-20261203T100911.828Z at log position 12 (hourly)", result: "taken"},
@@ -119,10 +118,10 @@ func samples(t *testing.T) map[string][]sample {
 			what: "rewound 4 mailboxes of 2 users to snapshot s1", result: "OK: the counters of 4 mailboxes raised"}},
 		verb.KindDrill: {{args: replay.DrillArgs{From: "s1", To: "s2", FromSeq: 12, ToSeq: 40}, outcome: drill, what: "recovery drill", result: "passed: 12 replayed"},
 			{args: replay.DrillArgs{From: "s1", To: "s2"}, outcome: badDrill, what: "s1", result: "FAILED: 3 differences"}},
-		verb.KindCompensation: {{user: "alice", ref: 35, args: comp, outcome: proxy.DeliveryOutcome{Rcpts: []proxy.RcptReply{{Rcpt: "alice", Reply: proxy.Reply{Code: 250, Text: "Saved"}}}},
+		verb.KindCompensation: {{user: "alice", ref: 35, args: comp, outcome: verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice", Reply: verb.Reply{Code: 250, Text: "Saved"}}}},
 			what: "a digest for alice explaining 1 paradox of cycle #35: read removed (#19)", result: "delivered to <alice>"}},
 		verb.KindFilterRemoved: {{args: map[string]int64{"cycle": 35}, what: "cycle #35"}},
-		verb.KindOutcome:       {{ref: 15, inline: proxy.IMAPOutcome{Status: "OK"}, what: "outcome of record #15", result: "status OK"}},
+		verb.KindOutcome:       {{ref: 15, inline: verb.IMAPOutcome{Status: "OK"}, what: "outcome of record #15", result: "status OK"}},
 		verb.KindNote:          {{args: map[string]string{"note": "snapshot taken", "snapshot": "undomail-20260105T090014"}, what: "note: snapshot taken"}},
 	}
 }
@@ -171,7 +170,7 @@ func TestEveryKindDescribedInWords(t *testing.T) {
 // TestUnansweredCommand: a user's command whose outcome was never logged
 // was cut off before its client was answered, and is told so.
 func TestUnansweredCommand(t *testing.T) {
-	v := undolog.Verb{Record: undolog.Record{Seq: 9, User: "alice", Kind: proxy.KindIMAPDelete, Args: j(t, proxy.IMAPArgs{Command: "DELETE", Mailbox: "Projects"})}}
+	v := undolog.Verb{Record: undolog.Record{Seq: 9, User: "alice", Kind: verb.KindIMAPDelete, Args: j(t, verb.IMAPArgs{Command: "DELETE", Mailbox: "Projects"})}}
 	if d := verb.Describe(v); !strings.Contains(d.Outcome, "cut off before the client was answered") {
 		t.Fatalf("an unanswered DELETE: %+v", d)
 	}
@@ -193,7 +192,7 @@ func TestUnknownKindInWords(t *testing.T) {
 // has no description: a new kind must be described before it is logged.
 func TestEveryWrittenKindRegistered(t *testing.T) {
 	found := map[string]string{}
-	for _, dir := range []string{"../proxy", "../replay", "../compensate", "../internal/daemon", "../undolog"} {
+	for _, dir := range []string{"../proxy", "../verb", "../replay", "../compensate", "../internal/daemon", "../undolog"} {
 		files, err := filepath.Glob(filepath.Join(dir, "*.go"))
 		if err != nil || len(files) == 0 {
 			t.Fatalf("read %s: %v", dir, err)

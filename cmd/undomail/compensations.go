@@ -12,8 +12,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/undomail/undomail/compensate"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func compensationsCmd() *cobra.Command {
@@ -94,7 +94,7 @@ func delivered(c compensate.Compensation) string {
 	case c.Delivered():
 		return "yes"
 	}
-	return "no: " + proxy.DeliveryOutcome(*c.Outcome).Summary()
+	return "no: " + verb.DeliveryOutcome(*c.Outcome).Summary()
 }
 
 // kindCounts summarises paradoxes by kind: "read_removed:3 action_failed:1".
@@ -137,17 +137,17 @@ func orDash(s string) string {
 
 // compensationJSON is the --json form: stable field names for scripts.
 type compensationJSON struct {
-	Seq       int64                  `json:"seq"`
-	Time      time.Time              `json:"time"`
-	Cycle     int64                  `json:"cycle"`
-	Audience  string                 `json:"audience"`
-	User      string                 `json:"user"`
-	Rcpts     []string               `json:"rcpts"`
-	UndoID    string                 `json:"undo_id"`
-	Subject   string                 `json:"subject"`
-	Delivered bool                   `json:"delivered"`
-	Outcome   *proxy.DeliveryOutcome `json:"outcome,omitempty"`
-	Paradoxes []compensate.Paradox   `json:"paradoxes"`
+	Seq       int64                 `json:"seq"`
+	Time      time.Time             `json:"time"`
+	Cycle     int64                 `json:"cycle"`
+	Audience  string                `json:"audience"`
+	User      string                `json:"user"`
+	Rcpts     []string              `json:"rcpts"`
+	UndoID    string                `json:"undo_id"`
+	Subject   string                `json:"subject"`
+	Delivered bool                  `json:"delivered"`
+	Outcome   *verb.DeliveryOutcome `json:"outcome,omitempty"`
+	Paradoxes []compensate.Paradox  `json:"paradoxes"`
 }
 
 func printCompensationsJSON(w io.Writer, cs []compensate.Compensation) error {

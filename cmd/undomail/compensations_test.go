@@ -9,9 +9,9 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/compensate"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestCompensationsCommand: undomail compensations lists the logged
@@ -36,9 +36,9 @@ func TestCompensationsCommand(t *testing.T) {
 		delivered  bool
 	}{{"alice", "alice@example.test", 7, true}, {"bob", "bob@example.test", 7, false}, {"alice", "alice@example.test", 9, true}} {
 		a := compensate.Args{
-			DeliveryArgs: proxy.DeliveryArgs{UndoID: "id-" + c.user, Rcpts: []string{c.rcpt}, Header: proxy.HeaderInfo{Subject: compensate.DefaultSubject}},
+			DeliveryArgs: verb.DeliveryArgs{UndoID: "id-" + c.user, Rcpts: []string{c.rcpt}, Header: verb.HeaderInfo{Subject: compensate.DefaultSubject}},
 			Cycle:        c.cycle, Audience: compensate.AudienceUser, User: c.user,
-			Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: c.user, Verb: 3, VerbKind: proxy.KindLMTPDeliver, Seen: seen,
+			Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: c.user, Verb: 3, VerbKind: verb.KindLMTPDeliver, Seen: seen,
 				Message: &compensate.Message{UndoID: "m", Subject: "Lottery", From: "x@spam.test"}, Now: "removed by the repair"}},
 		}
 		args, _ := json.Marshal(a)
@@ -46,11 +46,11 @@ func TestCompensationsCommand(t *testing.T) {
 		if err := l.Append(context.Background(), rec); err != nil {
 			t.Fatal(err)
 		}
-		rep := proxy.Reply{Code: 250, Text: "ok"}
+		rep := verb.Reply{Code: 250, Text: "ok"}
 		if !c.delivered {
-			rep = proxy.Reply{Code: 452, Enhanced: "4.2.2", Text: "Quota exceeded"}
+			rep = verb.Reply{Code: 452, Enhanced: "4.2.2", Text: "Quota exceeded"}
 		}
-		out, _ := json.Marshal(proxy.DeliveryOutcome{Rcpts: []proxy.RcptReply{{Rcpt: c.rcpt, Reply: rep}}})
+		out, _ := json.Marshal(verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: c.rcpt, Reply: rep}}})
 		if err := l.Append(context.Background(), &undolog.Record{Kind: undolog.KindOutcome, Ref: rec.Seq, Outcome: out}); err != nil {
 			t.Fatal(err)
 		}

@@ -12,8 +12,8 @@ import (
 
 	_ "github.com/mattn/go-sqlite3"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestFlippedBits flips one bit in random message blobs (inline in the
@@ -52,7 +52,7 @@ func TestFlippedBits(t *testing.T) {
 	}
 	defer db.Close()
 	// The blobs of the LMTP deliveries (the ones replay re-delivers).
-	rows, err := db.Query(`SELECT DISTINCT blob FROM records WHERE kind = ? AND blob != ''`, proxy.KindLMTPDeliver)
+	rows, err := db.Query(`SELECT DISTINCT blob FROM records WHERE kind = ? AND blob != ''`, verb.KindLMTPDeliver)
 	if err != nil {
 		t.Fatal(err)
 	}

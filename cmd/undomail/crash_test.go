@@ -20,8 +20,8 @@ import (
 	"github.com/undomail/undomail/internal/mailstack"
 	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
 	"github.com/undomail/undomail/internal/testbed/clientcheck"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestKill9DuringACycle kills undomail with SIGKILL at several points of
@@ -53,9 +53,9 @@ func TestKill9DuringACycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	var victim int64
-	ds, _ := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver}})
+	ds, _ := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindLMTPDeliver}})
 	for _, d := range ds {
-		var a proxy.DeliveryArgs
+		var a verb.DeliveryArgs
 		json.Unmarshal(d.Args, &a)
 		if a.Header.MessageID == "<m7@client.test>" {
 			victim = d.Seq

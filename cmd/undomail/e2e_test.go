@@ -24,8 +24,8 @@ import (
 	"github.com/undomail/undomail/internal/mailstack"
 	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
 	"github.com/undomail/undomail/internal/testbed/clientcheck"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // binary is the undomail command built once for the tests that run it as
@@ -222,8 +222,8 @@ func TestSwaksThroughUndomail(t *testing.T) {
 	}
 	var v struct {
 		Kind    string
-		Args    proxy.DeliveryArgs
-		Outcome proxy.DeliveryOutcome
+		Args    verb.DeliveryArgs
+		Outcome verb.DeliveryOutcome
 	}
 	if err := json.Unmarshal([]byte(lines[0]), &v); err != nil {
 		t.Fatalf("decode %s: %v", lines[0], err)
@@ -356,24 +356,24 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 	submitted, delivered := map[string]bool{}, map[string]bool{}
 	cutOff := 0
 	for _, v := range verbs {
-		var a proxy.DeliveryArgs
+		var a verb.DeliveryArgs
 		json.Unmarshal(v.Args, &a)
 		id := strings.Trim(a.Header.MessageID, "<>")
 		if v.Outcome == nil {
 			cutOff++
 			continue
 		}
-		var o proxy.DeliveryOutcome
+		var o verb.DeliveryOutcome
 		json.Unmarshal(v.Outcome.Outcome, &o)
 		switch v.Kind {
-		case proxy.KindSMTPSubmit:
+		case verb.KindSMTPSubmit:
 			if o.Reply != nil && o.Reply.Code == 250 {
 				if _, err := l.ReadBlob(v.Blob); err != nil {
 					t.Errorf("blob of verb %d (%s): %v", v.Seq, id, err)
 				}
 				submitted[id] = true
 			}
-		case proxy.KindLMTPDeliver:
+		case verb.KindLMTPDeliver:
 			if len(o.Rcpts) == 1 && o.Rcpts[0].Reply.Code == 250 {
 				delivered[id] = true
 			}
@@ -391,9 +391,9 @@ func TestKill9LosesNothingAcknowledged(t *testing.T) {
 	// IMAP: every acknowledged CREATE is logged with its OK and exists.
 	creates := map[string]bool{}
 	for _, v := range verbs {
-		var a proxy.IMAPArgs
-		var o proxy.IMAPOutcome
-		if v.Kind == proxy.KindIMAPCreate && v.Outcome != nil && json.Unmarshal(v.Args, &a) == nil &&
+		var a verb.IMAPArgs
+		var o verb.IMAPOutcome
+		if v.Kind == verb.KindIMAPCreate && v.Outcome != nil && json.Unmarshal(v.Args, &a) == nil &&
 			json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Status == "OK" {
 			creates[a.Mailbox] = true
 		}
@@ -490,7 +490,7 @@ func TestCorruptLogRefusedLoudly(t *testing.T) {
 		t.Fatal(err)
 	}
 	for i := 0; i < 3; i++ {
-		if err := l.Append(context.Background(), &undolog.Record{Kind: proxy.KindSMTPSubmit, User: "alice", Args: []byte(`{"undo_id":"x"}`)}); err != nil {
+		if err := l.Append(context.Background(), &undolog.Record{Kind: verb.KindSMTPSubmit, User: "alice", Args: []byte(`{"undo_id":"x"}`)}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -566,14 +566,14 @@ func TestIMAPLibThroughUndomail(t *testing.T) {
 	if err != nil {
 		t.Fatalf("undomail log: %v\n%s", err, js)
 	}
-	type verb struct {
+	type logged struct {
 		Kind    string
-		Args    proxy.IMAPArgs
-		Outcome *proxy.IMAPOutcome
+		Args    verb.IMAPArgs
+		Outcome *verb.IMAPOutcome
 	}
-	var got []verb
+	var got []logged
 	for _, line := range strings.Split(strings.TrimSpace(js), "\n") {
-		var v verb
+		var v logged
 		if err := json.Unmarshal([]byte(line), &v); err != nil {
 			t.Fatalf("decode %s: %v", line, err)
 		}
@@ -582,7 +582,7 @@ func TestIMAPLibThroughUndomail(t *testing.T) {
 	var kinds []string
 	for _, v := range got {
 		kinds = append(kinds, v.Kind+" "+v.Args.Command)
-		if v.Kind != proxy.KindIMAPFetch && (v.Outcome == nil || v.Outcome.Status != "OK") {
+		if v.Kind != verb.KindIMAPFetch && (v.Outcome == nil || v.Outcome.Status != "OK") {
 			t.Errorf("%s %s: outcome %+v, want OK", v.Kind, v.Args.Command, v.Outcome)
 		}
 	}
@@ -605,7 +605,7 @@ func TestIMAPLibThroughUndomail(t *testing.T) {
 		t.Errorf("UID MOVE recorded as %+v, outcome %+v", m, got[12].Outcome)
 	}
 	var seen struct {
-		Args proxy.IMAPFetchArgs
+		Args verb.IMAPFetchArgs
 	}
 	json.Unmarshal([]byte(strings.Split(strings.TrimSpace(js), "\n")[13]), &seen)
 	if f := seen.Args; f.Seqs != "1" || f.UIDs != "1" || f.UndoIDs["1"] != appendID {
@@ -650,7 +650,7 @@ M.logout()
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(js), "\n")
-	var last verb
+	var last logged
 	json.Unmarshal([]byte(lines[len(lines)-1]), &last)
 	if last.Args.UIDs != "2" || last.Args.UndoIDs["2"] != got[4].Args.UndoID {
 		t.Fatalf("STORE after restart recorded as %+v, want UID 2 = %s", last.Args, got[4].Args.UndoID)

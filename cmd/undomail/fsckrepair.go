@@ -13,8 +13,8 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // repairBlobs mends the damaged blobs fsck found from copies of their
@@ -108,7 +108,7 @@ func indexCopies(dirs []string) (map[string][]string, error) {
 			}
 			defer f.Close()
 			h, _ := textproto.NewReader(bufio.NewReader(io.LimitReader(f, 1<<20))).ReadMIMEHeader()
-			for _, id := range h.Values(proxy.TraceHeader) {
+			for _, id := range h.Values(verb.TraceHeader) {
 				index[strings.TrimSpace(id)] = append(index[strings.TrimSpace(id)], path)
 			}
 			return nil
@@ -138,7 +138,7 @@ func blobCandidates(b []byte, undoID string) [][]byte {
 		line := string(rest[:i])
 		rest = rest[i:]
 		add(rest)
-		if strings.HasPrefix(line, proxy.TraceHeader+": "+undoID) {
+		if strings.HasPrefix(line, verb.TraceHeader+": "+undoID) {
 			break
 		}
 	}

@@ -9,9 +9,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestLogInWordsFoldsCycles writes the records of a delivery, a DELETE
@@ -47,11 +47,11 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 		return r.Seq
 	}
 	add(&undolog.Record{Kind: "snapshot", Args: js(map[string]any{"name": "s1", "at_seq": 0, "reason": "hourly"})}, map[string]any{"ok": true, "pause_ms": 3.5})
-	del := add(&undolog.Record{Kind: proxy.KindIMAPDelete, User: "alice", Users: []string{"alice"}, Args: js(proxy.IMAPArgs{Command: "DELETE", Mailbox: "Projects"})},
-		proxy.IMAPOutcome{Status: "OK", Text: "Delete completed."})
-	dlv := add(&undolog.Record{Kind: proxy.KindLMTPDeliver, Users: []string{"alice@example.test"}, Args: js(proxy.DeliveryArgs{UndoID: "01X", MailFrom: "bob@example.test",
-		Rcpts: []string{"alice@example.test"}, Size: 300, Header: proxy.HeaderInfo{Subject: "Lunch on Friday?"}})},
-		proxy.DeliveryOutcome{Rcpts: []proxy.RcptReply{{Rcpt: "alice@example.test", Reply: proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: "Saved"}}}})
+	del := add(&undolog.Record{Kind: verb.KindIMAPDelete, User: "alice", Users: []string{"alice"}, Args: js(verb.IMAPArgs{Command: "DELETE", Mailbox: "Projects"})},
+		verb.IMAPOutcome{Status: "OK", Text: "Delete completed."})
+	dlv := add(&undolog.Record{Kind: verb.KindLMTPDeliver, Users: []string{"alice@example.test"}, Args: js(verb.DeliveryArgs{UndoID: "01X", MailFrom: "bob@example.test",
+		Rcpts: []string{"alice@example.test"}, Size: 300, Header: verb.HeaderInfo{Subject: "Lunch on Friday?"}})},
+		verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice@example.test", Reply: verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Saved"}}}})
 	cyc := &undolog.Record{Kind: replay.KindCycle, Args: js(replay.CycleRecord{To: "s1", At: 2, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"})}
 	add(cyc, nil)
 	add(&undolog.Record{Kind: replay.KindRewind, Args: js(replay.RewindArgs{Snapshot: "s1", AtSeq: 2,

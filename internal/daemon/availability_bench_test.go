@@ -21,8 +21,8 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 var availabilitySVG = flag.String("availability.svg", "", "BenchmarkAvailability: write the picture here (default: the test's temp dir, path logged)")
@@ -133,10 +133,10 @@ func BenchmarkAvailability(b *testing.B) {
 	}
 	time.Sleep(5 * time.Second)
 	cycleAt := time.Since(start)
-	expunges, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindIMAPExpunge, proxy.KindIMAPStore}, User: "alice"})
+	expunges, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindIMAPExpunge, verb.KindIMAPStore}, User: "alice"})
 	var cancel []int64
 	for _, v := range expunges {
-		var a proxy.IMAPArgs
+		var a verb.IMAPArgs
 		if v.Outcome != nil && jsonArgs(v.Args, &a) && a.Mailbox == "Lists" {
 			cancel = append(cancel, v.Seq)
 		}

@@ -28,9 +28,9 @@ import (
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // The randomized concurrent-client generator (issue 13): several IMAP
@@ -462,7 +462,7 @@ func deliver(tb *testbed.Testbed, rcpt string, body []byte) error {
 // deliveries counts the deliveries undomail recorded with their outcome.
 func deliveries(t *testing.T, tb *testbed.Testbed) int {
 	t.Helper()
-	vs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver}})
+	vs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindLMTPDeliver}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -787,13 +787,13 @@ func TestConcurrentCycleCancelsOneSession(t *testing.T) {
 // first APPEND's APPENDUID.
 func sessionOf(t *testing.T, tb *testbed.Testbed, after int64, g *genSession) string {
 	t.Helper()
-	verbs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{AfterSeq: after, Kinds: []string{proxy.KindIMAPAppend}})
+	verbs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindIMAPAppend}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	want := fmt.Sprintf("%d %d", g.first.UIDValidity, g.first.UID)
 	for _, v := range verbs {
-		var o proxy.IMAPOutcome
+		var o verb.IMAPOutcome
 		if v.User == g.user && v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.AppendUID == want {
 			return v.Session
 		}

@@ -19,9 +19,9 @@ import (
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/clientcheck"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func send(t *testing.T, tb *testbed.Testbed, id string) {
@@ -99,7 +99,7 @@ func TestCycleCancelsAnAccidentalDelete(t *testing.T) {
 	if _, gone := aliceMail(t, tb)["Projects"]; gone {
 		t.Fatal("the DELETE did not happen")
 	}
-	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindIMAPDelete}})
+	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindIMAPDelete}})
 	if len(deletes) != 1 {
 		t.Fatalf("DELETE verbs: %d", len(deletes))
 	}
@@ -323,10 +323,10 @@ func TestCycleFiltersASpamWave(t *testing.T) {
 	if fs := tb.Daemon.Filters(); len(fs) != 1 || fs[0].Cycle != v.Cycle {
 		t.Fatalf("active filters %+v", fs)
 	}
-	delivered, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver}})
-	var out proxy.DeliveryOutcome
+	delivered, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindLMTPDeliver}})
+	var out verb.DeliveryOutcome
 	for _, d := range delivered {
-		var a proxy.DeliveryArgs
+		var a verb.DeliveryArgs
 		if json.Unmarshal(d.Args, &a) == nil && strings.Contains(a.Header.MessageID, "s9@spam.test") && d.Outcome != nil {
 			json.Unmarshal(d.Outcome.Outcome, &out)
 		}
@@ -412,7 +412,7 @@ func TestCycleForOneUser(t *testing.T) {
 	bobFlags := flagStateOf(t, tb, "bob")
 	alice := cacheBefore(t, tb, "alice")
 
-	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindIMAPDelete}})
+	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindIMAPDelete}})
 	v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Cancel: []int64{deletes[0].Seq}, Users: []string{"alice"}})
 	if err != nil || !v.OK || v.Users != 1 {
 		t.Fatalf("cycle verdict %+v, %v", v, err)

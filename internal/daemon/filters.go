@@ -8,9 +8,9 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // liveFilters are the filters cycles left active for live mail (cycle
@@ -84,7 +84,7 @@ func (d *Daemon) RemoveFilters(ctx context.Context, cycle int64) error {
 // a match is dropped (accepted and discarded) or filed into its folder
 // through the master user instead of being forwarded. A failure to judge
 // or file gets a temporary failure, so Postfix retries: nothing is lost.
-func (d *Daemon) divert(ctx context.Context, a proxy.DeliveryArgs, blob undolog.BlobRef) *proxy.DeliveryOutcome {
+func (d *Daemon) divert(ctx context.Context, a verb.DeliveryArgs, blob undolog.BlobRef) *verb.DeliveryOutcome {
 	live := d.live.active()
 	if len(live) == 0 {
 		return nil
@@ -103,22 +103,22 @@ func (d *Daemon) divert(ctx context.Context, a proxy.DeliveryArgs, blob undolog.
 			continue
 		}
 		what := k.Spec.Rule + " -> " + k.Spec.Action
-		out := &proxy.DeliveryOutcome{Filtered: what}
+		out := &verb.DeliveryOutcome{Filtered: what}
 		folder, move := strings.CutPrefix(k.Spec.Action, "move:")
 		if move && a.Submission == 0 {
-			msg = append([]byte(proxy.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
+			msg = append([]byte(verb.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
 		}
 		for _, rc := range a.Rcpts {
-			rep := proxy.Reply{Code: 250, Enhanced: "2.0.0", Text: "dropped by undomail filter " + k.Spec.Rule}
+			rep := verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "dropped by undomail filter " + k.Spec.Rule}
 			if move {
 				rep.Text = "filed into " + folder + " by undomail filter " + k.Spec.Rule
 				if _, err := replay.FileInto(d.target, replay.UserOf(rc), folder, msg); err != nil {
 					d.logger.Warn("live filter could not file; delivery deferred", "rcpt", rc, "err", err)
-					rep = proxy.Reply{Code: 451, Enhanced: "4.3.0", Text: "filing by undomail filter failed, try again later"}
+					rep = verb.Reply{Code: 451, Enhanced: "4.3.0", Text: "filing by undomail filter failed, try again later"}
 					out.Error = err.Error()
 				}
 			}
-			out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: rc, Reply: rep})
+			out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: rc, Reply: rep})
 		}
 		d.logger.Info("live filter matched", "undo_id", a.UndoID, "filter", what)
 		return out
@@ -126,10 +126,10 @@ func (d *Daemon) divert(ctx context.Context, a proxy.DeliveryArgs, blob undolog.
 	return nil
 }
 
-func tempFail(a proxy.DeliveryArgs, why string) *proxy.DeliveryOutcome {
-	out := &proxy.DeliveryOutcome{Error: why}
+func tempFail(a verb.DeliveryArgs, why string) *verb.DeliveryOutcome {
+	out := &verb.DeliveryOutcome{Error: why}
 	for _, rc := range a.Rcpts {
-		out.Rcpts = append(out.Rcpts, proxy.RcptReply{Rcpt: rc, Reply: proxy.Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail could not apply its filters, try again later"}})
+		out.Rcpts = append(out.Rcpts, verb.RcptReply{Rcpt: rc, Reply: verb.Reply{Code: 451, Enhanced: "4.3.0", Text: "undomail could not apply its filters, try again later"}})
 	}
 	return out
 }

@@ -7,9 +7,9 @@ import (
 	"sort"
 
 	"github.com/undomail/undomail/admin"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // PlanCycle says what a cycle to the snapshot `to` cancelling `cancel`
@@ -85,36 +85,36 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 // effect says what cancelling v undoes, and the undo ids of messages that
 // then never existed.
 func effect(v undolog.Verb) (comesBack, goes string, ids []string) {
-	if v.Kind == proxy.KindLMTPDeliver {
-		var a proxy.DeliveryArgs
+	if v.Kind == verb.KindLMTPDeliver {
+		var a verb.DeliveryArgs
 		json.Unmarshal(v.Args, &a)
 		return "", fmt.Sprintf("the message %q from %s to %v goes", a.Header.Subject, a.MailFrom, a.Rcpts), []string{a.UndoID}
 	}
-	var a proxy.IMAPArgs
+	var a verb.IMAPArgs
 	json.Unmarshal(v.Args, &a)
 	who := v.User
 	switch v.Kind {
-	case proxy.KindIMAPDelete:
+	case verb.KindIMAPDelete:
 		return fmt.Sprintf("%s's folder %q comes back with its messages", who, a.Mailbox), "", nil
-	case proxy.KindIMAPExpunge:
+	case verb.KindIMAPExpunge:
 		return fmt.Sprintf("the messages %s expunged in %q come back", who, a.Mailbox), "", nil
-	case proxy.KindIMAPMove:
+	case verb.KindIMAPMove:
 		return fmt.Sprintf("the messages %s moved stay in %q", who, a.Mailbox), fmt.Sprintf("they leave %q", a.Dest), nil
-	case proxy.KindIMAPRename:
+	case verb.KindIMAPRename:
 		return fmt.Sprintf("%s's folder %q keeps its name", who, a.Mailbox), fmt.Sprintf("%q goes", a.Dest), nil
-	case proxy.KindIMAPStore:
+	case verb.KindIMAPStore:
 		return fmt.Sprintf("the flags %s changed in %q are as before", who, a.Mailbox), "", nil
-	case proxy.KindIMAPUnsubscribe:
+	case verb.KindIMAPUnsubscribe:
 		return fmt.Sprintf("%s's subscription to %q comes back", who, a.Mailbox), "", nil
-	case proxy.KindIMAPAppend:
+	case verb.KindIMAPAppend:
 		return "", fmt.Sprintf("the message %s appended to %q goes", who, a.Mailbox), []string{a.UndoID}
-	case proxy.KindIMAPCreate:
+	case verb.KindIMAPCreate:
 		return "", fmt.Sprintf("%s's folder %q goes", who, a.Mailbox), nil
-	case proxy.KindIMAPCopy:
+	case verb.KindIMAPCopy:
 		return "", fmt.Sprintf("the copies %s made in %q go", who, a.Dest), nil
-	case proxy.KindIMAPSubscribe:
+	case verb.KindIMAPSubscribe:
 		return "", fmt.Sprintf("%s's subscription to %q goes", who, a.Mailbox), nil
-	case proxy.KindIMAPSetMetadata:
+	case verb.KindIMAPSetMetadata:
 		return fmt.Sprintf("the annotations %s set on %q are as before", who, a.Mailbox), "", nil
 	}
 	return "", "", nil
@@ -128,10 +128,10 @@ func witnesses(verbs []undolog.Verb, gone map[string]int64) []admin.PlanCompensa
 	}
 	seen := map[string]admin.PlanCompensation{}
 	for _, v := range verbs {
-		if v.Kind != proxy.KindIMAPFetch {
+		if v.Kind != verb.KindIMAPFetch {
 			continue
 		}
-		var a proxy.IMAPFetchArgs
+		var a verb.IMAPFetchArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}

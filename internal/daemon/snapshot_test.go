@@ -17,9 +17,9 @@ import (
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestSnapshotIsAConsistentCut snapshots the mail store (copy backend)
@@ -58,7 +58,7 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 	wg.Wait()
 	<-stop
 	t.Logf("pauses: %v", pauses)
-	verbs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{proxy.KindLMTPDeliver, daemon.KindSnapshot}})
+	verbs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindLMTPDeliver, daemon.KindSnapshot}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -72,11 +72,11 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 				var a daemon.SnapshotArgs
 				json.Unmarshal(v.Args, &a)
 				logged[a.Name] = a.AtSeq
-			case proxy.KindLMTPDeliver:
+			case verb.KindLMTPDeliver:
 				if v.Seq > s.Seq || v.Outcome == nil {
 					continue
 				}
-				var o proxy.DeliveryOutcome
+				var o verb.DeliveryOutcome
 				json.Unmarshal(v.Outcome.Outcome, &o)
 				if len(o.Rcpts) == 1 && o.Rcpts[0].Reply.Code == 250 {
 					want++

@@ -9,9 +9,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // ResolveTarget names the snapshot a cycle rewinds to. target is a
@@ -129,7 +129,7 @@ func SelectCancel(ctx context.Context, l *undolog.Log, at int64, sel CancelSelec
 			continue
 		}
 		if sel.Mailbox != "" {
-			var a proxy.IMAPArgs
+			var a verb.IMAPArgs
 			if json.Unmarshal(v.Args, &a) != nil || a.Mailbox != sel.Mailbox {
 				continue
 			}
@@ -172,15 +172,15 @@ func PreviewFilters(ctx context.Context, l *undolog.Log, at int64, filters []*re
 	if len(filters) == 0 {
 		return nil, nil
 	}
-	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: at, Kinds: []string{proxy.KindLMTPDeliver, proxy.KindIMAPFetch}})
+	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: at, Kinds: []string{verb.KindLMTPDeliver, verb.KindIMAPFetch}})
 	if err != nil {
 		return nil, err
 	}
 	var hits []FilterHit
 	byID := map[string]int{}
 	for _, v := range verbs {
-		if v.Kind == proxy.KindIMAPFetch {
-			var a proxy.IMAPFetchArgs
+		if v.Kind == verb.KindIMAPFetch {
+			var a verb.IMAPFetchArgs
 			if json.Unmarshal(v.Args, &a) != nil {
 				continue
 			}
@@ -194,7 +194,7 @@ func PreviewFilters(ctx context.Context, l *undolog.Log, at int64, filters []*re
 		if !replay.HadEffect(v) {
 			continue
 		}
-		var a proxy.DeliveryArgs
+		var a verb.DeliveryArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}

@@ -13,9 +13,9 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/timetravel/zfstest"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestCycleAndDrillOnZFS runs the mistaken-DELETE cycle and a drill with
@@ -65,7 +65,7 @@ func TestCycleAndDrillOnZFS(t *testing.T) {
 		t.Fatalf("drill on ZFS: %+v, %v", d, err)
 	}
 	client := cacheBefore(t, tb, "alice")
-	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{proxy.KindIMAPDelete}})
+	deletes, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindIMAPDelete}})
 	v, err := tb.Daemon.Cycle(ctx, admin.CycleRequest{To: snap.Name, Cancel: []int64{deletes[0].Seq}})
 	if err != nil || !v.OK {
 		t.Fatalf("cycle on ZFS: %+v, %v", v, err)

@@ -6,8 +6,8 @@ import (
 	"testing"
 
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // BenchmarkSMTP sends 1000 messages of 4 KiB over 8 sessions to Postfix
@@ -54,7 +54,7 @@ type testWriter struct{ t *testing.T }
 
 func (w testWriter) Write(p []byte) (int, error) { w.t.Log(string(p)); return len(p), nil }
 
-func verbsFilter() undolog.Filter { return undolog.Filter{Kinds: []string{proxy.KindSMTPSubmit}} }
+func verbsFilter() undolog.Filter { return undolog.Filter{Kinds: []string{verb.KindSMTPSubmit}} }
 
 // BenchmarkIMAP runs the mixed IMAP workload (8 clients) against Dovecot
 // directly and through undomail's IMAP front end; one iteration is a round.
@@ -85,7 +85,7 @@ func TestMeasureIMAPSmall(t *testing.T) {
 		t.Fatalf("runs %+v", res.Runs)
 	}
 	// 2 clients x (2 cycles + 1 warm-up cycle) appended through undomail.
-	appends, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{proxy.KindIMAPAppend}})
+	appends, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindIMAPAppend}})
 	if err != nil || len(appends) != 6 {
 		t.Fatalf("undomail logged %d APPENDs for the 6 sent through it (%v)", len(appends), err)
 	}
