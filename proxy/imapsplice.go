@@ -828,11 +828,14 @@ func (s *imapSession) inject(command string) (*injectedCmd, error) {
 }
 
 // resolveUIDs runs searchUIDs for a command's messages. A command that
-// names messages by sequence number is resolved again when expunges were
-// reported while the search ran: they renumbered the messages between the
-// search and the command. Under the user's lock no new expunge can come
-// from another session, so the second search is exact. A set with "*" is
-// resolved again when new messages were reported: "*" moved.
+// names messages by sequence number is resolved again when expunges or
+// new messages were reported while the search ran: the search saw the
+// session's view before them, the command sees it after, renumbered, with
+// numbers past the old end naming the new messages (a "COPY 5" of a view
+// of 4 found nothing, then copied the message that arrived). Under the
+// user's lock no new expunge can come from another session, so the second
+// search is exact. A UID set with "*" is resolved again when new messages
+// were reported: "*" moved.
 //
 // Only a search by flag (EXPUNGE's DELETED) needs the view brought up to
 // date first: numbering and UIDs are those of the session's view, which is
@@ -844,11 +847,11 @@ func (s *imapSession) resolveUIDs(criteria string, bySeq bool) (string, error) {
 	sync := strings.Contains(criteria, "DELETED")
 	for try := 0; ; try++ {
 		uids, ic, err := s.search(criteria, sync)
-		if err != nil || !(bySeq && ic.shifted || star && ic.grew) {
+		if err != nil || !(bySeq && (ic.shifted || ic.grew) || star && ic.grew) {
 			return uids, err
 		}
 		if try == 4 {
-			return "", fmt.Errorf("resolve sequence set %q: messages kept being expunged", criteria)
+			return "", fmt.Errorf("resolve sequence set %q: messages kept being expunged or arriving", criteria)
 		}
 	}
 }

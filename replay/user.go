@@ -85,10 +85,13 @@ type userReplayer struct {
 // mbox is the model of one mailbox.
 type mbox struct {
 	msgs map[imap.UID]*msgState
-	// orig maps UIDs the first run gave messages (by APPEND, COPY, MOVE)
-	// to the UIDs this replay gave them: copies of one message share its
-	// undo id, and the verbs that name one of them by its first-run UID
-	// must act on that one.
+	// orig maps the UIDs the first run knew messages by to the UIDs they
+	// have in this replay: the messages read before anything was replayed
+	// kept theirs, APPENDUID and COPYUID map the ones the replay made
+	// again. Copies of one message share its undo id, and a verb that
+	// names one of them by its first-run UID must act on that one; a
+	// first-run UID mapped to a message no longer there names one a
+	// replayed verb took away (resolve).
 	orig map[imap.UID]imap.UID
 }
 
@@ -452,9 +455,13 @@ func (r *userReplayer) read(mailbox string) (*mbox, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read %s: %w", mailbox, err)
 	}
-	b := &mbox{msgs: map[imap.UID]*msgState{}}
+	b := &mbox{msgs: map[imap.UID]*msgState{}, orig: map[imap.UID]imap.UID{}}
 	for _, m := range msgs {
 		b.msgs[m.UID] = &msgState{id: topmostID(m.FindBodySection(idSection)), flags: flagSet(m.Flags)}
+		// Read before the replay placed anything here (every verb that
+		// places messages reads its mailbox first), a message has the UID
+		// the first run knew it by.
+		b.orig[m.UID] = m.UID
 	}
 	return b, nil
 }
@@ -721,10 +728,15 @@ func (r *userReplayer) learnDelivered(undoID string) error {
 			if err != nil {
 				return err
 			}
-			for _, msg := range b.msgs {
+			found := false
+			for u, msg := range b.msgs {
 				if msg.id == undoID {
-					return nil
+					delete(b.orig, u) // placed by this replay: no first-run UID known
+					found = true
 				}
+			}
+			if found {
+				return nil
 			}
 			continue
 		}
@@ -786,52 +798,32 @@ func (r *userReplayer) findNew(mailbox, undoID string) (bool, error) {
 }
 
 // translate turns the messages a verb named (UID then -> undo id) into
-// the UIDs they have now. A message is found by its undo id; one without
-// a known id keeps its UID if the mailbox still has a message there
-// whose id nobody knows. removed counts messages the repair took out,
+// the UIDs they have now. removed counts messages the repair took out,
 // gone messages that do not exist now for another reason (the verb that
-// made them was not replayed).
+// made them was not replayed). A message this replay already expunged or
+// moved away, as the first run had when the verb ran, is neither: the
+// verb had no effect on it then and has none now.
 func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.UIDSet, now []imap.UID, removed, gone int) {
 	r.picked = map[imap.UID]imap.UID{}
-	byID := map[string][]imap.UID{}
-	for u, m := range b.msgs {
-		if m.id != "" {
-			byID[m.id] = append(byID[m.id], u)
-		}
+	uidTexts := make([]string, 0, len(undoIDs))
+	for uidText := range undoIDs {
+		uidTexts = append(uidTexts, uidText)
 	}
-	for uidText, id := range undoIDs {
+	slices.Sort(uidTexts) // a stable order for picking among copies
+	for _, uidText := range uidTexts {
+		id := undoIDs[uidText]
 		var n uint32
 		fmt.Sscan(uidText, &n)
 		if r.removed[id] {
 			removed++
 			continue
 		}
-		uids := byID[id]
-		if len(uids) == 0 && r.taken[id] {
-			continue
-		}
-		var pick imap.UID
-		switch {
-		case len(uids) == 1:
-			pick = uids[0]
-		case len(uids) > 1:
-			pick = uids[0]
-			for _, u := range uids {
-				if u == imap.UID(n) {
-					pick = u
-				}
-			}
-			if u, ok := b.orig[imap.UID(n)]; ok && slices.Contains(uids, u) {
-				pick = u
-			}
-		case n > 0 && b.msgs[imap.UID(n)] != nil && b.msgs[imap.UID(n)].id == "":
-			// A message without an Undomail-Id field (appended) that the
-			// log names: the model learns its id, so later verbs find it
-			// by id wherever it goes.
-			pick = imap.UID(n)
-			b.msgs[pick].id = id
-		default:
+		pick, how := r.resolve(b, imap.UID(n), id)
+		switch how {
+		case resolvedGone:
 			gone++
+			continue
+		case resolvedTaken:
 			continue
 		}
 		set.AddNum(pick)
@@ -839,6 +831,63 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 		r.picked[pick] = imap.UID(n)
 	}
 	return set, now, removed, gone
+}
+
+// How resolve found the message a verb named.
+const (
+	resolvedHere  = iota // it is in the mailbox now, at the UID returned
+	resolvedTaken        // this replay expunged or moved it away before
+	resolvedGone         // it is not in the store after the repair
+)
+
+// resolve finds the message the first run knew as UID n in this mailbox,
+// with undo id id. The model maps first-run UIDs to the UIDs this replay
+// gave the same messages (mbox.orig): the messages that were there before
+// anything was replayed kept theirs; APPENDUID and COPYUID tell the rest.
+// Copies of one message share its undo id, so only that map tells them
+// apart; a message it cannot place (a delivery: LMTP tells no UID) is
+// found by its undo id among the messages no first-run UID maps to yet,
+// and is mapped from then on.
+func (r *userReplayer) resolve(b *mbox, n imap.UID, id string) (imap.UID, int) {
+	if b.orig == nil {
+		b.orig = map[imap.UID]imap.UID{}
+	}
+	if u, ok := b.orig[n]; ok {
+		m := b.msgs[u]
+		switch {
+		case m == nil:
+			// Mapped, and no longer there: a replayed verb took it.
+			return 0, resolvedTaken
+		case m.id == id || m.id == "":
+			m.id = id // an appended message without an Undomail-Id field
+			return u, resolvedHere
+		}
+		// Another message holds that UID (a drill replays without
+		// raising UIDNEXT, so UIDs can meet): find it by id below.
+	}
+	mapped := make(map[imap.UID]bool, len(b.orig))
+	for _, u := range b.orig {
+		mapped[u] = true
+	}
+	var candidates []imap.UID
+	for u, m := range b.msgs {
+		if m.id == id && !mapped[u] {
+			candidates = append(candidates, u)
+		}
+	}
+	if len(candidates) > 0 {
+		slices.Sort(candidates)
+		pick := candidates[0]
+		if slices.Contains(candidates, n) {
+			pick = n
+		}
+		b.orig[n] = pick
+		return pick, resolvedHere
+	}
+	if r.taken[id] {
+		return 0, resolvedTaken
+	}
+	return 0, resolvedGone
 }
 
 // learnOrig records, for the copies a replayed COPY or MOVE made, the

@@ -727,6 +727,7 @@ func TestConcurrentCycleIsIdentity(t *testing.T) {
 					}
 					t.Errorf("seed %d, %d sessions per mailbox (rerun: -run 'TestConcurrentCycleIsIdentity/sessions=%d' -concurrent.seed=%d): a cycle with no repair is not an identity:\n  %s\ncommands:\n  %s",
 						seed, n, n, seed, strings.Join(problems, "\n  "), strings.Join(cmds, "\n  "))
+					dumpLog(t, tb, fmt.Sprintf("identity-%d-%d", n, seed))
 				}
 			}
 		})
@@ -882,4 +883,37 @@ func sessionCounts(t *testing.T) []int {
 		out = append(out, n)
 	}
 	return out
+}
+
+// dumpLog writes every record of the log, in words and as JSON, to a
+// file in $UNDOMAIL_TEST_DUMP (when set), for a failure to be read
+// record by record.
+func dumpLog(t *testing.T, tb *testbed.Testbed, name string) {
+	dir := os.Getenv("UNDOMAIL_TEST_DUMP")
+	if dir == "" {
+		return
+	}
+	recs, err := tb.Daemon.Log.Records(context.Background(), undolog.Filter{})
+	if err != nil {
+		t.Logf("dump the log: %v", err)
+		return
+	}
+	var b strings.Builder
+	for _, r := range recs {
+		msgID := ""
+		if r.Blob != "" {
+			if body, err := tb.Daemon.Log.ReadBlob(r.Blob); err == nil {
+				if _, rest, ok := strings.Cut(string(body), "Message-Id: "); ok {
+					msgID, _, _ = strings.Cut(rest, "\r\n")
+				}
+			}
+		}
+		fmt.Fprintf(&b, "%d %s %s %s ref=%d %s args=%s outcome=%s\n", r.Seq, r.User, r.Session, r.Kind, r.Ref, msgID, r.Args, r.Outcome)
+	}
+	path := filepath.Join(dir, name+".log")
+	if err := os.WriteFile(path, []byte(b.String()), 0o644); err != nil {
+		t.Logf("dump the log: %v", err)
+		return
+	}
+	t.Logf("the log is in %s", path)
 }
