@@ -296,7 +296,7 @@ func (s *imapSession) fetchUndoIDsLocked(mb mailboxState, uids []uint32) (map[ui
 	found := map[uint32]string{}
 	fetch := func(uids []uint32) error {
 		tag := next()
-		_, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+verb.TraceHeader+")])\r\n", tag,
+		r, err := sc.up.collect(tag+" UID FETCH "+compactSet(uids)+" (UID BODY.PEEK[HEADER.FIELDS ("+verb.TraceHeader+")])\r\n", tag,
 			func(r *imapwire.Response) {
 				if r.Fetch == nil || r.Fetch.UID == 0 {
 					return
@@ -309,6 +309,11 @@ func (s *imapSession) fetchUndoIDsLocked(mb mailboxState, uids []uint32) (map[ui
 					}
 				}
 			})
+		if err == nil && r.Name != "OK" {
+			// The connection lost its mailbox (a failed command, or
+			// Dovecot's BYE when another session deleted it): begin again.
+			err = fmt.Errorf("UID FETCH in %s: %s %s", mb.name, r.Name, r.Text)
+		}
 		if err != nil {
 			sc.up.close()
 			sc.up = nil
@@ -373,9 +378,27 @@ func (s *imapSession) uidValidityOf(mailbox string) uint32 {
 	sc := s.side
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if err := s.sideLogin(); err != nil {
+	reused := sc.up != nil
+	uv, err := s.uidValidityLocked(mailbox)
+	if err != nil && reused && sc.up == nil {
+		// The connection had died idle: Dovecot ends a session whose
+		// selected mailbox another session deleted ("BYE Selected mailbox
+		// was deleted"). Once more on a new one.
+		uv, err = s.uidValidityLocked(mailbox)
+	}
+	if err != nil {
 		s.logger.Warn("UIDVALIDITY lookup failed", "mailbox", mailbox, "err", err)
-		return 0
+	}
+	return uv
+}
+
+func (s *imapSession) uidValidityLocked(mailbox string) (uint32, error) {
+	sc := s.side
+	if sc.up == nil {
+		sc.examined = mailboxState{}
+	}
+	if err := s.sideLogin(); err != nil {
+		return 0, err
 	}
 	tag := sc.next()
 	var uv uint32
@@ -393,9 +416,8 @@ func (s *imapSession) uidValidityOf(mailbox string) uint32 {
 	if err != nil {
 		sc.up.close()
 		sc.up = nil
-		s.logger.Warn("UIDVALIDITY lookup failed", "mailbox", mailbox, "err", err)
 	}
-	return uv
+	return uv, err
 }
 
 // firstTraceID returns the value of the first Undomail-Id field of a

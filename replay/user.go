@@ -186,6 +186,9 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 			err = r.remade(ctx, a.Mailbox)
 		}
 	case verb.KindIMAPDelete:
+		if err := r.leave(a.Mailbox); err != nil {
+			return ReplayOutcome{}, err
+		}
 		if err = r.c.Delete(a.Mailbox).Wait(); err == nil {
 			delete(r.boxes, a.Mailbox)
 			if r.selected == a.Mailbox {
@@ -199,6 +202,9 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 			if err := r.unprecreate(a.Dest); err != nil {
 				return ReplayOutcome{}, err
 			}
+		}
+		if err := r.leave(a.Mailbox); err != nil {
+			return ReplayOutcome{}, err
 		}
 		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
 			r.renamed(a.Mailbox, a.Dest)
@@ -229,6 +235,21 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		return ReplayOutcome{}, err
 	}
 	return ReplayOutcome{Status: "ok"}, nil
+}
+
+// leave unselects the mailbox the session has selected if it is name or
+// below it, before a DELETE or RENAME of name: Dovecot ends a session
+// whose selected mailbox went away under it (BYE), and the rest of the
+// user's replay would fail with it.
+func (r *userReplayer) leave(name string) error {
+	if r.selected == "" || r.selected != name && !isChild(r.selected, name) {
+		return nil
+	}
+	if err := r.c.Unselect().Wait(); err != nil {
+		return fmt.Errorf("unselect %s before it is renamed or deleted: %w", r.selected, err)
+	}
+	r.selected = ""
+	return nil
 }
 
 // remade gives a mailbox the replay made again the UIDVALIDITY it had
