@@ -68,6 +68,33 @@ func (t *idTable) put(k msgKey, id string) {
 	t.m[k] = id
 }
 
+// rename moves what the table knows of a renamed mailbox and the
+// mailboxes below it to their new names: RENAME keeps UIDs and
+// UIDVALIDITY (RFC 9051 6.3.6), so the messages keep their ids. Renaming
+// INBOX moves its messages to the new name and leaves INBOX empty, and
+// the mailboxes below INBOX where they are.
+func (t *idTable) rename(user, from, to string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for k, id := range t.m {
+		if k.user != user {
+			continue
+		}
+		var name string
+		switch {
+		case k.mailbox == from:
+			name = to
+		case !strings.EqualFold(from, "INBOX") && (strings.HasPrefix(k.mailbox, from+"/") || strings.HasPrefix(k.mailbox, from+".")):
+			name = to + k.mailbox[len(from):]
+		default:
+			continue
+		}
+		delete(t.m, k)
+		k.mailbox = name
+		t.m[k] = id
+	}
+}
+
 // loadUser fills the table with what the log says about the user's
 // messages: where logged APPENDs put them and where logged COPYs and MOVEs
 // copied them. A restart of undomail then still names messages that were
@@ -85,7 +112,7 @@ func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
 	if done && at == holds {
 		return nil
 	}
-	verbs, err := p.log.Verbs(ctx, undolog.Filter{User: user, Kinds: []string{verb.KindIMAPAppend, verb.KindIMAPCopy, verb.KindIMAPMove}})
+	verbs, err := p.log.Verbs(ctx, undolog.Filter{User: user, Kinds: []string{verb.KindIMAPAppend, verb.KindIMAPCopy, verb.KindIMAPMove, verb.KindIMAPRename}})
 	if err != nil {
 		return fmt.Errorf("read %s's message history: %w", user, err)
 	}
@@ -123,6 +150,8 @@ func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
 			if f := strings.Fields(o.AppendUID); len(f) == 2 {
 				p.ids.put(msgKey{user, a.Mailbox, parseUint32(f[0]), parseUint32(f[1])}, a.UndoID)
 			}
+		case verb.KindIMAPRename:
+			p.ids.rename(user, a.Mailbox, a.Dest)
 		default:
 			p.learnCopies(user, a.Dest, o.CopyUID, a.UndoIDs)
 		}

@@ -262,6 +262,8 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response, expunged 
 			}
 		case verb.KindIMAPCopy, verb.KindIMAPMove:
 			s.p.learnCopies(s.user, a.Dest, o.CopyUID, a.UndoIDs)
+		case verb.KindIMAPRename:
+			s.p.ids.rename(s.user, a.Mailbox, a.Dest)
 		}
 	}
 	out, _ := json.Marshal(o)

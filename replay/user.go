@@ -12,6 +12,7 @@ import (
 	"net/textproto"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -168,7 +169,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		if err := json.Unmarshal(v.Args, &a); err != nil {
 			return skipped, nil
 		}
-		return r.onMessages(v, verb.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
+		return r.onMessages(v, verb.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, UIDs: a.UIDs, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
 	}
 	var a verb.IMAPArgs
 	if err := json.Unmarshal(v.Args, &a); err != nil {
@@ -844,7 +845,7 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 		case resolvedGone:
 			gone++
 			continue
-		case resolvedTaken:
+		case resolvedTaken, resolvedUnknown:
 			continue
 		}
 		set.AddNum(pick)
@@ -859,6 +860,10 @@ const (
 	resolvedHere  = iota // it is in the mailbox now, at the UID returned
 	resolvedTaken        // this replay expunged or moved it away before
 	resolvedGone         // it is not in the store after the repair
+	// resolvedUnknown: a UID the verb named without an undo id that no
+	// message this replay knows had the first time (a UID STORE of a UID
+	// that did not exist, say).
+	resolvedUnknown
 )
 
 // resolve finds the message the first run knew as UID n in this mailbox,
@@ -879,12 +884,19 @@ func (r *userReplayer) resolve(b *mbox, n imap.UID, id string) (imap.UID, int) {
 		case m == nil:
 			// Mapped, and no longer there: a replayed verb took it.
 			return 0, resolvedTaken
+		case id == "":
+			// Named by UID alone (the proxy could not tell its id): the
+			// UID is what the server acted on.
+			return u, resolvedHere
 		case m.id == id || m.id == "":
 			m.id = id // an appended message without an Undomail-Id field
 			return u, resolvedHere
 		}
 		// Another message holds that UID (a drill replays without
 		// raising UIDNEXT, so UIDs can meet): find it by id below.
+	}
+	if id == "" {
+		return 0, resolvedUnknown
 	}
 	mapped := make(map[imap.UID]bool, len(b.orig))
 	for _, u := range b.orig {
@@ -969,7 +981,7 @@ func expandUIDs(set string) ([]imap.UID, error) {
 // onMessages replays STORE, COPY, MOVE, EXPUNGE and a FETCH's \Seen on
 // the messages the verb named, translated to their UIDs now.
 func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcome, error) {
-	a.UndoIDs = withoutModified(v, a.UndoIDs)
+	named := withoutModified(v, namedMessages(a))
 	b, err := r.load(a.Mailbox)
 	var ie *imap.Error
 	switch {
@@ -981,7 +993,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcom
 	case err != nil:
 		return ReplayOutcome{}, err
 	}
-	set, uids, removed, gone := r.translate(b, a.UndoIDs)
+	set, uids, removed, gone := r.translate(b, named)
 	if gone > 0 {
 		// A re-delivered message the server filed elsewhere this time:
 		// the user's verb follows it there.
@@ -1105,6 +1117,23 @@ func copiesPlaced(dst *mbox, mailbox string, validity uint32, dstSet imap.NumSet
 	return out
 }
 
+// namedMessages lists the messages a verb named: each UID (decimal) with
+// its undo id, "" where the proxy could not tell it.
+func namedMessages(a verb.IMAPArgs) map[string]string {
+	out := make(map[string]string, len(a.UndoIDs))
+	if a.UIDs != "" {
+		if uids, err := expandUIDs(a.UIDs); err == nil {
+			for _, u := range uids {
+				out[strconv.FormatUint(uint64(u), 10)] = ""
+			}
+		}
+	}
+	for uid, id := range a.UndoIDs {
+		out[uid] = id
+	}
+	return out
+}
+
 // withoutModified drops from a conditional STORE's messages those the
 // server left alone the first time (its MODIFIED response code).
 func withoutModified(v undolog.Verb, ids map[string]string) map[string]string {
@@ -1178,7 +1207,7 @@ func (r *userReplayer) follow(v undolog.Verb, a verb.IMAPArgs, b *mbox) (out Rep
 			continue // already where the user put it
 		}
 		fa := a
-		fa.Mailbox, fa.UndoIDs = mailbox, ids
+		fa.Mailbox, fa.UIDs, fa.UndoIDs = mailbox, "", ids // the first run's UIDs name nothing there
 		o, err := r.onMessages(v, fa)
 		if err != nil {
 			return o, true, err
