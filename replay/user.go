@@ -192,6 +192,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		}
 		if err = r.c.Delete(a.Mailbox).Wait(); err == nil {
 			delete(r.boxes, a.Mailbox)
+			delete(r.precreated, a.Mailbox) // gone again: nothing left to remove
 			if r.selected == a.Mailbox {
 				r.selected = ""
 			}
@@ -209,6 +210,11 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		}
 		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
 			r.renamed(a.Mailbox, a.Dest)
+			if r.precreated[a.Mailbox] {
+				// Made in advance and renamed as the first run renamed it:
+				// the name is free again, the new one is claimed.
+				delete(r.precreated, a.Mailbox)
+			}
 		}
 	case verb.KindIMAPSetMetadata:
 		entries := map[string]*[]byte{}
