@@ -44,11 +44,13 @@ var (
 	concSeed  = flag.Int64("concurrent.seed", 0, "run the concurrent-client properties with this seed only (0: seeds 1..concurrent.seeds)")
 	concSeeds = flag.Int("concurrent.seeds", 5, "seeds per session count for the concurrent-client properties")
 	concOps   = flag.Int("concurrent.ops", 12, "commands per session and seed")
-	// concFolders adds CREATE, RENAME and DELETE of folders while other
-	// sessions work in them. Replay does not yet reproduce all such
-	// histories exactly at 5 and 10 sessions per mailbox (issue #13's
-	// closing note lists how they fail), so CI runs without them.
-	concFolders = flag.Bool("concurrent.folders", false, "let sessions create, rename and delete folders too")
+	// concFolders are the session counts per mailbox whose sessions also
+	// create, rename and delete folders while others work in them. At 5
+	// and 10 sessions replay does not yet reproduce every such history
+	// (issue #13's closing note: an APPEND Dovecot completed in a session
+	// it then ended, because another session deleted its selected
+	// mailbox, is logged without an outcome), so CI runs them at 1 and 2.
+	concFolders = flag.String("concurrent.folders", "1,2", "session counts per mailbox whose sessions also create, rename and delete folders, comma-separated (\"\" for none)")
 	// concSessions are the session counts per mailbox of the identity
 	// property: two users, STORE, COPY and MOVE by sequence number, "1:*"
 	// and UID, EXPUNGE, CLOSE and APPEND, with deliveries meanwhile.
@@ -92,11 +94,13 @@ type genSession struct {
 	uids []imap.UID // the selected mailbox's UIDs as last seen
 	// own restricts the session to its own messages (property b): it
 	// appends, and acts by UID only on what it appended.
-	own   bool
-	mine  map[string][]imap.UID // mailbox -> UIDs of its own messages
-	ids   []string              // Message-Ids it appended
-	first *imap.AppendData      // its first APPEND's APPENDUID
-	log   []string
+	own bool
+	// folders lets it create, rename and delete folders too.
+	folders bool
+	mine    map[string][]imap.UID // mailbox -> UIDs of its own messages
+	ids     []string              // Message-Ids it appended
+	first   *imap.AppendData      // its first APPEND's APPENDUID
+	log     []string
 }
 
 func (g *genSession) connect() error {
@@ -234,7 +238,7 @@ func (g *genSession) step() error {
 	}
 	var err error
 	k := g.r.Intn(100)
-	if !*concFolders && k >= 80 && k < 94 {
+	if !g.folders && k >= 80 && k < 94 {
 		k = 94 // a NOOP instead of a folder operation
 	}
 	switch {
@@ -401,7 +405,8 @@ func runTraffic(t *testing.T, tb *testbed.Testbed, seed int64, perMailbox int, o
 	tr := &traffic{}
 	for ui, u := range genUsers {
 		for i := range perMailbox {
-			g := &genSession{t: t, tb: tb, user: u, seed: seed, r: rand.New(rand.NewSource(seed*1000 + int64(ui*100+i))), mine: map[string][]imap.UID{}}
+			g := &genSession{t: t, tb: tb, user: u, seed: seed, r: rand.New(rand.NewSource(seed*1000 + int64(ui*100+i))), mine: map[string][]imap.UID{},
+				folders: slices.Contains(countList(t, "concurrent.folders", *concFolders), perMailbox)}
 			if own && ui == 0 && i == 0 {
 				g.own = true
 				tr.own = g
@@ -873,11 +878,20 @@ func TestConcurrentCycleNoticesAFileRemoved(t *testing.T) {
 
 func sessionCounts(t *testing.T) []int {
 	t.Helper()
+	return countList(t, "concurrent.sessions", *concSessions)
+}
+
+// countList parses a comma-separated list of session counts.
+func countList(t *testing.T, flagName, list string) []int {
+	t.Helper()
 	var out []int
-	for _, f := range strings.Split(*concSessions, ",") {
+	for _, f := range strings.Split(list, ",") {
+		if strings.TrimSpace(f) == "" {
+			continue
+		}
 		n, err := strconv.Atoi(strings.TrimSpace(f))
 		if err != nil || n < 1 {
-			t.Fatalf("-concurrent.sessions %q: %q is not a session count", *concSessions, f)
+			t.Fatalf("-%s %q: %q is not a session count", flagName, list, f)
 		}
 		out = append(out, n)
 	}
