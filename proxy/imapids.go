@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -530,3 +531,137 @@ func (p *IMAPProxy) learnCopies(user, dest string, copyUID string, srcIDs map[st
 
 // maxUIDsPerVerb bounds how many messages' undo ids one record lists.
 const maxUIDsPerVerb = 100000
+
+// settleCutOff records what became of an APPEND whose session ended
+// before the server answered it. Dovecot ends a session whose selected
+// mailbox another session deleted ("BYE IMAP session state is
+// inconsistent") after completing the command in progress, and never
+// sends its tagged OK: the message is in the store, yet the log would say
+// the command was cut off and replay would leave it out. Still under the
+// user's lock, the side connection looks for it: a message in the target
+// mailbox whose id nobody knows, with the logged message's header section
+// and size. Found, its outcome is recorded as OK with the UID it has, and
+// a text that says the client was never told; otherwise the intent stays
+// without an outcome.
+func (s *imapSession) settleCutOff(pc *pendingCmd) {
+	a := pc.verb.args
+	body, err := s.p.log.ReadBlob(pc.intent.Blob)
+	if err != nil {
+		s.logger.Warn("cut-off APPEND not settled: its message cannot be read from the log", "seq", pc.intent.Seq, "err", err)
+		return
+	}
+	uv, uid, err := s.findAppended(a.Mailbox, body)
+	if err != nil {
+		s.logger.Warn("cut-off APPEND not settled", "seq", pc.intent.Seq, "mailbox", a.Mailbox, "err", err)
+		return
+	}
+	if uid == 0 {
+		s.logger.Info("cut-off APPEND: the server did not store the message", "seq", pc.intent.Seq, "mailbox", a.Mailbox)
+		return
+	}
+	au := fmt.Sprintf("%d %d", uv, uid)
+	o := verb.IMAPOutcome{Status: "OK", Code: "APPENDUID " + au, AppendUID: au,
+		Text: "undomail: the server ended the session before it answered; the message was found in the mailbox afterwards (the client was never told)"}
+	out, _ := json.Marshal(o)
+	rec := &undolog.Record{User: s.user, Session: s.id, Kind: undolog.KindOutcome, Ref: pc.intent.Seq,
+		Users: []string{s.user}, Outcome: out}
+	if err := s.p.log.Append(context.Background(), rec); err != nil {
+		s.logger.Error("cut-off APPEND found but its outcome not logged", "seq", pc.intent.Seq, "err", err)
+		return
+	}
+	s.p.ids.put(msgKey{s.user, a.Mailbox, uv, uid}, a.UndoID)
+	s.logger.Info("cut-off APPEND settled: the server had stored the message", "seq", pc.intent.Seq, "mailbox", a.Mailbox, "uid", uid)
+}
+
+// findAppended looks in a mailbox, over the side connection, for the one
+// message without a known undo id whose header section and size are those
+// of body. uid 0: none, or more than one (then nothing can be said).
+func (s *imapSession) findAppended(mailbox string, body []byte) (uv, uid uint32, err error) {
+	sc := s.side
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	for try := 0; try < 2; try++ {
+		if sc.up == nil {
+			sc.examined = mailboxState{}
+		}
+		if err = s.sideLogin(); err != nil {
+			return 0, 0, err
+		}
+		// Bounded: the user's changes wait for this.
+		sc.up.conn.SetDeadline(time.Now().Add(s.p.cfg.UpstreamTimeout))
+		uv, uid, err = s.findAppendedLocked(mailbox, body)
+		if sc.up != nil {
+			sc.up.conn.SetDeadline(time.Time{})
+		}
+		if err == nil || sc.up != nil {
+			break
+		}
+	}
+	return uv, uid, err
+}
+
+func (s *imapSession) findAppendedLocked(mailbox string, body []byte) (uv, uid uint32, err error) {
+	sc := s.side
+	fail := func(err error) (uint32, uint32, error) {
+		sc.up.close()
+		sc.up = nil
+		return 0, 0, err
+	}
+	header := body
+	if i := bytes.Index(body, []byte("\r\n\r\n")); i >= 0 {
+		header = body[:i+4]
+	}
+	// RFC822.SIZE counts lines ending in CRLF (RFC 9051 2.3.4).
+	size := len(body) + bytes.Count(body, []byte("\n")) - bytes.Count(body, []byte("\r\n"))
+	tag := sc.next()
+	r, err := sc.up.collect(tag+" EXAMINE "+astring(mailbox)+"\r\n", tag, func(r *imapwire.Response) {
+		if r.Code != nil && r.Code.Name == "UIDVALIDITY" {
+			uv = parseUint32(r.Code.Text)
+		}
+	})
+	if err != nil {
+		return fail(err)
+	}
+	sc.examined = mailboxState{}
+	if r.Name != "OK" {
+		return 0, 0, fmt.Errorf("EXAMINE %s: %s %s", mailbox, r.Name, r.Text)
+	}
+	sc.examined = mailboxState{name: mailbox, uidValidity: uv}
+	var candidates []uint32
+	tag = sc.next()
+	r, err = sc.up.collect(fmt.Sprintf("%s UID SEARCH LARGER %d SMALLER %d\r\n", tag, max(size-1, 0), size+1), tag, func(r *imapwire.Response) {
+		if r.Name != "SEARCH" {
+			return
+		}
+		for _, v := range r.Args {
+			if v.Kind == imapwire.Number && s.p.ids.get(msgKey{s.user, mailbox, uv, uint32(v.Num)}) == "" {
+				candidates = append(candidates, uint32(v.Num))
+			}
+		}
+	})
+	if err != nil {
+		return fail(err)
+	}
+	if r.Name != "OK" || len(candidates) == 0 {
+		return uv, 0, nil
+	}
+	var matches []uint32
+	tag = sc.next()
+	r, err = sc.up.collect(tag+" UID FETCH "+compactSet(candidates)+" (UID BODY.PEEK[HEADER])\r\n", tag, func(r *imapwire.Response) {
+		if r.Fetch == nil || r.Fetch.UID == 0 {
+			return
+		}
+		for _, sec := range r.Fetch.Sections {
+			if sec.Literal != nil && bytes.Equal(sec.Literal.Data, header) {
+				matches = append(matches, r.Fetch.UID)
+			}
+		}
+	})
+	if err != nil {
+		return fail(err)
+	}
+	if r.Name != "OK" || len(matches) != 1 {
+		return uv, 0, nil
+	}
+	return uv, matches[0], nil
+}

@@ -109,9 +109,15 @@ func (s *imapSession) splice() {
 		}
 		// Commands that will never complete leave the gate now. Their
 		// intents stay in the log without an outcome: the client was
-		// never told OK.
+		// never told OK. An APPEND the server may have completed before
+		// it ended the session is looked for first, under the user's
+		// lock still (settleCutOff).
+		var cut []*pendingCmd
 		for tag, pc := range s.pending {
-			if pc.intent != nil {
+			switch {
+			case pc.intent != nil && pc.verb != nil && pc.verb.kind == verb.KindIMAPAppend:
+				cut = append(cut, pc)
+			case pc.intent != nil:
 				s.p.leaveMutation(s.user)
 			}
 			if pc.locksUser {
@@ -120,6 +126,10 @@ func (s *imapSession) splice() {
 			delete(s.pending, tag)
 		}
 		s.mu.Unlock()
+		for _, pc := range cut {
+			s.settleCutOff(pc)
+			s.p.leaveMutation(s.user)
+		}
 		if !sent && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
 			// RFC 9051 7.1.5: BYE before closing; UNAVAILABLE says the
 			// cause is temporary.
