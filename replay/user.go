@@ -838,6 +838,7 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 		uidTexts = append(uidTexts, uidText)
 	}
 	slices.Sort(uidTexts) // a stable order for picking among copies
+	ix := r.indexOf(b)
 	for _, uidText := range uidTexts {
 		id := undoIDs[uidText]
 		var n uint32
@@ -846,7 +847,7 @@ func (r *userReplayer) translate(b *mbox, undoIDs map[string]string) (set imap.U
 			removed++
 			continue
 		}
-		pick, how := r.resolve(b, imap.UID(n), id)
+		pick, how := r.resolve(b, ix, imap.UID(n), id)
 		switch how {
 		case resolvedGone:
 			gone++
@@ -880,10 +881,7 @@ const (
 // apart; a message it cannot place (a delivery: LMTP tells no UID) is
 // found by its undo id among the messages no first-run UID maps to yet,
 // and is mapped from then on.
-func (r *userReplayer) resolve(b *mbox, n imap.UID, id string) (imap.UID, int) {
-	if b.orig == nil {
-		b.orig = map[imap.UID]imap.UID{}
-	}
+func (r *userReplayer) resolve(b *mbox, ix *mboxIndex, n imap.UID, id string) (imap.UID, int) {
 	if u, ok := b.orig[n]; ok {
 		m := b.msgs[u]
 		switch {
@@ -904,29 +902,51 @@ func (r *userReplayer) resolve(b *mbox, n imap.UID, id string) (imap.UID, int) {
 	if id == "" {
 		return 0, resolvedUnknown
 	}
-	mapped := make(map[imap.UID]bool, len(b.orig))
-	for _, u := range b.orig {
-		mapped[u] = true
-	}
-	var candidates []imap.UID
-	for u, m := range b.msgs {
-		if m.id == id && !mapped[u] {
-			candidates = append(candidates, u)
+	var pick imap.UID
+	for _, u := range ix.byID[id] {
+		if ix.mapped[u] || b.msgs[u] == nil {
+			continue
+		}
+		if pick == 0 || u == n {
+			pick = u
 		}
 	}
-	if len(candidates) > 0 {
-		slices.Sort(candidates)
-		pick := candidates[0]
-		if slices.Contains(candidates, n) {
-			pick = n
-		}
+	if pick != 0 {
 		b.orig[n] = pick
+		ix.mapped[pick] = true
 		return pick, resolvedHere
 	}
 	if r.taken[id] {
 		return 0, resolvedTaken
 	}
 	return 0, resolvedGone
+}
+
+// mboxIndex is what resolve looks messages up by, built once per verb:
+// the UIDs of each undo id, ascending, and the UIDs a first-run UID maps
+// to.
+type mboxIndex struct {
+	byID   map[string][]imap.UID
+	mapped map[imap.UID]bool
+}
+
+func (r *userReplayer) indexOf(b *mbox) *mboxIndex {
+	if b.orig == nil {
+		b.orig = map[imap.UID]imap.UID{}
+	}
+	ix := &mboxIndex{byID: map[string][]imap.UID{}, mapped: make(map[imap.UID]bool, len(b.orig))}
+	for u, m := range b.msgs {
+		if m.id != "" {
+			ix.byID[m.id] = append(ix.byID[m.id], u)
+		}
+	}
+	for _, uids := range ix.byID {
+		slices.Sort(uids)
+	}
+	for _, u := range b.orig {
+		ix.mapped[u] = true
+	}
+	return ix
 }
 
 // learnOrig records, for the copies a replayed COPY or MOVE made, the
