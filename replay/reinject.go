@@ -15,7 +15,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/internal/smtpclient"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -49,7 +49,7 @@ const DefaultReinjectTimeout = 2 * time.Minute
 // makes of it (the capture links them to the front door's undo id) are
 // taken here instead of being logged as new deliveries and forwarded.
 // The replay then delivers them itself, in the order of the log. Set
-// Collect as proxy.SMTPConfig.Collect of the LMTP listener.
+// Collect as the SMTP front end's SMTPConfig.Collect of the LMTP listener.
 type Capture struct {
 	mu   sync.Mutex
 	want map[string]*catch
@@ -427,7 +427,7 @@ func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, time
 	a := fd.args
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c, err := proxy.DialReinject(dctx, t.ReinjectAddr, a.Client, a.Helo, "undomail-replay", timeout)
+	c, err := smtpclient.DialAs(dctx, t.ReinjectAddr, a.Client, a.Helo, "undomail-replay", timeout)
 	if err != nil {
 		return "", false, err
 	}
