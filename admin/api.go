@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Backend is the running daemon as the admin API sees it.
@@ -415,13 +416,13 @@ func LogState(ctx context.Context, l *undolog.Log) (Status, error) {
 			st.LastSnapshot = &sn
 		}
 	}
-	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{KindCycle}, Desc: true, Limit: 1}); err != nil {
+	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{verb.KindCycle}, Desc: true, Limit: 1}); err != nil {
 		return st, err
 	} else if len(p.Verbs) == 1 {
 		c := cycleOf(p.Verbs[0], at)
 		st.LastCycle = &c
 	}
-	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{KindDrill}, Desc: true, Limit: 1}); err != nil {
+	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{verb.KindDrill}, Desc: true, Limit: 1}); err != nil {
 		return st, err
 	} else if len(p.Verbs) == 1 {
 		ds, _ := drillsOf(p.Verbs)
@@ -539,7 +540,7 @@ func (s *Server) cycle(ctx context.Context, seq int64) (Cycle, error) {
 	if err != nil {
 		return Cycle{}, err
 	}
-	if !ok || v.Kind != KindCycle {
+	if !ok || v.Kind != verb.KindCycle {
 		return Cycle{}, fmt.Errorf("branch=%d: record %d is not a cycle", seq, seq)
 	}
 	snaps, err := Snapshots(ctx, s.log)
@@ -809,7 +810,7 @@ func (s *Server) handleCompensations(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	q.Kinds = []string{KindCompensation}
+	q.Kinds = []string{verb.KindCompensation}
 	p, err := s.verbs(r.Context(), q)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, err)

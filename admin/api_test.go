@@ -76,7 +76,7 @@ func (f *fakeDaemon) DrillJSON(ctx context.Context, from, to string) (json.RawMe
 	if err := f.work(ctx); err != nil {
 		return nil, err
 	}
-	r := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(fmt.Sprintf(`{"ok":true,"from":%q,"to":%q}`, from, to))}
+	r := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Outcome: []byte(fmt.Sprintf(`{"ok":true,"from":%q,"to":%q}`, from, to))}
 	return r.Outcome, f.l.Append(ctx, r)
 }
 func (f *fakeDaemon) FiltersJSON() json.RawMessage                     { return json.RawMessage(`[]`) }
@@ -97,7 +97,7 @@ func (f *fakeDaemon) CycleProgress() any { return nil }
 
 func logSnapshot(ctx context.Context, l *undolog.Log, name string, at int64) error {
 	args, _ := json.Marshal(snapshotArgs{Name: name, AtSeq: at, Reason: "test"})
-	r := &undolog.Record{Kind: KindSnapshot, Session: "daemon", Args: args}
+	r := &undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: args}
 	if err := l.Append(ctx, r); err != nil {
 		return err
 	}
@@ -360,7 +360,7 @@ func TestVerbsPagingAndFilters(t *testing.T) {
 	del := imapVerb(t, l, "alice", "imap.delete", "Projects")
 	bobDel := imapVerb(t, l, "bob", "imap.delete", "Old")
 	args, _ := json.Marshal(cycleArgs{To: "before", Cancel: []int64{del}})
-	cyc := &undolog.Record{Kind: KindCycle, Session: "cycle", Args: args}
+	cyc := &undolog.Record{Kind: verb.KindCycle, Session: "cycle", Args: args}
 	if err := l.Append(ctx, cyc); err != nil {
 		t.Fatal(err)
 	}
@@ -578,12 +578,12 @@ func TestCompensationsAndDrills(t *testing.T) {
 	ts := newTestServer(t)
 	ctx := context.Background()
 	read := imapVerb(t, ts.f.l, "alice", "imap.fetch", "INBOX")
-	comp := &undolog.Record{Kind: KindCompensation, Session: "cycle", Users: []string{"alice"},
+	comp := &undolog.Record{Kind: verb.KindCompensation, Session: "cycle", Users: []string{"alice"},
 		Args: []byte(`{"undo_id":"U1","mail_from":"postmaster@example.test","rcpts":["alice@example.test"],"size":900,
 			"header":{"subject":"What changed in your mailbox","from":"Mail administrator <postmaster@example.test>"},
 			"cycle":7,"audience":"user","user":"alice","paradoxes":[{"kind":"read_removed","user":"alice","verb":` + fmt.Sprint(read) + `,"verb_kind":"imap.fetch"}]}`)}
-	drillOK := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":true,"from":"s1","to":"s2"}`)}
-	drillBad := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":false,"from":"s2","to":"s3","differences":[{"user":"bob","mailbox":"INBOX"}]}`)}
+	drillOK := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Outcome: []byte(`{"ok":true,"from":"s1","to":"s2"}`)}
+	drillBad := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Outcome: []byte(`{"ok":false,"from":"s2","to":"s3","differences":[{"user":"bob","mailbox":"INBOX"}]}`)}
 	if err := ts.f.l.Append(ctx, comp, drillOK, drillBad); err != nil {
 		t.Fatal(err)
 	}

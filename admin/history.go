@@ -9,18 +9,6 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
-// The record kinds the admin reads besides the proxies' verbs, as package
-// verb names them.
-const (
-	KindSnapshot       = verb.KindSnapshot
-	KindSnapshotPruned = verb.KindSnapshotPruned
-	KindCycle          = verb.KindCycle
-	KindDrill          = verb.KindDrill
-	KindCompensation   = verb.KindCompensation
-	KindReplay         = verb.KindReplay
-	KindRewind         = verb.KindRewind
-)
-
 // Verb is a verb as the API returns it: the fields of `undomail log
 // --json` plus the record in words, from package verb.
 type Verb struct {
@@ -68,7 +56,7 @@ func NewVerb(v undolog.Verb) Verb {
 	d := verb.Describe(v)
 	out.Summary, out.Result, out.Description, out.ForUser = d.What, d.Outcome, d.Line(), d.ForUser
 	switch v.Kind {
-	case verb.KindSMTPSubmit, verb.KindLMTPDeliver, KindCompensation:
+	case verb.KindSMTPSubmit, verb.KindLMTPDeliver, verb.KindCompensation:
 		var a struct {
 			Header    verb.HeaderInfo `json:"header"`
 			Paradoxes []Paradox       `json:"paradoxes"`
@@ -175,7 +163,7 @@ func allOf(ctx context.Context, l *undolog.Log, kinds ...string) ([]undolog.Verb
 // Snapshots returns the snapshots the log records, oldest first, pruned
 // ones marked; failed snapshots are left out.
 func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
-	vs, err := allOf(ctx, l, KindSnapshot, KindSnapshotPruned)
+	vs, err := allOf(ctx, l, verb.KindSnapshot, verb.KindSnapshotPruned)
 	if err != nil {
 		return nil, err
 	}
@@ -186,7 +174,7 @@ func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
-		if v.Kind == KindSnapshotPruned {
+		if v.Kind == verb.KindSnapshotPruned {
 			if i, ok := idx[a.Name]; ok {
 				out[i].Pruned = true
 			}
@@ -204,7 +192,7 @@ func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
 
 // Cycles returns the cycles in the log, oldest first.
 func Cycles(ctx context.Context, l *undolog.Log, snaps []Snapshot) ([]Cycle, error) {
-	vs, err := allOf(ctx, l, KindCycle)
+	vs, err := allOf(ctx, l, verb.KindCycle)
 	if err != nil {
 		return nil, err
 	}
@@ -242,7 +230,7 @@ func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
 
 // Drills returns the drill verdicts in the log, oldest first.
 func Drills(ctx context.Context, l *undolog.Log) ([]Drill, error) {
-	vs, err := allOf(ctx, l, KindDrill)
+	vs, err := allOf(ctx, l, verb.KindDrill)
 	if err != nil {
 		return nil, err
 	}

@@ -277,7 +277,7 @@ const (
 // destructive changes, reads, the system's own records, compensations.
 func verbClass(v Verb) string {
 	switch {
-	case v.Kind == KindCompensation:
+	case v.Kind == verb.KindCompensation:
 		return "comp"
 	case v.Kind == verb.KindIMAPDelete || v.Kind == verb.KindIMAPExpunge:
 		return "destroy"
@@ -523,7 +523,7 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 // saw it to the paradox's kind, from the newest compensations (the kind
 // index: a bounded read however long the log).
 func (w *web) paradoxes(ctx context.Context) (map[int64]string, error) {
-	p, err := w.s.log.Page(ctx, undolog.PageQuery{Kinds: []string{KindCompensation}, Desc: true, Limit: 500})
+	p, err := w.s.log.Page(ctx, undolog.PageQuery{Kinds: []string{verb.KindCompensation}, Desc: true, Limit: 500})
 	if err != nil {
 		return nil, err
 	}
@@ -740,7 +740,7 @@ func (w *web) runDrill(rw http.ResponseWriter, r *http.Request, p *pageData) err
 
 func (w *web) compensations(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	p.Title = "compensations"
-	page, err := w.s.verbs(r.Context(), undolog.PageQuery{Kinds: []string{KindCompensation}, Desc: true, Limit: 500})
+	page, err := w.s.verbs(r.Context(), undolog.PageQuery{Kinds: []string{verb.KindCompensation}, Desc: true, Limit: 500})
 	p.Data = page.Verbs
 	return err
 }

@@ -15,11 +15,8 @@ import (
 	"github.com/undomail/undomail/internal/mailstack"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindDrill is a recovery drill's record: Args name the snapshots
-// (DrillArgs), the outcome is its verdict (DrillResult).
-const KindDrill = "drill"
 
 // DrillArgs say what a drill replayed: the log between two snapshots.
 type DrillArgs struct {
@@ -108,7 +105,7 @@ func PickDrill(ctx context.Context, store timetravel.Store, l *undolog.Log, from
 }
 
 func rewindsBetween(ctx context.Context, l *undolog.Log, after, before int64) (int, error) {
-	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindRewind}})
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindRewind}})
 	if err != nil {
 		return 0, err
 	}

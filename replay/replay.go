@@ -16,37 +16,6 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
-// KindReplay records what replaying one logged verb did; Ref names the
-// verb. Compensation (issue 6) compares it with the verb's first outcome.
-// A delivery to several recipients is replayed per recipient, with one
-// record per recipient's user.
-const KindReplay = "replay"
-
-// KindCompensation is a compensating message undomail delivered (issue 6):
-// Args are verb.DeliveryArgs, Outcome a verb.DeliveryOutcome, Blob the
-// message. A later replay re-delivers it like a captured delivery, so the
-// explanation survives later cycles and is never made twice.
-const KindCompensation = "compensation"
-
-// ReplayOutcome is the result of replaying one verb.
-type ReplayOutcome struct {
-	Status string `json:"status"` // ok, failed, cancelled, filtered, repaired ("skipped" verbs are not recorded)
-	Detail string `json:"detail,omitempty"`
-	// Placed says where the replay put messages that carry no
-	// Undomail-Id field of their own (APPENDs and their copies): the IMAP
-	// front end learns their undo ids from it, so the user's verbs on them
-	// after the cycle name them by undo id too.
-	Placed []Placed `json:"placed,omitempty"`
-}
-
-// Placed is one message a replay put in a mailbox.
-type Placed struct {
-	Mailbox     string `json:"mailbox"`
-	UIDValidity uint32 `json:"uidvalidity"`
-	UID         uint32 `json:"uid"`
-	UndoID      string `json:"undo_id"`
-}
-
 // Target is the rewound mail server replay acts on, directly: replayed
 // verbs are not new user actions and do not pass the proxies.
 type Target struct {
@@ -289,26 +258,26 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					mu.Lock()
 					switch {
 					case err != nil:
-						out = ReplayOutcome{Status: "failed", Detail: err.Error()}
+						out = ReplayOutcome{Status: verb.ReplayFailed, Detail: err.Error()}
 						res.Failed++
 						t.Logger.Warn("replay failed", "seq", tk.v.Seq, "kind", tk.v.Kind, "user", user, "err", err)
-					case out.Status == "skipped":
+					case out.Status == verb.ReplaySkipped:
 						res.Skipped[tk.v.Kind]++
-					case out.Status == "ok":
+					case out.Status == verb.ReplayOK:
 						res.Replayed++
-					case out.Status == "filtered":
+					case out.Status == verb.ReplayFiltered:
 						res.Filtered++
-					case out.Status == "repaired":
+					case out.Status == verb.ReplayRepaired:
 						res.Repaired++
-					case out.Status == "cancelled":
+					case out.Status == verb.ReplayCancelled:
 						res.Cancelled++
-					case out.Status == StatusHeld:
+					case out.Status == verb.ReplayHeld:
 						res.Held++
 					}
 					mu.Unlock()
-					if out.Status != "skipped" && !p.NoRecord {
+					if out.Status != verb.ReplaySkipped && !p.NoRecord {
 						b, _ := json.Marshal(out)
-						rec := &undolog.Record{Kind: KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
+						rec := &undolog.Record{Kind: verb.KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
 						// Not fsynced one by one: the repair's verdict is, and
 						// takes these with it; a crash before it rolls the
 						// whole repair back (daemon.recoverRepair).
@@ -455,7 +424,7 @@ func UserOf(rcpt string) string {
 // own (a submission at the front door, a read, a refused command).
 func split(v undolog.Verb) (ts []task, skip bool) {
 	switch v.Kind {
-	case verb.KindLMTPDeliver, KindCompensation:
+	case verb.KindLMTPDeliver, verb.KindCompensation:
 		var o verb.DeliveryOutcome
 		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
 			return nil, true
@@ -519,13 +488,6 @@ type FilterSpec struct {
 	Action string `json:"action"` // drop, move:FOLDER
 }
 
-// KindCycle is the verb of a 3R cycle; its outcome is the verdict.
-const KindCycle = "cycle"
-
-// KindFilterRemoved ends a kept filter's life for live mail; Args name
-// the cycle that kept it ({"cycle": SEQ}).
-const KindFilterRemoved = "filter.removed"
-
 // KeptFilter is a filter a cycle left active for live mail.
 type KeptFilter struct {
 	Cycle   int64      `json:"cycle"`
@@ -538,13 +500,13 @@ type KeptFilter struct {
 // KeptFilters returns every filter a successful cycle kept active, in
 // the order they were kept, including those removed since.
 func KeptFilters(ctx context.Context, l *undolog.Log) ([]KeptFilter, error) {
-	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindCycle, KindFilterRemoved}})
+	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindCycle, verb.KindFilterRemoved}})
 	if err != nil {
 		return nil, fmt.Errorf("read kept filters: %w", err)
 	}
 	var out []KeptFilter
 	for _, v := range verbs {
-		if v.Kind == KindFilterRemoved {
+		if v.Kind == verb.KindFilterRemoved {
 			var a struct {
 				Cycle int64 `json:"cycle"`
 			}
@@ -590,13 +552,13 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 	}
 	// A verb an earlier replay cancelled (a cycle's --cancel, or the
 	// cancel given to undomail replay) stays cancelled.
-	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindReplay}})
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		return d, fmt.Errorf("replay: read earlier replays: %w", err)
 	}
 	// Replay records of a repair that a crash interrupted were rolled
 	// back with it: they decide nothing.
-	repairs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindCycle}})
+	repairs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindCycle}})
 	if err != nil {
 		return d, fmt.Errorf("replay: read earlier repairs: %w", err)
 	}
@@ -615,7 +577,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 	}
 	for _, r := range recs {
 		var o ReplayOutcome
-		if r.Ref > after && past(r.Seq) && json.Unmarshal(r.Outcome, &o) == nil && o.Status == "cancelled" && !interrupted(r.Seq) {
+		if r.Ref > after && past(r.Seq) && json.Unmarshal(r.Outcome, &o) == nil && o.Status == verb.ReplayCancelled && !interrupted(r.Seq) {
 			d.cancelled[r.Ref] = r.Seq
 		}
 	}
@@ -632,7 +594,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 		keptBy[k.Cycle] = true
 	}
 	for _, v := range verbs {
-		if v.Kind != KindCycle {
+		if v.Kind != verb.KindCycle {
 			continue
 		}
 		var c CycleRecord
@@ -662,7 +624,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 
 // Replayable are the verb kinds a replay re-executes.
 var Replayable = map[string]bool{
-	verb.KindLMTPDeliver: true, KindCompensation: true,
+	verb.KindLMTPDeliver: true, verb.KindCompensation: true,
 	verb.KindIMAPAppend: true, verb.KindIMAPStore: true, verb.KindIMAPCopy: true, verb.KindIMAPMove: true,
 	verb.KindIMAPExpunge: true, verb.KindIMAPCreate: true, verb.KindIMAPDelete: true, verb.KindIMAPRename: true,
 	verb.KindIMAPSubscribe: true, verb.KindIMAPUnsubscribe: true, verb.KindIMAPSetMetadata: true,

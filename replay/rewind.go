@@ -21,13 +21,8 @@ import (
 
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindRewind is the verb of a rewind; its args hold the counters every
-// mailbox had before it, outside the store that is rolled back (DESIGN:
-// "Record the pre-rewind values outside the rewound dataset (the log),
-// because Dovecot's own counters roll back with it").
-const KindRewind = "rewind"
 
 // Upstream says how to make the mail server let go of the store before a
 // rollback and take it up again after. Commands are argument lists, so a
@@ -202,7 +197,7 @@ func RewindUsers(ctx context.Context, log *undolog.Log, store timetravel.Store, 
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: list messages: %w", snapshot, err)
 	}
 	args, _ := json.Marshal(RewindArgs{Snapshot: snapshot, AtSeq: snap.Seq, Before: before, Users: users})
-	intent := &undolog.Record{Kind: KindRewind, Session: "rewind", Args: args}
+	intent := &undolog.Record{Kind: verb.KindRewind, Session: "rewind", Args: args}
 	if err := log.Append(ctx, intent); err != nil {
 		return RewindOutcome{}, fmt.Errorf("rewind to %s: log intent: %w", snapshot, err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func deliver(t *testing.T, tb *testbed.Testbed, n, from int) {
@@ -138,7 +139,7 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 		t.Fatalf("APPEND after the rewind got UID %d: UIDs below %d were already shown", data.UID, before.UIDNext)
 	}
 	// The counters were logged before the rollback.
-	vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
+	vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindRewind}})
 	if err != nil || len(vs) != 1 || vs[0].Outcome == nil {
 		t.Fatalf("rewind verbs %+v, %v", vs, err)
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func cycleCmd() *cobra.Command {
@@ -308,8 +309,8 @@ func printRoutes(w io.Writer, routes []replay.Route, after bool) {
 		switch r.NowStatus {
 		case "":
 			now = "not re-injected: its recorded deliveries were replayed"
-		case "failed", replay.StatusRefused:
-			now = r.NowStatus + ": " + r.Failed
+		case verb.ReplayFailed, verb.ReplayRefused:
+			now = string(r.NowStatus) + ": " + r.Failed
 		}
 		if len(r.Held) > 0 {
 			now = strings.TrimPrefix(now+"; held: "+strings.Join(r.Held, ", "), "; ")

@@ -13,6 +13,7 @@ import (
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func drillCmd() *cobra.Command {
@@ -97,7 +98,7 @@ func listDrills(cmd *cobra.Command, dataDir string, asJSON bool) error {
 		return err
 	}
 	defer l.Close()
-	verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{replay.KindDrill}})
+	verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindDrill}})
 	if err != nil {
 		return err
 	}

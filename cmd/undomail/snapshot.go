@@ -15,6 +15,7 @@ import (
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func snapshotCmd() *cobra.Command {
@@ -66,7 +67,7 @@ lists the snapshots that exist (taken and not pruned).`,
 				return err
 			}
 			defer l.Close()
-			verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{daemon.KindSnapshot}})
+			verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindSnapshot}})
 			if err != nil {
 				return err
 			}

@@ -10,6 +10,7 @@ import (
 	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // compensation is the compensation: configuration and the hostname that
@@ -50,7 +51,7 @@ func (d *Daemon) runCompensation(ctx context.Context, cycleSeq int64) (compensat
 	if err != nil {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: %w", cycleSeq, err)
 	}
-	if len(recs) != 1 || recs[0].Seq != cycleSeq || recs[0].Kind != KindCycle {
+	if len(recs) != 1 || recs[0].Seq != cycleSeq || recs[0].Kind != verb.KindCycle {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: no cycle record at that seq", cycleSeq)
 	}
 	var a CycleArgs

@@ -13,10 +13,8 @@ import (
 	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindCycle is the verb of a 3R cycle; its outcome is the verdict.
-const KindCycle = replay.KindCycle
 
 // CycleArgs are a cycle's arguments, as logged: where it rewinds to, the
 // repair, the reason, and the snapshot of the present taken first so the
@@ -284,7 +282,7 @@ func (d *Daemon) beginRepair(ctx context.Context, args CycleArgs) (intent *undol
 	}
 	args.Present, args.PresentAt = snap.Name, snap.Seq
 	b, _ := json.Marshal(args)
-	intent = &undolog.Record{Kind: KindCycle, Session: "cycle", Args: b}
+	intent = &undolog.Record{Kind: verb.KindCycle, Session: "cycle", Args: b}
 	if err := d.Log.Append(ctx, intent); err != nil {
 		resume()
 		return nil, "", nil, fmt.Errorf("log intent: %w", err)

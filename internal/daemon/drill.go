@@ -15,10 +15,8 @@ import (
 
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindDrill is a recovery drill's verb; its outcome is the verdict.
-const KindDrill = replay.KindDrill
 
 // DrillVerdict is a drill's result with how it was acknowledged.
 type DrillVerdict struct {
@@ -45,7 +43,7 @@ func (d *Daemon) Drill(ctx context.Context, from, to string) (DrillVerdict, erro
 		return DrillVerdict{}, err
 	}
 	args, _ := json.Marshal(replay.DrillArgs{From: a.Name, To: b.Name, FromSeq: a.Seq, ToSeq: b.Seq})
-	intent := &undolog.Record{Kind: KindDrill, Session: "drill", Args: args}
+	intent := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
 		return DrillVerdict{}, fmt.Errorf("drill: log intent: %w", err)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestDrill: a drill over two snapshots with mail and IMAP changes
@@ -122,7 +123,7 @@ func TestDrill(t *testing.T) {
 	mu.Unlock()
 	waitForUser(t, tb, "bob", "undomail recovery drill FAILED")
 	// Both verdicts are in the log.
-	drills, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindDrill}})
+	drills, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindDrill}})
 	if len(drills) != 2 || drills[0].Outcome == nil || drills[1].Outcome == nil {
 		t.Fatalf("drill records %+v", drills)
 	}

@@ -73,7 +73,7 @@ func (d *Daemon) RemoveFilters(ctx context.Context, cycle int64) error {
 		return fmt.Errorf("no active filter was kept by cycle %d", cycle)
 	}
 	args, _ := json.Marshal(map[string]int64{"cycle": cycle})
-	if err := d.Log.Append(ctx, &undolog.Record{Kind: replay.KindFilterRemoved, Session: "daemon", Args: args}); err != nil {
+	if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindFilterRemoved, Session: "daemon", Args: args}); err != nil {
 		return fmt.Errorf("log filter removal: %w", err)
 	}
 	d.live.list = rest

@@ -10,6 +10,7 @@ import (
 
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // PruneReply says what a prune removed.
@@ -75,7 +76,7 @@ func (d *Daemon) PruneLog(ctx context.Context, before, archive string) (PruneRep
 				return rep, fmt.Errorf("prune: destroy snapshot %s: %w", s.Name, err)
 			}
 			args, _ := json.Marshal(SnapshotArgs{Name: s.Name, Store: d.storeSpec, Reason: "log pruned"})
-			if err := d.Log.Append(ctx, &undolog.Record{Kind: KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
+			if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
 				d.logger.Error("log pruned snapshot", "snapshot", s.Name, "err", err)
 			}
 			rep.Snapshots = append(rep.Snapshots, s.Name)

@@ -12,17 +12,8 @@ import (
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindSnapshot is the verb of a snapshot of the mail store. Its args name
-// the snapshot and the log position it was cut at; the same position is
-// stored with the snapshot itself (timetravel), so the two can be checked
-// against each other (timetravel.Verify) rather than one trusted blindly.
-const KindSnapshot = "snapshot"
-
-// KindSnapshotPruned records that retention destroyed a snapshot, so the
-// log's list of snapshots and the store's agree.
-const KindSnapshotPruned = "snapshot.pruned"
 
 // SnapshotArgs are the arguments of a snapshot verb.
 type SnapshotArgs struct {
@@ -70,7 +61,7 @@ func (d *Daemon) snapshotHeld(ctx context.Context, reason string, release func()
 	name := "undomail-" + time.Now().UTC().Format("20060102T150405.000Z")
 	at, _ := d.Log.Last()
 	args, _ := json.Marshal(SnapshotArgs{Name: name, AtSeq: at, Store: d.storeSpec, Reason: reason})
-	intent := &undolog.Record{Kind: KindSnapshot, Session: "daemon", Args: args}
+	intent := &undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
 		release()
 		return timetravel.Snapshot{}, fmt.Errorf("snapshot %s: log intent: %w", name, err)
@@ -114,7 +105,7 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 		}
 		for _, name := range pruned {
 			args, _ := json.Marshal(SnapshotArgs{Name: name, Store: d.storeSpec, Reason: "retention"})
-			if err := d.Log.Append(ctx, &undolog.Record{Kind: KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
+			if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
 				d.logger.Error("log pruned snapshot", "snapshot", name, "err", err)
 			}
 		}
@@ -278,7 +269,7 @@ func (d *Daemon) RewindJSON(ctx context.Context, snapshot string, hold bool) (js
 // LoggedSnapshots returns the snapshots the log says exist (taken, not
 // pruned), by name, with their positions.
 func LoggedSnapshots(ctx context.Context, l *undolog.Log) (map[string]int64, error) {
-	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindSnapshot, KindSnapshotPruned}})
+	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindSnapshot, verb.KindSnapshotPruned}})
 	if err != nil {
 		return nil, err
 	}
@@ -288,7 +279,7 @@ func LoggedSnapshots(ctx context.Context, l *undolog.Log) (map[string]int64, err
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
-		if v.Kind == KindSnapshotPruned {
+		if v.Kind == verb.KindSnapshotPruned {
 			delete(out, a.Name)
 			continue
 		}

@@ -1,0 +1,15 @@
+package replay
+
+import "github.com/undomail/undomail/verb"
+
+// ReplayOutcome is the result of replaying one verb, as recorded (its
+// one definition is in package verb, with its statuses).
+type ReplayOutcome = verb.ReplayOutcome
+
+// Placed is one message a replay put in a mailbox (verb.Placed).
+type Placed = verb.Placed
+
+// KindCompensation names verb.KindCompensation for the replayer's
+// code, which is being changed elsewhere (issue #18); new code uses
+// verb.KindCompensation.
+const KindCompensation = verb.KindCompensation
