@@ -115,21 +115,9 @@ type Cycle struct {
 	// Verdict is nil while the cycle runs (or if it was cut off);
 	// VerdictSeq is its record. The cycle's own records (its rewind and
 	// replays) are between Seq and VerdictSeq.
-	Verdict    *Verdict        `json:"verdict,omitempty"`
+	Verdict    *CycleVerdict   `json:"verdict,omitempty"`
 	VerdictSeq int64           `json:"verdict_seq,omitempty"`
 	Raw        json.RawMessage `json:"verdict_raw,omitempty"`
-}
-
-// Verdict is the part of a cycle's verdict the admin shows.
-type Verdict struct {
-	OK            bool    `json:"ok"`
-	Replayed      int     `json:"replayed"`
-	Cancelled     int     `json:"cancelled"`
-	Filtered      int     `json:"filtered"`
-	Failed        int     `json:"failed"`
-	Compensations int     `json:"compensations"`
-	Held          float64 `json:"held_s"`
-	Error         string  `json:"error,omitempty"`
 }
 
 // Drill is a recovery drill's verdict.
@@ -220,7 +208,7 @@ func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
 		Cancel: a.Cancel, Filters: a.Filters, Present: a.Present}
 	if v.Outcome != nil {
 		c.Raw, c.VerdictSeq = v.Outcome.Outcome, v.Outcome.Seq
-		var vd Verdict
+		var vd CycleVerdict
 		if json.Unmarshal(v.Outcome.Outcome, &vd) == nil {
 			c.Verdict = &vd
 		}

@@ -638,7 +638,7 @@ func (w *web) runCycle(rw http.ResponseWriter, r *http.Request, p *pageData) err
 // currentView is the running (or last) admin cycle.
 type currentView struct {
 	State    RunState
-	Verdict  *Verdict
+	Verdict  *CycleVerdict
 	Progress string // phase and counts
 	Percent  int
 }
@@ -649,13 +649,7 @@ func (w *web) current(rw http.ResponseWriter, r *http.Request, p *pageData) erro
 	p.Data = cv
 	if cv.State.Running {
 		p.Refresh = 1
-		if cv.State.Progress != nil {
-			b, _ := json.Marshal(cv.State.Progress)
-			var pr struct {
-				Phase               string
-				Done, Total, Failed int
-			}
-			json.Unmarshal(b, &pr)
+		if pr := cv.State.Progress; pr != nil {
 			cv.Progress = pr.Phase
 			if pr.Total > 0 {
 				cv.Progress = fmt.Sprintf("%s: %d of %d verbs, %d failed", pr.Phase, pr.Done, pr.Total, pr.Failed)
@@ -663,12 +657,7 @@ func (w *web) current(rw http.ResponseWriter, r *http.Request, p *pageData) erro
 			}
 		}
 	}
-	if len(cv.State.Verdict) > 0 {
-		var vd Verdict
-		if json.Unmarshal(cv.State.Verdict, &vd) == nil {
-			cv.Verdict = &vd
-		}
-	}
+	cv.Verdict = cv.State.Verdict
 	return nil
 }
 

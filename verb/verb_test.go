@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
@@ -59,7 +60,7 @@ func samples(t *testing.T) map[string][]sample {
 			before = append(before, replay.MailboxCounters{User: u, Mailbox: mb, UIDValidity: 1796292551, UIDNext: 48, HighestModSeq: 90})
 		}
 	}
-	verdict := daemon.CycleVerdict{OK: true, Cycle: 35, Present: "undomail-20261203T100912.538Z", Replayed: 55, Cancelled: 1,
+	verdict := admin.CycleVerdict{OK: true, Cycle: 35, Present: "undomail-20261203T100912.538Z", Replayed: 55, Cancelled: 1,
 		Skipped: map[string]int{"smtp.submit": 55}, Users: 2, Messages: 55,
 		Verify:       replay.Verification{Users: 2, Mailboxes: 4, Messages: 57},
 		Held:         1.5,
@@ -70,9 +71,9 @@ func samples(t *testing.T) map[string][]sample {
 	comp := compensate.Args{DeliveryArgs: deliv, Cycle: 35, Audience: compensate.AudienceUser, User: "alice",
 		Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: "alice", Verb: 19, VerbKind: verb.KindLMTPDeliver}}}
 	comp.Header.Subject = "Your mailbox was repaired: what changed"
-	drill := daemon.DrillVerdict{DrillResult: replay.DrillResult{OK: true, From: "s1", To: "s2", Replayed: 12, Messages: 40, Seconds: 3.2},
+	drill := admin.DrillVerdict{DrillResult: replay.DrillResult{OK: true, From: "s1", To: "s2", Replayed: 12, Messages: 40, Seconds: 3.2},
 		Acknowledged: []string{"mail ops@example.test"}}
-	badDrill := daemon.DrillVerdict{DrillResult: replay.DrillResult{OK: false, From: "s1", To: "s2", Differences: []string{`alice "INBOX" uid 3: flags differ`}, More: 2}}
+	badDrill := admin.DrillVerdict{DrillResult: replay.DrillResult{OK: false, From: "s1", To: "s2", Differences: []string{`alice "INBOX" uid 3: flags differ`}, More: 2}}
 	return map[string][]sample{
 		verb.KindSMTPSubmit: {{user: "bob", args: deliv, outcome: verb.DeliveryOutcome{Reply: &verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok: queued as 4ABC"}},
 			what: `"Budget 2027"`, result: "accepted: 250 2.0.0 Ok: queued as 4ABC"},

@@ -123,11 +123,12 @@ verdict. The exit status is 0 only for a verified cycle.`,
 				req.Filters = append(req.Filters, admin.FilterRequest{Rule: f, Action: filterAction})
 			}
 			stop := showProgress(c, os.Stderr)
-			verdict, err := c.Cycle(context.Background(), req)
+			cv, err := c.Cycle(context.Background(), req)
 			stop()
-			printVerdict(out, verdict)
-			var cv daemon.CycleVerdict
-			if remote.adminURL == "" && len(p.Reinject) > 0 && json.Unmarshal(verdict, &cv) == nil && cv.Cycle > 0 {
+			if err == nil || cv.Cycle > 0 { // a cycle that failed to start has no verdict
+				printVerdict(out, cv)
+			}
+			if remote.adminURL == "" && len(p.Reinject) > 0 && cv.Cycle > 0 {
 				if l, lerr := undolog.OpenReadOnly(dataDir); lerr == nil {
 					routes, rerr := replay.Routes(context.Background(), l, p.AtSeq, cv.Cycle, cancelSet(p.cancel))
 					l.Close()
@@ -139,10 +140,7 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
 			}
-			var v struct {
-				OK bool `json:"ok"`
-			}
-			if json.Unmarshal(verdict, &v) != nil || !v.OK {
+			if !cv.OK {
 				return &exitError{code: 1, msg: "cycle NOT OK: see its verdict"}
 			}
 			return nil
@@ -437,12 +435,11 @@ func showProgress(c *admin.Client, w *os.File) (stop func()) {
 				return
 			case <-tick.C:
 			}
-			raw, err := c.CycleProgress(context.Background())
-			var p replay.Progress
-			if err != nil || json.Unmarshal(raw, &p) != nil || p.Phase == "" {
+			p, err := c.CycleProgress(context.Background())
+			if err != nil || p == nil || p.Phase == "" {
 				continue
 			}
-			fmt.Fprintf(w, "\r\033[K%s", progressLine(p, 30))
+			fmt.Fprintf(w, "\r\033[K%s", progressLine(*p, 30))
 		}
 	}()
 	return func() { close(done); <-finished }
@@ -466,12 +463,7 @@ func progressLine(p replay.Progress, width int) string {
 }
 
 // printVerdict renders a cycle's verdict for people.
-func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage) {
-	var v daemon.CycleVerdict
-	if json.Unmarshal(raw, &v) != nil {
-		fmt.Fprintf(w, "verdict: %s\n", raw)
-		return
-	}
+func printVerdict(w interface{ Write([]byte) (int, error) }, v admin.CycleVerdict) {
 	state := "OK"
 	if !v.OK {
 		state = "NOT OK"

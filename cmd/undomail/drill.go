@@ -10,7 +10,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -45,19 +44,18 @@ and printed; the exit status is 0 only for a pass.
 			if err != nil {
 				return err
 			}
-			raw, err := c.Drill(context.Background(), from, to)
-			if asJSON {
-				fmt.Fprintf(out, "%s\n", raw)
-			} else {
-				var v daemon.DrillVerdict
-				if json.Unmarshal(raw, &v) == nil {
-					printDrill(out, v.DrillResult)
-					for _, a := range v.Acknowledged {
-						fmt.Fprintf(out, "  reported to %s\n", a)
-					}
-					for _, e := range v.AckErrors {
-						fmt.Fprintf(out, "  NOT reported: %s\n", e)
-					}
+			v, err := c.Drill(context.Background(), from, to)
+			switch {
+			case asJSON:
+				b, _ := json.Marshal(v)
+				fmt.Fprintf(out, "%s\n", b)
+			case err == nil || v.From != "":
+				printDrill(out, v.DrillResult)
+				for _, a := range v.Acknowledged {
+					fmt.Fprintf(out, "  reported to %s\n", a)
+				}
+				for _, e := range v.AckErrors {
+					fmt.Fprintf(out, "  NOT reported: %s\n", e)
 				}
 			}
 			if err != nil {

@@ -168,7 +168,8 @@ repair the server by hand, then run undomail replay.`,
 			if err != nil {
 				return fmt.Errorf("rewind: %w", err)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "rewound to %s: %s\n", to, out)
+			b, _ := json.Marshal(out)
+			fmt.Fprintf(cmd.OutOrStdout(), "rewound to %s: %s\n", to, b)
 			return nil
 		},
 	}
@@ -209,7 +210,8 @@ func replayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			out, err := c.Replay(context.Background(), cancelled)
+			res, err := c.Replay(context.Background(), cancelled)
+			out, _ := json.Marshal(res)
 			fmt.Fprintf(cmd.OutOrStdout(), "replay: %s\n", out)
 			if err != nil {
 				return &exitError{code: 1, msg: "replay failed: " + err.Error()}

@@ -13,41 +13,33 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
-
-// DrillVerdict is a drill's result with how it was acknowledged.
-type DrillVerdict struct {
-	replay.DrillResult
-	// Acknowledged lists where the verdict was sent (mail, webhook);
-	// AckErrors what failed. A drill reports every time, pass or fail.
-	Acknowledged []string `json:"acknowledged,omitempty"`
-	AckErrors    []string `json:"ack_errors,omitempty"`
-}
 
 // Drill runs a recovery drill (replay.Drill) between two snapshots (both
 // empty: the newest pair with no rewind between them), logs its verdict
 // and sends it as a positive acknowledgement to the configured mail
 // address and webhook. Production is not touched: the drill replays
 // against a clone with a private Dovecot.
-func (d *Daemon) Drill(ctx context.Context, from, to string) (DrillVerdict, error) {
+func (d *Daemon) Drill(ctx context.Context, from, to string) (admin.DrillVerdict, error) {
 	if d.Store == nil {
-		return DrillVerdict{}, fmt.Errorf("drill: no store configured")
+		return admin.DrillVerdict{}, fmt.Errorf("drill: no store configured")
 	}
 	d.drillMu.Lock()
 	defer d.drillMu.Unlock()
 	a, b, err := replay.PickDrill(ctx, d.Store, d.Log, from, to)
 	if err != nil {
-		return DrillVerdict{}, err
+		return admin.DrillVerdict{}, err
 	}
 	args, _ := json.Marshal(replay.DrillArgs{From: a.Name, To: b.Name, FromSeq: a.Seq, ToSeq: b.Seq})
 	intent := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
-		return DrillVerdict{}, fmt.Errorf("drill: log intent: %w", err)
+		return admin.DrillVerdict{}, fmt.Errorf("drill: log intent: %w", err)
 	}
-	v := DrillVerdict{DrillResult: replay.Drill(ctx, replay.DrillOptions{Store: d.Store, Log: d.Log, From: a.Name, To: b.Name,
+	v := admin.DrillVerdict{DrillResult: replay.Drill(ctx, replay.DrillOptions{Store: d.Store, Log: d.Log, From: a.Name, To: b.Name,
 		WorkDir: filepath.Join(d.dataDir, "drills"), Logger: d.logger})}
 	d.acknowledge(ctx, &v)
 	out, _ := json.Marshal(v)
@@ -56,27 +48,13 @@ func (d *Daemon) Drill(ctx context.Context, from, to string) (DrillVerdict, erro
 	}
 	if !v.OK {
 		d.logger.Error("recovery drill FAILED", "from", v.From, "to", v.To, "differences", len(v.Differences)+v.More, "err", v.Error)
-		return v, fmt.Errorf("drill %s -> %s failed: %s", v.From, v.To, v.summary())
+		return v, fmt.Errorf("drill %s -> %s failed: %s", v.From, v.To, v.Summary())
 	}
 	return v, nil
 }
 
-func (v DrillVerdict) summary() string {
-	if v.Error != "" {
-		return v.Error
-	}
-	return fmt.Sprintf("%d differences", len(v.Differences)+v.More)
-}
-
-// DrillJSON is Drill for the control socket.
-func (d *Daemon) DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error) {
-	v, err := d.Drill(ctx, from, to)
-	b, _ := json.Marshal(v)
-	return b, err
-}
-
 // acknowledge sends the verdict to the operator's address and webhook.
-func (d *Daemon) acknowledge(ctx context.Context, v *DrillVerdict) {
+func (d *Daemon) acknowledge(ctx context.Context, v *admin.DrillVerdict) {
 	if hook := d.drills.Webhook; hook != "" {
 		body, _ := json.Marshal(v.DrillResult)
 		if err := postJSON(ctx, hook, body); err != nil {

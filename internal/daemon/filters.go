@@ -142,9 +142,3 @@ func readRef(l *undolog.Log, ref undolog.BlobRef) ([]byte, error) {
 	defer r.Close()
 	return io.ReadAll(r)
 }
-
-// FiltersJSON is Filters for the control socket.
-func (d *Daemon) FiltersJSON() json.RawMessage {
-	b, _ := json.Marshal(d.Filters())
-	return b
-}

@@ -233,11 +233,11 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c, Workers: d.replayWorkers, Progress: d.prog.set,
 		Gone: p.gone, Restore: d.upstream.Restore, Returning: p.returning}, d.target)
 	v := CycleVerdict{Cycle: p.intent, Present: p.present, ReplayS: time.Since(start).Seconds()}
-	v.fill(res)
+	fillVerdict(&v, res)
 	if err == nil {
 		// The replay ran to its end: explain what changed, failures
 		// included.
-		err = v.check()
+		err = v.Check()
 		d.prog.phase("compensate")
 		err = errors.Join(err, d.compensate(ctx, p.intent, &v))
 	}
@@ -250,20 +250,6 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	d.endRepair(ctx, p.intent, v) // before changes flow again: see Cycle
 	p.resume()
 	return res, err
-}
-
-// ReplayJSON is Replay for the control socket.
-func (d *Daemon) ReplayJSON(ctx context.Context, cancel []int64) (json.RawMessage, error) {
-	res, err := d.Replay(ctx, cancel)
-	b, _ := json.Marshal(res)
-	return b, err
-}
-
-// RewindJSON is Rewind for the control socket.
-func (d *Daemon) RewindJSON(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error) {
-	out, err := d.Rewind(ctx, snapshot, hold)
-	b, _ := json.Marshal(out)
-	return b, err
 }
 
 // LoggedSnapshots returns the snapshots the log says exist (taken, not
