@@ -10,7 +10,7 @@ import (
 // cycle: a 3R cycle (rewind, repair, replay; docs: README "Undo your
 // first mistake"). Its arguments are the repair, its outcome the verdict.
 func init() {
-	register(Kind{Name: KindCycle, Family: "cycle", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindCycle, Replay: Replay{Why: "a cycle changes no mail of its own: its repair (cancellations, filters) stays decided for every later replay"}, Family: "cycle", System: true, Describe: func(r Record) Description {
 		var a CycleArgs
 		if json.Unmarshal(r.Args, &a) != nil {
 			return Description{What: "cycle: " + flatten(r.Args), Outcome: flatten(r.Outcome)}

@@ -9,7 +9,7 @@ import (
 // drill: a recovery drill, the log replayed from one snapshot onto a
 // clone and compared with the next (docs/operations.md, drills).
 func init() {
-	register(Kind{Name: KindDrill, Family: "drill", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindDrill, Replay: Replay{Why: "a drill changed only a clone of the store, never the mail"}, Family: "drill", System: true, Describe: func(r Record) Description {
 		var a struct {
 			From string `json:"from"`
 			To   string `json:"to"`

@@ -72,7 +72,25 @@ type Kind struct {
 	Answered bool
 	// Describe tells one record in words; Record.Outcome may be empty.
 	Describe func(Record) Description
+	// Replay says how a replay makes a record of this kind again, or
+	// why it never does. Every kind says one or the other (register
+	// refuses a kind that says neither, or both), so nothing a user did
+	// is left out of a cycle without a reason.
+	Replay Replay
 }
+
+// Replay is how a kind is replayed, or why it is not.
+type Replay struct {
+	// How says how a replay makes the record again, when it had an
+	// effect (its client was told OK, its delivery was accepted).
+	How string
+	// Why says why a replay never makes it again.
+	Why string
+}
+
+// Replayed reports whether a replay makes records of this kind again
+// (when they had an effect).
+func (k Kind) Replayed() bool { return k.Replay.How != "" }
 
 var registry = map[string]Kind{}
 
@@ -83,6 +101,9 @@ func register(k Kind) {
 	}
 	if k.Describe == nil {
 		panic("verb: kind " + k.Name + " has no describer")
+	}
+	if (k.Replay.How == "") == (k.Replay.Why == "") {
+		panic("verb: kind " + k.Name + " must say how it is replayed (Replay.How) or why it is not (Replay.Why)")
 	}
 	registry[k.Name] = k
 }

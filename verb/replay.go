@@ -11,7 +11,7 @@ import (
 // several recipients is replayed per recipient, with one record per
 // recipient's user.
 func init() {
-	register(Kind{Name: KindReplay, Family: "replay", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindReplay, Replay: Replay{Why: "it is the result of replaying another record"}, Family: "replay", System: true, Describe: func(r Record) Description {
 		d := Description{What: fmt.Sprintf("replay of #%d", r.Ref)}
 		if r.User != "" {
 			d.What += " for " + r.User

@@ -10,7 +10,7 @@ import (
 // every mailbox's counters from before (README: the UIDs clients saw are
 // never reused), which are told as a count, not listed.
 func init() {
-	register(Kind{Name: KindRewind, Family: "rewind", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindRewind, Replay: Replay{Why: "a rewind is part of the cycle that ran it; the mail it rolled back is made again by replaying the verbs since"}, Family: "rewind", System: true, Describe: func(r Record) Description {
 		var a struct {
 			Snapshot string `json:"snapshot"`
 			AtSeq    int64  `json:"at_seq"`

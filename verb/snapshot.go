@@ -8,7 +8,7 @@ import (
 // snapshot and snapshot.pruned: a snapshot of the mail store, cut at a
 // log position, and its destruction by retention.
 func init() {
-	register(Kind{Name: KindSnapshot, Family: "snapshot", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindSnapshot, Replay: Replay{Why: "a snapshot copies the store, it changes no mail"}, Family: "snapshot", System: true, Describe: func(r Record) Description {
 		a, ok := snapshotArgs(r)
 		if !ok {
 			return Description{What: "snapshot: " + flatten(r.Args), Outcome: flatten(r.Outcome)}
@@ -34,7 +34,7 @@ func init() {
 		}
 		return d
 	}})
-	register(Kind{Name: KindSnapshotPruned, Family: "snapshot", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindSnapshotPruned, Replay: Replay{Why: "retention destroyed a snapshot; no mail changed"}, Family: "snapshot", System: true, Describe: func(r Record) Description {
 		a, ok := snapshotArgs(r)
 		if !ok {
 			return Description{What: "snapshot pruned: " + flatten(r.Args)}

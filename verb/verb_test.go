@@ -241,3 +241,87 @@ func TestEveryWrittenKindRegistered(t *testing.T) {
 	}
 	t.Logf("%d kinds registered: %s", len(verb.Kinds()), strings.Join(verb.Kinds(), " "))
 }
+
+// TestEveryProxyKindSaysHowItIsReplayed reads, from the proxies' source,
+// every record kind they write (the verb.Kind... constants they name)
+// and fails for one that has no definition here, or whose definition
+// says neither how a replay makes it again nor why it does not: a cycle
+// must never drop a user's action without a word (issue #18: a
+// SETMETADATA was recorded, then silently skipped).
+func TestEveryProxyKindSaysHowItIsReplayed(t *testing.T) {
+	values := map[string]string{} // constant name in package verb -> kind
+	verbFiles, _ := filepath.Glob("*.go")
+	for _, f := range verbFiles {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		file, err := parser.ParseFile(token.NewFileSet(), f, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ast.Inspect(file, func(n ast.Node) bool {
+			if vs, ok := n.(*ast.ValueSpec); ok {
+				for i, name := range vs.Names {
+					if lit, ok := valueAt(vs, i).(*ast.BasicLit); ok && lit.Kind == token.STRING && strings.HasPrefix(name.Name, "Kind") {
+						values[name.Name], _ = strconv.Unquote(lit.Value)
+					}
+				}
+			}
+			return true
+		})
+	}
+	used := map[string]string{} // kind -> where the proxy names it
+	files, err := filepath.Glob("../proxy/*.go")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("read ../proxy: %v", err)
+	}
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		fset := token.NewFileSet()
+		file, err := parser.ParseFile(fset, f, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ast.Inspect(file, func(n ast.Node) bool {
+			sel, ok := n.(*ast.SelectorExpr)
+			if !ok || !strings.HasPrefix(sel.Sel.Name, "Kind") {
+				return true
+			}
+			if pkg, ok := sel.X.(*ast.Ident); !ok || pkg.Name != "verb" {
+				return true
+			}
+			kind, ok := values[sel.Sel.Name]
+			if !ok {
+				t.Errorf("%s names verb.%s, which is no kind constant of package verb", fset.Position(sel.Pos()), sel.Sel.Name)
+				return true
+			}
+			used[kind] = fset.Position(sel.Pos()).String()
+			return true
+		})
+	}
+	// The IMAP front end writes twelve kinds, the SMTP and LMTP ones two:
+	// far fewer found means the scan no longer sees them.
+	if len(used) < 12 {
+		t.Fatalf("found only %d kinds the proxies write (%v): the scan is broken", len(used), used)
+	}
+	for kind, where := range used {
+		k, ok := verb.Lookup(kind)
+		switch {
+		case !ok:
+			t.Errorf("the proxy writes %s (%s), which package verb does not define: define it, with how it is replayed or why not", kind, where)
+		case k.Replay.How == "" && k.Replay.Why == "":
+			t.Errorf("the proxy writes %s (%s), but its definition says neither how it is replayed nor why not", kind, where)
+		case k.System:
+			t.Errorf("the proxy writes %s (%s), a kind defined as undomail's own record, not a user's", kind, where)
+		}
+	}
+}
+
+func valueAt(vs *ast.ValueSpec, i int) ast.Expr {
+	if i < len(vs.Values) {
+		return vs.Values[i]
+	}
+	return nil
+}
