@@ -8,6 +8,7 @@ import (
 	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // The requests and replies of the control socket and the admin API, one
@@ -46,17 +47,24 @@ type SnapshotReply struct {
 
 // CycleVerdict ends every cycle (DESIGN: "Positive acknowledgement").
 type CycleVerdict struct {
-	OK        bool           `json:"ok"`
-	Cycle     int64          `json:"cycle"` // the cycle's log position
-	Present   string         `json:"present,omitempty"`
-	Replayed  int            `json:"replayed"`
-	Cancelled int            `json:"cancelled"`
-	Filtered  int            `json:"filtered"`
-	Repaired  int            `json:"repaired"` // verbs skipped: their messages were removed by the repair
-	Failed    int            `json:"failed"`
-	Skipped   map[string]int `json:"skipped,omitempty"`
-	Users     int            `json:"users"`
-	Messages  int            `json:"messages"` // messages made again
+	OK        bool   `json:"ok"`
+	Cycle     int64  `json:"cycle"` // the cycle's log position
+	Present   string `json:"present,omitempty"`
+	Replayed  int    `json:"replayed"`
+	Cancelled int    `json:"cancelled"`
+	Filtered  int    `json:"filtered"`
+	Repaired  int    `json:"repaired"` // verbs skipped: their messages were removed by the repair
+	Failed    int    `json:"failed"`
+	// Skipped counts, by kind, the users' verbs the replay neither made
+	// again nor cancelled (package verb says why: no effect of their own,
+	// or a kind that is never replayed).
+	Skipped map[string]int `json:"skipped,omitempty"`
+	// Unreplayable counts, by kind, the verbs of kinds no replay is
+	// defined for (a newer undomail wrote them): they were left out, so
+	// the verdict is not OK.
+	Unreplayable map[string]int `json:"unreplayable,omitempty"`
+	Users        int            `json:"users"`
+	Messages     int            `json:"messages"` // messages made again
 	// Verify compares the store after the replay with the log's
 	// prediction. Cycles leave it out (it is empty): they compare with
 	// the present instead (Compared). The split form (undomail replay),
@@ -96,6 +104,8 @@ func (v *CycleVerdict) Check() error {
 	switch {
 	case v.Failed > 0:
 		return fmt.Errorf("%d verbs failed to replay", v.Failed)
+	case len(v.Unreplayable) > 0:
+		return fmt.Errorf("verbs of kinds this undomail cannot replay were left out: %s", strings.Join(verb.LeftAlone(v.Unreplayable), "; "))
 	case !v.Verify.OK():
 		return fmt.Errorf("verification found %d differences between the store and the log", len(v.Verify.Problems)+v.Verify.More)
 	case v.Compared != nil && !v.Compared.Done:

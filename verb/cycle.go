@@ -89,9 +89,11 @@ type Verdict struct {
 	Repaired  int            `json:"repaired"`
 	Failed    int            `json:"failed"`
 	Skipped   map[string]int `json:"skipped"`
-	Users     int            `json:"users"`
-	Messages  int            `json:"messages"`
-	Verify    struct {
+	// Unreplayable: verbs of kinds no replay is defined for, by kind.
+	Unreplayable map[string]int `json:"unreplayable"`
+	Users        int            `json:"users"`
+	Messages     int            `json:"messages"`
+	Verify       struct {
 		Users     int      `json:"users"`
 		Mailboxes int      `json:"mailboxes"`
 		Messages  int      `json:"messages"`
@@ -126,6 +128,9 @@ func (v Verdict) Words() string {
 	}
 	counts += fmt.Sprintf(", %d failed", v.Failed)
 	parts = append(parts, head+": "+counts)
+	if len(v.Unreplayable) > 0 {
+		parts = append(parts, "NOT replayed: "+strings.Join(LeftAlone(v.Unreplayable), ", "))
+	}
 	if len(v.Skipped) > 0 {
 		kinds := make([]string, 0, len(v.Skipped))
 		for k, n := range v.Skipped {

@@ -226,3 +226,27 @@ func seqList(seqs []int64) string {
 	}
 	return strings.Join(parts, ", ")
 }
+
+// LeftAlone tells, one line a kind, the verbs a replay leaves alone
+// (neither makes again nor cancels), counted by kind: how many, and why.
+// A kind that is replayed when it has an effect is left alone only when
+// it had none; a kind this version does not define cannot be replayed.
+func LeftAlone(counts map[string]int) []string {
+	kinds := make([]string, 0, len(counts))
+	for k := range counts {
+		kinds = append(kinds, k)
+	}
+	sort.Strings(kinds)
+	out := make([]string, 0, len(kinds))
+	for _, name := range kinds {
+		why := "no replay is defined for this kind: its effect is lost"
+		if k, ok := registry[name]; ok {
+			why = k.Replay.Why
+			if k.Replayed() {
+				why = "no effect of its own (its client was not told it happened, or it changed nothing)"
+			}
+		}
+		out = append(out, fmt.Sprintf("%d %s: %s", counts[name], name, why))
+	}
+	return out
+}

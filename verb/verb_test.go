@@ -68,6 +68,8 @@ func samples(t *testing.T) map[string][]sample {
 	failed := verdict
 	failed.OK, failed.Failed, failed.Error = false, 1, "the store differs from the log"
 	failed.Verify.Problems = []string{`alice "INBOX": 1 message missing`}
+	lost := verdict
+	lost.OK, lost.Unreplayable, lost.Error = false, map[string]int{"imap.setquota": 2}, "verbs of kinds this undomail cannot replay were left out"
 	comp := compensate.Args{DeliveryArgs: deliv, Cycle: 35, Audience: compensate.AudienceUser, User: "alice",
 		Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: "alice", Verb: 19, VerbKind: verb.KindLMTPDeliver}}}
 	comp.Header.Subject = "Your mailbox was repaired: what changed"
@@ -110,7 +112,8 @@ func samples(t *testing.T) map[string][]sample {
 			outcome: verdict, what: "cycle: rewind to snapshot s1 (log position 12), cancel #15", result: "verified: 55 replayed, 1 cancelled"},
 			{args: daemon.CycleArgs{To: "s1", Filters: []daemon.FilterSpec{{Rule: "subject:Offer", Action: "drop"}}, Users: []string{"alice"}},
 				outcome: failed, what: `filter "subject:Offer": drop`, result: "FAILED"},
-			{args: daemon.CycleArgs{To: "s1"}, what: "s1", result: "running, or cut off"}},
+			{args: daemon.CycleArgs{To: "s1"}, what: "s1", result: "running, or cut off"},
+			{args: daemon.CycleArgs{To: "s1"}, outcome: lost, what: "s1", result: "FAILED: 55 replayed, 1 cancelled, 0 failed; NOT replayed: 2 imap.setquota: no replay is defined for this kind"}},
 		verb.KindReplay: {{user: "alice", ref: 19, inline: replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 47"}, what: "replay of #19", result: "made again: INBOX uid 47"},
 			{user: "alice", ref: 15, inline: replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"}, what: "#15", result: "cancelled: left out by the repair"},
 			{user: "alice", ref: 21, inline: replay.ReplayOutcome{Status: "ok", Detail: "appended to Sent", Placed: []replay.Placed{{Mailbox: "Sent", UIDValidity: 7, UID: 12, UndoID: "01M8X"}}},

@@ -326,11 +326,21 @@ func (p *cyclePlan) onlyUsers(ctx context.Context, l *undolog.Log, users []strin
 		return err
 	}
 	theirs := map[int64]bool{}
+	p.NotReplayed, p.Unreplayable = nil, nil
 	for _, v := range verbs {
 		for _, u := range replay.VerbUsers(v) {
 			if slices.Contains(users, u) {
 				theirs[v.Seq] = true
 			}
+		}
+		if !theirs[v.Seq] {
+			continue
+		}
+		switch left, undefined := daemon.LeftAlone(v); {
+		case undefined:
+			p.Unreplayable = addKind(p.Unreplayable, v.Kind)
+		case left && !slices.Contains(p.cancel, v.Seq):
+			p.NotReplayed = addKind(p.NotReplayed, v.Kind)
 		}
 	}
 	keep := p.Verbs[:0]
@@ -357,6 +367,14 @@ func (p *cyclePlan) onlyUsers(ctx context.Context, l *undolog.Log, users []strin
 	return nil
 }
 
+func addKind(m map[string]int, kind string) map[string]int {
+	if m == nil {
+		m = map[string]int{}
+	}
+	m[kind]++
+	return m
+}
+
 func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	who := "everyone's mail"
 	if len(p.Users) > 0 {
@@ -371,6 +389,15 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	tw.Flush()
 	fmt.Fprintf(w, "%d to replay, %d cancelled, %d without effect (their clients were not told they happened)\n",
 		p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect)
+	if lines := p.LeftAlone(); len(lines) > 0 {
+		fmt.Fprintln(w, "not replayed:")
+		for _, l := range lines {
+			fmt.Fprintf(w, "  %s\n", l)
+		}
+	}
+	if len(p.Unreplayable) > 0 {
+		fmt.Fprintln(w, "the cycle's verdict will be NOT OK: it cannot replay verbs of a kind this undomail does not know")
+	}
 	printRoutes(w, p.Reinject, false)
 	for _, c := range p.ComesBack {
 		fmt.Fprintf(w, "comes back: %s\n", c)
@@ -472,6 +499,12 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, v admin.CycleVerdic
 	fmt.Fprintf(w, "  replayed %d verbs for %d users (%d messages made again) in %.1fs; changes held back %.1fs\n",
 		v.Replayed, v.Users, v.Messages, v.ReplayS, v.Held)
 	fmt.Fprintf(w, "  cancelled %d, filtered %d, skipped as repaired %d, failed %d\n", v.Cancelled, v.Filtered, v.Repaired, v.Failed)
+	for _, l := range verb.LeftAlone(v.Unreplayable) {
+		fmt.Fprintf(w, "  NOT replayed: %s\n", l)
+	}
+	for _, l := range verb.LeftAlone(v.Skipped) {
+		fmt.Fprintf(w, "  not replayed: %s\n", l)
+	}
 	if c := v.Compared; c != nil {
 		fmt.Fprintf(w, "  %s (%.1fs)\n", c.Summary(), v.VerifyS)
 		for _, p := range c.Problems {

@@ -164,11 +164,30 @@ func (d *Daemon) comparePresent(ctx context.Context, at, cycleSeq int64, present
 }
 
 // fillVerdict copies a replay's result into the verdict.
+// The replay's skipped kinds become the verbs left alone, by kind
+// (undomail's own records are none), and those of kinds no replay is
+// defined for, which make the verdict not OK.
 func fillVerdict(v *CycleVerdict, res replay.Result) {
-	v.Replayed, v.Cancelled, v.Failed, v.Skipped = res.Replayed, res.Cancelled, res.Failed, res.Skipped
+	v.Replayed, v.Cancelled, v.Failed = res.Replayed, res.Cancelled, res.Failed
 	v.Filtered, v.Repaired = res.Filtered, res.Repaired
 	v.Users, v.Messages, v.Verify = res.Users, res.Messages, res.Verify
-	v.OK = res.Failed == 0 && res.Verify.OK()
+	v.Skipped, v.Unreplayable = nil, nil
+	for kind, n := range res.Skipped {
+		k, ok := verb.Lookup(kind)
+		switch {
+		case !ok:
+			if v.Unreplayable == nil {
+				v.Unreplayable = map[string]int{}
+			}
+			v.Unreplayable[kind] = n
+		case !k.System:
+			if v.Skipped == nil {
+				v.Skipped = map[string]int{}
+			}
+			v.Skipped[kind] = n
+		}
+	}
+	v.OK = res.Failed == 0 && res.Verify.OK() && len(v.Unreplayable) == 0
 }
 
 // verifyRange refuses to replay a damaged stretch of the log: every
