@@ -12,7 +12,7 @@ import (
 	"sort"
 	"time"
 
-	"github.com/undomail/undomail/internal/mailstack"
+	"github.com/undomail/undomail/internal/privdovecot"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -174,15 +174,7 @@ func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
 	if err != nil {
 		return res, err
 	}
-	var mu []mailstack.User
-	for _, u := range users {
-		mu = append(mu, mailstack.User{Name: u, Password: hex.EncodeToString(id) + "-unused"})
-	}
-	if len(mu) == 0 {
-		mu = append(mu, mailstack.User{Name: "nobody", Password: "unused"}) // the stack wants one
-	}
-	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.WorkDir, tag), MailRoot: replayed,
-		DovecotOnly: true, Users: mu, Logger: o.Logger})
+	st, err := privdovecot.Start(ctx, privdovecot.Options{Dir: filepath.Join(o.WorkDir, tag), MailRoot: replayed, Users: users, Logger: o.Logger})
 	if err != nil {
 		return res, fmt.Errorf("start the drill's Dovecot: %w", err)
 	}
