@@ -197,34 +197,8 @@ func TestUnknownKindInWords(t *testing.T) {
 func TestEveryWrittenKindRegistered(t *testing.T) {
 	found := map[string]string{}
 	for _, dir := range []string{"../proxy", "../verb", "../replay", "../compensate", "../internal/daemon", "../undolog"} {
-		files, err := filepath.Glob(filepath.Join(dir, "*.go"))
-		if err != nil || len(files) == 0 {
-			t.Fatalf("read %s: %v", dir, err)
-		}
-		for _, f := range files {
-			if strings.HasSuffix(f, "_test.go") {
-				continue
-			}
-			file, err := parser.ParseFile(token.NewFileSet(), f, nil, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ast.Inspect(file, func(n ast.Node) bool {
-				vs, ok := n.(*ast.ValueSpec)
-				if !ok {
-					return true
-				}
-				for i, name := range vs.Names {
-					if !strings.HasPrefix(name.Name, "Kind") || i >= len(vs.Values) {
-						continue
-					}
-					if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
-						s, _ := strconv.Unquote(lit.Value)
-						found[s] = f + ": " + name.Name
-					}
-				}
-				return true
-			})
+		for name, c := range kindConstants(t, dir) {
+			found[c.value] = c.file + ": " + name
 		}
 	}
 	if len(found) < 20 {
@@ -252,41 +226,9 @@ func TestEveryWrittenKindRegistered(t *testing.T) {
 // must never drop a user's action without a word (issue #18: a
 // SETMETADATA was recorded, then silently skipped).
 func TestEveryProxyKindSaysHowItIsReplayed(t *testing.T) {
-	values := map[string]string{} // constant name in package verb -> kind
-	verbFiles, _ := filepath.Glob("*.go")
-	for _, f := range verbFiles {
-		if strings.HasSuffix(f, "_test.go") {
-			continue
-		}
-		file, err := parser.ParseFile(token.NewFileSet(), f, nil, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ast.Inspect(file, func(n ast.Node) bool {
-			if vs, ok := n.(*ast.ValueSpec); ok {
-				for i, name := range vs.Names {
-					if lit, ok := valueAt(vs, i).(*ast.BasicLit); ok && lit.Kind == token.STRING && strings.HasPrefix(name.Name, "Kind") {
-						values[name.Name], _ = strconv.Unquote(lit.Value)
-					}
-				}
-			}
-			return true
-		})
-	}
-	used := map[string]string{} // kind -> where the proxy names it
-	files, err := filepath.Glob("../proxy/*.go")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("read ../proxy: %v", err)
-	}
-	for _, f := range files {
-		if strings.HasSuffix(f, "_test.go") {
-			continue
-		}
-		fset := token.NewFileSet()
-		file, err := parser.ParseFile(fset, f, nil, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
+	consts := kindConstants(t, ".") // package verb's
+	used := map[string]string{}     // kind -> where the proxy names it
+	eachSource(t, "../proxy", func(fset *token.FileSet, file *ast.File) {
 		ast.Inspect(file, func(n ast.Node) bool {
 			sel, ok := n.(*ast.SelectorExpr)
 			if !ok || !strings.HasPrefix(sel.Sel.Name, "Kind") {
@@ -295,15 +237,15 @@ func TestEveryProxyKindSaysHowItIsReplayed(t *testing.T) {
 			if pkg, ok := sel.X.(*ast.Ident); !ok || pkg.Name != "verb" {
 				return true
 			}
-			kind, ok := values[sel.Sel.Name]
+			c, ok := consts[sel.Sel.Name]
 			if !ok {
 				t.Errorf("%s names verb.%s, which is no kind constant of package verb", fset.Position(sel.Pos()), sel.Sel.Name)
 				return true
 			}
-			used[kind] = fset.Position(sel.Pos()).String()
+			used[c.value] = fset.Position(sel.Pos()).String()
 			return true
 		})
-	}
+	})
 	// The IMAP front end writes twelve kinds, the SMTP and LMTP ones two:
 	// far fewer found means the scan no longer sees them.
 	if len(used) < 12 {
@@ -322,9 +264,49 @@ func TestEveryProxyKindSaysHowItIsReplayed(t *testing.T) {
 	}
 }
 
-func valueAt(vs *ast.ValueSpec, i int) ast.Expr {
-	if i < len(vs.Values) {
-		return vs.Values[i]
+// eachSource parses every non-test Go file in dir.
+func eachSource(t *testing.T, dir string, visit func(*token.FileSet, *ast.File)) {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "*.go"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("read %s: %v", dir, err)
 	}
-	return nil
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		fset := token.NewFileSet()
+		file, err := parser.ParseFile(fset, f, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		visit(fset, file)
+	}
+}
+
+type kindConst struct{ value, file string }
+
+// kindConstants are the constants named Kind... with a string literal
+// value that dir's source declares, by name.
+func kindConstants(t *testing.T, dir string) map[string]kindConst {
+	out := map[string]kindConst{}
+	eachSource(t, dir, func(fset *token.FileSet, file *ast.File) {
+		ast.Inspect(file, func(n ast.Node) bool {
+			vs, ok := n.(*ast.ValueSpec)
+			if !ok {
+				return true
+			}
+			for i, name := range vs.Names {
+				if !strings.HasPrefix(name.Name, "Kind") || i >= len(vs.Values) {
+					continue
+				}
+				if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
+					v, _ := strconv.Unquote(lit.Value)
+					out[name.Name] = kindConst{value: v, file: filepath.Join(dir, filepath.Base(fset.Position(file.Pos()).Filename))}
+				}
+			}
+			return true
+		})
+	})
+	return out
 }

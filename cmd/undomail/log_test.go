@@ -22,30 +22,8 @@ import (
 // replay records are listed themselves.
 func TestLogInWordsFoldsCycles(t *testing.T) {
 	ctx := context.Background()
-	l, err := undolog.Open(filepath.Join(t.TempDir(), "undo"), undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, js, add := handLog(t, filepath.Join(t.TempDir(), "undo"))
 	defer l.Close()
-	js := func(v any) json.RawMessage {
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
-	add := func(r *undolog.Record, outcome any) int64 {
-		t.Helper()
-		if err := l.Append(ctx, r); err != nil {
-			t.Fatal(err)
-		}
-		if outcome != nil {
-			if err := l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Ref: r.Seq, Outcome: js(outcome)}); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return r.Seq
-	}
 	add(&undolog.Record{Kind: "snapshot", Args: js(map[string]any{"name": "s1", "at_seq": 0, "reason": "hourly"})}, map[string]any{"ok": true, "pause_ms": 3.5})
 	del := add(&undolog.Record{Kind: verb.KindIMAPDelete, User: "alice", Users: []string{"alice"}, Args: js(verb.IMAPArgs{Command: "DELETE", Mailbox: "Projects"})},
 		verb.IMAPOutcome{Status: "OK", Text: "Delete completed."})
@@ -114,3 +92,34 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// handLog opens a new undo log in dir for records written by hand, as
+// the proxies and the daemon write them: js marshals a value, add
+// appends a record and, if outcome is not nil, its outcome record.
+func handLog(t *testing.T, dir string) (l *undolog.Log, js func(any) json.RawMessage, add func(r *undolog.Record, outcome any) int64) {
+	t.Helper()
+	l, err := undolog.Open(dir, undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	js = func(v any) json.RawMessage {
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	add = func(r *undolog.Record, outcome any) int64 {
+		t.Helper()
+		if err := l.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+		if outcome != nil {
+			if err := l.Append(context.Background(), &undolog.Record{Kind: undolog.KindOutcome, Ref: r.Seq, Outcome: js(outcome)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return r.Seq
+	}
+	return l, js, add
+}

@@ -2,8 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
-	"encoding/json"
 	"maps"
 	"strings"
 	"testing"
@@ -19,31 +17,8 @@ import (
 // newer undomail might write) makes the verdict NOT OK. Limited to one
 // user, it counts only that user's verbs.
 func TestPlanCountsWhatIsNotReplayed(t *testing.T) {
-	ctx := context.Background()
 	dir := t.TempDir()
-	l, err := undolog.Open(dir, undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	js := func(v any) json.RawMessage {
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
-	add := func(r *undolog.Record, outcome any) int64 {
-		t.Helper()
-		if err := l.Append(ctx, r); err != nil {
-			t.Fatal(err)
-		}
-		if outcome != nil {
-			if err := l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Ref: r.Seq, Outcome: js(outcome)}); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return r.Seq
-	}
+	l, js, add := handLog(t, dir)
 	ok := verb.IMAPOutcome{Status: "OK", Text: "done"}
 	add(&undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: js(daemon.SnapshotArgs{Name: "s1", AtSeq: 0, Reason: "test"})}, daemon.SnapshotOutcome{OK: true})
 	imap := func(user, kind, cmd string, outcome any) int64 {
