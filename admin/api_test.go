@@ -100,7 +100,7 @@ func (f *fakeDaemon) PlanCycle(ctx context.Context, to string, cancel []int64) (
 func (f *fakeDaemon) CycleProgress() *replay.Progress { return nil }
 
 func logSnapshot(ctx context.Context, l *undolog.Log, name string, at int64) error {
-	args, _ := json.Marshal(snapshotArgs{Name: name, AtSeq: at, Reason: "test"})
+	args, _ := json.Marshal(verb.SnapshotArgs{Name: name, AtSeq: at, Reason: "test"})
 	r := &undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: args}
 	if err := l.Append(ctx, r); err != nil {
 		return err

@@ -85,7 +85,7 @@ func (s *Server) timelinePage(ctx context.Context, q undolog.PageQuery, cycles [
 }
 
 func snapshotName(v undolog.Verb) string {
-	var a snapshotArgs
+	var a verb.SnapshotArgs
 	json.Unmarshal(v.Args, &a)
 	return a.Name
 }

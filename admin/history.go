@@ -68,18 +68,6 @@ func NewVerb(v undolog.Verb) Verb {
 	return out
 }
 
-type snapshotArgs struct {
-	Name   string `json:"name"`
-	AtSeq  int64  `json:"at_seq"`
-	Reason string `json:"reason"`
-}
-
-type snapshotOutcome struct {
-	OK    bool    `json:"ok"`
-	Error string  `json:"error"`
-	Pause float64 `json:"pause_ms"`
-}
-
 type cycleArgs struct {
 	To      string          `json:"to"`
 	Cancel  []int64         `json:"cancel"`
@@ -158,7 +146,7 @@ func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
 	var out []Snapshot
 	idx := map[string]int{}
 	for _, v := range vs {
-		var a snapshotArgs
+		var a verb.SnapshotArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
@@ -168,7 +156,7 @@ func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
 			}
 			continue
 		}
-		var o snapshotOutcome
+		var o verb.SnapshotOutcome
 		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || !o.OK {
 			continue
 		}

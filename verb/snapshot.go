@@ -17,11 +17,7 @@ func init() {
 		if a.Reason != "" {
 			d.What += " (" + a.Reason + ")"
 		}
-		var o struct {
-			OK    bool    `json:"ok"`
-			Error string  `json:"error"`
-			Pause float64 `json:"pause_ms"`
-		}
+		var o SnapshotOutcome
 		switch {
 		case !r.Answered:
 			d.Outcome = "no outcome: cut off while it was taken"
@@ -47,13 +43,23 @@ func init() {
 	}})
 }
 
-type snapshot struct {
+// SnapshotArgs are the arguments of a snapshot record (and of a
+// snapshot.pruned one, which names the snapshot destroyed).
+type SnapshotArgs struct {
 	Name   string `json:"name"`
-	AtSeq  int64  `json:"at_seq"`
-	Reason string `json:"reason"`
+	AtSeq  int64  `json:"at_seq"` // the last record whose effect the snapshot contains
+	Store  string `json:"store"`
+	Reason string `json:"reason,omitempty"` // "schedule", "on demand", ...
 }
 
-func snapshotArgs(r Record) (snapshot, bool) {
-	var a snapshot
+// SnapshotOutcome is how a snapshot went.
+type SnapshotOutcome struct {
+	OK    bool    `json:"ok"`
+	Error string  `json:"error,omitempty"`
+	Pause float64 `json:"pause_ms"` // how long mutations were held back
+}
+
+func snapshotArgs(r Record) (SnapshotArgs, bool) {
+	var a SnapshotArgs
 	return a, json.Unmarshal(r.Args, &a) == nil && a.Name != ""
 }

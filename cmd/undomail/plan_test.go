@@ -20,7 +20,7 @@ func TestPlanCountsWhatIsNotReplayed(t *testing.T) {
 	dir := t.TempDir()
 	l, js, add := handLog(t, dir)
 	ok := verb.IMAPOutcome{Status: "OK", Text: "done"}
-	add(&undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: js(daemon.SnapshotArgs{Name: "s1", AtSeq: 0, Reason: "test"})}, daemon.SnapshotOutcome{OK: true})
+	add(&undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: js(verb.SnapshotArgs{Name: "s1", AtSeq: 0, Reason: "test"})}, verb.SnapshotOutcome{OK: true})
 	imap := func(user, kind, cmd string, outcome any) int64 {
 		return add(&undolog.Record{Kind: kind, User: user, Users: []string{user}, Session: "i-" + user,
 			Args: js(verb.IMAPArgs{Command: cmd, Mailbox: "INBOX", UIDValidity: 7, UIDs: "1", Op: "+", Flags: []string{`\Seen`}})}, outcome)

@@ -72,9 +72,9 @@ lists the snapshots that exist (taken and not pruned).`,
 				return err
 			}
 			type row struct {
-				daemon.SnapshotArgs
-				Time    time.Time               `json:"time"`
-				Outcome *daemon.SnapshotOutcome `json:"outcome,omitempty"`
+				verb.SnapshotArgs
+				Time    time.Time             `json:"time"`
+				Outcome *verb.SnapshotOutcome `json:"outcome,omitempty"`
 			}
 			var rows []row
 			for _, v := range verbs {
@@ -82,7 +82,7 @@ lists the snapshots that exist (taken and not pruned).`,
 				json.Unmarshal(v.Args, &r.SnapshotArgs)
 				r.Time = v.Time
 				if v.Outcome != nil {
-					r.Outcome = &daemon.SnapshotOutcome{}
+					r.Outcome = &verb.SnapshotOutcome{}
 					json.Unmarshal(v.Outcome.Outcome, r.Outcome)
 				}
 				rows = append(rows, r)

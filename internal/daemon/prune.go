@@ -69,7 +69,7 @@ func (d *Daemon) PruneLog(ctx context.Context, before, archive string) (admin.Pr
 				}
 				return rep, fmt.Errorf("prune: destroy snapshot %s: %w", s.Name, err)
 			}
-			args, _ := json.Marshal(SnapshotArgs{Name: s.Name, Store: d.storeSpec, Reason: "log pruned"})
+			args, _ := json.Marshal(verb.SnapshotArgs{Name: s.Name, Store: d.storeSpec, Reason: "log pruned"})
 			if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
 				d.logger.Error("log pruned snapshot", "snapshot", s.Name, "err", err)
 			}

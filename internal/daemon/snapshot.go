@@ -15,21 +15,6 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
-// SnapshotArgs are the arguments of a snapshot verb.
-type SnapshotArgs struct {
-	Name   string `json:"name"`
-	AtSeq  int64  `json:"at_seq"` // the last record whose effect the snapshot contains
-	Store  string `json:"store"`
-	Reason string `json:"reason,omitempty"` // "schedule", "on demand", ...
-}
-
-// SnapshotOutcome is how the snapshot went.
-type SnapshotOutcome struct {
-	OK    bool    `json:"ok"`
-	Error string  `json:"error,omitempty"`
-	Pause float64 `json:"pause_ms"` // how long mutations were held back
-}
-
 // wedgeTimeout bounds how long a snapshot waits for mutations in flight.
 const wedgeTimeout = 30 * time.Second
 
@@ -60,7 +45,7 @@ func (d *Daemon) snapshotHeld(ctx context.Context, reason string, release func()
 	}
 	name := "undomail-" + time.Now().UTC().Format("20060102T150405.000Z")
 	at, _ := d.Log.Last()
-	args, _ := json.Marshal(SnapshotArgs{Name: name, AtSeq: at, Store: d.storeSpec, Reason: reason})
+	args, _ := json.Marshal(verb.SnapshotArgs{Name: name, AtSeq: at, Store: d.storeSpec, Reason: reason})
 	intent := &undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
 		release()
@@ -69,7 +54,7 @@ func (d *Daemon) snapshotHeld(ctx context.Context, reason string, release func()
 	snap, serr := d.Store.Snapshot(ctx, name, at, map[string]string{"reason": reason, "log_record": strconv.FormatInt(intent.Seq, 10)})
 	release()
 	pause := time.Since(start)
-	o := SnapshotOutcome{OK: serr == nil, Pause: float64(pause.Microseconds()) / 1000}
+	o := verb.SnapshotOutcome{OK: serr == nil, Pause: float64(pause.Microseconds()) / 1000}
 	if serr != nil {
 		o.Error = serr.Error()
 	}
@@ -104,7 +89,7 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 			d.logger.Error("pruning snapshots failed", "err", err)
 		}
 		for _, name := range pruned {
-			args, _ := json.Marshal(SnapshotArgs{Name: name, Store: d.storeSpec, Reason: "retention"})
+			args, _ := json.Marshal(verb.SnapshotArgs{Name: name, Store: d.storeSpec, Reason: "retention"})
 			if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
 				d.logger.Error("log pruned snapshot", "snapshot", name, "err", err)
 			}
@@ -261,7 +246,7 @@ func LoggedSnapshots(ctx context.Context, l *undolog.Log) (map[string]int64, err
 	}
 	out := map[string]int64{}
 	for _, v := range verbs {
-		var a SnapshotArgs
+		var a verb.SnapshotArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
@@ -269,7 +254,7 @@ func LoggedSnapshots(ctx context.Context, l *undolog.Log) (map[string]int64, err
 			delete(out, a.Name)
 			continue
 		}
-		var o SnapshotOutcome
+		var o verb.SnapshotOutcome
 		if v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.OK {
 			out[a.Name] = a.AtSeq
 		}

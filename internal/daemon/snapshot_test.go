@@ -69,7 +69,7 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 		for _, v := range verbs {
 			switch v.Kind {
 			case verb.KindSnapshot:
-				var a daemon.SnapshotArgs
+				var a verb.SnapshotArgs
 				json.Unmarshal(v.Args, &a)
 				logged[a.Name] = a.AtSeq
 			case verb.KindLMTPDeliver:

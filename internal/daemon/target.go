@@ -52,7 +52,7 @@ func ResolveTarget(ctx context.Context, l *undolog.Log, target string) (name str
 		return "", 0, err
 	}
 	for _, r := range recs {
-		var a SnapshotArgs
+		var a verb.SnapshotArgs
 		if json.Unmarshal(r.Args, &a) != nil {
 			continue
 		}
