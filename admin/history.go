@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"time"
 
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -66,13 +67,6 @@ func NewVerb(v undolog.Verb) Verb {
 		}
 	}
 	return out
-}
-
-type cycleArgs struct {
-	To      string          `json:"to"`
-	Cancel  []int64         `json:"cancel"`
-	Filters []FilterRequest `json:"filters"`
-	Present string          `json:"present"`
 }
 
 // Snapshot is a snapshot the log says was taken.
@@ -190,7 +184,7 @@ func snapshotIndex(snaps []Snapshot) map[string]Snapshot {
 }
 
 func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
-	var a cycleArgs
+	var a replay.CycleRecord
 	json.Unmarshal(v.Args, &a)
 	c := Cycle{Seq: v.Seq, Time: v.Time, To: a.To, AtSeq: at[a.To].AtSeq, SnapshotSeq: at[a.To].Seq,
 		Cancel: a.Cancel, Filters: a.Filters, Present: a.Present}

@@ -30,11 +30,9 @@ type CycleRequest struct {
 	Users []string `json:"users,omitempty"`
 }
 
-// FilterRequest is a retroactive filter: a rule and drop or move:FOLDER.
-type FilterRequest struct {
-	Rule   string `json:"rule"`
-	Action string `json:"action"`
-}
+// FilterRequest is a retroactive filter: a rule and drop or
+// move:FOLDER, as the operator gives it and the cycle record keeps it.
+type FilterRequest = replay.FilterSpec
 
 // SnapshotReply is the JSON answer to POST /snapshots.
 type SnapshotReply struct {
