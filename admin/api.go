@@ -778,7 +778,7 @@ func (s *Server) handleDrills(w http.ResponseWriter, r *http.Request) {
 
 // runDrill runs a drill between two snapshots (both empty: the newest
 // pair) and returns its verdict.
-func (s *Server) runDrill(ctx context.Context, from, to string) (DrillVerdict, error) {
+func (s *Server) runDrill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
 	s.logger.Info("drill started through the admin", "from", from, "to", to)
 	return s.b.Drill(ctx, from, to)
 }

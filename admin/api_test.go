@@ -75,11 +75,11 @@ func (f *fakeDaemon) Cycle(ctx context.Context, req CycleRequest) (CycleVerdict,
 	}
 	return CycleVerdict{OK: true, Replayed: 3, Cancelled: 1}, nil
 }
-func (f *fakeDaemon) Drill(ctx context.Context, from, to string) (DrillVerdict, error) {
+func (f *fakeDaemon) Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
 	if err := f.work(ctx); err != nil {
-		return DrillVerdict{}, err
+		return verb.DrillVerdict{}, err
 	}
-	v := DrillVerdict{DrillResult: replay.DrillResult{OK: true, From: from, To: to}}
+	v := verb.DrillVerdict{DrillResult: verb.DrillResult{OK: true, From: from, To: to}}
 	out, _ := json.Marshal(v)
 	return v, f.l.Append(ctx, &undolog.Record{Kind: verb.KindDrill, Session: "drill", Outcome: out})
 }

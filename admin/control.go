@@ -26,6 +26,7 @@ import (
 
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
+	"github.com/undomail/undomail/verb"
 )
 
 // SocketName is the control socket's file name in the data directory.
@@ -43,7 +44,7 @@ type Daemon interface {
 	Cycle(ctx context.Context, req CycleRequest) (CycleVerdict, error)
 	// Drill runs a recovery drill between two snapshots (both empty:
 	// the newest pair).
-	Drill(ctx context.Context, from, to string) (DrillVerdict, error)
+	Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error)
 	// Filters lists the filters cycles kept active for live mail;
 	// RemoveFilters stops the ones a cycle kept.
 	Filters() []replay.KeptFilter
@@ -265,8 +266,8 @@ func (c *Client) Cycle(ctx context.Context, req CycleRequest) (CycleVerdict, err
 }
 
 // Drill asks the daemon to run a recovery drill and returns its verdict.
-func (c *Client) Drill(ctx context.Context, from, to string) (DrillVerdict, error) {
-	var v DrillVerdict
+func (c *Client) Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
+	var v verb.DrillVerdict
 	q := "?from=" + url.QueryEscape(from) + "&to=" + url.QueryEscape(to)
 	path := "/drills" + q
 	if c.remote {

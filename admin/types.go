@@ -125,23 +125,6 @@ func (v *CycleVerdict) UndoCommand() string {
 	return cmd
 }
 
-// DrillVerdict is a recovery drill's verdict as logged and answered.
-type DrillVerdict struct {
-	replay.DrillResult
-	// Acknowledged lists where the verdict was sent (mail, webhook);
-	// AckErrors what failed. A drill reports every time, pass or fail.
-	Acknowledged []string `json:"acknowledged,omitempty"`
-	AckErrors    []string `json:"ack_errors,omitempty"`
-}
-
-// Summary says why a drill failed, in a few words.
-func (v DrillVerdict) Summary() string {
-	if v.Error != "" {
-		return v.Error
-	}
-	return fmt.Sprintf("%d differences", len(v.Differences)+v.More)
-}
-
 // PruneReply is the answer to a prune of the undo log.
 type PruneReply struct {
 	undolog.PruneStats

@@ -18,31 +18,6 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
-// DrillArgs say what a drill replayed: the log between two snapshots.
-type DrillArgs struct {
-	From    string `json:"from"`
-	To      string `json:"to"`
-	FromSeq int64  `json:"from_seq"`
-	ToSeq   int64  `json:"to_seq"`
-}
-
-// DrillResult is a drill's verdict: the replay of the log from snapshot
-// From to snapshot To, on a clone of From, compared with To.
-type DrillResult struct {
-	OK   bool   `json:"ok"`
-	From string `json:"from"`
-	To   string `json:"to"`
-	// Replayed counts the verbs replayed; Messages the messages compared.
-	Replayed int `json:"replayed"`
-	Messages int `json:"messages"`
-	// Differences say exactly where the replayed clone and the snapshot
-	// differ (the first 100; More counts the rest).
-	Differences []string `json:"differences,omitempty"`
-	More        int      `json:"more,omitempty"`
-	Seconds     float64  `json:"seconds"`
-	Error       string   `json:"error,omitempty"`
-}
-
 // DrillOptions configure a drill.
 type DrillOptions struct {
 	Store timetravel.Store
@@ -124,7 +99,7 @@ func rewindsBetween(ctx context.Context, l *undolog.Log, after, before int64) (i
 // To's against it, and compares the result with To, message by message
 // (by undo id, or content for messages that have none), with flags and
 // folders. The live store, the live Dovecot and the log are not touched.
-func Drill(ctx context.Context, o DrillOptions) DrillResult {
+func Drill(ctx context.Context, o DrillOptions) verb.DrillResult {
 	start := time.Now()
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -140,8 +115,8 @@ func Drill(ctx context.Context, o DrillOptions) DrillResult {
 	return res
 }
 
-func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
-	var res DrillResult
+func drill(ctx context.Context, o DrillOptions) (verb.DrillResult, error) {
+	var res verb.DrillResult
 	a, b, err := PickDrill(ctx, o.Store, o.Log, o.From, o.To)
 	res.From, res.To = a.Name, b.Name
 	if err != nil {

@@ -73,9 +73,9 @@ func samples(t *testing.T) map[string][]sample {
 	comp := compensate.Args{DeliveryArgs: deliv, Cycle: 35, Audience: compensate.AudienceUser, User: "alice",
 		Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: "alice", Verb: 19, VerbKind: verb.KindLMTPDeliver}}}
 	comp.Header.Subject = "Your mailbox was repaired: what changed"
-	drill := admin.DrillVerdict{DrillResult: replay.DrillResult{OK: true, From: "s1", To: "s2", Replayed: 12, Messages: 40, Seconds: 3.2},
+	drill := verb.DrillVerdict{DrillResult: verb.DrillResult{OK: true, From: "s1", To: "s2", Replayed: 12, Messages: 40, Seconds: 3.2},
 		Acknowledged: []string{"mail ops@example.test"}}
-	badDrill := admin.DrillVerdict{DrillResult: replay.DrillResult{OK: false, From: "s1", To: "s2", Differences: []string{`alice "INBOX" uid 3: flags differ`}, More: 2}}
+	badDrill := verb.DrillVerdict{DrillResult: verb.DrillResult{OK: false, From: "s1", To: "s2", Differences: []string{`alice "INBOX" uid 3: flags differ`}, More: 2}}
 	return map[string][]sample{
 		verb.KindSMTPSubmit: {{user: "bob", args: deliv, outcome: verb.DeliveryOutcome{Reply: &verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok: queued as 4ABC"}},
 			what: `"Budget 2027"`, result: "accepted: 250 2.0.0 Ok: queued as 4ABC"},
@@ -120,8 +120,8 @@ func samples(t *testing.T) map[string][]sample {
 				what: "#21", result: `made again: appended to Sent; placed 1 message at "Sent" uid 12`}},
 		verb.KindRewind: {{args: replay.RewindArgs{Snapshot: "s1", AtSeq: 12, Before: before}, outcome: replay.RewindOutcome{OK: true, Raised: 4, Renewed: []string{"bob/Projects"}},
 			what: "rewound 4 mailboxes of 2 users to snapshot s1", result: "OK: the counters of 4 mailboxes raised"}},
-		verb.KindDrill: {{args: replay.DrillArgs{From: "s1", To: "s2", FromSeq: 12, ToSeq: 40}, outcome: drill, what: "recovery drill", result: "passed: 12 replayed"},
-			{args: replay.DrillArgs{From: "s1", To: "s2"}, outcome: badDrill, what: "s1", result: "FAILED: 3 differences"}},
+		verb.KindDrill: {{args: verb.DrillArgs{From: "s1", To: "s2", FromSeq: 12, ToSeq: 40}, outcome: drill, what: "recovery drill", result: "passed: 12 replayed"},
+			{args: verb.DrillArgs{From: "s1", To: "s2"}, outcome: badDrill, what: "s1", result: "FAILED: 3 differences"}},
 		verb.KindCompensation: {{user: "alice", ref: 35, args: comp, outcome: verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice", Reply: verb.Reply{Code: 250, Text: "Saved"}}}},
 			what: "a digest for alice explaining 1 paradox of cycle #35: read removed (#19)", result: "delivered to <alice>"}},
 		verb.KindFilterRemoved: {{args: map[string]int64{"cycle": 35}, what: "cycle #35"}},

@@ -10,7 +10,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -73,7 +72,7 @@ and printed; the exit status is 0 only for a pass.
 	return cmd
 }
 
-func printDrill(w interface{ Write([]byte) (int, error) }, r replay.DrillResult) {
+func printDrill(w interface{ Write([]byte) (int, error) }, r verb.DrillResult) {
 	state := "PASSED"
 	if !r.OK {
 		state = "FAILED"
@@ -106,7 +105,7 @@ func listDrills(cmd *cobra.Command, dataDir string, asJSON bool) error {
 		fmt.Fprintln(tw, "SEQ\tTIME\tVERDICT\tFROM\tTO\tREPLAYED\tDIFFERENCES")
 	}
 	for _, v := range verbs {
-		var r replay.DrillResult
+		var r verb.DrillResult
 		verdict := "no verdict (cut off)"
 		if v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &r) == nil {
 			verdict = "FAILED"
@@ -114,7 +113,7 @@ func listDrills(cmd *cobra.Command, dataDir string, asJSON bool) error {
 				verdict = "passed"
 			}
 		} else {
-			var a replay.DrillArgs
+			var a verb.DrillArgs
 			json.Unmarshal(v.Args, &a)
 			r.From, r.To = a.From, a.To
 		}

@@ -13,7 +13,6 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -24,22 +23,22 @@ import (
 // and sends it as a positive acknowledgement to the configured mail
 // address and webhook. Production is not touched: the drill replays
 // against a clone with a private Dovecot.
-func (d *Daemon) Drill(ctx context.Context, from, to string) (admin.DrillVerdict, error) {
+func (d *Daemon) Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
 	if d.Store == nil {
-		return admin.DrillVerdict{}, fmt.Errorf("drill: no store configured")
+		return verb.DrillVerdict{}, fmt.Errorf("drill: no store configured")
 	}
 	d.drillMu.Lock()
 	defer d.drillMu.Unlock()
 	a, b, err := replay.PickDrill(ctx, d.Store, d.Log, from, to)
 	if err != nil {
-		return admin.DrillVerdict{}, err
+		return verb.DrillVerdict{}, err
 	}
-	args, _ := json.Marshal(replay.DrillArgs{From: a.Name, To: b.Name, FromSeq: a.Seq, ToSeq: b.Seq})
+	args, _ := json.Marshal(verb.DrillArgs{From: a.Name, To: b.Name, FromSeq: a.Seq, ToSeq: b.Seq})
 	intent := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
-		return admin.DrillVerdict{}, fmt.Errorf("drill: log intent: %w", err)
+		return verb.DrillVerdict{}, fmt.Errorf("drill: log intent: %w", err)
 	}
-	v := admin.DrillVerdict{DrillResult: replay.Drill(ctx, replay.DrillOptions{Store: d.Store, Log: d.Log, From: a.Name, To: b.Name,
+	v := verb.DrillVerdict{DrillResult: replay.Drill(ctx, replay.DrillOptions{Store: d.Store, Log: d.Log, From: a.Name, To: b.Name,
 		WorkDir: filepath.Join(d.dataDir, "drills"), Logger: d.logger})}
 	d.acknowledge(ctx, &v)
 	out, _ := json.Marshal(v)
@@ -54,7 +53,7 @@ func (d *Daemon) Drill(ctx context.Context, from, to string) (admin.DrillVerdict
 }
 
 // acknowledge sends the verdict to the operator's address and webhook.
-func (d *Daemon) acknowledge(ctx context.Context, v *admin.DrillVerdict) {
+func (d *Daemon) acknowledge(ctx context.Context, v *verb.DrillVerdict) {
 	if hook := d.drills.Webhook; hook != "" {
 		body, _ := json.Marshal(v.DrillResult)
 		if err := postJSON(ctx, hook, body); err != nil {
@@ -96,7 +95,7 @@ func postJSON(ctx context.Context, url string, body []byte) error {
 
 // mailVerdict mails a drill's verdict, through Postfix when undomail has
 // a front door, else straight to Dovecot's LMTP (a local mailbox).
-func (d *Daemon) mailVerdict(ctx context.Context, to string, r replay.DrillResult) error {
+func (d *Daemon) mailVerdict(ctx context.Context, to string, r verb.DrillResult) error {
 	state := "PASSED"
 	if !r.OK {
 		state = "FAILED"

@@ -17,7 +17,6 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -29,10 +28,10 @@ import (
 // a report naming the message and the flags.
 func TestDrill(t *testing.T) {
 	var mu sync.Mutex
-	var hooks []replay.DrillResult
+	var hooks []verb.DrillResult
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
-		var v replay.DrillResult
+		var v verb.DrillResult
 		if err := json.Unmarshal(b, &v); err != nil {
 			t.Errorf("webhook body %q: %v", b, err)
 		}
