@@ -62,8 +62,8 @@ func (f *fakeDaemon) Snapshot(ctx context.Context, reason string) (timetravel.Sn
 	}
 	return timetravel.Snapshot{Name: name, Seq: at}, time.Millisecond, nil
 }
-func (f *fakeDaemon) Rewind(context.Context, string, bool) (replay.RewindOutcome, error) {
-	return replay.RewindOutcome{}, nil
+func (f *fakeDaemon) Rewind(context.Context, string, bool) (verb.RewindOutcome, error) {
+	return verb.RewindOutcome{}, nil
 }
 func (f *fakeDaemon) Replay(context.Context, []int64) (replay.Result, error) {
 	return replay.Result{}, nil

@@ -37,7 +37,7 @@ type Daemon interface {
 	// Snapshot takes a consistent snapshot.
 	Snapshot(ctx context.Context, reason string) (timetravel.Snapshot, time.Duration, error)
 	// Rewind rolls the mail store back to a snapshot.
-	Rewind(ctx context.Context, snapshot string, hold bool) (replay.RewindOutcome, error)
+	Rewind(ctx context.Context, snapshot string, hold bool) (verb.RewindOutcome, error)
 	// Replay ends a held rewind.
 	Replay(ctx context.Context, cancel []int64) (replay.Result, error)
 	// Cycle runs a 3R cycle.
@@ -230,8 +230,8 @@ func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, er
 
 // Rewind asks the daemon to roll the mail store back to a snapshot and
 // returns the rewind's outcome.
-func (c *Client) Rewind(ctx context.Context, snapshot string, hold bool) (replay.RewindOutcome, error) {
-	var out replay.RewindOutcome
+func (c *Client) Rewind(ctx context.Context, snapshot string, hold bool) (verb.RewindOutcome, error) {
+	var out verb.RewindOutcome
 	if c.remote {
 		return out, errors.New("rewind: only on the daemon's machine (control socket)")
 	}

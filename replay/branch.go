@@ -74,7 +74,7 @@ func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []Bran
 			lastCycle = v
 			continue
 		}
-		var a RewindArgs
+		var a verb.RewindArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}

@@ -59,11 +59,11 @@ type Plan struct {
 	// Progress, if set, is told how far the replay is after every verb.
 	// Calls are serialised.
 	Progress func(Progress)
-	// Gone are the mailboxes the rewind took away (RewindOutcome.Gone);
+	// Gone are the mailboxes the rewind took away (verb.RewindOutcome.Gone);
 	// Restore, if set, gives one the replay makes again its old
 	// UIDVALIDITY and counters (Upstream.Restore).
-	Gone    []MailboxCounters
-	Restore func(context.Context, MailboxCounters) (bool, error)
+	Gone    []verb.MailboxCounters
+	Restore func(context.Context, verb.MailboxCounters) (bool, error)
 	// Users, if set, limits the replay to these users' verbs (a cycle
 	// that rewound only them); a delivery is replayed for them only.
 	Users map[string]bool
@@ -71,7 +71,7 @@ type Plan struct {
 	// a clone, and its replay is not part of the timeline.
 	NoRecord bool
 	// Returning are the messages the rollback brought back under UIDs
-	// clients saw disappear (RewindOutcome.Returning): those still there
+	// clients saw disappear (verb.RewindOutcome.Returning): those still there
 	// at the end get a new UID.
 	Returning map[string]map[string][]uint32
 	// NoModelCheck leaves out reading back the mailboxes to compare them

@@ -143,7 +143,7 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 	if err != nil || len(vs) != 1 || vs[0].Outcome == nil {
 		t.Fatalf("rewind verbs %+v, %v", vs, err)
 	}
-	var a replay.RewindArgs
+	var a verb.RewindArgs
 	json.Unmarshal(vs[0].Args, &a)
 	found := false
 	for _, c := range a.Before {

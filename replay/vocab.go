@@ -13,3 +13,7 @@ type Placed = verb.Placed
 // code, which is being changed elsewhere (issue #18); new code uses
 // verb.KindCompensation.
 const KindCompensation = verb.KindCompensation
+
+// MailboxCounters are a mailbox's counters before a rewind
+// (verb.MailboxCounters), named here for the replayer's code.
+type MailboxCounters = verb.MailboxCounters

@@ -54,10 +54,10 @@ func samples(t *testing.T) map[string][]sample {
 		}
 		return a
 	}
-	var before []replay.MailboxCounters
+	var before []verb.MailboxCounters
 	for _, u := range []string{"alice", "bob"} {
 		for _, mb := range []string{"INBOX", "Projects"} {
-			before = append(before, replay.MailboxCounters{User: u, Mailbox: mb, UIDValidity: 1796292551, UIDNext: 48, HighestModSeq: 90})
+			before = append(before, verb.MailboxCounters{User: u, Mailbox: mb, UIDValidity: 1796292551, UIDNext: 48, HighestModSeq: 90})
 		}
 	}
 	verdict := admin.CycleVerdict{OK: true, Cycle: 35, Present: "undomail-20261203T100912.538Z", Replayed: 55, Cancelled: 1,
@@ -118,7 +118,7 @@ func samples(t *testing.T) map[string][]sample {
 			{user: "alice", ref: 15, inline: replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"}, what: "#15", result: "cancelled: left out by the repair"},
 			{user: "alice", ref: 21, inline: replay.ReplayOutcome{Status: "ok", Detail: "appended to Sent", Placed: []replay.Placed{{Mailbox: "Sent", UIDValidity: 7, UID: 12, UndoID: "01M8X"}}},
 				what: "#21", result: `made again: appended to Sent; placed 1 message at "Sent" uid 12`}},
-		verb.KindRewind: {{args: replay.RewindArgs{Snapshot: "s1", AtSeq: 12, Before: before}, outcome: replay.RewindOutcome{OK: true, Raised: 4, Renewed: []string{"bob/Projects"}},
+		verb.KindRewind: {{args: verb.RewindArgs{Snapshot: "s1", AtSeq: 12, Before: before}, outcome: verb.RewindOutcome{OK: true, Raised: 4, Renewed: []string{"bob/Projects"}},
 			what: "rewound 4 mailboxes of 2 users to snapshot s1", result: "OK: the counters of 4 mailboxes raised"}},
 		verb.KindDrill: {{args: verb.DrillArgs{From: "s1", To: "s2", FromSeq: 12, ToSeq: 40}, outcome: drill, what: "recovery drill", result: "passed: 12 replayed"},
 			{args: verb.DrillArgs{From: "s1", To: "s2"}, outcome: badDrill, what: "s1", result: "FAILED: 3 differences"}},

@@ -32,8 +32,8 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 		verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice@example.test", Reply: verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Saved"}}}})
 	cyc := &undolog.Record{Kind: verb.KindCycle, Args: js(replay.CycleRecord{To: "s1", At: 2, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"})}
 	add(cyc, nil)
-	add(&undolog.Record{Kind: verb.KindRewind, Args: js(replay.RewindArgs{Snapshot: "s1", AtSeq: 2,
-		Before: []replay.MailboxCounters{{User: "alice", Mailbox: "INBOX", UIDValidity: 7, UIDNext: 9, HighestModSeq: 12}}})}, replay.RewindOutcome{OK: true, Raised: 1})
+	add(&undolog.Record{Kind: verb.KindRewind, Args: js(verb.RewindArgs{Snapshot: "s1", AtSeq: 2,
+		Before: []verb.MailboxCounters{{User: "alice", Mailbox: "INBOX", UIDValidity: 7, UIDNext: 9, HighestModSeq: 12}}})}, verb.RewindOutcome{OK: true, Raised: 1})
 	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: del, Outcome: js(replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"})}, nil)
 	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: dlv, Outcome: js(replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 9"})}, nil)
 	if err := l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Ref: cyc.Seq, Outcome: js(map[string]any{"ok": true, "replayed": 1, "cancelled": 1,

@@ -135,28 +135,28 @@ func (d *Daemon) pruneToOldest(ctx context.Context, dir string) {
 // operator repairs the server by hand, then Replay brings the logged
 // changes back and lets new ones through. Without hold the changes since
 // the snapshot are left out: the rewind is the repair.
-func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay.RewindOutcome, error) {
+func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (verb.RewindOutcome, error) {
 	if d.Store == nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind: no store configured")
+		return verb.RewindOutcome{}, fmt.Errorf("rewind: no store configured")
 	}
 	d.repairMu.Lock()
 	defer d.repairMu.Unlock()
 	if d.pending != nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
 	}
 	snap, err := d.Store.Get(ctx, snapshot)
 	if err != nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
 	}
 	if hold {
 		if err := d.verifyRange(ctx, snap.Seq); err != nil {
-			return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
+			return verb.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
 		}
 	}
 	start := time.Now()
 	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: snapshot, At: snap.Seq, Split: true, Reason: "undomail rewind"})
 	if err != nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
 	}
 	d.prog.phase("rewind")
 	out, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, snapshot)
@@ -193,7 +193,7 @@ type pendingReplay struct {
 	snapshot      string
 	after, before int64 // the verbs to replay: after < seq < before
 	resume        func()
-	gone          []replay.MailboxCounters // mailboxes the rewind took away
+	gone          []verb.MailboxCounters // mailboxes the rewind took away
 	returning     map[string]map[string][]uint32
 	intent        int64  // the repair's record
 	present       string // the snapshot taken before the rewind
