@@ -363,7 +363,7 @@ func TestVerbsPagingAndFilters(t *testing.T) {
 	}
 	del := imapVerb(t, l, "alice", "imap.delete", "Projects")
 	bobDel := imapVerb(t, l, "bob", "imap.delete", "Old")
-	args, _ := json.Marshal(replay.CycleRecord{To: "before", Cancel: []int64{del}})
+	args, _ := json.Marshal(verb.CycleArgs{To: "before", Cancel: []int64{del}})
 	cyc := &undolog.Record{Kind: verb.KindCycle, Session: "cycle", Args: args}
 	if err := l.Append(ctx, cyc); err != nil {
 		t.Fatal(err)

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"time"
 
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -184,7 +183,7 @@ func snapshotIndex(snaps []Snapshot) map[string]Snapshot {
 }
 
 func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
-	var a replay.CycleRecord
+	var a verb.CycleArgs
 	json.Unmarshal(v.Args, &a)
 	c := Cycle{Seq: v.Seq, Time: v.Time, To: a.To, AtSeq: at[a.To].AtSeq, SnapshotSeq: at[a.To].Seq,
 		Cancel: a.Cancel, Filters: a.Filters, Present: a.Present}

@@ -32,7 +32,7 @@ type CycleRequest struct {
 
 // FilterRequest is a retroactive filter: a rule and drop or
 // move:FOLDER, as the operator gives it and the cycle record keeps it.
-type FilterRequest = replay.FilterSpec
+type FilterRequest = verb.FilterSpec
 
 // SnapshotReply is the JSON answer to POST /snapshots.
 type SnapshotReply struct {

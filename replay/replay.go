@@ -462,32 +462,6 @@ type decisions struct {
 	filters   []*Filter
 }
 
-// CycleRecord is the Args of a "cycle" record (written by the daemon);
-// replay reads the repairs of earlier cycles from it.
-type CycleRecord struct {
-	To      string       `json:"to"`
-	At      int64        `json:"at,omitempty"` // the snapshot's log position
-	Cancel  []int64      `json:"cancel,omitempty"`
-	Filters []FilterSpec `json:"filters,omitempty"`
-	Present string       `json:"present"`
-	// PresentAt is the present snapshot's log position.
-	PresentAt int64  `json:"present_at,omitempty"`
-	Reason    string `json:"reason,omitempty"`
-	// Users, if set, are the only users the repair rewound and replayed.
-	Users []string `json:"users,omitempty"`
-	// Split marks the split form: a rewind held for a repair by hand, the
-	// replay (undomail replay) to follow; the outcome comes with it.
-	Split bool `json:"split,omitempty"`
-	// Keep makes the filters stay active for live mail after the cycle.
-	Keep bool `json:"keep,omitempty"`
-}
-
-// FilterSpec is a retroactive filter as given by the operator.
-type FilterSpec struct {
-	Rule   string `json:"rule"`
-	Action string `json:"action"` // drop, move:FOLDER
-}
-
 // KeptFilter is a filter a cycle left active for live mail.
 type KeptFilter struct {
 	Cycle   int64      `json:"cycle"`

@@ -17,3 +17,11 @@ const KindCompensation = verb.KindCompensation
 // MailboxCounters are a mailbox's counters before a rewind
 // (verb.MailboxCounters), named here for the replayer's code.
 type MailboxCounters = verb.MailboxCounters
+
+// CycleRecord and FilterSpec are a cycle record's arguments and a
+// retroactive filter as given (verb.CycleArgs, verb.FilterSpec), named
+// here for the replay code being changed elsewhere.
+type (
+	CycleRecord = verb.CycleArgs
+	FilterSpec  = verb.FilterSpec
+)

@@ -30,19 +30,33 @@ func init() {
 	}})
 }
 
-// CycleArgs are the parts of a cycle's arguments that are told.
+// CycleArgs are a cycle record's arguments, as the daemon writes them:
+// where it rewinds to, the repair, the reason, and the snapshot of the
+// present taken first so the cycle itself can be undone. Replay reads
+// the repairs of earlier cycles from them.
 type CycleArgs struct {
-	To      string  `json:"to"`
-	At      int64   `json:"at"`
-	Cancel  []int64 `json:"cancel"`
-	Filters []struct {
-		Rule   string `json:"rule"`
-		Action string `json:"action"`
-	} `json:"filters"`
-	Reason string   `json:"reason"`
-	Users  []string `json:"users"`
-	Split  bool     `json:"split"`
-	Keep   bool     `json:"keep"`
+	To      string       `json:"to"`
+	At      int64        `json:"at,omitempty"` // the snapshot's log position
+	Cancel  []int64      `json:"cancel,omitempty"`
+	Filters []FilterSpec `json:"filters,omitempty"`
+	Present string       `json:"present"`
+	// PresentAt is the present snapshot's log position.
+	PresentAt int64  `json:"present_at,omitempty"`
+	Reason    string `json:"reason,omitempty"`
+	// Users, if set, are the only users the repair rewound and replayed.
+	Users []string `json:"users,omitempty"`
+	// Split marks the split form: a rewind held for a repair by hand, the
+	// replay (undomail replay) to follow; the outcome comes with it.
+	Split bool `json:"split,omitempty"`
+	// Keep makes the filters stay active for live mail after the cycle.
+	Keep bool `json:"keep,omitempty"`
+}
+
+// FilterSpec is a retroactive filter as the operator gives it: a rule
+// and drop or move:FOLDER.
+type FilterSpec struct {
+	Rule   string `json:"rule"`
+	Action string `json:"action"` // drop, move:FOLDER
 }
 
 // Words tells the cycle's repair.

@@ -13,7 +13,6 @@ import (
 
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/compensate"
-	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -108,12 +107,12 @@ func samples(t *testing.T) map[string][]sample {
 			outcome: verb.SnapshotOutcome{OK: true, Pause: 25.01}, what: "snapshot undomail-20261203T100911.828Z at log position 12 (hourly)", result: "taken"},
 			{args: verb.SnapshotArgs{Name: "s2", AtSeq: 14}, outcome: verb.SnapshotOutcome{Error: "zfs: out of space"}, what: "s2", result: "FAILED: zfs: out of space"}},
 		verb.KindSnapshotPruned: {{args: verb.SnapshotArgs{Name: "s1", Reason: "retention"}, what: "snapshot s1 destroyed by retention"}},
-		verb.KindCycle: {{args: daemon.CycleArgs{To: "s1", At: 12, Cancel: []int64{15}, Present: "s2", Reason: "alice deleted Projects by mistake"},
+		verb.KindCycle: {{args: verb.CycleArgs{To: "s1", At: 12, Cancel: []int64{15}, Present: "s2", Reason: "alice deleted Projects by mistake"},
 			outcome: verdict, what: "cycle: rewind to snapshot s1 (log position 12), cancel #15", result: "verified: 55 replayed, 1 cancelled"},
-			{args: daemon.CycleArgs{To: "s1", Filters: []daemon.FilterSpec{{Rule: "subject:Offer", Action: "drop"}}, Users: []string{"alice"}},
+			{args: verb.CycleArgs{To: "s1", Filters: []verb.FilterSpec{{Rule: "subject:Offer", Action: "drop"}}, Users: []string{"alice"}},
 				outcome: failed, what: `filter "subject:Offer": drop`, result: "FAILED"},
-			{args: daemon.CycleArgs{To: "s1"}, what: "s1", result: "running, or cut off"},
-			{args: daemon.CycleArgs{To: "s1"}, outcome: lost, what: "s1", result: "FAILED: 55 replayed, 1 cancelled, 0 failed; NOT replayed: 2 imap.setquota: no replay is defined for this kind"}},
+			{args: verb.CycleArgs{To: "s1"}, what: "s1", result: "running, or cut off"},
+			{args: verb.CycleArgs{To: "s1"}, outcome: lost, what: "s1", result: "FAILED: 55 replayed, 1 cancelled, 0 failed; NOT replayed: 2 imap.setquota: no replay is defined for this kind"}},
 		verb.KindReplay: {{user: "alice", ref: 19, inline: replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 47"}, what: "replay of #19", result: "made again: INBOX uid 47"},
 			{user: "alice", ref: 15, inline: replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"}, what: "#15", result: "cancelled: left out by the repair"},
 			{user: "alice", ref: 21, inline: replay.ReplayOutcome{Status: "ok", Detail: "appended to Sent", Placed: []replay.Placed{{Mailbox: "Sent", UIDValidity: 7, UID: 12, UndoID: "01M8X"}}},

@@ -30,7 +30,7 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 	dlv := add(&undolog.Record{Kind: verb.KindLMTPDeliver, Users: []string{"alice@example.test"}, Args: js(verb.DeliveryArgs{UndoID: "01X", MailFrom: "bob@example.test",
 		Rcpts: []string{"alice@example.test"}, Size: 300, Header: verb.HeaderInfo{Subject: "Lunch on Friday?"}})},
 		verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice@example.test", Reply: verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Saved"}}}})
-	cyc := &undolog.Record{Kind: verb.KindCycle, Args: js(replay.CycleRecord{To: "s1", At: 2, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"})}
+	cyc := &undolog.Record{Kind: verb.KindCycle, Args: js(verb.CycleArgs{To: "s1", At: 2, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"})}
 	add(cyc, nil)
 	add(&undolog.Record{Kind: verb.KindRewind, Args: js(verb.RewindArgs{Snapshot: "s1", AtSeq: 2,
 		Before: []verb.MailboxCounters{{User: "alice", Mailbox: "INBOX", UIDValidity: 7, UIDNext: 9, HighestModSeq: 12}}})}, verb.RewindOutcome{OK: true, Raised: 1})

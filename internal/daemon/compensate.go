@@ -54,7 +54,7 @@ func (d *Daemon) runCompensation(ctx context.Context, cycleSeq int64) (compensat
 	if len(recs) != 1 || recs[0].Seq != cycleSeq || recs[0].Kind != verb.KindCycle {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: no cycle record at that seq", cycleSeq)
 	}
-	var a CycleArgs
+	var a verb.CycleArgs
 	if err := json.Unmarshal(recs[0].Args, &a); err != nil {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: read its arguments: %w", cycleSeq, err)
 	}
@@ -94,7 +94,7 @@ func (d *Daemon) runCompensation(ctx context.Context, cycleSeq int64) (compensat
 
 // describeRepair says what a cycle's repair was, for people who were not
 // there: the filters it applied and how many actions it left out.
-func describeRepair(a CycleArgs) string {
+func describeRepair(a verb.CycleArgs) string {
 	var parts []string
 	for _, f := range a.Filters {
 		what := "removed"

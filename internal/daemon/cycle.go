@@ -15,14 +15,6 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
-// CycleArgs are a cycle's arguments, as logged: where it rewinds to, the
-// repair, the reason, and the snapshot of the present taken first so the
-// cycle itself can be undone.
-type CycleArgs = replay.CycleRecord
-
-// FilterSpec is a retroactive filter as given by the operator.
-type FilterSpec = replay.FilterSpec
-
 // CycleVerdict is admin.CycleVerdict, named here for the daemon's
 // tests; new code uses admin.CycleVerdict.
 type CycleVerdict = admin.CycleVerdict
@@ -60,14 +52,14 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 		return CycleVerdict{}, fmt.Errorf("cycle: no store configured")
 	}
 	var fs []*replay.Filter
-	var specs []FilterSpec
+	var specs []verb.FilterSpec
 	for _, f := range req.Filters {
 		pf, err := replay.ParseFilter(f.Rule, f.Action)
 		if err != nil {
 			return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 		}
 		fs = append(fs, pf)
-		specs = append(specs, FilterSpec{Rule: f.Rule, Action: f.Action})
+		specs = append(specs, verb.FilterSpec{Rule: f.Rule, Action: f.Action})
 	}
 	if req.Keep && len(fs) == 0 {
 		return CycleVerdict{}, fmt.Errorf("cycle: keep: no filter to keep active")
@@ -85,7 +77,7 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
 	start := time.Now()
-	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep, Users: req.Users})
+	intent, present, resume, err := d.beginRepair(ctx, verb.CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep, Users: req.Users})
 	if err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
@@ -215,7 +207,7 @@ func (d *Daemon) verifyRange(ctx context.Context, after int64) error {
 // and a crash in the middle is rolled back to it: RecoverRepair), and
 // logs the repair's intent with that snapshot. Nothing is accepted
 // between the snapshot and the intent: the gate is held first.
-func (d *Daemon) beginRepair(ctx context.Context, args CycleArgs) (intent *undolog.Record, present string, resume func(), err error) {
+func (d *Daemon) beginRepair(ctx context.Context, args verb.CycleArgs) (intent *undolog.Record, present string, resume func(), err error) {
 	wctx, cancelWait := context.WithTimeout(ctx, wedgeTimeout)
 	defer cancelWait()
 	d.prog.phase("hold")

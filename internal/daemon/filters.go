@@ -47,7 +47,7 @@ func (d *Daemon) loadFilters(ctx context.Context) error {
 }
 
 // keepFilters makes a successful cycle's filters judge live mail.
-func (d *Daemon) keepFilters(cycle int64, at int64, specs []FilterSpec, fs []*replay.Filter) {
+func (d *Daemon) keepFilters(cycle int64, at int64, specs []verb.FilterSpec, fs []*replay.Filter) {
 	d.live.mu.Lock()
 	defer d.live.mu.Unlock()
 	for i, f := range fs {

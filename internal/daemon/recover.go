@@ -32,7 +32,7 @@ func (d *Daemon) recoverRepair(ctx context.Context) error {
 		if v.Outcome != nil {
 			continue
 		}
-		var a CycleArgs
+		var a verb.CycleArgs
 		if err := json.Unmarshal(v.Args, &a); err != nil {
 			return fmt.Errorf("interrupted repair %d: %w", v.Seq, err)
 		}

@@ -154,7 +154,7 @@ func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (verb.R
 		}
 	}
 	start := time.Now()
-	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: snapshot, At: snap.Seq, Split: true, Reason: "undomail rewind"})
+	intent, present, resume, err := d.beginRepair(ctx, verb.CycleArgs{To: snapshot, At: snap.Seq, Split: true, Reason: "undomail rewind"})
 	if err != nil {
 		return verb.RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
 	}
