@@ -59,7 +59,7 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 			return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 		}
 		fs = append(fs, pf)
-		specs = append(specs, verb.FilterSpec{Rule: f.Rule, Action: f.Action})
+		specs = append(specs, f)
 	}
 	if req.Keep && len(fs) == 0 {
 		return CycleVerdict{}, fmt.Errorf("cycle: keep: no filter to keep active")
