@@ -30,14 +30,8 @@ func TestDrillOnAPrivateDovecot(t *testing.T) {
 	}
 	deliver(t, tb, 2, 1)
 	waitCount(t, tb, 3)
-	c, err := imapclient.DialInsecure(tb.IMAPAddr(), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := testbedtest.IMAP(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
 	defer c.Close()
-	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
-		t.Fatal(err)
-	}
 	if err := c.Create("Keep", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
@@ -47,13 +41,7 @@ func TestDrillOnAPrivateDovecot(t *testing.T) {
 	if err := c.Store(imap.UIDSetNum(uidOf(t, c, "m0@client.test")), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagFlagged}}, nil).Close(); err != nil {
 		t.Fatal(err)
 	}
-	msg := "Subject: draft\r\nMessage-Id: <draft@client.test>\r\n\r\nunsent\r\n"
-	ap := c.Append("Keep", int64(len(msg)), &imap.AppendOptions{Flags: []imap.Flag{imap.FlagDraft}})
-	ap.Write([]byte(msg))
-	ap.Close()
-	if _, err := ap.Wait(); err != nil {
-		t.Fatal(err)
-	}
+	appendMsg(t, c, "Keep", "Subject: draft\r\nMessage-Id: <draft@client.test>\r\n\r\nunsent\r\n", imap.FlagDraft)
 	c.Logout().Wait()
 	s2, _, err := tb.Daemon.Snapshot(ctx, "drill end")
 	if err != nil {
@@ -69,4 +57,18 @@ func TestDrillOnAPrivateDovecot(t *testing.T) {
 	if after := flagsByMessageID(t, tb); len(after) != len(before) || after["m0@client.test"] != before["m0@client.test"] {
 		t.Fatalf("the drill changed the live store: %v, before %v", after, before)
 	}
+}
+
+// appendMsg APPENDs msg to mailbox with flags and returns what the
+// server said of it (APPENDUID).
+func appendMsg(t *testing.T, c *imapclient.Client, mailbox, msg string, flags ...imap.Flag) *imap.AppendData {
+	t.Helper()
+	ap := c.Append(mailbox, int64(len(msg)), &imap.AppendOptions{Flags: flags})
+	ap.Write([]byte(msg))
+	ap.Close()
+	data, err := ap.Wait()
+	if err != nil {
+		t.Fatalf("APPEND to %s: %v", mailbox, err)
+	}
+	return data
 }

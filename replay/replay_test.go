@@ -43,13 +43,7 @@ func TestRewindThenReplay(t *testing.T) {
 	if err := c.Create("Archive", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
-	msg := "Subject: filed away\r\nMessage-Id: <filed@client.test>\r\n\r\nkeep me\r\n"
-	ap := c.Append("Archive", int64(len(msg)), &imap.AppendOptions{Flags: []imap.Flag{imap.FlagSeen}})
-	ap.Write([]byte(msg))
-	ap.Close()
-	if _, err := ap.Wait(); err != nil {
-		t.Fatal(err)
-	}
+	appendMsg(t, c, "Archive", "Subject: filed away\r\nMessage-Id: <filed@client.test>\r\n\r\nkeep me\r\n", imap.FlagSeen)
 	c.Logout().Wait()
 	c.Close()
 	before := flagsByMessageID(t, tb)

@@ -127,14 +127,7 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
 		t.Fatal(err)
 	}
-	msg := "Subject: after the rewind\r\n\r\nnew\r\n"
-	ap := c.Append("INBOX", int64(len(msg)), nil)
-	ap.Write([]byte(msg))
-	ap.Close()
-	data, err := ap.Wait()
-	if err != nil {
-		t.Fatal(err)
-	}
+	data := appendMsg(t, c, "INBOX", "Subject: after the rewind\r\n\r\nnew\r\n")
 	if data.UID < before.UIDNext {
 		t.Fatalf("APPEND after the rewind got UID %d: UIDs below %d were already shown", data.UID, before.UIDNext)
 	}
