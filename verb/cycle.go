@@ -151,7 +151,9 @@ func (v Verdict) Words() string {
 			kinds = append(kinds, fmt.Sprintf("%d %s", n, k))
 		}
 		sort.Strings(kinds)
-		parts = append(parts, "not replayed (no effect of their own): "+strings.Join(kinds, ", "))
+		// Why each kind was left alone is LeftAlone's business; in one
+		// line it is counts.
+		parts = append(parts, "left alone (no effect of their own, or never replayed): "+strings.Join(kinds, ", "))
 	}
 	if v.Verify.Mailboxes > 0 || len(v.Verify.Problems) > 0 {
 		s := fmt.Sprintf("store checked against the log: %s, %s, %s", plural(v.Verify.Users, "user"),
