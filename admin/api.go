@@ -16,7 +16,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Backend is the running daemon as the admin API sees it.
@@ -30,9 +32,9 @@ type Backend interface {
 	Holding() bool
 	// PlanCycle says what a cycle would do; it changes nothing.
 	PlanCycle(ctx context.Context, to string, cancel []int64) (*Plan, error)
-	// CycleProgress is the running cycle's progress (JSON-encodable),
-	// or nil when none runs.
-	CycleProgress() any
+	// CycleProgress is the running cycle's progress, or nil when none
+	// runs.
+	CycleProgress() *replay.Progress
 }
 
 // Upstream is a server undomail relays to.
@@ -328,7 +330,7 @@ type Status struct {
 	LastCycle *Cycle `json:"last_cycle,omitempty"`
 	LastDrill *Drill `json:"last_drill,omitempty"`
 	// Progress is the running cycle's progress, if one runs.
-	Progress any `json:"progress,omitempty"`
+	Progress *replay.Progress `json:"progress,omitempty"`
 }
 
 // UpstreamHealth says whether an upstream accepts connections.
@@ -415,13 +417,13 @@ func LogState(ctx context.Context, l *undolog.Log) (Status, error) {
 			st.LastSnapshot = &sn
 		}
 	}
-	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{KindCycle}, Desc: true, Limit: 1}); err != nil {
+	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{verb.KindCycle}, Desc: true, Limit: 1}); err != nil {
 		return st, err
 	} else if len(p.Verbs) == 1 {
 		c := cycleOf(p.Verbs[0], at)
 		st.LastCycle = &c
 	}
-	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{KindDrill}, Desc: true, Limit: 1}); err != nil {
+	if p, err := l.Page(ctx, undolog.PageQuery{Kinds: []string{verb.KindDrill}, Desc: true, Limit: 1}); err != nil {
 		return st, err
 	} else if len(p.Verbs) == 1 {
 		ds, _ := drillsOf(p.Verbs)
@@ -539,7 +541,7 @@ func (s *Server) cycle(ctx context.Context, seq int64) (Cycle, error) {
 	if err != nil {
 		return Cycle{}, err
 	}
-	if !ok || v.Kind != KindCycle {
+	if !ok || v.Kind != verb.KindCycle {
 		return Cycle{}, fmt.Errorf("branch=%d: record %d is not a cycle", seq, seq)
 	}
 	snaps, err := Snapshots(ctx, s.log)
@@ -678,13 +680,13 @@ type cycleRun struct {
 
 // RunState is the answer to GET /api/cycles/current.
 type RunState struct {
-	Running  bool            `json:"running"`
-	Started  time.Time       `json:"started,omitzero"`
-	Finished time.Time       `json:"finished,omitzero"`
-	Request  CycleRequest    `json:"request"`
-	Verdict  json.RawMessage `json:"verdict,omitempty"`
-	Error    string          `json:"error,omitempty"`
-	Progress any             `json:"progress,omitempty"`
+	Running  bool             `json:"running"`
+	Started  time.Time        `json:"started,omitzero"`
+	Finished time.Time        `json:"finished,omitzero"`
+	Request  CycleRequest     `json:"request"`
+	Verdict  *CycleVerdict    `json:"verdict,omitempty"`
+	Error    string           `json:"error,omitempty"`
+	Progress *replay.Progress `json:"progress,omitempty"`
 }
 
 // startCycle runs a cycle in the background; it outlives the request.
@@ -699,10 +701,10 @@ func (s *Server) startCycle(req CycleRequest) (chan struct{}, error) {
 	s.run.state = RunState{Running: true, Started: time.Now().UTC(), Request: req}
 	s.logger.Warn("cycle started through the admin", "to", req.To, "cancel", req.Cancel)
 	go func() {
-		out, err := s.b.CycleJSON(context.Background(), req)
+		out, err := s.b.Cycle(context.Background(), req)
 		s.run.mu.Lock()
 		s.run.running = false
-		s.run.state.Running, s.run.state.Finished, s.run.state.Verdict = false, time.Now().UTC(), out
+		s.run.state.Running, s.run.state.Finished, s.run.state.Verdict = false, time.Now().UTC(), &out
 		if err != nil {
 			s.run.state.Error = err.Error()
 		}
@@ -774,20 +776,11 @@ func (s *Server) handleDrills(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, map[string]any{"drills": nonNilSlice(ds)})
 }
 
-// drillRunner is a daemon that runs recovery drills.
-type drillRunner interface {
-	DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error)
-}
-
 // runDrill runs a drill between two snapshots (both empty: the newest
 // pair) and returns its verdict.
-func (s *Server) runDrill(ctx context.Context, from, to string) (json.RawMessage, error) {
-	d, ok := s.b.(drillRunner)
-	if !ok {
-		return nil, errors.New("this undomail cannot run drills")
-	}
+func (s *Server) runDrill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
 	s.logger.Info("drill started through the admin", "from", from, "to", to)
-	return d.DrillJSON(ctx, from, to)
+	return s.b.Drill(ctx, from, to)
 }
 
 // handleRunDrill runs a drill (from=, to=) and answers its verdict as
@@ -809,7 +802,7 @@ func (s *Server) handleCompensations(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, err)
 		return
 	}
-	q.Kinds = []string{KindCompensation}
+	q.Kinds = []string{verb.KindCompensation}
 	p, err := s.verbs(r.Context(), q)
 	if err != nil {
 		writeError(w, http.StatusInternalServerError, err)

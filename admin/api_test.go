@@ -26,6 +26,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -61,28 +62,31 @@ func (f *fakeDaemon) Snapshot(ctx context.Context, reason string) (timetravel.Sn
 	}
 	return timetravel.Snapshot{Name: name, Seq: at}, time.Millisecond, nil
 }
-func (f *fakeDaemon) RewindJSON(context.Context, string, bool) (json.RawMessage, error) {
-	return nil, nil
+func (f *fakeDaemon) Rewind(context.Context, string, bool) (verb.RewindOutcome, error) {
+	return verb.RewindOutcome{}, nil
 }
-func (f *fakeDaemon) ReplayJSON(context.Context, []int64) (json.RawMessage, error) { return nil, nil }
-func (f *fakeDaemon) CycleJSON(ctx context.Context, req CycleRequest) (json.RawMessage, error) {
+func (f *fakeDaemon) Replay(context.Context, []int64) (replay.Result, error) {
+	return replay.Result{}, nil
+}
+func (f *fakeDaemon) Cycle(ctx context.Context, req CycleRequest) (CycleVerdict, error) {
 	f.cycles = append(f.cycles, req)
 	if err := f.work(ctx); err != nil {
-		return nil, err
+		return CycleVerdict{}, err
 	}
-	return json.RawMessage(`{"ok":true,"replayed":3,"cancelled":1}`), nil
+	return CycleVerdict{OK: true, Replayed: 3, Cancelled: 1}, nil
 }
-func (f *fakeDaemon) DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error) {
+func (f *fakeDaemon) Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
 	if err := f.work(ctx); err != nil {
-		return nil, err
+		return verb.DrillVerdict{}, err
 	}
-	r := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(fmt.Sprintf(`{"ok":true,"from":%q,"to":%q}`, from, to))}
-	return r.Outcome, f.l.Append(ctx, r)
+	v := verb.DrillVerdict{DrillResult: verb.DrillResult{OK: true, From: from, To: to}}
+	out, _ := json.Marshal(v)
+	return v, f.l.Append(ctx, &undolog.Record{Kind: verb.KindDrill, Session: "drill", Outcome: out})
 }
-func (f *fakeDaemon) FiltersJSON() json.RawMessage                     { return json.RawMessage(`[]`) }
+func (f *fakeDaemon) Filters() []replay.KeptFilter                     { return nil }
 func (f *fakeDaemon) RemoveFilters(ctx context.Context, c int64) error { return nil }
-func (f *fakeDaemon) PruneJSON(ctx context.Context, before, archive string) (json.RawMessage, error) {
-	return nil, errors.New("the fake daemon does not prune")
+func (f *fakeDaemon) PruneLog(ctx context.Context, before, archive string) (PruneReply, error) {
+	return PruneReply{}, errors.New("the fake daemon does not prune")
 }
 func (f *fakeDaemon) UndoLog() *undolog.Log { return f.l }
 func (f *fakeDaemon) Upstreams() []Upstream { return f.ups }
@@ -93,11 +97,11 @@ func (f *fakeDaemon) PlanCycle(ctx context.Context, to string, cancel []int64) (
 	}
 	return &Plan{To: to}, nil
 }
-func (f *fakeDaemon) CycleProgress() any { return nil }
+func (f *fakeDaemon) CycleProgress() *replay.Progress { return nil }
 
 func logSnapshot(ctx context.Context, l *undolog.Log, name string, at int64) error {
-	args, _ := json.Marshal(snapshotArgs{Name: name, AtSeq: at, Reason: "test"})
-	r := &undolog.Record{Kind: KindSnapshot, Session: "daemon", Args: args}
+	args, _ := json.Marshal(verb.SnapshotArgs{Name: name, AtSeq: at, Reason: "test"})
+	r := &undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: args}
 	if err := l.Append(ctx, r); err != nil {
 		return err
 	}
@@ -359,8 +363,8 @@ func TestVerbsPagingAndFilters(t *testing.T) {
 	}
 	del := imapVerb(t, l, "alice", "imap.delete", "Projects")
 	bobDel := imapVerb(t, l, "bob", "imap.delete", "Old")
-	args, _ := json.Marshal(cycleArgs{To: "before", Cancel: []int64{del}})
-	cyc := &undolog.Record{Kind: KindCycle, Session: "cycle", Args: args}
+	args, _ := json.Marshal(verb.CycleArgs{To: "before", Cancel: []int64{del}})
+	cyc := &undolog.Record{Kind: verb.KindCycle, Session: "cycle", Args: args}
 	if err := l.Append(ctx, cyc); err != nil {
 		t.Fatal(err)
 	}
@@ -578,12 +582,12 @@ func TestCompensationsAndDrills(t *testing.T) {
 	ts := newTestServer(t)
 	ctx := context.Background()
 	read := imapVerb(t, ts.f.l, "alice", "imap.fetch", "INBOX")
-	comp := &undolog.Record{Kind: KindCompensation, Session: "cycle", Users: []string{"alice"},
+	comp := &undolog.Record{Kind: verb.KindCompensation, Session: "cycle", Users: []string{"alice"},
 		Args: []byte(`{"undo_id":"U1","mail_from":"postmaster@example.test","rcpts":["alice@example.test"],"size":900,
 			"header":{"subject":"What changed in your mailbox","from":"Mail administrator <postmaster@example.test>"},
 			"cycle":7,"audience":"user","user":"alice","paradoxes":[{"kind":"read_removed","user":"alice","verb":` + fmt.Sprint(read) + `,"verb_kind":"imap.fetch"}]}`)}
-	drillOK := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":true,"from":"s1","to":"s2"}`)}
-	drillBad := &undolog.Record{Kind: KindDrill, Session: "drill", Outcome: []byte(`{"ok":false,"from":"s2","to":"s3","differences":[{"user":"bob","mailbox":"INBOX"}]}`)}
+	drillOK := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Outcome: []byte(`{"ok":true,"from":"s1","to":"s2"}`)}
+	drillBad := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Outcome: []byte(`{"ok":false,"from":"s2","to":"s3","differences":[{"user":"bob","mailbox":"INBOX"}]}`)}
 	if err := ts.f.l.Append(ctx, comp, drillOK, drillBad); err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/undomail/undomail/replay"
 )
 
 // do sends a request with the client's credentials; errors name where
@@ -159,10 +161,10 @@ func (c *Client) Plan(ctx context.Context, to string, cancel []int64) (*Plan, er
 	return &p, err
 }
 
-// CycleProgress returns the running cycle's progress as JSON ("null"
-// when none runs).
-func (c *Client) CycleProgress(ctx context.Context) (json.RawMessage, error) {
-	var p json.RawMessage
+// CycleProgress returns the running cycle's progress (nil when none
+// runs).
+func (c *Client) CycleProgress(ctx context.Context) (*replay.Progress, error) {
+	var p *replay.Progress
 	path := "/cycles/progress"
 	if c.remote {
 		path = "/api/cycles/progress"

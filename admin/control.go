@@ -24,7 +24,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
+	"github.com/undomail/undomail/verb"
 )
 
 // SocketName is the control socket's file name in the data directory.
@@ -34,52 +36,22 @@ const SocketName = "control.sock"
 type Daemon interface {
 	// Snapshot takes a consistent snapshot.
 	Snapshot(ctx context.Context, reason string) (timetravel.Snapshot, time.Duration, error)
-	// Rewind rolls the mail store back to a snapshot; the reply is the
-	// rewind's outcome as JSON.
-	RewindJSON(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error)
-	// Replay ends a held rewind; the reply is the replay's result.
-	ReplayJSON(ctx context.Context, cancel []int64) (json.RawMessage, error)
-	// Cycle runs a 3R cycle; the reply is its verdict as JSON.
-	CycleJSON(ctx context.Context, req CycleRequest) (json.RawMessage, error)
-	// DrillJSON runs a recovery drill between two snapshots (both empty:
-	// the newest pair); the reply is its verdict as JSON.
-	DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error)
-	// FiltersJSON lists the filters cycles kept active for live mail;
+	// Rewind rolls the mail store back to a snapshot.
+	Rewind(ctx context.Context, snapshot string, hold bool) (verb.RewindOutcome, error)
+	// Replay ends a held rewind.
+	Replay(ctx context.Context, cancel []int64) (replay.Result, error)
+	// Cycle runs a 3R cycle.
+	Cycle(ctx context.Context, req CycleRequest) (CycleVerdict, error)
+	// Drill runs a recovery drill between two snapshots (both empty:
+	// the newest pair).
+	Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error)
+	// Filters lists the filters cycles kept active for live mail;
 	// RemoveFilters stops the ones a cycle kept.
-	FiltersJSON() json.RawMessage
+	Filters() []replay.KeptFilter
 	RemoveFilters(ctx context.Context, cycle int64) error
-	// PruneJSON removes the log before a snapshot (archive: a file the
+	// PruneLog removes the log before a snapshot (archive: a file the
 	// daemon writes what it removes to, "" for none).
-	PruneJSON(ctx context.Context, before, archive string) (json.RawMessage, error)
-}
-
-// CycleRequest is the body of POST /cycles.
-type CycleRequest struct {
-	To      string          `json:"to"`
-	Cancel  []int64         `json:"cancel"`
-	Filters []FilterRequest `json:"filters"`
-	// Keep leaves the filters active for live mail after the cycle.
-	Keep bool `json:"keep,omitempty"`
-	// Reason is the operator's why, for the log and the people affected.
-	Reason string `json:"reason,omitempty"`
-	// Users, if set, are the only users the cycle rewinds and replays;
-	// everyone else's mail is left as it is.
-	Users []string `json:"users,omitempty"`
-}
-
-// FilterRequest is a retroactive filter: a rule and drop or move:FOLDER.
-type FilterRequest struct {
-	Rule   string `json:"rule"`
-	Action string `json:"action"`
-}
-
-// SnapshotReply is the JSON answer to POST /snapshots.
-type SnapshotReply struct {
-	Name    string    `json:"name"`
-	AtSeq   int64     `json:"at_seq"`
-	Created time.Time `json:"created"`
-	PauseMS float64   `json:"pause_ms"`
-	Error   string    `json:"error,omitempty"`
+	PruneLog(ctx context.Context, before, archive string) (PruneReply, error)
 }
 
 // Control is a running control socket.
@@ -126,7 +98,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 		json.NewEncoder(w).Encode(rep)
 	})
 	mux.HandleFunc("POST /rewind", func(w http.ResponseWriter, r *http.Request) {
-		out, err := s.RewindJSON(r.Context(), r.URL.Query().Get("snapshot"), r.URL.Query().Get("hold") == "1")
+		out, err := s.Rewind(r.Context(), r.URL.Query().Get("snapshot"), r.URL.Query().Get("hold") == "1")
 		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("POST /replay", func(w http.ResponseWriter, r *http.Request) {
@@ -137,7 +109,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 				return
 			}
 		}
-		out, err := s.ReplayJSON(r.Context(), req.Cancel)
+		out, err := s.Replay(r.Context(), req.Cancel)
 		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("POST /cycles", func(w http.ResponseWriter, r *http.Request) {
@@ -146,19 +118,19 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 			http.Error(w, "bad cycle request: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		out, err := s.CycleJSON(r.Context(), req)
+		out, err := s.Cycle(r.Context(), req)
 		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("POST /drills", func(w http.ResponseWriter, r *http.Request) {
-		out, err := s.DrillJSON(r.Context(), r.URL.Query().Get("from"), r.URL.Query().Get("to"))
+		out, err := s.Drill(r.Context(), r.URL.Query().Get("from"), r.URL.Query().Get("to"))
 		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("POST /log/prune", func(w http.ResponseWriter, r *http.Request) {
-		out, err := s.PruneJSON(r.Context(), r.URL.Query().Get("before"), r.URL.Query().Get("archive"))
+		out, err := s.PruneLog(r.Context(), r.URL.Query().Get("before"), r.URL.Query().Get("archive"))
 		writeOutcome(w, out, err)
 	})
 	mux.HandleFunc("GET /filters", func(w http.ResponseWriter, r *http.Request) {
-		writeOutcome(w, s.FiltersJSON(), nil)
+		writeOutcome(w, s.Filters(), nil)
 	})
 	mux.HandleFunc("POST /filters/remove", func(w http.ResponseWriter, r *http.Request) {
 		cycle, err := strconv.ParseInt(r.URL.Query().Get("cycle"), 10, 64)
@@ -179,7 +151,7 @@ func ServeControl(dataDir string, s Daemon, logger *slog.Logger) (*Control, erro
 
 // writeOutcome answers {"outcome": ...} or, with 503, {"error": ...,
 // "outcome": ...}: a failed repair still reports how far it got.
-func writeOutcome(w http.ResponseWriter, out json.RawMessage, err error) {
+func writeOutcome(w http.ResponseWriter, out any, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	if err != nil {
 		w.WriteHeader(http.StatusServiceUnavailable)
@@ -257,48 +229,55 @@ func (c *Client) Snapshot(ctx context.Context, reason string) (SnapshotReply, er
 }
 
 // Rewind asks the daemon to roll the mail store back to a snapshot and
-// returns the rewind's outcome as JSON.
-func (c *Client) Rewind(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error) {
+// returns the rewind's outcome.
+func (c *Client) Rewind(ctx context.Context, snapshot string, hold bool) (verb.RewindOutcome, error) {
+	var out verb.RewindOutcome
 	if c.remote {
-		return nil, errors.New("rewind: only on the daemon's machine (control socket)")
+		return out, errors.New("rewind: only on the daemon's machine (control socket)")
 	}
 	q := "/rewind?snapshot=" + url.QueryEscape(snapshot)
 	if hold {
 		q += "&hold=1"
 	}
-	return c.post(ctx, q, nil)
+	return out, c.post(ctx, q, nil, &out)
 }
 
 // Replay ends a held rewind: the daemon replays the changes since the
 // snapshot, all but cancel, and lets changes through again.
-func (c *Client) Replay(ctx context.Context, cancel []int64) (json.RawMessage, error) {
+func (c *Client) Replay(ctx context.Context, cancel []int64) (replay.Result, error) {
+	var res replay.Result
 	if c.remote {
-		return nil, errors.New("replay: only on the daemon's machine (control socket)")
+		return res, errors.New("replay: only on the daemon's machine (control socket)")
 	}
 	b, _ := json.Marshal(CycleRequest{Cancel: cancel})
-	return c.post(ctx, "/replay", b)
+	return res, c.post(ctx, "/replay", b, &res)
 }
 
-// Cycle asks the daemon to run a 3R cycle and returns its verdict as JSON.
-func (c *Client) Cycle(ctx context.Context, req CycleRequest) (json.RawMessage, error) {
+// Cycle asks the daemon to run a 3R cycle and returns its verdict; a
+// cycle that is not OK returns its verdict with the error.
+func (c *Client) Cycle(ctx context.Context, req CycleRequest) (CycleVerdict, error) {
+	var v CycleVerdict
 	b, _ := json.Marshal(req)
+	path := "/cycles"
 	if c.remote {
-		return c.post(ctx, "/api/cycles?wait=1", b)
+		path = "/api/cycles?wait=1"
 	}
-	return c.post(ctx, "/cycles", b)
+	return v, c.post(ctx, path, b, &v)
 }
 
-// Drill asks the daemon to run a recovery drill; its verdict is JSON.
-func (c *Client) Drill(ctx context.Context, from, to string) (json.RawMessage, error) {
+// Drill asks the daemon to run a recovery drill and returns its verdict.
+func (c *Client) Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
+	var v verb.DrillVerdict
 	q := "?from=" + url.QueryEscape(from) + "&to=" + url.QueryEscape(to)
+	path := "/drills" + q
 	if c.remote {
-		return c.post(ctx, "/api/drills"+q, nil)
+		path = "/api/drills" + q
 	}
-	return c.post(ctx, "/drills"+q, nil)
+	return v, c.post(ctx, path, nil, &v)
 }
 
-// Filters lists the filters kept active for live mail, as JSON.
-func (c *Client) Filters(ctx context.Context) (json.RawMessage, error) {
+// Filters lists the filters kept active for live mail.
+func (c *Client) Filters(ctx context.Context) ([]replay.KeptFilter, error) {
 	if c.remote {
 		return nil, errors.New("filters: only on the daemon's machine (control socket)")
 	}
@@ -312,7 +291,7 @@ func (c *Client) Filters(ctx context.Context) (json.RawMessage, error) {
 	}
 	defer resp.Body.Close()
 	var rep struct {
-		Outcome json.RawMessage `json:"outcome"`
+		Outcome []replay.KeptFilter `json:"outcome"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
 		return nil, fmt.Errorf("control socket %s: bad reply (%s): %w", c.path, resp.Status, err)
@@ -321,11 +300,12 @@ func (c *Client) Filters(ctx context.Context) (json.RawMessage, error) {
 }
 
 // Prune asks the daemon to remove the log before a snapshot.
-func (c *Client) Prune(ctx context.Context, before, archive string) (json.RawMessage, error) {
+func (c *Client) Prune(ctx context.Context, before, archive string) (PruneReply, error) {
+	var rep PruneReply
 	if c.remote {
-		return nil, errors.New("prune: only on the daemon's machine (control socket)")
+		return rep, errors.New("prune: only on the daemon's machine (control socket)")
 	}
-	return c.post(ctx, "/log/prune?before="+url.QueryEscape(before)+"&archive="+url.QueryEscape(archive), nil)
+	return rep, c.post(ctx, "/log/prune?before="+url.QueryEscape(before)+"&archive="+url.QueryEscape(archive), nil, &rep)
 }
 
 // RemoveFilters stops the live filters a cycle kept.
@@ -333,20 +313,21 @@ func (c *Client) RemoveFilters(ctx context.Context, cycle int64) error {
 	if c.remote {
 		return errors.New("filters: only on the daemon's machine (control socket)")
 	}
-	_, err := c.post(ctx, "/filters/remove?cycle="+strconv.FormatInt(cycle, 10), nil)
-	return err
+	return c.post(ctx, "/filters/remove?cycle="+strconv.FormatInt(cycle, 10), nil, nil)
 }
 
-// post sends a request whose reply is {"outcome": ..., "error": ...}.
-func (c *Client) post(ctx context.Context, path string, body []byte) (json.RawMessage, error) {
+// post sends a request whose reply is {"outcome": ..., "error": ...}
+// and decodes the outcome into out (nil: it is not read). A failed
+// action's outcome is decoded too: it says how far the action got.
+func (c *Client) post(ctx context.Context, path string, body []byte, out any) error {
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, bytes.NewReader(body))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.do(req)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer resp.Body.Close()
 	var rep struct {
@@ -354,10 +335,16 @@ func (c *Client) post(ctx context.Context, path string, body []byte) (json.RawMe
 		Outcome json.RawMessage `json:"outcome"`
 	}
 	if err := json.NewDecoder(resp.Body).Decode(&rep); err != nil {
-		return nil, fmt.Errorf("control socket %s: bad reply (%s): %w", c.path, resp.Status, err)
+		return fmt.Errorf("control socket %s: bad reply (%s): %w", c.path, resp.Status, err)
+	}
+	var derr error
+	if out != nil && len(rep.Outcome) > 0 && string(rep.Outcome) != "null" {
+		if err := json.Unmarshal(rep.Outcome, out); err != nil {
+			derr = fmt.Errorf("control socket %s: bad outcome (%s): %w", c.path, resp.Status, err)
+		}
 	}
 	if rep.Error != "" {
-		return rep.Outcome, errors.New(rep.Error)
+		return errors.Join(errors.New(rep.Error), derr)
 	}
-	return rep.Outcome, nil
+	return derr
 }

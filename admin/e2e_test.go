@@ -185,16 +185,23 @@ func deletedFolder(t *testing.T, tb *testbed.Testbed, a *api) (snap string, del 
 	return rep.Name, p.Verbs[0].Seq
 }
 
+// verdictCounts is the part of a cycle's verdict that must be the same
+// whichever way the cycle was started (wall times differ).
+type verdictCounts struct {
+	OK                                    bool
+	Replayed, Cancelled, Filtered, Failed int
+	Error                                 string
+}
+
 // lastVerdict is the newest cycle's verdict, from the admin API.
-func lastVerdict(a *api) admin.Verdict {
+func lastVerdict(a *api) verdictCounts {
 	var cs struct{ Cycles []admin.Cycle }
 	a.call("GET", "/api/cycles", nil, &cs)
 	if len(cs.Cycles) == 0 || cs.Cycles[len(cs.Cycles)-1].Verdict == nil {
 		a.t.Fatalf("no cycle verdict in the log: %+v", cs.Cycles)
 	}
 	v := *cs.Cycles[len(cs.Cycles)-1].Verdict
-	v.Held = 0 // wall time differs from run to run
-	return v
+	return verdictCounts{OK: v.OK, Replayed: v.Replayed, Cancelled: v.Cancelled, Filtered: v.Filtered, Failed: v.Failed, Error: v.Error}
 }
 
 func store(snapDir string) func(*config.Config) {
@@ -207,7 +214,7 @@ func store(snapDir string) func(*config.Config) {
 // and the folder must be back.
 func TestCycleThroughAPIMatchesCLI(t *testing.T) {
 	type result struct {
-		verdict admin.Verdict
+		verdict verdictCounts
 		mail    map[string][]string
 	}
 	var results []result
@@ -240,10 +247,9 @@ func TestCycleThroughAPIMatchesCLI(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		raw, err := c.CycleProgress(context.Background())
-		var prog struct{ Phase string }
-		if err != nil || json.Unmarshal(raw, &prog) != nil || prog.Phase != "done" {
-			t.Fatalf("GET /cycles/progress after the cycle: %s %v, want phase done", raw, err)
+		prog, err := c.CycleProgress(context.Background())
+		if err != nil || prog == nil || prog.Phase != "done" {
+			t.Fatalf("GET /cycles/progress after the cycle: %+v %v, want phase done", prog, err)
 		}
 		tb.Stop()
 	}

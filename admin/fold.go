@@ -42,7 +42,7 @@ type cycleRow struct {
 // folded reports whether records of kind are folded into their cycle on
 // a timeline that asks for kinds (none: all).
 func folded(kind string, asked []string) bool {
-	if kind != KindReplay && kind != KindRewind {
+	if kind != verb.KindReplay && kind != verb.KindRewind {
 		return false
 	}
 	return !slices.Contains(asked, kind)
@@ -71,7 +71,7 @@ func (s *Server) timelinePage(ctx context.Context, q undolog.PageQuery, cycles [
 			if len(verbs) == want {
 				return verbs, verbs[len(verbs)-1].Seq, nil
 			}
-			if folded(v.Kind, q.Kinds) || (v.Kind == KindSnapshot && len(q.Kinds) == 0 && presents[snapshotName(v)]) {
+			if folded(v.Kind, q.Kinds) || (v.Kind == verb.KindSnapshot && len(q.Kinds) == 0 && presents[snapshotName(v)]) {
 				continue
 			}
 			verbs = append(verbs, v)
@@ -85,7 +85,7 @@ func (s *Server) timelinePage(ctx context.Context, q undolog.PageQuery, cycles [
 }
 
 func snapshotName(v undolog.Verb) string {
-	var a snapshotArgs
+	var a verb.SnapshotArgs
 	json.Unmarshal(v.Args, &a)
 	return a.Name
 }
@@ -132,7 +132,7 @@ func (s *Server) fold(ctx context.Context, verbs []undolog.Verb, cycles []Cycle)
 		if end == 0 && ci+1 < len(cycles) {
 			end = cycles[ci+1].Seq
 		}
-		replays, err := s.cycleRecords(ctx, c, end, KindReplay)
+		replays, err := s.cycleRecords(ctx, c, end, verb.KindReplay)
 		if err != nil {
 			return nil, err
 		}
@@ -142,9 +142,9 @@ func (s *Server) fold(ctx context.Context, verbs []undolog.Verb, cycles []Cycle)
 			if !ok {
 				continue
 			}
-			f := verb.ReplayWords(r.Record.Outcome)
+			f := verb.DecodeReplayOutcome(r.Record.Outcome)
 			text := fmt.Sprintf("cycle #%d: %s", c.Seq, f.Words())
-			if f.Status == "ok" {
+			if f.Status == verb.ReplayOK {
 				text = "replayed by " + text
 			}
 			if f.Detail != "" {
@@ -155,16 +155,16 @@ func (s *Server) fold(ctx context.Context, verbs []undolog.Verb, cycles []Cycle)
 			}
 			class := "removed"
 			switch {
-			case strings.Contains(f.Status, "failed"):
+			case strings.Contains(string(f.Status), string(verb.ReplayFailed)):
 				class = "failed"
-			case f.Status == "ok":
+			case f.Status == verb.ReplayOK:
 				class = "made"
 			}
 			rows[i].Replayed, rows[i].ReplayClass, seen[r.Ref] = text, class, true
 		}
 		if i, ok := at[c.Seq]; ok {
 			cr := &cycleRow{Present: c.Present, Done: c.Verdict != nil, OK: c.Verdict != nil && c.Verdict.OK}
-			rewinds, err := s.cycleRecords(ctx, c, end, KindRewind)
+			rewinds, err := s.cycleRecords(ctx, c, end, verb.KindRewind)
 			if err != nil {
 				return nil, err
 			}

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestTimelineFoldsCycles renders the timeline over a log with two
@@ -35,13 +36,13 @@ func TestTimelineFoldsCycles(t *testing.T) {
 	}
 	js := func(v any) json.RawMessage { b, _ := json.Marshal(v); return b }
 	cycle := func(verdict bool, fates map[int64]string) int64 {
-		c := appendRec(&undolog.Record{Kind: KindCycle, Session: "cycle", Args: js(map[string]any{"to": "s1", "cancel": []int64{del}})})
-		rw := appendRec(&undolog.Record{Kind: KindRewind, Session: "rewind", Args: js(map[string]any{"snapshot": "s1", "at_seq": at,
+		c := appendRec(&undolog.Record{Kind: verb.KindCycle, Session: "cycle", Args: js(map[string]any{"to": "s1", "cancel": []int64{del}})})
+		rw := appendRec(&undolog.Record{Kind: verb.KindRewind, Session: "rewind", Args: js(map[string]any{"snapshot": "s1", "at_seq": at,
 			"before": []map[string]any{{"user": "alice", "mailbox": "INBOX", "uidvalidity": 7, "uidnext": 9, "highestmodseq": 12}}})})
 		appendRec(&undolog.Record{Kind: undolog.KindOutcome, Session: "rewind", Ref: rw, Outcome: js(map[string]any{"ok": true, "raised": 1})})
 		for _, seq := range []int64{create, del} {
 			st, detail, _ := strings.Cut(fates[seq], ":")
-			appendRec(&undolog.Record{Kind: KindReplay, Session: "replay", User: "alice", Ref: seq, Outcome: js(map[string]string{"status": st, "detail": detail})})
+			appendRec(&undolog.Record{Kind: verb.KindReplay, Session: "replay", User: "alice", Ref: seq, Outcome: js(map[string]string{"status": st, "detail": detail})})
 		}
 		if verdict {
 			appendRec(&undolog.Record{Kind: undolog.KindOutcome, Session: "cycle", Ref: c, Outcome: js(map[string]any{"ok": true, "replayed": 1, "cancelled": 1})})
@@ -73,7 +74,7 @@ func TestTimelineFoldsCycles(t *testing.T) {
 	if n := strings.Count(table, `class="cycle-row`); n != 2 {
 		t.Errorf("%d cycle rows, want one per cycle:\n%s", n, table)
 	}
-	for _, kind := range []string{KindReplay, KindRewind} {
+	for _, kind := range []string{verb.KindReplay, verb.KindRewind} {
 		if strings.Contains(table, fmt.Sprintf(`data-kind="%s"`, kind)) {
 			t.Errorf("a %s record has a row of its own:\n%s", kind, table)
 		}

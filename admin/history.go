@@ -9,18 +9,6 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
-// The record kinds the admin reads besides the proxies' verbs, as package
-// verb names them.
-const (
-	KindSnapshot       = verb.KindSnapshot
-	KindSnapshotPruned = verb.KindSnapshotPruned
-	KindCycle          = verb.KindCycle
-	KindDrill          = verb.KindDrill
-	KindCompensation   = verb.KindCompensation
-	KindReplay         = verb.KindReplay
-	KindRewind         = verb.KindRewind
-)
-
 // Verb is a verb as the API returns it: the fields of `undomail log
 // --json` plus the record in words, from package verb.
 type Verb struct {
@@ -68,7 +56,7 @@ func NewVerb(v undolog.Verb) Verb {
 	d := verb.Describe(v)
 	out.Summary, out.Result, out.Description, out.ForUser = d.What, d.Outcome, d.Line(), d.ForUser
 	switch v.Kind {
-	case verb.KindSMTPSubmit, verb.KindLMTPDeliver, KindCompensation:
+	case verb.KindSMTPSubmit, verb.KindLMTPDeliver, verb.KindCompensation:
 		var a struct {
 			Header    verb.HeaderInfo `json:"header"`
 			Paradoxes []Paradox       `json:"paradoxes"`
@@ -78,25 +66,6 @@ func NewVerb(v undolog.Verb) Verb {
 		}
 	}
 	return out
-}
-
-type snapshotArgs struct {
-	Name   string `json:"name"`
-	AtSeq  int64  `json:"at_seq"`
-	Reason string `json:"reason"`
-}
-
-type snapshotOutcome struct {
-	OK    bool    `json:"ok"`
-	Error string  `json:"error"`
-	Pause float64 `json:"pause_ms"`
-}
-
-type cycleArgs struct {
-	To      string          `json:"to"`
-	Cancel  []int64         `json:"cancel"`
-	Filters []FilterRequest `json:"filters"`
-	Present string          `json:"present"`
 }
 
 // Snapshot is a snapshot the log says was taken.
@@ -127,21 +96,9 @@ type Cycle struct {
 	// Verdict is nil while the cycle runs (or if it was cut off);
 	// VerdictSeq is its record. The cycle's own records (its rewind and
 	// replays) are between Seq and VerdictSeq.
-	Verdict    *Verdict        `json:"verdict,omitempty"`
+	Verdict    *CycleVerdict   `json:"verdict,omitempty"`
 	VerdictSeq int64           `json:"verdict_seq,omitempty"`
 	Raw        json.RawMessage `json:"verdict_raw,omitempty"`
-}
-
-// Verdict is the part of a cycle's verdict the admin shows.
-type Verdict struct {
-	OK            bool    `json:"ok"`
-	Replayed      int     `json:"replayed"`
-	Cancelled     int     `json:"cancelled"`
-	Filtered      int     `json:"filtered"`
-	Failed        int     `json:"failed"`
-	Compensations int     `json:"compensations"`
-	Held          float64 `json:"held_s"`
-	Error         string  `json:"error,omitempty"`
 }
 
 // Drill is a recovery drill's verdict.
@@ -175,24 +132,24 @@ func allOf(ctx context.Context, l *undolog.Log, kinds ...string) ([]undolog.Verb
 // Snapshots returns the snapshots the log records, oldest first, pruned
 // ones marked; failed snapshots are left out.
 func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
-	vs, err := allOf(ctx, l, KindSnapshot, KindSnapshotPruned)
+	vs, err := allOf(ctx, l, verb.KindSnapshot, verb.KindSnapshotPruned)
 	if err != nil {
 		return nil, err
 	}
 	var out []Snapshot
 	idx := map[string]int{}
 	for _, v := range vs {
-		var a snapshotArgs
+		var a verb.SnapshotArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
-		if v.Kind == KindSnapshotPruned {
+		if v.Kind == verb.KindSnapshotPruned {
 			if i, ok := idx[a.Name]; ok {
 				out[i].Pruned = true
 			}
 			continue
 		}
-		var o snapshotOutcome
+		var o verb.SnapshotOutcome
 		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || !o.OK {
 			continue
 		}
@@ -204,7 +161,7 @@ func Snapshots(ctx context.Context, l *undolog.Log) ([]Snapshot, error) {
 
 // Cycles returns the cycles in the log, oldest first.
 func Cycles(ctx context.Context, l *undolog.Log, snaps []Snapshot) ([]Cycle, error) {
-	vs, err := allOf(ctx, l, KindCycle)
+	vs, err := allOf(ctx, l, verb.KindCycle)
 	if err != nil {
 		return nil, err
 	}
@@ -226,13 +183,13 @@ func snapshotIndex(snaps []Snapshot) map[string]Snapshot {
 }
 
 func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
-	var a cycleArgs
+	var a verb.CycleArgs
 	json.Unmarshal(v.Args, &a)
 	c := Cycle{Seq: v.Seq, Time: v.Time, To: a.To, AtSeq: at[a.To].AtSeq, SnapshotSeq: at[a.To].Seq,
 		Cancel: a.Cancel, Filters: a.Filters, Present: a.Present}
 	if v.Outcome != nil {
 		c.Raw, c.VerdictSeq = v.Outcome.Outcome, v.Outcome.Seq
-		var vd Verdict
+		var vd CycleVerdict
 		if json.Unmarshal(v.Outcome.Outcome, &vd) == nil {
 			c.Verdict = &vd
 		}
@@ -242,7 +199,7 @@ func cycleOf(v undolog.Verb, at map[string]Snapshot) Cycle {
 
 // Drills returns the drill verdicts in the log, oldest first.
 func Drills(ctx context.Context, l *undolog.Log) ([]Drill, error) {
-	vs, err := allOf(ctx, l, KindDrill)
+	vs, err := allOf(ctx, l, verb.KindDrill)
 	if err != nil {
 		return nil, err
 	}

@@ -1,5 +1,7 @@
 package admin
 
+import "github.com/undomail/undomail/verb"
+
 // Plan is what a 3R cycle would do, computed from the log before it runs
 // (DESIGN: "A cycle is planned first ... Plans are shown to the
 // operator"). daemon.PlanCycle computes it.
@@ -12,6 +14,13 @@ type Plan struct {
 		Cancel   int `json:"cancel"`
 		NoEffect int `json:"no_effect"`
 	} `json:"counts"`
+	// NotReplayed counts, by kind, the users' verbs after the snapshot
+	// the cycle neither replays nor cancels: those without an effect of
+	// their own and the kinds that are never replayed (package verb says
+	// why). Unreplayable counts the verbs of kinds no replay is defined
+	// for: the cycle would leave them out, and its verdict is not OK.
+	NotReplayed  map[string]int `json:"not_replayed,omitempty"`
+	Unreplayable map[string]int `json:"unreplayable,omitempty"`
 	// ComesBack and Goes say, per cancelled verb, what the cycle undoes:
 	// what the verb had taken away comes back, what it had added goes.
 	ComesBack []string `json:"comes_back,omitempty"`
@@ -19,6 +28,12 @@ type Plan struct {
 	// Compensations are the people who were shown something the cycle
 	// removes: they get an explanation (issue 6).
 	Compensations []PlanCompensation `json:"compensations,omitempty"`
+}
+
+// LeftAlone tells the verbs the cycle neither replays nor cancels, a
+// line a kind, with why.
+func (p *Plan) LeftAlone() []string {
+	return append(verb.LeftAlone(p.Unreplayable), verb.LeftAlone(p.NotReplayed)...)
 }
 
 // PlanStep is one logged change after the snapshot.

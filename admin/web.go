@@ -277,7 +277,7 @@ const (
 // destructive changes, reads, the system's own records, compensations.
 func verbClass(v Verb) string {
 	switch {
-	case v.Kind == KindCompensation:
+	case v.Kind == verb.KindCompensation:
 		return "comp"
 	case v.Kind == verb.KindIMAPDelete || v.Kind == verb.KindIMAPExpunge:
 		return "destroy"
@@ -523,7 +523,7 @@ func (w *web) timeline(rw http.ResponseWriter, r *http.Request, p *pageData) err
 // saw it to the paradox's kind, from the newest compensations (the kind
 // index: a bounded read however long the log).
 func (w *web) paradoxes(ctx context.Context) (map[int64]string, error) {
-	p, err := w.s.log.Page(ctx, undolog.PageQuery{Kinds: []string{KindCompensation}, Desc: true, Limit: 500})
+	p, err := w.s.log.Page(ctx, undolog.PageQuery{Kinds: []string{verb.KindCompensation}, Desc: true, Limit: 500})
 	if err != nil {
 		return nil, err
 	}
@@ -638,7 +638,7 @@ func (w *web) runCycle(rw http.ResponseWriter, r *http.Request, p *pageData) err
 // currentView is the running (or last) admin cycle.
 type currentView struct {
 	State    RunState
-	Verdict  *Verdict
+	Verdict  *CycleVerdict
 	Progress string // phase and counts
 	Percent  int
 }
@@ -649,13 +649,7 @@ func (w *web) current(rw http.ResponseWriter, r *http.Request, p *pageData) erro
 	p.Data = cv
 	if cv.State.Running {
 		p.Refresh = 1
-		if cv.State.Progress != nil {
-			b, _ := json.Marshal(cv.State.Progress)
-			var pr struct {
-				Phase               string
-				Done, Total, Failed int
-			}
-			json.Unmarshal(b, &pr)
+		if pr := cv.State.Progress; pr != nil {
 			cv.Progress = pr.Phase
 			if pr.Total > 0 {
 				cv.Progress = fmt.Sprintf("%s: %d of %d verbs, %d failed", pr.Phase, pr.Done, pr.Total, pr.Failed)
@@ -663,12 +657,7 @@ func (w *web) current(rw http.ResponseWriter, r *http.Request, p *pageData) erro
 			}
 		}
 	}
-	if len(cv.State.Verdict) > 0 {
-		var vd Verdict
-		if json.Unmarshal(cv.State.Verdict, &vd) == nil {
-			cv.Verdict = &vd
-		}
-	}
+	cv.Verdict = cv.State.Verdict
 	return nil
 }
 
@@ -740,7 +729,7 @@ func (w *web) runDrill(rw http.ResponseWriter, r *http.Request, p *pageData) err
 
 func (w *web) compensations(rw http.ResponseWriter, r *http.Request, p *pageData) error {
 	p.Title = "compensations"
-	page, err := w.s.verbs(r.Context(), undolog.PageQuery{Kinds: []string{KindCompensation}, Desc: true, Limit: 500})
+	page, err := w.s.verbs(r.Context(), undolog.PageQuery{Kinds: []string{verb.KindCompensation}, Desc: true, Limit: 500})
 	p.Data = page.Verbs
 	return err
 }

@@ -14,7 +14,6 @@ import (
 	"github.com/emersion/go-message"
 	"github.com/emersion/go-message/textproto"
 
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -59,7 +58,7 @@ type ReadCheck struct {
 // for one user.
 type replayed struct {
 	user string
-	out  replay.ReplayOutcome
+	out  verb.ReplayOutcome
 }
 
 // removal is a message the repair kept out of a user's store.
@@ -69,7 +68,7 @@ type removal struct {
 	now   string
 	moved string // the folder a filter filed it into, "" if it is gone
 	// misdelivered: the repaired MTA delivers it to someone else
-	// (replay.StatusRerouted).
+	// (verb.ReplayRerouted).
 	misdelivered bool
 }
 
@@ -125,8 +124,8 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 			d.verbs[v.Seq] = v
 			d.order = append(d.order, v.Seq)
 			d.learn(v)
-		case v.Kind == replay.KindReplay && (verdict == 0 || v.Seq < verdict):
-			var out replay.ReplayOutcome
+		case v.Kind == verb.KindReplay && (verdict == 0 || v.Seq < verdict):
+			var out verb.ReplayOutcome
 			if err := json.Unmarshal(v.Record.Outcome, &out); err != nil {
 				return Findings{}, fmt.Errorf("compensate: replay record %d: %w", v.Seq, err)
 			}
@@ -164,7 +163,7 @@ func Detect(ctx context.Context, l *undolog.Log, c Cycle) (Findings, error) {
 // delivered to, and the messages they expunged themselves.
 func (d *detector) learn(v undolog.Verb) {
 	switch v.Kind {
-	case verb.KindLMTPDeliver, replay.KindCompensation:
+	case verb.KindLMTPDeliver, verb.KindCompensation:
 		var a verb.DeliveryArgs
 		if json.Unmarshal(v.Args, &a) == nil {
 			for _, r := range a.Rcpts {
@@ -238,9 +237,9 @@ func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 		}
 		for _, r := range reps {
 			switch r.out.Status {
-			case "ok":
+			case verb.ReplayOK:
 				d.markMade(v.User, a.UndoID, v)
-			case "cancelled", "failed":
+			case verb.ReplayCancelled, verb.ReplayFailed:
 				d.markRemoved(v.User, removal{verb: v, msg: msg, now: removalText(r.out)})
 			}
 		}
@@ -276,16 +275,16 @@ func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 		folder, moved := movedTo(r.out)
 		for _, rc := range rcpts {
 			switch {
-			case r.out.Status == "ok":
+			case r.out.Status == verb.ReplayOK:
 				d.markMade(userKey(rc), a.UndoID, v)
-			case r.out.Status == replay.StatusRerouted:
+			case r.out.Status == verb.ReplayRerouted:
 				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: r.out.Detail, misdelivered: true})
-			case r.out.Status == replay.StatusRefused:
+			case r.out.Status == verb.ReplayRefused:
 				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: removalText(r.out)})
 				d.checkSender(ctx, v, a, rc, r.out)
-			case r.out.Status == "filtered" && moved:
+			case r.out.Status == verb.ReplayFiltered && moved:
 				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: "filed into the folder " + folder + " by the repair", moved: folder})
-			case r.out.Status == "filtered" || r.out.Status == "cancelled" || r.out.Status == "failed":
+			case r.out.Status == verb.ReplayFiltered || r.out.Status == verb.ReplayCancelled || r.out.Status == verb.ReplayFailed:
 				d.markRemoved(userKey(rc), removal{verb: v, msg: msg, now: removalText(r.out)})
 				d.checkSender(ctx, v, a, rc, r.out)
 			}
@@ -299,8 +298,8 @@ func (d *detector) checkCreation(ctx context.Context, v undolog.Verb) {
 // filter, a cancel) is what the repair was for and nobody here saw it go;
 // mail from outside that failed to be delivered again was promised to an
 // outside host and is for the operator.
-func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a verb.DeliveryArgs, rcpt string, out replay.ReplayOutcome) {
-	sender, at, verb, kind := "", v.Time, v.Seq, v.Kind
+func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a verb.DeliveryArgs, rcpt string, out verb.ReplayOutcome) {
+	sender, at, seq, kind := "", v.Time, v.Seq, v.Kind
 	if a.Submission != 0 {
 		sub, ok := d.verbs[a.Submission]
 		if !ok {
@@ -310,14 +309,14 @@ func (d *detector) checkSender(ctx context.Context, v undolog.Verb, a verb.Deliv
 			}
 		}
 		if ok {
-			sender, at, verb, kind = sub.User, sub.Time, sub.Seq, sub.Kind
+			sender, at, seq, kind = sub.User, sub.Time, sub.Seq, sub.Kind
 		}
 	}
-	if sender == "" && out.Status != "failed" {
+	if sender == "" && out.Status != verb.ReplayFailed {
 		return
 	}
 	msg := messageOf(a)
-	d.out = append(d.out, Paradox{Kind: DeliveryLost, User: sender, Verb: verb, VerbKind: kind, Message: &msg,
+	d.out = append(d.out, Paradox{Kind: DeliveryLost, User: sender, Verb: seq, VerbKind: kind, Message: &msg,
 		Rcpt: rcpt, Seen: at, Now: removalText(out), Observed: true})
 }
 
@@ -337,7 +336,7 @@ func (d *detector) checkRefused(v undolog.Verb) {
 	}
 	msg := messageOf(a)
 	for _, r := range d.replays[v.Seq] {
-		if r.out.Status == replay.StatusHeld {
+		if r.out.Status == verb.ReplayHeld {
 			rcpt := ""
 			if i := strings.Index(r.out.Detail, "<"); i >= 0 {
 				if j := strings.Index(r.out.Detail[i:], ">"); j > 0 {
@@ -353,7 +352,7 @@ func (d *detector) checkRefused(v undolog.Verb) {
 	}
 	for _, r := range d.replays[v.Seq] {
 		rcpt, ok := strings.CutPrefix(r.out.Detail, "re-delivered to ")
-		if r.out.Status != "ok" || r.user == "" || !ok {
+		if r.out.Status != verb.ReplayOK || r.user == "" || !ok {
 			continue
 		}
 		sender := a.MailFrom
@@ -368,7 +367,7 @@ func (d *detector) checkRefused(v undolog.Verb) {
 
 // movedTo parses the folder out of a filter's "filed into FOLDER by
 // filter RULE".
-func movedTo(o replay.ReplayOutcome) (string, bool) {
+func movedTo(o verb.ReplayOutcome) (string, bool) {
 	rest, ok := strings.CutPrefix(o.Detail, "filed into ")
 	if !ok {
 		return "", false
@@ -399,21 +398,21 @@ func serverSaid(detail string) string {
 }
 
 // removalText says in words why a message is gone.
-func removalText(o replay.ReplayOutcome) string {
+func removalText(o verb.ReplayOutcome) string {
 	switch o.Status {
-	case "filtered":
+	case verb.ReplayFiltered:
 		if rule, ok := strings.CutPrefix(o.Detail, "dropped by filter "); ok {
 			return "removed by the repair (a filter, " + rule + ")"
 		}
 		return "removed by the repair (" + o.Detail + ")"
-	case "cancelled":
+	case verb.ReplayCancelled:
 		return "cancelled by the administrator's repair"
-	case "failed":
+	case verb.ReplayFailed:
 		return "refused by the mail server when it was redone: " + serverSaid(o.Detail)
-	case replay.StatusRefused, replay.StatusRerouted:
+	case verb.ReplayRefused, verb.ReplayRerouted:
 		return o.Detail
 	}
-	return o.Status + " (" + o.Detail + ")"
+	return string(o.Status) + " (" + o.Detail + ")"
 }
 
 func (d *detector) markRemoved(user string, r removal) {
@@ -505,13 +504,13 @@ func (d *detector) checkCommand(v undolog.Verb) {
 				p.Kind, p.Message, p.Now = SentOnwards, &g.msg, "the message was "+g.now+", and with it the copy in "+a.Dest
 				d.out = append(d.out, p)
 			}
-		case r.out.Status == "cancelled":
+		case r.out.Status == verb.ReplayCancelled:
 			p := base
 			p.Kind, p.Now = ActionCancelled, "cancelled by the administrator's repair"
 			d.out = append(d.out, p)
-		case r.out.Status == "repaired" && v.Kind == verb.KindIMAPExpunge:
+		case r.out.Status == verb.ReplayRepaired && v.Kind == verb.KindIMAPExpunge:
 			// The user wanted those messages gone, and they are.
-		case r.out.Status == "repaired" || r.out.Status == "failed":
+		case r.out.Status == verb.ReplayRepaired || r.out.Status == verb.ReplayFailed:
 			p := base
 			p.Kind = ActionFailed
 			if len(gone) > 0 {
@@ -520,7 +519,7 @@ func (d *detector) checkCommand(v undolog.Verb) {
 				if len(gone) > 1 {
 					p.Now = fmt.Sprintf("it could not be redone: its %d messages were removed by the repair", len(gone))
 				}
-			} else if r.out.Status == "repaired" {
+			} else if r.out.Status == verb.ReplayRepaired {
 				// Replay skipped it: its messages are not where the
 				// command named them (a filter filed them elsewhere).
 				p.Now = "it could not be redone: the repair moved or removed the messages it was about"

@@ -13,7 +13,6 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -92,9 +91,9 @@ func (b *logBuilder) fetch(user string, ids map[string]string) {
 	b.append(&undolog.Record{Kind: verb.KindIMAPFetch, User: user, Users: []string{user}, Args: args}, nil)
 }
 
-func (b *logBuilder) replayed(verb int64, user, status, detail string) {
-	o, _ := json.Marshal(replay.ReplayOutcome{Status: status, Detail: detail})
-	b.append(&undolog.Record{Kind: replay.KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: verb, Outcome: o}, nil)
+func (b *logBuilder) replayed(seq int64, user string, status verb.ReplayStatus, detail string) {
+	o, _ := json.Marshal(verb.ReplayOutcome{Status: status, Detail: detail})
+	b.append(&undolog.Record{Kind: verb.KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: seq, Outcome: o}, nil)
 }
 
 // history logs a period and a cycle over it, and returns the cycle.
@@ -422,8 +421,8 @@ func TestMisdelivered(t *testing.T) {
 	b.fetch("carol", map[string]string{"2": "M2"})
 	cycle := b.append(&undolog.Record{Kind: "cycle", Session: "cycle", Args: json.RawMessage(`{"to":"s1","present":"s2"}`)}, nil)
 	now := "the repaired mail system delivered it to <bob@example.org> instead"
-	b.replayed(d1, "carol", replay.StatusRerouted, now)
-	b.replayed(d2, "carol", replay.StatusRerouted, now)
+	b.replayed(d1, "carol", verb.ReplayRerouted, now)
+	b.replayed(d2, "carol", verb.ReplayRerouted, now)
 	f, err := Detect(context.Background(), l, Cycle{Seq: cycle, Reason: "a wrong virtual alias"})
 	if err != nil {
 		t.Fatal(err)

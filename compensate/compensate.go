@@ -13,7 +13,7 @@
 // the user in one digest per user per cycle (digest.go), or only notify
 // the operator. Digests and the operator notice are delivered straight to
 // Dovecot's LMTP and logged as verbs of their own (kind
-// replay.KindCompensation, record.go), so a later cycle re-delivers them
+// verb.KindCompensation, record.go), so a later cycle re-delivers them
 // and never explains the same paradox twice.
 package compensate
 

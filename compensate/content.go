@@ -226,7 +226,7 @@ func checkRestored(ctx context.Context, k ContentChecker, earlier []Compensation
 				continue
 			}
 			msg := *p.Message
-			out = append(out, Paradox{Kind: Restored, User: p.User, Verb: c.Seq, VerbKind: replay.KindCompensation, Message: &msg,
+			out = append(out, Paradox{Kind: Restored, User: p.User, Verb: c.Seq, VerbKind: verb.KindCompensation, Message: &msg,
 				Seen: c.Time, Now: "the repair that removed it was undone", Observed: true})
 		}
 	}

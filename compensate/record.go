@@ -11,7 +11,6 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -23,7 +22,7 @@ const (
 )
 
 // Args are the arguments of a compensation verb (kind
-// replay.KindCompensation). They are a delivery's arguments, so replay
+// verb.KindCompensation). They are a delivery's arguments, so replay
 // re-delivers the message (the record's blob) like a captured delivery,
 // plus what the message compensated: a later cycle that finds the same
 // paradoxes (by Paradox.Key) leaves them alone.
@@ -61,7 +60,7 @@ func (c Compensation) Delivered() bool {
 // List returns the compensation verbs in the log, oldest first, matching
 // f (Kinds is set by List).
 func List(ctx context.Context, l *undolog.Log, f undolog.Filter) ([]Compensation, error) {
-	f.Kinds = []string{replay.KindCompensation}
+	f.Kinds = []string{verb.KindCompensation}
 	verbs, err := l.Verbs(ctx, f)
 	if err != nil {
 		return nil, fmt.Errorf("list compensations: %w", err)
@@ -131,7 +130,7 @@ func send(ctx context.Context, l *undolog.Log, lmtpAddr, hostname string, a Args
 			users = append(users, r)
 		}
 	}
-	intent := &undolog.Record{User: a.User, Session: "compensation", Kind: replay.KindCompensation, Ref: a.Cycle,
+	intent := &undolog.Record{User: a.User, Session: "compensation", Kind: verb.KindCompensation, Ref: a.Cycle,
 		Users: users, Args: args}
 	intent.AttachBlob(ref)
 	if err := l.Append(ctx, intent); err != nil {

@@ -3,10 +3,9 @@ package proxy
 import (
 	"bufio"
 	"bytes"
-	"net"
-	"strings"
 	"testing"
 
+	"github.com/undomail/undomail/internal/smtpclient"
 	"github.com/undomail/undomail/verb"
 )
 
@@ -39,31 +38,9 @@ func TestReplyWire(t *testing.T) {
 	if got := string(replyWire(r)); got != "550-5.1.1 line1\r\n550 5.1.1 line2\r\n" {
 		t.Fatalf("wire = %q", got)
 	}
-	code, lines, err := readReply(bufio.NewReader(bytes.NewReader(replyWire(r))))
+	code, lines, err := smtpclient.ReadReply(bufio.NewReader(bytes.NewReader(replyWire(r))))
 	if err != nil || replyFromLines(code, lines) != r {
 		t.Fatalf("round trip = %+v %v", replyFromLines(code, lines), err)
-	}
-}
-
-func TestXtext(t *testing.T) {
-	if got := xtext("a+b=c d\x01é"); got != "a+2Bb+3Dc+20d+01+C3+A9" {
-		t.Fatalf("xtext = %q", got)
-	}
-	args := xclientArgs(clientInfo{addr: &net.TCPAddr{IP: net.ParseIP("::1"), Port: 25}})
-	if args != "NAME=[UNAVAILABLE] ADDR=IPV6:::1 PORT=25" {
-		t.Fatalf("xclientArgs = %q", args)
-	}
-}
-
-func TestReadReply(t *testing.T) {
-	code, lines, err := readReply(bufio.NewReader(strings.NewReader("250-mx\r\n250-XCLIENT ADDR\r\n250 SIZE 10\r\nrest")))
-	if err != nil || code != 250 || len(lines) != 3 || lines[1] != "XCLIENT ADDR" {
-		t.Fatalf("readReply = %d %q %v", code, lines, err)
-	}
-	for _, bad := range []string{"25\r\n", "abc ok\r\n", "250*x\r\n", "250-unterminated"} {
-		if _, _, err := readReply(bufio.NewReader(strings.NewReader(bad))); err == nil {
-			t.Errorf("readReply(%q) accepted a malformed reply", bad)
-		}
 	}
 }
 
@@ -77,19 +54,6 @@ func TestHeaderSniffer(t *testing.T) {
 	if info.Subject != "Grüße" || info.MessageID != "<x@y>" || info.From != "a@b" || len(info.PriorIDs) != 1 || info.PriorIDs[0] != "01OLD" {
 		t.Fatalf("info = %+v", info)
 	}
-}
-
-// FuzzReadReply feeds arbitrary upstream bytes to the reply reader used
-// before XCLIENT: it must never panic and never return an out-of-range code.
-func FuzzReadReply(f *testing.F) {
-	f.Add("220 mx ESMTP\r\n")
-	f.Add("250-a\r\n250 b\r\n")
-	f.Fuzz(func(t *testing.T, s string) {
-		code, lines, err := readReply(bufio.NewReader(strings.NewReader(s)))
-		if err == nil && (code < 0 || code > 999 || len(lines) == 0) {
-			t.Fatalf("readReply(%q) = %d %q", s, code, lines)
-		}
-	})
 }
 
 // FuzzHeaderSniffer feeds arbitrary client message bytes to the header

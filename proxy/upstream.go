@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/undomail/undomail/internal/smtpclient"
 	"github.com/undomail/undomail/verb"
 )
 
@@ -79,7 +80,7 @@ func (d *dialer) dial(ctx context.Context, ci clientInfo, xclient bool) (*upstre
 		// XCLIENT_README: "the server responds with a 220 greeting" that
 		// starts the client's session afresh. HELO and PROTO are left to
 		// the client's own EHLO, which the upstream sees next.
-		raw, rep, err = u.command([]byte("XCLIENT " + xclientArgs(ci) + "\r\n"))
+		raw, rep, err = u.command([]byte("XCLIENT " + smtpclient.XCLIENTArgs(ci.addr) + "\r\n"))
 		if err != nil {
 			conn.Close()
 			return nil, fmt.Errorf("send XCLIENT to upstream %s: %w", d.addr, err)
@@ -112,7 +113,7 @@ func (u *upstreamConn) reply() ([]byte, verb.Reply, error) {
 		return nil, verb.Reply{}, err
 	}
 	var raw []byte
-	code, lines, err := readReplyRaw(u.br, &raw)
+	code, lines, err := smtpclient.ReadReplyRaw(u.br, &raw)
 	if err != nil {
 		return nil, verb.Reply{}, err
 	}
@@ -120,94 +121,6 @@ func (u *upstreamConn) reply() ([]byte, verb.Reply, error) {
 }
 
 func (u *upstreamConn) close() { u.conn.Close() }
-
-// xclientArgs formats the XCLIENT attributes for a client. NAME is
-// [UNAVAILABLE] because undomail does no reverse lookups of its own; the
-// upstream does its own if it is configured to.
-func xclientArgs(ci clientInfo) string {
-	args := []string{"NAME=[UNAVAILABLE]"}
-	if ta, ok := ci.addr.(*net.TCPAddr); ok {
-		ip := ta.IP.String()
-		if ta.IP.To4() == nil {
-			ip = "IPV6:" + ip
-		}
-		args = append(args, "ADDR="+xtext(ip), "PORT="+strconv.Itoa(ta.Port))
-	}
-	return strings.Join(args, " ")
-}
-
-// xtext encodes a value as RFC 3461 section 4 xtext.
-func xtext(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c < 33 || c > 126 || c == '+' || c == '=' {
-			fmt.Fprintf(&b, "+%02X", c)
-			continue
-		}
-		b.WriteByte(c)
-	}
-	return b.String()
-}
-
-// readReply reads one possibly multi-line SMTP reply (RFC 5321 section
-// 4.2.1) and returns its code and the text of each line.
-func readReply(br *bufio.Reader) (int, []string, error) {
-	return readReplyRaw(br, nil)
-}
-
-// maxReplyLine bounds one reply line from the upstream (RFC 5321 section
-// 4.5.3.1.5 allows 512 octets; Postfix and Dovecot stay well below this).
-const maxReplyLine = 64 << 10
-
-// readReplyRaw is readReply that also appends the reply's bytes to raw.
-func readReplyRaw(br *bufio.Reader, raw *[]byte) (int, []string, error) {
-	var lines []string
-	code := 0
-	for {
-		b, err := br.ReadSlice('\n')
-		if err == bufio.ErrBufferFull {
-			long := append([]byte(nil), b...)
-			for err == bufio.ErrBufferFull && len(long) < maxReplyLine {
-				b, err = br.ReadSlice('\n')
-				long = append(long, b...)
-			}
-			b = long
-		}
-		if err != nil {
-			return 0, nil, err
-		}
-		if raw != nil {
-			*raw = append(*raw, b...)
-		}
-		line := strings.TrimRight(string(b), "\r\n")
-		if len(line) < 3 {
-			return 0, nil, fmt.Errorf("malformed reply line %q", line)
-		}
-		c := 0
-		for _, ch := range line[:3] {
-			if ch < '0' || ch > '9' {
-				return 0, nil, fmt.Errorf("malformed reply line %q", line)
-			}
-			c = c*10 + int(ch-'0')
-		}
-		if code != 0 && c != code {
-			return 0, nil, fmt.Errorf("reply line %q changes the code %d", line, code)
-		}
-		code = c
-		if len(line) > 3 {
-			lines = append(lines, line[4:])
-		} else {
-			lines = append(lines, "")
-		}
-		if len(line) == 3 || line[3] == ' ' {
-			return code, lines, nil
-		}
-		if line[3] != '-' {
-			return 0, nil, fmt.Errorf("malformed reply line %q", line)
-		}
-	}
-}
 
 // probe connects once and reads the upstream's capabilities: SIZE bounds
 // what undomail spools, and XCLIENT must be offered when it is used.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // Branch is a stretch of the timeline a rewind abandoned: the verbs
@@ -28,16 +29,16 @@ type Branch struct {
 	Users []string `json:"users,omitempty"`
 	Verbs int      `json:"verbs"` // verbs on the branch
 	// Fates counts what the replay after the rewind did with them: ok,
-	// cancelled, filtered, repaired, failed; "not replayed" for verbs it
+	// cancelled, filtered, repaired, failed; verb.NotReplayed for verbs it
 	// did not touch (no effect of their own, or no replay yet).
-	Fates map[string]int `json:"fates"`
+	Fates map[verb.ReplayStatus]int `json:"fates"`
 }
 
 // BranchVerb is a verb on an abandoned branch and what became of it.
 type BranchVerb struct {
 	undolog.Verb
-	Fate   string `json:"fate"`
-	Detail string `json:"detail,omitempty"`
+	Fate   verb.ReplayStatus `json:"fate"`
+	Detail string            `json:"detail,omitempty"`
 }
 
 // Branches lists every branch rewinds abandoned, oldest first.
@@ -62,22 +63,22 @@ func BranchVerbs(ctx context.Context, l *undolog.Log, id int64) (Branch, []Branc
 }
 
 func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []BranchVerb, error) {
-	marks, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindRewind, KindCycle}})
+	marks, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindRewind, verb.KindCycle}})
 	if err != nil {
 		return nil, nil, fmt.Errorf("read rewinds: %w", err)
 	}
 	var out []Branch
 	var lastCycle undolog.Verb
 	for _, v := range marks {
-		if v.Kind == KindCycle {
+		if v.Kind == verb.KindCycle {
 			lastCycle = v
 			continue
 		}
-		var a RewindArgs
+		var a verb.RewindArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
-		b := Branch{ID: v.Seq, Time: v.Time, Snapshot: a.Snapshot, From: a.AtSeq, Users: a.Users, Fates: map[string]int{}}
+		b := Branch{ID: v.Seq, Time: v.Time, Snapshot: a.Snapshot, From: a.AtSeq, Users: a.Users, Fates: map[verb.ReplayStatus]int{}}
 		var c CycleRecord
 		if lastCycle.Seq != 0 && json.Unmarshal(lastCycle.Args, &c) == nil && c.To == a.Snapshot {
 			b.Cycle, b.Reason = lastCycle.Seq, c.Reason
@@ -110,7 +111,7 @@ func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []Bran
 				continue
 			}
 			b.Verbs++
-			fate, det := "not replayed", ""
+			fate, det := verb.NotReplayed, ""
 			if f, ok := fates[v.Seq]; ok {
 				fate, det = f.Status, f.Detail
 			}
@@ -127,7 +128,7 @@ func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []Bran
 // to the end), by the verb they replayed. A delivery replayed for several
 // recipients gets their statuses joined.
 func replayFates(ctx context.Context, l *undolog.Log, after, before int64) (map[int64]ReplayOutcome, error) {
-	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindReplay}})
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		return nil, fmt.Errorf("read replay records: %w", err)
 	}
@@ -141,10 +142,10 @@ func replayFates(ctx context.Context, l *undolog.Log, after, before int64) (map[
 			continue
 		}
 		if prev, ok := out[r.Ref]; ok && prev.Status != o.Status {
-			st := strings.Split(prev.Status, ",")
-			st = append(st, o.Status)
+			st := strings.Split(string(prev.Status), ",")
+			st = append(st, string(o.Status))
 			sort.Strings(st)
-			o.Status = strings.Join(dedup(st), ",")
+			o.Status = verb.ReplayStatus(strings.Join(dedup(st), ","))
 			o.Detail = prev.Detail + "; " + o.Detail
 		}
 		out[r.Ref] = o

@@ -12,39 +12,11 @@ import (
 	"sort"
 	"time"
 
-	"github.com/undomail/undomail/internal/mailstack"
+	"github.com/undomail/undomail/internal/privdovecot"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindDrill is a recovery drill's record: Args name the snapshots
-// (DrillArgs), the outcome is its verdict (DrillResult).
-const KindDrill = "drill"
-
-// DrillArgs say what a drill replayed: the log between two snapshots.
-type DrillArgs struct {
-	From    string `json:"from"`
-	To      string `json:"to"`
-	FromSeq int64  `json:"from_seq"`
-	ToSeq   int64  `json:"to_seq"`
-}
-
-// DrillResult is a drill's verdict: the replay of the log from snapshot
-// From to snapshot To, on a clone of From, compared with To.
-type DrillResult struct {
-	OK   bool   `json:"ok"`
-	From string `json:"from"`
-	To   string `json:"to"`
-	// Replayed counts the verbs replayed; Messages the messages compared.
-	Replayed int `json:"replayed"`
-	Messages int `json:"messages"`
-	// Differences say exactly where the replayed clone and the snapshot
-	// differ (the first 100; More counts the rest).
-	Differences []string `json:"differences,omitempty"`
-	More        int      `json:"more,omitempty"`
-	Seconds     float64  `json:"seconds"`
-	Error       string   `json:"error,omitempty"`
-}
 
 // DrillOptions configure a drill.
 type DrillOptions struct {
@@ -108,7 +80,7 @@ func PickDrill(ctx context.Context, store timetravel.Store, l *undolog.Log, from
 }
 
 func rewindsBetween(ctx context.Context, l *undolog.Log, after, before int64) (int, error) {
-	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindRewind}})
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindRewind}})
 	if err != nil {
 		return 0, err
 	}
@@ -127,7 +99,7 @@ func rewindsBetween(ctx context.Context, l *undolog.Log, after, before int64) (i
 // To's against it, and compares the result with To, message by message
 // (by undo id, or content for messages that have none), with flags and
 // folders. The live store, the live Dovecot and the log are not touched.
-func Drill(ctx context.Context, o DrillOptions) DrillResult {
+func Drill(ctx context.Context, o DrillOptions) verb.DrillResult {
 	start := time.Now()
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -143,8 +115,8 @@ func Drill(ctx context.Context, o DrillOptions) DrillResult {
 	return res
 }
 
-func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
-	var res DrillResult
+func drill(ctx context.Context, o DrillOptions) (verb.DrillResult, error) {
+	var res verb.DrillResult
 	a, b, err := PickDrill(ctx, o.Store, o.Log, o.From, o.To)
 	res.From, res.To = a.Name, b.Name
 	if err != nil {
@@ -177,15 +149,7 @@ func drill(ctx context.Context, o DrillOptions) (DrillResult, error) {
 	if err != nil {
 		return res, err
 	}
-	var mu []mailstack.User
-	for _, u := range users {
-		mu = append(mu, mailstack.User{Name: u, Password: hex.EncodeToString(id) + "-unused"})
-	}
-	if len(mu) == 0 {
-		mu = append(mu, mailstack.User{Name: "nobody", Password: "unused"}) // the stack wants one
-	}
-	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.WorkDir, tag), MailRoot: replayed,
-		DovecotOnly: true, Users: mu, Logger: o.Logger})
+	st, err := privdovecot.Start(ctx, privdovecot.Options{Dir: filepath.Join(o.WorkDir, tag), MailRoot: replayed, Users: users, Logger: o.Logger})
 	if err != nil {
 		return res, fmt.Errorf("start the drill's Dovecot: %w", err)
 	}

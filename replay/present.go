@@ -276,14 +276,14 @@ func (s *RepairSet) appendedKeys(ctx context.Context, l *undolog.Log) error {
 // replay, recorded in the range, cancelled or filtered a verb from before
 // it.
 func (s *RepairSet) undone(ctx context.Context, l *undolog.Log, after, before int64, users map[string]bool) error {
-	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindReplay}})
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		return fmt.Errorf("explain the repair: read earlier replays: %w", err)
 	}
 	type undo struct {
 		rec    int64
 		user   string
-		status string
+		status verb.ReplayStatus
 	}
 	refs := map[int64][]undo{}
 	first := int64(-1)
@@ -292,7 +292,7 @@ func (s *RepairSet) undone(ctx context.Context, l *undolog.Log, after, before in
 			break
 		}
 		var o ReplayOutcome
-		if r.Ref > after || json.Unmarshal(r.Outcome, &o) != nil || (o.Status != "cancelled" && o.Status != "filtered") {
+		if r.Ref > after || json.Unmarshal(r.Outcome, &o) != nil || (o.Status != verb.ReplayCancelled && o.Status != verb.ReplayFiltered) {
 			continue
 		}
 		if users != nil && !users[r.User] {

@@ -15,29 +15,9 @@ import (
 
 	"github.com/emersion/go-smtp"
 
-	"github.com/undomail/undomail/proxy"
+	"github.com/undomail/undomail/internal/smtpclient"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
-)
-
-// Statuses of a delivery a re-injection replaced (ReplayOutcome.Status).
-const (
-	// StatusRerouted: the repaired Postfix delivered the message, but not
-	// to this recipient: its first delivery here was the mistake the
-	// repair corrected (a wrong virtual alias). Detail names where it went.
-	StatusRerouted = "rerouted"
-	// StatusRefused: the repaired Postfix refused the message or gave it
-	// to no local mailbox at all.
-	StatusRefused = "refused"
-	// StatusReinjected is the record of a re-injection itself, Ref the
-	// front-door submission: its Args are the delivery Postfix made (a
-	// verb.DeliveryArgs), its blob the message as Postfix delivered it.
-	StatusReinjected = "reinjected"
-	// StatusHeld: the repaired Postfix delivers the message to a
-	// destination that is no mailbox here (an alias fixed to point
-	// outside). A replay never sends mail off the machine: it is held for
-	// the operator, who finds it in the re-injection's record.
-	StatusHeld = "held"
 )
 
 // DefaultReinjectTimeout bounds how long a replay waits for Postfix to
@@ -49,7 +29,7 @@ const DefaultReinjectTimeout = 2 * time.Minute
 // makes of it (the capture links them to the front door's undo id) are
 // taken here instead of being logged as new deliveries and forwarded.
 // The replay then delivers them itself, in the order of the log. Set
-// Collect as proxy.SMTPConfig.Collect of the LMTP listener.
+// Collect as the SMTP front end's SMTPConfig.Collect of the LMTP listener.
 type Capture struct {
 	mu   sync.Mutex
 	want map[string]*catch
@@ -198,8 +178,8 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 				t.Capture.giveUp(fd.args.UndoID)
 			}
 			rj.failed = append(rj.failed, msg)
-			b, _ := json.Marshal(ReplayOutcome{Status: "failed", Detail: msg})
-			if err := l.AppendNoSync(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", Ref: seq, Outcome: b}); err != nil {
+			b, _ := json.Marshal(ReplayOutcome{Status: verb.ReplayFailed, Detail: msg})
+			if err := l.AppendNoSync(ctx, &undolog.Record{Kind: verb.KindReplay, Session: "replay", Ref: seq, Outcome: b}); err != nil {
 				return fmt.Errorf("replay: record the re-injection of %d: %w", seq, err)
 			}
 			return nil
@@ -312,11 +292,11 @@ type Route struct {
 	// Held are the users whose delivery the replay held (outside).
 	Held []string `json:"held,omitempty"`
 	// Now is where the repaired Postfix delivered it, NowStatus
-	// "reinjected", "refused" or "failed" (Failed says why); empty
+	// verb.ReplayReinjected, ReplayRefused or ReplayFailed (Failed says why); empty
 	// before a replay.
-	Now       []string `json:"now,omitempty"`
-	NowStatus string   `json:"now_status,omitempty"`
-	Failed    string   `json:"failed,omitempty"`
+	Now       []string          `json:"now,omitempty"`
+	NowStatus verb.ReplayStatus `json:"now_status,omitempty"`
+	Failed    string            `json:"failed,omitempty"`
 }
 
 // Routes lists the front-door messages with after < seq (and seq < before
@@ -354,7 +334,7 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 	if before <= 0 || len(out) == 0 {
 		return out, nil
 	}
-	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: before, Kinds: []string{KindReplay}})
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: before, Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		return nil, fmt.Errorf("routes: read the replay records: %w", err)
 	}
@@ -368,13 +348,13 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 			continue
 		}
 		switch o.Status {
-		case StatusReinjected:
+		case verb.ReplayReinjected:
 			var a verb.DeliveryArgs
 			if json.Unmarshal(rec.Args, &a) == nil {
 				out[i].Now = append(out[i].Now, a.Rcpts...)
 			}
 			out[i].NowStatus = o.Status
-		case "failed", StatusRefused:
+		case verb.ReplayFailed, verb.ReplayRefused:
 			out[i].NowStatus, out[i].Failed = o.Status, o.Detail
 		}
 	}
@@ -386,7 +366,7 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 		if _, ok := index[rec.Ref]; !ok || rec.User == "" || json.Unmarshal(rec.Outcome, &o) != nil {
 			continue
 		}
-		if o.Status == StatusHeld {
+		if o.Status == verb.ReplayHeld {
 			now[rec.Ref] = append(now[rec.Ref], rec.User+" (held, not sent)")
 		}
 	}
@@ -427,7 +407,7 @@ func reinject(ctx context.Context, l *undolog.Log, t Target, fd *frontDoor, time
 	a := fd.args
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	c, err := proxy.DialReinject(dctx, t.ReinjectAddr, a.Client, a.Helo, "undomail-replay", timeout)
+	c, err := smtpclient.DialAs(dctx, t.ReinjectAddr, a.Client, a.Helo, "undomail-replay", timeout)
 	if err != nil {
 		return "", false, err
 	}
@@ -515,12 +495,12 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 	byAddr := map[string]*newRcpt{}
 	var addrs []string
 	for _, g := range got {
-		rec := &undolog.Record{Kind: KindReplay, Session: "replay", Ref: fd.sub.Seq}
+		rec := &undolog.Record{Kind: verb.KindReplay, Session: "replay", Ref: fd.sub.Seq}
 		for _, rc := range g.args.Rcpts {
 			rec.Users = append(rec.Users, UserOf(rc))
 		}
 		rec.Args, _ = json.Marshal(g.args)
-		rec.Outcome, _ = json.Marshal(ReplayOutcome{Status: StatusReinjected,
+		rec.Outcome, _ = json.Marshal(ReplayOutcome{Status: verb.ReplayReinjected,
 			Detail: "the repaired Postfix delivered it to " + strings.Join(angle(g.args.Rcpts), ", ")})
 		rec.AttachBlob(g.blob)
 		if err := l.AppendNoSync(ctx, rec); err != nil {
@@ -541,16 +521,16 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 		}
 	}
 	if len(got) == 0 && !fd.relayed() { // relayed mail refused again: it went out, and stays out
-		b, _ := json.Marshal(ReplayOutcome{Status: StatusRefused, Detail: "the repaired mail system refused it: " + refused})
-		if err := l.AppendNoSync(ctx, &undolog.Record{Kind: KindReplay, Session: "replay", Ref: fd.sub.Seq, Outcome: b}); err != nil {
+		b, _ := json.Marshal(ReplayOutcome{Status: verb.ReplayRefused, Detail: "the repaired mail system refused it: " + refused})
+		if err := l.AppendNoSync(ctx, &undolog.Record{Kind: verb.KindReplay, Session: "replay", Ref: fd.sub.Seq, Outcome: b}); err != nil {
 			return nil, fmt.Errorf("replay: record the re-injection of %d: %w", fd.sub.Seq, err)
 		}
 	}
 	sort.Strings(addrs)
 	now := "the repaired mail system delivered it to " + strings.Join(angle(addrs), ", ") + " instead"
-	lost := ReplayOutcome{Status: StatusRerouted, Detail: now}
+	lost := ReplayOutcome{Status: verb.ReplayRerouted, Detail: now}
 	if len(addrs) == 0 {
-		lost = ReplayOutcome{Status: StatusRefused, Detail: "the repaired mail system refused it: " + refused}
+		lost = ReplayOutcome{Status: verb.ReplayRefused, Detail: "the repaired mail system refused it: " + refused}
 	}
 	out := map[int64][]task{}
 	used := map[string]bool{}
@@ -620,7 +600,7 @@ func heldOutside(ctx context.Context, t Target, tk task) (ReplayOutcome, error) 
 		return ReplayOutcome{}, nil
 	case errors.As(err, &se) && se.Code >= 500:
 		c.Quit()
-		return ReplayOutcome{Status: StatusHeld, Detail: fmt.Sprintf("the repaired mail system delivers it to <%s>, which is no mailbox here "+
+		return ReplayOutcome{Status: verb.ReplayHeld, Detail: fmt.Sprintf("the repaired mail system delivers it to <%s>, which is no mailbox here "+
 			"(%d %s): held for the operator, not sent", tk.rcpt, se.Code, se.Message)}, nil
 	}
 	return ReplayOutcome{}, fmt.Errorf("RCPT %s: %w", tk.rcpt, err)

@@ -97,7 +97,7 @@ func TestReinjectFallsBackWhenNothingArrives(t *testing.T) {
 	if out, err := tb.Daemon.Rewind(ctx, snap.Name, false); err != nil || !out.OK {
 		t.Fatalf("rewind: %+v %v", out, err)
 	}
-	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
+	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindRewind}})
 	addr, took := silentMTA(t)
 	capture := &replay.Capture{}
 	res, err := replay.Replay(ctx, tb.Daemon.Log, replay.Plan{After: snap.Seq, Before: rewinds[0].Seq}, replay.Target{
@@ -119,7 +119,7 @@ func TestReinjectFallsBackWhenNothingArrives(t *testing.T) {
 	if n := inbox(t, tb).NumMessages; n != 2 {
 		t.Fatalf("INBOX holds %d messages after the replay, want the 2 recorded deliveries", n)
 	}
-	recs, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{replay.KindReplay}})
+	recs, err := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -16,37 +16,6 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
-// KindReplay records what replaying one logged verb did; Ref names the
-// verb. Compensation (issue 6) compares it with the verb's first outcome.
-// A delivery to several recipients is replayed per recipient, with one
-// record per recipient's user.
-const KindReplay = "replay"
-
-// KindCompensation is a compensating message undomail delivered (issue 6):
-// Args are verb.DeliveryArgs, Outcome a verb.DeliveryOutcome, Blob the
-// message. A later replay re-delivers it like a captured delivery, so the
-// explanation survives later cycles and is never made twice.
-const KindCompensation = "compensation"
-
-// ReplayOutcome is the result of replaying one verb.
-type ReplayOutcome struct {
-	Status string `json:"status"` // ok, failed, cancelled, filtered, repaired ("skipped" verbs are not recorded)
-	Detail string `json:"detail,omitempty"`
-	// Placed says where the replay put messages that carry no
-	// Undomail-Id field of their own (APPENDs and their copies): the IMAP
-	// front end learns their undo ids from it, so the user's verbs on them
-	// after the cycle name them by undo id too.
-	Placed []Placed `json:"placed,omitempty"`
-}
-
-// Placed is one message a replay put in a mailbox.
-type Placed struct {
-	Mailbox     string `json:"mailbox"`
-	UIDValidity uint32 `json:"uidvalidity"`
-	UID         uint32 `json:"uid"`
-	UndoID      string `json:"undo_id"`
-}
-
 // Target is the rewound mail server replay acts on, directly: replayed
 // verbs are not new user actions and do not pass the proxies.
 type Target struct {
@@ -90,11 +59,11 @@ type Plan struct {
 	// Progress, if set, is told how far the replay is after every verb.
 	// Calls are serialised.
 	Progress func(Progress)
-	// Gone are the mailboxes the rewind took away (RewindOutcome.Gone);
+	// Gone are the mailboxes the rewind took away (verb.RewindOutcome.Gone);
 	// Restore, if set, gives one the replay makes again its old
 	// UIDVALIDITY and counters (Upstream.Restore).
-	Gone    []MailboxCounters
-	Restore func(context.Context, MailboxCounters) (bool, error)
+	Gone    []verb.MailboxCounters
+	Restore func(context.Context, verb.MailboxCounters) (bool, error)
 	// Users, if set, limits the replay to these users' verbs (a cycle
 	// that rewound only them); a delivery is replayed for them only.
 	Users map[string]bool
@@ -102,7 +71,7 @@ type Plan struct {
 	// a clone, and its replay is not part of the timeline.
 	NoRecord bool
 	// Returning are the messages the rollback brought back under UIDs
-	// clients saw disappear (RewindOutcome.Returning): those still there
+	// clients saw disappear (verb.RewindOutcome.Returning): those still there
 	// at the end get a new UID.
 	Returning map[string]map[string][]uint32
 	// NoModelCheck leaves out reading back the mailboxes to compare them
@@ -289,26 +258,26 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					mu.Lock()
 					switch {
 					case err != nil:
-						out = ReplayOutcome{Status: "failed", Detail: err.Error()}
+						out = ReplayOutcome{Status: verb.ReplayFailed, Detail: err.Error()}
 						res.Failed++
 						t.Logger.Warn("replay failed", "seq", tk.v.Seq, "kind", tk.v.Kind, "user", user, "err", err)
-					case out.Status == "skipped":
+					case out.Status == verb.ReplaySkipped:
 						res.Skipped[tk.v.Kind]++
-					case out.Status == "ok":
+					case out.Status == verb.ReplayOK:
 						res.Replayed++
-					case out.Status == "filtered":
+					case out.Status == verb.ReplayFiltered:
 						res.Filtered++
-					case out.Status == "repaired":
+					case out.Status == verb.ReplayRepaired:
 						res.Repaired++
-					case out.Status == "cancelled":
+					case out.Status == verb.ReplayCancelled:
 						res.Cancelled++
-					case out.Status == StatusHeld:
+					case out.Status == verb.ReplayHeld:
 						res.Held++
 					}
 					mu.Unlock()
-					if out.Status != "skipped" && !p.NoRecord {
+					if out.Status != verb.ReplaySkipped && !p.NoRecord {
 						b, _ := json.Marshal(out)
-						rec := &undolog.Record{Kind: KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
+						rec := &undolog.Record{Kind: verb.KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
 						// Not fsynced one by one: the repair's verdict is, and
 						// takes these with it; a crash before it rolls the
 						// whole repair back (daemon.recoverRepair).
@@ -455,7 +424,7 @@ func UserOf(rcpt string) string {
 // own (a submission at the front door, a read, a refused command).
 func split(v undolog.Verb) (ts []task, skip bool) {
 	switch v.Kind {
-	case verb.KindLMTPDeliver, KindCompensation:
+	case verb.KindLMTPDeliver, verb.KindCompensation:
 		var o verb.DeliveryOutcome
 		if v.Outcome == nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil {
 			return nil, true
@@ -493,39 +462,6 @@ type decisions struct {
 	filters   []*Filter
 }
 
-// CycleRecord is the Args of a "cycle" record (written by the daemon);
-// replay reads the repairs of earlier cycles from it.
-type CycleRecord struct {
-	To      string       `json:"to"`
-	At      int64        `json:"at,omitempty"` // the snapshot's log position
-	Cancel  []int64      `json:"cancel,omitempty"`
-	Filters []FilterSpec `json:"filters,omitempty"`
-	Present string       `json:"present"`
-	// PresentAt is the present snapshot's log position.
-	PresentAt int64  `json:"present_at,omitempty"`
-	Reason    string `json:"reason,omitempty"`
-	// Users, if set, are the only users the repair rewound and replayed.
-	Users []string `json:"users,omitempty"`
-	// Split marks the split form: a rewind held for a repair by hand, the
-	// replay (undomail replay) to follow; the outcome comes with it.
-	Split bool `json:"split,omitempty"`
-	// Keep makes the filters stay active for live mail after the cycle.
-	Keep bool `json:"keep,omitempty"`
-}
-
-// FilterSpec is a retroactive filter as given by the operator.
-type FilterSpec struct {
-	Rule   string `json:"rule"`
-	Action string `json:"action"` // drop, move:FOLDER
-}
-
-// KindCycle is the verb of a 3R cycle; its outcome is the verdict.
-const KindCycle = "cycle"
-
-// KindFilterRemoved ends a kept filter's life for live mail; Args name
-// the cycle that kept it ({"cycle": SEQ}).
-const KindFilterRemoved = "filter.removed"
-
 // KeptFilter is a filter a cycle left active for live mail.
 type KeptFilter struct {
 	Cycle   int64      `json:"cycle"`
@@ -538,13 +474,13 @@ type KeptFilter struct {
 // KeptFilters returns every filter a successful cycle kept active, in
 // the order they were kept, including those removed since.
 func KeptFilters(ctx context.Context, l *undolog.Log) ([]KeptFilter, error) {
-	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindCycle, KindFilterRemoved}})
+	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindCycle, verb.KindFilterRemoved}})
 	if err != nil {
 		return nil, fmt.Errorf("read kept filters: %w", err)
 	}
 	var out []KeptFilter
 	for _, v := range verbs {
-		if v.Kind == KindFilterRemoved {
+		if v.Kind == verb.KindFilterRemoved {
 			var a struct {
 				Cycle int64 `json:"cycle"`
 			}
@@ -590,13 +526,13 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 	}
 	// A verb an earlier replay cancelled (a cycle's --cancel, or the
 	// cancel given to undomail replay) stays cancelled.
-	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{KindReplay}})
+	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		return d, fmt.Errorf("replay: read earlier replays: %w", err)
 	}
 	// Replay records of a repair that a crash interrupted were rolled
 	// back with it: they decide nothing.
-	repairs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindCycle}})
+	repairs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindCycle}})
 	if err != nil {
 		return d, fmt.Errorf("replay: read earlier repairs: %w", err)
 	}
@@ -615,7 +551,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 	}
 	for _, r := range recs {
 		var o ReplayOutcome
-		if r.Ref > after && past(r.Seq) && json.Unmarshal(r.Outcome, &o) == nil && o.Status == "cancelled" && !interrupted(r.Seq) {
+		if r.Ref > after && past(r.Seq) && json.Unmarshal(r.Outcome, &o) == nil && o.Status == verb.ReplayCancelled && !interrupted(r.Seq) {
 			d.cancelled[r.Ref] = r.Seq
 		}
 	}
@@ -632,7 +568,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 		keptBy[k.Cycle] = true
 	}
 	for _, v := range verbs {
-		if v.Kind != KindCycle {
+		if v.Kind != verb.KindCycle {
 			continue
 		}
 		var c CycleRecord
@@ -662,7 +598,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 
 // Replayable are the verb kinds a replay re-executes.
 var Replayable = map[string]bool{
-	verb.KindLMTPDeliver: true, KindCompensation: true,
+	verb.KindLMTPDeliver: true, verb.KindCompensation: true,
 	verb.KindIMAPAppend: true, verb.KindIMAPStore: true, verb.KindIMAPCopy: true, verb.KindIMAPMove: true,
 	verb.KindIMAPExpunge: true, verb.KindIMAPCreate: true, verb.KindIMAPDelete: true, verb.KindIMAPRename: true,
 	verb.KindIMAPSubscribe: true, verb.KindIMAPUnsubscribe: true, verb.KindIMAPSetMetadata: true,

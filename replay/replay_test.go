@@ -43,13 +43,7 @@ func TestRewindThenReplay(t *testing.T) {
 	if err := c.Create("Archive", nil).Wait(); err != nil {
 		t.Fatal(err)
 	}
-	msg := "Subject: filed away\r\nMessage-Id: <filed@client.test>\r\n\r\nkeep me\r\n"
-	ap := c.Append("Archive", int64(len(msg)), &imap.AppendOptions{Flags: []imap.Flag{imap.FlagSeen}})
-	ap.Write([]byte(msg))
-	ap.Close()
-	if _, err := ap.Wait(); err != nil {
-		t.Fatal(err)
-	}
+	appendMsg(t, c, "Archive", "Subject: filed away\r\nMessage-Id: <filed@client.test>\r\n\r\nkeep me\r\n", imap.FlagSeen)
 	c.Logout().Wait()
 	c.Close()
 	before := flagsByMessageID(t, tb)
@@ -61,7 +55,7 @@ func TestRewindThenReplay(t *testing.T) {
 	if got := flagsByMessageID(t, tb); len(got) != 1 {
 		t.Fatalf("after the rewind INBOX holds %v, want the one message of the snapshot", got)
 	}
-	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
+	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindRewind}})
 	res, err := replay.Replay(ctx, tb.Daemon.Log, replay.Plan{After: snap.Seq, Before: rewinds[0].Seq}, replay.Target{
 		LMTPAddr: tb.Stack.LMTPAddr, IMAPAddr: tb.Stack.IMAPAddr,
 		MasterUser: tb.Stack.MasterUser, MasterPassword: tb.Stack.MasterPassword,
@@ -92,7 +86,7 @@ func TestRewindThenReplay(t *testing.T) {
 	if sel.UIDNext < 6 {
 		t.Fatalf("UIDNEXT after the replay %d: replayed mail reused UIDs", sel.UIDNext)
 	}
-	recs, _ := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{replay.KindReplay}})
+	recs, _ := tb.Daemon.Log.Records(ctx, undolog.Filter{Kinds: []string{verb.KindReplay}})
 	if len(recs) != 4 {
 		t.Fatalf("%d replay records, want 4", len(recs))
 	}
@@ -196,7 +190,7 @@ func TestReplayMessageVerbs(t *testing.T) {
 	if err != nil || !out.OK {
 		t.Fatalf("rewind: %+v %v", out, err)
 	}
-	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
+	rewinds, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindRewind}})
 	res, err := replay.Replay(ctx, tb.Daemon.Log, replay.Plan{After: snap.Seq, Before: rewinds[0].Seq}, replay.Target{
 		LMTPAddr: tb.Stack.LMTPAddr, IMAPAddr: tb.Stack.IMAPAddr,
 		MasterUser: tb.Stack.MasterUser, MasterPassword: tb.Stack.MasterPassword,

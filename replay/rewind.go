@@ -21,13 +21,8 @@ import (
 
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindRewind is the verb of a rewind; its args hold the counters every
-// mailbox had before it, outside the store that is rolled back (DESIGN:
-// "Record the pre-rewind values outside the rewound dataset (the log),
-// because Dovecot's own counters roll back with it").
-const KindRewind = "rewind"
 
 // Upstream says how to make the mail server let go of the store before a
 // rollback and take it up again after. Commands are argument lists, so a
@@ -44,47 +39,6 @@ type Upstream struct {
 	// CommandTimeout bounds each command. Zero means one minute.
 	CommandTimeout time.Duration
 	Logger         *slog.Logger
-}
-
-// MailboxCounters are a mailbox's UID and MODSEQ counters.
-type MailboxCounters struct {
-	User          string `json:"user"`
-	Mailbox       string `json:"mailbox"`
-	UIDValidity   uint32 `json:"uidvalidity"`
-	UIDNext       uint32 `json:"uidnext"`
-	HighestModSeq uint64 `json:"highestmodseq"`
-}
-
-// RewindArgs are the arguments of a rewind verb.
-type RewindArgs struct {
-	Snapshot string            `json:"snapshot"`
-	AtSeq    int64             `json:"at_seq"` // the snapshot's log position
-	Before   []MailboxCounters `json:"before"`
-	// Users, if set, are the only users rewound; everyone else's mail
-	// was left as it was.
-	Users []string `json:"users,omitempty"`
-}
-
-// RewindOutcome is how the rewind went.
-type RewindOutcome struct {
-	OK bool `json:"ok"`
-	// Raised lists the mailboxes whose UIDNEXT/HIGHESTMODSEQ were raised
-	// to their pre-rewind values; Renewed those that could not keep their
-	// UIDVALIDITY (gone, or recreated since the snapshot).
-	Raised  int      `json:"raised"`
-	Renewed []string `json:"renewed,omitempty"`
-	Error   string   `json:"error,omitempty"`
-	// Gone are the counters of the mailboxes the rollback took away
-	// (created after the snapshot): when the replay makes one again, it
-	// gets its old UIDVALIDITY back with UIDNEXT above every UID it had,
-	// so clients that cached it need not start over (Plan.Gone).
-	Gone []MailboxCounters `json:"-"`
-	// Returning are messages the rollback brought back under UIDs that
-	// clients saw disappear (expunged or moved away after the snapshot,
-	// or renumbered by an earlier cycle), by user, mailbox and UID: the
-	// replay gives those still there at its end a new UID, so a client
-	// that synced their disappearance sees them as new mail.
-	Returning map[string]map[string][]uint32 `json:"-"`
 }
 
 // uidListing is every message's UID, by user and mailbox.
@@ -136,8 +90,8 @@ func (up Upstream) uids(ctx context.Context, users []string) (uidListing, error)
 // returning finds the messages the rollback brought back under a UID the
 // mailbox did not have just before it (same UIDVALIDITY, below the
 // UIDNEXT clients had seen).
-func returning(before, after []MailboxCounters, present, rolled uidListing) map[string]map[string][]uint32 {
-	now := map[string]MailboxCounters{}
+func returning(before, after []verb.MailboxCounters, present, rolled uidListing) map[string]map[string][]uint32 {
+	now := map[string]verb.MailboxCounters{}
 	for _, c := range after {
 		now[c.User+"\x00"+c.Mailbox] = c
 	}
@@ -169,17 +123,17 @@ func returning(before, after []MailboxCounters, present, rolled uidListing) map[
 // no process holds a file in the store (a rollback under open files
 // corrupts Dovecot's indexes); roll back; raise each surviving mailbox's
 // UIDNEXT and HIGHESTMODSEQ to at least the logged values.
-func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Upstream, snapshot string) (RewindOutcome, error) {
+func Rewind(ctx context.Context, log *undolog.Log, store timetravel.Store, up Upstream, snapshot string) (verb.RewindOutcome, error) {
 	return RewindUsers(ctx, log, store, up, snapshot, nil)
 }
 
 // RewindUsers is Rewind for some users only: their mail goes back to the
 // snapshot, everyone else's stays as it is (the store must roll back one
 // user at a time: timetravel.UserRollbacker). No users: everyone.
-func RewindUsers(ctx context.Context, log *undolog.Log, store timetravel.Store, up Upstream, snapshot string, users []string) (RewindOutcome, error) {
+func RewindUsers(ctx context.Context, log *undolog.Log, store timetravel.Store, up Upstream, snapshot string, users []string) (verb.RewindOutcome, error) {
 	if len(users) > 0 {
 		if _, ok := store.(timetravel.UserRollbacker); !ok {
-			return RewindOutcome{}, fmt.Errorf("rewind %v to %s: this store cannot roll back one user (ZFS needs a dataset per user)", users, snapshot)
+			return verb.RewindOutcome{}, fmt.Errorf("rewind %v to %s: this store cannot roll back one user (ZFS needs a dataset per user)", users, snapshot)
 		}
 	}
 	if up.Logger == nil {
@@ -190,21 +144,21 @@ func RewindUsers(ctx context.Context, log *undolog.Log, store timetravel.Store, 
 	}
 	snap, err := store.Get(ctx, snapshot)
 	if err != nil {
-		return RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
 	}
 	before, err := up.counters(ctx, users)
 	if err != nil {
-		return RewindOutcome{}, fmt.Errorf("rewind to %s: read mailbox counters: %w", snapshot, err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind to %s: read mailbox counters: %w", snapshot, err)
 	}
 	// The gate is held: nothing changes the store until the rollback.
 	present, err := up.uids(ctx, users)
 	if err != nil {
-		return RewindOutcome{}, fmt.Errorf("rewind to %s: list messages: %w", snapshot, err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind to %s: list messages: %w", snapshot, err)
 	}
-	args, _ := json.Marshal(RewindArgs{Snapshot: snapshot, AtSeq: snap.Seq, Before: before, Users: users})
-	intent := &undolog.Record{Kind: KindRewind, Session: "rewind", Args: args}
+	args, _ := json.Marshal(verb.RewindArgs{Snapshot: snapshot, AtSeq: snap.Seq, Before: before, Users: users})
+	intent := &undolog.Record{Kind: verb.KindRewind, Session: "rewind", Args: args}
 	if err := log.Append(ctx, intent); err != nil {
-		return RewindOutcome{}, fmt.Errorf("rewind to %s: log intent: %w", snapshot, err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind to %s: log intent: %w", snapshot, err)
 	}
 	out, rerr := up.rewind(ctx, store, snapshot, before, present, users)
 	if rerr != nil {
@@ -220,8 +174,8 @@ func RewindUsers(ctx context.Context, log *undolog.Log, store timetravel.Store, 
 	return out, nil
 }
 
-func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot string, before []MailboxCounters, present uidListing, users []string) (RewindOutcome, error) {
-	var out RewindOutcome
+func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot string, before []verb.MailboxCounters, present uidListing, users []string) (verb.RewindOutcome, error) {
+	var out verb.RewindOutcome
 	kick := []string{"*"}
 	if len(users) > 0 {
 		kick = users
@@ -288,7 +242,7 @@ func (up Upstream) rewind(ctx context.Context, store timetravel.Store, snapshot 
 	if err := up.keepUIDValidityAhead(ctx, before); err != nil {
 		return out, err
 	}
-	now := map[string]MailboxCounters{}
+	now := map[string]verb.MailboxCounters{}
 	for _, c := range after {
 		now[c.User+"\x00"+c.Mailbox] = c
 	}
@@ -356,7 +310,7 @@ func (up Upstream) perUser(ctx context.Context, users []string, args func(who ..
 // it had before, with UIDNEXT and HIGHESTMODSEQ above every value it had
 // then, provided it is still empty (a UID already handed out under a
 // new UIDVALIDITY cannot move). It reports whether it changed anything.
-func (up Upstream) Restore(ctx context.Context, c MailboxCounters) (bool, error) {
+func (up Upstream) Restore(ctx context.Context, c verb.MailboxCounters) (bool, error) {
 	out, err := up.doveadm(ctx, "-f", "tab", "mailbox", "status", "-u", c.User, "uidvalidity messages", c.Mailbox)
 	if err != nil {
 		return false, fmt.Errorf("status of %s/%s: %w", c.User, c.Mailbox, err)
@@ -386,7 +340,7 @@ func (up Upstream) Restore(ctx context.Context, c MailboxCounters) (bool, error)
 
 // counters reads every mailbox's counters with doveadm (tab format: a
 // header line naming the columns, then one line per mailbox).
-func (up Upstream) counters(ctx context.Context, users []string) ([]MailboxCounters, error) {
+func (up Upstream) counters(ctx context.Context, users []string) ([]verb.MailboxCounters, error) {
 	out, err := up.perUser(ctx, users, func(who ...string) []string {
 		return append(append([]string{"-f", "tab", "mailbox", "status"}, who...), "uidvalidity uidnext highestmodseq", "*")
 	})
@@ -406,7 +360,7 @@ func (up Upstream) counters(ctx context.Context, users []string) ([]MailboxCount
 			return nil, fmt.Errorf("doveadm mailbox status: no %s column in %q", need, lines[0])
 		}
 	}
-	var cs []MailboxCounters
+	var cs []verb.MailboxCounters
 	for _, l := range lines[1:] {
 		f := strings.Split(l, "\t")
 		if len(f) < len(col) {
@@ -415,7 +369,7 @@ func (up Upstream) counters(ctx context.Context, users []string) ([]MailboxCount
 		uv, _ := strconv.ParseUint(f[col["uidvalidity"]], 10, 32)
 		un, _ := strconv.ParseUint(f[col["uidnext"]], 10, 32)
 		hm, _ := strconv.ParseUint(f[col["highestmodseq"]], 10, 64)
-		cs = append(cs, MailboxCounters{User: f[col["username"]], Mailbox: f[col["mailbox"]],
+		cs = append(cs, verb.MailboxCounters{User: f[col["username"]], Mailbox: f[col["mailbox"]],
 			UIDValidity: uint32(uv), UIDNext: uint32(un), HighestModSeq: hm})
 	}
 	return cs, nil
@@ -459,7 +413,7 @@ func (up Upstream) run(ctx context.Context, argv []string) ([]byte, error) {
 // a mailbox created again by the replay (or by the user, or a Sieve
 // fileinto :create) would get the UIDVALIDITY its predecessor had, and
 // clients that cached that mailbox's UIDs would see them reused.
-func (up Upstream) keepUIDValidityAhead(ctx context.Context, before []MailboxCounters) error {
+func (up Upstream) keepUIDValidityAhead(ctx context.Context, before []verb.MailboxCounters) error {
 	max := map[string]uint32{}
 	for _, b := range before {
 		if b.UIDValidity > max[b.User] {

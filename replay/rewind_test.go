@@ -18,6 +18,7 @@ import (
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func deliver(t *testing.T, tb *testbed.Testbed, n, from int) {
@@ -126,23 +127,16 @@ func TestRewindKeepsUIDsMonotonic(t *testing.T) {
 	if err := c.Login("alice", tb.Stack.Password("alice")).Wait(); err != nil {
 		t.Fatal(err)
 	}
-	msg := "Subject: after the rewind\r\n\r\nnew\r\n"
-	ap := c.Append("INBOX", int64(len(msg)), nil)
-	ap.Write([]byte(msg))
-	ap.Close()
-	data, err := ap.Wait()
-	if err != nil {
-		t.Fatal(err)
-	}
+	data := appendMsg(t, c, "INBOX", "Subject: after the rewind\r\n\r\nnew\r\n")
 	if data.UID < before.UIDNext {
 		t.Fatalf("APPEND after the rewind got UID %d: UIDs below %d were already shown", data.UID, before.UIDNext)
 	}
 	// The counters were logged before the rollback.
-	vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindRewind}})
+	vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindRewind}})
 	if err != nil || len(vs) != 1 || vs[0].Outcome == nil {
 		t.Fatalf("rewind verbs %+v, %v", vs, err)
 	}
-	var a replay.RewindArgs
+	var a verb.RewindArgs
 	json.Unmarshal(vs[0].Args, &a)
 	found := false
 	for _, c := range a.Before {

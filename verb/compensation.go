@@ -11,7 +11,7 @@ import (
 // arguments are a delivery's plus the cycle and the paradoxes; its
 // outcome is the LMTP reply.
 func init() {
-	register(Kind{Name: KindCompensation, Family: "compensation", System: true, Answered: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindCompensation, Replay: Replay{How: "re-delivered over LMTP like a captured delivery, so the explanation survives later cycles and is never written twice"}, Family: "compensation", System: true, Answered: true, Describe: func(r Record) Description {
 		var a CompensationArgs
 		if json.Unmarshal(r.Args, &a) != nil {
 			return Description{What: "compensation: " + flatten(r.Args), Outcome: deliveryOutcome(r.Outcome)}

@@ -10,7 +10,7 @@ import (
 // cycle: a 3R cycle (rewind, repair, replay; docs: README "Undo your
 // first mistake"). Its arguments are the repair, its outcome the verdict.
 func init() {
-	register(Kind{Name: KindCycle, Family: "cycle", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindCycle, Replay: Replay{Why: "a cycle changes no mail of its own: its repair (cancellations, filters) stays decided for every later replay"}, Family: "cycle", System: true, Describe: func(r Record) Description {
 		var a CycleArgs
 		if json.Unmarshal(r.Args, &a) != nil {
 			return Description{What: "cycle: " + flatten(r.Args), Outcome: flatten(r.Outcome)}
@@ -30,19 +30,33 @@ func init() {
 	}})
 }
 
-// CycleArgs are the parts of a cycle's arguments that are told.
+// CycleArgs are a cycle record's arguments, as the daemon writes them:
+// where it rewinds to, the repair, the reason, and the snapshot of the
+// present taken first so the cycle itself can be undone. Replay reads
+// the repairs of earlier cycles from them.
 type CycleArgs struct {
-	To      string  `json:"to"`
-	At      int64   `json:"at"`
-	Cancel  []int64 `json:"cancel"`
-	Filters []struct {
-		Rule   string `json:"rule"`
-		Action string `json:"action"`
-	} `json:"filters"`
-	Reason string   `json:"reason"`
-	Users  []string `json:"users"`
-	Split  bool     `json:"split"`
-	Keep   bool     `json:"keep"`
+	To      string       `json:"to"`
+	At      int64        `json:"at,omitempty"` // the snapshot's log position
+	Cancel  []int64      `json:"cancel,omitempty"`
+	Filters []FilterSpec `json:"filters,omitempty"`
+	Present string       `json:"present"`
+	// PresentAt is the present snapshot's log position.
+	PresentAt int64  `json:"present_at,omitempty"`
+	Reason    string `json:"reason,omitempty"`
+	// Users, if set, are the only users the repair rewound and replayed.
+	Users []string `json:"users,omitempty"`
+	// Split marks the split form: a rewind held for a repair by hand, the
+	// replay (undomail replay) to follow; the outcome comes with it.
+	Split bool `json:"split,omitempty"`
+	// Keep makes the filters stay active for live mail after the cycle.
+	Keep bool `json:"keep,omitempty"`
+}
+
+// FilterSpec is a retroactive filter as the operator gives it: a rule
+// and drop or move:FOLDER.
+type FilterSpec struct {
+	Rule   string `json:"rule"`
+	Action string `json:"action"` // drop, move:FOLDER
 }
 
 // Words tells the cycle's repair.
@@ -89,9 +103,11 @@ type Verdict struct {
 	Repaired  int            `json:"repaired"`
 	Failed    int            `json:"failed"`
 	Skipped   map[string]int `json:"skipped"`
-	Users     int            `json:"users"`
-	Messages  int            `json:"messages"`
-	Verify    struct {
+	// Unreplayable: verbs of kinds no replay is defined for, by kind.
+	Unreplayable map[string]int `json:"unreplayable"`
+	Users        int            `json:"users"`
+	Messages     int            `json:"messages"`
+	Verify       struct {
 		Users     int      `json:"users"`
 		Mailboxes int      `json:"mailboxes"`
 		Messages  int      `json:"messages"`
@@ -126,13 +142,18 @@ func (v Verdict) Words() string {
 	}
 	counts += fmt.Sprintf(", %d failed", v.Failed)
 	parts = append(parts, head+": "+counts)
+	if len(v.Unreplayable) > 0 {
+		parts = append(parts, "NOT replayed: "+strings.Join(LeftAlone(v.Unreplayable), ", "))
+	}
 	if len(v.Skipped) > 0 {
 		kinds := make([]string, 0, len(v.Skipped))
 		for k, n := range v.Skipped {
 			kinds = append(kinds, fmt.Sprintf("%d %s", n, k))
 		}
 		sort.Strings(kinds)
-		parts = append(parts, "not replayed (no effect of their own): "+strings.Join(kinds, ", "))
+		// Why each kind was left alone is LeftAlone's business; in one
+		// line it is counts.
+		parts = append(parts, "left alone (no effect of their own, or never replayed): "+strings.Join(kinds, ", "))
 	}
 	if v.Verify.Mailboxes > 0 || len(v.Verify.Problems) > 0 {
 		s := fmt.Sprintf("store checked against the log: %s, %s, %s", plural(v.Verify.Users, "user"),

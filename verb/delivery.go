@@ -9,14 +9,14 @@ import (
 // RFC 5321) and a final delivery captured on the LMTP path (RFC 2033).
 // The message is the record's blob.
 func init() {
-	register(Kind{Name: KindSMTPSubmit, Family: "delivery", Answered: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindSMTPSubmit, Replay: Replay{Why: "a submission changes no mailbox itself: the deliveries it caused (lmtp.deliver) are replayed, or it is handed to the repaired Postfix again when a replay service is configured (docs/operations.md, \"Replay through Postfix\")"}, Family: "delivery", Answered: true, Describe: func(r Record) Description {
 		d, a, ok := delivery(r)
 		if ok {
 			d.ForUser = "you sent " + subject(a.Header) + " to " + strings.Join(a.Rcpts, ", ")
 		}
 		return d
 	}})
-	register(Kind{Name: KindLMTPDeliver, Family: "delivery", Answered: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindLMTPDeliver, Replay: Replay{How: "re-delivered over LMTP to each recipient that accepted it, or re-injected through Postfix's replay service"}, Family: "delivery", Answered: true, Describe: func(r Record) Description {
 		d, a, ok := delivery(r)
 		if ok {
 			from := a.Header.From

@@ -9,13 +9,10 @@ import (
 // drill: a recovery drill, the log replayed from one snapshot onto a
 // clone and compared with the next (docs/operations.md, drills).
 func init() {
-	register(Kind{Name: KindDrill, Family: "drill", System: true, Describe: func(r Record) Description {
-		var a struct {
-			From string `json:"from"`
-			To   string `json:"to"`
-		}
+	register(Kind{Name: KindDrill, Replay: Replay{Why: "a drill changed only a clone of the store, never the mail"}, Family: "drill", System: true, Describe: func(r Record) Description {
+		var a DrillArgs
 		json.Unmarshal(r.Args, &a)
-		var o DrillResult
+		var o DrillVerdict
 		if r.Answered && json.Unmarshal(r.Outcome, &o) != nil {
 			return Description{What: "recovery drill: " + flatten(r.Args), Outcome: flatten(r.Outcome)}
 		}
@@ -32,23 +29,52 @@ func init() {
 	}})
 }
 
-// DrillResult is the part of a drill's verdict that is told.
+// DrillArgs say what a drill replayed: the log between two snapshots.
+type DrillArgs struct {
+	From    string `json:"from"`
+	To      string `json:"to"`
+	FromSeq int64  `json:"from_seq"`
+	ToSeq   int64  `json:"to_seq"`
+}
+
+// DrillResult is a drill's verdict: the replay of the log from snapshot
+// From to snapshot To, on a clone of From, compared with To.
 type DrillResult struct {
-	OK           bool     `json:"ok"`
-	From         string   `json:"from"`
-	To           string   `json:"to"`
-	Replayed     int      `json:"replayed"`
-	Messages     int      `json:"messages"`
-	Differences  []string `json:"differences"`
-	More         int      `json:"more"`
-	Seconds      float64  `json:"seconds"`
-	Error        string   `json:"error"`
-	Acknowledged []string `json:"acknowledged"`
-	AckErrors    []string `json:"ack_errors"`
+	OK   bool   `json:"ok"`
+	From string `json:"from"`
+	To   string `json:"to"`
+	// Replayed counts the verbs replayed; Messages the messages compared.
+	Replayed int `json:"replayed"`
+	Messages int `json:"messages"`
+	// Differences say exactly where the replayed clone and the snapshot
+	// differ (the first 100; More counts the rest).
+	Differences []string `json:"differences,omitempty"`
+	More        int      `json:"more,omitempty"`
+	Seconds     float64  `json:"seconds"`
+	Error       string   `json:"error,omitempty"`
+}
+
+// DrillVerdict is a drill's verdict as logged (the drill record's
+// outcome) and answered to the operator: the result, and where it was
+// reported.
+type DrillVerdict struct {
+	DrillResult
+	// Acknowledged lists where the verdict was sent (mail, webhook);
+	// AckErrors what failed. A drill reports every time, pass or fail.
+	Acknowledged []string `json:"acknowledged,omitempty"`
+	AckErrors    []string `json:"ack_errors,omitempty"`
+}
+
+// Summary says why a drill failed, in a few words.
+func (o DrillVerdict) Summary() string {
+	if o.Error != "" {
+		return o.Error
+	}
+	return fmt.Sprintf("%d differences", len(o.Differences)+o.More)
 }
 
 // Words tells the drill's verdict.
-func (o DrillResult) Words() string {
+func (o DrillVerdict) Words() string {
 	var parts []string
 	if o.OK {
 		parts = append(parts, fmt.Sprintf("passed: %d replayed, %s compared, %.1f s", o.Replayed, plural(o.Messages, "message"), o.Seconds))

@@ -10,7 +10,7 @@ import (
 // user was sent (FETCH, RFC 9051 section 6.4.5). It has no outcome: it
 // records what was shown, not a command.
 func init() {
-	register(Kind{Name: KindIMAPFetch, Family: "fetch", Describe: func(r Record) Description {
+	register(Kind{Name: KindIMAPFetch, Replay: Replay{How: "the \\Seen flag it set is set again (a FETCH that set no \\Seen has no effect to replay)"}, Family: "fetch", Describe: func(r Record) Description {
 		var a IMAPFetchArgs
 		if json.Unmarshal(r.Args, &a) != nil {
 			return Description{What: "read: " + flatten(r.Args)}

@@ -7,7 +7,7 @@ import (
 
 // filter.removed: a filter a cycle kept for live mail stops judging it.
 func init() {
-	register(Kind{Name: KindFilterRemoved, Family: "filter", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindFilterRemoved, Replay: Replay{Why: "it changes no mail: later replays read it as the end of the kept filter"}, Family: "filter", System: true, Describe: func(r Record) Description {
 		var a struct {
 			Cycle int64 `json:"cycle"`
 		}

@@ -14,6 +14,7 @@ func init() {
 		KindIMAPSubscribe:   func(a IMAPArgs) string { return "you subscribed to the folder " + folder(a.Mailbox) },
 		KindIMAPUnsubscribe: func(a IMAPArgs) string { return "you unsubscribed from the folder " + folder(a.Mailbox) },
 	} {
-		register(Kind{Name: kind, Family: "mailbox", Answered: true, Describe: imapCommand(user)})
+		register(Kind{Name: kind, Family: "mailbox", Answered: true, Describe: imapCommand(user),
+			Replay: Replay{How: "the same command again as its user"}})
 	}
 }

@@ -9,7 +9,7 @@ import (
 // entry (IMAPArgs.Metadata: a value, or null for a removal) and
 // replayed as such.
 func init() {
-	register(Kind{Name: KindIMAPSetMetadata, Family: "metadata", Answered: true,
+	register(Kind{Name: KindIMAPSetMetadata, Replay: Replay{How: "SETMETADATA again as its user with the recorded entries (RFC 5464)"}, Family: "metadata", Answered: true,
 		Describe: imapCommand(func(a IMAPArgs) string {
 			set, removed := a.MetadataEntries()
 			var what []string

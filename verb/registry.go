@@ -72,7 +72,25 @@ type Kind struct {
 	Answered bool
 	// Describe tells one record in words; Record.Outcome may be empty.
 	Describe func(Record) Description
+	// Replay says how a replay makes a record of this kind again, or
+	// why it never does. Every kind says one or the other (register
+	// refuses a kind that says neither, or both), so nothing a user did
+	// is left out of a cycle without a reason.
+	Replay Replay
 }
+
+// Replay is how a kind is replayed, or why it is not.
+type Replay struct {
+	// How says how a replay makes the record again, when it had an
+	// effect (its client was told OK, its delivery was accepted).
+	How string
+	// Why says why a replay never makes it again.
+	Why string
+}
+
+// Replayed reports whether a replay makes records of this kind again
+// (when they had an effect).
+func (k Kind) Replayed() bool { return k.Replay.How != "" }
 
 var registry = map[string]Kind{}
 
@@ -83,6 +101,9 @@ func register(k Kind) {
 	}
 	if k.Describe == nil {
 		panic("verb: kind " + k.Name + " has no describer")
+	}
+	if (k.Replay.How == "") == (k.Replay.Why == "") {
+		panic("verb: kind " + k.Name + " must say how it is replayed (Replay.How) or why it is not (Replay.Why)")
 	}
 	registry[k.Name] = k
 }
@@ -204,4 +225,28 @@ func seqList(seqs []int64) string {
 		parts[i] = fmt.Sprintf("#%d", s)
 	}
 	return strings.Join(parts, ", ")
+}
+
+// LeftAlone tells, one line a kind, the verbs a replay leaves alone
+// (neither makes again nor cancels), counted by kind: how many, and why.
+// A kind that is replayed when it has an effect is left alone only when
+// it had none; a kind this version does not define cannot be replayed.
+func LeftAlone(counts map[string]int) []string {
+	kinds := make([]string, 0, len(counts))
+	for k := range counts {
+		kinds = append(kinds, k)
+	}
+	sort.Strings(kinds)
+	out := make([]string, 0, len(kinds))
+	for _, name := range kinds {
+		why := "no replay is defined for this kind: its effect is lost"
+		if k, ok := registry[name]; ok {
+			why = k.Replay.Why
+			if k.Replayed() {
+				why = "no effect of its own (its client was not told it happened, or it changed nothing)"
+			}
+		}
+		out = append(out, fmt.Sprintf("%d %s: %s", counts[name], name, why))
+	}
+	return out
 }

@@ -7,7 +7,7 @@ import (
 // imap.store: STORE and UID STORE (RFC 9051 section 6.4.6), flags and
 // keywords.
 func init() {
-	register(Kind{Name: KindIMAPStore, Family: "store", Answered: true,
+	register(Kind{Name: KindIMAPStore, Replay: Replay{How: "the same flag change (+FLAGS, -FLAGS or FLAGS) as its user, the messages named by undo id and translated to their UIDs now"}, Family: "store", Answered: true,
 		Describe: imapCommand(func(a IMAPArgs) string {
 			what := messages(a) + " in " + folder(a.Mailbox)
 			flags := flagWords(a.Flags)

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/compensate"
-	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
@@ -53,13 +53,13 @@ func samples(t *testing.T) map[string][]sample {
 		}
 		return a
 	}
-	var before []replay.MailboxCounters
+	var before []verb.MailboxCounters
 	for _, u := range []string{"alice", "bob"} {
 		for _, mb := range []string{"INBOX", "Projects"} {
-			before = append(before, replay.MailboxCounters{User: u, Mailbox: mb, UIDValidity: 1796292551, UIDNext: 48, HighestModSeq: 90})
+			before = append(before, verb.MailboxCounters{User: u, Mailbox: mb, UIDValidity: 1796292551, UIDNext: 48, HighestModSeq: 90})
 		}
 	}
-	verdict := daemon.CycleVerdict{OK: true, Cycle: 35, Present: "undomail-20261203T100912.538Z", Replayed: 55, Cancelled: 1,
+	verdict := admin.CycleVerdict{OK: true, Cycle: 35, Present: "undomail-20261203T100912.538Z", Replayed: 55, Cancelled: 1,
 		Skipped: map[string]int{"smtp.submit": 55}, Users: 2, Messages: 55,
 		Verify:       replay.Verification{Users: 2, Mailboxes: 4, Messages: 57},
 		Held:         1.5,
@@ -67,12 +67,14 @@ func samples(t *testing.T) map[string][]sample {
 	failed := verdict
 	failed.OK, failed.Failed, failed.Error = false, 1, "the store differs from the log"
 	failed.Verify.Problems = []string{`alice "INBOX": 1 message missing`}
+	lost := verdict
+	lost.OK, lost.Unreplayable, lost.Error = false, map[string]int{"imap.setquota": 2}, "verbs of kinds this undomail cannot replay were left out"
 	comp := compensate.Args{DeliveryArgs: deliv, Cycle: 35, Audience: compensate.AudienceUser, User: "alice",
 		Paradoxes: []compensate.Paradox{{Kind: compensate.ReadRemoved, User: "alice", Verb: 19, VerbKind: verb.KindLMTPDeliver}}}
 	comp.Header.Subject = "Your mailbox was repaired: what changed"
-	drill := daemon.DrillVerdict{DrillResult: replay.DrillResult{OK: true, From: "s1", To: "s2", Replayed: 12, Messages: 40, Seconds: 3.2},
+	drill := verb.DrillVerdict{DrillResult: verb.DrillResult{OK: true, From: "s1", To: "s2", Replayed: 12, Messages: 40, Seconds: 3.2},
 		Acknowledged: []string{"mail ops@example.test"}}
-	badDrill := daemon.DrillVerdict{DrillResult: replay.DrillResult{OK: false, From: "s1", To: "s2", Differences: []string{`alice "INBOX" uid 3: flags differ`}, More: 2}}
+	badDrill := verb.DrillVerdict{DrillResult: verb.DrillResult{OK: false, From: "s1", To: "s2", Differences: []string{`alice "INBOX" uid 3: flags differ`}, More: 2}}
 	return map[string][]sample{
 		verb.KindSMTPSubmit: {{user: "bob", args: deliv, outcome: verb.DeliveryOutcome{Reply: &verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Ok: queued as 4ABC"}},
 			what: `"Budget 2027"`, result: "accepted: 250 2.0.0 Ok: queued as 4ABC"},
@@ -101,23 +103,24 @@ func samples(t *testing.T) map[string][]sample {
 		verb.KindIMAPSetMetadata: {{user: "alice", args: verb.IMAPArgs{Command: "SETMETADATA", Mailbox: "INBOX", Metadata: map[string]*string{"/private/comment": &comment, "/private/old": nil}}, outcome: ok, what: `SETMETADATA "INBOX" set /private/comment, removed /private/old`, result: "OK"}},
 		verb.KindIMAPFetch: {{user: "alice", args: verb.IMAPFetchArgs{Mailbox: "INBOX", UIDValidity: 1796292551, UIDs: "47", UndoIDs: map[string]string{"47": "01M8X"}, Seen: true},
 			what: `seen "INBOX" uid 47`}},
-		verb.KindSnapshot: {{args: daemon.SnapshotArgs{Name: "undomail-20261203T100911.828Z", AtSeq: 12, Store: "copy:/snaps", Reason: "hourly"},
-			outcome: daemon.SnapshotOutcome{OK: true, Pause: 25.01}, what: "snapshot undomail-20261203T100911.828Z at log position 12 (hourly)", result: "taken"},
-			{args: daemon.SnapshotArgs{Name: "s2", AtSeq: 14}, outcome: daemon.SnapshotOutcome{Error: "zfs: out of space"}, what: "s2", result: "FAILED: zfs: out of space"}},
-		verb.KindSnapshotPruned: {{args: daemon.SnapshotArgs{Name: "s1", Reason: "retention"}, what: "snapshot s1 destroyed by retention"}},
-		verb.KindCycle: {{args: daemon.CycleArgs{To: "s1", At: 12, Cancel: []int64{15}, Present: "s2", Reason: "alice deleted Projects by mistake"},
+		verb.KindSnapshot: {{args: verb.SnapshotArgs{Name: "undomail-20261203T100911.828Z", AtSeq: 12, Store: "copy:/snaps", Reason: "hourly"},
+			outcome: verb.SnapshotOutcome{OK: true, Pause: 25.01}, what: "snapshot undomail-20261203T100911.828Z at log position 12 (hourly)", result: "taken"},
+			{args: verb.SnapshotArgs{Name: "s2", AtSeq: 14}, outcome: verb.SnapshotOutcome{Error: "zfs: out of space"}, what: "s2", result: "FAILED: zfs: out of space"}},
+		verb.KindSnapshotPruned: {{args: verb.SnapshotArgs{Name: "s1", Reason: "retention"}, what: "snapshot s1 destroyed by retention"}},
+		verb.KindCycle: {{args: verb.CycleArgs{To: "s1", At: 12, Cancel: []int64{15}, Present: "s2", Reason: "alice deleted Projects by mistake"},
 			outcome: verdict, what: "cycle: rewind to snapshot s1 (log position 12), cancel #15", result: "verified: 55 replayed, 1 cancelled"},
-			{args: daemon.CycleArgs{To: "s1", Filters: []daemon.FilterSpec{{Rule: "subject:Offer", Action: "drop"}}, Users: []string{"alice"}},
+			{args: verb.CycleArgs{To: "s1", Filters: []verb.FilterSpec{{Rule: "subject:Offer", Action: "drop"}}, Users: []string{"alice"}},
 				outcome: failed, what: `filter "subject:Offer": drop`, result: "FAILED"},
-			{args: daemon.CycleArgs{To: "s1"}, what: "s1", result: "running, or cut off"}},
+			{args: verb.CycleArgs{To: "s1"}, what: "s1", result: "running, or cut off"},
+			{args: verb.CycleArgs{To: "s1"}, outcome: lost, what: "s1", result: "FAILED: 55 replayed, 1 cancelled, 0 failed; NOT replayed: 2 imap.setquota: no replay is defined for this kind"}},
 		verb.KindReplay: {{user: "alice", ref: 19, inline: replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 47"}, what: "replay of #19", result: "made again: INBOX uid 47"},
 			{user: "alice", ref: 15, inline: replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"}, what: "#15", result: "cancelled: left out by the repair"},
 			{user: "alice", ref: 21, inline: replay.ReplayOutcome{Status: "ok", Detail: "appended to Sent", Placed: []replay.Placed{{Mailbox: "Sent", UIDValidity: 7, UID: 12, UndoID: "01M8X"}}},
 				what: "#21", result: `made again: appended to Sent; placed 1 message at "Sent" uid 12`}},
-		verb.KindRewind: {{args: replay.RewindArgs{Snapshot: "s1", AtSeq: 12, Before: before}, outcome: replay.RewindOutcome{OK: true, Raised: 4, Renewed: []string{"bob/Projects"}},
+		verb.KindRewind: {{args: verb.RewindArgs{Snapshot: "s1", AtSeq: 12, Before: before}, outcome: verb.RewindOutcome{OK: true, Raised: 4, Renewed: []string{"bob/Projects"}},
 			what: "rewound 4 mailboxes of 2 users to snapshot s1", result: "OK: the counters of 4 mailboxes raised"}},
-		verb.KindDrill: {{args: replay.DrillArgs{From: "s1", To: "s2", FromSeq: 12, ToSeq: 40}, outcome: drill, what: "recovery drill", result: "passed: 12 replayed"},
-			{args: replay.DrillArgs{From: "s1", To: "s2"}, outcome: badDrill, what: "s1", result: "FAILED: 3 differences"}},
+		verb.KindDrill: {{args: verb.DrillArgs{From: "s1", To: "s2", FromSeq: 12, ToSeq: 40}, outcome: drill, what: "recovery drill", result: "passed: 12 replayed"},
+			{args: verb.DrillArgs{From: "s1", To: "s2"}, outcome: badDrill, what: "s1", result: "FAILED: 3 differences"}},
 		verb.KindCompensation: {{user: "alice", ref: 35, args: comp, outcome: verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice", Reply: verb.Reply{Code: 250, Text: "Saved"}}}},
 			what: "a digest for alice explaining 1 paradox of cycle #35: read removed (#19)", result: "delivered to <alice>"}},
 		verb.KindFilterRemoved: {{args: map[string]int64{"cycle": 35}, what: "cycle #35"}},
@@ -193,34 +196,8 @@ func TestUnknownKindInWords(t *testing.T) {
 func TestEveryWrittenKindRegistered(t *testing.T) {
 	found := map[string]string{}
 	for _, dir := range []string{"../proxy", "../verb", "../replay", "../compensate", "../internal/daemon", "../undolog"} {
-		files, err := filepath.Glob(filepath.Join(dir, "*.go"))
-		if err != nil || len(files) == 0 {
-			t.Fatalf("read %s: %v", dir, err)
-		}
-		for _, f := range files {
-			if strings.HasSuffix(f, "_test.go") {
-				continue
-			}
-			file, err := parser.ParseFile(token.NewFileSet(), f, nil, 0)
-			if err != nil {
-				t.Fatal(err)
-			}
-			ast.Inspect(file, func(n ast.Node) bool {
-				vs, ok := n.(*ast.ValueSpec)
-				if !ok {
-					return true
-				}
-				for i, name := range vs.Names {
-					if !strings.HasPrefix(name.Name, "Kind") || i >= len(vs.Values) {
-						continue
-					}
-					if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
-						s, _ := strconv.Unquote(lit.Value)
-						found[s] = f + ": " + name.Name
-					}
-				}
-				return true
-			})
+		for name, c := range kindConstants(t, dir) {
+			found[c.value] = c.file + ": " + name
 		}
 	}
 	if len(found) < 20 {
@@ -231,13 +208,104 @@ func TestEveryWrittenKindRegistered(t *testing.T) {
 			t.Errorf("%s (%s) is written to the log but has no description in package verb", kind, where)
 		}
 	}
-	// The system kinds this package names must be the writers' own.
-	for mine, theirs := range map[string]string{verb.KindSnapshot: daemon.KindSnapshot, verb.KindSnapshotPruned: daemon.KindSnapshotPruned,
-		verb.KindCycle: replay.KindCycle, verb.KindReplay: replay.KindReplay, verb.KindRewind: replay.KindRewind, verb.KindDrill: replay.KindDrill,
-		verb.KindCompensation: replay.KindCompensation, verb.KindFilterRemoved: replay.KindFilterRemoved} {
-		if mine != theirs {
-			t.Errorf("package verb calls %q what its writer calls %q", mine, theirs)
+	// A kind is spelled once, here (undolog's own outcome kind aside):
+	// the writers use these names.
+	for kind, where := range found {
+		if !strings.HasPrefix(where, "../verb/") && !strings.HasPrefix(where, "../undolog/") {
+			t.Errorf("%s spells the kind %q again: use package verb's constant", where, kind)
 		}
 	}
 	t.Logf("%d kinds registered: %s", len(verb.Kinds()), strings.Join(verb.Kinds(), " "))
+}
+
+// TestEveryProxyKindSaysHowItIsReplayed reads, from the proxies' source,
+// every record kind they write (the verb.Kind... constants they name)
+// and fails for one that has no definition here, or whose definition
+// says neither how a replay makes it again nor why it does not: a cycle
+// must never drop a user's action without a word (issue #18: a
+// SETMETADATA was recorded, then silently skipped).
+func TestEveryProxyKindSaysHowItIsReplayed(t *testing.T) {
+	consts := kindConstants(t, ".") // package verb's
+	used := map[string]string{}     // kind -> where the proxy names it
+	eachSource(t, "../proxy", func(fset *token.FileSet, file *ast.File) {
+		ast.Inspect(file, func(n ast.Node) bool {
+			sel, ok := n.(*ast.SelectorExpr)
+			if !ok || !strings.HasPrefix(sel.Sel.Name, "Kind") {
+				return true
+			}
+			if pkg, ok := sel.X.(*ast.Ident); !ok || pkg.Name != "verb" {
+				return true
+			}
+			c, ok := consts[sel.Sel.Name]
+			if !ok {
+				t.Errorf("%s names verb.%s, which is no kind constant of package verb", fset.Position(sel.Pos()), sel.Sel.Name)
+				return true
+			}
+			used[c.value] = fset.Position(sel.Pos()).String()
+			return true
+		})
+	})
+	// The IMAP front end writes twelve kinds, the SMTP and LMTP ones two:
+	// far fewer found means the scan no longer sees them.
+	if len(used) < 12 {
+		t.Fatalf("found only %d kinds the proxies write (%v): the scan is broken", len(used), used)
+	}
+	for kind, where := range used {
+		k, ok := verb.Lookup(kind)
+		switch {
+		case !ok:
+			t.Errorf("the proxy writes %s (%s), which package verb does not define: define it, with how it is replayed or why not", kind, where)
+		case k.Replay.How == "" && k.Replay.Why == "":
+			t.Errorf("the proxy writes %s (%s), but its definition says neither how it is replayed nor why not", kind, where)
+		case k.System:
+			t.Errorf("the proxy writes %s (%s), a kind defined as undomail's own record, not a user's", kind, where)
+		}
+	}
+}
+
+// eachSource parses every non-test Go file in dir.
+func eachSource(t *testing.T, dir string, visit func(*token.FileSet, *ast.File)) {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "*.go"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("read %s: %v", dir, err)
+	}
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		fset := token.NewFileSet()
+		file, err := parser.ParseFile(fset, f, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		visit(fset, file)
+	}
+}
+
+type kindConst struct{ value, file string }
+
+// kindConstants are the constants named Kind... with a string literal
+// value that dir's source declares, by name.
+func kindConstants(t *testing.T, dir string) map[string]kindConst {
+	out := map[string]kindConst{}
+	eachSource(t, dir, func(fset *token.FileSet, file *ast.File) {
+		ast.Inspect(file, func(n ast.Node) bool {
+			vs, ok := n.(*ast.ValueSpec)
+			if !ok {
+				return true
+			}
+			for i, name := range vs.Names {
+				if !strings.HasPrefix(name.Name, "Kind") || i >= len(vs.Values) {
+					continue
+				}
+				if lit, ok := vs.Values[i].(*ast.BasicLit); ok && lit.Kind == token.STRING {
+					v, _ := strconv.Unquote(lit.Value)
+					out[name.Name] = kindConst{value: v, file: filepath.Join(dir, filepath.Base(fset.Position(file.Pos()).Filename))}
+				}
+			}
+			return true
+		})
+	})
+	return out
 }

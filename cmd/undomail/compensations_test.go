@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/compensate"
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -42,7 +41,7 @@ func TestCompensationsCommand(t *testing.T) {
 				Message: &compensate.Message{UndoID: "m", Subject: "Lottery", From: "x@spam.test"}, Now: "removed by the repair"}},
 		}
 		args, _ := json.Marshal(a)
-		rec := &undolog.Record{Kind: replay.KindCompensation, User: c.user, Users: []string{c.user}, Ref: c.cycle, Args: args}
+		rec := &undolog.Record{Kind: verb.KindCompensation, User: c.user, Users: []string{c.user}, Ref: c.cycle, Args: args}
 		if err := l.Append(context.Background(), rec); err != nil {
 			t.Fatal(err)
 		}

@@ -132,7 +132,7 @@ func cycleVerdicts(t *testing.T, dataDir string) []daemon.CycleVerdict {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	vs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{daemon.KindCycle}})
+	vs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindCycle}})
 	if err != nil {
 		t.Fatal(err)
 	}

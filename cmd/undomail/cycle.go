@@ -18,6 +18,7 @@ import (
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func cycleCmd() *cobra.Command {
@@ -122,11 +123,12 @@ verdict. The exit status is 0 only for a verified cycle.`,
 				req.Filters = append(req.Filters, admin.FilterRequest{Rule: f, Action: filterAction})
 			}
 			stop := showProgress(c, os.Stderr)
-			verdict, err := c.Cycle(context.Background(), req)
+			cv, err := c.Cycle(context.Background(), req)
 			stop()
-			printVerdict(out, verdict)
-			var cv daemon.CycleVerdict
-			if remote.adminURL == "" && len(p.Reinject) > 0 && json.Unmarshal(verdict, &cv) == nil && cv.Cycle > 0 {
+			if err == nil || cv.Cycle > 0 { // a cycle that failed to start has no verdict
+				printVerdict(out, cv)
+			}
+			if remote.adminURL == "" && len(p.Reinject) > 0 && cv.Cycle > 0 {
 				if l, lerr := undolog.OpenReadOnly(dataDir); lerr == nil {
 					routes, rerr := replay.Routes(context.Background(), l, p.AtSeq, cv.Cycle, cancelSet(p.cancel))
 					l.Close()
@@ -138,10 +140,7 @@ verdict. The exit status is 0 only for a verified cycle.`,
 			if err != nil {
 				return &exitError{code: 1, msg: "cycle failed: " + err.Error()}
 			}
-			var v struct {
-				OK bool `json:"ok"`
-			}
-			if json.Unmarshal(verdict, &v) != nil || !v.OK {
+			if !cv.OK {
 				return &exitError{code: 1, msg: "cycle NOT OK: see its verdict"}
 			}
 			return nil
@@ -308,8 +307,8 @@ func printRoutes(w io.Writer, routes []replay.Route, after bool) {
 		switch r.NowStatus {
 		case "":
 			now = "not re-injected: its recorded deliveries were replayed"
-		case "failed", replay.StatusRefused:
-			now = r.NowStatus + ": " + r.Failed
+		case verb.ReplayFailed, verb.ReplayRefused:
+			now = string(r.NowStatus) + ": " + r.Failed
 		}
 		if len(r.Held) > 0 {
 			now = strings.TrimPrefix(now+"; held: "+strings.Join(r.Held, ", "), "; ")
@@ -327,11 +326,21 @@ func (p *cyclePlan) onlyUsers(ctx context.Context, l *undolog.Log, users []strin
 		return err
 	}
 	theirs := map[int64]bool{}
+	p.NotReplayed, p.Unreplayable = nil, nil
 	for _, v := range verbs {
 		for _, u := range replay.VerbUsers(v) {
 			if slices.Contains(users, u) {
 				theirs[v.Seq] = true
 			}
+		}
+		if !theirs[v.Seq] {
+			continue
+		}
+		switch left, undefined := daemon.LeftAlone(v); {
+		case undefined:
+			p.Unreplayable = addKind(p.Unreplayable, v.Kind)
+		case left && !slices.Contains(p.cancel, v.Seq):
+			p.NotReplayed = addKind(p.NotReplayed, v.Kind)
 		}
 	}
 	keep := p.Verbs[:0]
@@ -358,6 +367,14 @@ func (p *cyclePlan) onlyUsers(ctx context.Context, l *undolog.Log, users []strin
 	return nil
 }
 
+func addKind(m map[string]int, kind string) map[string]int {
+	if m == nil {
+		m = map[string]int{}
+	}
+	m[kind]++
+	return m
+}
+
 func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	who := "everyone's mail"
 	if len(p.Users) > 0 {
@@ -372,6 +389,15 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	tw.Flush()
 	fmt.Fprintf(w, "%d to replay, %d cancelled, %d without effect (their clients were not told they happened)\n",
 		p.Counts.Replay, p.Counts.Cancel, p.Counts.NoEffect)
+	if lines := p.LeftAlone(); len(lines) > 0 {
+		fmt.Fprintln(w, "not replayed:")
+		for _, l := range lines {
+			fmt.Fprintf(w, "  %s\n", l)
+		}
+	}
+	if len(p.Unreplayable) > 0 {
+		fmt.Fprintln(w, "the cycle's verdict will be NOT OK: it cannot replay verbs of a kind this undomail does not know")
+	}
 	printRoutes(w, p.Reinject, false)
 	for _, c := range p.ComesBack {
 		fmt.Fprintf(w, "comes back: %s\n", c)
@@ -436,12 +462,11 @@ func showProgress(c *admin.Client, w *os.File) (stop func()) {
 				return
 			case <-tick.C:
 			}
-			raw, err := c.CycleProgress(context.Background())
-			var p replay.Progress
-			if err != nil || json.Unmarshal(raw, &p) != nil || p.Phase == "" {
+			p, err := c.CycleProgress(context.Background())
+			if err != nil || p == nil || p.Phase == "" {
 				continue
 			}
-			fmt.Fprintf(w, "\r\033[K%s", progressLine(p, 30))
+			fmt.Fprintf(w, "\r\033[K%s", progressLine(*p, 30))
 		}
 	}()
 	return func() { close(done); <-finished }
@@ -465,12 +490,7 @@ func progressLine(p replay.Progress, width int) string {
 }
 
 // printVerdict renders a cycle's verdict for people.
-func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage) {
-	var v daemon.CycleVerdict
-	if json.Unmarshal(raw, &v) != nil {
-		fmt.Fprintf(w, "verdict: %s\n", raw)
-		return
-	}
+func printVerdict(w interface{ Write([]byte) (int, error) }, v admin.CycleVerdict) {
 	state := "OK"
 	if !v.OK {
 		state = "NOT OK"
@@ -479,6 +499,12 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, raw json.RawMessage
 	fmt.Fprintf(w, "  replayed %d verbs for %d users (%d messages made again) in %.1fs; changes held back %.1fs\n",
 		v.Replayed, v.Users, v.Messages, v.ReplayS, v.Held)
 	fmt.Fprintf(w, "  cancelled %d, filtered %d, skipped as repaired %d, failed %d\n", v.Cancelled, v.Filtered, v.Repaired, v.Failed)
+	for _, l := range verb.LeftAlone(v.Unreplayable) {
+		fmt.Fprintf(w, "  NOT replayed: %s\n", l)
+	}
+	for _, l := range verb.LeftAlone(v.Skipped) {
+		fmt.Fprintf(w, "  not replayed: %s\n", l)
+	}
 	if c := v.Compared; c != nil {
 		fmt.Fprintf(w, "  %s (%.1fs)\n", c.Summary(), v.VerifyS)
 		for _, p := range c.Problems {

@@ -10,9 +10,8 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/undomail/undomail/internal/daemon"
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func drillCmd() *cobra.Command {
@@ -44,19 +43,18 @@ and printed; the exit status is 0 only for a pass.
 			if err != nil {
 				return err
 			}
-			raw, err := c.Drill(context.Background(), from, to)
-			if asJSON {
-				fmt.Fprintf(out, "%s\n", raw)
-			} else {
-				var v daemon.DrillVerdict
-				if json.Unmarshal(raw, &v) == nil {
-					printDrill(out, v.DrillResult)
-					for _, a := range v.Acknowledged {
-						fmt.Fprintf(out, "  reported to %s\n", a)
-					}
-					for _, e := range v.AckErrors {
-						fmt.Fprintf(out, "  NOT reported: %s\n", e)
-					}
+			v, err := c.Drill(context.Background(), from, to)
+			switch {
+			case asJSON:
+				b, _ := json.Marshal(v)
+				fmt.Fprintf(out, "%s\n", b)
+			case err == nil || v.From != "":
+				printDrill(out, v.DrillResult)
+				for _, a := range v.Acknowledged {
+					fmt.Fprintf(out, "  reported to %s\n", a)
+				}
+				for _, e := range v.AckErrors {
+					fmt.Fprintf(out, "  NOT reported: %s\n", e)
 				}
 			}
 			if err != nil {
@@ -74,7 +72,7 @@ and printed; the exit status is 0 only for a pass.
 	return cmd
 }
 
-func printDrill(w interface{ Write([]byte) (int, error) }, r replay.DrillResult) {
+func printDrill(w interface{ Write([]byte) (int, error) }, r verb.DrillResult) {
 	state := "PASSED"
 	if !r.OK {
 		state = "FAILED"
@@ -97,7 +95,7 @@ func listDrills(cmd *cobra.Command, dataDir string, asJSON bool) error {
 		return err
 	}
 	defer l.Close()
-	verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{replay.KindDrill}})
+	verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindDrill}})
 	if err != nil {
 		return err
 	}
@@ -107,7 +105,7 @@ func listDrills(cmd *cobra.Command, dataDir string, asJSON bool) error {
 		fmt.Fprintln(tw, "SEQ\tTIME\tVERDICT\tFROM\tTO\tREPLAYED\tDIFFERENCES")
 	}
 	for _, v := range verbs {
-		var r replay.DrillResult
+		var r verb.DrillResult
 		verdict := "no verdict (cut off)"
 		if v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &r) == nil {
 			verdict = "FAILED"
@@ -115,7 +113,7 @@ func listDrills(cmd *cobra.Command, dataDir string, asJSON bool) error {
 				verdict = "passed"
 			}
 		} else {
-			var a replay.DrillArgs
+			var a verb.DrillArgs
 			json.Unmarshal(v.Args, &a)
 			r.From, r.To = a.From, a.To
 		}

@@ -9,7 +9,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/undomail/undomail/admin"
-	"github.com/undomail/undomail/replay"
 )
 
 func filtersCmd() *cobra.Command {
@@ -34,17 +33,14 @@ func filtersCmd() *cobra.Command {
 				fmt.Fprintf(out, "the filters cycle %d kept no longer judge live mail\n", remove)
 				return nil
 			}
-			raw, err := c.Filters(ctx)
+			fs, err := c.Filters(ctx)
 			if err != nil {
 				return err
 			}
 			if asJSON {
-				fmt.Fprintf(out, "%s\n", raw)
+				b, _ := json.Marshal(fs)
+				fmt.Fprintf(out, "%s\n", b)
 				return nil
-			}
-			var fs []replay.KeptFilter
-			if err := json.Unmarshal(raw, &fs); err != nil {
-				return fmt.Errorf("filters: bad reply: %w", err)
 			}
 			if len(fs) == 0 {
 				fmt.Fprintln(out, "no filters are active for live mail")

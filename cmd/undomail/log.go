@@ -140,24 +140,24 @@ func printBranches(w io.Writer, dataDir string, id int64, asJSON bool) error {
 	fmt.Fprintln(tw, "SEQ\tTIME\tKIND\tUSER\tWHAT\tFATE")
 	for _, v := range verbs {
 		what, _ := describe(v.Verb)
-		fate := verb.Fate{Status: v.Fate, Detail: v.Detail}.Line()
+		fate := verb.ReplayOutcome{Status: v.Fate, Detail: v.Detail}.Line()
 		fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\n", v.Seq, v.Time.Local().Format(time.DateTime), v.Kind, v.User, what, fate)
 	}
 	return tw.Flush()
 }
 
 // fateText counts a branch's fates in words ("3 made again, 2 cancelled").
-func fateText(f map[string]int) string {
-	order := []string{"ok", "cancelled", "filtered", "repaired", "failed", "not replayed"}
+func fateText(f map[verb.ReplayStatus]int) string {
+	order := []verb.ReplayStatus{verb.ReplayOK, verb.ReplayCancelled, verb.ReplayFiltered, verb.ReplayRepaired, verb.ReplayFailed, verb.NotReplayed}
 	var parts []string
 	for _, k := range order {
 		if f[k] > 0 {
-			parts = append(parts, fmt.Sprintf("%d %s", f[k], verb.Fate{Status: k}.Words()))
+			parts = append(parts, fmt.Sprintf("%d %s", f[k], k.Words()))
 		}
 	}
 	for k, n := range f {
 		if !slices.Contains(order, k) {
-			parts = append(parts, fmt.Sprintf("%d %s", n, verb.Fate{Status: k}.Words()))
+			parts = append(parts, fmt.Sprintf("%d %s", n, k.Words()))
 		}
 	}
 	return strings.Join(parts, ", ")
@@ -207,7 +207,7 @@ func printVerbs(w io.Writer, verbs []undolog.Verb, fold bool) {
 	for _, v := range verbs {
 		if fold && cycle != nil {
 			if r, ok := at[v.Ref]; ok && v.Kind == verb.KindReplay {
-				f := verb.ReplayWords(v.Record.Outcome)
+				f := verb.DecodeReplayOutcome(v.Record.Outcome)
 				r.outcome += fmt.Sprintf("; replayed by cycle #%d: %s", cycle.v.Seq, f.Line())
 				continue
 			}

@@ -22,42 +22,20 @@ import (
 // replay records are listed themselves.
 func TestLogInWordsFoldsCycles(t *testing.T) {
 	ctx := context.Background()
-	l, err := undolog.Open(filepath.Join(t.TempDir(), "undo"), undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	l, js, add := handLog(t, filepath.Join(t.TempDir(), "undo"))
 	defer l.Close()
-	js := func(v any) json.RawMessage {
-		b, err := json.Marshal(v)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
-	add := func(r *undolog.Record, outcome any) int64 {
-		t.Helper()
-		if err := l.Append(ctx, r); err != nil {
-			t.Fatal(err)
-		}
-		if outcome != nil {
-			if err := l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Ref: r.Seq, Outcome: js(outcome)}); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return r.Seq
-	}
 	add(&undolog.Record{Kind: "snapshot", Args: js(map[string]any{"name": "s1", "at_seq": 0, "reason": "hourly"})}, map[string]any{"ok": true, "pause_ms": 3.5})
 	del := add(&undolog.Record{Kind: verb.KindIMAPDelete, User: "alice", Users: []string{"alice"}, Args: js(verb.IMAPArgs{Command: "DELETE", Mailbox: "Projects"})},
 		verb.IMAPOutcome{Status: "OK", Text: "Delete completed."})
 	dlv := add(&undolog.Record{Kind: verb.KindLMTPDeliver, Users: []string{"alice@example.test"}, Args: js(verb.DeliveryArgs{UndoID: "01X", MailFrom: "bob@example.test",
 		Rcpts: []string{"alice@example.test"}, Size: 300, Header: verb.HeaderInfo{Subject: "Lunch on Friday?"}})},
 		verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice@example.test", Reply: verb.Reply{Code: 250, Enhanced: "2.0.0", Text: "Saved"}}}})
-	cyc := &undolog.Record{Kind: replay.KindCycle, Args: js(replay.CycleRecord{To: "s1", At: 2, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"})}
+	cyc := &undolog.Record{Kind: verb.KindCycle, Args: js(verb.CycleArgs{To: "s1", At: 2, Cancel: []int64{del}, Reason: "alice deleted Projects by mistake"})}
 	add(cyc, nil)
-	add(&undolog.Record{Kind: replay.KindRewind, Args: js(replay.RewindArgs{Snapshot: "s1", AtSeq: 2,
-		Before: []replay.MailboxCounters{{User: "alice", Mailbox: "INBOX", UIDValidity: 7, UIDNext: 9, HighestModSeq: 12}}})}, replay.RewindOutcome{OK: true, Raised: 1})
-	add(&undolog.Record{Kind: replay.KindReplay, User: "alice", Ref: del, Outcome: js(replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"})}, nil)
-	add(&undolog.Record{Kind: replay.KindReplay, User: "alice", Ref: dlv, Outcome: js(replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 9"})}, nil)
+	add(&undolog.Record{Kind: verb.KindRewind, Args: js(verb.RewindArgs{Snapshot: "s1", AtSeq: 2,
+		Before: []verb.MailboxCounters{{User: "alice", Mailbox: "INBOX", UIDValidity: 7, UIDNext: 9, HighestModSeq: 12}}})}, verb.RewindOutcome{OK: true, Raised: 1})
+	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: del, Outcome: js(replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"})}, nil)
+	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: dlv, Outcome: js(replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 9"})}, nil)
 	if err := l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Ref: cyc.Seq, Outcome: js(map[string]any{"ok": true, "replayed": 1, "cancelled": 1,
 		"verify": map[string]any{"users": 1, "mailboxes": 1, "messages": 1}})}); err != nil {
 		t.Fatal(err)
@@ -84,7 +62,7 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 		return ""
 	}
 	for _, l := range lines[1:] {
-		if f := strings.Fields(l); len(f) > 3 && (f[3] == replay.KindReplay || f[3] == replay.KindRewind) {
+		if f := strings.Fields(l); len(f) > 3 && (f[3] == verb.KindReplay || f[3] == verb.KindRewind) {
 			t.Errorf("a %s record has a row of its own: %q", f[3], l)
 		}
 	}
@@ -103,7 +81,7 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 	}
 	// Asked for by kind, replay records are rows, in words.
 	b.Reset()
-	rs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindReplay}})
+	rs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,3 +92,34 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 }
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// handLog opens a new undo log in dir for records written by hand, as
+// the proxies and the daemon write them: js marshals a value, add
+// appends a record and, if outcome is not nil, its outcome record.
+func handLog(t *testing.T, dir string) (l *undolog.Log, js func(any) json.RawMessage, add func(r *undolog.Record, outcome any) int64) {
+	t.Helper()
+	l, err := undolog.Open(dir, undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	js = func(v any) json.RawMessage {
+		b, err := json.Marshal(v)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	add = func(r *undolog.Record, outcome any) int64 {
+		t.Helper()
+		if err := l.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+		if outcome != nil {
+			if err := l.Append(context.Background(), &undolog.Record{Kind: undolog.KindOutcome, Ref: r.Seq, Outcome: js(outcome)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return r.Seq
+	}
+	return l, js, add
+}

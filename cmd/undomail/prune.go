@@ -2,14 +2,12 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"path/filepath"
 
 	"github.com/spf13/cobra"
 
 	"github.com/undomail/undomail/admin"
-	"github.com/undomail/undomail/internal/daemon"
 )
 
 func pruneCmd() *cobra.Command {
@@ -42,13 +40,9 @@ never removed: remove the filter first (undomail filters --remove).`,
 			if err != nil {
 				return err
 			}
-			raw, err := c.Prune(context.Background(), before, archive)
+			rep, err := c.Prune(context.Background(), before, archive)
 			if err != nil {
 				return fmt.Errorf("prune: %w", err)
-			}
-			var rep daemon.PruneReply
-			if err := json.Unmarshal(raw, &rep); err != nil {
-				return fmt.Errorf("prune: bad reply: %w", err)
 			}
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "removed %d records and %d blobs; the log now starts after record %d\n", rep.Records, rep.Blobs, rep.Base)

@@ -15,6 +15,7 @@ import (
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/daemon"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 func snapshotCmd() *cobra.Command {
@@ -66,14 +67,14 @@ lists the snapshots that exist (taken and not pruned).`,
 				return err
 			}
 			defer l.Close()
-			verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{daemon.KindSnapshot}})
+			verbs, err := l.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindSnapshot}})
 			if err != nil {
 				return err
 			}
 			type row struct {
-				daemon.SnapshotArgs
-				Time    time.Time               `json:"time"`
-				Outcome *daemon.SnapshotOutcome `json:"outcome,omitempty"`
+				verb.SnapshotArgs
+				Time    time.Time             `json:"time"`
+				Outcome *verb.SnapshotOutcome `json:"outcome,omitempty"`
 			}
 			var rows []row
 			for _, v := range verbs {
@@ -81,7 +82,7 @@ lists the snapshots that exist (taken and not pruned).`,
 				json.Unmarshal(v.Args, &r.SnapshotArgs)
 				r.Time = v.Time
 				if v.Outcome != nil {
-					r.Outcome = &daemon.SnapshotOutcome{}
+					r.Outcome = &verb.SnapshotOutcome{}
 					json.Unmarshal(v.Outcome.Outcome, r.Outcome)
 				}
 				rows = append(rows, r)
@@ -167,7 +168,8 @@ repair the server by hand, then run undomail replay.`,
 			if err != nil {
 				return fmt.Errorf("rewind: %w", err)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "rewound to %s: %s\n", to, out)
+			b, _ := json.Marshal(out)
+			fmt.Fprintf(cmd.OutOrStdout(), "rewound to %s: %s\n", to, b)
 			return nil
 		},
 	}
@@ -208,7 +210,8 @@ func replayCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			out, err := c.Replay(context.Background(), cancelled)
+			res, err := c.Replay(context.Background(), cancelled)
+			out, _ := json.Marshal(res)
 			fmt.Fprintf(cmd.OutOrStdout(), "replay: %s\n", out)
 			if err != nil {
 				return &exitError{code: 1, msg: "replay failed: " + err.Error()}

@@ -26,13 +26,13 @@ func (b adminBackend) PlanCycle(ctx context.Context, to string, cancel []int64) 
 }
 
 // CycleProgress is the running cycle's progress, nil when none runs.
-func (b adminBackend) CycleProgress() any {
+func (b adminBackend) CycleProgress() *replay.Progress {
 	p := b.progress()
 	switch p.Phase {
 	case "", "done", "failed":
 		return nil
 	}
-	return p
+	return &p
 }
 
 func (b adminBackend) progress() replay.Progress {

@@ -10,6 +10,7 @@ import (
 	"github.com/undomail/undomail/compensate"
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // compensation is the compensation: configuration and the hostname that
@@ -50,10 +51,10 @@ func (d *Daemon) runCompensation(ctx context.Context, cycleSeq int64) (compensat
 	if err != nil {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: %w", cycleSeq, err)
 	}
-	if len(recs) != 1 || recs[0].Seq != cycleSeq || recs[0].Kind != KindCycle {
+	if len(recs) != 1 || recs[0].Seq != cycleSeq || recs[0].Kind != verb.KindCycle {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: no cycle record at that seq", cycleSeq)
 	}
-	var a CycleArgs
+	var a verb.CycleArgs
 	if err := json.Unmarshal(recs[0].Args, &a); err != nil {
 		return compensate.Report{}, fmt.Errorf("compensate cycle %d: read its arguments: %w", cycleSeq, err)
 	}
@@ -93,7 +94,7 @@ func (d *Daemon) runCompensation(ctx context.Context, cycleSeq int64) (compensat
 
 // describeRepair says what a cycle's repair was, for people who were not
 // there: the filters it applied and how many actions it left out.
-func describeRepair(a CycleArgs) string {
+func describeRepair(a verb.CycleArgs) string {
 	var parts []string
 	for _, f := range a.Filters {
 		what := "removed"

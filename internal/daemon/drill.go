@@ -15,41 +15,30 @@ import (
 
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindDrill is a recovery drill's verb; its outcome is the verdict.
-const KindDrill = replay.KindDrill
-
-// DrillVerdict is a drill's result with how it was acknowledged.
-type DrillVerdict struct {
-	replay.DrillResult
-	// Acknowledged lists where the verdict was sent (mail, webhook);
-	// AckErrors what failed. A drill reports every time, pass or fail.
-	Acknowledged []string `json:"acknowledged,omitempty"`
-	AckErrors    []string `json:"ack_errors,omitempty"`
-}
 
 // Drill runs a recovery drill (replay.Drill) between two snapshots (both
 // empty: the newest pair with no rewind between them), logs its verdict
 // and sends it as a positive acknowledgement to the configured mail
 // address and webhook. Production is not touched: the drill replays
 // against a clone with a private Dovecot.
-func (d *Daemon) Drill(ctx context.Context, from, to string) (DrillVerdict, error) {
+func (d *Daemon) Drill(ctx context.Context, from, to string) (verb.DrillVerdict, error) {
 	if d.Store == nil {
-		return DrillVerdict{}, fmt.Errorf("drill: no store configured")
+		return verb.DrillVerdict{}, fmt.Errorf("drill: no store configured")
 	}
 	d.drillMu.Lock()
 	defer d.drillMu.Unlock()
 	a, b, err := replay.PickDrill(ctx, d.Store, d.Log, from, to)
 	if err != nil {
-		return DrillVerdict{}, err
+		return verb.DrillVerdict{}, err
 	}
-	args, _ := json.Marshal(replay.DrillArgs{From: a.Name, To: b.Name, FromSeq: a.Seq, ToSeq: b.Seq})
-	intent := &undolog.Record{Kind: KindDrill, Session: "drill", Args: args}
+	args, _ := json.Marshal(verb.DrillArgs{From: a.Name, To: b.Name, FromSeq: a.Seq, ToSeq: b.Seq})
+	intent := &undolog.Record{Kind: verb.KindDrill, Session: "drill", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
-		return DrillVerdict{}, fmt.Errorf("drill: log intent: %w", err)
+		return verb.DrillVerdict{}, fmt.Errorf("drill: log intent: %w", err)
 	}
-	v := DrillVerdict{DrillResult: replay.Drill(ctx, replay.DrillOptions{Store: d.Store, Log: d.Log, From: a.Name, To: b.Name,
+	v := verb.DrillVerdict{DrillResult: replay.Drill(ctx, replay.DrillOptions{Store: d.Store, Log: d.Log, From: a.Name, To: b.Name,
 		WorkDir: filepath.Join(d.dataDir, "drills"), Logger: d.logger})}
 	d.acknowledge(ctx, &v)
 	out, _ := json.Marshal(v)
@@ -58,27 +47,13 @@ func (d *Daemon) Drill(ctx context.Context, from, to string) (DrillVerdict, erro
 	}
 	if !v.OK {
 		d.logger.Error("recovery drill FAILED", "from", v.From, "to", v.To, "differences", len(v.Differences)+v.More, "err", v.Error)
-		return v, fmt.Errorf("drill %s -> %s failed: %s", v.From, v.To, v.summary())
+		return v, fmt.Errorf("drill %s -> %s failed: %s", v.From, v.To, v.Summary())
 	}
 	return v, nil
 }
 
-func (v DrillVerdict) summary() string {
-	if v.Error != "" {
-		return v.Error
-	}
-	return fmt.Sprintf("%d differences", len(v.Differences)+v.More)
-}
-
-// DrillJSON is Drill for the control socket.
-func (d *Daemon) DrillJSON(ctx context.Context, from, to string) (json.RawMessage, error) {
-	v, err := d.Drill(ctx, from, to)
-	b, _ := json.Marshal(v)
-	return b, err
-}
-
 // acknowledge sends the verdict to the operator's address and webhook.
-func (d *Daemon) acknowledge(ctx context.Context, v *DrillVerdict) {
+func (d *Daemon) acknowledge(ctx context.Context, v *verb.DrillVerdict) {
 	if hook := d.drills.Webhook; hook != "" {
 		body, _ := json.Marshal(v.DrillResult)
 		if err := postJSON(ctx, hook, body); err != nil {
@@ -120,7 +95,7 @@ func postJSON(ctx context.Context, url string, body []byte) error {
 
 // mailVerdict mails a drill's verdict, through Postfix when undomail has
 // a front door, else straight to Dovecot's LMTP (a local mailbox).
-func (d *Daemon) mailVerdict(ctx context.Context, to string, r replay.DrillResult) error {
+func (d *Daemon) mailVerdict(ctx context.Context, to string, r verb.DrillResult) error {
 	state := "PASSED"
 	if !r.OK {
 		state = "FAILED"

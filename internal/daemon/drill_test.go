@@ -17,8 +17,8 @@ import (
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestDrill: a drill over two snapshots with mail and IMAP changes
@@ -28,10 +28,10 @@ import (
 // a report naming the message and the flags.
 func TestDrill(t *testing.T) {
 	var mu sync.Mutex
-	var hooks []replay.DrillResult
+	var hooks []verb.DrillResult
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
-		var v replay.DrillResult
+		var v verb.DrillResult
 		if err := json.Unmarshal(b, &v); err != nil {
 			t.Errorf("webhook body %q: %v", b, err)
 		}
@@ -122,7 +122,7 @@ func TestDrill(t *testing.T) {
 	mu.Unlock()
 	waitForUser(t, tb, "bob", "undomail recovery drill FAILED")
 	// Both verdicts are in the log.
-	drills, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{replay.KindDrill}})
+	drills, _ := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindDrill}})
 	if len(drills) != 2 || drills[0].Outcome == nil || drills[1].Outcome == nil {
 		t.Fatalf("drill records %+v", drills)
 	}

@@ -47,7 +47,7 @@ func (d *Daemon) loadFilters(ctx context.Context) error {
 }
 
 // keepFilters makes a successful cycle's filters judge live mail.
-func (d *Daemon) keepFilters(cycle int64, at int64, specs []FilterSpec, fs []*replay.Filter) {
+func (d *Daemon) keepFilters(cycle int64, at int64, specs []verb.FilterSpec, fs []*replay.Filter) {
 	d.live.mu.Lock()
 	defer d.live.mu.Unlock()
 	for i, f := range fs {
@@ -73,7 +73,7 @@ func (d *Daemon) RemoveFilters(ctx context.Context, cycle int64) error {
 		return fmt.Errorf("no active filter was kept by cycle %d", cycle)
 	}
 	args, _ := json.Marshal(map[string]int64{"cycle": cycle})
-	if err := d.Log.Append(ctx, &undolog.Record{Kind: replay.KindFilterRemoved, Session: "daemon", Args: args}); err != nil {
+	if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindFilterRemoved, Session: "daemon", Args: args}); err != nil {
 		return fmt.Errorf("log filter removal: %w", err)
 	}
 	d.live.list = rest
@@ -141,10 +141,4 @@ func readRef(l *undolog.Log, ref undolog.BlobRef) ([]byte, error) {
 	}
 	defer r.Close()
 	return io.ReadAll(r)
-}
-
-// FiltersJSON is Filters for the control socket.
-func (d *Daemon) FiltersJSON() json.RawMessage {
-	b, _ := json.Marshal(d.Filters())
-	return b
 }

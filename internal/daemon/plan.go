@@ -41,6 +41,12 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 	p := &admin.Plan{To: to, AtSeq: at}
 	gone := map[string]int64{} // undo ids of messages that go -> the verb that made them
 	for _, v := range verbs {
+		switch left, undefined := LeftAlone(v); {
+		case undefined:
+			count(&p.Unreplayable, v.Kind)
+		case left && !c[v.Seq]:
+			count(&p.NotReplayed, v.Kind)
+		}
 		if !replay.Replayable[v.Kind] {
 			if c[v.Seq] {
 				return nil, fmt.Errorf("plan: cancel %d: a %s is not a change a replay makes", v.Seq, v.Kind)
@@ -80,6 +86,28 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 	}
 	p.Compensations = witnesses(verbs, gone)
 	return p, nil
+}
+
+// LeftAlone says whether a replay leaves v alone (does not make it
+// again, whatever the repair) and whether that is because no replay is
+// defined for its kind (package verb does not know it). undomail's own
+// records are not users' verbs: never left alone.
+func LeftAlone(v undolog.Verb) (left, undefined bool) {
+	k, ok := verb.Lookup(v.Kind)
+	if !ok {
+		return true, true
+	}
+	if k.System {
+		return false, false
+	}
+	return !replay.HadEffect(v), false
+}
+
+func count(m *map[string]int, kind string) {
+	if *m == nil {
+		*m = map[string]int{}
+	}
+	(*m)[kind]++
 }
 
 // effect says what cancelling v undoes, and the undo ids of messages that

@@ -8,24 +8,19 @@ import (
 	"io"
 	"os"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// PruneReply says what a prune removed.
-type PruneReply struct {
-	undolog.PruneStats
-	Archive   string   `json:"archive,omitempty"`
-	Snapshots []string `json:"snapshots,omitempty"` // older snapshots destroyed with it
-}
 
 // PruneLog removes the undo log before snapshot `before` (whose log
 // position is where the log starts afterwards), writing what it removes
 // to archive (a gzip'd JSON-lines file; "" for none), and destroys the
 // older snapshots: without their log they could never be replayed from.
 // It refuses to remove the cycle that keeps a live filter active.
-func (d *Daemon) PruneLog(ctx context.Context, before, archive string) (PruneReply, error) {
-	var rep PruneReply
+func (d *Daemon) PruneLog(ctx context.Context, before, archive string) (admin.PruneReply, error) {
+	var rep admin.PruneReply
 	d.repairMu.Lock()
 	defer d.repairMu.Unlock()
 	if d.pending != nil {
@@ -74,19 +69,12 @@ func (d *Daemon) PruneLog(ctx context.Context, before, archive string) (PruneRep
 				}
 				return rep, fmt.Errorf("prune: destroy snapshot %s: %w", s.Name, err)
 			}
-			args, _ := json.Marshal(SnapshotArgs{Name: s.Name, Store: d.storeSpec, Reason: "log pruned"})
-			if err := d.Log.Append(ctx, &undolog.Record{Kind: KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
+			args, _ := json.Marshal(verb.SnapshotArgs{Name: s.Name, Store: d.storeSpec, Reason: "log pruned"})
+			if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
 				d.logger.Error("log pruned snapshot", "snapshot", s.Name, "err", err)
 			}
 			rep.Snapshots = append(rep.Snapshots, s.Name)
 		}
 	}
 	return rep, nil
-}
-
-// PruneJSON is PruneLog for the control socket.
-func (d *Daemon) PruneJSON(ctx context.Context, before, archive string) (json.RawMessage, error) {
-	rep, err := d.PruneLog(ctx, before, archive)
-	b, _ := json.Marshal(rep)
-	return b, err
 }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // recoverRepair finishes a cycle or rewind that a crash interrupted: a
@@ -18,7 +19,7 @@ import (
 // last saw it, and the repair gets its verdict: interrupted, rolled back.
 // The operator can run it again. Proxies never come back half-rewound.
 func (d *Daemon) recoverRepair(ctx context.Context) error {
-	verbs, err := d.Log.Verbs(ctx, undolog.Filter{Kinds: []string{KindCycle}})
+	verbs, err := d.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindCycle}})
 	if err != nil {
 		return fmt.Errorf("look for interrupted repairs: %w", err)
 	}
@@ -31,7 +32,7 @@ func (d *Daemon) recoverRepair(ctx context.Context) error {
 		if v.Outcome != nil {
 			continue
 		}
-		var a CycleArgs
+		var a verb.CycleArgs
 		if err := json.Unmarshal(v.Args, &a); err != nil {
 			return fmt.Errorf("interrupted repair %d: %w", v.Seq, err)
 		}

@@ -12,32 +12,8 @@ import (
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
-
-// KindSnapshot is the verb of a snapshot of the mail store. Its args name
-// the snapshot and the log position it was cut at; the same position is
-// stored with the snapshot itself (timetravel), so the two can be checked
-// against each other (timetravel.Verify) rather than one trusted blindly.
-const KindSnapshot = "snapshot"
-
-// KindSnapshotPruned records that retention destroyed a snapshot, so the
-// log's list of snapshots and the store's agree.
-const KindSnapshotPruned = "snapshot.pruned"
-
-// SnapshotArgs are the arguments of a snapshot verb.
-type SnapshotArgs struct {
-	Name   string `json:"name"`
-	AtSeq  int64  `json:"at_seq"` // the last record whose effect the snapshot contains
-	Store  string `json:"store"`
-	Reason string `json:"reason,omitempty"` // "schedule", "on demand", ...
-}
-
-// SnapshotOutcome is how the snapshot went.
-type SnapshotOutcome struct {
-	OK    bool    `json:"ok"`
-	Error string  `json:"error,omitempty"`
-	Pause float64 `json:"pause_ms"` // how long mutations were held back
-}
 
 // wedgeTimeout bounds how long a snapshot waits for mutations in flight.
 const wedgeTimeout = 30 * time.Second
@@ -69,8 +45,8 @@ func (d *Daemon) snapshotHeld(ctx context.Context, reason string, release func()
 	}
 	name := "undomail-" + time.Now().UTC().Format("20060102T150405.000Z")
 	at, _ := d.Log.Last()
-	args, _ := json.Marshal(SnapshotArgs{Name: name, AtSeq: at, Store: d.storeSpec, Reason: reason})
-	intent := &undolog.Record{Kind: KindSnapshot, Session: "daemon", Args: args}
+	args, _ := json.Marshal(verb.SnapshotArgs{Name: name, AtSeq: at, Store: d.storeSpec, Reason: reason})
+	intent := &undolog.Record{Kind: verb.KindSnapshot, Session: "daemon", Args: args}
 	if err := d.Log.Append(ctx, intent); err != nil {
 		release()
 		return timetravel.Snapshot{}, fmt.Errorf("snapshot %s: log intent: %w", name, err)
@@ -78,7 +54,7 @@ func (d *Daemon) snapshotHeld(ctx context.Context, reason string, release func()
 	snap, serr := d.Store.Snapshot(ctx, name, at, map[string]string{"reason": reason, "log_record": strconv.FormatInt(intent.Seq, 10)})
 	release()
 	pause := time.Since(start)
-	o := SnapshotOutcome{OK: serr == nil, Pause: float64(pause.Microseconds()) / 1000}
+	o := verb.SnapshotOutcome{OK: serr == nil, Pause: float64(pause.Microseconds()) / 1000}
 	if serr != nil {
 		o.Error = serr.Error()
 	}
@@ -113,8 +89,8 @@ func (d *Daemon) schedule(ctx context.Context, every time.Duration, keepHourly, 
 			d.logger.Error("pruning snapshots failed", "err", err)
 		}
 		for _, name := range pruned {
-			args, _ := json.Marshal(SnapshotArgs{Name: name, Store: d.storeSpec, Reason: "retention"})
-			if err := d.Log.Append(ctx, &undolog.Record{Kind: KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
+			args, _ := json.Marshal(verb.SnapshotArgs{Name: name, Store: d.storeSpec, Reason: "retention"})
+			if err := d.Log.Append(ctx, &undolog.Record{Kind: verb.KindSnapshotPruned, Session: "daemon", Args: args}); err != nil {
 				d.logger.Error("log pruned snapshot", "snapshot", name, "err", err)
 			}
 		}
@@ -159,28 +135,28 @@ func (d *Daemon) pruneToOldest(ctx context.Context, dir string) {
 // operator repairs the server by hand, then Replay brings the logged
 // changes back and lets new ones through. Without hold the changes since
 // the snapshot are left out: the rewind is the repair.
-func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (replay.RewindOutcome, error) {
+func (d *Daemon) Rewind(ctx context.Context, snapshot string, hold bool) (verb.RewindOutcome, error) {
 	if d.Store == nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind: no store configured")
+		return verb.RewindOutcome{}, fmt.Errorf("rewind: no store configured")
 	}
 	d.repairMu.Lock()
 	defer d.repairMu.Unlock()
 	if d.pending != nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind: a rewind to %s is waiting for undomail replay", d.pending.snapshot)
 	}
 	snap, err := d.Store.Get(ctx, snapshot)
 	if err != nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
 	}
 	if hold {
 		if err := d.verifyRange(ctx, snap.Seq); err != nil {
-			return replay.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
+			return verb.RewindOutcome{}, fmt.Errorf("rewind: %w", err)
 		}
 	}
 	start := time.Now()
-	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: snapshot, At: snap.Seq, Split: true, Reason: "undomail rewind"})
+	intent, present, resume, err := d.beginRepair(ctx, verb.CycleArgs{To: snapshot, At: snap.Seq, Split: true, Reason: "undomail rewind"})
 	if err != nil {
-		return replay.RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
+		return verb.RewindOutcome{}, fmt.Errorf("rewind to %s: %w", snapshot, err)
 	}
 	d.prog.phase("rewind")
 	out, err := replay.Rewind(ctx, d.Log, d.Store, d.upstream, snapshot)
@@ -217,7 +193,7 @@ type pendingReplay struct {
 	snapshot      string
 	after, before int64 // the verbs to replay: after < seq < before
 	resume        func()
-	gone          []replay.MailboxCounters // mailboxes the rewind took away
+	gone          []verb.MailboxCounters // mailboxes the rewind took away
 	returning     map[string]map[string][]uint32
 	intent        int64  // the repair's record
 	present       string // the snapshot taken before the rewind
@@ -242,11 +218,11 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	res, err := replay.Replay(ctx, d.Log, replay.Plan{After: p.after, Before: p.before, Cancel: c, Workers: d.replayWorkers, Progress: d.prog.set,
 		Gone: p.gone, Restore: d.upstream.Restore, Returning: p.returning}, d.target)
 	v := CycleVerdict{Cycle: p.intent, Present: p.present, ReplayS: time.Since(start).Seconds()}
-	v.fill(res)
+	fillVerdict(&v, res)
 	if err == nil {
 		// The replay ran to its end: explain what changed, failures
 		// included.
-		err = v.check()
+		err = v.Check()
 		d.prog.phase("compensate")
 		err = errors.Join(err, d.compensate(ctx, p.intent, &v))
 	}
@@ -261,38 +237,24 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	return res, err
 }
 
-// ReplayJSON is Replay for the control socket.
-func (d *Daemon) ReplayJSON(ctx context.Context, cancel []int64) (json.RawMessage, error) {
-	res, err := d.Replay(ctx, cancel)
-	b, _ := json.Marshal(res)
-	return b, err
-}
-
-// RewindJSON is Rewind for the control socket.
-func (d *Daemon) RewindJSON(ctx context.Context, snapshot string, hold bool) (json.RawMessage, error) {
-	out, err := d.Rewind(ctx, snapshot, hold)
-	b, _ := json.Marshal(out)
-	return b, err
-}
-
 // LoggedSnapshots returns the snapshots the log says exist (taken, not
 // pruned), by name, with their positions.
 func LoggedSnapshots(ctx context.Context, l *undolog.Log) (map[string]int64, error) {
-	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{KindSnapshot, KindSnapshotPruned}})
+	verbs, err := l.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindSnapshot, verb.KindSnapshotPruned}})
 	if err != nil {
 		return nil, err
 	}
 	out := map[string]int64{}
 	for _, v := range verbs {
-		var a SnapshotArgs
+		var a verb.SnapshotArgs
 		if json.Unmarshal(v.Args, &a) != nil {
 			continue
 		}
-		if v.Kind == KindSnapshotPruned {
+		if v.Kind == verb.KindSnapshotPruned {
 			delete(out, a.Name)
 			continue
 		}
-		var o SnapshotOutcome
+		var o verb.SnapshotOutcome
 		if v.Outcome != nil && json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.OK {
 			out[a.Name] = a.AtSeq
 		}

@@ -58,7 +58,7 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 	wg.Wait()
 	<-stop
 	t.Logf("pauses: %v", pauses)
-	verbs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindLMTPDeliver, daemon.KindSnapshot}})
+	verbs, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindLMTPDeliver, verb.KindSnapshot}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -68,8 +68,8 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 		want := 0
 		for _, v := range verbs {
 			switch v.Kind {
-			case daemon.KindSnapshot:
-				var a daemon.SnapshotArgs
+			case verb.KindSnapshot:
+				var a verb.SnapshotArgs
 				json.Unmarshal(v.Args, &a)
 				logged[a.Name] = a.AtSeq
 			case verb.KindLMTPDeliver:
@@ -149,7 +149,7 @@ func TestScheduledSnapshotsAndRetention(t *testing.T) {
 	ctx := context.Background()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{daemon.KindSnapshotPruned}})
+		vs, err := tb.Daemon.Log.Verbs(ctx, undolog.Filter{Kinds: []string{verb.KindSnapshotPruned}})
 		if err != nil {
 			t.Fatal(err)
 		}

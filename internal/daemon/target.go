@@ -47,12 +47,12 @@ func ResolveTarget(ctx context.Context, l *undolog.Log, target string) (name str
 		return "", 0, fmt.Errorf("target %q is not a snapshot in the log, a log position or a time (RFC 3339 or 2006-01-02 15:04)", target)
 	}
 	// The log knows when each snapshot was taken: its record's time.
-	recs, err := l.Records(ctx, undolog.Filter{Kinds: []string{KindSnapshot}})
+	recs, err := l.Records(ctx, undolog.Filter{Kinds: []string{verb.KindSnapshot}})
 	if err != nil {
 		return "", 0, err
 	}
 	for _, r := range recs {
-		var a SnapshotArgs
+		var a verb.SnapshotArgs
 		if json.Unmarshal(r.Args, &a) != nil {
 			continue
 		}

@@ -1,6 +1,7 @@
 // Package mailstack runs a private, self-contained Dovecot and Postfix on a
 // loopback address of their own (127.b.c.d, see ClaimHost) with fixed ports,
-// for tests, the demo command and recovery drills.
+// for tests and the demo command. (A recovery drill's private Dovecot is
+// internal/privdovecot's, a production package.)
 //
 // A Stack is one instance: Dovecot serves IMAP, LMTP and SASL auth from a
 // passwd-file with a master user; Postfix accepts SMTP for one virtual domain
@@ -61,9 +62,6 @@ type Options struct {
 	// Sieve enables Dovecot's Sieve plugin on deliveries with a global
 	// script (empty until SetSieve); needs the dovecot-sieve package.
 	Sieve bool
-	// DovecotOnly starts Dovecot without Postfix: a recovery drill's
-	// private IMAP and LMTP server on a clone of the mail store.
-	DovecotOnly bool
 }
 
 // DefaultDomain is the virtual domain used when Options.Domain is empty.
@@ -115,7 +113,6 @@ type Stack struct {
 	postfixQueue   string // Postfix queue_directory
 	logDir         string
 	sieve          bool // Options.Sieve
-	noPostfix      bool // Options.DovecotOnly
 
 	host *Host // claim on Host, released by Stop
 
@@ -226,7 +223,6 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	}
 	s.MailRoot = filepath.Join(dir, mailSubdir)
 	s.sieve = opts.Sieve
-	s.noPostfix = opts.DovecotOnly
 	if opts.MailRoot != "" {
 		s.MailRoot = opts.MailRoot
 		// Dovecot's mail processes run as the mail user: every directory
@@ -259,21 +255,17 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	if relay == "" {
 		relay = s.LMTPAddr
 	}
-	if !s.noPostfix {
-		if err := s.writePostfixConfig(relay); err != nil {
-			return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
-		}
+	if err := s.writePostfixConfig(relay); err != nil {
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
 
 	if err := s.startDovecot(ctx); err != nil {
 		s.stopQuietly()
 		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
-	if !s.noPostfix {
-		if err := s.startPostfix(ctx); err != nil {
-			s.stopQuietly()
-			return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
-		}
+	if err := s.startPostfix(ctx); err != nil {
+		s.stopQuietly()
+		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
 	s.logger.Info("mail stack started", "dir", dir, "imap", s.IMAPAddr, "smtp", s.SMTPAddr,
 		"lmtp", s.LMTPAddr, "auth", s.AuthAddr, "lmtp_relay", opts.LMTPRelay, "duration", time.Since(begin))
@@ -327,10 +319,8 @@ func (s *Stack) Stop() error {
 	defer cancel()
 
 	var errs []error
-	if !s.noPostfix {
-		if err := s.stopPostfix(ctx); err != nil {
-			errs = append(errs, err)
-		}
+	if err := s.stopPostfix(ctx); err != nil {
+		errs = append(errs, err)
 	}
 	s.logger.Debug("mail stack postfix stopped", "dir", s.Dir, "elapsed", time.Since(begin))
 	if err := s.stopDovecot(ctx); err != nil {
