@@ -117,19 +117,12 @@ func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
 	if err != nil {
 		return fmt.Errorf("read %s's message history: %w", user, err)
 	}
-	replays, err := p.log.Records(ctx, undolog.Filter{User: user, Kinds: []string{kindReplay}})
+	replays, err := p.log.Records(ctx, undolog.Filter{User: user, Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		return fmt.Errorf("read %s's replayed history: %w", user, err)
 	}
 	for _, r := range replays {
-		var o struct {
-			Placed []struct {
-				Mailbox     string `json:"mailbox"`
-				UIDValidity uint32 `json:"uidvalidity"`
-				UID         uint32 `json:"uid"`
-				UndoID      string `json:"undo_id"`
-			} `json:"placed"`
-		}
+		var o verb.ReplayOutcome
 		if json.Unmarshal(r.Outcome, &o) != nil {
 			continue
 		}
@@ -165,10 +158,6 @@ func (p *IMAPProxy) loadUser(ctx context.Context, user string) error {
 	p.ids.mu.Unlock()
 	return nil
 }
-
-// kindReplay is the kind of the replay engine's records (replay.KindReplay,
-// which the proxy cannot import).
-const kindReplay = "replay"
 
 // sideConn is a second upstream connection, logged in as the user, used
 // only to read Undomail-Id fields and UIDVALIDITY. One serves all of a

@@ -79,7 +79,7 @@ func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []Bran
 			continue
 		}
 		b := Branch{ID: v.Seq, Time: v.Time, Snapshot: a.Snapshot, From: a.AtSeq, Users: a.Users, Fates: map[verb.ReplayStatus]int{}}
-		var c CycleRecord
+		var c verb.CycleArgs
 		if lastCycle.Seq != 0 && json.Unmarshal(lastCycle.Args, &c) == nil && c.To == a.Snapshot {
 			b.Cycle, b.Reason = lastCycle.Seq, c.Reason
 			lastCycle = undolog.Verb{}
@@ -127,17 +127,17 @@ func branches(ctx context.Context, l *undolog.Log, want int64) ([]Branch, []Bran
 // replayFates reads the replay records logged after < seq < before (0:
 // to the end), by the verb they replayed. A delivery replayed for several
 // recipients gets their statuses joined.
-func replayFates(ctx context.Context, l *undolog.Log, after, before int64) (map[int64]ReplayOutcome, error) {
+func replayFates(ctx context.Context, l *undolog.Log, after, before int64) (map[int64]verb.ReplayOutcome, error) {
 	recs, err := l.Records(ctx, undolog.Filter{AfterSeq: after, Kinds: []string{verb.KindReplay}})
 	if err != nil {
 		return nil, fmt.Errorf("read replay records: %w", err)
 	}
-	out := map[int64]ReplayOutcome{}
+	out := map[int64]verb.ReplayOutcome{}
 	for _, r := range recs {
 		if before > 0 && r.Seq >= before {
 			break
 		}
-		var o ReplayOutcome
+		var o verb.ReplayOutcome
 		if json.Unmarshal(r.Outcome, &o) != nil {
 			continue
 		}

@@ -291,7 +291,7 @@ func (s *RepairSet) undone(ctx context.Context, l *undolog.Log, after, before in
 		if before > 0 && r.Seq >= before {
 			break
 		}
-		var o ReplayOutcome
+		var o verb.ReplayOutcome
 		if r.Ref > after || json.Unmarshal(r.Outcome, &o) != nil || (o.Status != verb.ReplayCancelled && o.Status != verb.ReplayFiltered) {
 			continue
 		}

@@ -178,7 +178,7 @@ func reinjectAll(ctx context.Context, l *undolog.Log, p Plan, t Target, verbs []
 				t.Capture.giveUp(fd.args.UndoID)
 			}
 			rj.failed = append(rj.failed, msg)
-			b, _ := json.Marshal(ReplayOutcome{Status: verb.ReplayFailed, Detail: msg})
+			b, _ := json.Marshal(verb.ReplayOutcome{Status: verb.ReplayFailed, Detail: msg})
 			if err := l.AppendNoSync(ctx, &undolog.Record{Kind: verb.KindReplay, Session: "replay", Ref: seq, Outcome: b}); err != nil {
 				return fmt.Errorf("replay: record the re-injection of %d: %w", seq, err)
 			}
@@ -343,7 +343,7 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 		if !ok || rec.User != "" {
 			continue
 		}
-		var o ReplayOutcome
+		var o verb.ReplayOutcome
 		if json.Unmarshal(rec.Outcome, &o) != nil {
 			continue
 		}
@@ -362,7 +362,7 @@ func Routes(ctx context.Context, l *undolog.Log, after, before int64, cancel map
 	// records (delivered here now, or held).
 	now := map[int64][]string{}
 	for _, rec := range recs {
-		var o ReplayOutcome
+		var o verb.ReplayOutcome
 		if _, ok := index[rec.Ref]; !ok || rec.User == "" || json.Unmarshal(rec.Outcome, &o) != nil {
 			continue
 		}
@@ -500,7 +500,7 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 			rec.Users = append(rec.Users, UserOf(rc))
 		}
 		rec.Args, _ = json.Marshal(g.args)
-		rec.Outcome, _ = json.Marshal(ReplayOutcome{Status: verb.ReplayReinjected,
+		rec.Outcome, _ = json.Marshal(verb.ReplayOutcome{Status: verb.ReplayReinjected,
 			Detail: "the repaired Postfix delivered it to " + strings.Join(angle(g.args.Rcpts), ", ")})
 		rec.AttachBlob(g.blob)
 		if err := l.AppendNoSync(ctx, rec); err != nil {
@@ -521,16 +521,16 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 		}
 	}
 	if len(got) == 0 && !fd.relayed() { // relayed mail refused again: it went out, and stays out
-		b, _ := json.Marshal(ReplayOutcome{Status: verb.ReplayRefused, Detail: "the repaired mail system refused it: " + refused})
+		b, _ := json.Marshal(verb.ReplayOutcome{Status: verb.ReplayRefused, Detail: "the repaired mail system refused it: " + refused})
 		if err := l.AppendNoSync(ctx, &undolog.Record{Kind: verb.KindReplay, Session: "replay", Ref: fd.sub.Seq, Outcome: b}); err != nil {
 			return nil, fmt.Errorf("replay: record the re-injection of %d: %w", fd.sub.Seq, err)
 		}
 	}
 	sort.Strings(addrs)
 	now := "the repaired mail system delivered it to " + strings.Join(angle(addrs), ", ") + " instead"
-	lost := ReplayOutcome{Status: verb.ReplayRerouted, Detail: now}
+	lost := verb.ReplayOutcome{Status: verb.ReplayRerouted, Detail: now}
 	if len(addrs) == 0 {
-		lost = ReplayOutcome{Status: verb.ReplayRefused, Detail: "the repaired mail system refused it: " + refused}
+		lost = verb.ReplayOutcome{Status: verb.ReplayRefused, Detail: "the repaired mail system refused it: " + refused}
 	}
 	out := map[int64][]task{}
 	used := map[string]bool{}
@@ -574,22 +574,22 @@ func (rj *reinjection) plan(ctx context.Context, l *undolog.Log, fd *frontDoor, 
 // repaired Postfix delivers to is a mailbox here (RCPT, then RSET). One
 // that is not would leave the machine, which a replay never does: it is
 // held for the operator. A zero outcome means deliver it.
-func heldOutside(ctx context.Context, t Target, tk task) (ReplayOutcome, error) {
+func heldOutside(ctx context.Context, t Target, tk task) (verb.ReplayOutcome, error) {
 	var a verb.DeliveryArgs
 	if err := json.Unmarshal(tk.v.Args, &a); err != nil {
-		return ReplayOutcome{}, fmt.Errorf("delivery args: %w", err)
+		return verb.ReplayOutcome{}, fmt.Errorf("delivery args: %w", err)
 	}
 	conn, err := (&net.Dialer{Timeout: 30 * time.Second}).DialContext(ctx, "tcp", t.LMTPAddr)
 	if err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	c := smtp.NewClientLMTP(conn)
 	defer c.Close()
 	if err := c.Hello("undomail-replay"); err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	if err := c.Mail(a.MailFrom, nil); err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	err = c.Rcpt(tk.rcpt, nil)
 	var se *smtp.SMTPError
@@ -597,13 +597,13 @@ func heldOutside(ctx context.Context, t Target, tk task) (ReplayOutcome, error) 
 	case err == nil:
 		c.Reset()
 		c.Quit()
-		return ReplayOutcome{}, nil
+		return verb.ReplayOutcome{}, nil
 	case errors.As(err, &se) && se.Code >= 500:
 		c.Quit()
-		return ReplayOutcome{Status: verb.ReplayHeld, Detail: fmt.Sprintf("the repaired mail system delivers it to <%s>, which is no mailbox here "+
+		return verb.ReplayOutcome{Status: verb.ReplayHeld, Detail: fmt.Sprintf("the repaired mail system delivers it to <%s>, which is no mailbox here "+
 			"(%d %s): held for the operator, not sent", tk.rcpt, se.Code, se.Message)}, nil
 	}
-	return ReplayOutcome{}, fmt.Errorf("RCPT %s: %w", tk.rcpt, err)
+	return verb.ReplayOutcome{}, fmt.Errorf("RCPT %s: %w", tk.rcpt, err)
 }
 
 func angle(addrs []string) []string {

@@ -125,7 +125,7 @@ func TestReinjectFallsBackWhenNothingArrives(t *testing.T) {
 	}
 	named := 0
 	for _, r := range recs {
-		var o replay.ReplayOutcome
+		var o verb.ReplayOutcome
 		if json.Unmarshal(r.Outcome, &o) == nil && o.Status == "failed" && strings.Contains(o.Detail, "re-inject front-door message") &&
 			strings.Contains(o.Detail, "@client.test>") && strings.Contains(o.Detail, "nothing delivered to the capture") {
 			named++

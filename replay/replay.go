@@ -131,7 +131,7 @@ type task struct {
 	cancel string // why the verb is left out; "" replays it
 	// fixed is the outcome of a delivery a re-injection replaced that is
 	// not made again (reinject.go).
-	fixed *ReplayOutcome
+	fixed *verb.ReplayOutcome
 	// outside: a destination only the repaired Postfix delivers to; if
 	// Dovecot has no such mailbox, it is held, not failed (reinject.go).
 	outside bool
@@ -254,11 +254,11 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 				replayers[index[user]] = r
 				// record accounts for a task's outcome and logs it next to
 				// the verb; false stops the worker (the log failed).
-				record := func(tk task, out ReplayOutcome, err error) bool {
+				record := func(tk task, out verb.ReplayOutcome, err error) bool {
 					mu.Lock()
 					switch {
 					case err != nil:
-						out = ReplayOutcome{Status: verb.ReplayFailed, Detail: err.Error()}
+						out = verb.ReplayOutcome{Status: verb.ReplayFailed, Detail: err.Error()}
 						res.Failed++
 						t.Logger.Warn("replay failed", "seq", tk.v.Seq, "kind", tk.v.Kind, "user", user, "err", err)
 					case out.Status == verb.ReplaySkipped:
@@ -309,7 +309,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 					if tk.rcpt != "" && tk.cancel == "" && tk.fixed == nil && ctx.Err() == nil {
 						// A run of deliveries is sent in one LMTP session and
 						// found in the store at once (flush).
-						var out ReplayOutcome
+						var out verb.ReplayOutcome
 						var deferred bool
 						var err error
 						if tk.outside {
@@ -464,11 +464,11 @@ type decisions struct {
 
 // KeptFilter is a filter a cycle left active for live mail.
 type KeptFilter struct {
-	Cycle   int64      `json:"cycle"`
-	Spec    FilterSpec `json:"filter"`
-	Since   int64      `json:"since"`             // the log position the cycle rewound to: it judges deliveries after it
-	Removed int64      `json:"removed,omitempty"` // when it stopped judging live mail; 0 while active
-	Filter  *Filter    `json:"-"`
+	Cycle   int64           `json:"cycle"`
+	Spec    verb.FilterSpec `json:"filter"`
+	Since   int64           `json:"since"`             // the log position the cycle rewound to: it judges deliveries after it
+	Removed int64           `json:"removed,omitempty"` // when it stopped judging live mail; 0 while active
+	Filter  *Filter         `json:"-"`
 }
 
 // KeptFilters returns every filter a successful cycle kept active, in
@@ -493,7 +493,7 @@ func KeptFilters(ctx context.Context, l *undolog.Log) ([]KeptFilter, error) {
 			}
 			continue
 		}
-		var c CycleRecord
+		var c verb.CycleArgs
 		var verdict struct {
 			OK bool `json:"ok"`
 		}
@@ -550,7 +550,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 		return in
 	}
 	for _, r := range recs {
-		var o ReplayOutcome
+		var o verb.ReplayOutcome
 		if r.Ref > after && past(r.Seq) && json.Unmarshal(r.Outcome, &o) == nil && o.Status == verb.ReplayCancelled && !interrupted(r.Seq) {
 			d.cancelled[r.Ref] = r.Seq
 		}
@@ -571,7 +571,7 @@ func earlierDecisions(ctx context.Context, l *undolog.Log, after, before int64, 
 		if v.Kind != verb.KindCycle {
 			continue
 		}
-		var c CycleRecord
+		var c verb.CycleArgs
 		if err := json.Unmarshal(v.Args, &c); err != nil {
 			return d, fmt.Errorf("replay: cycle record %d: %w", v.Seq, err)
 		}

@@ -66,8 +66,8 @@ type userReplayer struct {
 	filtered map[string]FilteredDelivery
 	// gone are this user's mailboxes the rewind took away, by name; when
 	// the replay makes one again, restore gives it its old UIDVALIDITY.
-	gone       map[string]MailboxCounters
-	restore    func(context.Context, MailboxCounters) (bool, error)
+	gone       map[string]verb.MailboxCounters
+	restore    func(context.Context, verb.MailboxCounters) (bool, error)
 	restored   int
 	renumbered int
 	// precreated are gone mailboxes made again, empty, before anything
@@ -102,7 +102,7 @@ type msgState struct {
 }
 
 func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
-	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, taken: map[string]bool{}, redelivered: map[string]bool{}, filtered: map[string]FilteredDelivery{}, gone: map[string]MailboxCounters{}, precreated: map[string]bool{},
+	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, taken: map[string]bool{}, redelivered: map[string]bool{}, filtered: map[string]FilteredDelivery{}, gone: map[string]verb.MailboxCounters{}, precreated: map[string]bool{},
 		vanished: map[string]map[imap.UID]bool{}}
 }
 
@@ -119,12 +119,12 @@ func (r *userReplayer) close() {
 	}
 }
 
-var skipped = ReplayOutcome{Status: "skipped"}
+var skipped = verb.ReplayOutcome{Status: verb.ReplaySkipped}
 
 // run replays one task.
-func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) {
+func (r *userReplayer) run(ctx context.Context, tk task) (verb.ReplayOutcome, error) {
 	if err := ctx.Err(); err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	if tk.fixed != nil {
 		// A re-injection took the message away from this recipient: later
@@ -150,7 +150,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 				r.removed[a.UndoID] = true
 			}
 		}
-		return ReplayOutcome{Status: "cancelled", Detail: tk.cancel}, nil
+		return verb.ReplayOutcome{Status: verb.ReplayCancelled, Detail: tk.cancel}, nil
 	}
 	if tk.rcpt != "" {
 		out, deferred, err := r.queueDelivery(ctx, tk)
@@ -161,7 +161,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		return out, err
 	}
 	if err := r.session(); err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	v := tk.v
 	if v.Kind == verb.KindIMAPFetch {
@@ -180,7 +180,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 	case verb.KindIMAPCreate:
 		if r.precreated[a.Mailbox] {
 			delete(r.precreated, a.Mailbox)
-			return ReplayOutcome{Status: "ok", Detail: "made again with its old UIDVALIDITY"}, nil
+			return verb.ReplayOutcome{Status: verb.ReplayOK, Detail: "made again with its old UIDVALIDITY"}, nil
 		}
 		if err = r.c.Create(a.Mailbox, nil).Wait(); err == nil {
 			r.boxes[a.Mailbox] = &mbox{msgs: map[imap.UID]*msgState{}}
@@ -188,7 +188,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		}
 	case verb.KindIMAPDelete:
 		if err := r.leave(a.Mailbox); err != nil {
-			return ReplayOutcome{}, err
+			return verb.ReplayOutcome{}, err
 		}
 		if err = r.c.Delete(a.Mailbox).Wait(); err == nil {
 			delete(r.boxes, a.Mailbox)
@@ -202,11 +202,11 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 			// The name the user renamed to was made again in advance;
 			// the renamed mailbox takes it, as it did the first time.
 			if err := r.unprecreate(a.Dest); err != nil {
-				return ReplayOutcome{}, err
+				return verb.ReplayOutcome{}, err
 			}
 		}
 		if err := r.leave(a.Mailbox); err != nil {
-			return ReplayOutcome{}, err
+			return verb.ReplayOutcome{}, err
 		}
 		if err = r.c.Rename(a.Mailbox, a.Dest, nil).Wait(); err == nil {
 			r.renamed(a.Mailbox, a.Dest)
@@ -239,9 +239,9 @@ func (r *userReplayer) run(ctx context.Context, tk task) (ReplayOutcome, error) 
 		return skipped, nil
 	}
 	if err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
-	return ReplayOutcome{Status: "ok"}, nil
+	return verb.ReplayOutcome{Status: verb.ReplayOK}, nil
 }
 
 // leave unselects the mailbox the session has selected if it is name or
@@ -535,7 +535,7 @@ type pendingDelivery struct {
 // settled is the result of a task whose outcome was deferred.
 type settled struct {
 	tk  task
-	out ReplayOutcome
+	out verb.ReplayOutcome
 	err error
 }
 
@@ -544,30 +544,30 @@ type settled struct {
 // the repair's filters drop it or file it elsewhere. A delivery sent is
 // deferred: flush finds it in the store with the rest of its run, one
 // search for many messages instead of one each.
-func (r *userReplayer) queueDelivery(ctx context.Context, tk task) (out ReplayOutcome, deferred bool, err error) {
+func (r *userReplayer) queueDelivery(ctx context.Context, tk task) (out verb.ReplayOutcome, deferred bool, err error) {
 	v, rcpt := tk.v, tk.rcpt
 	var a verb.DeliveryArgs
 	if json.Unmarshal(v.Args, &a) != nil {
 		return skipped, false, nil
 	}
 	if err := r.session(); err != nil {
-		return ReplayOutcome{}, false, err
+		return verb.ReplayOutcome{}, false, err
 	}
 	// Read INBOX as it is before the delivery, so the model can tell the
 	// new message from the ones already there. An INBOX the rewind took
 	// away gets its old counters back before anything is delivered.
 	if r.boxes["INBOX"] == nil {
 		if err := r.remade(ctx, "INBOX"); err != nil {
-			return ReplayOutcome{}, false, err
+			return verb.ReplayOutcome{}, false, err
 		}
 		if _, err := r.load("INBOX"); err != nil {
-			return ReplayOutcome{}, false, err
+			return verb.ReplayOutcome{}, false, err
 		}
 	}
-	if v.Kind != KindCompensation { // an explanation is never filtered away
+	if v.Kind != verb.KindCompensation { // an explanation is never filtered away
 		f, err := r.fs.judge(ctx, v.Seq, a, func() ([]byte, error) { return r.log.ReadBlob(v.Blob) })
 		if err != nil {
-			return ReplayOutcome{}, false, err
+			return verb.ReplayOutcome{}, false, err
 		}
 		if f != nil {
 			out, err := r.filed(ctx, v, a, f)
@@ -576,14 +576,14 @@ func (r *userReplayer) queueDelivery(ctx context.Context, tk task) (out ReplayOu
 	}
 	body, err := r.log.OpenBlob(v.Blob)
 	if err != nil {
-		return ReplayOutcome{}, false, fmt.Errorf("open message blob: %w", err)
+		return verb.ReplayOutcome{}, false, fmt.Errorf("open message blob: %w", err)
 	}
 	defer body.Close()
 	if err := r.lmtpSend(ctx, a, rcpt, body); err != nil {
-		return ReplayOutcome{}, false, err
+		return verb.ReplayOutcome{}, false, err
 	}
 	r.pending = append(r.pending, pendingDelivery{tk: tk, undoID: a.UndoID})
-	return ReplayOutcome{}, true, nil
+	return verb.ReplayOutcome{}, true, nil
 }
 
 // flush finds the messages of the deliveries sent since the last flush:
@@ -640,7 +640,7 @@ func (r *userReplayer) flush() []settled {
 		}
 		r.made++
 		r.redelivered[p.undoID] = true
-		out = append(out, settled{tk: p.tk, out: ReplayOutcome{Status: "ok", Detail: "re-delivered to " + p.tk.rcpt}})
+		out = append(out, settled{tk: p.tk, out: verb.ReplayOutcome{Status: verb.ReplayOK, Detail: "re-delivered to " + p.tk.rcpt}})
 	}
 	return out
 }
@@ -692,16 +692,16 @@ func lmtpTransaction(c *smtp.Client, a verb.DeliveryArgs, rcpt string, body io.R
 
 // filed carries out a filter's verdict on a delivery: drop it, or file it
 // into a folder with APPEND.
-func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a verb.DeliveryArgs, f *Filter) (ReplayOutcome, error) {
+func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a verb.DeliveryArgs, f *Filter) (verb.ReplayOutcome, error) {
 	folder, move := strings.CutPrefix(f.Action, "move:")
 	if !move {
 		r.removed[a.UndoID] = true
 		r.filtered[a.UndoID] = FilteredDelivery{Why: "dropped by filter " + f.Spec, Dropped: true}
-		return ReplayOutcome{Status: "filtered", Detail: "dropped by filter " + f.Spec}, nil
+		return verb.ReplayOutcome{Status: verb.ReplayFiltered, Detail: "dropped by filter " + f.Spec}, nil
 	}
 	msg, err := r.log.ReadBlob(v.Blob)
 	if err != nil {
-		return ReplayOutcome{}, fmt.Errorf("read message blob: %w", err)
+		return verb.ReplayOutcome{}, fmt.Errorf("read message blob: %w", err)
 	}
 	if a.Submission == 0 {
 		msg = append([]byte(verb.TraceHeader+": "+a.UndoID+"\r\n"), msg...)
@@ -710,28 +710,28 @@ func (r *userReplayer) filed(ctx context.Context, v undolog.Verb, a verb.Deliver
 		if err := r.c.Create(folder, nil).Wait(); err == nil {
 			r.boxes[folder] = &mbox{msgs: map[imap.UID]*msgState{}}
 			if err := r.remade(ctx, folder); err != nil {
-				return ReplayOutcome{}, err
+				return verb.ReplayOutcome{}, err
 			}
 		} // else it exists already
 	}
 	b, err := r.load(folder)
 	if err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	cmd := r.c.Append(folder, int64(len(msg)), nil)
 	cmd.Write(msg)
 	cmd.Close()
 	data, err := cmd.Wait()
 	if err != nil {
-		return ReplayOutcome{}, fmt.Errorf("file into %s: %w", folder, err)
+		return verb.ReplayOutcome{}, fmt.Errorf("file into %s: %w", folder, err)
 	}
 	if data == nil || data.UID == 0 {
-		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
+		return verb.ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
 	}
 	b.msgs[data.UID] = &msgState{id: a.UndoID, flags: map[imap.Flag]bool{}}
 	r.made++
 	r.filtered[a.UndoID] = FilteredDelivery{Why: "filed into " + folder + " by filter " + f.Spec}
-	return ReplayOutcome{Status: "filtered", Detail: "filed into " + folder + " by filter " + f.Spec}, nil
+	return verb.ReplayOutcome{Status: verb.ReplayFiltered, Detail: "filed into " + folder + " by filter " + f.Spec}, nil
 }
 
 // learnDelivered finds the message a re-delivery made by its Undomail-Id
@@ -1006,7 +1006,7 @@ func expandUIDs(set string) ([]imap.UID, error) {
 
 // onMessages replays STORE, COPY, MOVE, EXPUNGE and a FETCH's \Seen on
 // the messages the verb named, translated to their UIDs now.
-func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcome, error) {
+func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (verb.ReplayOutcome, error) {
 	named := withoutModified(v, namedMessages(a))
 	b, err := r.load(a.Mailbox)
 	var ie *imap.Error
@@ -1017,7 +1017,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcom
 		// elsewhere.
 		b = &mbox{msgs: map[imap.UID]*msgState{}}
 	case err != nil:
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	set, uids, removed, gone := r.translate(b, named)
 	if gone > 0 {
@@ -1032,14 +1032,14 @@ func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcom
 	}
 	if len(uids) == 0 {
 		if removed+gone > 0 {
-			return ReplayOutcome{Status: "repaired", Detail: fmt.Sprintf("skipped: its %d messages are not in the store after the repair", removed+gone)}, nil
+			return verb.ReplayOutcome{Status: verb.ReplayRepaired, Detail: fmt.Sprintf("skipped: its %d messages are not in the store after the repair", removed+gone)}, nil
 		}
-		return ReplayOutcome{Status: "ok", Detail: "no message to act on"}, nil
+		return verb.ReplayOutcome{Status: verb.ReplayOK, Detail: "no message to act on"}, nil
 	}
 	if err := r.sel(a.Mailbox); err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
-	var placed []Placed
+	var placed []verb.Placed
 	switch v.Kind {
 	case verb.KindIMAPStore, verb.KindIMAPFetch:
 		op := imap.StoreFlagsSet
@@ -1054,7 +1054,7 @@ func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcom
 			flags = append(flags, imap.Flag(f))
 		}
 		if err := r.c.Store(set, &imap.StoreFlags{Op: op, Silent: true, Flags: flags}, nil).Close(); err != nil {
-			return ReplayOutcome{}, err
+			return verb.ReplayOutcome{}, err
 		}
 		for _, u := range uids {
 			m := b.msgs[u]
@@ -1076,10 +1076,10 @@ func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcom
 		// Exactly the messages the original expunged: mark them, then
 		// expunge only them (UIDPLUS), not whatever else is \Deleted now.
 		if err := r.c.Store(set, &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close(); err != nil {
-			return ReplayOutcome{}, err
+			return verb.ReplayOutcome{}, err
 		}
 		if err := r.c.UIDExpunge(set).Close(); err != nil {
-			return ReplayOutcome{}, err
+			return verb.ReplayOutcome{}, err
 		}
 		for _, u := range uids {
 			r.take(b, u)
@@ -1087,23 +1087,23 @@ func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcom
 	case verb.KindIMAPCopy, verb.KindIMAPMove:
 		dst, err := r.load(a.Dest)
 		if err != nil {
-			return ReplayOutcome{}, err
+			return verb.ReplayOutcome{}, err
 		}
 		if err := r.sel(a.Mailbox); err != nil {
-			return ReplayOutcome{}, err
+			return verb.ReplayOutcome{}, err
 		}
 		var srcSet, dstSet imap.NumSet
 		var validity uint32
 		if v.Kind == verb.KindIMAPCopy {
 			data, err := r.c.Copy(set, a.Dest).Wait()
 			if err != nil {
-				return ReplayOutcome{}, err
+				return verb.ReplayOutcome{}, err
 			}
 			srcSet, dstSet, validity = data.SourceUIDs, data.DestUIDs, data.UIDValidity
 		} else {
 			data, err := r.c.Move(set, a.Dest).Wait()
 			if err != nil {
-				return ReplayOutcome{}, err
+				return verb.ReplayOutcome{}, err
 			}
 			srcSet, dstSet, validity = data.SourceUIDs, data.DestUIDs, data.UIDValidity
 		}
@@ -1121,11 +1121,11 @@ func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcom
 			}
 		}
 	}
-	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set), Placed: placed}, nil
+	return verb.ReplayOutcome{Status: verb.ReplayOK, Detail: fmt.Sprintf("%s uid %s", a.Mailbox, set), Placed: placed}, nil
 }
 
 // copiesPlaced lists where COPY or MOVE put messages that have an undo id.
-func copiesPlaced(dst *mbox, mailbox string, validity uint32, dstSet imap.NumSet) []Placed {
+func copiesPlaced(dst *mbox, mailbox string, validity uint32, dstSet imap.NumSet) []verb.Placed {
 	d, ok := dstSet.(imap.UIDSet)
 	if !ok {
 		return nil
@@ -1134,10 +1134,10 @@ func copiesPlaced(dst *mbox, mailbox string, validity uint32, dstSet imap.NumSet
 	if !ok {
 		return nil
 	}
-	var out []Placed
+	var out []verb.Placed
 	for _, u := range uids {
 		if m := dst.msgs[u]; m != nil && m.id != "" {
-			out = append(out, Placed{Mailbox: mailbox, UIDValidity: validity, UID: uint32(u), UndoID: m.id})
+			out = append(out, verb.Placed{Mailbox: mailbox, UIDValidity: validity, UID: uint32(u), UndoID: m.id})
 		}
 	}
 	return out
@@ -1197,7 +1197,7 @@ func (r *userReplayer) take(b *mbox, u imap.UID) {
 // follow replays a verb on the re-delivered messages it named that are
 // not in its mailbox now but in exactly one other: ok reports that there
 // were such messages.
-func (r *userReplayer) follow(v undolog.Verb, a verb.IMAPArgs, b *mbox) (out ReplayOutcome, ok bool, err error) {
+func (r *userReplayer) follow(v undolog.Verb, a verb.IMAPArgs, b *mbox) (out verb.ReplayOutcome, ok bool, err error) {
 	present := map[string]bool{}
 	for _, m := range b.msgs {
 		present[m.id] = true
@@ -1241,9 +1241,9 @@ func (r *userReplayer) follow(v undolog.Verb, a verb.IMAPArgs, b *mbox) (out Rep
 		details = append(details, fmt.Sprintf("followed %d re-delivered messages to %s: %s", len(ids), mailbox, o.Detail))
 	}
 	if len(moved) == 0 {
-		return ReplayOutcome{}, false, nil
+		return verb.ReplayOutcome{}, false, nil
 	}
-	return ReplayOutcome{Status: "ok", Detail: strings.Join(details, "; ")}, true, nil
+	return verb.ReplayOutcome{Status: verb.ReplayOK, Detail: strings.Join(details, "; ")}, true, nil
 }
 
 // learnCopies adds the copies COPYUID reported to the destination's
@@ -1274,14 +1274,14 @@ func learnCopies(src, dst *mbox, srcSet, dstSet imap.NumSet) error {
 }
 
 // append re-appends a logged message with its flags and date.
-func (r *userReplayer) append(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcome, error) {
+func (r *userReplayer) append(v undolog.Verb, a verb.IMAPArgs) (verb.ReplayOutcome, error) {
 	data, err := r.log.ReadBlob(v.Blob)
 	if err != nil {
-		return ReplayOutcome{}, fmt.Errorf("read appended message: %w", err)
+		return verb.ReplayOutcome{}, fmt.Errorf("read appended message: %w", err)
 	}
 	b, err := r.load(a.Mailbox)
 	if err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	opts := &imap.AppendOptions{}
 	flags := map[imap.Flag]bool{}
@@ -1305,17 +1305,17 @@ func (r *userReplayer) append(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcome, e
 		if _, werr := cmd.Wait(); werr != nil {
 			err = werr
 		}
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	if err := cmd.Close(); err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	res, err := cmd.Wait()
 	if err != nil {
-		return ReplayOutcome{}, err
+		return verb.ReplayOutcome{}, err
 	}
 	if res == nil || res.UID == 0 {
-		return ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
+		return verb.ReplayOutcome{}, errors.New("APPEND gave no APPENDUID")
 	}
 	b.msgs[res.UID] = &msgState{id: a.UndoID, flags: flags}
 	var o verb.IMAPOutcome
@@ -1330,8 +1330,8 @@ func (r *userReplayer) append(v undolog.Verb, a verb.IMAPArgs) (ReplayOutcome, e
 		}
 	}
 	r.made++
-	return ReplayOutcome{Status: "ok", Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID),
-		Placed: []Placed{{Mailbox: a.Mailbox, UIDValidity: res.UIDValidity, UID: uint32(res.UID), UndoID: a.UndoID}}}, nil
+	return verb.ReplayOutcome{Status: verb.ReplayOK, Detail: fmt.Sprintf("appenduid %d %d", res.UIDValidity, res.UID),
+		Placed: []verb.Placed{{Mailbox: a.Mailbox, UIDValidity: res.UIDValidity, UID: uint32(res.UID), UndoID: a.UndoID}}}, nil
 }
 
 // FileInto appends a message to a user's folder through the master user,

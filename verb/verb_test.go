@@ -113,9 +113,9 @@ func samples(t *testing.T) map[string][]sample {
 				outcome: failed, what: `filter "subject:Offer": drop`, result: "FAILED"},
 			{args: verb.CycleArgs{To: "s1"}, what: "s1", result: "running, or cut off"},
 			{args: verb.CycleArgs{To: "s1"}, outcome: lost, what: "s1", result: "FAILED: 55 replayed, 1 cancelled, 0 failed; NOT replayed: 2 imap.setquota: no replay is defined for this kind"}},
-		verb.KindReplay: {{user: "alice", ref: 19, inline: replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 47"}, what: "replay of #19", result: "made again: INBOX uid 47"},
-			{user: "alice", ref: 15, inline: replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"}, what: "#15", result: "cancelled: left out by the repair"},
-			{user: "alice", ref: 21, inline: replay.ReplayOutcome{Status: "ok", Detail: "appended to Sent", Placed: []replay.Placed{{Mailbox: "Sent", UIDValidity: 7, UID: 12, UndoID: "01M8X"}}},
+		verb.KindReplay: {{user: "alice", ref: 19, inline: verb.ReplayOutcome{Status: verb.ReplayOK, Detail: "INBOX uid 47"}, what: "replay of #19", result: "made again: INBOX uid 47"},
+			{user: "alice", ref: 15, inline: verb.ReplayOutcome{Status: verb.ReplayCancelled, Detail: "left out by the repair"}, what: "#15", result: "cancelled: left out by the repair"},
+			{user: "alice", ref: 21, inline: verb.ReplayOutcome{Status: verb.ReplayOK, Detail: "appended to Sent", Placed: []verb.Placed{{Mailbox: "Sent", UIDValidity: 7, UID: 12, UndoID: "01M8X"}}},
 				what: "#21", result: `made again: appended to Sent; placed 1 message at "Sent" uid 12`}},
 		verb.KindRewind: {{args: verb.RewindArgs{Snapshot: "s1", AtSeq: 12, Before: before}, outcome: verb.RewindOutcome{OK: true, Raised: 4, Renewed: []string{"bob/Projects"}},
 			what: "rewound 4 mailboxes of 2 users to snapshot s1", result: "OK: the counters of 4 mailboxes raised"}},
@@ -250,7 +250,12 @@ func TestEveryProxyKindSaysHowItIsReplayed(t *testing.T) {
 	if len(used) < 12 {
 		t.Fatalf("found only %d kinds the proxies write (%v): the scan is broken", len(used), used)
 	}
+	// Kinds the proxy names to read them, never to write them.
+	reads := map[string]string{verb.KindReplay: "the IMAP front end reads where replays put messages (imapids.go)"}
 	for kind, where := range used {
+		if _, ok := reads[kind]; ok {
+			continue
+		}
 		k, ok := verb.Lookup(kind)
 		switch {
 		case !ok:

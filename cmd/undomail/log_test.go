@@ -9,7 +9,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -34,8 +33,8 @@ func TestLogInWordsFoldsCycles(t *testing.T) {
 	add(cyc, nil)
 	add(&undolog.Record{Kind: verb.KindRewind, Args: js(verb.RewindArgs{Snapshot: "s1", AtSeq: 2,
 		Before: []verb.MailboxCounters{{User: "alice", Mailbox: "INBOX", UIDValidity: 7, UIDNext: 9, HighestModSeq: 12}}})}, verb.RewindOutcome{OK: true, Raised: 1})
-	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: del, Outcome: js(replay.ReplayOutcome{Status: "cancelled", Detail: "left out by the repair"})}, nil)
-	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: dlv, Outcome: js(replay.ReplayOutcome{Status: "ok", Detail: "INBOX uid 9"})}, nil)
+	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: del, Outcome: js(verb.ReplayOutcome{Status: verb.ReplayCancelled, Detail: "left out by the repair"})}, nil)
+	add(&undolog.Record{Kind: verb.KindReplay, User: "alice", Ref: dlv, Outcome: js(verb.ReplayOutcome{Status: verb.ReplayOK, Detail: "INBOX uid 9"})}, nil)
 	if err := l.Append(ctx, &undolog.Record{Kind: undolog.KindOutcome, Ref: cyc.Seq, Outcome: js(map[string]any{"ok": true, "replayed": 1, "cancelled": 1,
 		"verify": map[string]any{"users": 1, "mailboxes": 1, "messages": 1}})}); err != nil {
 		t.Fatal(err)
