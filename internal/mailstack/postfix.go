@@ -387,3 +387,45 @@ func (s *Stack) Flush(ctx context.Context) error {
 	}
 	return nil
 }
+
+// SetOutside makes Postfix relay mail for other domains to addr
+// (host:port, an SMTP listener standing in for the outside world: a
+// test's sink) through its smtp transport, as a production Postfix
+// relays to external hosts; addr "" sends it back to the offsite error
+// transport, so nothing leaves. Postfix is reloaded.
+func (s *Stack) SetOutside(ctx context.Context, addr string) error {
+	value := "offsite:mail stack delivers nothing outside " + s.Domain
+	if addr != "" {
+		host, p, err := net.SplitHostPort(addr)
+		if err != nil {
+			return fmt.Errorf("set outside of mail stack %s: %q is not host:port: %w", s.Dir, addr, err)
+		}
+		// [host] skips the MX lookup (smtp(8)), which smtp_dns_support_level
+		// = disabled forbids anyway.
+		value = "smtp:[" + host + "]:" + p
+	}
+	return s.postconf(ctx, "default_transport="+value)
+}
+
+// SetDeferTransports sets Postfix's defer_transports (postconf(5)): mail
+// for the named transports waits in the deferred queue until someone
+// flushes it (postqueue -f, -s, -i). "smtp" is undomail's outbound delay
+// window (docs/operations.md, "Outbound delay window"); "" delivers at
+// once again. Postfix is reloaded.
+func (s *Stack) SetDeferTransports(ctx context.Context, transports string) error {
+	return s.postconf(ctx, "defer_transports="+transports)
+}
+
+// postconf sets one main.cf parameter and reloads Postfix.
+func (s *Stack) postconf(ctx context.Context, setting string) error {
+	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", setting); err != nil {
+		return fmt.Errorf("postconf %s in mail stack %s: %w", setting, s.Dir, err)
+	}
+	if err := backdate(s.postfixConf, "main.cf"); err != nil {
+		return fmt.Errorf("postconf %s in mail stack %s: %w", setting, s.Dir, err)
+	}
+	if _, err := run(ctx, postfixBin, "-c", s.postfixConf, "reload"); err != nil {
+		return fmt.Errorf("reload postfix of mail stack %s for %s: %w%s", s.Dir, setting, err, logTail(20, s.PostfixLog()))
+	}
+	return nil
+}
