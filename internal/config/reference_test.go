@@ -58,6 +58,8 @@ var examples = map[string]string{
 	"smtp.tls_cert":               "/etc/ssl/mail/fullchain.pem",
 	"smtp.tls_key":                "/etc/ssl/mail/privkey.pem",
 	"smtp.max_message_bytes":      "52428800",
+	"smtp.outbound_delay":         "30s",
+	"smtp.postfix_config":         "/etc/postfix",
 	"smtp.replay_upstream":        "127.0.0.1:10026",
 	"smtp.upstream_timeout":       "2m",
 	"smtp.client_timeout":         "10m",
