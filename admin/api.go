@@ -75,6 +75,7 @@ type Options struct {
 //	GET  /api/drills               recovery drill verdicts
 //	POST /api/drills?from=&to=     run a drill (default: the newest two snapshots); its verdict
 //	GET  /api/compensations        one page of compensation messages (verb filters)
+//	GET  /api/outbound             the outbound delay window (outbound.go); POST .../{id}/release, .../{id}/cancel
 //
 // /healthz needs no token; /metrics needs one (Prometheus:
 // authorization.credentials_file pointing at admin.token).
@@ -264,6 +265,7 @@ func (s *Server) routes() {
 	m.Handle("POST /api/drills", s.api(longRunning(http.HandlerFunc(s.handleRunDrill))))
 	m.Handle("GET /api/compensations", s.api(http.HandlerFunc(s.handleCompensations)))
 	s.web.routes(m)
+	s.outboundRoutes(m) // outbound.go
 }
 
 // api requires the admin token (Authorization: Bearer) or a web session;

@@ -62,6 +62,11 @@ type CycleVerdict struct {
 	// Compensation counts the paradoxes the cycle created and what was
 	// done about them: explained, silent, notified, by kind (issue 6).
 	Compensation *compensate.Report `json:"compensation,omitempty"`
+	// Outbound are the messages the cycle cancelled in the outbound delay
+	// window (their submissions were cancelled): they never leave.
+	// OutboundErr says what could not be cancelled (it had left).
+	Outbound    []string `json:"outbound,omitempty"`
+	OutboundErr string   `json:"outbound_error,omitempty"`
 }
 
 // progress is the state of the cycle that runs, for CycleProgress.
@@ -121,6 +126,9 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	if err := d.verifyRange(ctx, snap.Seq); err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
+	if req.Cancel, err = ExpandSubmissions(ctx, d.Log, snap.Seq, req.Cancel); err != nil {
+		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
+	}
 	start := time.Now()
 	intent, present, resume, err := d.beginRepair(ctx, CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep, Users: req.Users})
 	if err != nil {
@@ -133,6 +141,8 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 		// what changed, failures included.
 		d.prog.phase("compensate")
 		cerr = errors.Join(cerr, d.compensate(ctx, intent.Seq, &v))
+		// Nothing left the window while changes were held back.
+		d.cancelOutbound(ctx, intent.Seq, req.Cancel, req.Reason, &v)
 	}
 	if cerr == nil && req.Keep {
 		d.keepFilters(intent.Seq, snap.Seq, specs, fs)
