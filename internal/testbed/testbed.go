@@ -41,6 +41,14 @@ type Options struct {
 	// ReplayThroughPostfix sets smtp.replay_upstream to the stack's
 	// replay service, so replays hand front-door mail to Postfix again.
 	ReplayThroughPostfix bool
+	// Outside, if set, is where Postfix relays mail for other domains
+	// (mailstack's SetOutside): an SMTP server standing in for the
+	// outside world.
+	Outside string
+	// OutboundDelay, if set, turns the outbound delay window on: Postfix
+	// defers its smtp transport (defer_transports = smtp) and undomail
+	// releases each message when this time is up.
+	OutboundDelay time.Duration
 }
 
 // Testbed is a running stack with undomail in front of it.
@@ -93,6 +101,18 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.SMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
 	cfg.LMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
 	cfg.IMAP.UpstreamTimeout = config.Duration(UpstreamTimeout)
+	if o.Outside != "" {
+		if err := st.SetOutside(ctx, o.Outside); err != nil {
+			return nil, err
+		}
+	}
+	if o.OutboundDelay > 0 {
+		if err := st.SetDeferTransports(ctx, "smtp"); err != nil {
+			return nil, err
+		}
+		cfg.SMTP.OutboundDelay = config.Duration(o.OutboundDelay)
+		cfg.SMTP.PostfixConfig = st.PostfixConfigDir()
+	}
 	if o.Tweak != nil {
 		o.Tweak(&cfg)
 	}
