@@ -180,6 +180,11 @@ type SMTP struct {
 	// window's queue on the same machine. Empty: Postfix's default
 	// (/etc/postfix).
 	PostfixConfig string `yaml:"postfix_config"`
+	// PostfixExec is a command the queue tools run through, for an
+	// undomail that is not root: postsuper and postcat need root, e.g.
+	// [sudo, -n] with a sudoers rule for postqueue, postcat, postsuper
+	// and postconf. Empty: run them directly.
+	PostfixExec []string `yaml:"postfix_exec"`
 }
 
 // LMTP is delivery capture: Postfix's virtual_transport points at Listen,

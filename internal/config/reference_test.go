@@ -60,6 +60,7 @@ var examples = map[string]string{
 	"smtp.max_message_bytes":      "52428800",
 	"smtp.outbound_delay":         "30s",
 	"smtp.postfix_config":         "/etc/postfix",
+	"smtp.postfix_exec":           "[sudo, -n]",
 	"smtp.replay_upstream":        "127.0.0.1:10026",
 	"smtp.upstream_timeout":       "2m",
 	"smtp.client_timeout":         "10m",

@@ -26,7 +26,7 @@ func (d *Daemon) startOutbound(ctx, sctx context.Context, cfg config.Config) err
 	if delay <= 0 {
 		return nil
 	}
-	pf := outbound.Postfix{Config: cfg.SMTP.PostfixConfig}
+	pf := outbound.Postfix{Config: cfg.SMTP.PostfixConfig, Exec: cfg.SMTP.PostfixExec}
 	dt, err := pf.DeferTransports(ctx)
 	if err != nil {
 		return fmt.Errorf("smtp.outbound_delay: %w", err)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -22,15 +23,17 @@ type Postfix struct {
 	// Config is Postfix's configuration directory (-c); "" is Postfix's
 	// default.
 	Config string
-	// Run runs one tool and returns its standard output; nil runs it
-	// with os/exec. Tests substitute a fake queue.
-	Run func(ctx context.Context, name string, args ...string) ([]byte, error)
+	// Exec is a command prefix the tools run through ([sudo, -n]).
+	Exec []string
+	// Run runs one tool and returns its standard output and standard
+	// error; nil runs it with os/exec. Tests substitute a fake queue.
+	Run func(ctx context.Context, name string, args ...string) (stdout, stderr []byte, err error)
 }
 
 // toolTimeout bounds each call of a Postfix tool.
 const toolTimeout = 30 * time.Second
 
-func (p Postfix) run(ctx context.Context, name string, args ...string) ([]byte, error) {
+func (p Postfix) run(ctx context.Context, name string, args ...string) (stdout, stderr []byte, err error) {
 	if p.Config != "" {
 		args = append([]string{"-c", p.Config}, args...)
 	}
@@ -39,15 +42,18 @@ func (p Postfix) run(ctx context.Context, name string, args ...string) ([]byte, 
 	if p.Run != nil {
 		return p.Run(ctx, name, args...)
 	}
+	if len(p.Exec) > 0 {
+		args = append(append(slices.Clone(p.Exec[1:]), name), args...)
+		name = p.Exec[0]
+	}
 	cmd := exec.CommandContext(ctx, name, args...)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	var errb bytes.Buffer
+	cmd.Stderr = &errb
 	out, err := cmd.Output()
 	if err != nil {
-		return out, fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		return out, errb.Bytes(), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(errb.String()))
 	}
-	// postsuper reports what it did on standard error.
-	return append(out, stderr.Bytes()...), nil
+	return out, errb.Bytes(), nil
 }
 
 // Entry is one message in Postfix's queue, as postqueue -j lists it.
@@ -88,7 +94,7 @@ func (e Entry) Held() []string {
 // Queue lists Postfix's queue (postqueue -j: one JSON object per line,
 // Postfix 3.1 and later).
 func (p Postfix) Queue(ctx context.Context) ([]Entry, error) {
-	out, err := p.run(ctx, "postqueue", "-j")
+	out, _, err := p.run(ctx, "postqueue", "-j")
 	if err != nil {
 		return nil, fmt.Errorf("list Postfix's queue: %w", err)
 	}
@@ -120,7 +126,7 @@ var headerLine = regexp.MustCompile(`(?i)^(` + verb.TraceHeader + `|Subject|Mess
 
 // Header reads a queued message's header (postcat -h -q).
 func (p Postfix) Header(ctx context.Context, queueID string) (Header, error) {
-	out, err := p.run(ctx, "postcat", "-h", "-q", queueID)
+	out, _, err := p.run(ctx, "postcat", "-h", "-q", queueID)
 	if err != nil {
 		return Header{}, fmt.Errorf("read the header of queued message %s: %w", queueID, err)
 	}
@@ -152,7 +158,7 @@ func (p Postfix) Header(ctx context.Context, queueID string) (Header, error) {
 // Release asks Postfix to deliver one deferred message now (postqueue
 // -i, Postfix 3.5 and later), which overrides defer_transports for it.
 func (p Postfix) Release(ctx context.Context, queueID string) error {
-	if _, err := p.run(ctx, "postqueue", "-i", queueID); err != nil {
+	if _, _, err := p.run(ctx, "postqueue", "-i", queueID); err != nil {
 		return fmt.Errorf("release queued message %s: %w", queueID, err)
 	}
 	return nil
@@ -161,16 +167,17 @@ func (p Postfix) Release(ctx context.Context, queueID string) error {
 // Delete removes one message from Postfix's queue (postsuper -d); false
 // if it was no longer there.
 func (p Postfix) Delete(ctx context.Context, queueID string) (bool, error) {
-	out, err := p.run(ctx, "postsuper", "-d", queueID)
+	_, msg, err := p.run(ctx, "postsuper", "-d", queueID)
 	if err != nil {
 		return false, fmt.Errorf("delete queued message %s: %w", queueID, err)
 	}
-	return strings.Contains(string(out), "Deleted: 1 message"), nil
+	// postsuper says what it did on standard error.
+	return strings.Contains(string(msg), "Deleted: 1 message"), nil
 }
 
 // DeferTransports is Postfix's defer_transports setting (postconf -h).
 func (p Postfix) DeferTransports(ctx context.Context) (string, error) {
-	out, err := p.run(ctx, "postconf", "-h", "defer_transports")
+	out, _, err := p.run(ctx, "postconf", "-h", "defer_transports")
 	if err != nil {
 		return "", fmt.Errorf("read Postfix's defer_transports: %w", err)
 	}
