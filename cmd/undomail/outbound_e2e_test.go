@@ -63,8 +63,9 @@ func outboundConfig(t *testing.T, st *mailstack.Stack, delay string) string {
 // binary on real Postfix with a sink for the outside world. A first
 // message leaves when its time in the window is up (a window of 1ns: at
 // once) and reaches the sink once. With a window of an hour, alice sends
-// two more to dana outside, the first also to bob here; both wait, and
-// `undomail outbound list` shows them. A cycle whose repair cancels the
+// three more to dana outside, the first also to bob here; all wait,
+// `undomail outbound list` shows them, and the operator cancels the third
+// with `undomail outbound cancel`. A cycle whose repair cancels the
 // first's submission plans to cancel it in the window, and runs: it
 // never reaches the sink, and bob's copy goes too. The second, not
 // cancelled, leaves when the operator releases it, once. Nothing the
@@ -100,19 +101,20 @@ func TestOutboundDelayWindow(t *testing.T) {
 	ctx := context.Background()
 	mail("oops@example.test", "Oops", dana, bob)
 	mail("fine@example.test", "Fine", dana)
+	mail("drop@example.test", "Drop", dana)
 	waitMessages(t, st, "bob", []string{"oops@example.test"})
 	var held admin.OutboundList
 	for deadline := time.Now().Add(60 * time.Second); ; {
 		if held, err = c.Outbound(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if len(held.Held) == 2 || time.Now().After(deadline) {
+		if len(held.Held) == 3 || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if !held.On || len(held.Held) != 2 {
-		t.Fatalf("the window holds %+v; want the two messages for outside", held)
+	if !held.On || len(held.Held) != 3 {
+		t.Fatalf("the window holds %+v; want the three messages for outside", held)
 	}
 	byID := map[string]int{}
 	for i, m := range held.Held {
@@ -121,10 +123,17 @@ func TestOutboundDelayWindow(t *testing.T) {
 			t.Errorf("held %+v: want it linked to its submission, waiting for %s alone", m, dana)
 		}
 	}
-	oops, fine := held.Held[byID["<oops@example.test>"]], held.Held[byID["<fine@example.test>"]]
+	oops, fine, drop := held.Held[byID["<oops@example.test>"]], held.Held[byID["<fine@example.test>"]], held.Held[byID["<drop@example.test>"]]
 	list, err := run(t, "outbound", "list", "--data-dir", s.dataDir)
 	if err != nil || !strings.Contains(list, oops.QueueID) || !strings.Contains(list, fine.QueueID) || !strings.Contains(list, `"Oops"`) {
 		t.Fatalf("outbound list: %v\n%s", err, list)
+	}
+	// The operator cancels one by hand.
+	if out, err := run(t, "outbound", "cancel", "--data-dir", s.dataDir, drop.QueueID, "--reason", "wrong attachment"); err != nil || !strings.Contains(out, "never leaves") {
+		t.Fatalf("outbound cancel %s: %v %s", drop.QueueID, err, out)
+	}
+	if out, err := run(t, "outbound", "cancel", "--data-dir", s.dataDir, drop.QueueID); err == nil || !strings.Contains(out, "no such message") {
+		t.Fatalf("outbound cancel %s twice: %v %s; want an error", drop.QueueID, err, out)
 	}
 
 	// The plan says what the cycle cancels in the window.
@@ -181,7 +190,7 @@ func TestOutboundDelayWindow(t *testing.T) {
 	if strings.TrimSpace(q) != "" {
 		t.Fatalf("Postfix's queue is not empty after the flush:\n%s", q)
 	}
-	for id, want := range map[string]int{"early@example.test": 1, "oops@example.test": 0, "fine@example.test": 1} {
+	for id, want := range map[string]int{"early@example.test": 1, "oops@example.test": 0, "fine@example.test": 1, "drop@example.test": 0} {
 		if n := sink.Count(id); n != want {
 			t.Errorf("%s reached the outside %d times, want %d", id, n, want)
 		}
