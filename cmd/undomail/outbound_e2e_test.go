@@ -230,3 +230,90 @@ func exec0(name string, args ...string) (string, error) {
 	}
 	return string(out), nil
 }
+
+// TestAliasOutsideCyclesSendNothingAgain: for a while bob's alias points
+// outside, and Postfix relays his two messages to the sink (no window).
+// A cycle over that period with the alias unchanged, then another after
+// the operator removed it, send nothing to the sink again: each message
+// arrived there once, and after the second cycle bob has both.
+func TestAliasOutsideCyclesSendNothingAgain(t *testing.T) {
+	ctx := context.Background()
+	st := mailstacktest.Start(t, mailstack.Options{})
+	sink := mailstacktest.StartSink(t)
+	if err := st.SetOutside(ctx, sink.Addr); err != nil {
+		t.Fatal(err)
+	}
+	s := newServer(t, st)
+	cfg := repairConfig(t, st)
+	f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(f, "smtp:\n  replay_upstream: %s\ncompensation:\n  operator: alice@%s\n", st.ReplaySMTPAddr, st.Domain)
+	f.Close()
+	s.extra = []string{"--config", cfg}
+	s.start()
+	if err := st.SetLMTPRelay(ctx, s.lmtpAdr); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "snapshot", "--data-dir", s.dataDir)
+	if err != nil {
+		t.Fatalf("snapshot: %v %s", err, out)
+	}
+	snap := strings.Fields(out)[1]
+	bob, outside := "bob@"+st.Domain, "robert@elsewhere.test"
+	if err := st.SetVirtualAliases(ctx, map[string]string{bob: outside}); err != nil {
+		t.Fatal(err)
+	}
+	ids := []string{"away1@client.test", "away2@client.test"}
+	for i, id := range ids {
+		msg := fmt.Sprintf("From: Dana <dana@client.test>\r\nSubject: Away %d\r\nMessage-Id: <%s>\r\n\r\nx\r\n", i+1, id)
+		if err := sendTo(s.smtpAddr, "dana@client.test", bob, msg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, id := range ids {
+		waitSink(t, sink, id)
+	}
+	cycle := func(reason string) {
+		t.Helper()
+		out, err := run(t, "cycle", "run", "--data-dir", s.dataDir, "--to", snap, "--reason", reason, "--yes")
+		t.Logf("undomail cycle run:\n%s", out)
+		if err != nil || !strings.Contains(out, "verdict: OK") {
+			b, _ := os.ReadFile(s.logPath)
+			t.Fatalf("cycle run: %v\n%s\n%s", err, out, tail(string(b), 40))
+		}
+		// Whatever the replay handed to Postfix has been delivered or
+		// refused by now; a flush sends anything still deferred.
+		if err := st.Flush(ctx); err != nil {
+			t.Fatal(err)
+		}
+		for deadline := time.Now().Add(20 * time.Second); ; {
+			q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.TrimSpace(q) == "" {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("Postfix's queue is not empty after the cycle and a flush:\n%s", q)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		for _, id := range ids {
+			if n := sink.Count(id); n != 1 {
+				t.Errorf("after the cycle (%s) %s reached the outside %d times, want once (the first run)", reason, id, n)
+			}
+		}
+	}
+	cycle("a cycle over the period, the alias unchanged")
+	if err := st.SetVirtualAliases(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	cycle("bob's alias pointed outside by mistake")
+	if has, err := inboxMessageIDs(st, "bob"); err != nil || has[ids[0]] != 1 || has[ids[1]] != 1 {
+		t.Errorf("bob's INBOX after the repair: %v %v; want both messages once", has, err)
+	}
+	s.stop()
+}
