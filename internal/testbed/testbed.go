@@ -46,8 +46,9 @@ type Options struct {
 	// outside world.
 	Outside string
 	// OutboundDelay, if set, turns the outbound delay window on: Postfix
-	// defers its smtp transport (defer_transports = smtp) and undomail
-	// releases each message when this time is up.
+	// defers the transports mail for other domains takes (smtp, and the
+	// stack's offsite stand-in) and undomail releases each message when
+	// this time is up.
 	OutboundDelay time.Duration
 }
 
@@ -107,7 +108,7 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 		}
 	}
 	if o.OutboundDelay > 0 {
-		if err := st.SetDeferTransports(ctx, "smtp"); err != nil {
+		if err := st.SetDeferTransports(ctx, "smtp, offsite"); err != nil {
 			return nil, err
 		}
 		cfg.SMTP.OutboundDelay = config.Duration(o.OutboundDelay)
