@@ -317,3 +317,65 @@ func TestAliasOutsideCyclesSendNothingAgain(t *testing.T) {
 	}
 	s.stop()
 }
+
+// TestOutboundSplitFormReplayCancels: the split form (rewind --hold,
+// then replay --cancel) cancels a held message whose submission it
+// cancels, as a cycle does: it never reaches the sink, and the log says
+// so.
+func TestOutboundSplitFormReplayCancels(t *testing.T) {
+	st, s, sink, snap := outboundServer(t, "1h")
+	ctx := context.Background()
+	msg := "From: Alice <alice@" + st.Domain + ">\r\nSubject: Split\r\nMessage-Id: <split@example.test>\r\n\r\nx\r\n"
+	if err := sendTo(s.smtpAddr, "alice@"+st.Domain, "dana@outside.test", msg); err != nil {
+		t.Fatal(err)
+	}
+	c, err := admin.Dial(s.dataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held admin.OutboundList
+	for deadline := time.Now().Add(60 * time.Second); len(held.Held) == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the message is never held")
+		}
+		time.Sleep(100 * time.Millisecond)
+		if held, err = c.Outbound(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := held.Held[0]
+	if out, err := run(t, "rewind", "--data-dir", s.dataDir, "--to", snap, "--hold", "--yes"); err != nil {
+		t.Fatalf("rewind --hold: %v %s", err, out)
+	}
+	if out, err := run(t, "replay", "--data-dir", s.dataDir, "--cancel", fmt.Sprint(m.Submission)); err != nil {
+		b, _ := os.ReadFile(s.logPath)
+		t.Fatalf("replay --cancel %d: %v\n%s\n%s", m.Submission, err, out, tail(string(b), 30))
+	}
+	if held, err = c.Outbound(ctx); err != nil || len(held.Held) != 0 {
+		t.Fatalf("the window after the replay holds %+v (%v); want nothing", held, err)
+	}
+	log, err := run(t, "log", "--data-dir", s.dataDir, "--kind", "outbound.cancelled")
+	if err != nil || !strings.Contains(log, m.QueueID) || !strings.Contains(log, "cancelled by cycle") {
+		t.Fatalf("undomail log --kind outbound.cancelled: %v\n%s", err, log)
+	}
+	if err := st.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.TrimSpace(q) == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Postfix's queue is not empty after a flush:\n%s", q)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n := sink.Count("split@example.test"); n != 0 {
+		t.Errorf("the cancelled message reached the outside %d times", n)
+	}
+	s.stop()
+}

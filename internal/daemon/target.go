@@ -122,7 +122,10 @@ func SelectCancel(ctx context.Context, l *undolog.Log, at int64, sel CancelSelec
 	}
 	var out []int64
 	for _, v := range verbs {
-		if !submitted(v) && (!replay.Replayable[v.Kind] || !replay.HadEffect(v)) {
+		// A submission is cancelled only when asked for by kind: it takes
+		// the message back from every recipient (ExpandSubmissions).
+		sub := submitted(v) && slices.Contains(sel.Kinds, verb.KindSMTPSubmit)
+		if !sub && (!replay.Replayable[v.Kind] || !replay.HadEffect(v)) {
 			continue
 		}
 		if (!since.IsZero() && v.Time.Before(since)) || (!until.IsZero() && v.Time.After(until)) {
