@@ -59,8 +59,9 @@ func submitted(v undolog.Verb) bool {
 	return json.Unmarshal(v.Outcome.Outcome, &o) == nil && o.Reply != nil && o.Reply.Positive()
 }
 
-// ExpandSubmissions adds to cancel the local deliveries of every
-// front-door submission (after log position at) it names: cancelling a
+// ExpandSubmissions adds to cancel (after its own entries, which keep
+// their order) the local deliveries of every front-door submission
+// (after log position at) it names: cancelling a
 // submission takes the sender's message back everywhere, in the
 // mailboxes here and, while it waits in the outbound delay window,
 // outside (the window's copy never leaves).
@@ -73,7 +74,7 @@ func ExpandSubmissions(ctx context.Context, l *undolog.Log, at int64, cancel []i
 	if err != nil {
 		return nil, fmt.Errorf("cancel: read the submissions: %w", err)
 	}
-	out := slices.Clone(cancel)
+	out := cancel
 	for _, v := range verbs {
 		if v.Kind == verb.KindSMTPSubmit {
 			if !submitted(v) {
@@ -83,10 +84,9 @@ func ExpandSubmissions(ctx context.Context, l *undolog.Log, at int64, cancel []i
 		}
 		var a verb.DeliveryArgs
 		if json.Unmarshal(v.Args, &a) == nil && a.Submission != 0 && subs[a.Submission] && !slices.Contains(out, v.Seq) {
-			out = append(out, v.Seq)
+			out = append(slices.Clip(out), v.Seq)
 		}
 	}
-	slices.Sort(out)
 	return out, nil
 }
 

@@ -60,12 +60,6 @@ type Options struct {
 // message leaves at most this much after its time is up.
 const DefaultPoll = time.Second
 
-// ReleaseAgain is how long a released message that is deferred by
-// defer_transports again (its delivery failed for a while and Postfix
-// retried it) waits before it is released once more: Postfix's default
-// minimal_backoff_time.
-const ReleaseAgain = 5 * time.Minute
-
 // Message is a message the window holds, with the seq of its
 // outbound.held record.
 type Message struct {
@@ -79,9 +73,9 @@ type Queue struct {
 	log *undolog.Log
 
 	mu       sync.Mutex
-	held     map[string]*Message  // by queue id
-	released map[string]time.Time // released, still in Postfix's queue: when
-	missing  map[string]bool      // held ids one listing did not show
+	held     map[string]*Message // by queue id
+	released map[string]bool     // released, maybe still in Postfix's queue
+	missing  map[string]bool     // held ids one listing did not show
 }
 
 // Errors of Release and Cancel.
@@ -100,25 +94,35 @@ func New(ctx context.Context, l *undolog.Log, o Options) (*Queue, error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
 	}
-	q := &Queue{o: o, log: l, held: map[string]*Message{}, released: map[string]time.Time{}, missing: map[string]bool{}}
-	ms, err := Waiting(ctx, l)
+	q := &Queue{o: o, log: l, held: map[string]*Message{}, released: map[string]bool{}, missing: map[string]bool{}}
+	ms, released, err := readLog(ctx, l)
 	if err != nil {
 		return nil, err
 	}
 	for _, m := range ms {
 		q.held[m.QueueID] = &m
 	}
+	// The first Sync forgets those no longer in Postfix's queue.
+	q.released = released
 	return q, nil
 }
 
 // Waiting reads from the log the messages the window holds: held and
 // neither released nor cancelled since. It is what `cycle plan` reads.
 func Waiting(ctx context.Context, l *undolog.Log) ([]Message, error) {
+	ms, _, err := readLog(ctx, l)
+	return ms, err
+}
+
+// readLog reads the window's records: the messages still held, and the
+// queue ids of those released.
+func readLog(ctx context.Context, l *undolog.Log) ([]Message, map[string]bool, error) {
 	recs, err := l.Records(ctx, undolog.Filter{Kinds: []string{verb.KindOutboundHeld, verb.KindOutboundReleased, verb.KindOutboundCancelled}})
 	if err != nil {
-		return nil, fmt.Errorf("outbound delay window: read the log: %w", err)
+		return nil, nil, fmt.Errorf("outbound delay window: read the log: %w", err)
 	}
 	byRef := map[int64]Message{}
+	released := map[string]bool{}
 	for _, r := range recs {
 		switch r.Kind {
 		case verb.KindOutboundHeld:
@@ -127,6 +131,11 @@ func Waiting(ctx context.Context, l *undolog.Log) ([]Message, error) {
 				continue
 			}
 			byRef[r.Seq] = m
+		case verb.KindOutboundReleased:
+			if m, ok := byRef[r.Ref]; ok {
+				released[m.QueueID] = true
+			}
+			delete(byRef, r.Ref)
 		default:
 			delete(byRef, r.Ref)
 		}
@@ -136,7 +145,7 @@ func Waiting(ctx context.Context, l *undolog.Log) ([]Message, error) {
 		out = append(out, m)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Seq < out[j].Seq })
-	return out, nil
+	return out, released, nil
 }
 
 // Run watches Postfix's queue until ctx ends.
@@ -173,15 +182,15 @@ func (q *Queue) Sync(ctx context.Context) error {
 		if len(rcpts) == 0 || q.held[e.ID] != nil {
 			continue
 		}
-		if at, ok := q.released[e.ID]; ok {
-			// Released before, deferred by defer_transports again after
-			// a failed attempt: its window is over.
-			if time.Since(at) >= ReleaseAgain {
-				if err := q.o.Postfix.Release(ctx, e.ID); err != nil {
-					errs = append(errs, err)
-				} else {
-					q.released[e.ID] = time.Now()
-				}
+		if q.released[e.ID] {
+			// Released before and deferred by defer_transports again: its
+			// window is over, so it is released once more. This happens
+			// when Postfix retried it after a failed attempt (its own
+			// backoff spaced the retry), or when the release found the
+			// message in the active queue, where postqueue -i does
+			// nothing (flush(8) moves only deferred files).
+			if err := q.o.Postfix.Release(ctx, e.ID); err != nil {
+				errs = append(errs, err)
 			}
 			continue
 		}
@@ -276,7 +285,7 @@ func (q *Queue) release(ctx context.Context, m *Message, by, reason string) erro
 	if err := q.o.Postfix.Release(ctx, m.QueueID); err != nil {
 		return err
 	}
-	q.released[m.QueueID] = time.Now()
+	q.released[m.QueueID] = true
 	return q.end(ctx, m, verb.KindOutboundReleased, verb.OutboundEnd{QueueID: m.QueueID, By: by, Reason: reason})
 }
 

@@ -5,7 +5,11 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/undomail/undomail/undolog"
 )
 
 // TestPostfixExecPrefix: with Exec, the tools run through the prefix (as
@@ -63,5 +67,79 @@ func TestHeaderParsing(t *testing.T) {
 	h, err := pf.Header(context.Background(), "ABC")
 	if err != nil || h != (Header{UndoID: "01NEW", Subject: "Hello there", MessageID: "<m@x>"}) {
 		t.Fatalf("header: %+v %v", h, err)
+	}
+}
+
+// fakePostfix is a queue of one deferred message for Sync.
+type fakePostfix struct {
+	entries string
+	calls   []string
+}
+
+func (f *fakePostfix) run(_ context.Context, name string, args ...string) ([]byte, []byte, error) {
+	f.calls = append(f.calls, name+" "+strings.Join(args, " "))
+	switch name {
+	case "postqueue":
+		if args[0] == "-j" {
+			return []byte(f.entries), nil, nil
+		}
+		return nil, nil, nil
+	case "postcat":
+		return []byte("Subject: hi\n"), nil, nil
+	case "postsuper":
+		return nil, []byte("postsuper: Deleted: 1 message\n"), nil
+	}
+	return nil, nil, nil
+}
+
+// TestReleasedDeferredAgainIsReleasedAgain: a released message that is
+// deferred by defer_transports again (Postfix retried it after a failed
+// attempt, or the release found it active, where postqueue -i does
+// nothing) is released again at the next reading, also by a restarted
+// window that knows it only from the log; a held message is not.
+func TestReleasedDeferredAgainIsReleasedAgain(t *testing.T) {
+	ctx := context.Background()
+	l, err := undolog.Open(t.TempDir(), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	f := &fakePostfix{entries: `{"queue_name": "deferred", "queue_id": "R1", "arrival_time": 1796300650, "sender": "a@example.test", "recipients": [{"address": "d@outside.test", "delay_reason": "deferred transport"}]}` + "\n"}
+	q, err := New(ctx, l, Options{Delay: time.Hour, Postfix: Postfix{Run: f.run}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	releases := func() int {
+		n := 0
+		for _, c := range f.calls {
+			if c == "postqueue -i R1" {
+				n++
+			}
+		}
+		return n
+	}
+	if err := q.Sync(ctx); err != nil || len(q.List()) != 1 || releases() != 0 {
+		t.Fatalf("first sync: %v, held %+v, %d releases; want R1 held, not released", err, q.List(), releases())
+	}
+	if err := q.Sync(ctx); err != nil || releases() != 0 {
+		t.Fatalf("a held message was released before its time: %v %d", err, releases())
+	}
+	if err := q.Release(ctx, "R1", ""); err != nil || releases() != 1 {
+		t.Fatalf("release: %v, %d releases", err, releases())
+	}
+	if err := q.Sync(ctx); err != nil || releases() != 2 || len(q.List()) != 0 {
+		t.Fatalf("sync after the release, R1 deferred again: %v, %d releases, held %+v; want it released again", err, releases(), q.List())
+	}
+	q2, err := New(ctx, l, Options{Delay: time.Hour, Postfix: Postfix{Run: f.run}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q2.Sync(ctx); err != nil || releases() != 3 || len(q2.List()) != 0 {
+		t.Fatalf("restarted: %v, %d releases, held %+v; want R1 released again, not held anew", err, releases(), q2.List())
+	}
+	// Gone from the queue: nothing more.
+	f.entries = ""
+	if err := q2.Sync(ctx); err != nil || releases() != 3 {
+		t.Fatalf("after R1 left: %v, %d releases", err, releases())
 	}
 }
