@@ -379,3 +379,82 @@ func TestOutboundSplitFormReplayCancels(t *testing.T) {
 	}
 	s.stop()
 }
+
+// TestOutboundWindowAliasRepaired: bob's alias points outside by mistake
+// and his mail waits in the window (an hour). The operator removes the
+// alias and runs a cycle that cancels nothing: the repaired Postfix
+// delivers the message to bob now, so the cycle cancels the copy in the
+// window, which never reaches the outside. A message sent to an outside
+// address directly, waiting beside it, is left alone and leaves once
+// when released.
+func TestOutboundWindowAliasRepaired(t *testing.T) {
+	st, s, sink, snap := outboundServer(t, "1h")
+	ctx := context.Background()
+	bob, outside := "bob@"+st.Domain, "robert@elsewhere.test"
+	if err := st.SetVirtualAliases(ctx, map[string]string{bob: outside}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sendTo(s.smtpAddr, "dana@client.test", bob, "From: Dana <dana@client.test>\r\nSubject: For bob\r\nMessage-Id: <forbob@client.test>\r\n\r\nx\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	if err := sendTo(s.smtpAddr, "alice@"+st.Domain, "dana@outside.test", "From: Alice <alice@"+st.Domain+">\r\nSubject: Direct\r\nMessage-Id: <direct@example.test>\r\n\r\nx\r\n"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := admin.Dial(s.dataDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var held admin.OutboundList
+	for deadline := time.Now().Add(60 * time.Second); len(held.Held) < 2; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the window holds %+v, want both messages", held)
+		}
+		time.Sleep(100 * time.Millisecond)
+		if held, err = c.Outbound(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ids := map[string]string{}
+	for _, m := range held.Held {
+		ids[m.MessageID] = m.QueueID
+	}
+	if err := st.SetVirtualAliases(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	out, err := run(t, "cycle", "run", "--data-dir", s.dataDir, "--to", snap, "--reason", "bob's alias pointed outside", "--yes")
+	t.Logf("undomail cycle run:\n%s", out)
+	if err != nil || !strings.Contains(out, "verdict: OK") || !strings.Contains(out, "no longer sends it outside") {
+		b, _ := os.ReadFile(s.logPath)
+		t.Fatalf("cycle run: %v\n%s\n%s", err, out, tail(string(b), 40))
+	}
+	if has, err := inboxMessageIDs(st, "bob"); err != nil || has["forbob@client.test"] != 1 {
+		t.Errorf("bob's INBOX after the repair: %v %v; want the message once", has, err)
+	}
+	if held, err = c.Outbound(ctx); err != nil || len(held.Held) != 1 || held.Held[0].QueueID != ids["<direct@example.test>"] {
+		t.Fatalf("the window after the cycle holds %+v (%v); want the direct message alone", held, err)
+	}
+	if out, err := run(t, "outbound", "release", "--data-dir", s.dataDir, ids["<direct@example.test>"]); err != nil {
+		t.Fatalf("outbound release: %v %s", err, out)
+	}
+	waitSink(t, sink, "direct@example.test")
+	if err := st.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.TrimSpace(q) == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Postfix's queue is not empty after a flush:\n%s", q)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if n, m := sink.Count("forbob@client.test"), sink.Count("direct@example.test"); n != 0 || m != 1 {
+		t.Errorf("the outside got bob's message %d times and the direct one %d times; want 0 and 1", n, m)
+	}
+	s.stop()
+}

@@ -143,6 +143,7 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 		cerr = errors.Join(cerr, d.compensate(ctx, intent.Seq, &v))
 		// Nothing left the window while changes were held back.
 		d.cancelOutbound(ctx, intent.Seq, req.Cancel, req.Reason, &v)
+		d.cancelRerouted(ctx, snap.Seq, intent.Seq, &v)
 	}
 	if cerr == nil && req.Keep {
 		d.keepFilters(intent.Seq, snap.Seq, specs, fs)

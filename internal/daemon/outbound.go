@@ -12,6 +12,7 @@ import (
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/config"
 	"github.com/undomail/undomail/internal/outbound"
+	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/undolog"
 	"github.com/undomail/undomail/verb"
 )
@@ -107,6 +108,83 @@ func (d *Daemon) cancelOutbound(ctx context.Context, cycle int64, cancel []int64
 	}
 }
 
+// cancelRerouted cancels the held messages the repaired Postfix no
+// longer sends outside: the cycle's replay (records after cycle) handed
+// their submission (after log position at) to Postfix again, and it
+// delivered it here, or refused it, instead of routing it outside (no
+// recipient was held as outside). Only messages whose waiting recipients
+// all came from Postfix's routing (an alias), not from the envelope, are
+// judged: an envelope recipient outside is refused by the replay service
+// at RCPT and says nothing about the repair.
+func (d *Daemon) cancelRerouted(ctx context.Context, at, cycle int64, v *CycleVerdict) {
+	if d.Outbound == nil {
+		return
+	}
+	var judge []outbound.Message
+	for _, m := range d.Outbound.List() {
+		if m.Submission > at && m.Submission < cycle {
+			judge = append(judge, m)
+		}
+	}
+	if len(judge) == 0 {
+		return
+	}
+	recs, err := d.Log.Records(ctx, undolog.Filter{AfterSeq: cycle, Kinds: []string{replay.KindReplay}})
+	if err != nil {
+		d.logger.Error("cycle: read the replay's records for the outbound delay window", "err", err)
+		return
+	}
+	routed, outside := map[int64]bool{}, map[int64]bool{}
+	for _, r := range recs {
+		var o replay.ReplayOutcome
+		if json.Unmarshal(r.Outcome, &o) != nil {
+			continue
+		}
+		switch {
+		case o.Status == replay.StatusHeld:
+			outside[r.Ref] = true
+		case r.User == "" && (o.Status == replay.StatusReinjected || o.Status == replay.StatusRefused):
+			routed[r.Ref] = true
+		}
+	}
+	subs := map[int64]bool{}
+	for _, m := range judge {
+		if !routed[m.Submission] || outside[m.Submission] {
+			continue
+		}
+		sub, ok, err := d.Log.Verb(ctx, m.Submission)
+		var a verb.DeliveryArgs
+		if err != nil || !ok || json.Unmarshal(sub.Args, &a) != nil || enveloped(a.Rcpts, m.Rcpts) {
+			continue
+		}
+		subs[m.Submission] = true
+	}
+	if len(subs) == 0 {
+		return
+	}
+	ms, err := d.Outbound.CancelSubmissions(ctx, cycle, subs, "the repaired mail system no longer sends it outside")
+	for _, m := range ms {
+		v.Outbound = append(v.Outbound, m.Summary()+": the repaired mail system no longer sends it outside")
+	}
+	if err != nil {
+		d.logger.Error("cycle: cancel held outbound mail the repair rerouted", "cycle", cycle, "err", err)
+		v.OutboundErr = strings.TrimPrefix(v.OutboundErr+"; "+err.Error(), "; ")
+	}
+}
+
+// enveloped reports whether one of the waiting recipients is an envelope
+// recipient of the submission.
+func enveloped(envelope, waiting []string) bool {
+	for _, w := range waiting {
+		for _, e := range envelope {
+			if strings.EqualFold(w, e) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // planOutbound lists in a plan the messages the window holds: the
 // ones the cycle cancels (their submission is cancelled) never leave.
 func planOutbound(ctx context.Context, l *undolog.Log, p *admin.Plan, cancel map[int64]bool) error {
@@ -116,7 +194,7 @@ func planOutbound(ctx context.Context, l *undolog.Log, p *admin.Plan, cancel map
 	}
 	for _, m := range ms {
 		po := admin.PlanOutbound{Seq: m.Seq, QueueID: m.QueueID, Submission: m.Submission, What: m.Summary(), ReleaseAt: m.ReleaseAt,
-			Action: "leaves when its time is up"}
+			Action: "leaves when its time is up, unless the repaired Postfix no longer sends it outside"}
 		if m.Submission != 0 && cancel[m.Submission] {
 			po.Action = "cancel"
 		}

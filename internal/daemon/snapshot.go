@@ -254,6 +254,7 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 		d.prog.phase("compensate")
 		err = errors.Join(err, d.compensate(ctx, p.intent, &v))
 		d.cancelOutbound(ctx, p.intent, cancel, "", &v)
+		d.cancelRerouted(ctx, p.after, p.intent, &v)
 	}
 	d.pending = nil
 	v.Held = time.Since(p.start).Seconds()
