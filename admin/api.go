@@ -331,6 +331,8 @@ type Status struct {
 	LastDrill *Drill `json:"last_drill,omitempty"`
 	// Progress is the running cycle's progress, if one runs.
 	Progress any `json:"progress,omitempty"`
+	// Outbound is the outbound delay window, when it is on (outbound.go).
+	Outbound *OutboundList `json:"outbound,omitempty"`
 }
 
 // UpstreamHealth says whether an upstream accepts connections.
@@ -392,6 +394,9 @@ func (s *Server) status(ctx context.Context) (Status, error) {
 		st.Gate = "held"
 	}
 	st.Upstreams = probe(ctx, s.b.Upstreams())
+	if ol := s.outboundList(); ol.On {
+		st.Outbound = &ol
+	}
 	if ferr := s.log.Failed(); ferr != nil {
 		st.Log.Error = ferr.Error()
 	}

@@ -128,6 +128,9 @@ func TestOutboundDelayWindow(t *testing.T) {
 	if err != nil || !strings.Contains(list, oops.QueueID) || !strings.Contains(list, fine.QueueID) || !strings.Contains(list, `"Oops"`) {
 		t.Fatalf("outbound list: %v\n%s", err, list)
 	}
+	if status, err := run(t, "status", "--data-dir", s.dataDir); !strings.Contains(status, "3 held") {
+		t.Errorf("undomail status (%v) does not show the three held messages:\n%s", err, status)
+	}
 	// The operator cancels one by hand.
 	if out, err := run(t, "outbound", "cancel", "--data-dir", s.dataDir, drop.QueueID, "--reason", "wrong attachment"); err != nil || !strings.Contains(out, "never leaves") {
 		t.Fatalf("outbound cancel %s: %v %s", drop.QueueID, err, out)
