@@ -3,6 +3,8 @@ package admin_test
 import (
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os/exec"
 	"strings"
 	"testing"
@@ -45,6 +47,18 @@ func TestBrowserOutboundWindow(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 		a.call("GET", "/api/outbound", nil, &held)
+	}
+	// Prometheus sees the window too.
+	req, _ := http.NewRequest("GET", a.url+"/metrics", nil)
+	req.Header.Set("Authorization", "Bearer "+a.token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.Contains(string(metrics), "undomail_outbound_held 2") || !strings.Contains(string(metrics), "undomail_outbound_overdue_seconds 0") {
+		t.Errorf("/metrics does not show the window holding two messages, none overdue:\n%s", metrics)
 	}
 	queueID := map[string]string{}
 	for _, m := range held.Held {
