@@ -152,9 +152,18 @@ func readLog(ctx context.Context, l *undolog.Log) ([]Message, map[string]bool, e
 func (q *Queue) Run(ctx context.Context) {
 	t := time.NewTicker(q.o.Poll)
 	defer t.Stop()
+	// The same failure (Postfix stopped, say) is logged once a minute,
+	// not at every reading.
+	var last string
+	var lastAt time.Time
 	for {
 		if err := q.Sync(ctx); err != nil && ctx.Err() == nil {
-			q.o.Logger.Error("outbound delay window", "err", err)
+			if err.Error() != last || time.Since(lastAt) >= time.Minute {
+				q.o.Logger.Error("outbound delay window", "err", err)
+				last, lastAt = err.Error(), time.Now()
+			}
+		} else {
+			last = ""
 		}
 		select {
 		case <-ctx.Done():

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -30,6 +32,7 @@ import (
 func TestWindowOnRealPostfix(t *testing.T) {
 	ctx := context.Background()
 	st := mailstacktest.Start(t, mailstack.Options{})
+	dumpOnFailure(t, st)
 	sink := mailstacktest.StartSink(t)
 	if err := st.SetOutside(ctx, sink.Addr); err != nil {
 		t.Fatal(err)
@@ -157,6 +160,7 @@ func TestWindowOnRealPostfix(t *testing.T) {
 func TestWindowReleasesWhenTimeIsUp(t *testing.T) {
 	ctx := context.Background()
 	st := mailstacktest.Start(t, mailstack.Options{})
+	dumpOnFailure(t, st)
 	sink := mailstacktest.StartSink(t)
 	if err := st.SetOutside(ctx, sink.Addr); err != nil {
 		t.Fatal(err)
@@ -243,4 +247,18 @@ func send(t *testing.T, addr, from string, to []string, msg string) {
 		t.Fatalf("send to %v: %v", to, err)
 	}
 	c.Quit()
+}
+
+// dumpOnFailure shows Postfix's queue and log when the test fails.
+func dumpOnFailure(t *testing.T, st *mailstack.Stack) {
+	t.Cleanup(func() {
+		if !t.Failed() {
+			return
+		}
+		q, err := exec.Command("postqueue", "-c", st.PostfixConfigDir(), "-j").CombinedOutput()
+		t.Logf("postqueue -j: %v\n%s", err, q)
+		b, _ := os.ReadFile(st.PostfixLog())
+		lines := strings.Split(string(b), "\n")
+		t.Logf("postfix log:\n%s", strings.Join(lines[max(0, len(lines)-80):], "\n"))
+	})
 }
