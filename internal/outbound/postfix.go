@@ -73,7 +73,9 @@ type Recipient struct {
 
 // DeferredTransport is the delay reason Postfix gives a recipient whose
 // transport is listed in defer_transports (postconf(5)): the window's
-// mark.
+// mark. When qmgr meets such a recipient while the deferral of another
+// has throttled the same destination, the reason reads "delivery
+// temporarily suspended: deferred transport"; the cause is the same.
 const DeferredTransport = "deferred transport"
 
 // Held returns the recipients the window holds: deferred only because
@@ -84,7 +86,7 @@ func (e Entry) Held() []string {
 	}
 	var out []string
 	for _, r := range e.Recipients {
-		if r.DelayReason == DeferredTransport {
+		if strings.HasSuffix(r.DelayReason, DeferredTransport) {
 			out = append(out, r.Address)
 		}
 	}

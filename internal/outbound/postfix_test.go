@@ -36,7 +36,7 @@ func TestPostfixExecPrefix(t *testing.T) {
 // TestQueueListing reads postqueue -j lines: only deferred recipients
 // whose transport is deferred are held.
 func TestQueueListing(t *testing.T) {
-	out := `{"queue_name": "deferred", "queue_id": "C7BEED4DC1", "arrival_time": 1796300650, "message_size": 274, "forced_expire": false, "sender": "alice@example.test", "recipients": [{"address": "dana@outside.test", "delay_reason": "deferred transport"}, {"address": "eve@far.test", "delay_reason": "connect to far.test: Connection refused"}]}
+	out := `{"queue_name": "deferred", "queue_id": "C7BEED4DC1", "arrival_time": 1796300650, "message_size": 274, "forced_expire": false, "sender": "alice@example.test", "recipients": [{"address": "dana@outside.test", "delay_reason": "deferred transport"}, {"address": "eve@far.test", "delay_reason": "connect to far.test: Connection refused"}, {"address": "fay@outside.test", "delay_reason": "delivery temporarily suspended: deferred transport"}]}
 {"queue_name": "active", "queue_id": "D1", "arrival_time": 1796300651, "sender": "", "recipients": [{"address": "x@outside.test"}]}
 `
 	var calls [][]string
@@ -51,7 +51,7 @@ func TestQueueListing(t *testing.T) {
 	if !reflect.DeepEqual(calls[0], []string{"postqueue", "-c", "/etc/pf", "-j"}) {
 		t.Errorf("ran %v", calls[0])
 	}
-	if h := es[0].Held(); !reflect.DeepEqual(h, []string{"dana@outside.test"}) {
+	if h := es[0].Held(); !reflect.DeepEqual(h, []string{"dana@outside.test", "fay@outside.test"}) {
 		t.Errorf("held recipients of %s: %v", es[0].ID, h)
 	}
 	if h := es[1].Held(); h != nil {
