@@ -23,14 +23,8 @@ import (
 func outboundServer(t *testing.T, delay string) (*mailstack.Stack, *server, *mailstacktest.Sink, string) {
 	t.Helper()
 	ctx := context.Background()
-	st := mailstacktest.Start(t, mailstack.Options{})
 	sink := mailstacktest.StartSink(t)
-	if err := st.SetOutside(ctx, sink.Addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := st.SetDeferTransports(ctx, "smtp"); err != nil {
-		t.Fatal(err)
-	}
+	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
 	s := newServer(t, st)
 	s.extra = []string{"--config", outboundConfig(t, st, delay)}
 	s.start()
@@ -241,11 +235,8 @@ func exec0(name string, args ...string) (string, error) {
 // arrived there once, and after the second cycle bob has both.
 func TestAliasOutsideCyclesSendNothingAgain(t *testing.T) {
 	ctx := context.Background()
-	st := mailstacktest.Start(t, mailstack.Options{})
 	sink := mailstacktest.StartSink(t)
-	if err := st.SetOutside(ctx, sink.Addr); err != nil {
-		t.Fatal(err)
-	}
+	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr})
 	s := newServer(t, st)
 	cfg := repairConfig(t, st)
 	f, err := os.OpenFile(cfg, os.O_APPEND|os.O_WRONLY, 0)

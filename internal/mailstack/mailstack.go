@@ -64,6 +64,17 @@ type Options struct {
 	// DovecotOnly starts Dovecot without Postfix: a recovery drill's
 	// private IMAP and LMTP server on a clone of the mail store.
 	DovecotOnly bool
+	// Outside, if set (host:port), is where Postfix relays mail for other
+	// domains through its smtp transport, as a production Postfix relays
+	// to external hosts: an SMTP server standing in for the outside world
+	// (mailstacktest.StartSink). Empty: the offsite error transport, and
+	// nothing leaves.
+	Outside string
+	// DeferTransports is Postfix's defer_transports (postconf(5)): mail
+	// for these transports waits in the deferred queue until someone
+	// flushes it; "smtp" (with Outside; "offsite" without) is undomail's
+	// outbound delay window (docs/operations.md, "Outbound delay window").
+	DeferTransports string
 }
 
 // DefaultDomain is the virtual domain used when Options.Domain is empty.
@@ -116,6 +127,10 @@ type Stack struct {
 	logDir         string
 	sieve          bool // Options.Sieve
 	noPostfix      bool // Options.DovecotOnly
+	// Options.Outside and Options.DeferTransports, set in main.cf at
+	// start: set there, not by a reload, because a message that arrives
+	// while qmgr restarts can wait minutes in the incoming queue.
+	outside, deferTransports string
 
 	host *Host // claim on Host, released by Stop
 
@@ -227,6 +242,7 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	s.MailRoot = filepath.Join(dir, mailSubdir)
 	s.sieve = opts.Sieve
 	s.noPostfix = opts.DovecotOnly
+	s.outside, s.deferTransports = opts.Outside, opts.DeferTransports
 	if opts.MailRoot != "" {
 		s.MailRoot = opts.MailRoot
 		// Dovecot's mail processes run as the mail user: every directory

@@ -1,7 +1,6 @@
 package mailstack_test
 
 import (
-	"context"
 	"os/exec"
 	"strings"
 	"testing"
@@ -11,20 +10,13 @@ import (
 	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
 )
 
-// TestOutsideAndDeferTransports: with SetOutside, mail for another domain
-// reaches the sink; with SetDeferTransports("smtp") it waits in Postfix's
+// TestOutsideAndDeferTransports: with Options.Outside, mail for another
+// domain goes to the sink; with DeferTransports "smtp" it waits in Postfix's
 // deferred queue (local mail still arrives) until postqueue -i releases
 // that one message, which then arrives once.
 func TestOutsideAndDeferTransports(t *testing.T) {
-	ctx := context.Background()
-	st := mailstacktest.Start(t, mailstack.Options{})
 	sink := mailstacktest.StartSink(t)
-	if err := st.SetOutside(ctx, sink.Addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := st.SetDeferTransports(ctx, "smtp"); err != nil {
-		t.Fatal(err)
-	}
+	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
 	msg := "From: alice@" + st.Domain + "\r\nSubject: out\r\nMessage-Id: <out1@example.test>\r\n\r\nhello\r\n"
 	c := dialSMTP(t, st.SMTPAddr, "127.0.0.1")
 	if err := c.SendMail("alice@"+st.Domain, []string{"dana@outside.test", "bob@" + st.Domain}, strings.NewReader(msg)); err != nil {

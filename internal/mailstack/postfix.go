@@ -52,11 +52,14 @@ smtp_dns_support_level = disabled
 smtp_host_lookup = native
 lmtp_host_lookup = native
 # Mail for other domains goes to "offsite", the error(8) daemon under another
-# name (master.cf): it bounces everything, so nothing leaves the machine, yet
+# name (master.cf), unless Options.Outside names a stand-in for the outside
+# world: offsite bounces everything, so nothing leaves the machine, yet
 # smtpd still accepts such recipients at RCPT for authorized senders. With
 # default_transport = error, trivial-rewrite flags the address as undeliverable
 # and smtpd rejects it at RCPT with 550 instead.
-default_transport = offsite:mail stack delivers nothing outside {{.Domain}}
+default_transport = {{.DefaultTransport}}
+# Mail for these transports waits until someone flushes it (Options.DeferTransports).
+defer_transports = {{.DeferTransports}}
 local_transport = offsite:mail stack has no local delivery
 mydestination =
 relay_domains =
@@ -201,21 +204,33 @@ func (s *Stack) writePostfixConfig(lmtp string) error {
 	if err := os.WriteFile(mailboxMap, []byte(m.String()), 0o644); err != nil {
 		return fmt.Errorf("write postfix mailbox map: %w", err)
 	}
+	defaultTransport := "offsite:mail stack delivers nothing outside " + s.Domain
+	if s.outside != "" {
+		host, p, err := net.SplitHostPort(s.outside)
+		if err != nil {
+			return fmt.Errorf("mail stack outside %q is not host:port: %w", s.outside, err)
+		}
+		// [host] skips the MX lookup (smtp(8)), which
+		// smtp_dns_support_level = disabled forbids anyway.
+		defaultTransport = "smtp:[" + host + "]:" + p
+	}
 	data := map[string]any{
-		"ID":         s.id,
-		"Host":       s.Host,
-		"QueueDir":   s.postfixQueue,
-		"DataDir":    dataDir,
-		"LogPath":    s.PostfixLog(),
-		"LogDir":     s.logDir,
-		"Marker":     envMarker + "=" + s.id,
-		"Domain":     s.Domain,
-		"MailboxMap": mailboxMap,
-		"LMTP":       lmtp,
-		"Auth":       s.AuthAddr,
-		"SMTP":       s.SMTPAddr,
-		"Replay":     s.ReplaySMTPAddr,
-		"AliasMap":   aliasMap,
+		"DefaultTransport": defaultTransport,
+		"DeferTransports":  s.deferTransports,
+		"ID":               s.id,
+		"Host":             s.Host,
+		"QueueDir":         s.postfixQueue,
+		"DataDir":          dataDir,
+		"LogPath":          s.PostfixLog(),
+		"LogDir":           s.logDir,
+		"Marker":           envMarker + "=" + s.id,
+		"Domain":           s.Domain,
+		"MailboxMap":       mailboxMap,
+		"LMTP":             lmtp,
+		"Auth":             s.AuthAddr,
+		"SMTP":             s.SMTPAddr,
+		"Replay":           s.ReplaySMTPAddr,
+		"AliasMap":         aliasMap,
 	}
 	for name, tmpl := range map[string]*template.Template{
 		"main.cf":   postfixMainTemplate,
@@ -384,48 +399,6 @@ func (s *Stack) SetHeaderChecks(ctx context.Context, table string) error {
 func (s *Stack) Flush(ctx context.Context) error {
 	if _, err := run(ctx, postqueueBin, "-c", s.postfixConf, "-f"); err != nil {
 		return fmt.Errorf("flush postfix queue of mail stack %s: %w", s.Dir, err)
-	}
-	return nil
-}
-
-// SetOutside makes Postfix relay mail for other domains to addr
-// (host:port, an SMTP listener standing in for the outside world: a
-// test's sink) through its smtp transport, as a production Postfix
-// relays to external hosts; addr "" sends it back to the offsite error
-// transport, so nothing leaves. Postfix is reloaded.
-func (s *Stack) SetOutside(ctx context.Context, addr string) error {
-	value := "offsite:mail stack delivers nothing outside " + s.Domain
-	if addr != "" {
-		host, p, err := net.SplitHostPort(addr)
-		if err != nil {
-			return fmt.Errorf("set outside of mail stack %s: %q is not host:port: %w", s.Dir, addr, err)
-		}
-		// [host] skips the MX lookup (smtp(8)), which smtp_dns_support_level
-		// = disabled forbids anyway.
-		value = "smtp:[" + host + "]:" + p
-	}
-	return s.postconf(ctx, "default_transport="+value)
-}
-
-// SetDeferTransports sets Postfix's defer_transports (postconf(5)): mail
-// for the named transports waits in the deferred queue until someone
-// flushes it (postqueue -f, -s, -i). "smtp" is undomail's outbound delay
-// window (docs/operations.md, "Outbound delay window"); "" delivers at
-// once again. Postfix is reloaded.
-func (s *Stack) SetDeferTransports(ctx context.Context, transports string) error {
-	return s.postconf(ctx, "defer_transports="+transports)
-}
-
-// postconf sets one main.cf parameter and reloads Postfix.
-func (s *Stack) postconf(ctx context.Context, setting string) error {
-	if _, err := run(ctx, postconfBin, "-c", s.postfixConf, "-e", setting); err != nil {
-		return fmt.Errorf("postconf %s in mail stack %s: %w", setting, s.Dir, err)
-	}
-	if err := backdate(s.postfixConf, "main.cf"); err != nil {
-		return fmt.Errorf("postconf %s in mail stack %s: %w", setting, s.Dir, err)
-	}
-	if _, err := run(ctx, postfixBin, "-c", s.postfixConf, "reload"); err != nil {
-		return fmt.Errorf("reload postfix of mail stack %s for %s: %w%s", s.Dir, setting, err, logTail(20, s.PostfixLog()))
 	}
 	return nil
 }

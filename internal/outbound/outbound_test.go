@@ -31,15 +31,9 @@ import (
 // and it arrives once.
 func TestWindowOnRealPostfix(t *testing.T) {
 	ctx := context.Background()
-	st := mailstacktest.Start(t, mailstack.Options{})
-	dumpOnFailure(t, st)
 	sink := mailstacktest.StartSink(t)
-	if err := st.SetOutside(ctx, sink.Addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := st.SetDeferTransports(ctx, "smtp"); err != nil {
-		t.Fatal(err)
-	}
+	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
+	dumpOnFailure(t, st)
 	l, err := undolog.Open(t.TempDir(), undolog.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -159,15 +153,9 @@ func TestWindowOnRealPostfix(t *testing.T) {
 // a repair holds changes back; it reaches the sink once.
 func TestWindowReleasesWhenTimeIsUp(t *testing.T) {
 	ctx := context.Background()
-	st := mailstacktest.Start(t, mailstack.Options{})
-	dumpOnFailure(t, st)
 	sink := mailstacktest.StartSink(t)
-	if err := st.SetOutside(ctx, sink.Addr); err != nil {
-		t.Fatal(err)
-	}
-	if err := st.SetDeferTransports(ctx, "smtp"); err != nil {
-		t.Fatal(err)
-	}
+	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
+	dumpOnFailure(t, st)
 	l, err := undolog.Open(t.TempDir(), undolog.Options{})
 	if err != nil {
 		t.Fatal(err)

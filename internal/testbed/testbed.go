@@ -42,7 +42,7 @@ type Options struct {
 	// replay service, so replays hand front-door mail to Postfix again.
 	ReplayThroughPostfix bool
 	// Outside, if set, is where Postfix relays mail for other domains
-	// (mailstack's SetOutside): an SMTP server standing in for the
+	// (mailstack.Options.Outside): an SMTP server standing in for the
 	// outside world.
 	Outside string
 	// OutboundDelay, if set, turns the outbound delay window on: Postfix
@@ -68,7 +68,13 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.SMTPListen == "" {
 		o.SMTPListen = "127.0.0.1:0"
 	}
-	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve, Users: o.Users})
+	so := mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve, Users: o.Users, Outside: o.Outside}
+	if o.OutboundDelay > 0 {
+		// Mail for other domains takes smtp with Outside, the stack's
+		// offsite stand-in without.
+		so.DeferTransports = "smtp, offsite"
+	}
+	st, err := mailstack.Start(ctx, so)
 	if err != nil {
 		return nil, err
 	}
@@ -102,15 +108,7 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.SMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
 	cfg.LMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
 	cfg.IMAP.UpstreamTimeout = config.Duration(UpstreamTimeout)
-	if o.Outside != "" {
-		if err := st.SetOutside(ctx, o.Outside); err != nil {
-			return nil, err
-		}
-	}
 	if o.OutboundDelay > 0 {
-		if err := st.SetDeferTransports(ctx, "smtp, offsite"); err != nil {
-			return nil, err
-		}
 		cfg.SMTP.OutboundDelay = config.Duration(o.OutboundDelay)
 		cfg.SMTP.PostfixConfig = st.PostfixConfigDir()
 	}

@@ -13,7 +13,7 @@ import (
 )
 
 // Sink is an SMTP server standing in for the outside world: Postfix
-// relays mail for other domains to it (Stack.SetOutside), and it counts
+// relays mail for other domains to it (mailstack.Options.Outside), and it counts
 // what arrives. It accepts every message.
 type Sink struct {
 	// Addr is where it listens, on a loopback address of its own.
