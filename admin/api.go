@@ -77,6 +77,7 @@ type Options struct {
 //	GET  /api/drills               recovery drill verdicts
 //	POST /api/drills?from=&to=     run a drill (default: the newest two snapshots); its verdict
 //	GET  /api/compensations        one page of compensation messages (verb filters)
+//	GET  /api/outbound             the outbound delay window (outbound.go); POST .../{id}/release, .../{id}/cancel
 //
 // /healthz needs no token; /metrics needs one (Prometheus:
 // authorization.credentials_file pointing at admin.token).
@@ -266,6 +267,7 @@ func (s *Server) routes() {
 	m.Handle("POST /api/drills", s.api(longRunning(http.HandlerFunc(s.handleRunDrill))))
 	m.Handle("GET /api/compensations", s.api(http.HandlerFunc(s.handleCompensations)))
 	s.web.routes(m)
+	s.outboundRoutes(m) // outbound.go
 }
 
 // api requires the admin token (Authorization: Bearer) or a web session;
@@ -331,6 +333,8 @@ type Status struct {
 	LastDrill *Drill `json:"last_drill,omitempty"`
 	// Progress is the running cycle's progress, if one runs.
 	Progress *replay.Progress `json:"progress,omitempty"`
+	// Outbound is the outbound delay window, when it is on (outbound.go).
+	Outbound *OutboundList `json:"outbound,omitempty"`
 }
 
 // UpstreamHealth says whether an upstream accepts connections.
@@ -392,6 +396,9 @@ func (s *Server) status(ctx context.Context) (Status, error) {
 		st.Gate = "held"
 	}
 	st.Upstreams = probe(ctx, s.b.Upstreams())
+	if ol := s.outboundList(); ol.On {
+		st.Outbound = &ol
+	}
 	if ferr := s.log.Failed(); ferr != nil {
 		st.Log.Error = ferr.Error()
 	}

@@ -31,7 +31,8 @@ type metrics struct {
 
 	logOK,
 	verbs, records, size, snapshots, pause, gate, cycleOK, cycleRunning,
-	progressDone, progressTotal, drillOK, drillTime, up, connect *prometheus.Desc
+	progressDone, progressTotal, drillOK, drillTime, up, connect,
+	outboundHeld, outboundOverdue *prometheus.Desc
 }
 
 func newMetrics(s *Server) *metrics {
@@ -54,6 +55,9 @@ func newMetrics(s *Server) *metrics {
 		drillTime:     d("drill_last_timestamp_seconds", "When the newest recovery drill ended."),
 		up:            d("upstream_up", "1 if the upstream accepts connections.", "upstream", "addr"),
 		connect:       d("upstream_connect_seconds", "How long connecting to the upstream took.", "upstream", "addr"),
+		outboundHeld:  d("outbound_held", "Messages the outbound delay window holds (absent when it is off)."),
+		outboundOverdue: d("outbound_overdue_seconds",
+			"How long past its time the longest-held message in the outbound delay window is; 0 when none is (absent when it is off)."),
 	}
 	m.appendWait = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name: "undomail_log_append_seconds",
@@ -150,5 +154,13 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	for _, u := range st.Upstreams {
 		gauge(m.up, b(u.OK), u.Name, u.Addr)
 		gauge(m.connect, u.ConnectMS/1000, u.Name, u.Addr)
+	}
+	if o := st.Outbound; o != nil {
+		gauge(m.outboundHeld, float64(len(o.Held)))
+		var late time.Duration
+		for _, h := range o.Held {
+			late = max(late, time.Since(h.ReleaseAt))
+		}
+		gauge(m.outboundOverdue, late.Seconds())
 	}
 }

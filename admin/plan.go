@@ -1,6 +1,10 @@
 package admin
 
-import "github.com/undomail/undomail/verb"
+import (
+	"time"
+
+	"github.com/undomail/undomail/verb"
+)
 
 // Plan is what a 3R cycle would do, computed from the log before it runs
 // (DESIGN: "A cycle is planned first ... Plans are shown to the
@@ -28,6 +32,20 @@ type Plan struct {
 	// Compensations are the people who were shown something the cycle
 	// removes: they get an explanation (issue 6).
 	Compensations []PlanCompensation `json:"compensations,omitempty"`
+	// Outbound are the messages the outbound delay window holds
+	// (smtp.outbound_delay): the cycle cancels those whose submission it
+	// cancels; the others leave when their time is up.
+	Outbound []PlanOutbound `json:"outbound,omitempty"`
+}
+
+// PlanOutbound is a message the outbound delay window holds.
+type PlanOutbound struct {
+	Seq        int64     `json:"seq"` // its outbound.held record
+	QueueID    string    `json:"queue_id"`
+	Submission int64     `json:"submission,omitempty"`
+	What       string    `json:"what"`
+	ReleaseAt  time.Time `json:"release_at"`
+	Action     string    `json:"action"` // cancel, or leaves when its time is up
 }
 
 // LeftAlone tells the verbs the cycle neither replays nor cancels, a

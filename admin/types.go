@@ -86,6 +86,11 @@ type CycleVerdict struct {
 	// Compensation counts the paradoxes the cycle created and what was
 	// done about them: explained, silent, notified, by kind (issue 6).
 	Compensation *compensate.Report `json:"compensation,omitempty"`
+	// Outbound are the messages the cycle cancelled in the outbound delay
+	// window (their submissions were cancelled): they never leave.
+	// OutboundErr says what could not be cancelled (it had left).
+	Outbound    []string `json:"outbound,omitempty"`
+	OutboundErr string   `json:"outbound_error,omitempty"`
 }
 
 // Problems counts the differences verification found.

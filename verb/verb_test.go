@@ -124,8 +124,15 @@ func samples(t *testing.T) map[string][]sample {
 		verb.KindCompensation: {{user: "alice", ref: 35, args: comp, outcome: verb.DeliveryOutcome{Rcpts: []verb.RcptReply{{Rcpt: "alice", Reply: verb.Reply{Code: 250, Text: "Saved"}}}},
 			what: "a digest for alice explaining 1 paradox of cycle #35: read removed (#19)", result: "delivered to <alice>"}},
 		verb.KindFilterRemoved: {{args: map[string]int64{"cycle": 35}, what: "cycle #35"}},
-		verb.KindOutcome:       {{ref: 15, inline: verb.IMAPOutcome{Status: "OK"}, what: "outcome of record #15", result: "status OK"}},
-		verb.KindNote:          {{args: map[string]string{"note": "snapshot taken", "snapshot": "undomail-20260105T090014"}, what: "note: snapshot taken"}},
+		verb.KindOutboundHeld: {{args: verb.OutboundHeld{QueueID: "4ABC", UndoID: "01M8X", Submission: 12, Sender: "s@example.test", Rcpts: []string{"dana@outside.test"},
+			Subject: "Budget 2027", ReleaseAt: time.Date(2026, 12, 3, 10, 0, 30, 0, time.UTC)},
+			what: `outbound mail held until 2026-12-03T10:00:30Z: <s@example.test> -> <dana@outside.test> "Budget 2027" (Postfix queue id 4ABC, sent by #12)`}},
+		verb.KindOutboundReleased: {{ref: 40, args: verb.OutboundEnd{QueueID: "4ABC", By: verb.OutboundByWindow}, what: "outbound mail #40 (Postfix queue id 4ABC) released: its time in the window was up"},
+			{ref: 40, args: verb.OutboundEnd{QueueID: "4ABC", By: verb.OutboundByPostfix}, what: "left Postfix's queue without undomail"}},
+		verb.KindOutboundCancelled: {{ref: 40, args: verb.OutboundEnd{QueueID: "4ABC", By: verb.OutboundByCycle, Cycle: 35, Reason: "bob sent it by mistake"},
+			what: "outbound mail #40 (Postfix queue id 4ABC) cancelled by cycle #35 (bob sent it by mistake)"}},
+		verb.KindOutcome: {{ref: 15, inline: verb.IMAPOutcome{Status: "OK"}, what: "outcome of record #15", result: "status OK"}},
+		verb.KindNote:    {{args: map[string]string{"note": "snapshot taken", "snapshot": "undomail-20260105T090014"}, what: "note: snapshot taken"}},
 	}
 }
 
@@ -195,7 +202,7 @@ func TestUnknownKindInWords(t *testing.T) {
 // has no description: a new kind must be described before it is logged.
 func TestEveryWrittenKindRegistered(t *testing.T) {
 	found := map[string]string{}
-	for _, dir := range []string{"../proxy", "../verb", "../replay", "../compensate", "../internal/daemon", "../undolog"} {
+	for _, dir := range []string{"../proxy", "../verb", "../replay", "../compensate", "../internal/daemon", "../internal/outbound", "../undolog"} {
 		for name, c := range kindConstants(t, dir) {
 			found[c.value] = c.file + ": " + name
 		}

@@ -213,6 +213,11 @@ func planFromFlags(dataDir, target, cancel string, sel daemon.CancelSelector, fi
 			}
 		}
 	}
+	// Cancelling a submission cancels its deliveries: the differences
+	// below count them.
+	if cancelled, err = daemon.ExpandSubmissions(ctx, l, at, cancelled); err != nil {
+		return nil, err
+	}
 	plan, err := daemon.PlanCycle(ctx, l, to, cancelled)
 	if err != nil {
 		return nil, err
@@ -408,6 +413,7 @@ func (p *cyclePlan) print(w interface{ Write([]byte) (int, error) }) {
 	for _, c := range p.Compensations {
 		fmt.Fprintf(w, "explained to %s: %s\n", c.User, c.Why)
 	}
+	printOutboundPlan(w, p.Outbound)
 	if len(p.Differs) == 0 {
 		fmt.Fprintln(w, "afterwards the store equals the present: the repair changes nothing in it")
 	} else {
@@ -524,6 +530,12 @@ func printVerdict(w interface{ Write([]byte) (int, error) }, v admin.CycleVerdic
 				fmt.Fprintf(w, "    %s\n", p)
 			}
 		}
+	}
+	for _, o := range v.Outbound {
+		fmt.Fprintf(w, "  cancelled in the outbound delay window, never sent: %s\n", o)
+	}
+	if v.OutboundErr != "" {
+		fmt.Fprintf(w, "  outbound delay window: %s\n", v.OutboundErr)
 	}
 	if c := v.Compensation; c != nil {
 		fmt.Fprintf(w, "  paradoxes: %d explained to users in %d digests, %d for the operator, %d nobody saw, %d ignored, %d explained before (undomail compensations --cycle %d)\n",

@@ -77,6 +77,7 @@ apt-get (--yes installs without asking).`,
 			}
 			snapDir := filepath.Join(dir, "snapshots")
 			tb, err := testbed.Start(ctx, testbed.Options{Dir: dir, SMTPListen: smtpListen, Logger: logger, ReplayThroughPostfix: true,
+				OutboundDelay: demoOutboundDelay,
 				Tweak: func(c *config.Config) {
 					c.Store = "copy:" + snapDir
 					// The tour's repair cancels a DELETE alice was told
@@ -275,14 +276,24 @@ Snapshots (copied into %[17]s) and undo, starting from the first snapshot %[16]s
   %[10]s snapshots --data-dir %[11]s
   %[10]s cycle plan --data-dir %[11]s --to %[16]s
   %[10]s demo --tour   (a guided undo in a demo of its own: the README's "Undo your first mistake")
+Mail for other domains waits %[18]s in the outbound delay window, where a cycle
+can still cancel it (the demo's Postfix delivers nothing outside: once
+released, it bounces):
+  swaks --server %[1]s --to dana@elsewhere.test --from alice@%[7]s --header "Subject: oops"
+  %[10]s outbound list --data-dir %[11]s
+  %[10]s outbound cancel --data-dir %[11]s QUEUE_ID
 The web timeline: http://%[15]s/ (log in with the token in %[11]s/admin.token)
 
 Stack logs: %[12]s, %[13]s
 Press Ctrl-C to stop.
 `, tb.SMTPAddr(), st.SMTPAddr, tb.Daemon.LMTPAddr, st.LMTPAddr, st.IMAPAddr, strings.Join(users, ", "), st.Domain,
 		hostOf(tb.IMAPAddr()), portOf(tb.IMAPAddr()), self, tb.Config.DataDir, st.PostfixLog(), st.DovecotLog(), tb.IMAPAddr(),
-		tb.Daemon.AdminAddr(), snapshot, strings.TrimPrefix(tb.Config.Store, "copy:"))
+		tb.Daemon.AdminAddr(), snapshot, strings.TrimPrefix(tb.Config.Store, "copy:"), demoOutboundDelay)
 }
+
+// demoOutboundDelay is the demo's outbound delay window: long enough to
+// cancel a message by hand (Gmail's undo send holds 5-30 s).
+const demoOutboundDelay = 30 * time.Second
 
 func hostOf(addr string) string { h, _, _ := net.SplitHostPort(addr); return h }
 func portOf(addr string) string { _, p, _ := net.SplitHostPort(addr); return p }

@@ -26,6 +26,7 @@ func main() {
 	root.AddCommand(compensationsCmd())
 	root.AddCommand(drillCmd(), filtersCmd(), pruneCmd())
 	root.AddCommand(statusCmd()) // status.go: through the admin API
+	root.AddCommand(outboundCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "undomail:", err)
 		os.Exit(exitCode(err))

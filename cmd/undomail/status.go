@@ -147,6 +147,15 @@ func statusProblems(st admin.Status, running bool) []string {
 			p = append(p, fmt.Sprintf("upstream %s %s is down", u.Name, u.Addr))
 		}
 	}
+	if o := st.Outbound; o != nil && st.Gate == "open" {
+		// Released within a second of its time when all is well: one
+		// still held a minute later is not being released.
+		for _, m := range o.Held {
+			if time.Since(m.ReleaseAt) > time.Minute {
+				p = append(p, fmt.Sprintf("outbound message %s should have left at %s (can undomail run postqueue? see its log)", m.QueueID, m.ReleaseAt.Local().Format("15:04:05")))
+			}
+		}
+	}
 	if c := st.LastCycle; c != nil && c.Verdict != nil && !c.Verdict.OK {
 		p = append(p, fmt.Sprintf("the last cycle (#%d) was not verified", c.Seq))
 	}
@@ -183,6 +192,9 @@ func printStatus(w io.Writer, st admin.Status, running bool) {
 		fmt.Fprintf(tw, "snapshots\t%d; newest %s at log position %d (%s, changes held %.1f ms)\n", st.Snapshots, s.Name, s.AtSeq, s.Time.Local().Format("2006-01-02 15:04:05"), s.PauseMS)
 	} else {
 		fmt.Fprintf(tw, "snapshots\tnone\n")
+	}
+	if o := st.Outbound; o != nil {
+		fmt.Fprintf(tw, "outbound window	%d held (undomail outbound list)\n", len(o.Held))
 	}
 	if st.Progress != nil {
 		b, _ := json.Marshal(st.Progress)

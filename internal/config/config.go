@@ -168,6 +168,23 @@ type SMTP struct {
 	// through Postfix"). Needs lmtp.listen. Empty: deliveries replay as
 	// they were recorded.
 	ReplayUpstream string `yaml:"replay_upstream"`
+	// OutboundDelay is the outbound delay window: mail Postfix would
+	// relay to external hosts waits this long in Postfix's deferred
+	// queue (defer_transports = smtp in main.cf), so a cycle inside the
+	// window can still cancel it; undomail releases each message when its
+	// time is up (docs/operations.md, "Outbound delay window"). Gmail's
+	// undo send holds 5-30s. 0: off.
+	OutboundDelay Duration `yaml:"outbound_delay"`
+	// PostfixConfig is Postfix's configuration directory, passed as -c to
+	// postqueue, postcat and postsuper, which manage the outbound delay
+	// window's queue on the same machine. Empty: Postfix's default
+	// (/etc/postfix).
+	PostfixConfig string `yaml:"postfix_config"`
+	// PostfixExec is a command the queue tools run through, for an
+	// undomail that is not root: postsuper and postcat need root, e.g.
+	// [sudo, -n] with a sudoers rule for postqueue, postcat, postsuper
+	// and postconf. Empty: run them directly.
+	PostfixExec []string `yaml:"postfix_exec"`
 }
 
 // LMTP is delivery capture: Postfix's virtual_transport points at Listen,
@@ -417,6 +434,9 @@ func (c Config) Validate() error {
 	checkAddr("lmtp.upstream", c.LMTP.Upstream, false)
 	checkAddr("imap.upstream", c.IMAP.Upstream, false)
 	checkAddr("smtp.replay_upstream", c.SMTP.ReplayUpstream, false)
+	if c.SMTP.OutboundDelay < 0 {
+		bad("smtp.outbound_delay", "must not be negative")
+	}
 	if c.SMTP.ReplayUpstream != "" && c.LMTP.Listen == "" {
 		bad("smtp.replay_upstream", "needs lmtp.listen: Postfix delivers replayed mail to the capture")
 	}

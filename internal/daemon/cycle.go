@@ -76,6 +76,9 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 	if err := d.verifyRange(ctx, snap.Seq); err != nil {
 		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
 	}
+	if req.Cancel, err = ExpandSubmissions(ctx, d.Log, snap.Seq, req.Cancel); err != nil {
+		return CycleVerdict{}, fmt.Errorf("cycle: %w", err)
+	}
 	start := time.Now()
 	intent, present, resume, err := d.beginRepair(ctx, verb.CycleArgs{To: req.To, At: snap.Seq, Cancel: req.Cancel, Filters: specs, Reason: req.Reason, Keep: req.Keep, Users: req.Users})
 	if err != nil {
@@ -88,6 +91,9 @@ func (d *Daemon) Cycle(ctx context.Context, req admin.CycleRequest) (CycleVerdic
 		// what changed, failures included.
 		d.prog.phase("compensate")
 		cerr = errors.Join(cerr, d.compensate(ctx, intent.Seq, &v))
+		// Nothing left the window while changes were held back.
+		d.cancelOutbound(ctx, intent.Seq, req.Cancel, req.Reason, &v)
+		d.cancelRerouted(ctx, snap.Seq, intent.Seq, &v)
 	}
 	if cerr == nil && req.Keep {
 		d.keepFilters(intent.Seq, snap.Seq, specs, fs)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/config"
+	"github.com/undomail/undomail/internal/outbound"
 	"github.com/undomail/undomail/proxy"
 	"github.com/undomail/undomail/replay"
 	"github.com/undomail/undomail/timetravel"
@@ -36,6 +37,9 @@ type Daemon struct {
 	// Gate is passed by every mutation the proxies relay; Snapshot wedges
 	// it for a consistent cut.
 	Gate *proxy.Gate
+	// Outbound is the outbound delay window (outbound.go); nil when
+	// smtp.outbound_delay is off.
+	Outbound *outbound.Queue
 	// Store keeps snapshots of the mail store; nil without `store`.
 	Store timetravel.Store
 	// BeforeVerify, if set, runs after a cycle's replay and before the
@@ -180,6 +184,9 @@ func Start(ctx context.Context, cfg config.Config, logger *slog.Logger) (_ *Daem
 	}
 	sctx, stop := context.WithCancel(context.Background())
 	d.stop = stop
+	if err := d.startOutbound(ctx, sctx, cfg); err != nil {
+		return nil, err
+	}
 	if every := time.Duration(cfg.Snapshots.Every); every > 0 {
 		d.scheduled.Add(1)
 		go func() {

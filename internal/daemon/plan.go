@@ -30,10 +30,12 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 	if !ok {
 		return nil, fmt.Errorf("plan: no snapshot %s in the undo log", to)
 	}
-	c := map[int64]bool{}
-	for _, s := range cancel {
-		c[s] = true
+	// Cancelling a submission cancels its deliveries too.
+	cancel, err = ExpandSubmissions(ctx, l, at, cancel)
+	if err != nil {
+		return nil, err
 	}
+	c := cancelSet(cancel)
 	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: at})
 	if err != nil {
 		return nil, err
@@ -41,6 +43,12 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 	p := &admin.Plan{To: to, AtSeq: at}
 	gone := map[string]int64{} // undo ids of messages that go -> the verb that made them
 	for _, v := range verbs {
+		if c[v.Seq] && submitted(v) {
+			p.Verbs = append(p.Verbs, submissionStep(v, admin.NewVerb(v).Summary))
+			p.Counts.Cancel++
+			delete(c, v.Seq)
+			continue
+		}
 		switch left, undefined := LeftAlone(v); {
 		case undefined:
 			count(&p.Unreplayable, v.Kind)
@@ -85,6 +93,9 @@ func PlanCycle(ctx context.Context, l *undolog.Log, to string, cancel []int64) (
 		return nil, fmt.Errorf("plan: cancel %d: no such change after snapshot %s", s, to)
 	}
 	p.Compensations = witnesses(verbs, gone)
+	if err := planOutbound(ctx, l, p, cancelSet(cancel)); err != nil {
+		return nil, err
+	}
 	return p, nil
 }
 

@@ -210,6 +210,10 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 	if p == nil {
 		return replay.Result{}, fmt.Errorf("replay: no rewind is waiting (undomail rewind --to SNAPSHOT --hold first)")
 	}
+	cancel, err := ExpandSubmissions(ctx, d.Log, p.after, cancel) // outbound.go
+	if err != nil {
+		return replay.Result{}, fmt.Errorf("replay: %w", err)
+	}
 	c := map[int64]bool{}
 	for _, s := range cancel {
 		c[s] = true
@@ -225,6 +229,8 @@ func (d *Daemon) Replay(ctx context.Context, cancel []int64) (replay.Result, err
 		err = v.Check()
 		d.prog.phase("compensate")
 		err = errors.Join(err, d.compensate(ctx, p.intent, &v))
+		d.cancelOutbound(ctx, p.intent, cancel, "", &v)
+		d.cancelRerouted(ctx, p.after, p.intent, &v)
 	}
 	d.pending = nil
 	v.Held = time.Since(p.start).Seconds()

@@ -112,8 +112,8 @@ func SelectCancel(ctx context.Context, l *undolog.Log, at int64, sel CancelSelec
 		}
 	}
 	for _, k := range sel.Kinds {
-		if !replay.Replayable[k] {
-			return nil, fmt.Errorf("cancel kind %q: not a change a replay makes (one of %s)", k, strings.Join(replayableKinds(), ", "))
+		if !replay.Replayable[k] && k != verb.KindSMTPSubmit {
+			return nil, fmt.Errorf("cancel kind %q: not a change a replay makes (one of %s, or %s)", k, strings.Join(replayableKinds(), ", "), verb.KindSMTPSubmit)
 		}
 	}
 	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: at, User: sel.User, Kinds: sel.Kinds})
@@ -122,7 +122,10 @@ func SelectCancel(ctx context.Context, l *undolog.Log, at int64, sel CancelSelec
 	}
 	var out []int64
 	for _, v := range verbs {
-		if !replay.Replayable[v.Kind] || !replay.HadEffect(v) {
+		// A submission is cancelled only when asked for by kind: it takes
+		// the message back from every recipient (ExpandSubmissions).
+		sub := submitted(v) && slices.Contains(sel.Kinds, verb.KindSMTPSubmit)
+		if !sub && (!replay.Replayable[v.Kind] || !replay.HadEffect(v)) {
 			continue
 		}
 		if (!since.IsZero() && v.Time.Before(since)) || (!until.IsZero() && v.Time.After(until)) {

@@ -62,6 +62,17 @@ type Options struct {
 	// Sieve enables Dovecot's Sieve plugin on deliveries with a global
 	// script (empty until SetSieve); needs the dovecot-sieve package.
 	Sieve bool
+	// Outside, if set (host:port), is where Postfix relays mail for other
+	// domains through its smtp transport, as a production Postfix relays
+	// to external hosts: an SMTP server standing in for the outside world
+	// (mailstacktest.StartSink). Empty: the offsite error transport, and
+	// nothing leaves.
+	Outside string
+	// DeferTransports is Postfix's defer_transports (postconf(5)): mail
+	// for these transports waits in the deferred queue until someone
+	// flushes it; "smtp" (with Outside; "offsite" without) is undomail's
+	// outbound delay window (docs/operations.md, "Outbound delay window").
+	DeferTransports string
 }
 
 // DefaultDomain is the virtual domain used when Options.Domain is empty.
@@ -113,6 +124,10 @@ type Stack struct {
 	postfixQueue   string // Postfix queue_directory
 	logDir         string
 	sieve          bool // Options.Sieve
+	// Options.Outside and Options.DeferTransports, set in main.cf at
+	// start: set there, not by a reload, because a message that arrives
+	// while qmgr restarts can wait minutes in the incoming queue.
+	outside, deferTransports string
 
 	host *Host // claim on Host, released by Stop
 
@@ -223,6 +238,7 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 	}
 	s.MailRoot = filepath.Join(dir, mailSubdir)
 	s.sieve = opts.Sieve
+	s.outside, s.deferTransports = opts.Outside, opts.DeferTransports
 	if opts.MailRoot != "" {
 		s.MailRoot = opts.MailRoot
 		// Dovecot's mail processes run as the mail user: every directory

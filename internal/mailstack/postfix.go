@@ -52,11 +52,14 @@ smtp_dns_support_level = disabled
 smtp_host_lookup = native
 lmtp_host_lookup = native
 # Mail for other domains goes to "offsite", the error(8) daemon under another
-# name (master.cf): it bounces everything, so nothing leaves the machine, yet
+# name (master.cf), unless Options.Outside names a stand-in for the outside
+# world: offsite bounces everything, so nothing leaves the machine, yet
 # smtpd still accepts such recipients at RCPT for authorized senders. With
 # default_transport = error, trivial-rewrite flags the address as undeliverable
 # and smtpd rejects it at RCPT with 550 instead.
-default_transport = offsite:mail stack delivers nothing outside {{.Domain}}
+default_transport = {{.DefaultTransport}}
+# Mail for these transports waits until someone flushes it (Options.DeferTransports).
+defer_transports = {{.DeferTransports}}
 local_transport = offsite:mail stack has no local delivery
 mydestination =
 relay_domains =
@@ -201,21 +204,33 @@ func (s *Stack) writePostfixConfig(lmtp string) error {
 	if err := os.WriteFile(mailboxMap, []byte(m.String()), 0o644); err != nil {
 		return fmt.Errorf("write postfix mailbox map: %w", err)
 	}
+	defaultTransport := "offsite:mail stack delivers nothing outside " + s.Domain
+	if s.outside != "" {
+		host, p, err := net.SplitHostPort(s.outside)
+		if err != nil {
+			return fmt.Errorf("mail stack outside %q is not host:port: %w", s.outside, err)
+		}
+		// [host] skips the MX lookup (smtp(8)), which
+		// smtp_dns_support_level = disabled forbids anyway.
+		defaultTransport = "smtp:[" + host + "]:" + p
+	}
 	data := map[string]any{
-		"ID":         s.id,
-		"Host":       s.Host,
-		"QueueDir":   s.postfixQueue,
-		"DataDir":    dataDir,
-		"LogPath":    s.PostfixLog(),
-		"LogDir":     s.logDir,
-		"Marker":     envMarker + "=" + s.id,
-		"Domain":     s.Domain,
-		"MailboxMap": mailboxMap,
-		"LMTP":       lmtp,
-		"Auth":       s.AuthAddr,
-		"SMTP":       s.SMTPAddr,
-		"Replay":     s.ReplaySMTPAddr,
-		"AliasMap":   aliasMap,
+		"DefaultTransport": defaultTransport,
+		"DeferTransports":  s.deferTransports,
+		"ID":               s.id,
+		"Host":             s.Host,
+		"QueueDir":         s.postfixQueue,
+		"DataDir":          dataDir,
+		"LogPath":          s.PostfixLog(),
+		"LogDir":           s.logDir,
+		"Marker":           envMarker + "=" + s.id,
+		"Domain":           s.Domain,
+		"MailboxMap":       mailboxMap,
+		"LMTP":             lmtp,
+		"Auth":             s.AuthAddr,
+		"SMTP":             s.SMTPAddr,
+		"Replay":           s.ReplaySMTPAddr,
+		"AliasMap":         aliasMap,
 	}
 	for name, tmpl := range map[string]*template.Template{
 		"main.cf":   postfixMainTemplate,

@@ -41,6 +41,15 @@ type Options struct {
 	// ReplayThroughPostfix sets smtp.replay_upstream to the stack's
 	// replay service, so replays hand front-door mail to Postfix again.
 	ReplayThroughPostfix bool
+	// Outside, if set, is where Postfix relays mail for other domains
+	// (mailstack.Options.Outside): an SMTP server standing in for the
+	// outside world.
+	Outside string
+	// OutboundDelay, if set, turns the outbound delay window on: Postfix
+	// defers the transports mail for other domains takes (smtp, and the
+	// stack's offsite stand-in) and undomail releases each message when
+	// this time is up.
+	OutboundDelay time.Duration
 }
 
 // Testbed is a running stack with undomail in front of it.
@@ -59,7 +68,13 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.SMTPListen == "" {
 		o.SMTPListen = "127.0.0.1:0"
 	}
-	st, err := mailstack.Start(ctx, mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve, Users: o.Users})
+	so := mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve, Users: o.Users, Outside: o.Outside}
+	if o.OutboundDelay > 0 {
+		// Mail for other domains takes smtp with Outside, the stack's
+		// offsite stand-in without.
+		so.DeferTransports = "smtp, offsite"
+	}
+	st, err := mailstack.Start(ctx, so)
 	if err != nil {
 		return nil, err
 	}
@@ -93,6 +108,10 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	cfg.SMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
 	cfg.LMTP.UpstreamTimeout = config.Duration(UpstreamTimeout)
 	cfg.IMAP.UpstreamTimeout = config.Duration(UpstreamTimeout)
+	if o.OutboundDelay > 0 {
+		cfg.SMTP.OutboundDelay = config.Duration(o.OutboundDelay)
+		cfg.SMTP.PostfixConfig = st.PostfixConfigDir()
+	}
 	if o.Tweak != nil {
 		o.Tweak(&cfg)
 	}
