@@ -85,7 +85,7 @@ func angled(addrs []string) []string {
 }
 
 func init() {
-	register(Kind{Name: KindOutboundHeld, Family: "outbound", System: true, Describe: func(r Record) Description {
+	register(Kind{Name: KindOutboundHeld, Replay: Replay{Why: "the outbound window's own record of mail Postfix holds; the submission it belongs to is what a cycle replays or cancels"}, Family: "outbound", System: true, Describe: func(r Record) Description {
 		var h OutboundHeld
 		if json.Unmarshal(r.Args, &h) != nil || h.QueueID == "" {
 			return Description{What: "outbound mail held: " + flatten(r.Args)}
@@ -115,6 +115,6 @@ func init() {
 			return Description{What: what + tail}
 		}
 	}
-	register(Kind{Name: KindOutboundReleased, Family: "outbound", System: true, Describe: end("released", "")})
-	register(Kind{Name: KindOutboundCancelled, Family: "outbound", System: true, Describe: end("cancelled", ": it never leaves")})
+	register(Kind{Name: KindOutboundReleased, Replay: Replay{Why: "mail that left for other hosts cannot be sent again or called back"}, Family: "outbound", System: true, Describe: end("released", "")})
+	register(Kind{Name: KindOutboundCancelled, Replay: Replay{Why: "a cancelled message never left; there is nothing to make again"}, Family: "outbound", System: true, Describe: end("cancelled", ": it never leaves")})
 }
