@@ -158,26 +158,74 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 	if p.Workers <= 0 {
 		p.Workers = 4
 	}
-	res := Result{Skipped: map[string]int{}}
+	run := &replayRun{ctx: ctx, l: l, p: p, t: t, res: Result{Skipped: map[string]int{}}}
+	verbs, err := verbsInRange(ctx, l, p)
+	if err != nil {
+		return run.res, err
+	}
+	earlier, err := earlierDecisions(ctx, l, p.After, p.Before, verbs)
+	if err != nil {
+		return run.res, err
+	}
+	rj, err := reinjectAll(ctx, l, p, t, verbs, earlier)
+	if err != nil {
+		return run.res, err
+	}
+	run.res.Reinjected, run.res.Failed = rj.count, len(rj.failed)
+	queues := run.queue(verbs, earlier, rj)
+	run.fs = &filterSet{filters: append(append([]*Filter(nil), p.Filters...), earlier.filters...), verdicts: map[int64]filterVerdict{}}
+	replayers := run.replayUsers(queues)
+	run.collect(replayers)
+	if run.first != nil {
+		closeAll(replayers)
+		return run.res, run.first
+	}
+	if err := ctx.Err(); err != nil {
+		closeAll(replayers)
+		return run.res, fmt.Errorf("replay: %w", err)
+	}
+	if !p.NoModelCheck {
+		run.report("verify", 0, len(replayers))
+		run.res.Verify = verify(ctx, replayers, func(n int) { run.report("verify", n, len(replayers)) })
+	}
+	closeAll(replayers)
+	return run.res, nil
+}
+
+// verbsInRange reads the verbs of the plan's range, in log order.
+func verbsInRange(ctx context.Context, l *undolog.Log, p Plan) ([]undolog.Verb, error) {
 	verbs, err := l.Verbs(ctx, undolog.Filter{AfterSeq: p.After})
 	if err != nil {
-		return res, fmt.Errorf("replay: read the log: %w", err)
+		return nil, fmt.Errorf("replay: read the log: %w", err)
 	}
 	if p.Before > 0 {
 		n := sort.Search(len(verbs), func(i int) bool { return verbs[i].Seq >= p.Before })
 		verbs = verbs[:n]
 	}
-	earlier, err := earlierDecisions(ctx, l, p.After, p.Before, verbs)
-	if err != nil {
-		return res, err
-	}
-	rj, err := reinjectAll(ctx, l, p, t, verbs, earlier)
-	if err != nil {
-		return res, err
-	}
-	res.Reinjected, res.Failed = rj.count, len(rj.failed)
+	return verbs, nil
+}
+
+// replayRun is one replay: what every user's replay shares and adds to.
+type replayRun struct {
+	ctx context.Context
+	l   *undolog.Log
+	p   Plan
+	t   Target
+	fs  *filterSet
+
+	mu    sync.Mutex // guards the fields below
+	res   Result
+	first error // the first failure to log a replay record: the run stops
+	done  int   // tasks recorded
+	total int   // tasks queued
+	users int
+}
+
+// queue splits the verbs into tasks, one queue per user in log order,
+// each marked with why the repair leaves it out, if it does.
+func (run *replayRun) queue(verbs []undolog.Verb, earlier decisions, rj reinjection) map[string][]task {
+	p := run.p
 	queues := map[string][]task{}
-	total := 0
 	for _, v := range verbs {
 		why := ""
 		switch {
@@ -191,7 +239,7 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 			ts, skip = r, len(r) == 0
 		}
 		if skip {
-			res.Skipped[v.Kind]++
+			run.res.Skipped[v.Kind]++
 			continue
 		}
 		for _, tk := range ts {
@@ -201,200 +249,207 @@ func Replay(ctx context.Context, l *undolog.Log, p Plan, t Target) (Result, erro
 				continue // not rewound: their mail already has this verb
 			}
 			queues[user] = append(queues[user], tk)
-			total++
+			run.total++
 		}
 	}
-	res.Users = len(queues)
+	run.res.Users = len(queues)
 	for u := range p.Returning {
 		if _, ok := queues[u]; !ok {
 			queues[u] = nil // nothing to replay, but messages to renumber
 		}
 	}
+	return queues
+}
+
+// report tells the plan's Progress callback how far the run is.
+func (run *replayRun) report(phase string, n, of int) {
+	if run.p.Progress != nil {
+		run.p.Progress(Progress{Phase: phase, Done: n, Total: of, Users: run.users, Failed: run.res.Failed})
+	}
+}
+
+// replayUsers replays each user's queue, p.Workers users at a time, and
+// returns the users' replayers in name order.
+func (run *replayRun) replayUsers(queues map[string][]task) []*userReplayer {
 	users := make([]string, 0, len(queues))
 	for u := range queues {
 		users = append(users, u)
 	}
 	sort.Strings(users)
-
-	fs := &filterSet{filters: append(append([]*Filter(nil), p.Filters...), earlier.filters...), verdicts: map[int64]filterVerdict{}}
-	var mu sync.Mutex // guards res, the progress count and first
-	var first error
-	done := 0
-	report := func(phase string, n, of int) {
-		if p.Progress != nil {
-			p.Progress(Progress{Phase: phase, Done: n, Total: of, Users: len(users), Failed: res.Failed})
-		}
-	}
-	report("replay", 0, total)
-	work := make(chan string)
+	run.users = len(users)
+	run.report("replay", 0, run.total)
 	replayers := make([]*userReplayer, len(users))
-	index := map[string]int{}
-	for i, u := range users {
-		index[u] = i
-	}
+	work := make(chan int)
 	var wg sync.WaitGroup
-	for range min(p.Workers, len(users)) {
+	for range min(run.p.Workers, len(users)) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for user := range work {
-				r := newUserReplayer(user, t, l, fs)
-				r.restore = p.Restore
-				for _, g := range p.Gone {
-					if g.User == user {
-						r.gone[g.Mailbox] = g
-					}
-				}
-				for mailbox, uids := range p.Returning[user] {
-					r.vanished[mailbox] = map[imap.UID]bool{}
-					for _, u := range uids {
-						r.vanished[mailbox][imap.UID(u)] = true
-					}
-				}
-				replayers[index[user]] = r
-				// record accounts for a task's outcome and logs it next to
-				// the verb; false stops the worker (the log failed).
-				record := func(tk task, out verb.ReplayOutcome, err error) bool {
-					mu.Lock()
-					switch {
-					case err != nil:
-						out = verb.ReplayOutcome{Status: verb.ReplayFailed, Detail: err.Error()}
-						res.Failed++
-						t.Logger.Warn("replay failed", "seq", tk.v.Seq, "kind", tk.v.Kind, "user", user, "err", err)
-					case out.Status == verb.ReplaySkipped:
-						res.Skipped[tk.v.Kind]++
-					case out.Status == verb.ReplayOK:
-						res.Replayed++
-					case out.Status == verb.ReplayFiltered:
-						res.Filtered++
-					case out.Status == verb.ReplayRepaired:
-						res.Repaired++
-					case out.Status == verb.ReplayCancelled:
-						res.Cancelled++
-					case out.Status == verb.ReplayHeld:
-						res.Held++
-					}
-					mu.Unlock()
-					if out.Status != verb.ReplaySkipped && !p.NoRecord {
-						b, _ := json.Marshal(out)
-						rec := &undolog.Record{Kind: verb.KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
-						// Not fsynced one by one: the repair's verdict is, and
-						// takes these with it; a crash before it rolls the
-						// whole repair back (daemon.recoverRepair).
-						if err := l.AppendNoSync(ctx, rec); err != nil {
-							mu.Lock()
-							if first == nil {
-								first = fmt.Errorf("replay: record the replay of verb %d: %w", tk.v.Seq, err)
-							}
-							mu.Unlock()
-							return false
-						}
-					}
-					mu.Lock()
-					done++
-					report("replay", done, total)
-					mu.Unlock()
-					return true
-				}
-				settle := func() bool {
-					for _, st := range r.flush() {
-						if !record(st.tk, st.out, st.err) {
-							return false
-						}
-					}
-					return true
-				}
-				stopped := false
-				for _, tk := range queues[user] {
-					if tk.rcpt != "" && tk.cancel == "" && tk.fixed == nil && ctx.Err() == nil {
-						// A run of deliveries is sent in one LMTP session and
-						// found in the store at once (flush).
-						var out verb.ReplayOutcome
-						var deferred bool
-						var err error
-						if tk.outside {
-							out, err = heldOutside(ctx, t, tk)
-						}
-						if out.Status == "" && err == nil {
-							out, deferred, err = r.queueDelivery(ctx, tk)
-						}
-						if !deferred && !record(tk, out, err) {
-							stopped = true
-							break
-						}
-						if len(r.pending) >= maxDeliveryRun && !settle() {
-							stopped = true
-							break
-						}
-						continue
-					}
-					if !settle() {
-						stopped = true
-						break
-					}
-					out, err := r.run(ctx, tk)
-					if !record(tk, out, err) {
-						stopped = true
-						break
-					}
-				}
-				if stopped || !settle() {
-					r.close()
-					return
-				}
-				if r.c != nil || len(r.vanished) > 0 {
-					err := r.session()
-					if err == nil {
-						err = r.finish()
-					}
-					if err != nil {
-						mu.Lock()
-						res.Failed++
-						mu.Unlock()
-						t.Logger.Warn("replay: remove mailboxes made in advance", "user", user, "err", err)
-					}
-				}
+			for i := range work {
+				replayers[i] = run.newReplayer(users[i])
+				run.replayUser(replayers[i], queues[users[i]])
 			}
 		}()
 	}
-	for _, u := range users {
-		mu.Lock()
-		stop := first != nil
-		mu.Unlock()
-		if stop || ctx.Err() != nil {
+	for i := range users {
+		run.mu.Lock()
+		stop := run.first != nil
+		run.mu.Unlock()
+		if stop || run.ctx.Err() != nil {
 			break
 		}
-		work <- u
+		work <- i
 	}
 	close(work)
 	wg.Wait()
-	for _, r := range replayers {
-		if r != nil {
-			res.Messages += r.made
-			res.Restored += r.restored
-			res.Renumbered += r.renumbered
-			for id, f := range r.filtered {
-				if res.FilteredIDs == nil {
-					res.FilteredIDs = map[string]FilteredDelivery{}
-				}
-				res.FilteredIDs[id] = f
-			}
+	return replayers
+}
+
+// newReplayer prepares a user's replayer with what the rewind told about
+// the user's mailboxes.
+func (run *replayRun) newReplayer(user string) *userReplayer {
+	r := newUserReplayer(user, run.t, run.l, run.fs)
+	r.restore = run.p.Restore
+	for _, g := range run.p.Gone {
+		if g.User == user {
+			r.gone[g.Mailbox] = g
 		}
 	}
-	if first != nil {
-		closeAll(replayers)
-		return res, first
+	for mailbox, uids := range run.p.Returning[user] {
+		r.vanished[mailbox] = map[imap.UID]bool{}
+		for _, u := range uids {
+			r.vanished[mailbox][imap.UID(u)] = true
+		}
 	}
-	if err := ctx.Err(); err != nil {
-		closeAll(replayers)
-		return res, fmt.Errorf("replay: %w", err)
+	return r
+}
+
+// replayUser runs one user's tasks in order, then gives messages that
+// came back a new UID and removes what was made in advance for nothing
+// (finish).
+func (run *replayRun) replayUser(r *userReplayer, tasks []task) {
+	settle := func() bool {
+		for _, st := range r.flush() {
+			if !run.record(r.user, st.tk, st.out, st.err) {
+				return false
+			}
+		}
+		return true
 	}
-	if !p.NoModelCheck {
-		report("verify", 0, len(users))
-		res.Verify = verify(ctx, replayers, func(n int) { report("verify", n, len(users)) })
+	for _, tk := range tasks {
+		if tk.rcpt != "" && tk.cancel == "" && tk.fixed == nil && run.ctx.Err() == nil {
+			// A run of deliveries is sent in one LMTP session and found
+			// in the store at once (flush).
+			var out verb.ReplayOutcome
+			var deferred bool
+			var err error
+			if tk.outside {
+				out, err = heldOutside(run.ctx, run.t, tk)
+			}
+			if out.Status == "" && err == nil {
+				out, deferred, err = r.queueDelivery(run.ctx, tk)
+			}
+			if !deferred && !run.record(r.user, tk, out, err) {
+				r.close()
+				return
+			}
+			if len(r.pending) >= maxDeliveryRun && !settle() {
+				r.close()
+				return
+			}
+			continue
+		}
+		if !settle() {
+			r.close()
+			return
+		}
+		out, err := r.run(run.ctx, tk)
+		if !run.record(r.user, tk, out, err) {
+			r.close()
+			return
+		}
 	}
-	closeAll(replayers)
-	return res, nil
+	if !settle() {
+		r.close()
+		return
+	}
+	if r.c != nil || len(r.vanished) > 0 {
+		err := r.session()
+		if err == nil {
+			err = r.finish()
+		}
+		if err != nil {
+			run.mu.Lock()
+			run.res.Failed++
+			run.mu.Unlock()
+			run.t.Logger.Warn("replay: remove mailboxes made in advance", "user", r.user, "err", err)
+		}
+	}
+}
+
+// record accounts for a task's outcome and logs it next to the verb;
+// false stops the user's replay (the log failed).
+func (run *replayRun) record(user string, tk task, out verb.ReplayOutcome, err error) bool {
+	run.mu.Lock()
+	res := &run.res
+	switch {
+	case err != nil:
+		out = verb.ReplayOutcome{Status: verb.ReplayFailed, Detail: err.Error()}
+		res.Failed++
+		run.t.Logger.Warn("replay failed", "seq", tk.v.Seq, "kind", tk.v.Kind, "user", user, "err", err)
+	case out.Status == verb.ReplaySkipped:
+		res.Skipped[tk.v.Kind]++
+	case out.Status == verb.ReplayOK:
+		res.Replayed++
+	case out.Status == verb.ReplayFiltered:
+		res.Filtered++
+	case out.Status == verb.ReplayRepaired:
+		res.Repaired++
+	case out.Status == verb.ReplayCancelled:
+		res.Cancelled++
+	case out.Status == verb.ReplayHeld:
+		res.Held++
+	}
+	run.mu.Unlock()
+	if out.Status != verb.ReplaySkipped && !run.p.NoRecord {
+		b, _ := json.Marshal(out)
+		rec := &undolog.Record{Kind: verb.KindReplay, Session: "replay", User: user, Users: []string{user}, Ref: tk.v.Seq, Outcome: b}
+		// Not fsynced one by one: the repair's verdict is, and takes
+		// these with it; a crash before it rolls the whole repair back
+		// (daemon.recoverRepair).
+		if err := run.l.AppendNoSync(run.ctx, rec); err != nil {
+			run.mu.Lock()
+			if run.first == nil {
+				run.first = fmt.Errorf("replay: record the replay of verb %d: %w", tk.v.Seq, err)
+			}
+			run.mu.Unlock()
+			return false
+		}
+	}
+	run.mu.Lock()
+	run.done++
+	run.report("replay", run.done, run.total)
+	run.mu.Unlock()
+	return true
+}
+
+// collect adds up what the users' replayers made.
+func (run *replayRun) collect(replayers []*userReplayer) {
+	res := &run.res
+	for _, r := range replayers {
+		if r == nil {
+			continue
+		}
+		res.Messages += r.made
+		res.Restored += r.restored
+		res.Renumbered += r.renumbered
+		for id, f := range r.filtered {
+			if res.FilteredIDs == nil {
+				res.FilteredIDs = map[string]FilteredDelivery{}
+			}
+			res.FilteredIDs[id] = f
+		}
+	}
 }
 
 func closeAll(rs []*userReplayer) {
