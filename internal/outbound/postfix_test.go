@@ -2,6 +2,7 @@ package outbound
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -104,7 +105,8 @@ func TestReleasedDeferredAgainIsReleasedAgain(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	f := &fakePostfix{entries: `{"queue_name": "deferred", "queue_id": "R1", "arrival_time": 1796300650, "sender": "a@example.test", "recipients": [{"address": "d@outside.test", "delay_reason": "deferred transport"}]}` + "\n"}
+	// Arrived now: its hour in the window has just begun.
+	f := &fakePostfix{entries: fmt.Sprintf(`{"queue_name": "deferred", "queue_id": "R1", "arrival_time": %d, "sender": "a@example.test", "recipients": [{"address": "d@outside.test", "delay_reason": "deferred transport"}]}`+"\n", time.Now().Unix())}
 	q, err := New(ctx, l, Options{Delay: time.Hour, Postfix: Postfix{Run: f.run}})
 	if err != nil {
 		t.Fatal(err)
