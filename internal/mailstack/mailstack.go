@@ -30,9 +30,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -54,6 +56,12 @@ type Options struct {
 	// LMTPRelay, if set, makes Postfix deliver to lmtp:inet:<LMTPRelay>
 	// instead of Dovecot's LMTP listener.
 	LMTPRelay string
+	// Capture makes Postfix deliver to CaptureAddr from the start (when
+	// LMTPRelay is empty): where a proxy in front of Dovecot's LMTP, such
+	// as undomail's capture, is to listen. Set at start, not by a reload
+	// later: right after a reload Postfix now and then leaves a new SMTP
+	// connection without a greeting for minutes.
+	Capture bool
 	// Logger receives the stack's own log lines; nil means slog.Default().
 	Logger *slog.Logger
 	// MailRoot, if set, is where the maildirs live instead of Dir/mail:
@@ -112,6 +120,10 @@ type Stack struct {
 	// ReplaySMTPAddr is Postfix's replay service (postfix.go): undomail's
 	// smtp.replay_upstream.
 	ReplaySMTPAddr string
+	// CaptureAddr is an address on Host nothing of the stack binds, three
+	// ports above SMTPAddr: for a proxy in front of Dovecot's LMTP
+	// (Options.Capture).
+	CaptureAddr string
 	// MailRoot holds the maildirs, at MailRoot/<user>/Maildir.
 	MailRoot string
 
@@ -268,6 +280,12 @@ func start(ctx context.Context, dir string, opts Options) (*Stack, error) {
 		return s, fmt.Errorf("start mail stack in %s: %w", dir, err)
 	}
 	relay := opts.LMTPRelay
+	if smtpPort, err := strconv.Atoi(port(s.SMTPAddr)); err == nil {
+		s.CaptureAddr = net.JoinHostPort(s.Host, strconv.Itoa(smtpPort+3))
+	}
+	if relay == "" && opts.Capture {
+		relay = s.CaptureAddr
+	}
 	if relay == "" {
 		relay = s.LMTPAddr
 	}

@@ -59,8 +59,9 @@ type Testbed struct {
 	Config config.Config
 }
 
-// Start starts Dovecot and Postfix, then undomail (its LMTP capture needs
-// Dovecot's LMTP to probe), then points Postfix's deliveries at undomail.
+// Start starts Dovecot and Postfix, Postfix delivering to the address
+// undomail's LMTP capture takes, then undomail (its capture needs
+// Dovecot's LMTP to probe).
 func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.Logger == nil {
 		o.Logger = slog.Default()
@@ -68,7 +69,8 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.SMTPListen == "" {
 		o.SMTPListen = "127.0.0.1:0"
 	}
-	so := mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve, Users: o.Users, Outside: o.Outside}
+	so := mailstack.Options{Dir: filepath.Join(o.Dir, "stack"), Logger: o.Logger, MailRoot: o.MailRoot, Sieve: o.Sieve, Users: o.Users, Outside: o.Outside,
+		Capture: true}
 	if o.OutboundDelay > 0 {
 		// Mail for other domains takes smtp with Outside, the stack's
 		// offsite stand-in without.
@@ -96,7 +98,9 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if o.ReplayThroughPostfix {
 		cfg.SMTP.ReplayUpstream = st.ReplaySMTPAddr
 	}
-	cfg.LMTP.Listen = "127.0.0.1:0"
+	// Postfix delivers to the capture's address from its start
+	// (mailstack.Options.Capture), not after a reload.
+	cfg.LMTP.Listen = st.CaptureAddr
 	cfg.LMTP.Upstream = st.LMTPAddr
 	cfg.IMAP.Listen = "127.0.0.1:0"
 	cfg.IMAP.Upstream = st.IMAPAddr
@@ -119,7 +123,8 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if tb.Daemon, err = daemon.Start(ctx, cfg, o.Logger); err != nil {
 		return nil, fmt.Errorf("start undomail: %w", err)
 	}
-	if tb.Daemon.LMTPAddr != nil {
+	if tb.Daemon.LMTPAddr != nil && tb.Daemon.LMTPAddr.String() != st.CaptureAddr {
+		// A tweak moved the capture: tell Postfix (a reload).
 		if err := st.SetLMTPRelay(ctx, tb.Daemon.LMTPAddr.String()); err != nil {
 			return nil, fmt.Errorf("point Postfix at undomail's LMTP capture: %w", err)
 		}
