@@ -123,7 +123,14 @@ func Start(ctx context.Context, o Options) (_ *Testbed, err error) {
 	if tb.Daemon, err = daemon.Start(ctx, cfg, o.Logger); err != nil {
 		return nil, fmt.Errorf("start undomail: %w", err)
 	}
-	if tb.Daemon.LMTPAddr != nil && tb.Daemon.LMTPAddr.String() != st.CaptureAddr {
+	switch {
+	case tb.Daemon.LMTPAddr == nil:
+		// A tweak turned the capture off: Postfix delivers to Dovecot (a
+		// reload).
+		if err := st.SetLMTPRelay(ctx, ""); err != nil {
+			return nil, fmt.Errorf("point Postfix at Dovecot's LMTP: %w", err)
+		}
+	case tb.Daemon.LMTPAddr.String() != st.CaptureAddr:
 		// A tweak moved the capture: tell Postfix (a reload).
 		if err := st.SetLMTPRelay(ctx, tb.Daemon.LMTPAddr.String()); err != nil {
 			return nil, fmt.Errorf("point Postfix at undomail's LMTP capture: %w", err)
