@@ -60,7 +60,7 @@ const DefaultInlineBlobMax = 128 << 10
 type Stats struct {
 	Records       int64 // records committed
 	Commits       int64 // successful transactions
-	Fsyncs        int64 // fsyncs of the WAL: durable commits plus deferred syncs
+	Fsyncs        int64 // fsyncs of the WAL, each covering every commit written before it
 	FailedCommits int64 // transactions that returned an error
 }
 
@@ -80,23 +80,29 @@ type Log struct {
 	headFile *os.File
 
 	// Used by the committer goroutine only.
-	wconn    *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
-	walFile  *os.File  // undo.db-wal, for deferred fsyncs
-	stmts    writerStmts
-	unsynced bool // a commit since the last fsync of the WAL
+	wconn *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
+	stmts writerStmts
 
-	mu      sync.Mutex
-	cond    *sync.Cond // signals the committer: queue non-empty or closed
-	queue   []*appendReq
-	closed  bool
-	failed  error // *FailedError once the log failed; sticky
-	syncDue bool  // SyncLag passed since an unsynced commit: fsync the WAL
-	timer   *time.Timer
-	headSeq int64
-	headSum [32]byte
-	stats   Stats
+	// Used by the syncer goroutine only (and Close after it ended).
+	walFile *os.File // undo.db-wal, fdatasynced by the syncer
 
-	committerDone chan struct{}
+	mu         sync.Mutex
+	cond       *sync.Cond // signals the committer: queue non-empty or closed
+	syncCond   *sync.Cond // signals the syncer: durable appends wait, a sync is due, or the committer ended
+	queue      []*appendReq
+	closed     bool
+	failed     error // *FailedError once the log failed; sticky
+	syncDue    bool  // SyncLag passed since an unsynced commit: fsync the WAL
+	timer      *time.Timer
+	headSeq    int64 // last record written (committed to the WAL, visible to readers)
+	headSum    [32]byte
+	syncedSeq  int64        // last record known durable (fdatasync of the WAL after it was written)
+	waitSync   []*appendReq // durable appends written, waiting for the syncer
+	writerDone bool         // the committer has ended: the syncer syncs what is left and ends
+	stats      Stats
+
+	committerDone chan struct{} // closed when the committer and the syncer have ended
+	syncerDone    chan struct{}
 
 	observer atomic.Pointer[AppendObserver] // see Observe (observe.go)
 }
@@ -137,8 +143,10 @@ func Open(dir string, opts Options) (*Log, error) {
 	case inline < 0:
 		inline = 0
 	}
-	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, inline: inline, committerDone: make(chan struct{})}
+	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, inline: inline,
+		committerDone: make(chan struct{}), syncerDone: make(chan struct{})}
 	l.cond = sync.NewCond(&l.mu)
+	l.syncCond = sync.NewCond(&l.mu)
 	if err := l.open(); err != nil {
 		if l.db != nil {
 			l.db.Close()
@@ -146,7 +154,9 @@ func Open(dir string, opts Options) (*Log, error) {
 		lock.Close()
 		return nil, fmt.Errorf("open undo log %s: %w", dir, err)
 	}
+	l.syncedSeq = l.headSeq
 	go l.committer()
+	go l.syncer()
 	return l, nil
 }
 
@@ -382,6 +392,10 @@ func (l *Log) Close() error {
 	}
 	l.closed = true
 	l.cond.Broadcast()
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
 	l.mu.Unlock()
 	<-l.committerDone
 	if l.headFile != nil {
@@ -426,7 +440,9 @@ func (l *Log) Stats() Stats {
 // Append durably logs recs, in order, with contiguous sequence numbers. It
 // returns nil only after they are committed and fsynced together with the
 // directory entries of the blobs they reference; then each record's Seq,
-// PrevSum, Sum and Time are filled in. Concurrent Appends share transactions.
+// PrevSum, Sum and Time are filled in. Concurrent Appends share
+// transactions, and every transaction written while one fsync runs shares
+// the next fsync (see committer and syncer).
 //
 // On error nothing of recs was committed, except when ctx ends first: then
 // Append returns ctx.Err() while the records may still be committed. Errors
@@ -510,26 +526,24 @@ func (l *Log) append(ctx context.Context, noSync bool, recs []*Record) error {
 }
 
 // committer is the single goroutine that writes records. Whatever queued up
-// while the previous transaction was being fsynced goes into the next one, so
-// under load many appends share one fsync (group commit) without any timer.
+// while the previous transaction was being written goes into the next one.
+// It never waits for an fsync: that is the syncer's job, so while the WAL
+// is being fsynced the next transactions are already written, and one
+// fsync makes all of them durable (group commit across every session and
+// both delivery hops, without any timer).
 func (l *Log) committer() {
 	defer close(l.committerDone)
 	for {
 		l.mu.Lock()
-		for len(l.queue) == 0 && !l.closed && !l.syncDue {
+		for len(l.queue) == 0 && !l.closed {
 			l.cond.Wait()
 		}
 		if len(l.queue) == 0 {
-			closed := l.closed
-			l.syncDue = false
+			l.writerDone = true
+			l.syncCond.Signal()
 			l.mu.Unlock()
-			if l.unsynced {
-				l.syncWAL()
-			}
-			if closed {
-				return
-			}
-			continue
+			<-l.syncerDone
+			return
 		}
 		var batch []*appendReq
 		n := 0
@@ -544,10 +558,11 @@ func (l *Log) committer() {
 	}
 }
 
-// commit writes one batch and wakes its callers.
+// commit writes one batch to the WAL. AppendNoSync callers are woken at
+// once; Append callers wait for the syncer's next fsync.
 func (l *Log) commit(batch []*appendReq) {
-	finish := func(err error) {
-		for _, req := range batch {
+	finish := func(reqs []*appendReq, err error) {
+		for _, req := range reqs {
 			req.err = err
 			close(req.done)
 		}
@@ -557,17 +572,11 @@ func (l *Log) commit(batch []*appendReq) {
 	seq, sum := l.headSeq, l.headSum
 	l.mu.Unlock()
 	if failed != nil {
-		finish(fmt.Errorf("append to undo log %s: %w", l.dir, failed))
+		finish(batch, fmt.Errorf("append to undo log %s: %w", l.dir, failed))
 		return
 	}
 
 	first := seq + 1
-	// One durable request makes the whole batch durable; a batch of
-	// AppendNoSync requests only is written without an fsync.
-	needSync := false
-	for _, req := range batch {
-		needSync = needSync || !req.noSync
-	}
 	dirs := make(map[string]bool)
 	for _, req := range batch {
 		for i := range req.recs {
@@ -583,37 +592,78 @@ func (l *Log) commit(batch []*appendReq) {
 	}
 
 	start := time.Now()
-	err := l.write(batch, dirs, needSync)
-	if err != nil {
-		err = l.commitFailed(first, seq, err)
-		finish(err)
+	if err := l.write(batch, dirs); err != nil {
+		finish(batch, l.commitFailed(first, seq, err))
 		return
+	}
+	var now, later []*appendReq
+	for _, req := range batch {
+		if req.noSync {
+			now = append(now, req)
+		} else {
+			later = append(later, req)
+		}
 	}
 	l.mu.Lock()
 	l.headSeq, l.headSum = seq, sum
 	l.stats.Records += seq - first + 1
 	l.stats.Commits++
-	if needSync {
-		l.stats.Fsyncs++
-	} else if l.timer == nil {
+	if len(later) > 0 {
+		l.waitSync = append(l.waitSync, later...)
+		l.syncCond.Signal()
+	} else if l.timer == nil && !l.closed {
 		l.timer = time.AfterFunc(SyncLag, func() {
 			l.mu.Lock()
 			l.syncDue, l.timer = true, nil
-			l.cond.Signal()
+			l.syncCond.Signal()
 			l.mu.Unlock()
 		})
 	}
 	l.mu.Unlock()
-	// HEAD names only durable records: it must never lead what a power
-	// failure leaves on disk, or Open would call the log truncated.
-	if needSync {
-		l.unsynced = false
-		l.writeHead(seq, sum)
-	} else {
-		l.unsynced = true
-	}
 	l.logger.Debug("committed", "first_seq", first, "seq", seq, "records", seq-first+1, "duration", time.Since(start))
-	finish(nil)
+	finish(now, nil)
+}
+
+// syncer is the goroutine that makes written records durable: it fdatasyncs
+// the WAL whenever an Append waits (or SyncLag passed since an AppendNoSync),
+// covering every transaction written before the fsync began, then wakes the
+// Appends it covered and updates HEAD. A transaction's frames are in the
+// WAL file once its COMMIT returned, and an fdatasync that starts after
+// that makes them durable (the contract synchronous=FULL relies on too).
+func (l *Log) syncer() {
+	defer close(l.syncerDone)
+	for {
+		l.mu.Lock()
+		for len(l.waitSync) == 0 && !(l.syncDue && l.syncedSeq < l.headSeq) && !l.writerDone {
+			l.syncCond.Wait()
+		}
+		waiters := l.waitSync
+		l.waitSync = nil
+		l.syncDue = false
+		done := l.writerDone
+		seq, sum, synced, failed := l.headSeq, l.headSum, l.syncedSeq, l.failed
+		l.mu.Unlock()
+
+		var err error
+		switch {
+		case failed != nil:
+			err = fmt.Errorf("append to undo log %s: %w", l.dir, failed)
+		case seq > synced:
+			err = l.syncWAL(seq, sum)
+		}
+		for _, req := range waiters {
+			req.err = err
+			close(req.done)
+		}
+		if done {
+			l.mu.Lock()
+			left := len(l.waitSync) > 0
+			l.mu.Unlock()
+			if !left {
+				return
+			}
+		}
+	}
 }
 
 // commitFailed classifies a failed commit of records first..last and returns
@@ -661,10 +711,10 @@ func (l *Log) checkDBTail() error {
 }
 
 // write fsyncs the blob directories the batch references, then inserts the
-// records in one transaction. The directory fsync makes each blob's name
+// records in one transaction, without an fsync of the WAL (the syncer's). The directory fsync makes each blob's name
 // durable before any record naming it is; blob content was fsynced by
 // BlobWriter.Commit.
-func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) error {
+func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 	for d := range dirs {
 		if err := syncDir(filepath.Join(l.dir, blobsName, d)); err != nil {
 			return err
@@ -706,9 +756,6 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 		return fmt.Errorf("commit: %w", err)
 	}
 	committed = true
-	if durable {
-		return l.syncWALFile()
-	}
 	return nil
 }
 
@@ -759,33 +806,34 @@ func (l *Log) prepareWriter(ctx context.Context) error {
 	return nil
 }
 
+// syncWAL makes every record up to seq durable and names it in HEAD. A
+// failed fsync fails the log: what reached the disk is unknown.
+func (l *Log) syncWAL(seq int64, sum [32]byte) error {
+	if err := l.syncWALFile(); err != nil {
+		l.logger.Error("fsync of the undo log failed; the log is failed", "seq", seq, "err", err)
+		l.mu.Lock()
+		l.stats.FailedCommits++
+		if l.failed == nil {
+			l.failed = &FailedError{Cause: fmt.Errorf("records up to %d: %w", seq, err)}
+		}
+		failed := l.failed
+		l.mu.Unlock()
+		return fmt.Errorf("append to undo log %s: %w", l.dir, failed)
+	}
+	l.mu.Lock()
+	l.syncedSeq = seq
+	l.stats.Fsyncs++
+	l.mu.Unlock()
+	// HEAD names only durable records: it must never lead what a power
+	// failure leaves on disk, or Open would call the log truncated.
+	l.writeHead(seq, sum)
+	return nil
+}
+
 // writeHead replaces DIR/HEAD with the given tail. It is written only after
 // the commit is durable and deliberately not fsynced: see checkHead for why a
 // lagging HEAD is safe. A failure only costs the truncation check some
 // precision, so it is logged, not returned.
-// syncWAL makes records written by AppendNoSync durable when no durable
-// commit came along within SyncLag.
-func (l *Log) syncWAL() {
-	l.mu.Lock()
-	seq, sum := l.headSeq, l.headSum
-	l.mu.Unlock()
-	var err error
-	if err = l.syncWALFile(); err != nil {
-		l.logger.Error("deferred fsync of the undo log failed; the log is failed", "seq", seq, "err", err)
-		l.mu.Lock()
-		if l.failed == nil {
-			l.failed = &FailedError{Cause: err}
-		}
-		l.mu.Unlock()
-		return
-	}
-	l.unsynced = false
-	l.mu.Lock()
-	l.stats.Fsyncs++
-	l.mu.Unlock()
-	l.writeHead(seq, sum)
-}
-
 func (l *Log) writeHead(seq int64, sum [32]byte) {
 	// HEAD is overwritten in place through a file kept open: a create and
 	// rename per commit cost more than the commit itself on a busy ext4.
