@@ -405,7 +405,7 @@ func (l *Log) Close() error {
 		l.walFile.Close()
 	}
 	if l.wconn != nil {
-		for _, st := range []*sql.Stmt{l.stmts.ins, l.stmts.insBlob, l.stmts.insUser} {
+		for _, st := range []*sql.Stmt{l.stmts.ins, l.stmts.insBlob, l.stmts.insDelta, l.stmts.insUser} {
 			if st != nil {
 				st.Close()
 			}
@@ -482,7 +482,7 @@ func (l *Log) append(ctx context.Context, noSync bool, recs []*Record) error {
 		c.Users = slices.Clone(c.Users)
 		c.Args = slices.Clone(c.Args)
 		c.Outcome = slices.Clone(c.Outcome)
-		if c.Blob != "" && c.inline == nil {
+		if c.Blob != "" && c.inline == nil && c.delta == nil {
 			if err := l.blobStored(c.Blob); err != nil {
 				return fmt.Errorf("append %s to undo log %s: blob %s: %w", c.Kind, l.dir, c.Blob, err)
 			}
@@ -585,7 +585,12 @@ func (l *Log) commit(batch []*appendReq) {
 			r.Seq, r.PrevSum = seq, sum
 			r.Sum = r.computeSum()
 			sum = r.Sum
-			if r.Blob != "" && r.inline == nil {
+			switch {
+			case r.delta != nil:
+				if r.delta.baseFile {
+					dirs[r.delta.base[:2]] = true
+				}
+			case r.Blob != "" && r.inline == nil:
 				dirs[r.Blob[:2]] = true
 			}
 		}
@@ -732,7 +737,7 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 			l.wconn.ExecContext(ctx, "ROLLBACK")
 		}
 	}()
-	ins, insBlob, insUser := l.stmts.ins, l.stmts.insBlob, l.stmts.insUser
+	ins, insBlob, insDelta, insUser := l.stmts.ins, l.stmts.insBlob, l.stmts.insDelta, l.stmts.insUser
 	for _, req := range batch {
 		for i := range req.recs {
 			r := &req.recs[i]
@@ -743,6 +748,11 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 			if r.inline != nil {
 				if _, err := insBlob.ExecContext(ctx, r.Blob, r.inline); err != nil {
 					return fmt.Errorf("insert blob %s of record %d: %w", r.Blob, r.Seq, err)
+				}
+			}
+			if d := r.delta; d != nil {
+				if _, err := insDelta.ExecContext(ctx, r.Blob, d.base, d.prefix); err != nil {
+					return fmt.Errorf("insert delta blob %s of record %d: %w", r.Blob, r.Seq, err)
 				}
 			}
 			for _, u := range r.usersKey() {
@@ -781,7 +791,7 @@ func (l *Log) syncWALFile() error {
 
 // writerStmts are the committer's prepared statements on Log.wconn.
 type writerStmts struct {
-	ins, insBlob, insUser *sql.Stmt
+	ins, insBlob, insDelta, insUser *sql.Stmt
 }
 
 func (l *Log) prepareWriter(ctx context.Context) error {
@@ -800,6 +810,7 @@ func (l *Log) prepareWriter(ctx context.Context) error {
 	l.stmts.insUser = prep(`INSERT INTO record_users (user, seq) VALUES (?, ?)`)
 	// A blob already stored (the same message twice) is kept: dedup.
 	l.stmts.insBlob = prep(`INSERT OR IGNORE INTO inline_blobs (sha, data) VALUES (?, ?)`)
+	l.stmts.insDelta = prep(`INSERT OR IGNORE INTO blob_deltas (sha, base, prefix) VALUES (?, ?, ?)`)
 	if err != nil {
 		return fmt.Errorf("prepare writer statements: %w", err)
 	}
