@@ -309,9 +309,12 @@ type transaction struct {
 	utf8     bool
 	rcpts    []string
 	rejected []verb.RcptReply
-	chunks   *chunkSpool // BDAT chunks so far
-	undoID   string      // minted before the message is complete (BDAT at the front door)
-	upOpen   bool        // the upstream is inside DATA already (it gave its own go-ahead)
+	chunks   *chunkSpool     // BDAT chunks so far
+	undoID   string          // minted before the message is complete (BDAT at the front door)
+	upOpen   bool            // the upstream is inside DATA already (it gave its own go-ahead)
+	linked   bool            // submission looked up for linkID (LMTP)
+	linkID   string          // the undo id looked up
+	sub      *undolog.Record // the front door's smtp.submit with that id, nil if none
 }
 
 // chunkSpool collects the chunks of one BDAT transaction (RFC 3030).
