@@ -99,10 +99,15 @@ type Log struct {
 	syncedSeq  int64        // last record known durable (fdatasync of the WAL after it was written)
 	waitSync   []*appendReq // durable appends written, waiting for the syncer
 	writerDone bool         // the committer has ended: the syncer syncs what is left and ends
+	syncing    bool         // the syncer is in an fsync
 	stats      Stats
 
-	committerDone chan struct{} // closed when the committer and the syncer have ended
+	sinceCkpt int // commits since the last checkpoint was started
+
+	committerDone chan struct{} // closed when the committer, the syncer and the checkpointer have ended
 	syncerDone    chan struct{}
+	ckpt          chan struct{} // wakes the checkpointer; closed by the syncer as it ends
+	ckptDone      chan struct{}
 
 	observer atomic.Pointer[AppendObserver] // see Observe (observe.go)
 }
@@ -144,7 +149,8 @@ func Open(dir string, opts Options) (*Log, error) {
 		inline = 0
 	}
 	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, inline: inline,
-		committerDone: make(chan struct{}), syncerDone: make(chan struct{})}
+		committerDone: make(chan struct{}), syncerDone: make(chan struct{}),
+		ckpt: make(chan struct{}, 1), ckptDone: make(chan struct{})}
 	l.cond = sync.NewCond(&l.mu)
 	l.syncCond = sync.NewCond(&l.mu)
 	if err := l.open(); err != nil {
@@ -157,6 +163,7 @@ func Open(dir string, opts Options) (*Log, error) {
 	l.syncedSeq = l.headSeq
 	go l.committer()
 	go l.syncer()
+	go l.checkpointer()
 	return l, nil
 }
 
@@ -207,6 +214,13 @@ func (l *Log) open() error {
 	// Commits are made durable by syncWALFile; see there.
 	if _, err := l.wconn.ExecContext(ctx, "PRAGMA synchronous=NORMAL"); err != nil {
 		return fmt.Errorf("set synchronous=NORMAL on the writer: %w", err)
+	}
+	// The checkpointer copies the WAL into the database beside the
+	// commits; SQLite's automatic checkpoint would run inside a commit
+	// and stall every append behind it (https://www.sqlite.org/wal.html,
+	// "Automatic Checkpoint").
+	if _, err := l.wconn.ExecContext(ctx, "PRAGMA wal_autocheckpoint=0"); err != nil {
+		return fmt.Errorf("turn off automatic checkpoints on the writer: %w", err)
 	}
 	if err := l.prepareWriter(ctx); err != nil {
 		return err
@@ -535,7 +549,11 @@ func (l *Log) committer() {
 	defer close(l.committerDone)
 	for {
 		l.mu.Lock()
-		for len(l.queue) == 0 && !l.closed {
+		for !l.closed && (len(l.queue) == 0 || l.syncing && !anyNoSync(l.queue)) {
+			// Durable appends that queue during an fsync wait for the
+			// next one anyway: they are written together when it starts,
+			// one transaction instead of one each (each transaction
+			// writes whole pages of every index it touches to the WAL).
 			l.cond.Wait()
 		}
 		if len(l.queue) == 0 {
@@ -556,6 +574,40 @@ func (l *Log) committer() {
 		l.mu.Unlock()
 		l.commit(batch)
 	}
+}
+
+// ckptEvery is how many commits the WAL takes between checkpoints, about
+// SQLite's default of 1000 WAL pages at a few pages per commit.
+const ckptEvery = 300
+
+// checkpointer copies committed WAL content into the database file when
+// the syncer asks, on a connection of its own, so that appends never wait
+// for it: a PASSIVE checkpoint runs beside the writer and copies what no
+// reader still needs (https://www.sqlite.org/c3ref/wal_checkpoint_v2.html).
+// It only ever moves content that is durable in the WAL already.
+func (l *Log) checkpointer() {
+	defer close(l.ckptDone)
+	for range l.ckpt {
+		start := time.Now()
+		var busy, frames, copied int
+		err := l.db.QueryRow("PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied)
+		if err != nil {
+			l.logger.Warn("checkpoint of the undo log failed; the WAL grows until the next one", "err", err)
+			continue
+		}
+		l.logger.Debug("checkpointed", "wal_frames", frames, "copied", copied, "duration", time.Since(start))
+	}
+}
+
+// anyNoSync reports whether an AppendNoSync waits in q: it is written at
+// once, whatever the syncer does.
+func anyNoSync(q []*appendReq) bool {
+	for _, r := range q {
+		if r.noSync {
+			return true
+		}
+	}
+	return false
 }
 
 // commit writes one batch to the WAL. AppendNoSync callers are woken at
@@ -613,6 +665,7 @@ func (l *Log) commit(batch []*appendReq) {
 	l.headSeq, l.headSum = seq, sum
 	l.stats.Records += seq - first + 1
 	l.stats.Commits++
+	l.sinceCkpt++
 	if len(later) > 0 {
 		l.waitSync = append(l.waitSync, later...)
 		l.syncCond.Signal()
@@ -637,6 +690,10 @@ func (l *Log) commit(batch []*appendReq) {
 // that makes them durable (the contract synchronous=FULL relies on too).
 func (l *Log) syncer() {
 	defer close(l.syncerDone)
+	defer func() {
+		close(l.ckpt)
+		<-l.ckptDone
+	}()
 	for {
 		l.mu.Lock()
 		for len(l.waitSync) == 0 && !(l.syncDue && l.syncedSeq < l.headSeq) && !l.writerDone {
@@ -647,6 +704,7 @@ func (l *Log) syncer() {
 		l.syncDue = false
 		done := l.writerDone
 		seq, sum, synced, failed := l.headSeq, l.headSum, l.syncedSeq, l.failed
+		l.syncing = failed == nil && seq > synced
 		l.mu.Unlock()
 
 		var err error
@@ -656,6 +714,19 @@ func (l *Log) syncer() {
 		case seq > synced:
 			err = l.syncWAL(seq, sum)
 		}
+		l.mu.Lock()
+		if l.syncing {
+			l.syncing = false
+			l.cond.Signal() // durable appends may be waiting to be written
+		}
+		if err == nil && l.sinceCkpt >= ckptEvery {
+			l.sinceCkpt = 0
+			select {
+			case l.ckpt <- struct{}{}:
+			default: // one is running; the next sync asks again
+			}
+		}
+		l.mu.Unlock()
 		for _, req := range waiters {
 			req.err = err
 			close(req.done)
