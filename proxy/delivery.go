@@ -193,29 +193,27 @@ func (s *smtpSession) commitBlob(w *undolog.BlobWriter, hdr verb.HeaderInfo) (un
 	if !s.p.cfg.LMTP || len(hdr.PriorIDs) == 0 {
 		return w.Commit()
 	}
-	sub, err := s.submission(context.Background(), hdr.PriorIDs[0])
-	if err != nil || sub == nil || sub.Blob == "" {
+	seq, blob, err := s.submission(context.Background(), hdr.PriorIDs[0])
+	if err != nil || seq == 0 || blob == "" {
 		// A failed look-up fails the delivery in linkSubmission.
 		return w.Commit()
 	}
-	return w.CommitDelta(sub.Blob)
+	return w.CommitDelta(blob)
 }
 
-// submission returns the front door's smtp.submit record with undo id id,
-// nil if there is none; looked up once per transaction.
-func (s *smtpSession) submission(ctx context.Context, id string) (*undolog.Record, error) {
+// submission returns the seq and blob of the front door's smtp.submit
+// record with undo id id, 0 if there is none; looked up once per
+// transaction.
+func (s *smtpSession) submission(ctx context.Context, id string) (int64, string, error) {
 	if s.tx.linked && s.tx.linkID == id {
-		return s.tx.sub, nil
+		return s.tx.subSeq, s.tx.subBlob, nil
 	}
-	recs, err := s.p.log.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{verb.KindSMTPSubmit}, Limit: 1})
+	seq, blob, _, err := s.p.log.FirstByUndoID(ctx, id, verb.KindSMTPSubmit)
 	if err != nil {
-		return nil, err
+		return 0, "", err
 	}
-	s.tx.linked, s.tx.linkID, s.tx.sub = true, id, nil
-	if len(recs) == 1 {
-		s.tx.sub = &recs[0]
-	}
-	return s.tx.sub, nil
+	s.tx.linked, s.tx.linkID, s.tx.subSeq, s.tx.subBlob = true, id, seq, blob
+	return seq, blob, nil
 }
 
 // logFailure is the reply when the log cannot take a message.
@@ -602,12 +600,12 @@ func (s *smtpSession) linkSubmission(ctx context.Context, args *verb.DeliveryArg
 		return nil
 	}
 	id := args.Header.PriorIDs[0]
-	sub, err := s.submission(ctx, id)
+	seq, _, err := s.submission(ctx, id)
 	if err != nil {
 		return err
 	}
-	if sub != nil {
-		args.UndoID, args.Submission = id, sub.Seq
+	if seq != 0 {
+		args.UndoID, args.Submission = id, seq
 	}
 	return nil
 }

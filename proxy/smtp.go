@@ -309,12 +309,13 @@ type transaction struct {
 	utf8     bool
 	rcpts    []string
 	rejected []verb.RcptReply
-	chunks   *chunkSpool     // BDAT chunks so far
-	undoID   string          // minted before the message is complete (BDAT at the front door)
-	upOpen   bool            // the upstream is inside DATA already (it gave its own go-ahead)
-	linked   bool            // submission looked up for linkID (LMTP)
-	linkID   string          // the undo id looked up
-	sub      *undolog.Record // the front door's smtp.submit with that id, nil if none
+	chunks   *chunkSpool // BDAT chunks so far
+	undoID   string      // minted before the message is complete (BDAT at the front door)
+	upOpen   bool        // the upstream is inside DATA already (it gave its own go-ahead)
+	linked   bool        // submission looked up for linkID (LMTP)
+	linkID   string      // the undo id looked up
+	subSeq   int64       // the front door's smtp.submit with that id, 0 if none
+	subBlob  string      // and its blob
 }
 
 // chunkSpool collects the chunks of one BDAT transaction (RFC 3030).

@@ -79,3 +79,38 @@ func TestFilterByUndoID(t *testing.T) {
 		t.Fatalf("records with undo id A = %+v, want seqs 1 and 5", recs)
 	}
 }
+
+// TestFirstByUndoID finds the first record of a kind by the undo id in its
+// arguments, as Records with that filter would, and reports none found.
+func TestFirstByUndoID(t *testing.T) {
+	l := openTest(t, t.TempDir())
+	defer l.Close()
+	ref, err := storeBlob(l, []byte("message"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*Record{
+		{Kind: "lmtp.deliver", Args: []byte(`{"undo_id":"A"}`)},
+		{Kind: "smtp.submit", Args: []byte(`{"undo_id":"B"}`)},
+		{Kind: "smtp.submit", Args: []byte(`{"undo_id":"A"}`), Blob: ref.SHA256},
+		{Kind: "smtp.submit", Args: []byte(`{"undo_id":"A"}`)},
+	} {
+		if r.Blob == "" {
+			if err := l.Append(context.Background(), r); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		r.AttachBlob(ref)
+		if err := l.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seq, blob, ok, err := l.FirstByUndoID(context.Background(), "A", "smtp.submit")
+	if err != nil || !ok || seq != 3 || blob != ref.SHA256 {
+		t.Fatalf("FirstByUndoID(A, smtp.submit) = %d %q %v %v, want record 3 and its blob", seq, blob, ok, err)
+	}
+	if _, _, ok, err := l.FirstByUndoID(context.Background(), "C", "smtp.submit"); ok || err != nil {
+		t.Fatalf("FirstByUndoID of an unknown id: ok %v, %v", ok, err)
+	}
+}
