@@ -2,6 +2,8 @@ package undolog
 
 import (
 	"context"
+	"database/sql"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -112,5 +114,47 @@ func TestFirstByUndoID(t *testing.T) {
 	}
 	if _, _, ok, err := l.FirstByUndoID(context.Background(), "C", "smtp.submit"); ok || err != nil {
 		t.Fatalf("FirstByUndoID of an unknown id: ok %v, %v", ok, err)
+	}
+}
+
+// TestPageSize: a new log's database gets pageSize pages; an existing one
+// keeps its own.
+func TestPageSize(t *testing.T) {
+	pageSizeOf := func(l *Log) int {
+		var n int
+		if err := l.db.QueryRow("PRAGMA page_size").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	dir := t.TempDir()
+	l := openTest(t, dir)
+	if err := l.Append(context.Background(), &Record{Kind: "smtp.submit"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := pageSizeOf(l); got != pageSize {
+		t.Fatalf("new log: page_size %d, want %d", got, pageSize)
+	}
+	l.Close()
+	l = openTest(t, dir)
+	if got := pageSizeOf(l); got != pageSize {
+		t.Fatalf("reopened log: page_size %d, want %d", got, pageSize)
+	}
+	l.Close()
+
+	// A log created with SQLite's default page size keeps it.
+	old := t.TempDir()
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(old, dbName)+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec("PRAGMA page_size=4096; CREATE TABLE x(y)"); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	l = openTest(t, old)
+	defer l.Close()
+	if got := pageSizeOf(l); got != 4096 {
+		t.Fatalf("existing log: page_size %d, want its own 4096", got)
 	}
 }

@@ -192,6 +192,9 @@ func (l *Log) open() error {
 		return fmt.Errorf("blob store not writable: %w", wrapOpen(err))
 	}
 
+	if err := createDB(filepath.Join(l.dir, dbName)); err != nil {
+		return wrapOpen(err)
+	}
 	dsn := "file:" + escapeDSNPath(filepath.Join(l.dir, dbName)) +
 		"?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=5000&_txlock=immediate"
 	db, err := sql.Open("sqlite3", dsn)
@@ -241,6 +244,40 @@ func (l *Log) open() error {
 		l.headSeq, l.headSum = last.Seq, last.Sum
 	}
 	return l.checkHead(ctx)
+}
+
+// pageSize is the page size of a new log's database. Every commit writes
+// each page it changed whole to the WAL, and a commit of one record
+// changes a page of the records table and of each index: with SQLite's
+// default 4 KiB pages a logged delivery (intent with a 4 KiB message, and
+// outcome) cost about 49 KB of disk writes for about 5 KB of log
+// (BenchmarkDelivery, disk-bytes/op). 2 KiB pages cost about 31 KB and
+// keep the log the same size (TestLogSizing); 1 KiB pages cost 23 KB but
+// grow the log by 7-8% (more page headers), so 2 KiB
+// (https://www.sqlite.org/pragma.html#pragma_page_size). Logs created
+// before keep their page size.
+const pageSize = 2048
+
+// createDB creates a new log's database file with pageSize pages, which
+// can only be chosen before the first table is written (and before WAL
+// mode, which the regular connections switch on, fixes it). An existing
+// file is left alone.
+func createDB(path string) error {
+	if _, err := os.Stat(path); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	db, err := sql.Open("sqlite3", "file:"+escapeDSNPath(path))
+	if err != nil {
+		return fmt.Errorf("create database: %w", err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	for _, q := range []string{"PRAGMA page_size=" + strconv.Itoa(pageSize), "PRAGMA journal_mode=WAL"} {
+		if _, err := db.Exec(q); err != nil {
+			return fmt.Errorf("create database %s: %s: %w", path, q, err)
+		}
+	}
+	return nil
 }
 
 // checkPragmas makes sure the durability settings really took effect: a file
