@@ -134,6 +134,7 @@ func (s *smtpSession) receive(goAhead []byte, upOpen bool) error {
 	}
 	var fail *verb.Reply
 	var ref undolog.BlobRef
+	hdr := sniff.info()
 	switch {
 	case w == nil:
 		fail = logFailure(err)
@@ -141,7 +142,7 @@ func (s *smtpSession) receive(goAhead []byte, upOpen bool) error {
 		w.Abort()
 		fail = &replyTooBig
 	default:
-		if ref, err = w.Commit(); err != nil {
+		if ref, err = s.commitBlob(w, hdr); err != nil {
 			s.logger.Error("commit blob failed", "err", err)
 			fail = logFailure(err)
 		}
@@ -152,7 +153,7 @@ func (s *smtpSession) receive(goAhead []byte, upOpen bool) error {
 		s.tx.reset()
 		return nil
 	}
-	s.deliver(ref, sniff.info(), func(u *upstreamConn, trace []byte, src io.Reader) error {
+	s.deliver(ref, hdr, func(u *upstreamConn, trace []byte, src io.Reader) error {
 		if !upOpen {
 			raw, rep, err := u.command([]byte("DATA\r\n"))
 			if err != nil {
@@ -182,6 +183,38 @@ type errRefused struct {
 }
 
 func (e *errRefused) Error() string { return e.rep.String() }
+
+// commitBlob commits a spooled message. The LMTP capture stores a message
+// that came through the front door as the lines Postfix added before the
+// front door's logged copy and a reference to it (undolog's
+// BlobWriter.CommitDelta): one copy of a message's bytes in the log across
+// both hops. A message Postfix changed otherwise is stored whole.
+func (s *smtpSession) commitBlob(w *undolog.BlobWriter, hdr verb.HeaderInfo) (undolog.BlobRef, error) {
+	if !s.p.cfg.LMTP || len(hdr.PriorIDs) == 0 {
+		return w.Commit()
+	}
+	seq, blob, err := s.submission(context.Background(), hdr.PriorIDs[0])
+	if err != nil || seq == 0 || blob == "" {
+		// A failed look-up fails the delivery in linkSubmission.
+		return w.Commit()
+	}
+	return w.CommitDelta(blob)
+}
+
+// submission returns the seq and blob of the front door's smtp.submit
+// record with undo id id, 0 if there is none; looked up once per
+// transaction.
+func (s *smtpSession) submission(ctx context.Context, id string) (int64, string, error) {
+	if s.tx.linked && s.tx.linkID == id {
+		return s.tx.subSeq, s.tx.subBlob, nil
+	}
+	seq, blob, _, err := s.p.log.FirstByUndoID(ctx, id, verb.KindSMTPSubmit)
+	if err != nil {
+		return 0, "", err
+	}
+	s.tx.linked, s.tx.linkID, s.tx.subSeq, s.tx.subBlob = true, id, seq, blob
+	return seq, blob, nil
+}
 
 // logFailure is the reply when the log cannot take a message.
 func logFailure(err error) *verb.Reply {
@@ -344,8 +377,9 @@ func (s *smtpSession) bdat(line []byte) error {
 	}
 	var ref undolog.BlobRef
 	var err error
+	hdr := c.sniff.info()
 	if c.fail == nil {
-		if ref, err = c.w.Commit(); err != nil {
+		if ref, err = s.commitBlob(c.w, hdr); err != nil {
 			s.logger.Error("commit blob failed", "err", err)
 			c.fail = logFailure(err)
 		}
@@ -357,7 +391,6 @@ func (s *smtpSession) bdat(line []byte) error {
 		return nil
 	}
 	c.w = nil
-	hdr := c.sniff.info()
 	s.deliver(ref, hdr, func(u *upstreamConn, trace []byte, src io.Reader) error {
 		if relay {
 			// The trace header and the chunks before this one are
@@ -567,12 +600,12 @@ func (s *smtpSession) linkSubmission(ctx context.Context, args *verb.DeliveryArg
 		return nil
 	}
 	id := args.Header.PriorIDs[0]
-	recs, err := s.p.log.Records(ctx, undolog.Filter{UndoID: id, Kinds: []string{verb.KindSMTPSubmit}, Limit: 1})
+	seq, _, err := s.submission(ctx, id)
 	if err != nil {
 		return err
 	}
-	if len(recs) == 1 {
-		args.UndoID, args.Submission = id, recs[0].Seq
+	if seq != 0 {
+		args.UndoID, args.Submission = id, seq
 	}
 	return nil
 }

@@ -312,6 +312,10 @@ type transaction struct {
 	chunks   *chunkSpool // BDAT chunks so far
 	undoID   string      // minted before the message is complete (BDAT at the front door)
 	upOpen   bool        // the upstream is inside DATA already (it gave its own go-ahead)
+	linked   bool        // submission looked up for linkID (LMTP)
+	linkID   string      // the undo id looked up
+	subSeq   int64       // the front door's smtp.submit with that id, 0 if none
+	subBlob  string      // and its blob
 }
 
 // chunkSpool collects the chunks of one BDAT transaction (RFC 3030).

@@ -292,6 +292,17 @@ func TestDeliveryIsLoggedAndTraced(t *testing.T) {
 	if string(b) != message("traced", msgID) {
 		t.Fatalf("blob = %q, want the message as sent", b)
 	}
+	// The delivery's blob is the message as Postfix handed it to the
+	// capture: its lines, the trace header, the message as sent. The log
+	// keeps it as a delta of the submission's blob (undolog CommitDelta)
+	// and reads it back whole.
+	d, err := tb.Daemon.Log.ReadBlob(deliver.Blob)
+	if err != nil {
+		t.Fatalf("read the delivery's blob: %v", err)
+	}
+	if want := verb.TraceHeader + ": " + sa.UndoID + "\r\n" + message("traced", msgID); !strings.HasSuffix(string(d), want) || !strings.HasPrefix(string(d), "Received: ") {
+		t.Fatalf("delivery blob = %q, want Postfix's Received line, the trace header and the message as sent", d)
+	}
 }
 
 // TestLMTPPerRecipientReplies sends one LMTP transaction for three

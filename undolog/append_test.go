@@ -2,6 +2,8 @@ package undolog
 
 import (
 	"context"
+	"database/sql"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -77,5 +79,82 @@ func TestFilterByUndoID(t *testing.T) {
 	}
 	if len(recs) != 2 || recs[0].Seq != 1 || recs[1].Seq != 5 {
 		t.Fatalf("records with undo id A = %+v, want seqs 1 and 5", recs)
+	}
+}
+
+// TestFirstByUndoID finds the first record of a kind by the undo id in its
+// arguments, as Records with that filter would, and reports none found.
+func TestFirstByUndoID(t *testing.T) {
+	l := openTest(t, t.TempDir())
+	defer l.Close()
+	ref, err := storeBlob(l, []byte("message"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range []*Record{
+		{Kind: "lmtp.deliver", Args: []byte(`{"undo_id":"A"}`)},
+		{Kind: "smtp.submit", Args: []byte(`{"undo_id":"B"}`)},
+		{Kind: "smtp.submit", Args: []byte(`{"undo_id":"A"}`), Blob: ref.SHA256},
+		{Kind: "smtp.submit", Args: []byte(`{"undo_id":"A"}`)},
+	} {
+		if r.Blob == "" {
+			if err := l.Append(context.Background(), r); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		r.AttachBlob(ref)
+		if err := l.Append(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seq, blob, ok, err := l.FirstByUndoID(context.Background(), "A", "smtp.submit")
+	if err != nil || !ok || seq != 3 || blob != ref.SHA256 {
+		t.Fatalf("FirstByUndoID(A, smtp.submit) = %d %q %v %v, want record 3 and its blob", seq, blob, ok, err)
+	}
+	if _, _, ok, err := l.FirstByUndoID(context.Background(), "C", "smtp.submit"); ok || err != nil {
+		t.Fatalf("FirstByUndoID of an unknown id: ok %v, %v", ok, err)
+	}
+}
+
+// TestPageSize: a new log's database gets pageSize pages; an existing one
+// keeps its own.
+func TestPageSize(t *testing.T) {
+	pageSizeOf := func(l *Log) int {
+		var n int
+		if err := l.db.QueryRow("PRAGMA page_size").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	dir := t.TempDir()
+	l := openTest(t, dir)
+	if err := l.Append(context.Background(), &Record{Kind: "smtp.submit"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := pageSizeOf(l); got != pageSize {
+		t.Fatalf("new log: page_size %d, want %d", got, pageSize)
+	}
+	l.Close()
+	l = openTest(t, dir)
+	if got := pageSizeOf(l); got != pageSize {
+		t.Fatalf("reopened log: page_size %d, want %d", got, pageSize)
+	}
+	l.Close()
+
+	// A log created with SQLite's default page size keeps it.
+	old := t.TempDir()
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(old, dbName)+"?_journal_mode=WAL")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec("PRAGMA page_size=4096; CREATE TABLE x(y)"); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	l = openTest(t, old)
+	defer l.Close()
+	if got := pageSizeOf(l); got != 4096 {
+		t.Fatalf("existing log: page_size %d, want its own 4096", got)
 	}
 }

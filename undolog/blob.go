@@ -23,11 +23,34 @@ type BlobRef struct {
 	// inline is the content of a blob small enough to live in the
 	// database; it is stored with the record it is attached to.
 	inline []byte
+	// delta, if set, stores the blob as a prefix and a stored base blob
+	// (CommitDelta); it is stored with the record like inline.
+	delta *blobDelta
 }
+
+// blobDelta is a blob stored as prefix + the content of blob base.
+type blobDelta struct {
+	base     string
+	baseFile bool // base is a file blob: its directory entry is made durable with the record
+	prefix   []byte
+}
+
+// maxDeltaPrefix bounds the bytes a delta blob stores before its base: a
+// delivering server's added header lines, never a message.
+const maxDeltaPrefix = 64 << 10
 
 // Inline reports whether the blob is stored in the database with its
 // record rather than as a file.
-func (r BlobRef) Inline() bool { return r.inline != nil }
+func (r BlobRef) Inline() bool { return r.inline != nil || r.delta != nil }
+
+// Delta reports whether the blob is stored as the bytes before another
+// blob (CommitDelta), and which one.
+func (r BlobRef) Delta() (base string, ok bool) {
+	if r.delta == nil {
+		return "", false
+	}
+	return r.delta.base, true
+}
 
 // BlobWriter streams one blob into the store. Write hashes as it goes;
 // Commit makes the blob durable under its hash, Abort discards it. A writer
@@ -145,6 +168,67 @@ func (w *BlobWriter) Commit() (BlobRef, error) {
 	return ref, nil
 }
 
+// CommitDelta commits the blob like Commit, except that when its content
+// ends with the whole content of the stored blob base, only the bytes
+// before that (at most 64 KiB) are stored, with a reference to base: one
+// copy of a message in the log whether it was logged as submitted or as
+// delivered with the delivering server's header lines added. The BlobRef
+// names the whole content either way, and OpenBlob and ReadBlob return it
+// whole, so readers need not know. A base that is missing, is itself a
+// delta, or does not match leads to a plain Commit.
+func (w *BlobWriter) CommitDelta(base string) (BlobRef, error) {
+	if w.done || w.err != nil || !validBlobName(base) {
+		return w.Commit()
+	}
+	size, file, err := w.l.plainBlobSize(base)
+	if err != nil || size <= 0 || size > w.n || w.n-size > maxDeltaPrefix {
+		return w.Commit()
+	}
+	off := w.n - size
+	h := sha256.New()
+	var prefix []byte
+	if w.f == nil {
+		h.Write(w.buf[off:])
+		prefix = w.buf[:off]
+	} else {
+		prefix = make([]byte, off)
+		if _, err := w.f.ReadAt(prefix, 0); err != nil {
+			return w.Commit()
+		}
+		if _, err := io.Copy(h, io.NewSectionReader(w.f, off, size)); err != nil {
+			return w.Commit()
+		}
+	}
+	if hex.EncodeToString(h.Sum(nil)) != base {
+		return w.Commit()
+	}
+	w.done = true
+	if w.f != nil {
+		w.f.Close()
+		os.Remove(w.f.Name())
+	}
+	return BlobRef{SHA256: hex.EncodeToString(w.h.Sum(nil)), Size: w.n,
+		delta: &blobDelta{base: base, baseFile: file, prefix: bytes.Clone(prefix)}}, nil
+}
+
+// plainBlobSize returns the size of a stored inline or file blob and
+// whether it is a file; an error if it is not stored (or only as a delta).
+func (l *Log) plainBlobSize(sha string) (int64, bool, error) {
+	var n int64
+	err := l.db.QueryRow(`SELECT length(data) FROM inline_blobs WHERE sha = ?`, sha).Scan(&n)
+	if err == nil {
+		return n, false, nil
+	}
+	if !errors.Is(err, sql.ErrNoRows) {
+		return 0, false, err
+	}
+	fi, err := os.Stat(l.blobPath(sha))
+	if err != nil {
+		return 0, false, err
+	}
+	return fi.Size(), true, nil
+}
+
 // Abort discards the blob. It is a no-op after Commit or a previous Abort.
 func (w *BlobWriter) Abort() error {
 	if w.done {
@@ -185,7 +269,7 @@ func (l *Log) blobStored(sha string) error {
 		return nil
 	}
 	var n int
-	if err := l.db.QueryRow(`SELECT count(*) FROM inline_blobs WHERE sha = ?`, sha).Scan(&n); err != nil {
+	if err := l.db.QueryRow(`SELECT (SELECT count(*) FROM inline_blobs WHERE sha = ?1) + (SELECT count(*) FROM blob_deltas WHERE sha = ?1)`, sha).Scan(&n); err != nil {
 		return fmt.Errorf("look up inline blob: %w", err)
 	}
 	if n == 0 {
@@ -199,6 +283,7 @@ func (l *Log) blobStored(sha string) error {
 func (r *Record) AttachBlob(ref BlobRef) {
 	r.Blob = ref.SHA256
 	r.inline = ref.inline
+	r.delta = ref.delta
 }
 
 // blobErr classifies a blob store error. An I/O error fails the whole log:
@@ -234,6 +319,22 @@ func (l *Log) OpenBlob(sha string) (io.ReadCloser, error) {
 	case !errors.Is(err, sql.ErrNoRows):
 		return nil, fmt.Errorf("open inline blob %s: %w", sha, err)
 	}
+	var base string
+	err = l.db.QueryRow(`SELECT base, prefix FROM blob_deltas WHERE sha = ?`, sha).Scan(&base, &data)
+	switch {
+	case err == nil:
+		if base == sha || !validBlobName(base) {
+			return nil, fmt.Errorf("open blob %s: stored as a delta of %q", sha, base)
+		}
+		br, err := l.OpenBlob(base)
+		if err != nil {
+			return nil, fmt.Errorf("open blob %s: its base: %w", sha, err)
+		}
+		return &blobReader{r: io.MultiReader(bytes.NewReader(data), br), c: br, h: sha256.New(), name: sha,
+			where: "blob " + sha + " (stored as a delta of " + base + ")"}, nil
+	case !errors.Is(err, sql.ErrNoRows):
+		return nil, fmt.Errorf("open delta blob %s: %w", sha, err)
+	}
 	f, err := os.Open(l.blobPath(sha))
 	if err != nil {
 		return nil, fmt.Errorf("open blob %s: %w", sha, err)
@@ -248,6 +349,14 @@ func (l *Log) OpenBlob(sha string) (io.ReadCloser, error) {
 func (l *Log) OpenRef(ref BlobRef) (io.ReadCloser, error) {
 	if ref.inline != nil {
 		return io.NopCloser(bytes.NewReader(ref.inline)), nil
+	}
+	if d := ref.delta; d != nil {
+		br, err := l.OpenBlob(d.base)
+		if err != nil {
+			return nil, fmt.Errorf("open blob %s: its base: %w", ref.SHA256, err)
+		}
+		return &blobReader{r: io.MultiReader(bytes.NewReader(d.prefix), br), c: br, h: sha256.New(), name: ref.SHA256,
+			where: "blob " + ref.SHA256 + " (a delta of " + d.base + ")"}, nil
 	}
 	return l.OpenBlob(ref.SHA256)
 }

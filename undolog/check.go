@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -180,6 +181,91 @@ func (c *checker) checkDB(ctx context.Context) error {
 			return ctx.Err()
 		}
 		c.add(Error, 0, "", "database %s: reading inline blobs stopped: %v", path, err)
+	}
+	// Logs before schema version 4 have no delta blobs.
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'blob_deltas'`).Scan(&tables); err == nil && tables == 0 {
+		return nil
+	}
+	if err := c.checkDeltaBlobs(ctx, db); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		c.add(Error, 0, "", "database %s: reading delta blobs stopped: %v", path, err)
+	}
+	return nil
+}
+
+// checkDeltaBlobs verifies the blobs stored as a prefix and a base blob
+// (CommitDelta): the base is an inline or file blob, and prefix + base
+// hashes to the name. A referenced delta's base counts as referenced by
+// the same record, so checkBlobs reports it missing if it is.
+func (c *checker) checkDeltaBlobs(ctx context.Context, db *sql.DB) error {
+	type delta struct {
+		sha, base string
+		prefix    []byte
+	}
+	var ds []delta
+	rows, err := db.QueryContext(ctx, `SELECT sha, base, prefix FROM blob_deltas ORDER BY sha`)
+	if err != nil {
+		return err
+	}
+	for rows.Next() {
+		var d delta
+		if err := rows.Scan(&d.sha, &d.base, &d.prefix); err != nil {
+			rows.Close()
+			return err
+		}
+		ds = append(ds, d)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for _, d := range ds {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		c.sum.Blobs++
+		seq, referenced := c.refs[d.sha]
+		if !validBlobName(d.sha) || !validBlobName(d.base) {
+			c.add(Error, seq, d.sha, "delta blob %q of base %q: not sha256 names", d.sha, d.base)
+			continue
+		}
+		c.inline[d.sha] = true
+		if referenced {
+			if _, ok := c.refs[d.base]; !ok {
+				c.refs[d.base] = seq
+			}
+		} else {
+			c.add(Info, 0, d.sha, "delta blob %s: not referenced by any record", shortHex(mustHex(d.sha)))
+		}
+		h := sha256.New()
+		h.Write(d.prefix)
+		var data []byte
+		err := db.QueryRowContext(ctx, `SELECT data FROM inline_blobs WHERE sha = ?`, d.base).Scan(&data)
+		switch {
+		case err == nil:
+			h.Write(data)
+		case errors.Is(err, sql.ErrNoRows):
+			f, ferr := os.Open(filepath.Join(c.dir, blobsName, d.base[:2], d.base))
+			if ferr != nil {
+				// checkBlobs reports the missing base.
+				c.add(Error, seq, d.sha, "delta blob %s: base %s unreadable: %v", shortHex(mustHex(d.sha)), shortHex(mustHex(d.base)), ferr)
+				continue
+			}
+			_, ferr = io.Copy(h, f)
+			f.Close()
+			if ferr != nil {
+				c.add(Error, seq, d.sha, "delta blob %s: base %s unreadable: %v", shortHex(mustHex(d.sha)), shortHex(mustHex(d.base)), ferr)
+				continue
+			}
+		default:
+			return err
+		}
+		if got := h.Sum(nil); hex.EncodeToString(got) != d.sha {
+			c.add(Error, seq, d.sha, "delta blob %s: prefix and base %s hash to %s: blob corrupted%s",
+				shortHex(mustHex(d.sha)), shortHex(mustHex(d.base)), shortHex(got), referencedBy(seq))
+		}
 	}
 	return nil
 }

@@ -60,7 +60,7 @@ const DefaultInlineBlobMax = 128 << 10
 type Stats struct {
 	Records       int64 // records committed
 	Commits       int64 // successful transactions
-	Fsyncs        int64 // fsyncs of the WAL: durable commits plus deferred syncs
+	Fsyncs        int64 // fsyncs of the WAL, each covering every commit written before it
 	FailedCommits int64 // transactions that returned an error
 }
 
@@ -80,23 +80,34 @@ type Log struct {
 	headFile *os.File
 
 	// Used by the committer goroutine only.
-	wconn    *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
-	walFile  *os.File  // undo.db-wal, for deferred fsyncs
-	stmts    writerStmts
-	unsynced bool // a commit since the last fsync of the WAL
+	wconn *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
+	stmts writerStmts
 
-	mu      sync.Mutex
-	cond    *sync.Cond // signals the committer: queue non-empty or closed
-	queue   []*appendReq
-	closed  bool
-	failed  error // *FailedError once the log failed; sticky
-	syncDue bool  // SyncLag passed since an unsynced commit: fsync the WAL
-	timer   *time.Timer
-	headSeq int64
-	headSum [32]byte
-	stats   Stats
+	// Used by the syncer goroutine only (and Close after it ended).
+	walFile *os.File // undo.db-wal, fdatasynced by the syncer
 
-	committerDone chan struct{}
+	mu         sync.Mutex
+	cond       *sync.Cond // signals the committer: queue non-empty or closed
+	syncCond   *sync.Cond // signals the syncer: durable appends wait, a sync is due, or the committer ended
+	queue      []*appendReq
+	closed     bool
+	failed     error // *FailedError once the log failed; sticky
+	syncDue    bool  // SyncLag passed since an unsynced commit: fsync the WAL
+	timer      *time.Timer
+	headSeq    int64 // last record written (committed to the WAL, visible to readers)
+	headSum    [32]byte
+	syncedSeq  int64        // last record known durable (fdatasync of the WAL after it was written)
+	waitSync   []*appendReq // durable appends written, waiting for the syncer
+	writerDone bool         // the committer has ended: the syncer syncs what is left and ends
+	syncing    bool         // the syncer is in an fsync
+	stats      Stats
+
+	sinceCkpt int // commits since the last checkpoint was started
+
+	committerDone chan struct{} // closed when the committer, the syncer and the checkpointer have ended
+	syncerDone    chan struct{}
+	ckpt          chan struct{} // wakes the checkpointer; closed by the syncer as it ends
+	ckptDone      chan struct{}
 
 	observer atomic.Pointer[AppendObserver] // see Observe (observe.go)
 }
@@ -137,8 +148,11 @@ func Open(dir string, opts Options) (*Log, error) {
 	case inline < 0:
 		inline = 0
 	}
-	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, inline: inline, committerDone: make(chan struct{})}
+	l := &Log{dir: dir, lock: lock, logger: logger, maxBatch: maxBatch, inline: inline,
+		committerDone: make(chan struct{}), syncerDone: make(chan struct{}),
+		ckpt: make(chan struct{}, 1), ckptDone: make(chan struct{})}
 	l.cond = sync.NewCond(&l.mu)
+	l.syncCond = sync.NewCond(&l.mu)
 	if err := l.open(); err != nil {
 		if l.db != nil {
 			l.db.Close()
@@ -146,7 +160,10 @@ func Open(dir string, opts Options) (*Log, error) {
 		lock.Close()
 		return nil, fmt.Errorf("open undo log %s: %w", dir, err)
 	}
+	l.syncedSeq = l.headSeq
 	go l.committer()
+	go l.syncer()
+	go l.checkpointer()
 	return l, nil
 }
 
@@ -175,6 +192,9 @@ func (l *Log) open() error {
 		return fmt.Errorf("blob store not writable: %w", wrapOpen(err))
 	}
 
+	if err := createDB(filepath.Join(l.dir, dbName)); err != nil {
+		return wrapOpen(err)
+	}
 	dsn := "file:" + escapeDSNPath(filepath.Join(l.dir, dbName)) +
 		"?_journal_mode=WAL&_synchronous=FULL&_busy_timeout=5000&_txlock=immediate"
 	db, err := sql.Open("sqlite3", dsn)
@@ -198,6 +218,13 @@ func (l *Log) open() error {
 	if _, err := l.wconn.ExecContext(ctx, "PRAGMA synchronous=NORMAL"); err != nil {
 		return fmt.Errorf("set synchronous=NORMAL on the writer: %w", err)
 	}
+	// The checkpointer copies the WAL into the database beside the
+	// commits; SQLite's automatic checkpoint would run inside a commit
+	// and stall every append behind it (https://www.sqlite.org/wal.html,
+	// "Automatic Checkpoint").
+	if _, err := l.wconn.ExecContext(ctx, "PRAGMA wal_autocheckpoint=0"); err != nil {
+		return fmt.Errorf("turn off automatic checkpoints on the writer: %w", err)
+	}
 	if err := l.prepareWriter(ctx); err != nil {
 		return err
 	}
@@ -217,6 +244,40 @@ func (l *Log) open() error {
 		l.headSeq, l.headSum = last.Seq, last.Sum
 	}
 	return l.checkHead(ctx)
+}
+
+// pageSize is the page size of a new log's database. Every commit writes
+// each page it changed whole to the WAL, and a commit of one record
+// changes a page of the records table and of each index: with SQLite's
+// default 4 KiB pages a logged delivery (intent with a 4 KiB message, and
+// outcome) cost about 49 KB of disk writes for about 5 KB of log
+// (BenchmarkDelivery, disk-bytes/op). 2 KiB pages cost about 31 KB and
+// keep the log the same size (TestLogSizing); 1 KiB pages cost 23 KB but
+// grow the log by 7-8% (more page headers), so 2 KiB
+// (https://www.sqlite.org/pragma.html#pragma_page_size). Logs created
+// before keep their page size.
+const pageSize = 2048
+
+// createDB creates a new log's database file with pageSize pages, which
+// can only be chosen before the first table is written (and before WAL
+// mode, which the regular connections switch on, fixes it). An existing
+// file is left alone.
+func createDB(path string) error {
+	if _, err := os.Stat(path); err == nil || !errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	db, err := sql.Open("sqlite3", "file:"+escapeDSNPath(path))
+	if err != nil {
+		return fmt.Errorf("create database: %w", err)
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(1)
+	for _, q := range []string{"PRAGMA page_size=" + strconv.Itoa(pageSize), "PRAGMA journal_mode=WAL"} {
+		if _, err := db.Exec(q); err != nil {
+			return fmt.Errorf("create database %s: %s: %w", path, q, err)
+		}
+	}
+	return nil
 }
 
 // checkPragmas makes sure the durability settings really took effect: a file
@@ -382,6 +443,10 @@ func (l *Log) Close() error {
 	}
 	l.closed = true
 	l.cond.Broadcast()
+	if l.timer != nil {
+		l.timer.Stop()
+		l.timer = nil
+	}
 	l.mu.Unlock()
 	<-l.committerDone
 	if l.headFile != nil {
@@ -391,7 +456,7 @@ func (l *Log) Close() error {
 		l.walFile.Close()
 	}
 	if l.wconn != nil {
-		for _, st := range []*sql.Stmt{l.stmts.ins, l.stmts.insBlob, l.stmts.insUser} {
+		for _, st := range []*sql.Stmt{l.stmts.ins, l.stmts.insBlob, l.stmts.insDelta, l.stmts.insUser} {
 			if st != nil {
 				st.Close()
 			}
@@ -426,7 +491,9 @@ func (l *Log) Stats() Stats {
 // Append durably logs recs, in order, with contiguous sequence numbers. It
 // returns nil only after they are committed and fsynced together with the
 // directory entries of the blobs they reference; then each record's Seq,
-// PrevSum, Sum and Time are filled in. Concurrent Appends share transactions.
+// PrevSum, Sum and Time are filled in. Concurrent Appends share
+// transactions, and every transaction written while one fsync runs shares
+// the next fsync (see committer and syncer).
 //
 // On error nothing of recs was committed, except when ctx ends first: then
 // Append returns ctx.Err() while the records may still be committed. Errors
@@ -466,7 +533,7 @@ func (l *Log) append(ctx context.Context, noSync bool, recs []*Record) error {
 		c.Users = slices.Clone(c.Users)
 		c.Args = slices.Clone(c.Args)
 		c.Outcome = slices.Clone(c.Outcome)
-		if c.Blob != "" && c.inline == nil {
+		if c.Blob != "" && c.inline == nil && c.delta == nil {
 			if err := l.blobStored(c.Blob); err != nil {
 				return fmt.Errorf("append %s to undo log %s: blob %s: %w", c.Kind, l.dir, c.Blob, err)
 			}
@@ -510,26 +577,28 @@ func (l *Log) append(ctx context.Context, noSync bool, recs []*Record) error {
 }
 
 // committer is the single goroutine that writes records. Whatever queued up
-// while the previous transaction was being fsynced goes into the next one, so
-// under load many appends share one fsync (group commit) without any timer.
+// while the previous transaction was being written goes into the next one.
+// It never waits for an fsync: that is the syncer's job, so while the WAL
+// is being fsynced the next transactions are already written, and one
+// fsync makes all of them durable (group commit across every session and
+// both delivery hops, without any timer).
 func (l *Log) committer() {
 	defer close(l.committerDone)
 	for {
 		l.mu.Lock()
-		for len(l.queue) == 0 && !l.closed && !l.syncDue {
+		for !l.closed && (len(l.queue) == 0 || l.syncing && !anyNoSync(l.queue)) {
+			// Durable appends that queue during an fsync wait for the
+			// next one anyway: they are written together when it starts,
+			// one transaction instead of one each (each transaction
+			// writes whole pages of every index it touches to the WAL).
 			l.cond.Wait()
 		}
 		if len(l.queue) == 0 {
-			closed := l.closed
-			l.syncDue = false
+			l.writerDone = true
+			l.syncCond.Signal()
 			l.mu.Unlock()
-			if l.unsynced {
-				l.syncWAL()
-			}
-			if closed {
-				return
-			}
-			continue
+			<-l.syncerDone
+			return
 		}
 		var batch []*appendReq
 		n := 0
@@ -544,10 +613,45 @@ func (l *Log) committer() {
 	}
 }
 
-// commit writes one batch and wakes its callers.
+// ckptEvery is how many commits the WAL takes between checkpoints, about
+// SQLite's default of 1000 WAL pages at a few pages per commit.
+const ckptEvery = 300
+
+// checkpointer copies committed WAL content into the database file when
+// the syncer asks, on a connection of its own, so that appends never wait
+// for it: a PASSIVE checkpoint runs beside the writer and copies what no
+// reader still needs (https://www.sqlite.org/c3ref/wal_checkpoint_v2.html).
+// It only ever moves content that is durable in the WAL already.
+func (l *Log) checkpointer() {
+	defer close(l.ckptDone)
+	for range l.ckpt {
+		start := time.Now()
+		var busy, frames, copied int
+		err := l.db.QueryRow("PRAGMA wal_checkpoint(PASSIVE)").Scan(&busy, &frames, &copied)
+		if err != nil {
+			l.logger.Warn("checkpoint of the undo log failed; the WAL grows until the next one", "err", err)
+			continue
+		}
+		l.logger.Debug("checkpointed", "wal_frames", frames, "copied", copied, "duration", time.Since(start))
+	}
+}
+
+// anyNoSync reports whether an AppendNoSync waits in q: it is written at
+// once, whatever the syncer does.
+func anyNoSync(q []*appendReq) bool {
+	for _, r := range q {
+		if r.noSync {
+			return true
+		}
+	}
+	return false
+}
+
+// commit writes one batch to the WAL. AppendNoSync callers are woken at
+// once; Append callers wait for the syncer's next fsync.
 func (l *Log) commit(batch []*appendReq) {
-	finish := func(err error) {
-		for _, req := range batch {
+	finish := func(reqs []*appendReq, err error) {
+		for _, req := range reqs {
 			req.err = err
 			close(req.done)
 		}
@@ -557,17 +661,11 @@ func (l *Log) commit(batch []*appendReq) {
 	seq, sum := l.headSeq, l.headSum
 	l.mu.Unlock()
 	if failed != nil {
-		finish(fmt.Errorf("append to undo log %s: %w", l.dir, failed))
+		finish(batch, fmt.Errorf("append to undo log %s: %w", l.dir, failed))
 		return
 	}
 
 	first := seq + 1
-	// One durable request makes the whole batch durable; a batch of
-	// AppendNoSync requests only is written without an fsync.
-	needSync := false
-	for _, req := range batch {
-		needSync = needSync || !req.noSync
-	}
 	dirs := make(map[string]bool)
 	for _, req := range batch {
 		for i := range req.recs {
@@ -576,44 +674,109 @@ func (l *Log) commit(batch []*appendReq) {
 			r.Seq, r.PrevSum = seq, sum
 			r.Sum = r.computeSum()
 			sum = r.Sum
-			if r.Blob != "" && r.inline == nil {
+			switch {
+			case r.delta != nil:
+				if r.delta.baseFile {
+					dirs[r.delta.base[:2]] = true
+				}
+			case r.Blob != "" && r.inline == nil:
 				dirs[r.Blob[:2]] = true
 			}
 		}
 	}
 
 	start := time.Now()
-	err := l.write(batch, dirs, needSync)
-	if err != nil {
-		err = l.commitFailed(first, seq, err)
-		finish(err)
+	if err := l.write(batch, dirs); err != nil {
+		finish(batch, l.commitFailed(first, seq, err))
 		return
+	}
+	var now, later []*appendReq
+	for _, req := range batch {
+		if req.noSync {
+			now = append(now, req)
+		} else {
+			later = append(later, req)
+		}
 	}
 	l.mu.Lock()
 	l.headSeq, l.headSum = seq, sum
 	l.stats.Records += seq - first + 1
 	l.stats.Commits++
-	if needSync {
-		l.stats.Fsyncs++
-	} else if l.timer == nil {
+	l.sinceCkpt++
+	if len(later) > 0 {
+		l.waitSync = append(l.waitSync, later...)
+		l.syncCond.Signal()
+	} else if l.timer == nil && !l.closed {
 		l.timer = time.AfterFunc(SyncLag, func() {
 			l.mu.Lock()
 			l.syncDue, l.timer = true, nil
-			l.cond.Signal()
+			l.syncCond.Signal()
 			l.mu.Unlock()
 		})
 	}
 	l.mu.Unlock()
-	// HEAD names only durable records: it must never lead what a power
-	// failure leaves on disk, or Open would call the log truncated.
-	if needSync {
-		l.unsynced = false
-		l.writeHead(seq, sum)
-	} else {
-		l.unsynced = true
-	}
 	l.logger.Debug("committed", "first_seq", first, "seq", seq, "records", seq-first+1, "duration", time.Since(start))
-	finish(nil)
+	finish(now, nil)
+}
+
+// syncer is the goroutine that makes written records durable: it fdatasyncs
+// the WAL whenever an Append waits (or SyncLag passed since an AppendNoSync),
+// covering every transaction written before the fsync began, then wakes the
+// Appends it covered and updates HEAD. A transaction's frames are in the
+// WAL file once its COMMIT returned, and an fdatasync that starts after
+// that makes them durable (the contract synchronous=FULL relies on too).
+func (l *Log) syncer() {
+	defer close(l.syncerDone)
+	defer func() {
+		close(l.ckpt)
+		<-l.ckptDone
+	}()
+	for {
+		l.mu.Lock()
+		for len(l.waitSync) == 0 && !(l.syncDue && l.syncedSeq < l.headSeq) && !l.writerDone {
+			l.syncCond.Wait()
+		}
+		waiters := l.waitSync
+		l.waitSync = nil
+		l.syncDue = false
+		done := l.writerDone
+		seq, sum, synced, failed := l.headSeq, l.headSum, l.syncedSeq, l.failed
+		l.syncing = failed == nil && seq > synced
+		l.mu.Unlock()
+
+		var err error
+		switch {
+		case failed != nil:
+			err = fmt.Errorf("append to undo log %s: %w", l.dir, failed)
+		case seq > synced:
+			err = l.syncWAL(seq, sum)
+		}
+		l.mu.Lock()
+		if l.syncing {
+			l.syncing = false
+			l.cond.Signal() // durable appends may be waiting to be written
+		}
+		if err == nil && l.sinceCkpt >= ckptEvery {
+			l.sinceCkpt = 0
+			select {
+			case l.ckpt <- struct{}{}:
+			default: // one is running; the next sync asks again
+			}
+		}
+		l.mu.Unlock()
+		for _, req := range waiters {
+			req.err = err
+			close(req.done)
+		}
+		if done {
+			l.mu.Lock()
+			left := len(l.waitSync) > 0
+			l.mu.Unlock()
+			if !left {
+				return
+			}
+		}
+	}
 }
 
 // commitFailed classifies a failed commit of records first..last and returns
@@ -661,10 +824,10 @@ func (l *Log) checkDBTail() error {
 }
 
 // write fsyncs the blob directories the batch references, then inserts the
-// records in one transaction. The directory fsync makes each blob's name
+// records in one transaction, without an fsync of the WAL (the syncer's). The directory fsync makes each blob's name
 // durable before any record naming it is; blob content was fsynced by
 // BlobWriter.Commit.
-func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) error {
+func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 	for d := range dirs {
 		if err := syncDir(filepath.Join(l.dir, blobsName, d)); err != nil {
 			return err
@@ -682,7 +845,7 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 			l.wconn.ExecContext(ctx, "ROLLBACK")
 		}
 	}()
-	ins, insBlob, insUser := l.stmts.ins, l.stmts.insBlob, l.stmts.insUser
+	ins, insBlob, insDelta, insUser := l.stmts.ins, l.stmts.insBlob, l.stmts.insDelta, l.stmts.insUser
 	for _, req := range batch {
 		for i := range req.recs {
 			r := &req.recs[i]
@@ -693,6 +856,11 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 			if r.inline != nil {
 				if _, err := insBlob.ExecContext(ctx, r.Blob, r.inline); err != nil {
 					return fmt.Errorf("insert blob %s of record %d: %w", r.Blob, r.Seq, err)
+				}
+			}
+			if d := r.delta; d != nil {
+				if _, err := insDelta.ExecContext(ctx, r.Blob, d.base, d.prefix); err != nil {
+					return fmt.Errorf("insert delta blob %s of record %d: %w", r.Blob, r.Seq, err)
 				}
 			}
 			for _, u := range r.usersKey() {
@@ -706,9 +874,6 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool, durable bool) erro
 		return fmt.Errorf("commit: %w", err)
 	}
 	committed = true
-	if durable {
-		return l.syncWALFile()
-	}
 	return nil
 }
 
@@ -734,7 +899,7 @@ func (l *Log) syncWALFile() error {
 
 // writerStmts are the committer's prepared statements on Log.wconn.
 type writerStmts struct {
-	ins, insBlob, insUser *sql.Stmt
+	ins, insBlob, insDelta, insUser *sql.Stmt
 }
 
 func (l *Log) prepareWriter(ctx context.Context) error {
@@ -753,9 +918,34 @@ func (l *Log) prepareWriter(ctx context.Context) error {
 	l.stmts.insUser = prep(`INSERT INTO record_users (user, seq) VALUES (?, ?)`)
 	// A blob already stored (the same message twice) is kept: dedup.
 	l.stmts.insBlob = prep(`INSERT OR IGNORE INTO inline_blobs (sha, data) VALUES (?, ?)`)
+	l.stmts.insDelta = prep(`INSERT OR IGNORE INTO blob_deltas (sha, base, prefix) VALUES (?, ?, ?)`)
 	if err != nil {
 		return fmt.Errorf("prepare writer statements: %w", err)
 	}
+	return nil
+}
+
+// syncWAL makes every record up to seq durable and names it in HEAD. A
+// failed fsync fails the log: what reached the disk is unknown.
+func (l *Log) syncWAL(seq int64, sum [32]byte) error {
+	if err := l.syncWALFile(); err != nil {
+		l.logger.Error("fsync of the undo log failed; the log is failed", "seq", seq, "err", err)
+		l.mu.Lock()
+		l.stats.FailedCommits++
+		if l.failed == nil {
+			l.failed = &FailedError{Cause: fmt.Errorf("records up to %d: %w", seq, err)}
+		}
+		failed := l.failed
+		l.mu.Unlock()
+		return fmt.Errorf("append to undo log %s: %w", l.dir, failed)
+	}
+	l.mu.Lock()
+	l.syncedSeq = seq
+	l.stats.Fsyncs++
+	l.mu.Unlock()
+	// HEAD names only durable records: it must never lead what a power
+	// failure leaves on disk, or Open would call the log truncated.
+	l.writeHead(seq, sum)
 	return nil
 }
 
@@ -763,29 +953,6 @@ func (l *Log) prepareWriter(ctx context.Context) error {
 // the commit is durable and deliberately not fsynced: see checkHead for why a
 // lagging HEAD is safe. A failure only costs the truncation check some
 // precision, so it is logged, not returned.
-// syncWAL makes records written by AppendNoSync durable when no durable
-// commit came along within SyncLag.
-func (l *Log) syncWAL() {
-	l.mu.Lock()
-	seq, sum := l.headSeq, l.headSum
-	l.mu.Unlock()
-	var err error
-	if err = l.syncWALFile(); err != nil {
-		l.logger.Error("deferred fsync of the undo log failed; the log is failed", "seq", seq, "err", err)
-		l.mu.Lock()
-		if l.failed == nil {
-			l.failed = &FailedError{Cause: err}
-		}
-		l.mu.Unlock()
-		return
-	}
-	l.unsynced = false
-	l.mu.Lock()
-	l.stats.Fsyncs++
-	l.mu.Unlock()
-	l.writeHead(seq, sum)
-}
-
 func (l *Log) writeHead(seq int64, sum [32]byte) {
 	// HEAD is overwritten in place through a file kept open: a create and
 	// rename per commit cost more than the commit itself on a busy ext4.

@@ -77,6 +77,19 @@ CREATE TABLE IF NOT EXISTS inline_blobs (
 	{3, "records_undo_id: records indexed by the undo id in their arguments", `
 CREATE INDEX IF NOT EXISTS records_undo_id ON records(` + undoIDExpr + `) WHERE ` + undoIDExpr + ` IS NOT NULL;
 `},
+	{4, "blob_deltas: a blob stored as the bytes it adds before another blob", `
+-- blob_deltas holds blobs whose content is prefix followed by the content
+-- of blob base (an inline or file blob, never another delta): a message as
+-- delivered is the message as submitted with the delivering server's
+-- header lines before it, and is stored as those lines and a reference
+-- (BlobWriter.CommitDelta). Written in the same transaction as the first
+-- record naming sha, like inline_blobs.
+CREATE TABLE IF NOT EXISTS blob_deltas (
+	sha    TEXT PRIMARY KEY,
+	base   TEXT NOT NULL,
+	prefix BLOB NOT NULL
+) WITHOUT ROWID;
+`},
 }
 
 // ErrSchemaTooNew means the log was written by a newer undomail, with a

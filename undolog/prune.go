@@ -112,6 +112,17 @@ func (l *Log) Prune(ctx context.Context, before int64, archive io.Writer) (Prune
 		keep[b] = true
 	}
 	rows.Close()
+	// So do the bases of the delta blobs among them (CommitDelta).
+	rows, err = l.db.QueryContext(ctx, `SELECT DISTINCT d.base FROM blob_deltas d JOIN records r ON r.blob = d.sha WHERE r.seq > ?`, newBase)
+	if err != nil {
+		return st, fmt.Errorf("prune: list the bases of delta blobs in use: %w", err)
+	}
+	for rows.Next() {
+		var b string
+		rows.Scan(&b)
+		keep[b] = true
+	}
+	rows.Close()
 	// The archive first: nothing is removed that is not written there.
 	drop := map[string]bool{}
 	var gz *gzip.Writer
@@ -181,6 +192,14 @@ func (l *Log) Prune(ctx context.Context, before int64, archive io.Writer) (Prune
 		}
 	}
 	st.Base = newBase
+	// A dropped delta blob's base goes too unless something kept needs it
+	// (its submission may have been pruned before).
+	for sha := range drop {
+		var b string
+		if err := l.db.QueryRowContext(ctx, `SELECT base FROM blob_deltas WHERE sha = ?`, sha).Scan(&b); err == nil && !keep[b] {
+			drop[b] = true
+		}
+	}
 	// Remove in batches, so appends never wait long for the write lock.
 	for {
 		res, err := l.db.ExecContext(ctx, `DELETE FROM records WHERE seq IN (SELECT seq FROM records WHERE seq <= ? ORDER BY seq LIMIT 2000)`, newBase)
@@ -198,7 +217,17 @@ func (l *Log) Prune(ctx context.Context, before int64, archive io.Writer) (Prune
 	}
 	for sha := range drop {
 		var size int64
-		res, err := l.db.ExecContext(ctx, `DELETE FROM inline_blobs WHERE sha = ?`, sha)
+		if keep[sha] { // a base still in use by a kept delta
+			continue
+		}
+		res, err := l.db.ExecContext(ctx, `DELETE FROM blob_deltas WHERE sha = ?`, sha)
+		if err == nil {
+			if n, _ := res.RowsAffected(); n > 0 {
+				st.Blobs++
+				continue
+			}
+		}
+		res, err = l.db.ExecContext(ctx, `DELETE FROM inline_blobs WHERE sha = ?`, sha)
 		if err == nil {
 			if n, _ := res.RowsAffected(); n > 0 {
 				st.Blobs++

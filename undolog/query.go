@@ -46,6 +46,26 @@ const outcomeCols = `COALESCE(o.seq, 0), COALESCE(o.time, 0), COALESCE(o.user, '
 	COALESCE(o.kind, ''), COALESCE(o.ref, 0), COALESCE(o.blob, ''), COALESCE(o.users, '[]'),
 	COALESCE(o.args, x''), COALESCE(o.outcome, x''), COALESCE(o.prev_sum, x''), COALESCE(o.sum, x'')`
 
+// firstByUndoIDQuery drives the look-up from the undo id index (see
+// buildQuery for the CROSS JOIN).
+const firstByUndoIDQuery = `SELECT r.seq, r.blob FROM (SELECT seq AS useq FROM records WHERE ` + undoIDExpr + ` = ?) ux
+	CROSS JOIN records r ON r.seq = ux.useq WHERE r.kind = ? ORDER BY r.seq LIMIT 1`
+
+// FirstByUndoID returns the seq and blob of the first record of kind
+// whose arguments carry undoID; ok is false if there is none. It is
+// Records(Filter{UndoID: undoID, Kinds: {kind}, Limit: 1}) without reading
+// and decoding the whole record, for a look-up on the delivery path.
+func (l *Log) FirstByUndoID(ctx context.Context, undoID, kind string) (seq int64, blob string, ok bool, err error) {
+	err = l.db.QueryRowContext(ctx, firstByUndoIDQuery, undoID, kind).Scan(&seq, &blob)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return 0, "", false, nil
+	case err != nil:
+		return 0, "", false, fmt.Errorf("look up %s %s in undo log %s: %w", kind, undoID, l.dir, err)
+	}
+	return seq, blob, true, nil
+}
+
 // Records returns the records matching f in seq order.
 func (l *Log) Records(ctx context.Context, f Filter) ([]Record, error) {
 	q, args := buildQuery(f, recordCols, "", "")

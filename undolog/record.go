@@ -35,7 +35,8 @@ type Record struct {
 	PrevSum [32]byte        // Sum of record Seq-1; all zero for record 1
 	Sum     [32]byte        // SHA-256 over PrevSum and every other field, see sum()
 
-	inline []byte // content of an inline blob to store with the record (AttachBlob)
+	inline []byte     // content of an inline blob to store with the record (AttachBlob)
+	delta  *blobDelta // a delta blob to store with the record (AttachBlob)
 }
 
 // sumDomain starts every record hash so a v1 record sum can never be confused

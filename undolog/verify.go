@@ -135,6 +135,14 @@ func RepairBlob(ctx context.Context, dir, sha string, data []byte) error {
 	if err == nil {
 		err = syncDir(filepath.Dir(path))
 	}
+	if err == nil {
+		// A blob stored as a delta (CommitDelta) is whole in its file
+		// now; the delta, which OpenBlob would read first, goes.
+		var n int
+		if db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'blob_deltas'`).Scan(&n); n > 0 {
+			_, err = db.ExecContext(ctx, `DELETE FROM blob_deltas WHERE sha = ?`, sha)
+		}
+	}
 	if err != nil {
 		os.Remove(tmp)
 		return fmt.Errorf("repair blob %s: %w", sha, err)

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -19,6 +20,7 @@ func loadCmd() *cobra.Command {
 	o := loadtest.Options{Messages: 1000, Size: 4096, Sessions: 8, Rounds: 3}
 	var dir, dataDir string
 	var imapLoad bool
+	var cpuProfile string
 	imapOpts := loadtest.IMAPOptions{Clients: 8, Cycles: 20}
 	cmd := &cobra.Command{
 		Use:   "load",
@@ -54,6 +56,19 @@ latency). Needs root and smtp-source (postfix).`,
 				return err
 			}
 			defer tb.Stop()
+			if cpuProfile != "" {
+				// The proxies and the log run in this process: the
+				// profile shows where undomail's share of the time goes.
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
 			if imapLoad {
 				imapOpts.Rounds = o.Rounds
 				res, err := loadtest.MeasureIMAP(ctx, tb, imapOpts, cmd.OutOrStdout())
@@ -81,6 +96,7 @@ latency). Needs root and smtp-source (postfix).`,
 	f.BoolVar(&imapLoad, "imap", false, "measure the IMAP front end against Dovecot's IMAP (mixed client workload)")
 	f.IntVar(&imapOpts.Clients, "clients", imapOpts.Clients, "IMAP: concurrent clients")
 	f.IntVar(&imapOpts.Cycles, "cycles", imapOpts.Cycles, "IMAP: work cycles per client per run")
+	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of undomail (proxies and log) over the measurement to this file")
 	f.StringVar(&dir, "dir", "", "directory for the stack and log (default: a temporary one, removed afterwards)")
 	f.StringVar(&dataDir, "data-dir", "", "put the undo log here instead (e.g. on its own filesystem, as in production)")
 	return cmd

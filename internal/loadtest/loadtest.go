@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/undomail/undomail/internal/testbed"
@@ -47,6 +48,14 @@ type Result struct {
 	// Log is the undo log's activity over the whole measurement (both
 	// paths: direct runs still pass undomail's LMTP capture).
 	Log undolog.Stats
+	// DiskBytes is what undomail's process caused to be written to
+	// storage over the measurement (Linux /proc/self/io write_bytes; -1
+	// where unknown): the log's WAL, checkpoints and blob files. Unlike
+	// the rates it does not depend on what else the machine is doing.
+	DiskBytes int64
+	// Messages is how many messages passed undomail over the
+	// measurement (all runs, both paths).
+	Messages int
 }
 
 // Measure runs the load against tb. Progress lines go to w.
@@ -70,6 +79,7 @@ func Measure(ctx context.Context, tb *testbed.Testbed, o Options, w io.Writer) (
 		}
 	}
 	start := tb.Daemon.Log.Stats()
+	disk0 := procWriteBytes()
 	var dr, pr, ratios []float64
 	for round := 0; round < o.Rounds; round++ {
 		d, err := smtpSource(ctx, tb, o, "direct", direct)
@@ -86,6 +96,12 @@ func Measure(ctx context.Context, tb *testbed.Testbed, o Options, w io.Writer) (
 	}
 	res.Direct, res.Proxy, res.Ratio = median(dr), median(pr), median(ratios)
 	end := tb.Daemon.Log.Stats()
+	res.DiskBytes, res.Messages = -1, 2*o.Rounds*o.Messages
+	if disk0 >= 0 {
+		if disk1 := procWriteBytes(); disk1 >= 0 {
+			res.DiskBytes = disk1 - disk0
+		}
+	}
 	res.Log = undolog.Stats{Records: end.Records - start.Records, Commits: end.Commits - start.Commits,
 		Fsyncs: end.Fsyncs - start.Fsyncs, FailedCommits: end.FailedCommits - start.FailedCommits}
 	return res, nil
@@ -120,6 +136,23 @@ func smtpSource(ctx context.Context, tb *testbed.Testbed, o Options, target, add
 		time.Sleep(50 * time.Millisecond)
 	}
 	return Run{Target: target, Elapsed: elapsed, Rate: float64(o.Messages) / elapsed.Seconds()}, nil
+}
+
+// procWriteBytes is what this process has caused to be written to storage
+// (Linux /proc/self/io write_bytes), -1 if unknown.
+func procWriteBytes() int64 {
+	data, err := os.ReadFile("/proc/self/io")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "write_bytes: "); ok {
+			if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+				return n
+			}
+		}
+	}
+	return -1
 }
 
 func countMail(tb *testbed.Testbed, user string) int {
@@ -157,5 +190,8 @@ func (r Result) Report(w io.Writer) {
 	if r.Log.Fsyncs > 0 {
 		fmt.Fprintf(w, "  undo log  %d records in %d commits, %d fsyncs (%.1f records per fsync)\n",
 			r.Log.Records, r.Log.Commits, r.Log.Fsyncs, float64(r.Log.Records)/float64(r.Log.Fsyncs))
+	}
+	if r.DiskBytes >= 0 && r.Messages > 0 {
+		fmt.Fprintf(w, "  disk      %.1f KB written by undomail per message (both paths)\n", float64(r.DiskBytes)/1000/float64(r.Messages))
 	}
 }
