@@ -270,26 +270,42 @@ func (s *imapSession) undoIDs(mb mailboxState, uids []uint32) map[string]string 
 // connection.
 // A side connection that the server dropped (a rewind kicks every
 // session, an idle timeout) is dialled again once.
-func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (map[uint32]string, error) {
-	sc := s.side
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	reused := sc.up != nil
-	found, err := s.fetchUndoIDsLocked(mb, uids)
-	if err != nil && reused && sc.up == nil {
+func (s *imapSession) fetchUndoIDs(mb mailboxState, uids []uint32) (found map[uint32]string, err error) {
+	err = s.onSide(func() error {
 		found, err = s.fetchUndoIDsLocked(mb, uids)
-	}
+		return err
+	})
 	return found, err
 }
 
+// onSide runs f on the user's side connection, logged in, holding its
+// lock. When f fails on a connection that had been idle and drops it, f
+// runs once more on a new one: Dovecot ends a session whose selected
+// mailbox another session deleted ("BYE IMAP session state is
+// inconsistent"), which the side connection learns only at its next
+// command.
+func (s *imapSession) onSide(f func() error) error {
+	sc := s.side
+	sc.mu.Lock()
+	defer sc.mu.Unlock()
+	for try := 0; ; try++ {
+		reused := sc.up != nil
+		if !reused {
+			sc.examined = mailboxState{}
+		}
+		if err := s.sideLogin(); err != nil {
+			return err
+		}
+		err := f()
+		if err == nil || !reused || sc.up != nil || try > 0 {
+			return err
+		}
+	}
+}
+
+// fetchUndoIDsLocked is fetchUndoIDs on the side connection (onSide).
 func (s *imapSession) fetchUndoIDsLocked(mb mailboxState, uids []uint32) (map[uint32]string, error) {
 	sc := s.side
-	if sc.up == nil {
-		sc.examined = mailboxState{}
-	}
-	if err := s.sideLogin(); err != nil {
-		return nil, err
-	}
 	next := sc.next
 	if sc.examined.name != mb.name || sc.examined.uidValidity != mb.uidValidity {
 		tag := next()
@@ -394,31 +410,20 @@ func (sc *sideConn) next() string { sc.tag++; return "S" + strconv.Itoa(sc.tag) 
 // select: DELETE and RENAME record which incarnation of the name they
 // acted on. 0 if it cannot be told.
 func (s *imapSession) uidValidityOf(mailbox string) uint32 {
-	sc := s.side
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	reused := sc.up != nil
-	uv, err := s.uidValidityLocked(mailbox)
-	if err != nil && reused && sc.up == nil {
-		// The connection had died idle: Dovecot ends a session whose
-		// selected mailbox another session deleted ("BYE Selected mailbox
-		// was deleted"). Once more on a new one.
+	var uv uint32
+	err := s.onSide(func() (err error) {
 		uv, err = s.uidValidityLocked(mailbox)
-	}
+		return err
+	})
 	if err != nil {
 		s.logger.Warn("UIDVALIDITY lookup failed", "mailbox", mailbox, "err", err)
 	}
 	return uv
 }
 
+// uidValidityLocked is uidValidityOf on the side connection (onSide).
 func (s *imapSession) uidValidityLocked(mailbox string) (uint32, error) {
 	sc := s.side
-	if sc.up == nil {
-		sc.examined = mailboxState{}
-	}
-	if err := s.sideLogin(); err != nil {
-		return 0, err
-	}
 	tag := sc.next()
 	var uv uint32
 	_, err := sc.up.collect(tag+" STATUS "+astring(mailbox)+" (UIDVALIDITY)\r\n", tag, func(r *imapwire.Response) {
@@ -566,26 +571,15 @@ func (s *imapSession) settleCutOff(pc *pendingCmd) {
 // message without a known undo id whose header section and size are those
 // of body. uid 0: none, or more than one (then nothing can be said).
 func (s *imapSession) findAppended(mailbox string, body []byte) (uv, uid uint32, err error) {
-	sc := s.side
-	sc.mu.Lock()
-	defer sc.mu.Unlock()
-	for try := 0; try < 2; try++ {
-		if sc.up == nil {
-			sc.examined = mailboxState{}
-		}
-		if err = s.sideLogin(); err != nil {
-			return 0, 0, err
-		}
+	err = s.onSide(func() error {
 		// Bounded: the user's changes wait for this.
-		sc.up.conn.SetDeadline(time.Now().Add(s.p.cfg.UpstreamTimeout))
+		s.side.up.conn.SetDeadline(time.Now().Add(s.p.cfg.UpstreamTimeout))
 		uv, uid, err = s.findAppendedLocked(mailbox, body)
-		if sc.up != nil {
-			sc.up.conn.SetDeadline(time.Time{})
+		if s.side.up != nil {
+			s.side.up.conn.SetDeadline(time.Time{})
 		}
-		if err == nil || sc.up != nil {
-			break
-		}
-	}
+		return err
+	})
 	return uv, uid, err
 }
 
