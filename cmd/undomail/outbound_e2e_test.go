@@ -108,7 +108,11 @@ func TestOutboundDelayWindow(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	if !held.On || len(held.Held) != 3 {
-		t.Fatalf("the window holds %+v; want the three messages for outside", held)
+		q, qerr := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
+		b, _ := os.ReadFile(s.logPath)
+		pl, _ := os.ReadFile(st.PostfixLog())
+		t.Fatalf("the window holds %+v; want the three messages for outside\npostqueue -j (%v):\n%s\nundomail serve:\n%s\nPostfix:\n%s",
+			held, qerr, q, tail(string(b), 40), tail(string(pl), 60))
 	}
 	byID := map[string]int{}
 	for i, m := range held.Held {
