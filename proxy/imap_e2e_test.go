@@ -313,6 +313,46 @@ func TestIMAPFetchRecordedAsSeen(t *testing.T) {
 	}
 }
 
+// TestIMAPFetchSeenLoggedBeforeOK: a FETCH that sets \Seen is a change,
+// so its record is in the log, with the UIDs and undo ids of what it
+// marked, before the client has its OK. The FETCH names messages by
+// sequence number (with "*"), which its responses do not turn into UIDs:
+// the proxy resolves the set before it runs. The log is read at once,
+// without waiting: a record written after the OK makes this fail.
+func TestIMAPFetchSeenLoggedBeforeOK(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	deliver(t, tb, "bob", "read me", "seen.%d@client.test", 4)
+	c := imapLogin(t, tb.IMAPAddr(), "bob", tb.Stack.Password("bob"))
+	if _, err := c.Select("INBOX", nil).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	for i, set := range []imap.SeqSet{imap.SeqSetNum(2), func() imap.SeqSet { var s imap.SeqSet; s.AddRange(3, 0); return s }()} {
+		msgs, err := c.Fetch(set, &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{}}}).Collect()
+		if err != nil || len(msgs) == 0 {
+			t.Fatalf("FETCH %s BODY[]: %d messages, %v", set, len(msgs), err)
+		}
+		vs := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPFetch)
+		if len(vs) != i+1 {
+			t.Fatalf("after FETCH %s BODY[] answered OK, the log holds %d fetch records, want %d", set, len(vs), i+1)
+		}
+		var a verb.IMAPFetchArgs
+		json.Unmarshal(vs[i].Args, &a)
+		want := []string{"2", "3:4"}[i]
+		if !a.Seen || a.UIDs != want || len(a.UndoIDs) != len(msgs) {
+			t.Fatalf("FETCH %s BODY[] logged as %+v; want \\Seen set on UIDs %s with their undo ids", set, a, want)
+		}
+	}
+	// Dovecot set \Seen on exactly those.
+	direct := imapLogin(t, tb.Stack.IMAPAddr, "bob", tb.Stack.Password("bob"))
+	if _, err := direct.Select("INBOX", &imap.SelectOptions{ReadOnly: true}).Wait(); err != nil {
+		t.Fatal(err)
+	}
+	seen, err := direct.UIDSearch(&imap.SearchCriteria{Flag: []imap.Flag{imap.FlagSeen}}, nil).Wait()
+	if err != nil || fmt.Sprint(seen.AllUIDs()) != "[2 3 4]" {
+		t.Fatalf("\\Seen in Dovecot: %v %v, want UIDs 2, 3, 4", seen.AllUIDs(), err)
+	}
+}
+
 // deliver sends n messages to user through the front door (Message-Id
 // from idFormat and the message's index) and waits until they are stored.
 func deliver(t *testing.T, tb *testbed.Testbed, user, subject, idFormat string, n int) {

@@ -38,6 +38,10 @@ type pendingCmd struct {
 	// seqUIDs receives the UIDs of a non-UID FETCH's sequence set,
 	// looked up right behind it (see finish).
 	seqUIDs chan string
+	// seqSetUIDs: the UIDs of a non-UID FETCH's sequence set that sets
+	// \Seen, resolved before it was forwarded, in ascending order (see
+	// finish).
+	seqSetUIDs []uint32
 	// setsSeen: a FETCH of content without PEEK, which sets \Seen on what
 	// it returns (RFC 9051 6.4.5) unless the mailbox is read-only.
 	setsSeen bool
@@ -119,15 +123,23 @@ func (s *imapSession) splice() {
 				cut = append(cut, pc)
 			case pc.intent != nil:
 				s.p.leaveMutation(s.user)
-			}
-			if pc.locksUser {
-				s.p.leaveMutation(s.user)
+			case pc.locksUser:
+				cut = append(cut, pc)
 			}
 			delete(s.pending, tag)
 		}
+		state := s.state
 		s.mu.Unlock()
 		for _, pc := range cut {
-			s.settleCutOff(pc)
+			if pc.locksUser {
+				// A FETCH that sets \Seen and was cut off may have set it
+				// on what it sent before the end: logged as any.
+				if len(pc.fetched) > 0 {
+					s.logFetch(pc, state)
+				}
+			} else {
+				s.settleCutOff(pc)
+			}
 			s.p.leaveMutation(s.user)
 		}
 		if !sent && !errors.Is(err, errSessionOver) && !errors.Is(err, net.ErrClosed) {
@@ -496,9 +508,7 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		var resolve bool
 		if f.pc != nil {
 			s.track(cmd, f.pc)
-			if resolve = cmd.Name == "FETCH" && !cmd.UID && fetchesContent(cmd); resolve {
-				f.pc.seqUIDs = make(chan string, 1)
-			}
+			resolve = cmd.Name == "FETCH" && !cmd.UID && fetchesContent(cmd)
 			f.pc.setsSeen = cmd.Name == "FETCH" && fetchSetsSeen(cmd)
 			if f.pc.setsSeen {
 				// Setting \Seen is a change: it takes its place among
@@ -525,8 +535,33 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 						close(f.pc.ready)
 						return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", f.tag)
 					}
+					s.mu.Lock()
 					f.pc.locksUser = true
+					s.mu.Unlock()
 				}
+			}
+			switch {
+			case resolve && f.pc.locksUser:
+				// Its record must be durable before the client has the
+				// OK, so the OK is held until it is written, and the
+				// UIDs of its sequence set are resolved before it
+				// runs: a lookup behind it would be answered only after
+				// the OK. Under the user's lock nothing renumbers the
+				// view in between (resolveUIDs searches again if
+				// something arrived meanwhile).
+				resolve = false
+				uids, err := s.resolveUIDs(cmd.Args[0].Text, true)
+				if err == nil {
+					f.pc.seqSetUIDs, _ = expandSet(uids, maxUIDsPerVerb)
+					f.pc.seqSetUIDs = sortedUIDs(f.pc.seqSetUIDs)
+				} else {
+					s.p.leaveMutation(s.user)
+					s.unregister(f.tag)
+					close(f.pc.ready)
+					return err
+				}
+			case resolve:
+				f.pc.seqUIDs = make(chan string, 1)
 			}
 			close(f.pc.ready)
 		}
@@ -928,11 +963,15 @@ func (rf *respForwarder) forward(p imapwire.Part) error {
 		s.mu.Lock()
 		_, own := s.injected[tag]
 		pc := s.pending[tag]
+		// A FETCH that sets \Seen holds its OK until its record is
+		// written; locksUser is set (under s.mu) before its last line
+		// is forwarded.
+		holdsOK := pc != nil && pc.locksUser
 		s.mu.Unlock()
 		switch {
 		case own || (tag == "*" && s.isOwnESearch(p.Raw)):
 			rf.drop = true
-		case pc != nil && pc.intent != nil:
+		case pc != nil && (pc.intent != nil || holdsOK):
 			rf.held = &bytes.Buffer{}
 		}
 		if !rf.drop && rf.held == nil {
@@ -1060,6 +1099,14 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 	if pc.intent != nil {
 		defer s.p.leaveMutation(s.user)
 		return s.logOutcome(pc, r, expunged-pc.expunges)
+	}
+	if pc.locksUser {
+		// A FETCH that set \Seen: its OK waits for its record.
+		defer s.p.leaveMutation(s.user)
+		if len(pc.fetched) > 0 {
+			s.logFetch(pc, state)
+		}
+		return nil
 	}
 	if pc.name == "FETCH" && len(pc.fetched) > 0 {
 		// Looking up undo ids may take a round trip on the side

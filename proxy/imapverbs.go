@@ -289,7 +289,15 @@ func (s *imapSession) logFetch(pc *pendingCmd, mb mailboxState) {
 	if pc.bySeq {
 		a.Seqs = set
 		uids = nil
-		if pc.seqUIDs != nil {
+		switch {
+		case pc.seqSetUIDs != nil:
+			uids = seqsToUIDs(pc.fetched, pc.seqSetUIDs)
+			if uids == nil {
+				s.logger.Warn("sequence numbers of a FETCH that set \\Seen do not match its resolved set; recorded as the whole set",
+					"seqs", set, "uids", compactSet(pc.seqSetUIDs))
+				uids = pc.seqSetUIDs
+			}
+		case pc.seqUIDs != nil:
 			select {
 			case u := <-pc.seqUIDs:
 				uids, _ = expandSet(u, maxUIDsPerVerb)
@@ -304,9 +312,32 @@ func (s *imapSession) logFetch(pc *pendingCmd, mb mailboxState) {
 	}
 	b, _ := json.Marshal(a)
 	rec := &undolog.Record{User: s.user, Session: s.id, Kind: verb.KindIMAPFetch, Users: []string{s.user}, Args: b}
-	if err := s.p.log.AppendNoSync(context.Background(), rec); err != nil {
-		s.logger.Error("log fetch failed", "err", err)
+	appendRec := s.p.log.AppendNoSync
+	if a.Seen {
+		// A change: durable before the client has the OK (the caller
+		// holds it back until this returns).
+		appendRec = s.p.log.Append
 	}
+	if err := appendRec(context.Background(), rec); err != nil {
+		// The server already sent the messages and set \Seen; the
+		// client hears the truth, the log misses a read.
+		s.logger.Error("log fetch failed", "seen", a.Seen, "err", err)
+	}
+}
+
+// seqsToUIDs maps the sequence numbers a FETCH answered for onto the
+// UIDs its sequence set was resolved to before it ran, both ascending:
+// the set's messages in the same order. With every number answered once,
+// the i-th lowest number is the i-th lowest UID; nil when the counts
+// differ (a number answered twice or not at all), which the caller
+// cannot map exactly.
+func seqsToUIDs(seqs, setUIDs []uint32) []uint32 {
+	seqs = sortedUIDs(slices.Clone(seqs))
+	seqs = slices.Compact(seqs)
+	if len(seqs) != len(setUIDs) {
+		return nil
+	}
+	return slices.Clone(setUIDs)
 }
 
 // modifiedUIDs turns a MODIFIED set into UIDs. A UID STORE reports UIDs;
