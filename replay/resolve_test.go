@@ -2,9 +2,12 @@ package replay
 
 import (
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/emersion/go-imap/v2"
+	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestTranslateCopiesAndTakenMessages checks how replay finds the
@@ -69,5 +72,31 @@ func TestTranslateCopiesAndTakenMessages(t *testing.T) {
 	r.removed["B"] = true
 	if now, removed, _ := pick(map[string]string{"6": "B"}); len(now) != 0 || removed != 1 {
 		t.Errorf("a message the repair removed: got %v, removed %d; want none, 1", now, removed)
+	}
+}
+
+// TestVerbOnADeletedMailboxHasNoEffect: a session whose selected mailbox
+// another session deleted still sends commands on its stale view, and
+// Dovecot answers OK having changed nothing (seen by the concurrent
+// generator at 10 sessions). The verb names the deleted mailbox's
+// UIDVALIDITY: replay gives it no effect, even though a mailbox of that
+// name exists again, and no paradox. A verb naming the new mailbox's
+// UIDVALIDITY is not affected.
+func TestVerbOnADeletedMailboxHasNoEffect(t *testing.T) {
+	r := newUserReplayer("alice", Target{}, nil, nil)
+	del := undolog.Verb{Record: undolog.Record{Seq: 10, Kind: verb.KindIMAPDelete, Args: []byte(`{"command":"DELETE","mailbox":"F4","uidvalidity":465}`)},
+		Outcome: &undolog.Record{Outcome: []byte(`{"status":"OK"}`)}}
+	r.noteDeleted(del)
+	store := undolog.Verb{Record: undolog.Record{Seq: 12, Kind: verb.KindIMAPStore}}
+	out, err := r.onMessages(store, verb.IMAPArgs{Command: "UID STORE", Mailbox: "F4", UIDValidity: 465, UIDs: "13", UndoIDs: map[string]string{"13": "X"}, Op: "-", Flags: []string{"kw1"}})
+	if err != nil || out.Status != verb.ReplayOK || !strings.Contains(out.Detail, "no effect") {
+		t.Fatalf("STORE on the deleted F4: %+v %v; want OK with no effect", out, err)
+	}
+	// A failed DELETE deleted nothing.
+	r2 := newUserReplayer("alice", Target{}, nil, nil)
+	del.Outcome = &undolog.Record{Outcome: []byte(`{"status":"NO"}`)}
+	r2.noteDeleted(del)
+	if r2.deletedBefore["F4"][465] {
+		t.Fatal("a DELETE answered NO marked F4 deleted")
 	}
 }

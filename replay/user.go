@@ -81,6 +81,14 @@ type userReplayer struct {
 	// say) gets a new UID: a client that synced its disappearance must
 	// see it as new mail, and never takes an old UID back.
 	vanished map[string]map[imap.UID]bool
+	// deletedBefore are the mailboxes the first run deleted so far, by
+	// name and the UIDVALIDITY they had then. A session that had one
+	// selected can still send commands on its stale view after another
+	// session deleted it, and Dovecot answers OK having changed nothing:
+	// such a verb names the deleted mailbox's UIDVALIDITY and has no
+	// effect in the replay either, even where a mailbox of that name
+	// exists again.
+	deletedBefore map[string]map[uint32]bool
 }
 
 // mbox is the model of one mailbox.
@@ -103,7 +111,7 @@ type msgState struct {
 
 func newUserReplayer(user string, t Target, l *undolog.Log, fs *filterSet) *userReplayer {
 	return &userReplayer{user: user, t: t, log: l, fs: fs, boxes: map[string]*mbox{}, removed: map[string]bool{}, taken: map[string]bool{}, redelivered: map[string]bool{}, filtered: map[string]FilteredDelivery{}, gone: map[string]verb.MailboxCounters{}, precreated: map[string]bool{},
-		vanished: map[string]map[imap.UID]bool{}}
+		vanished: map[string]map[imap.UID]bool{}, deletedBefore: map[string]map[uint32]bool{}}
 }
 
 func (r *userReplayer) close() {
@@ -126,6 +134,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (verb.ReplayOutcome, er
 	if err := ctx.Err(); err != nil {
 		return verb.ReplayOutcome{}, err
 	}
+	r.noteDeleted(tk.v)
 	if tk.fixed != nil {
 		// A re-injection took the message away from this recipient: later
 		// verbs on it here are skipped as repaired.
@@ -169,7 +178,7 @@ func (r *userReplayer) run(ctx context.Context, tk task) (verb.ReplayOutcome, er
 		if err := json.Unmarshal(v.Args, &a); err != nil {
 			return skipped, nil
 		}
-		return r.onMessages(v, verb.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, UIDs: a.UIDs, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
+		return r.onMessages(v, verb.IMAPArgs{Command: "FETCH", Mailbox: a.Mailbox, UIDValidity: a.UIDValidity, UIDs: a.UIDs, Op: "+", Flags: []string{`\Seen`}, UndoIDs: a.UndoIDs})
 	}
 	var a verb.IMAPArgs
 	if err := json.Unmarshal(v.Args, &a); err != nil {
@@ -242,6 +251,25 @@ func (r *userReplayer) run(ctx context.Context, tk task) (verb.ReplayOutcome, er
 		return verb.ReplayOutcome{}, err
 	}
 	return verb.ReplayOutcome{Status: verb.ReplayOK}, nil
+}
+
+// noteDeleted records a mailbox the first run deleted (an OK DELETE
+// with its UIDVALIDITY), whether the replay repeats the DELETE or the
+// repair cancelled it: later verbs naming that UIDVALIDITY had no effect
+// the first time.
+func (r *userReplayer) noteDeleted(v undolog.Verb) {
+	if v.Kind != verb.KindIMAPDelete || v.Outcome == nil {
+		return
+	}
+	var a verb.IMAPArgs
+	var o verb.IMAPOutcome
+	if json.Unmarshal(v.Args, &a) != nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || o.Status != "OK" || a.UIDValidity == 0 {
+		return
+	}
+	if r.deletedBefore[a.Mailbox] == nil {
+		r.deletedBefore[a.Mailbox] = map[uint32]bool{}
+	}
+	r.deletedBefore[a.Mailbox][a.UIDValidity] = true
 }
 
 // leave unselects the mailbox the session has selected if it is name or
@@ -1007,6 +1035,9 @@ func expandUIDs(set string) ([]imap.UID, error) {
 // onMessages replays STORE, COPY, MOVE, EXPUNGE and a FETCH's \Seen on
 // the messages the verb named, translated to their UIDs now.
 func (r *userReplayer) onMessages(v undolog.Verb, a verb.IMAPArgs) (verb.ReplayOutcome, error) {
+	if a.UIDValidity != 0 && r.deletedBefore[a.Mailbox][a.UIDValidity] {
+		return verb.ReplayOutcome{Status: verb.ReplayOK, Detail: fmt.Sprintf("no effect: %q (UIDVALIDITY %d) had been deleted when it ran", a.Mailbox, a.UIDValidity)}, nil
+	}
 	named := withoutModified(v, namedMessages(a))
 	b, err := r.load(a.Mailbox)
 	var ie *imap.Error
