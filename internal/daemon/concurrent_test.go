@@ -50,7 +50,8 @@ var (
 	// history (issue #13's closing note: a clean-clone CI run once found
 	// an empty folder a session re-created missing after the replay), so
 	// CI runs them at 1 session per mailbox: two users, deliveries.
-	concFolders = flag.String("concurrent.folders", "1", "session counts per mailbox whose sessions also create, rename and delete folders, comma-separated (\"\" for none)")
+	concSameFolder = flag.Bool("concurrent.samefolder", false, "COPY and MOVE may go to the selected mailbox itself")
+	concFolders    = flag.String("concurrent.folders", "1,2,5,10", "session counts per mailbox whose sessions also create, rename and delete folders, comma-separated (\"\" for none)")
 	// concSessions are the session counts per mailbox of the identity
 	// property: two users, STORE, COPY and MOVE by sequence number, "1:*"
 	// and UID, EXPUNGE, CLOSE and APPEND, with deliveries meanwhile.
@@ -143,6 +144,9 @@ func (g *genSession) folder() string {
 // (a known limit, see the closing note of issue #13): here clients copy
 // to other folders.
 func (g *genSession) otherFolder() string {
+	if *concSameFolder {
+		return g.folder()
+	}
 	for {
 		if f := g.folder(); f != g.sel {
 			return f
