@@ -50,6 +50,9 @@ type pendingCmd struct {
 	// locksUser: it holds the user's mutation lock and the gate until its
 	// record is written (a FETCH that sets \Seen in a writable mailbox).
 	locksUser bool
+	// holdsOK: its completion reaches the client only once its record
+	// is durable (set with locksUser, under imapSession.mu).
+	holdsOK bool
 	// expunges is the session's count of expunge responses when the
 	// command was forwarded: those that come before its completion are
 	// its own (under the user's lock no other session expunges).
@@ -133,8 +136,9 @@ func (s *imapSession) splice() {
 		for _, pc := range cut {
 			if pc.locksUser {
 				// A FETCH that sets \Seen and was cut off may have set it
-				// on what it sent before the end: logged as any.
-				if len(pc.fetched) > 0 {
+				// on what it sent before the end: logged as any, where
+				// its UIDs are known without the connection that ended.
+				if len(pc.fetched) > 0 && pc.holdsOK {
 					s.logFetch(pc, state)
 				}
 			} else {
@@ -233,6 +237,10 @@ type cmdForwarder struct {
 	raw     [][]byte       // held parts: raw lines, literal headers made non-synchronizing
 	lits    []*heldLiteral // held literal contents, interleaved with raw by index
 	order   []int          // sequence of parts: -1-i for raw[i], i for lits[i]
+	// sent: part of a relayed command went upstream before its end (a
+	// FETCH with a literal): nothing of the proxy's own may go before
+	// its end any more.
+	sent bool
 }
 
 // forwardMode is what the proxy does with a command, decided from its first
@@ -332,6 +340,7 @@ func (f *cmdForwarder) forward(p imapwire.Part) error {
 		f.raw = append(f.raw, append([]byte(nil), p.Raw...))
 		return nil
 	}
+	f.sent = true
 	if err := f.flushRaw(); err != nil {
 		return err
 	}
@@ -537,11 +546,15 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 					}
 					s.mu.Lock()
 					f.pc.locksUser = true
+					// The OK waits for the record unless the set's UIDs
+					// can only be learnt behind the command (a FETCH by
+					// sequence number with a literal, sent in part).
+					f.pc.holdsOK = cmd.UID || !f.sent
 					s.mu.Unlock()
 				}
 			}
 			switch {
-			case resolve && f.pc.locksUser:
+			case resolve && f.pc.locksUser && !f.sent:
 				// Its record must be durable before the client has the
 				// OK, so the OK is held until it is written, and the
 				// UIDs of its sequence set are resolved before it
@@ -964,9 +977,9 @@ func (rf *respForwarder) forward(p imapwire.Part) error {
 		_, own := s.injected[tag]
 		pc := s.pending[tag]
 		// A FETCH that sets \Seen holds its OK until its record is
-		// written; locksUser is set (under s.mu) before its last line
-		// is forwarded.
-		holdsOK := pc != nil && pc.locksUser
+		// written; holdsOK is set (under s.mu) before its last line is
+		// forwarded.
+		holdsOK := pc != nil && pc.holdsOK
 		s.mu.Unlock()
 		switch {
 		case own || (tag == "*" && s.isOwnESearch(p.Raw)):
@@ -1100,7 +1113,7 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		defer s.p.leaveMutation(s.user)
 		return s.logOutcome(pc, r, expunged-pc.expunges)
 	}
-	if pc.locksUser {
+	if pc.holdsOK {
 		// A FETCH that set \Seen: its OK waits for its record.
 		defer s.p.leaveMutation(s.user)
 		if len(pc.fetched) > 0 {
