@@ -374,3 +374,47 @@ func TestIMAPBadSelectKeepsSelection(t *testing.T) {
 		t.Fatalf("STORE logged as %+v", stores)
 	}
 }
+
+// TestIMAPMoveIntoSelectedMailboxLosesNothing: Dovecot 2.3 answers a
+// MOVE into the selected mailbox, on a view where another session
+// expunged one of its messages, with NO [EXPUNGEISSUED] after expunging
+// the messages before that one without copying them (probed directly;
+// the concurrent generator met it as mail missing after a cycle). Through
+// undomail a UID MOVE runs on a view brought up to date and loses
+// nothing, with its outcome in the log; a MOVE by sequence number into
+// the selected mailbox is refused and changes nothing. The server itself
+// is checked, not the log.
+func TestIMAPMoveIntoSelectedMailboxLosesNothing(t *testing.T) {
+	tb := testbedtest.Start(t, nil)
+	a, ra := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	msg := "Subject: x\r\n\r\nhi\r\n"
+	for i := 0; i < 3; i++ {
+		fmt.Fprintf(a, "a%d APPEND INBOX {%d+}\r\n%s\r\n", i, len(msg), msg)
+		ra.until(t, fmt.Sprintf("a%d OK", i))
+	}
+	fmt.Fprintf(a, "s SELECT INBOX\r\n")
+	ra.until(t, "s OK")
+	// Another session expunges UID 2; a's view still has it.
+	b, rb := rawSession(t, tb.IMAPAddr(), "alice", tb.Stack.Password("alice"))
+	fmt.Fprintf(b, "s SELECT INBOX\r\nd UID STORE 2 +FLAGS (\\Deleted)\r\ne UID EXPUNGE 2\r\n")
+	rb.until(t, "e OK")
+
+	fmt.Fprintf(a, "m MOVE 1:3 INBOX\r\n")
+	if l := ra.until(t, "m "); !strings.HasPrefix(l[len(l)-1], "m NO [CANNOT]") {
+		t.Fatalf("MOVE by sequence number into INBOX: %q, want NO [CANNOT]", l)
+	}
+	if got := serverMessages(t, tb, "INBOX"); fmt.Sprint(got) != "[1 3]" {
+		t.Fatalf("after the refused MOVE Dovecot holds UIDs %v, want [1 3]", got)
+	}
+	fmt.Fprintf(a, "u UID MOVE 1:3 INBOX\r\n")
+	if l := ra.until(t, "u "); !strings.HasPrefix(l[len(l)-1], "u OK") {
+		t.Fatalf("UID MOVE 1:3 INBOX on a stale view: %q, want OK", l)
+	}
+	if got := serverMessages(t, tb, "INBOX"); len(got) != 2 || got[0] <= 3 {
+		t.Fatalf("after UID MOVE 1:3 INBOX Dovecot holds UIDs %v, want the two messages under new UIDs", got)
+	}
+	moves := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPMove)
+	if len(moves) != 1 || imapOutcome(t, moves[0]).Status != "OK" || imapOutcome(t, moves[0]).CopyUID == "" {
+		t.Fatalf("MOVE verbs %+v; want the UID MOVE alone, OK with its COPYUID", moves)
+	}
+}

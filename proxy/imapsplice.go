@@ -620,6 +620,19 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		f.abort()
 		return s.say("%s BAD undomail: %s\r\n", cmd.Tag, err)
 	}
+	// A MOVE into the mailbox it moves from, on a view where another
+	// session expunged one of its messages, makes Dovecot 2.3 answer NO
+	// [EXPUNGEISSUED] after it expunged the messages before that one
+	// without copying them: they are lost, and the log would say nothing
+	// happened. By UID the proxy brings the view up to date first (the
+	// expunged UID then names nothing and is skipped, RFC 9051 6.4.9);
+	// by sequence number that would renumber the client's set, so it is
+	// refused (docs/imap-refusals.md).
+	moveInPlace := iv.kind == verb.KindIMAPMove && iv.args.Dest == mb.name
+	if moveInPlace && !cmd.UID {
+		f.abort()
+		return s.say("%s NO [CANNOT] undomail: MOVE by sequence number into the selected mailbox is refused, nothing changed; use UID MOVE or COPY\r\n", cmd.Tag)
+	}
 	var blob *heldLiteral
 	if iv.kind == verb.KindIMAPAppend {
 		blob = f.lits[len(f.lits)-1]
@@ -649,6 +662,13 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", cmd.Tag)
 	}
 	leave := func() { s.p.leaveMutation(s.user) }
+	if moveInPlace {
+		if _, err := s.inject("NOOP"); err != nil {
+			leave()
+			f.abort()
+			return err
+		}
+	}
 	if iv.needsUIDs != "" {
 		uids, err := s.resolveUIDs(iv.needsUIDs, iv.bySeq)
 		if err != nil {
