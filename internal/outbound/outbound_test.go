@@ -247,6 +247,9 @@ func TestHeldWhileQmgrParksItInIncoming(t *testing.T) {
 		if f == nil && time.Now().After(deadline) {
 			t.Fatalf("queue file %s not found under %s", id, dir)
 		}
+		if f == nil {
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH); err != nil {
 		t.Fatal(err)
