@@ -21,6 +21,7 @@ import (
 	"github.com/emersion/go-imap/v2/imapclient"
 	"github.com/emersion/go-smtp"
 
+	"github.com/undomail/undomail/admin"
 	"github.com/undomail/undomail/internal/mailstack"
 	"github.com/undomail/undomail/internal/mailstack/mailstacktest"
 	"github.com/undomail/undomail/internal/testbed/clientcheck"
@@ -78,7 +79,10 @@ func newServer(t *testing.T, st *mailstack.Stack) *server {
 	return s
 }
 
-// start runs undomail serve and waits until both listeners answer.
+// start runs undomail serve and waits until its listeners and its
+// control socket answer: serve opens the control socket after the
+// listeners (and checks its snapshots in between), so a command right
+// after start could otherwise find no undomail serve running.
 func (s *server) start() {
 	t := s.t
 	t.Helper()
@@ -111,6 +115,19 @@ func (s *server) start() {
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
+	}
+	sock := filepath.Join(s.dataDir, admin.SocketName)
+	for {
+		c, err := net.DialTimeout("unix", sock, time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(s.logPath)
+			t.Fatalf("undomail serve has no control socket %s after 30s: %v\n%s", sock, err, b)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }
 

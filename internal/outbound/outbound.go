@@ -219,9 +219,22 @@ func (q *Queue) Sync(ctx context.Context) error {
 		}
 		// showq reads Postfix's queue directories one after another: a
 		// message that moved between two of them can be missing from one
-		// listing. Two in a row mean it left.
+		// listing. Two in a row mean it may have left; Postfix says
+		// whether it did. qmgr tries a deferred message again every time
+		// its backoff is over, as often as every second
+		// (minimal_backoff_time), so with a listing every second the
+		// moves can fall between directories at several listings in a row.
 		if !q.missing[id] {
 			q.missing[id] = true
+			continue
+		}
+		in, err := q.o.Postfix.InQueue(ctx, id)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if in {
+			q.o.Logger.Debug("outbound delay window: missing from two listings, still in Postfix's queue", "queue_id", id)
 			continue
 		}
 		delete(q.missing, id)
@@ -298,11 +311,36 @@ func (q *Queue) release(ctx context.Context, m *Message, by, reason string) erro
 	return q.end(ctx, m, verb.KindOutboundReleased, verb.OutboundEnd{QueueID: m.QueueID, By: by, Reason: reason})
 }
 
+// deleteTries is how many times cancel asks postsuper to delete a
+// message that it did not find but that is still in Postfix's queue.
+const deleteTries = 3
+
 // cancel deletes a held message from Postfix's queue and logs it.
+// postsuper -d looks through Postfix's queue directories one after
+// another, so it can miss a message that qmgr moves from one to another
+// meanwhile (a deferred message tried again): when it found nothing,
+// Postfix is asked whether the message is still queued, and postsuper
+// tries again if so. Only a message no longer queued has left.
 func (q *Queue) cancel(ctx context.Context, m *Message, e verb.OutboundEnd) error {
-	deleted, err := q.o.Postfix.Delete(ctx, m.QueueID)
-	if err != nil {
-		return err
+	var deleted bool
+	for try := 1; ; try++ {
+		var err error
+		if deleted, err = q.o.Postfix.Delete(ctx, m.QueueID); err != nil {
+			return err
+		}
+		if deleted {
+			break
+		}
+		in, err := q.o.Postfix.InQueue(ctx, m.QueueID)
+		if err != nil {
+			return fmt.Errorf("cancel %s: postsuper did not find it: %w", m.QueueID, err)
+		}
+		if !in {
+			break
+		}
+		if try == deleteTries {
+			return fmt.Errorf("cancel %s: postsuper did not find it %d times, but it is still in Postfix's queue", m.QueueID, deleteTries)
+		}
 	}
 	if !deleted {
 		if err := q.end(ctx, m, verb.KindOutboundReleased, verb.OutboundEnd{QueueID: m.QueueID, By: verb.OutboundByPostfix}); err != nil {

@@ -8,7 +8,9 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -182,6 +184,117 @@ func TestWindowReleasesWhenTimeIsUp(t *testing.T) {
 		t.Fatalf("still held after its time was up: %+v", q.List())
 	}
 	waitArrivals(t, q, sink, "soon@example.test", 1)
+}
+
+// TestHeldWhileQmgrParksItInIncoming reproduces what a loaded machine
+// does now and then: when qmgr comes to try a deferred message again and
+// its queue file is still locked by the delivery agent that deferred it
+// (the agent reports before it closes the file), qmgr logs "skipped,
+// still being delivered" and puts the message in the incoming queue for
+// a minute. Here the test holds the lock. The window holds the message
+// there, and a release from there delivers it, once; then Postfix says
+// it is no longer queued.
+func TestHeldWhileQmgrParksItInIncoming(t *testing.T) {
+	ctx := context.Background()
+	sink := mailstacktest.StartSink(t)
+	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
+	dumpOnFailure(t, st)
+	l, err := undolog.Open(t.TempDir(), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	pf := outbound.Postfix{Config: st.PostfixConfigDir()}
+	send(t, st.SMTPAddr, "alice@"+st.Domain, []string{"dana@outside.test"}, "Subject: parked\r\nMessage-Id: <parked@example.test>\r\n\r\nx\r\n")
+	queueIn := func() (id, queue string) {
+		t.Helper()
+		es, err := pf.Queue(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(es) != 1 {
+			return "", ""
+		}
+		return es[0].ID, es[0].Queue
+	}
+	var id, queue string
+	for deadline := time.Now().Add(60 * time.Second); queue != "deferred"; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the message never reached the deferred queue (%s %s)", id, queue)
+		}
+		id, queue = queueIn()
+	}
+	out, err := exec.Command("postconf", "-c", st.PostfixConfigDir(), "-h", "queue_directory").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := strings.TrimSpace(string(out))
+	// The queue file moves between the deferred and the active queue
+	// each time qmgr tries it again; the lock goes with the open file.
+	var f *os.File
+	for deadline := time.Now().Add(60 * time.Second); f == nil; {
+		for _, pat := range []string{"deferred/*/" + id, "deferred/" + id, "active/" + id} {
+			paths, _ := filepath.Glob(filepath.Join(dir, pat))
+			for _, p := range paths {
+				if f, err = os.Open(p); err == nil {
+					break
+				}
+			}
+			if f != nil {
+				break
+			}
+		}
+		if f == nil && time.Now().After(deadline) {
+			t.Fatalf("queue file %s not found under %s", id, dir)
+		}
+		if f == nil {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(60 * time.Second); queue != "incoming"; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("qmgr never put %s in the incoming queue (it is in %q)", id, queue)
+		}
+		_, queue = queueIn()
+	}
+	f.Close()
+	// qmgr leaves it there for a minute. Sync between two listings that
+	// both show it in the incoming queue must hold it.
+	q, err := outbound.New(ctx, l, outbound.Options{Delay: time.Hour, Postfix: pf})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, after := queueIn(); after != "incoming" {
+		t.Fatalf("%s left the incoming queue (for %q) before the test could look: qmgr keeps it there a minute", id, after)
+	}
+	if ms := q.List(); len(ms) != 1 || ms[0].QueueID != id || ms[0].Subject != "parked" {
+		t.Fatalf("the window holds %+v while Postfix keeps %s in its incoming queue; want it held", ms, id)
+	}
+	if in, err := pf.InQueue(ctx, id); !in || err != nil {
+		t.Fatalf("InQueue(%s) while queued: %v %v", id, in, err)
+	}
+	if err := q.Release(ctx, id, "test"); err != nil {
+		t.Fatal(err)
+	}
+	waitArrivals(t, q, sink, "parked@example.test", 1)
+	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		in, err := pf.InQueue(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !in {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("InQueue(%s) still true a minute after it reached the sink", id)
+		}
+	}
 }
 
 // waitHeld syncs until the window holds n messages.

@@ -80,8 +80,20 @@ const DeferredTransport = "deferred transport"
 
 // Held returns the recipients the window holds: deferred only because
 // their transport is in defer_transports.
+//
+// Such a message waits in the deferred queue, or in the incoming queue:
+// when qmgr, about to try a deferred message again, finds its queue file
+// still locked by the delivery agent that deferred it last time (the
+// agent reports before it closes the file, and on a busy machine it can
+// wait to run in between), it logs "skipped, still being delivered" and
+// puts the file in the incoming queue with its time stamp a minute
+// ahead. Its recipients keep their delay reason, and defer_transports
+// defers them again when qmgr takes it back. Not holding it there would
+// leave it out of the window for that minute, where a cycle cannot
+// cancel it. A message in the active queue is being tried: with a flush
+// (postqueue -f or -i) it may be leaving, so it is not held there.
 func (e Entry) Held() []string {
-	if e.Queue != "deferred" {
+	if e.Queue != "deferred" && e.Queue != "incoming" {
 		return nil
 	}
 	var out []string
@@ -155,6 +167,21 @@ func (p Postfix) Header(ctx context.Context, queueID string) (Header, error) {
 		}
 	}
 	return h, nil
+}
+
+// InQueue reports whether a message is still in Postfix's queue, in any
+// of its queues (postcat -q, which looks through them all twice, so a
+// message moving from one to another is found). false: it left.
+func (p Postfix) InQueue(ctx context.Context, queueID string) (bool, error) {
+	_, msg, err := p.run(ctx, "postcat", "-h", "-q", queueID)
+	if err == nil {
+		return true, nil
+	}
+	// postcat: fatal: open queue file ID: No such file or directory
+	if strings.Contains(string(msg), "open queue file") && strings.Contains(string(msg), "No such file or directory") {
+		return false, nil
+	}
+	return false, fmt.Errorf("look for queued message %s: %w", queueID, err)
 }
 
 // Release asks Postfix to deliver one deferred message now (postqueue

@@ -2,6 +2,7 @@ package outbound
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -11,6 +12,7 @@ import (
 	"time"
 
 	"github.com/undomail/undomail/undolog"
+	"github.com/undomail/undomail/verb"
 )
 
 // TestPostfixExecPrefix: with Exec, the tools run through the prefix (as
@@ -71,14 +73,19 @@ func TestHeaderParsing(t *testing.T) {
 	}
 }
 
-// fakePostfix is a queue of one deferred message for Sync.
+// fakePostfix is a queue for Sync: postqueue -j lists entries; postcat
+// finds every message, or with gone set those not in it; postsuper
+// deletes, after missing the first deleteMisses times.
 type fakePostfix struct {
-	entries string
-	calls   []string
+	entries      string
+	gone         map[string]bool
+	deleteMisses int
+	calls        []string
 }
 
 func (f *fakePostfix) run(_ context.Context, name string, args ...string) ([]byte, []byte, error) {
 	f.calls = append(f.calls, name+" "+strings.Join(args, " "))
+	id := args[len(args)-1]
 	switch name {
 	case "postqueue":
 		if args[0] == "-j" {
@@ -86,11 +93,200 @@ func (f *fakePostfix) run(_ context.Context, name string, args ...string) ([]byt
 		}
 		return nil, nil, nil
 	case "postcat":
+		if f.gone[id] {
+			return nil, []byte("postcat: fatal: open queue file " + id + ": No such file or directory\n"), errors.New("exit status 1")
+		}
 		return []byte("Subject: hi\n"), nil, nil
 	case "postsuper":
-		return nil, []byte("postsuper: Deleted: 1 message\n"), nil
+		if f.deleteMisses > 0 || f.gone[id] {
+			f.deleteMisses--
+			return nil, nil, nil
+		}
+		if f.gone == nil {
+			f.gone = map[string]bool{}
+		}
+		f.gone[id] = true
+		return nil, []byte("postsuper: " + id + ": removed\npostsuper: Deleted: 1 message\n"), nil
 	}
 	return nil, nil, nil
+}
+
+// count is how many times the fake ran a command line.
+func (f *fakePostfix) count(cmd string) int {
+	n := 0
+	for _, c := range f.calls {
+		if c == cmd {
+			n++
+		}
+	}
+	return n
+}
+
+// deferredEntry is a postqueue -j line: a message in queue whose
+// recipient waits with reason, arrived now.
+func deferredEntry(queue, id, reason string) string {
+	return fmt.Sprintf(`{"queue_name": %q, "queue_id": %q, "arrival_time": %d, "sender": "a@example.test", "recipients": [{"address": "d@outside.test", "delay_reason": %q}]}`+"\n",
+		queue, id, time.Now().Unix(), reason)
+}
+
+// kinds returns the kinds of the window's records in the log, in order.
+func kinds(t *testing.T, l *undolog.Log) []string {
+	t.Helper()
+	recs, err := l.Records(context.Background(), undolog.Filter{Kinds: []string{verb.KindOutboundHeld, verb.KindOutboundReleased, verb.KindOutboundCancelled}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, r := range recs {
+		out = append(out, r.Kind)
+	}
+	return out
+}
+
+// TestParkedInIncomingIsHeld: a message qmgr put back in the incoming
+// queue because its queue file was still locked by the delivery agent
+// that deferred it ("skipped, still being delivered") keeps its delay
+// reason and is held there; a message just arrived in the incoming
+// queue (no delay reason yet) and one in the active queue are not.
+func TestParkedInIncomingIsHeld(t *testing.T) {
+	ctx := context.Background()
+	l, err := undolog.Open(t.TempDir(), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	f := &fakePostfix{entries: deferredEntry("incoming", "P1", "deferred transport") + deferredEntry("incoming", "N1", "") +
+		deferredEntry("active", "A1", "deferred transport")}
+	q, err := New(ctx, l, Options{Delay: time.Hour, Postfix: Postfix{Run: f.run}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Sync(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ms := q.List(); len(ms) != 1 || ms[0].QueueID != "P1" || !reflect.DeepEqual(ms[0].Rcpts, []string{"d@outside.test"}) {
+		t.Fatalf("the window holds %+v; want P1 alone, for d@outside.test", ms)
+	}
+	// Released when its time is up, from the incoming queue too.
+	q.o.Delay = 0
+	q.held["P1"].ReleaseAt = time.Now().Add(-time.Second)
+	if err := q.Sync(ctx); err != nil || len(q.List()) != 0 || f.count("postqueue -i P1") != 1 {
+		t.Fatalf("after its time: %v, held %+v, %d releases", err, q.List(), f.count("postqueue -i P1"))
+	}
+}
+
+// TestMissingButQueuedStaysHeld: a held message that two listings in a
+// row do not show (qmgr moved it between two queue directories while
+// showq read them, each time) but that postcat still finds in Postfix's
+// queue stays held, with nothing logged; once postcat does not find it
+// either, it is logged as released by Postfix.
+func TestMissingButQueuedStaysHeld(t *testing.T) {
+	ctx := context.Background()
+	l, err := undolog.Open(t.TempDir(), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	listed := deferredEntry("deferred", "M1", "deferred transport")
+	f := &fakePostfix{entries: listed}
+	q, err := New(ctx, l, Options{Delay: time.Hour, Postfix: Postfix{Run: f.run}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Sync(ctx); err != nil || len(q.List()) != 1 {
+		t.Fatalf("first sync: %v, held %+v", err, q.List())
+	}
+	f.entries = ""
+	for i := 0; i < 4; i++ {
+		if err := q.Sync(ctx); err != nil || len(q.List()) != 1 {
+			t.Fatalf("listing %d without M1, still queued: %v, held %+v; want it held", i+1, err, q.List())
+		}
+	}
+	if got := kinds(t, l); !reflect.DeepEqual(got, []string{verb.KindOutboundHeld}) {
+		t.Fatalf("log: %v; want the held record alone", got)
+	}
+	if f.count("postcat -h -q M1") < 2 {
+		t.Fatalf("Postfix was not asked whether M1 is queued: %v", f.calls)
+	}
+	// Listed again: held as before, not held anew.
+	f.entries = listed
+	if err := q.Sync(ctx); err != nil || len(q.List()) != 1 || len(kinds(t, l)) != 1 {
+		t.Fatalf("listed again: %v, held %+v, log %v", err, q.List(), kinds(t, l))
+	}
+	// It left.
+	f.entries, f.gone = "", map[string]bool{"M1": true}
+	for i := 0; i < 2; i++ {
+		if err := q.Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := kinds(t, l); len(q.List()) != 0 || !reflect.DeepEqual(got, []string{verb.KindOutboundHeld, verb.KindOutboundReleased}) {
+		t.Fatalf("after M1 left: held %+v, log %v; want it released by Postfix", q.List(), got)
+	}
+	// An error of postcat is no answer: the message stays held.
+	f.entries, f.gone = deferredEntry("deferred", "M2", "deferred transport"), nil
+	if err := q.Sync(ctx); err != nil || len(q.List()) != 1 {
+		t.Fatalf("M2: %v %+v", err, q.List())
+	}
+	bad := Postfix{Run: func(ctx context.Context, name string, args ...string) ([]byte, []byte, error) {
+		if name == "postcat" {
+			return nil, []byte("postcat: fatal: chdir /var/spool/postfix: Permission denied\n"), errors.New("exit status 1")
+		}
+		return f.run(ctx, name, args...)
+	}}
+	q.o.Postfix, f.entries = bad, ""
+	for i := 0; i < 2; i++ {
+		q.Sync(ctx)
+	}
+	if err := q.Sync(ctx); err == nil || len(q.List()) != 1 {
+		t.Fatalf("postcat failing: %v, held %+v; want an error and M2 held", err, q.List())
+	}
+}
+
+// TestCancelRetriesAMissedDelete: postsuper -d can miss a message qmgr
+// moves between queue directories meanwhile; when Postfix still has it,
+// cancel asks again and logs it cancelled, not released. One postsuper
+// keeps missing is an error, and the message stays held; one that has
+// left is ErrGone, logged as released by Postfix.
+func TestCancelRetriesAMissedDelete(t *testing.T) {
+	ctx := context.Background()
+	l, err := undolog.Open(t.TempDir(), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	f := &fakePostfix{entries: deferredEntry("deferred", "C1", "deferred transport") + deferredEntry("deferred", "C2", "deferred transport") +
+		deferredEntry("deferred", "C3", "deferred transport")}
+	q, err := New(ctx, l, Options{Delay: time.Hour, Postfix: Postfix{Run: f.run}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.Sync(ctx); err != nil || len(q.List()) != 3 {
+		t.Fatalf("sync: %v, held %+v", err, q.List())
+	}
+	f.deleteMisses = 1
+	if err := q.Cancel(ctx, "C1", "test"); err != nil {
+		t.Fatalf("cancel C1, missed once: %v", err)
+	}
+	if f.count("postsuper -d C1") != 2 {
+		t.Fatalf("postsuper ran %d times for C1, want 2", f.count("postsuper -d C1"))
+	}
+	f.deleteMisses = deleteTries
+	if err := q.Cancel(ctx, "C2", "test"); err == nil || errors.Is(err, ErrGone) {
+		t.Fatalf("cancel C2, missed every time while queued: %v; want an error other than ErrGone", err)
+	}
+	f.deleteMisses = 0
+	f.gone = map[string]bool{"C3": true}
+	if err := q.Cancel(ctx, "C3", "test"); !errors.Is(err, ErrGone) {
+		t.Fatalf("cancel C3, gone: %v; want ErrGone", err)
+	}
+	if ms := q.List(); len(ms) != 1 || ms[0].QueueID != "C2" {
+		t.Fatalf("the window holds %+v; want C2 alone", ms)
+	}
+	want := []string{verb.KindOutboundHeld, verb.KindOutboundHeld, verb.KindOutboundHeld, verb.KindOutboundCancelled, verb.KindOutboundReleased}
+	if got := kinds(t, l); !reflect.DeepEqual(got, want) {
+		t.Fatalf("log: %v; want %v", got, want)
+	}
 }
 
 // TestReleasedDeferredAgainIsReleasedAgain: a released message that is
