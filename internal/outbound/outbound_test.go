@@ -23,6 +23,21 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
+// realPostfix starts a stack whose Postfix relays mail for other domains
+// to a sink and defers its smtp transport, and an undo log.
+func realPostfix(t *testing.T) (*mailstacktest.Sink, *mailstack.Stack, *undolog.Log) {
+	t.Helper()
+	sink := mailstacktest.StartSink(t)
+	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
+	dumpOnFailure(t, st)
+	l, err := undolog.Open(t.TempDir(), undolog.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return sink, st, l
+}
+
 // TestWindowOnRealPostfix drives the window over a real Postfix whose
 // smtp transport relays to a sink and is listed in defer_transports:
 // three messages for outside wait in the deferred queue and are logged
@@ -33,14 +48,7 @@ import (
 // and it arrives once.
 func TestWindowOnRealPostfix(t *testing.T) {
 	ctx := context.Background()
-	sink := mailstacktest.StartSink(t)
-	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
-	dumpOnFailure(t, st)
-	l, err := undolog.Open(t.TempDir(), undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	sink, st, l := realPostfix(t)
 	// The front door's record of the first message.
 	args, _ := json.Marshal(verb.DeliveryArgs{UndoID: "01OUTBOUNDTEST", MailFrom: "alice@" + st.Domain, Rcpts: []string{"dana@outside.test"}})
 	sub := &undolog.Record{Kind: verb.KindSMTPSubmit, User: "alice", Args: args}
@@ -155,14 +163,7 @@ func TestWindowOnRealPostfix(t *testing.T) {
 // a repair holds changes back; it reaches the sink once.
 func TestWindowReleasesWhenTimeIsUp(t *testing.T) {
 	ctx := context.Background()
-	sink := mailstacktest.StartSink(t)
-	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
-	dumpOnFailure(t, st)
-	l, err := undolog.Open(t.TempDir(), undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	sink, st, l := realPostfix(t)
 	send(t, st.SMTPAddr, "alice@"+st.Domain, []string{"dana@outside.test"}, "Subject: soon\r\nMessage-Id: <soon@example.test>\r\n\r\nx\r\n")
 	paused := true
 	q, err := outbound.New(ctx, l, outbound.Options{Delay: 0, Postfix: outbound.Postfix{Config: st.PostfixConfigDir()}, Paused: func() bool { return paused }})
@@ -196,14 +197,7 @@ func TestWindowReleasesWhenTimeIsUp(t *testing.T) {
 // it is no longer queued.
 func TestHeldWhileQmgrParksItInIncoming(t *testing.T) {
 	ctx := context.Background()
-	sink := mailstacktest.StartSink(t)
-	st := mailstacktest.Start(t, mailstack.Options{Outside: sink.Addr, DeferTransports: "smtp"})
-	dumpOnFailure(t, st)
-	l, err := undolog.Open(t.TempDir(), undolog.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
+	sink, st, l := realPostfix(t)
 	pf := outbound.Postfix{Config: st.PostfixConfigDir()}
 	send(t, st.SMTPAddr, "alice@"+st.Domain, []string{"dana@outside.test"}, "Subject: parked\r\nMessage-Id: <parked@example.test>\r\n\r\nx\r\n")
 	queueIn := func() (id, queue string) {
