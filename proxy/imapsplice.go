@@ -625,11 +625,11 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	// gives such a copy the file name of the message it was copied from
 	// once that name is free; the name of an expunged message stays in
 	// dovecot-uidlist for a while, so the same file is listed under its
-	// old and its new UID, and a later sync by any session gives the
-	// message a third UID that no command reported ("Expunged message
-	// reappeared, giving a new UID"; probed, two UID MOVEs of one message
-	// into its own mailbox suffice). The log could not say what the server
-	// did. A MOVE by sequence number into it also loses mail on a stale
+	// old and its new UID; a later sync by another session drops the
+	// message from every view or gives it a UID no command reported
+	// ("Expunged message reappeared, giving a new UID"; probed, two UID
+	// MOVEs of one message into its own mailbox suffice). The log could
+	// not say what the server did. A MOVE by sequence number into it also loses mail on a stale
 	// view (NO [EXPUNGEISSUED] after expunging earlier messages uncopied).
 	if (iv.kind == verb.KindIMAPMove || iv.kind == verb.KindIMAPCopy) && iv.args.Dest == mb.name {
 		name := cmd.Name
