@@ -620,18 +620,24 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		f.abort()
 		return s.say("%s BAD undomail: %s\r\n", cmd.Tag, err)
 	}
-	// A MOVE into the mailbox it moves from, on a view where another
-	// session expunged one of its messages, makes Dovecot 2.3 answer NO
-	// [EXPUNGEISSUED] after it expunged the messages before that one
-	// without copying them: they are lost, and the log would say nothing
-	// happened. By UID the proxy brings the view up to date first (the
-	// expunged UID then names nothing and is skipped, RFC 9051 6.4.9);
-	// by sequence number that would renumber the client's set, so it is
-	// refused (docs/imap-refusals.md).
-	moveInPlace := iv.kind == verb.KindIMAPMove && iv.args.Dest == mb.name
-	if moveInPlace && !cmd.UID {
+	// COPY and MOVE into the selected mailbox are refused, by UID and by
+	// sequence number (docs/imap-refusals.md). Dovecot 2.3's maildir
+	// gives such a copy the file name of the message it was copied from
+	// once that name is free; the name of an expunged message stays in
+	// dovecot-uidlist for a while, so the same file is listed under its
+	// old and its new UID; a later sync by another session drops the
+	// message from every view or gives it a UID no command reported
+	// ("Expunged message reappeared, giving a new UID"; probed, two UID
+	// MOVEs of one message into its own mailbox suffice). The log could
+	// not say what the server did. A MOVE by sequence number into it also loses mail on a stale
+	// view (NO [EXPUNGEISSUED] after expunging earlier messages uncopied).
+	if (iv.kind == verb.KindIMAPMove || iv.kind == verb.KindIMAPCopy) && iv.args.Dest == mb.name {
+		name := cmd.Name
+		if cmd.UID {
+			name = "UID " + name
+		}
 		f.abort()
-		return s.say("%s NO [CANNOT] undomail: MOVE by sequence number into the selected mailbox is refused, nothing changed; use UID MOVE or COPY\r\n", cmd.Tag)
+		return s.say("%s NO [CANNOT] undomail: %s into the selected mailbox is refused, nothing changed\r\n", cmd.Tag, name)
 	}
 	var blob *heldLiteral
 	if iv.kind == verb.KindIMAPAppend {
@@ -662,13 +668,6 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		return s.say("%s NO [UNAVAILABLE] undomail: paused for maintenance, nothing changed; try again later.\r\n", cmd.Tag)
 	}
 	leave := func() { s.p.leaveMutation(s.user) }
-	if moveInPlace {
-		if _, err := s.inject("NOOP"); err != nil {
-			leave()
-			f.abort()
-			return err
-		}
-	}
 	if iv.needsUIDs != "" {
 		uids, err := s.resolveUIDs(iv.needsUIDs, iv.bySeq)
 		if err != nil {
