@@ -629,8 +629,9 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	// message from every view or gives it a UID no command reported
 	// ("Expunged message reappeared, giving a new UID"; probed, two UID
 	// MOVEs of one message into its own mailbox suffice). The log could
-	// not say what the server did. A MOVE by sequence number into it also loses mail on a stale
-	// view (NO [EXPUNGEISSUED] after expunging earlier messages uncopied).
+	// not say what the server did. A MOVE into it on a stale view also
+	// loses mail (NO [EXPUNGEISSUED] after expunging earlier messages
+	// uncopied).
 	if (iv.kind == verb.KindIMAPMove || iv.kind == verb.KindIMAPCopy) && iv.args.Dest == mb.name {
 		name := cmd.Name
 		if cmd.UID {

@@ -50,7 +50,7 @@ var (
 	// history (issue #13's closing note: a clean-clone CI run once found
 	// an empty folder a session re-created missing after the replay), so
 	// CI runs them at 1 session per mailbox: two users, deliveries.
-	concSameFolder = flag.Bool("concurrent.samefolder", false, "COPY and MOVE may go to the selected mailbox itself")
+	concSameFolder = flag.Bool("concurrent.samefolder", false, "COPY and MOVE may go to the selected mailbox itself (undomail refuses them)")
 	concFolders    = flag.String("concurrent.folders", "1,2,5,10", "session counts per mailbox whose sessions also create, rename and delete folders, comma-separated (\"\" for none)")
 	// concSessions are the session counts per mailbox of the identity
 	// property: two users, STORE, COPY and MOVE by sequence number, "1:*"
@@ -138,11 +138,10 @@ func (g *genSession) folder() string {
 }
 
 // otherFolder picks a COPY or MOVE destination other than the selected
-// mailbox. Copies of a message in the mailbox it is in share its undo
-// id; replay tells them apart by their first-run UIDs, but with 5 and 10
-// sessions per mailbox it still differs from the present now and then
-// (a known limit, see the closing note of issue #13): here clients copy
-// to other folders.
+// mailbox: undomail refuses COPY and MOVE into the selected mailbox
+// (NO [CANNOT], docs/imap-refusals.md: Dovecot's maildir can give such a
+// copy a UID no command reported), so those would only be refused
+// commands. -concurrent.samefolder sends them anyway.
 func (g *genSession) otherFolder() string {
 	if *concSameFolder {
 		return g.folder()
