@@ -444,6 +444,32 @@ func (s *imapSession) uidValidityLocked(mailbox string) (uint32, error) {
 	return uv, err
 }
 
+// mailboxExists tells, over the side connection, whether a mailbox can
+// be opened now: its STATUS succeeds (true) or is refused (false). An
+// error when it cannot tell.
+func (s *imapSession) mailboxExists(mailbox string) (bool, error) {
+	var ok bool
+	err := s.onSide(func() error {
+		sc := s.side
+		tag := sc.next()
+		r, err := sc.up.collect(tag+" STATUS "+astring(mailbox)+" (MESSAGES)\r\n", tag, func(*imapwire.Response) {})
+		if err != nil {
+			sc.up.close()
+			sc.up = nil
+			return err
+		}
+		switch r.Name {
+		case "OK":
+			ok = true
+		case "NO":
+		default:
+			return fmt.Errorf("STATUS %s: %s %s", mailbox, r.Name, r.Text)
+		}
+		return nil
+	})
+	return ok, err
+}
+
 // firstTraceID returns the value of the first Undomail-Id field of a
 // header section.
 func firstTraceID(hdr []byte) string {

@@ -53,6 +53,9 @@ type pendingCmd struct {
 	// holdsOK: its completion reaches the client only once its record
 	// is durable (set with locksUser, under imapSession.mu).
 	holdsOK bool
+	// absentBefore: a CREATE whose mailbox could not be opened right
+	// before it was forwarded, under the user's lock.
+	absentBefore bool
 	// expunges is the session's count of expunge responses when the
 	// command was forwarded: those that come before its completion are
 	// its own (under the user's lock no other session expunges).
@@ -687,6 +690,13 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	if iv.kind == verb.KindIMAPDelete || iv.kind == verb.KindIMAPRename {
 		iv.args.UIDValidity = s.uidValidityOf(iv.args.Mailbox)
 	}
+	var absentBefore bool
+	if iv.kind == verb.KindIMAPCreate {
+		// See logOutcome: a CREATE answered ALREADYEXISTS may still
+		// have made the mailbox.
+		exists, err := s.mailboxExists(iv.args.Mailbox)
+		absentBefore = err == nil && !exists
+	}
 	argsJSON, _ := json.Marshal(iv.args)
 	intent := &undolog.Record{User: s.user, Session: s.id, Kind: iv.kind, Users: []string{s.user}, Args: argsJSON}
 	if blob != nil {
@@ -700,7 +710,7 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 	}
 	// The gate and the user's lock are left when the command completes
 	// (observe) or the session ends with it pending.
-	pc := &pendingCmd{ready: make(chan struct{}), name: cmd.Name, uid: cmd.UID, intent: intent, verb: iv}
+	pc := &pendingCmd{ready: make(chan struct{}), name: cmd.Name, uid: cmd.UID, intent: intent, verb: iv, absentBefore: absentBefore}
 	s.track(cmd, pc)
 	close(pc.ready)
 	s.mu.Lock()

@@ -253,6 +253,19 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response, expunged 
 	if pc.copyUID != "" {
 		o.CopyUID = pc.copyUID
 	}
+	if pc.verb.kind == verb.KindIMAPCreate && pc.absentBefore && r.Name == "NO" && r.Code != nil && r.Code.Name == "ALREADYEXISTS" {
+		// Dovecot's maildir answers a CREATE that races with another
+		// session's SELECT or STATUS of the same name with ALREADYEXISTS,
+		// having made the mailbox all the same (probed: 4 of 40 such
+		// races). It could not be opened before the command and no other
+		// change of the user's ran meanwhile: if it can be opened now,
+		// this CREATE made it, and the log says so.
+		if exists, err := s.mailboxExists(pc.verb.args.Mailbox); err == nil && exists {
+			o.Status, o.Code = "OK", ""
+			o.Text = "undomail: the server answered " + strings.TrimSpace("NO ["+r.Code.Name+"] "+r.Text) +
+				", yet the mailbox did not exist before the command and does now (the client was told NO)"
+		}
+	}
 	if r.Name == "OK" {
 		a := pc.verb.args
 		switch pc.verb.kind {
