@@ -355,7 +355,7 @@ func TestIMAPFetchSeenLoggedBeforeOK(t *testing.T) {
 	if l := r.tagged(t, "F", 1)[0]; !strings.HasPrefix(l, "F OK") {
 		t.Fatalf("FETCH with a literal: %s", l)
 	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		vs := imapVerbs(t, tb.Daemon.Log, verb.KindIMAPFetch)
 		var a verb.IMAPFetchArgs
 		json.Unmarshal(vs[len(vs)-1].Args, &a)
