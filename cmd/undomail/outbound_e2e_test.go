@@ -171,9 +171,6 @@ func TestOutboundDelayWindow(t *testing.T) {
 	// The cancelled message is out of Postfix's queue: nothing can send
 	// it any more. Whatever the replay handed to Postfix is delivered or
 	// refused by now; a flush sends anything still deferred.
-	if err := st.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
 	q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
 	if err != nil {
 		t.Fatal(err)
@@ -181,22 +178,36 @@ func TestOutboundDelayWindow(t *testing.T) {
 	if strings.Contains(q, oops.QueueID) {
 		t.Errorf("the cancelled message is still in Postfix's queue:\n%s", q)
 	}
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		q, _ = exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
-		if strings.TrimSpace(q) == "" || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	if strings.TrimSpace(q) != "" {
-		t.Fatalf("Postfix's queue is not empty after the flush:\n%s", q)
-	}
+	flushQueue(t, st, "the flush")
 	for id, want := range map[string]int{"early@example.test": 1, "oops@example.test": 0, "fine@example.test": 1, "drop@example.test": 0} {
 		if n := sink.Count(id); n != want {
 			t.Errorf("%s reached the outside %d times, want %d", id, n, want)
 		}
 	}
 	s.stop()
+}
+
+// flushQueue flushes Postfix's queue (postqueue -f, which also sends
+// what defer_transports holds) and waits until it is empty; after names
+// the moment for the failure message.
+func flushQueue(t *testing.T, st *mailstack.Stack, after string) {
+	t.Helper()
+	if err := st.Flush(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.TrimSpace(q) == "" {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Postfix's queue is not empty after %s:\n%s", after, q)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // waitSink waits until a message reached the sink.
@@ -283,22 +294,7 @@ func TestAliasOutsideCyclesSendNothingAgain(t *testing.T) {
 		}
 		// Whatever the replay handed to Postfix has been delivered or
 		// refused by now; a flush sends anything still deferred.
-		if err := st.Flush(ctx); err != nil {
-			t.Fatal(err)
-		}
-		for deadline := time.Now().Add(20 * time.Second); ; {
-			q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if strings.TrimSpace(q) == "" {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("Postfix's queue is not empty after the cycle and a flush:\n%s", q)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		flushQueue(t, st, "the cycle and a flush")
 		for _, id := range ids {
 			if n := sink.Count(id); n != 1 {
 				t.Errorf("after the cycle (%s) %s reached the outside %d times, want once (the first run)", reason, id, n)
@@ -356,22 +352,7 @@ func TestOutboundSplitFormReplayCancels(t *testing.T) {
 	if err != nil || !strings.Contains(log, m.QueueID) || !strings.Contains(log, "cancelled by cycle") {
 		t.Fatalf("undomail log --kind outbound.cancelled: %v\n%s", err, log)
 	}
-	if err := st.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.TrimSpace(q) == "" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Postfix's queue is not empty after a flush:\n%s", q)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	flushQueue(t, st, "a flush")
 	if n := sink.Count("split@example.test"); n != 0 {
 		t.Errorf("the cancelled message reached the outside %d times", n)
 	}
@@ -435,22 +416,7 @@ func TestOutboundWindowAliasRepaired(t *testing.T) {
 		t.Fatalf("outbound release: %v %s", err, out)
 	}
 	waitSink(t, sink, "direct@example.test")
-	if err := st.Flush(ctx); err != nil {
-		t.Fatal(err)
-	}
-	for deadline := time.Now().Add(20 * time.Second); ; {
-		q, err := exec0("postqueue", "-c", st.PostfixConfigDir(), "-j")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if strings.TrimSpace(q) == "" {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Postfix's queue is not empty after a flush:\n%s", q)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	flushQueue(t, st, "a flush")
 	if n, m := sink.Count("forbob@client.test"), sink.Count("direct@example.test"); n != 0 || m != 1 {
 		t.Errorf("the outside got bob's message %d times and the direct one %d times; want 0 and 1", n, m)
 	}
