@@ -59,6 +59,10 @@ type imapSession struct {
 	// Only the command reader uses it.
 	idleNext bool
 	bg       sync.WaitGroup // background fetch records
+	// readLogged is closed when the latest background fetch record is
+	// written (nil: none yet); a mutating command waits for it, so the
+	// log keeps a session's reads and changes in the order they ran.
+	readLogged chan struct{}
 }
 
 // mailboxState is what the session has selected.

@@ -654,6 +654,14 @@ func (f *cmdForwarder) finish(cmd *imapwire.Command) error {
 		iv.args.Size = blob.size
 		iv.args.UndoID = undolog.NewID()
 	}
+	// A read this session made before is logged before this change
+	// (its record is written in the background, see observe).
+	s.mu.Lock()
+	read := s.readLogged
+	s.mu.Unlock()
+	if read != nil {
+		<-read
+	}
 	// One mutating command of a user at a time, from its intent to its
 	// completion, across all the user's sessions: the log's order is then
 	// the order the server ran them in, and what a search finds right
@@ -1155,8 +1163,13 @@ func (s *imapSession) observe(r *imapwire.Response, rf *respForwarder) error {
 		// Looking up undo ids may take a round trip on the side
 		// connection: not on the path of the client's responses.
 		s.bg.Add(1)
+		done := make(chan struct{})
+		s.mu.Lock()
+		s.readLogged = done
+		s.mu.Unlock()
 		go func() {
 			defer s.bg.Done()
+			defer close(done)
 			s.logFetch(pc, state)
 			if pc.locksUser {
 				s.p.leaveMutation(s.user)
