@@ -378,16 +378,25 @@ func TestIMAPFetchSeenLoggedBeforeOK(t *testing.T) {
 }
 
 // deliver sends n messages to user through the front door (Message-Id
-// from idFormat and the message's index) and waits until they are stored.
+// from idFormat and the message's index) and waits until they are stored:
+// until the INBOX holds n more than before (a refill of a mailbox that is
+// not empty must not return while some are still on their way).
 func deliver(t *testing.T, tb *testbed.Testbed, user, subject, idFormat string, n int) {
 	t.Helper()
+	c := imapLogin(t, tb.Stack.IMAPAddr, user, tb.Stack.Password(user))
+	st, err := c.Status("INBOX", &imap.StatusOptions{NumMessages: true}).Wait()
+	c.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	have := *st.NumMessages
 	for i := 0; i < n; i++ {
 		c := dial(t, tb.SMTPAddr(), "")
 		if err := c.SendMail("sender@example.test", []string{tb.Stack.Address(user)}, strings.NewReader(message(subject, fmt.Sprintf(idFormat, i)))); err != nil {
 			t.Fatalf("deliver to %s: %v", user, err)
 		}
 	}
-	waitForCount(t, tb, user, uint32(n))
+	waitForCount(t, tb, user, have+uint32(n))
 }
 
 func waitForCount(t *testing.T, tb *testbed.Testbed, user string, n uint32) {
