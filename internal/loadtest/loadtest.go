@@ -36,6 +36,12 @@ type Run struct {
 	Target  string        // "direct" or "undomail"
 	Elapsed time.Duration // until smtp-source had every message accepted
 	Rate    float64       // messages per second
+	// CPU is the machine's busy CPU time over the run (all processes:
+	// smtp-source, Postfix, Dovecot, undomail, the kernel) and Own
+	// undomail's share of it (this process), both per message. On a
+	// saturated machine the throughput ratio is the ratio of these
+	// costs, so they say where the time goes. Zero where unknown.
+	CPU, Own time.Duration
 }
 
 // Result is a whole measurement.
@@ -92,7 +98,8 @@ func Measure(ctx context.Context, tb *testbed.Testbed, o Options, w io.Writer) (
 		}
 		res.Runs = append(res.Runs, d, p)
 		dr, pr, ratios = append(dr, d.Rate), append(pr, p.Rate), append(ratios, p.Rate/d.Rate)
-		fmt.Fprintf(w, "round %d: direct %.0f msg/s, undomail %.0f msg/s, ratio %.3f\n", round+1, d.Rate, p.Rate, p.Rate/d.Rate)
+		fmt.Fprintf(w, "round %d: direct %.0f msg/s, undomail %.0f msg/s, ratio %.3f; CPU per message: direct %v (undomail's capture %v), undomail %v (undomail %v)\n",
+			round+1, d.Rate, p.Rate, p.Rate/d.Rate, d.CPU.Round(time.Microsecond), d.Own.Round(time.Microsecond), p.CPU.Round(time.Microsecond), p.Own.Round(time.Microsecond))
 	}
 	res.Direct, res.Proxy, res.Ratio = median(dr), median(pr), median(ratios)
 	end := tb.Daemon.Log.Stats()
@@ -120,9 +127,11 @@ func smtpSource(ctx context.Context, tb *testbed.Testbed, o Options, target, add
 	}
 	args = append(args, addr)
 	before := countMail(tb, "alice")
+	cpu0 := readCPU()
 	start := time.Now()
 	out, err := exec.CommandContext(ctx, "smtp-source", args...).CombinedOutput()
 	elapsed := time.Since(start)
+	cpu1 := readCPU()
 	if err != nil {
 		return Run{}, fmt.Errorf("smtp-source %v against %s: %v: %s", args, target, err, out)
 	}
@@ -135,7 +144,65 @@ func smtpSource(ctx context.Context, tb *testbed.Testbed, o Options, target, add
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	return Run{Target: target, Elapsed: elapsed, Rate: float64(o.Messages) / elapsed.Seconds()}, nil
+	r := Run{Target: target, Elapsed: elapsed, Rate: float64(o.Messages) / elapsed.Seconds()}
+	if cpu0.ok && cpu1.ok {
+		r.CPU = (cpu1.machine - cpu0.machine) / time.Duration(o.Messages)
+		r.Own = (cpu1.own - cpu0.own) / time.Duration(o.Messages)
+	}
+	return r, nil
+}
+
+// cpuTimes is the machine's busy CPU time (/proc/stat: everything but
+// idle and iowait, over all cores) and this process's (/proc/self/stat
+// utime+stime), in clock ticks converted at USER_HZ = 100, which Linux
+// uses for both files on every architecture Go supports.
+type cpuTimes struct {
+	machine, own time.Duration
+	ok           bool
+}
+
+func readCPU() cpuTimes {
+	const tick = 10 * time.Millisecond
+	stat, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return cpuTimes{}
+	}
+	line, _, _ := strings.Cut(string(stat), "\n")
+	f := strings.Fields(line) // cpu user nice system idle iowait irq softirq steal ...
+	if len(f) < 9 || f[0] != "cpu" {
+		return cpuTimes{}
+	}
+	var c cpuTimes
+	for i, v := range f[1:9] {
+		if i == 3 || i == 4 { // idle, iowait
+			continue
+		}
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return cpuTimes{}
+		}
+		c.machine += time.Duration(n) * tick
+	}
+	self, err := os.ReadFile("/proc/self/stat")
+	if err != nil {
+		return cpuTimes{}
+	}
+	// Fields after the command name, which is in parentheses and may
+	// hold spaces: state is field 3, utime 14 and stime 15.
+	_, rest, ok := strings.Cut(string(self), ") ")
+	g := strings.Fields(rest)
+	if !ok || len(g) < 13 {
+		return cpuTimes{}
+	}
+	for _, v := range g[11:13] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return cpuTimes{}
+		}
+		c.own += time.Duration(n) * tick
+	}
+	c.ok = true
+	return c
 }
 
 // procWriteBytes is what this process has caused to be written to storage
