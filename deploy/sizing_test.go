@@ -2,9 +2,12 @@ package deploy
 
 import (
 	"context"
+	crand "crypto/rand"
 	"database/sql"
+	"encoding/base64"
 	"fmt"
 	"io/fs"
+	"math/rand/v2"
 	"net/smtp"
 	"path/filepath"
 	"strconv"
@@ -167,15 +170,35 @@ func TestLogSizing(t *testing.T) {
 		"| what | count | bytes each | records each |\n| --- | --- | --- | --- |\n%s", strings.Join(rows, "\n"))
 }
 
-// message is an RFC 5322 message of about n bytes with a unique subject.
+// message is an RFC 5322 message of about n bytes with a unique subject,
+// made like typical mail for what compression does to it: a text part of
+// varied sentences (DEFLATE shrinks such text to about a third) and, for
+// the other half, a base64 attachment of random bytes (already compressed
+// content, like a photo or a PDF; DEFLATE saves only base64's quarter).
 func message(subject string, n int) string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "From: sender@example.test\r\nTo: alice@example.test\r\nSubject: %s\r\nMessage-Id: <%d.%s@sizing.test>\r\nDate: %s\r\n\r\n",
+	fmt.Fprintf(&b, "From: sender@example.test\r\nTo: alice@example.test\r\nSubject: %s\r\nMessage-Id: <%d.%s@sizing.test>\r\nDate: %s\r\n"+
+		"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
 		subject, time.Now().UnixNano(), strings.ReplaceAll(subject, " ", "-"), time.Now().Format(time.RFC1123Z))
-	line := "The quick brown fox jumps over the lazy dog; undo logs remember it all.\r\n"
-	for b.Len() < n {
-		b.WriteString(line)
+	words := strings.Fields("the a report meeting budget figures team quarter region sales customer order delivery invoice " +
+		"project schedule review draft update please thanks regards attached below above next last week month " +
+		"we you they will would should could can our your their new old first second final revised agreed")
+	rng := rand.New(rand.NewPCG(uint64(len(subject)), uint64(n)))
+	for line := 0; b.Len() < n/2; line++ {
+		for w := 0; w < 12; w++ {
+			b.WriteString(words[rng.IntN(len(words))])
+			b.WriteByte(' ')
+		}
+		fmt.Fprintf(&b, "%d.\r\n", rng.IntN(10000))
 	}
+	b.WriteString("\r\n--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n")
+	raw := make([]byte, 57)
+	for b.Len() < n-80 {
+		crand.Read(raw)
+		b.WriteString(base64.StdEncoding.EncodeToString(raw))
+		b.WriteString("\r\n")
+	}
+	b.WriteString("\r\n--b1--\r\n")
 	return b.String()
 }
 

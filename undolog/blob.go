@@ -2,6 +2,7 @@ package undolog
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"database/sql"
 	"encoding/hex"
@@ -21,8 +22,13 @@ type BlobRef struct {
 	Size   int64  // bytes
 
 	// inline is the content of a blob small enough to live in the
-	// database; it is stored with the record it is attached to.
+	// database; it is stored with the record it is attached to, as
+	// packed where that is set (pack.go).
 	inline []byte
+	packed []byte
+	// mem is the whole content where the writer held it in memory (an
+	// inline blob, or a delta of one): OpenRef reads it from here.
+	mem []byte
 	// delta, if set, stores the blob as a prefix and a stored base blob
 	// (CommitDelta); it is stored with the record like inline.
 	delta *blobDelta
@@ -126,7 +132,7 @@ func (w *BlobWriter) Commit() (BlobRef, error) {
 	}
 	if w.f == nil && w.err == nil {
 		w.done = true
-		return BlobRef{SHA256: hex.EncodeToString(w.h.Sum(nil)), Size: w.n, inline: w.buf}, nil
+		return BlobRef{SHA256: hex.EncodeToString(w.h.Sum(nil)), Size: w.n, inline: w.buf, packed: pack(w.buf), mem: w.buf}, nil
 	}
 	w.done = true
 	if w.f == nil {
@@ -207,7 +213,9 @@ func (w *BlobWriter) CommitDelta(base string) (BlobRef, error) {
 		w.f.Close()
 		os.Remove(w.f.Name())
 	}
-	return BlobRef{SHA256: hex.EncodeToString(w.h.Sum(nil)), Size: w.n,
+	// The content held in memory was hashed as it came, and its tail
+	// against base's name just now.
+	return BlobRef{SHA256: hex.EncodeToString(w.h.Sum(nil)), Size: w.n, mem: w.buf,
 		delta: &blobDelta{base: base, baseFile: file, prefix: bytes.Clone(prefix)}}, nil
 }
 
@@ -215,7 +223,7 @@ func (w *BlobWriter) CommitDelta(base string) (BlobRef, error) {
 // whether it is a file; an error if it is not stored (or only as a delta).
 func (l *Log) plainBlobSize(sha string) (int64, bool, error) {
 	var n int64
-	err := l.db.QueryRow(`SELECT length(data) FROM inline_blobs WHERE sha = ?`, sha).Scan(&n)
+	err := l.db.QueryRow(`SELECT coalesce(size, length(data)) FROM inline_blobs WHERE sha = ?`, sha).Scan(&n)
 	if err == nil {
 		return n, false, nil
 	}
@@ -282,7 +290,7 @@ func (l *Log) blobStored(sha string) error {
 // same transaction as r, so it is durable exactly when r is.
 func (r *Record) AttachBlob(ref BlobRef) {
 	r.Blob = ref.SHA256
-	r.inline = ref.inline
+	r.inline, r.packed = ref.inline, ref.packed
 	r.delta = ref.delta
 }
 
@@ -311,13 +319,12 @@ func (l *Log) OpenBlob(sha string) (io.ReadCloser, error) {
 	if !validBlobName(sha) {
 		return nil, fmt.Errorf("open blob %q: not a sha256 hex name", sha)
 	}
-	var data []byte
-	err := l.db.QueryRow(`SELECT data FROM inline_blobs WHERE sha = ?`, sha).Scan(&data)
+	data, ok, err := readInline(context.Background(), l.db, sha)
 	switch {
-	case err == nil:
-		return &blobReader{r: bytes.NewReader(data), h: sha256.New(), name: sha, where: "inline blob " + sha}, nil
-	case !errors.Is(err, sql.ErrNoRows):
+	case err != nil:
 		return nil, fmt.Errorf("open inline blob %s: %w", sha, err)
+	case ok:
+		return &blobReader{r: bytes.NewReader(data), h: sha256.New(), name: sha, where: "inline blob " + sha}, nil
 	}
 	var base string
 	err = l.db.QueryRow(`SELECT base, prefix FROM blob_deltas WHERE sha = ?`, sha).Scan(&base, &data)
@@ -342,13 +349,14 @@ func (l *Log) OpenBlob(sha string) (io.ReadCloser, error) {
 	return &blobReader{r: f, c: f, h: sha256.New(), name: sha, where: f.Name()}, nil
 }
 
-// OpenRef opens a blob this process has just committed. An inline blob is
-// read from the BlobRef's own bytes, the very bytes stored with its record,
-// without a database round trip; a file blob is opened and verified like
-// OpenBlob.
+// OpenRef opens a blob this process has just committed. A blob the writer
+// held in memory (an inline blob, or a delta of a message that fits
+// inline) is read from the BlobRef's own bytes, which were hashed to its
+// name, without a database round trip; a file blob is opened and verified
+// like OpenBlob.
 func (l *Log) OpenRef(ref BlobRef) (io.ReadCloser, error) {
-	if ref.inline != nil {
-		return io.NopCloser(bytes.NewReader(ref.inline)), nil
+	if ref.mem != nil {
+		return io.NopCloser(bytes.NewReader(ref.mem)), nil
 	}
 	if d := ref.delta; d != nil {
 		br, err := l.OpenBlob(d.base)

@@ -101,6 +101,9 @@ type checker struct {
 	sum    Summary
 	refs   map[string]int64 // blob -> first record referencing it
 	inline map[string]bool  // blobs found in inline_blobs
+	// inlineCols selects data, codec and size of inline_blobs, in a log
+	// of any schema version.
+	inlineCols string
 }
 
 func (c *checker) add(sev Severity, seq int64, blob, format string, args ...any) {
@@ -176,6 +179,11 @@ func (c *checker) checkDB(ctx context.Context) error {
 	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'inline_blobs'`).Scan(&tables); err == nil && tables == 0 && version == 1 {
 		return nil
 	}
+	// Logs before schema version 5 store every inline blob plain.
+	c.inlineCols = "data, 0, NULL"
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('inline_blobs') WHERE name = 'codec'`).Scan(&tables); err == nil && tables > 0 {
+		c.inlineCols = "data, codec, size"
+	}
 	if err := c.checkInlineBlobs(ctx, db); err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -242,10 +250,18 @@ func (c *checker) checkDeltaBlobs(ctx context.Context, db *sql.DB) error {
 		h := sha256.New()
 		h.Write(d.prefix)
 		var data []byte
-		err := db.QueryRowContext(ctx, `SELECT data FROM inline_blobs WHERE sha = ?`, d.base).Scan(&data)
+		var codec int64
+		var size sql.NullInt64
+		err := db.QueryRowContext(ctx, `SELECT `+c.inlineCols+` FROM inline_blobs WHERE sha = ?`, d.base).Scan(&data, &codec, &size)
 		switch {
 		case err == nil:
-			h.Write(data)
+			content, uerr := unpack(d.base, data, codec, size)
+			if uerr != nil {
+				// checkInlineBlobs reports the damaged base.
+				c.add(Error, seq, d.sha, "delta blob %s: base %s unreadable: %v", shortHex(mustHex(d.sha)), shortHex(mustHex(d.base)), uerr)
+				continue
+			}
+			h.Write(content)
 		case errors.Is(err, sql.ErrNoRows):
 			f, ferr := os.Open(filepath.Join(c.dir, blobsName, d.base[:2], d.base))
 			if ferr != nil {
@@ -273,7 +289,7 @@ func (c *checker) checkDeltaBlobs(ctx context.Context, db *sql.DB) error {
 // checkInlineBlobs verifies the blobs stored in the database, which
 // walkRecords has already collected references to.
 func (c *checker) checkInlineBlobs(ctx context.Context, db *sql.DB) error {
-	rows, err := db.QueryContext(ctx, `SELECT sha, data FROM inline_blobs ORDER BY sha`)
+	rows, err := db.QueryContext(ctx, `SELECT sha, `+c.inlineCols+` FROM inline_blobs ORDER BY sha`)
 	if err != nil {
 		return err
 	}
@@ -281,7 +297,9 @@ func (c *checker) checkInlineBlobs(ctx context.Context, db *sql.DB) error {
 	for rows.Next() {
 		var name string
 		var data []byte
-		if err := rows.Scan(&name, &data); err != nil {
+		var codec int64
+		var size sql.NullInt64
+		if err := rows.Scan(&name, &data, &codec, &size); err != nil {
 			return err
 		}
 		c.sum.Blobs++
@@ -291,7 +309,12 @@ func (c *checker) checkInlineBlobs(ctx context.Context, db *sql.DB) error {
 			continue
 		}
 		c.inline[name] = true
-		sum := sha256.Sum256(data)
+		content, err := unpack(name, data, codec, size)
+		if err != nil {
+			c.add(Error, seq, name, "%v%s", err, referencedBy(seq))
+			continue
+		}
+		sum := sha256.Sum256(content)
 		switch got := hex.EncodeToString(sum[:]); {
 		case got != name:
 			c.add(Error, seq, name, "inline blob %s: content hashes to %s: blob corrupted%s", shortHex(mustHex(name)), shortHex(sum[:]), referencedBy(seq))

@@ -854,7 +854,11 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 				return fmt.Errorf("insert record %d: %w", r.Seq, err)
 			}
 			if r.inline != nil {
-				if _, err := insBlob.ExecContext(ctx, r.Blob, r.inline); err != nil {
+				data, codec, size := r.inline, codecPlain, any(nil)
+				if r.packed != nil {
+					data, codec, size = r.packed, codecDeflate, len(r.inline)
+				}
+				if _, err := insBlob.ExecContext(ctx, r.Blob, data, codec, size); err != nil {
 					return fmt.Errorf("insert blob %s of record %d: %w", r.Blob, r.Seq, err)
 				}
 			}
@@ -917,7 +921,7 @@ func (l *Log) prepareWriter(ctx context.Context) error {
 		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`)
 	l.stmts.insUser = prep(`INSERT INTO record_users (user, seq) VALUES (?, ?)`)
 	// A blob already stored (the same message twice) is kept: dedup.
-	l.stmts.insBlob = prep(`INSERT OR IGNORE INTO inline_blobs (sha, data) VALUES (?, ?)`)
+	l.stmts.insBlob = prep(`INSERT OR IGNORE INTO inline_blobs (sha, data, codec, size) VALUES (?, ?, ?, ?)`)
 	l.stmts.insDelta = prep(`INSERT OR IGNORE INTO blob_deltas (sha, base, prefix) VALUES (?, ?, ?)`)
 	if err != nil {
 		return fmt.Errorf("prepare writer statements: %w", err)

@@ -90,6 +90,25 @@ CREATE TABLE IF NOT EXISTS blob_deltas (
 	prefix BLOB NOT NULL
 ) WITHOUT ROWID;
 `},
+	{5, "inline_blobs: a rowid table, blobs stored compressed", `
+-- inline_blobs becomes a rowid table: a WITHOUT ROWID table keeps at most
+-- about a quarter page of a row in its b-tree and the rest in whole
+-- overflow pages, so a 2.5 KB blob took 4.3 KB; a rowid table keeps up to
+-- a page less 35 bytes in the leaf (https://www.sqlite.org/fileformat2.html,
+-- "Cell Payload Overflow Pages"). codec 0: data is the blob; codec 1: data
+-- is the blob compressed with DEFLATE (RFC 1951) and size is the blob's
+-- length (see pack.go). Blobs written before keep codec 0.
+ALTER TABLE inline_blobs RENAME TO inline_blobs_v4;
+CREATE TABLE inline_blobs (
+	id    INTEGER PRIMARY KEY,
+	sha   TEXT NOT NULL UNIQUE,
+	codec INTEGER NOT NULL DEFAULT 0,
+	size  INTEGER,
+	data  BLOB NOT NULL
+);
+INSERT INTO inline_blobs (sha, data) SELECT sha, data FROM inline_blobs_v4 ORDER BY sha;
+DROP TABLE inline_blobs_v4;
+`},
 }
 
 // ErrSchemaTooNew means the log was written by a newer undomail, with a

@@ -36,6 +36,7 @@ type Record struct {
 	Sum     [32]byte        // SHA-256 over PrevSum and every other field, see sum()
 
 	inline []byte     // content of an inline blob to store with the record (AttachBlob)
+	packed []byte     // inline compressed, stored instead where set (pack.go)
 	delta  *blobDelta // a delta blob to store with the record (AttachBlob)
 }
 

@@ -106,7 +106,14 @@ func RepairBlob(ctx context.Context, dir, sha string, data []byte) error {
 		return fmt.Errorf("repair blob %s: %w", sha, err)
 	}
 	defer db.Close()
-	res, err := db.ExecContext(ctx, `UPDATE inline_blobs SET data = ? WHERE sha = ?`, data, sha)
+	// The repaired copy is stored plain; a log before schema version 5
+	// has no codec column (and only plain inline blobs).
+	q := `UPDATE inline_blobs SET data = ?, codec = 0, size = NULL WHERE sha = ?`
+	var cols int
+	if err := db.QueryRowContext(ctx, `SELECT count(*) FROM pragma_table_info('inline_blobs') WHERE name = 'codec'`).Scan(&cols); err == nil && cols == 0 {
+		q = `UPDATE inline_blobs SET data = ? WHERE sha = ?`
+	}
+	res, err := db.ExecContext(ctx, q, data, sha)
 	if err != nil {
 		return fmt.Errorf("repair inline blob %s: %w", sha, err)
 	}
