@@ -67,3 +67,21 @@ func FuzzHeaderSniffer(f *testing.F) {
 		h.info()
 	})
 }
+
+// TestWithoutTiming: Dovecot's timing leaves a completion text, nothing
+// else does.
+func TestWithoutTiming(t *testing.T) {
+	for in, want := range map[string]string{
+		"Store completed (0.002 + 0.000 + 0.001 secs).": "Store completed.",
+		"Select completed (0.001 + 0.000 secs).":        "Select completed.",
+		"Copy completed (0.010 secs).":                  "Copy completed.",
+		"Move completed.":                               "Move completed.",
+		"Mailbox doesn't exist: Folder (0.001 secs)":    "Mailbox doesn't exist: Folder (0.001 secs)",
+		"took (1 + 2 secs).":                            "took (1 + 2 secs).",
+		"":                                              "",
+	} {
+		if got := withoutTiming(in); got != want {
+			t.Errorf("withoutTiming(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -411,13 +411,27 @@ func (c *checker) walkRecords(ctx context.Context, db *sql.DB, headSeq, base int
 			c.add(Error, prevSeq+1, "", "%s missing: gap in the log (record %d follows record %d)", seqRange(prevSeq+1, r.Seq-1), r.Seq, prevSeq)
 			linked = false
 		}
-		if linked && r.PrevSum != prevSum {
-			c.add(Error, r.Seq, "", "record %d: prev_sum %s does not match record %d's sum %s: chain broken (a record was replaced or rewritten)",
-				r.Seq, shortHex(r.PrevSum[:]), prevSeq, shortHex(prevSum[:]))
-		}
-		if got := r.computeSum(); got != r.Sum {
-			c.add(Error, r.Seq, "", "record %d: checksum mismatch (stored %s, computed %s): record content changed after it was written",
-				r.Seq, shortHex(r.Sum[:]), shortHex(got[:]))
+		// A record stored with an empty prev_sum (schema version 5 on)
+		// links to its predecessor through its sum alone, which covers
+		// the predecessor's sum: right after a gap (reported above) it
+		// cannot be checked; a replaced predecessor fails it.
+		switch {
+		case r.prevImplicit && !linked:
+		case r.prevImplicit:
+			r.PrevSum = prevSum
+			if got := r.computeSum(); got != r.Sum {
+				c.add(Error, r.Seq, "", "record %d: checksum mismatch (stored %s, computed %s): the record, or record %d whose sum it covers, "+
+					"changed after it was written (a record was replaced or rewritten)", r.Seq, shortHex(r.Sum[:]), shortHex(got[:]), prevSeq)
+			}
+		default:
+			if linked && r.PrevSum != prevSum {
+				c.add(Error, r.Seq, "", "record %d: prev_sum %s does not match record %d's sum %s: chain broken (a record was replaced or rewritten)",
+					r.Seq, shortHex(r.PrevSum[:]), prevSeq, shortHex(prevSum[:]))
+			}
+			if got := r.computeSum(); got != r.Sum {
+				c.add(Error, r.Seq, "", "record %d: checksum mismatch (stored %s, computed %s): record content changed after it was written",
+					r.Seq, shortHex(r.Sum[:]), shortHex(got[:]))
+			}
 		}
 		if r.Blob != "" {
 			if _, ok := c.refs[r.Blob]; !ok {

@@ -58,7 +58,7 @@ func TestCheckFindsDamage(t *testing.T) {
 			// A forger who recomputes record 5's own sum still breaks the
 			// link from record 6.
 			forge(t, dir, 5)
-		}, 6, 0, "record 6: prev_sum"},
+		}, 6, 0, "record 6: checksum mismatch"},
 		{"blob corrupted", func(t *testing.T, dir string, blobs map[int64]string) {
 			corruptFile(t, blobPath(dir, blobs[7]))
 		}, 7, 7, "blob corrupted (referenced by record 7)"},

@@ -80,8 +80,9 @@ type Log struct {
 	headFile *os.File
 
 	// Used by the committer goroutine only.
-	wconn *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
-	stmts writerStmts
+	wconn    *sql.Conn // the one connection that writes: PRAGMA synchronous is per connection
+	stmts    writerStmts
+	lastTime time.Time // the last committed record's Time: no record gets an earlier one
 
 	// Used by the syncer goroutine only (and Close after it ended).
 	walFile *os.File // undo.db-wal, fdatasynced by the syncer
@@ -241,7 +242,7 @@ func (l *Log) open() error {
 		if err := verifyTail(ctx, db, last); err != nil {
 			return err
 		}
-		l.headSeq, l.headSum = last.Seq, last.Sum
+		l.headSeq, l.headSum, l.lastTime = last.Seq, last.Sum, last.Time
 	}
 	return l.checkHead(ctx)
 }
@@ -308,6 +309,13 @@ func (l *Log) checkPragmas(ctx context.Context) error {
 // crash cannot fail this (SQLite only ever exposes whole transactions); a
 // failure means the content changed after it was written.
 func verifyTail(ctx context.Context, db *sql.DB, last Record) error {
+	if last.prevImplicit {
+		prev, err := sumBefore(ctx, db, last.Seq)
+		if err != nil {
+			return err
+		}
+		last.PrevSum = prev
+	}
 	if got := last.computeSum(); got != last.Sum {
 		return fmt.Errorf("%w: %w", ErrCorrupt, &ChecksumError{Seq: last.Seq, Stored: hex.EncodeToString(last.Sum[:]), Computed: hex.EncodeToString(got[:])})
 	}
@@ -341,6 +349,32 @@ func verifyTail(ctx context.Context, db *sql.DB, last Record) error {
 	return nil
 }
 
+// sumBefore returns the sum record seq links to: all zero for record 1,
+// the pruned log's base sum, or record seq-1's sum.
+func sumBefore(ctx context.Context, db *sql.DB, seq int64) ([32]byte, error) {
+	var out [32]byte
+	if seq == 1 {
+		return out, nil
+	}
+	base, baseSum, err := readBase(ctx, db)
+	if err != nil {
+		return out, err
+	}
+	if seq-1 == base {
+		return baseSum, nil
+	}
+	var prev []byte
+	err = db.QueryRowContext(ctx, `SELECT sum FROM records WHERE seq = ?`, seq-1).Scan(&prev)
+	if errors.Is(err, sql.ErrNoRows) {
+		return out, fmt.Errorf("%w: record %d missing before record %d", ErrCorrupt, seq-1, seq)
+	}
+	if err != nil {
+		return out, fmt.Errorf("read record %d: %w", seq-1, err)
+	}
+	copy(out[:], prev)
+	return out, nil
+}
+
 // discardTornTail drops damaged records past the durable HEAD. HEAD is
 // written once a commit is durable and before anyone is told it
 // succeeded, so a record past HEAD that fails its checksum (a write the
@@ -367,6 +401,9 @@ func (l *Log) discardTornTail(ctx context.Context, last Record) (Record, bool, e
 		prevSum = make([]byte, 32)
 	}
 	for _, r := range recs {
+		if r.prevImplicit {
+			copy(r.PrevSum[:], prevSum)
+		}
 		if r.computeSum() == r.Sum && string(r.PrevSum[:]) == string(prevSum) {
 			prevSum = r.Sum[:]
 			continue
@@ -667,10 +704,18 @@ func (l *Log) commit(batch []*appendReq) {
 
 	first := seq + 1
 	dirs := make(map[string]bool)
+	last := l.lastTime
 	for _, req := range batch {
 		for i := range req.recs {
 			r := &req.recs[i]
 			seq++
+			// Times never go backwards along the seqs (appends race
+			// between taking their time and queueing), so a time bound
+			// is a seq bound (Log.firstAt) without a time index.
+			if r.Time.Before(last) {
+				r.Time = last
+			}
+			last = r.Time
 			r.Seq, r.PrevSum = seq, sum
 			r.Sum = r.computeSum()
 			sum = r.Sum
@@ -698,6 +743,7 @@ func (l *Log) commit(batch []*appendReq) {
 			later = append(later, req)
 		}
 	}
+	l.lastTime = last
 	l.mu.Lock()
 	l.headSeq, l.headSum = seq, sum
 	l.stats.Records += seq - first + 1
@@ -850,7 +896,7 @@ func (l *Log) write(batch []*appendReq, dirs map[string]bool) error {
 		for i := range req.recs {
 			r := &req.recs[i]
 			if _, err := ins.ExecContext(ctx, r.Seq, r.Time.UnixNano(), r.User, r.Session, r.Kind, r.Ref, r.Blob,
-				encodeUsers(r.Users), nonNil(r.Args), nonNil(r.Outcome), r.PrevSum[:], r.Sum[:]); err != nil {
+				encodeUsers(r.Users), nonNil(r.Args), nonNil(r.Outcome), []byte{}, r.Sum[:]); err != nil {
 				return fmt.Errorf("insert record %d: %w", r.Seq, err)
 			}
 			if r.inline != nil {

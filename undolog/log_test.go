@@ -271,14 +271,22 @@ func TestRecordsFilter(t *testing.T) {
 // 10^6 records: no filter may scan the records table.
 func TestFilterUsesIndexes(t *testing.T) {
 	l := openTest(t, t.TempDir())
+	var times []time.Time
+	for range 5 {
+		times = append(times, appendRec(t, l, Record{Kind: "imap.store", User: "bob"}).Time)
+	}
 	for _, f := range []Filter{
 		{User: "bob", AfterSeq: 10, Limit: 50},
-		{Since: time.Now(), Until: time.Now().Add(time.Hour)},
+		{Since: times[1], Until: times[3].Add(time.Nanosecond)}, // a time range is a seq range (timeBounds)
 		{Kinds: []string{"imap.store"}},
 		{AfterSeq: 1000, Limit: 50},
 		{UndoID: "01M7YQNTKW0CX075BND4H0BSRQ", Kinds: []string{"smtp.submit"}},
 	} {
-		q, args := buildQuery(f, recordCols, "", "")
+		sb, _, err := l.timeBounds(context.Background(), f.Since, f.Until)
+		if err != nil {
+			t.Fatal(err)
+		}
+		q, args := buildQuery(f, sb, recordCols, "", "")
 		rows, err := l.db.Query("EXPLAIN QUERY PLAN "+q, args...)
 		if err != nil {
 			t.Fatalf("explain %q: %v", q, err)
@@ -441,6 +449,14 @@ func forge(t *testing.T, dir string, seq int64) {
 	if err := sc.finish(); err != nil {
 		t.Fatalf("read record %d: %v", seq, err)
 	}
+	if r.prevImplicit && seq > 1 {
+		// The forger links the record to its predecessor properly.
+		var prev []byte
+		if err := db.QueryRow(`SELECT sum FROM records WHERE seq = ?`, seq-1).Scan(&prev); err != nil {
+			t.Fatalf("read record %d: %v", seq-1, err)
+		}
+		copy(r.PrevSum[:], prev)
+	}
 	r.Args = json.RawMessage(`{"forged":true}`)
 	r.Sum = r.computeSum()
 	if _, err := db.Exec(`UPDATE records SET args = ?, sum = ? WHERE seq = ?`, []byte(r.Args), r.Sum[:], seq); err != nil {
@@ -592,5 +608,45 @@ func TestAppendContextCancelled(t *testing.T) {
 	}
 	if !errors.Is(err, context.Canceled) || r.Seq != 0 {
 		t.Fatalf("Append = %v (seq %d), want context.Canceled and the caller's record untouched", err, r.Seq)
+	}
+}
+
+// TestTimesNeverGoBack: a record appended with an earlier time than the
+// record before it gets that record's time, so a time bound is a seq
+// bound (timeBounds) without a time index; the time range queries find
+// exactly the records in range.
+func TestTimesNeverGoBack(t *testing.T) {
+	dir := t.TempDir()
+	l := openTest(t, dir)
+	t0 := time.Date(2026, 5, 1, 12, 0, 0, 0, time.UTC)
+	a := appendRec(t, l, Record{Kind: "imap.store", Time: t0.Add(10 * time.Second)})
+	b := appendRec(t, l, Record{Kind: "imap.store", Time: t0})
+	c := appendRec(t, l, Record{Kind: "imap.store", Time: t0.Add(20 * time.Second)})
+	if !b.Time.Equal(a.Time) {
+		t.Fatalf("record 2 appended at %v after record 1 at %v got time %v, want record 1's", t0, a.Time, b.Time)
+	}
+	l.Close()
+	l = openTest(t, dir)
+	d := appendRec(t, l, Record{Kind: "imap.store", Time: t0.Add(15 * time.Second)})
+	if !d.Time.Equal(c.Time) {
+		t.Fatalf("after reopening, a record at %v after one at %v got %v", t0.Add(15*time.Second), c.Time, d.Time)
+	}
+	checkClean(t, dir)
+	for _, tc := range []struct {
+		since, until time.Duration
+		want         []int64
+	}{
+		{0, 10 * time.Second, nil},
+		{10 * time.Second, 11 * time.Second, []int64{1, 2}},
+		{11 * time.Second, time.Minute, []int64{3, 4}},
+		{21 * time.Second, time.Minute, nil},
+	} {
+		recs, err := l.Records(context.Background(), Filter{Since: t0.Add(tc.since), Until: t0.Add(tc.until)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := seqsOf(recs); !slices.Equal(got, tc.want) {
+			t.Errorf("records in [%v, %v): %v, want %v", tc.since, tc.until, got, tc.want)
+		}
 	}
 }

@@ -124,43 +124,92 @@ func (l *Log) Page(ctx context.Context, q PageQuery) (Page, error) {
 }
 
 // seqRange narrows q to lo < seq < hi (hi 0: unbounded), turning the
-// time bounds into seq bounds through the time index. Records are
-// appended in time order, so the first record at or after a time
-// bounds the seqs; the time conditions stay in the query as well, so a
-// record whose clock stepped back is never shown outside the range.
+// time bounds into seq bounds (timeBounds); the time conditions stay in
+// the query as well, so a record whose clock stepped back (logs before
+// schema version 5) is never shown outside the range.
 func (l *Log) seqRange(ctx context.Context, q PageQuery) (lo, hi int64, empty bool, err error) {
-	lo, hi = q.AfterSeq, q.BeforeSeq
-	first := func(t time.Time) (int64, bool, error) {
-		var seq int64
-		err := l.db.QueryRowContext(ctx, `SELECT seq FROM records WHERE time >= ? ORDER BY time LIMIT 1`, t.UnixNano()).Scan(&seq)
-		if errors.Is(err, sql.ErrNoRows) {
-			return 0, false, nil
-		}
-		return seq, err == nil, err
+	sb, empty, err := l.timeBounds(ctx, q.Since, q.Until)
+	if err != nil || empty {
+		return 0, 0, empty, err
 	}
-	if !q.Since.IsZero() {
-		seq, ok, err := first(q.Since)
-		if err != nil {
-			return 0, 0, false, err
-		}
-		if !ok {
-			return 0, 0, true, nil
-		}
-		lo = max(lo, seq-1)
-	}
-	if !q.Until.IsZero() {
-		seq, ok, err := first(q.Until)
-		if err != nil {
-			return 0, 0, false, err
-		}
-		if ok && (hi == 0 || seq < hi) {
-			hi = seq
-		}
+	lo, hi = max(q.AfterSeq, sb.lo), q.BeforeSeq
+	if sb.hi != 0 && (hi == 0 || sb.hi < hi) {
+		hi = sb.hi
 	}
 	if hi != 0 && hi <= lo+1 {
 		return 0, 0, true, nil
 	}
 	return lo, hi, false, nil
+}
+
+// seqBounds are lo < seq < hi (0: unbounded).
+type seqBounds struct{ lo, hi int64 }
+
+// timeBounds turns a time range (zero times: unbounded) into the seqs
+// that hold it. Records are appended in time order, so the first record
+// at or after a time bounds the seqs; callers keep the time conditions
+// in their query as well. empty: no record can be in the range.
+func (l *Log) timeBounds(ctx context.Context, since, until time.Time) (sb seqBounds, empty bool, err error) {
+	if !since.IsZero() {
+		seq, ok, err := l.firstAt(ctx, since)
+		if err != nil {
+			return sb, false, err
+		}
+		if !ok {
+			return sb, true, nil
+		}
+		sb.lo = seq - 1
+	}
+	if !until.IsZero() {
+		seq, ok, err := l.firstAt(ctx, until)
+		if err != nil {
+			return sb, false, err
+		}
+		if ok {
+			sb.hi = seq
+		}
+	}
+	return sb, sb.hi != 0 && sb.hi <= sb.lo+1, nil
+}
+
+// firstAt returns the first record whose time is t or later, bisecting
+// the seqs: record times do not go backwards (the committer sees to it;
+// in logs written before schema version 5 they could by microseconds,
+// and the time conditions kept in the query cover that).
+func (l *Log) firstAt(ctx context.Context, t time.Time) (int64, bool, error) {
+	var lo, hi sql.NullInt64
+	if err := l.db.QueryRowContext(ctx, `SELECT min(seq), max(seq) FROM records`).Scan(&lo, &hi); err != nil {
+		return 0, false, err
+	}
+	if !lo.Valid {
+		return 0, false, nil
+	}
+	at := func(seq int64) (int64, error) {
+		// The first record at or after seq: seqs have no gaps, except
+		// in a damaged log.
+		var nanos int64
+		err := l.db.QueryRowContext(ctx, `SELECT time FROM records WHERE seq >= ? ORDER BY seq LIMIT 1`, seq).Scan(&nanos)
+		return nanos, err
+	}
+	want := t.UnixNano()
+	if last, err := at(hi.Int64); err != nil || last < want {
+		return 0, false, err
+	}
+	// Invariant: time(hi) >= want; every seq below lo is earlier.
+	a, b := lo.Int64, hi.Int64
+	for a < b {
+		m := a + (b-a)/2
+		nanos, err := at(m)
+		if err != nil {
+			return 0, false, err
+		}
+		if nanos >= want {
+			b = m
+		} else {
+			a = m + 1
+		}
+	}
+	return a, true, nil
 }
 
 // pageQuery runs one index range scan for q restricted to kinds (at

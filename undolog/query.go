@@ -68,7 +68,11 @@ func (l *Log) FirstByUndoID(ctx context.Context, undoID, kind string) (seq int64
 
 // Records returns the records matching f in seq order.
 func (l *Log) Records(ctx context.Context, f Filter) ([]Record, error) {
-	q, args := buildQuery(f, recordCols, "", "")
+	sb, empty, err := l.timeBounds(ctx, f.Since, f.Until)
+	if err != nil || empty {
+		return nil, err
+	}
+	q, args := buildQuery(f, sb, recordCols, "", "")
 	rows, err := l.db.QueryContext(ctx, q, args...)
 	if err != nil {
 		return nil, fmt.Errorf("query undo log %s: %w", l.dir, err)
@@ -96,7 +100,11 @@ func (l *Log) Records(ctx context.Context, f Filter) ([]Record, error) {
 // order, each joined with its outcome record (the first one, should a verb
 // have been given several). Filter applies to the intents only.
 func (l *Log) Verbs(ctx context.Context, f Filter) ([]Verb, error) {
-	q, args := buildQuery(f, recordCols+", "+outcomeCols,
+	sb, empty, err := l.timeBounds(ctx, f.Since, f.Until)
+	if err != nil || empty {
+		return nil, err
+	}
+	q, args := buildQuery(f, sb, recordCols+", "+outcomeCols,
 		`LEFT JOIN records o ON o.seq = (SELECT min(x.seq) FROM records x WHERE x.kind = 'outcome' AND x.ref = r.seq)`,
 		`r.kind != 'outcome'`)
 	out, err := l.queryVerbs(ctx, q, args)
@@ -139,8 +147,9 @@ func (l *Log) queryVerbs(ctx context.Context, q string, args []any) ([]Verb, err
 // buildQuery turns f into SQL over records r. A user filter drives the query
 // from the record_users primary key (user, seq), so a user's timeline is an
 // index range scan already in seq order; otherwise the rowid (seq) is the
-// order and AfterSeq a range on it. Time and kind have their own indexes.
-func buildQuery(f Filter, cols, join, cond string) (string, []any) {
+// order and AfterSeq a range on it. Time bounds are seq bounds (sb, from
+// Log.timeBounds); kind has its own index.
+func buildQuery(f Filter, sb seqBounds, cols, join, cond string) (string, []any) {
 	var b strings.Builder
 	var where []string
 	var args []any
@@ -166,9 +175,13 @@ func buildQuery(f Filter, cols, join, cond string) (string, []any) {
 		b.WriteString("SELECT " + cols + " FROM records r ")
 	}
 	b.WriteString(join)
-	if f.AfterSeq > 0 {
+	if lo := max(f.AfterSeq, sb.lo); lo > 0 {
 		where = append(where, seqCol+" > ?")
-		args = append(args, f.AfterSeq)
+		args = append(args, lo)
+	}
+	if sb.hi > 0 {
+		where = append(where, seqCol+" < ?")
+		args = append(args, sb.hi)
 	}
 	if !f.Since.IsZero() {
 		where = append(where, "r.time >= ?")
@@ -227,6 +240,7 @@ func (s *recordScan) finish() error {
 	r := s.r
 	r.Time = time.Unix(0, s.nanos).UTC()
 	copy(r.PrevSum[:], s.prevSum)
+	r.prevImplicit = len(s.prevSum) == 0
 	copy(r.Sum[:], s.sum)
 	r.Args, r.Outcome = nil, nil
 	if len(s.args) > 0 {

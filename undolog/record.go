@@ -32,8 +32,17 @@ type Record struct {
 	Users   []string        // users affected (recipients, mailbox owners); indexed for Filter.User
 	Args    json.RawMessage // the verb's arguments, JSON; may be empty
 	Outcome json.RawMessage // result as JSON, usually on a KindOutcome record; may be empty
-	PrevSum [32]byte        // Sum of record Seq-1; all zero for record 1
-	Sum     [32]byte        // SHA-256 over PrevSum and every other field, see sum()
+	// PrevSum is the Sum of record Seq-1 (all zero for record 1). Append
+	// fills it in; a record read back carries it only if it was stored
+	// (logs before schema version 5): since then the column is left
+	// empty, the predecessor's sum being in the predecessor, and the
+	// verifiers (Check, VerifyRange, Open) take it from there.
+	PrevSum [32]byte
+	Sum     [32]byte // SHA-256 over PrevSum and every other field, see sum()
+
+	// prevImplicit: read back with an empty prev_sum, which stands for
+	// the Sum of record Seq-1 (see PrevSum).
+	prevImplicit bool
 
 	inline []byte     // content of an inline blob to store with the record (AttachBlob)
 	packed []byte     // inline compressed, stored instead where set (pack.go)

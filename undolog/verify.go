@@ -31,6 +31,7 @@ func (l *Log) VerifyRange(ctx context.Context, after, before int64) ([]Problem, 
 		after = base
 	}
 	var prevSum [32]byte
+	prevKnown := true
 	if after == base {
 		prevSum = baseSum
 	} else if after > 0 {
@@ -39,6 +40,7 @@ func (l *Log) VerifyRange(ctx context.Context, after, before int64) ([]Problem, 
 		switch {
 		case errors.Is(err, sql.ErrNoRows):
 			add(after, "", "record %d, where the range starts, is missing", after)
+			prevKnown = false
 		case err != nil:
 			return nil, fmt.Errorf("verify records after %d: %w", after, err)
 		default:
@@ -55,14 +57,22 @@ func (l *Log) VerifyRange(ctx context.Context, after, before int64) ([]Problem, 
 		if before > 0 && r.Seq >= before {
 			break
 		}
+		// A record stored with an empty prev_sum links to the one before
+		// by its sum alone: right after a gap (reported) it cannot be
+		// checked.
+		checkable := !r.prevImplicit || r.Seq == prev+1 && prevKnown
+		if r.prevImplicit {
+			r.PrevSum = prevSum
+		}
 		if r.Seq != prev+1 {
 			add(prev+1, "", "%s missing: gap in the log", seqRange(prev+1, r.Seq-1))
 		} else if prev > 0 && r.PrevSum != prevSum {
 			add(r.Seq, "", "record %d does not link to record %d: chain broken", r.Seq, prev)
 		}
-		if r.computeSum() != r.Sum {
+		if checkable && r.computeSum() != r.Sum {
 			add(r.Seq, "", "record %d: checksum mismatch: its content changed after it was written", r.Seq)
 		}
+		prevKnown = true
 		if r.Blob != "" {
 			if _, ok := blobs[r.Blob]; !ok {
 				blobs[r.Blob] = r.Seq
