@@ -31,6 +31,9 @@ type IMAPRun struct {
 	Elapsed  time.Duration
 	Rate     float64 // commands per second
 	P50, P99 time.Duration
+	// CPU and Own are the machine's busy CPU time and undomail's share,
+	// per command (see Run).
+	CPU, Own time.Duration
 }
 
 // IMAPResult is a whole IMAP measurement.
@@ -73,8 +76,10 @@ func MeasureIMAP(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, w io.W
 		res.Runs = append(res.Runs, d, p)
 		dr, pr, ratios = append(dr, d.Rate), append(pr, p.Rate), append(ratios, p.Rate/d.Rate)
 		dp50, dp99, pp50, pp99 = append(dp50, d.P50), append(dp99, d.P99), append(pp50, p.P50), append(pp99, p.P99)
-		fmt.Fprintf(w, "round %d: direct %.0f cmd/s (p50 %v, p99 %v), undomail %.0f cmd/s (p50 %v, p99 %v), ratio %.3f\n",
-			round+1, d.Rate, d.P50, d.P99, p.Rate, p.P50, p.P99, p.Rate/d.Rate)
+		fmt.Fprintf(w, "round %d: direct %.0f cmd/s (p50 %v, p99 %v), undomail %.0f cmd/s (p50 %v, p99 %v), ratio %.3f; "+
+			"CPU per command: direct %v (undomail %v), undomail %v (undomail %v)\n",
+			round+1, d.Rate, d.P50, d.P99, p.Rate, p.P50, p.P99, p.Rate/d.Rate,
+			d.CPU.Round(time.Microsecond), d.Own.Round(time.Microsecond), p.CPU.Round(time.Microsecond), p.Own.Round(time.Microsecond))
 	}
 	res.Direct, res.Proxy, res.Ratio = median(dr), median(pr), median(ratios)
 	res.AddP50 = medianDur(pp50) - medianDur(dp50)
@@ -117,6 +122,7 @@ func imapRun(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, target, ad
 	var lat []time.Duration
 	var firstErr error
 	var wg sync.WaitGroup
+	cpu0 := readCPU()
 	start := time.Now()
 	for c := 0; c < o.Clients; c++ {
 		user := tb.Stack.Users[c%len(tb.Stack.Users)]
@@ -134,12 +140,18 @@ func imapRun(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, target, ad
 	}
 	wg.Wait()
 	elapsed := time.Since(start)
+	cpu1 := readCPU()
 	if firstErr != nil {
 		return IMAPRun{}, firstErr
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
-	return IMAPRun{Target: target, Commands: len(lat), Elapsed: elapsed, Rate: float64(len(lat)) / elapsed.Seconds(),
-		P50: lat[len(lat)/2], P99: lat[len(lat)*99/100]}, nil
+	r := IMAPRun{Target: target, Commands: len(lat), Elapsed: elapsed, Rate: float64(len(lat)) / elapsed.Seconds(),
+		P50: lat[len(lat)/2], P99: lat[len(lat)*99/100]}
+	if cpu0.ok && cpu1.ok {
+		r.CPU = (cpu1.machine - cpu0.machine) / time.Duration(len(lat))
+		r.Own = (cpu1.own - cpu0.own) / time.Duration(len(lat))
+	}
+	return r, nil
 }
 
 const imapLoadMessage = "From: load@example.test\r\nSubject: imap load\r\n\r\n" + "A line of an ordinary message body.\r\n"
