@@ -19,10 +19,12 @@
 // an older log in one transaction and refuses one from a newer undomail,
 // untouched (migrate.go).
 //
-// Every record carries the SHA-256 of its own content and of the previous
+// Every record's sum is the SHA-256 over its content and the previous
 // record's sum, so a changed byte, a missing record or a lost tail is
-// detectable; [Check] reports all of them for `undomail fsck`. The approach
-// follows seeds/001 (protocol-aware recovery): detect corruption with
-// checksums and tell it apart from a torn tail after a crash, never trust the
-// file system blindly.
+// detectable; [Check] reports all of them for `undomail fsck`, and tells
+// corruption apart from a torn tail after a crash (docs/architecture.md,
+// "Trust nothing on disk"). Messages up to [DefaultInlineBlobMax] live in
+// the database, compressed where that pays (pack.go), larger ones as
+// files; either way a blob is named and verified by the SHA-256 of its
+// content.
 package undolog
