@@ -3,9 +3,7 @@ package deploy
 import (
 	"bytes"
 	"context"
-	crand "crypto/rand"
 	"database/sql"
-	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io/fs"
@@ -20,6 +18,7 @@ import (
 	"github.com/emersion/go-imap/v2"
 	_ "github.com/mattn/go-sqlite3"
 
+	"github.com/undomail/undomail/internal/loadtest"
 	"github.com/undomail/undomail/internal/testbed"
 	"github.com/undomail/undomail/internal/testbed/testbedtest"
 	"github.com/undomail/undomail/undolog"
@@ -201,35 +200,9 @@ func TestLogSizing(t *testing.T) {
 }
 
 // message is an RFC 5322 message of about n bytes with a unique subject,
-// made like typical mail for what compression does to it: a text part of
-// varied sentences (DEFLATE shrinks such text to about a third) and, for
-// the other half, a base64 attachment of random bytes (already compressed
-// content, like a photo or a PDF; DEFLATE saves only base64's quarter).
+// made like typical mail for what compression does to it (loadtest.TypicalMessage).
 func message(subject string, n int) string {
-	var b strings.Builder
-	fmt.Fprintf(&b, "From: sender@example.test\r\nTo: alice@example.test\r\nSubject: %s\r\nMessage-Id: <%d.%s@sizing.test>\r\nDate: %s\r\n"+
-		"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n",
-		subject, time.Now().UnixNano(), strings.ReplaceAll(subject, " ", "-"), time.Now().Format(time.RFC1123Z))
-	words := strings.Fields("the a report meeting budget figures team quarter region sales customer order delivery invoice " +
-		"project schedule review draft update please thanks regards attached below above next last week month " +
-		"we you they will would should could can our your their new old first second final revised agreed")
-	rng := rand.New(rand.NewPCG(uint64(len(subject)), uint64(n)))
-	for line := 0; b.Len() < n/2; line++ {
-		for w := 0; w < 12; w++ {
-			b.WriteString(words[rng.IntN(len(words))])
-			b.WriteByte(' ')
-		}
-		fmt.Fprintf(&b, "%d.\r\n", rng.IntN(10000))
-	}
-	b.WriteString("\r\n--b1\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n")
-	raw := make([]byte, 57)
-	for b.Len() < n-80 {
-		crand.Read(raw)
-		b.WriteString(base64.StdEncoding.EncodeToString(raw))
-		b.WriteString("\r\n")
-	}
-	b.WriteString("\r\n--b1--\r\n")
-	return b.String()
+	return loadtest.TypicalMessage(rand.New(rand.NewPCG(uint64(len(subject)), uint64(n))), "sender@example.test", "alice@example.test", subject, n)
 }
 
 // logBytes checkpoints the log's WAL into undo.db and returns the bytes

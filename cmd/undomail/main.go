@@ -13,9 +13,11 @@ import (
 	"os"
 
 	"github.com/spf13/cobra"
+	"github.com/undomail/undomail/internal/loadtest"
 )
 
 func main() {
+	loadtest.RunSourceIfAsked() // undomail load's load source, a process of its own
 	root := &cobra.Command{
 		Use:           "undomail",
 		Short:         "Undo for e-mail: record every action in front of Dovecot and Postfix, rewind, repair, replay",

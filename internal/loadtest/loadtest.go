@@ -29,6 +29,9 @@ type Options struct {
 	Rounds   int  // direct/proxy pairs; the median ratio is reported
 	Reuse    bool // send all messages of a session over one connection (smtp-source -d)
 	LMTP     bool // measure the LMTP capture against Dovecot's LMTP instead of the front door against Postfix
+	// SMTPSource sends Postfix's smtp-source load (every message the
+	// same lines of X) instead of distinct typical mail (Source).
+	SMTPSource bool
 }
 
 // Run is one timed smtp-source run.
@@ -114,26 +117,40 @@ func Measure(ctx context.Context, tb *testbed.Testbed, o Options, w io.Writer) (
 	return res, nil
 }
 
-// smtpSource runs Postfix's load generator once and checks every message
-// was accepted: smtp-source exits non-zero on any rejected transaction.
+// smtpSource runs the load generator once (Source, or Postfix's
+// smtp-source) and checks every message was accepted: both exit non-zero
+// on any rejected transaction.
 func smtpSource(ctx context.Context, tb *testbed.Testbed, o Options, target, addr string) (Run, error) {
-	args := []string{"-s", strconv.Itoa(o.Sessions), "-m", strconv.Itoa(o.Messages), "-l", strconv.Itoa(o.Size),
-		"-f", "load@" + tb.Stack.Domain, "-t", tb.Stack.Address("alice"), "-M", "load.test"}
-	if o.Reuse {
-		args = append(args, "-d")
+	from, to := "load@"+tb.Stack.Domain, tb.Stack.Address("alice")
+	send := func() error {
+		return runSource(ctx, SourceOptions{Addr: addr, Sessions: o.Sessions, Messages: o.Messages, Size: o.Size,
+			From: from, To: to, Reuse: o.Reuse, LMTP: o.LMTP})
 	}
-	if o.LMTP {
-		args = append(args, "-L")
+	if o.SMTPSource {
+		args := []string{"-s", strconv.Itoa(o.Sessions), "-m", strconv.Itoa(o.Messages), "-l", strconv.Itoa(o.Size),
+			"-f", from, "-t", to, "-M", "load.test"}
+		if o.Reuse {
+			args = append(args, "-d")
+		}
+		if o.LMTP {
+			args = append(args, "-L")
+		}
+		args = append(args, addr)
+		send = func() error {
+			if out, err := exec.CommandContext(ctx, "smtp-source", args...).CombinedOutput(); err != nil {
+				return fmt.Errorf("smtp-source %v against %s: %v: %s", args, target, err, out)
+			}
+			return nil
+		}
 	}
-	args = append(args, addr)
 	before := countMail(tb, "alice")
 	cpu0 := readCPU()
 	start := time.Now()
-	out, err := exec.CommandContext(ctx, "smtp-source", args...).CombinedOutput()
+	err := send()
 	elapsed := time.Since(start)
 	cpu1 := readCPU()
 	if err != nil {
-		return Run{}, fmt.Errorf("smtp-source %v against %s: %v: %s", args, target, err, out)
+		return Run{}, err
 	}
 	// Wait for every message to be stored, so the next run does not
 	// compete with this one's deliveries.
@@ -249,8 +266,12 @@ func (r Result) Report(w io.Writer) {
 	if r.Options.LMTP {
 		what = "LMTP capture vs Dovecot LMTP"
 	}
-	fmt.Fprintf(w, "%s: %d messages of %d bytes over %d sessions, %d rounds (reuse connections: %v)\n",
-		what, r.Options.Messages, r.Options.Size, r.Options.Sessions, r.Options.Rounds, r.Options.Reuse)
+	content := "distinct typical mail (text and a base64 attachment)"
+	if r.Options.SMTPSource {
+		content = "Postfix's smtp-source (lines of X)"
+	}
+	fmt.Fprintf(w, "%s: %d messages of %d bytes over %d sessions, %d rounds (reuse connections: %v; content: %s)\n",
+		what, r.Options.Messages, r.Options.Size, r.Options.Sessions, r.Options.Rounds, r.Options.Reuse, content)
 	fmt.Fprintf(w, "  direct    %8.1f msg/s (median)\n", r.Direct)
 	fmt.Fprintf(w, "  undomail  %8.1f msg/s (median), every message durably logged\n", r.Proxy)
 	fmt.Fprintf(w, "  ratio     %8.3f (undomail / direct, median of rounds)\n", r.Ratio)

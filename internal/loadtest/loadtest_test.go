@@ -10,6 +10,11 @@ import (
 	"github.com/undomail/undomail/verb"
 )
 
+func TestMain(m *testing.M) {
+	RunSourceIfAsked() // Measure runs its load source as this binary
+	os.Exit(m.Run())
+}
+
 // BenchmarkSMTP sends 1000 messages of 4 KiB over 8 sessions to Postfix
 // directly and through undomail's front door, alternating, and reports
 // both rates and the ratio. One iteration is one round.
