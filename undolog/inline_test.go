@@ -43,9 +43,7 @@ func TestInlineAndFileBlobs(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r := Record{Kind: "smtp.submit"}
-		r.AttachBlob(ref)
-		appendRec(t, l, r)
+		appendBlob(t, l, "smtp.submit", ref)
 		refs = append(refs, ref)
 	}
 	if !refs[0].Inline() || refs[1].Inline() {
@@ -85,9 +83,7 @@ func TestInlineBlobDamageDetected(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r := Record{Kind: "smtp.submit"}
-		r.AttachBlob(ref)
-		appendRec(t, l, r)
+		appendBlob(t, l, "smtp.submit", ref)
 		shas = append(shas, ref.SHA256)
 	}
 	l.Close()

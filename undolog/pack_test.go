@@ -52,9 +52,7 @@ func TestInlineBlobsCompressed(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r := Record{Kind: "smtp.submit"}
-		r.AttachBlob(ref)
-		appendRec(t, l, r)
+		appendBlob(t, l, "smtp.submit", ref)
 		refs = append(refs, ref)
 	}
 	// The delivered copy: header lines before the submitted message.
@@ -65,9 +63,7 @@ func TestInlineBlobsCompressed(t *testing.T) {
 	if base, ok := dref.Delta(); err != nil || !ok || base != refs[0].SHA256 {
 		t.Fatalf("CommitDelta on a compressed base: %v, delta %v", err, ok)
 	}
-	r := Record{Kind: "lmtp.deliver"}
-	r.AttachBlob(dref)
-	appendRec(t, l, r)
+	appendBlob(t, l, "lmtp.deliver", dref)
 	l.Close()
 
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(dir, dbName))
