@@ -264,10 +264,12 @@ func pageSQL(q PageQuery, lo, hi int64, kinds []string) (string, []any) {
 	case 0:
 		where = append(where, "r.kind != 'outcome'")
 	case 1:
-		where = append(where, "r.kind = ?")
+		// A page lists verbs: kind != 'outcome' holds, and lets SQLite use
+		// records_kind, which leaves outcomes out (migrate.go).
+		where = append(where, "r.kind = ?", "r.kind != 'outcome'")
 		args = append(args, kinds[0])
 	default:
-		where = append(where, "r.kind IN (?"+strings.Repeat(", ?", len(kinds)-1)+")")
+		where = append(where, "r.kind IN (?"+strings.Repeat(", ?", len(kinds)-1)+")", "r.kind != 'outcome'")
 		for _, k := range kinds {
 			args = append(args, k)
 		}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -195,6 +196,10 @@ func buildQuery(f Filter, sb seqBounds, cols, join, cond string) (string, []any)
 		where = append(where, "r.kind IN (?"+strings.Repeat(", ?", len(f.Kinds)-1)+")")
 		for _, k := range f.Kinds {
 			args = append(args, k)
+		}
+		if !slices.Contains(f.Kinds, KindOutcome) {
+			// Lets SQLite use records_kind, which leaves outcomes out.
+			where = append(where, "r.kind != 'outcome'")
 		}
 	}
 	if cond != "" {
