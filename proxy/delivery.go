@@ -567,8 +567,10 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr verb.HeaderInfo, send fu
 	// so a power failure within undolog.SyncLag can only leave the verb's
 	// outcome unknown, never lose the message. A crash of undomail itself
 	// loses nothing: the write is in the kernel.
+	// The outcome is filed under its actor only: the intent names the
+	// recipients, and a verb's outcome is found through its intent.
 	if err := s.p.log.AppendNoSync(ctx, &undolog.Record{
-		User: s.authUser, Session: s.id, Kind: undolog.KindOutcome, Ref: seq, Users: users, Outcome: outJSON,
+		User: s.authUser, Session: s.id, Kind: undolog.KindOutcome, Ref: seq, Outcome: outJSON,
 	}); err != nil {
 		s.logger.Error("log outcome failed; client told to retry", "seq", seq, "undo_id", args.UndoID, "err", err)
 		s.replyEach(replyOutcomeUnlogged)

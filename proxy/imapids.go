@@ -583,8 +583,7 @@ func (s *imapSession) settleCutOff(pc *pendingCmd) {
 	o := verb.IMAPOutcome{Status: "OK", Code: "APPENDUID " + au, AppendUID: au,
 		Text: "undomail: the server ended the session before it answered; the message was found in the mailbox afterwards (the client was never told)"}
 	out, _ := json.Marshal(o)
-	rec := &undolog.Record{User: s.user, Session: s.id, Kind: undolog.KindOutcome, Ref: pc.intent.Seq,
-		Users: []string{s.user}, Outcome: out}
+	rec := &undolog.Record{User: s.user, Session: s.id, Kind: undolog.KindOutcome, Ref: pc.intent.Seq, Outcome: out}
 	if err := s.p.log.Append(context.Background(), rec); err != nil {
 		s.logger.Error("cut-off APPEND found but its outcome not logged", "seq", pc.intent.Seq, "err", err)
 		return

@@ -281,8 +281,9 @@ func (s *imapSession) logOutcome(pc *pendingCmd, r *imapwire.Response, expunged 
 		}
 	}
 	out, _ := json.Marshal(o)
-	rec := &undolog.Record{User: s.user, Session: s.id, Kind: undolog.KindOutcome, Ref: pc.intent.Seq,
-		Users: []string{s.user}, Outcome: out}
+	// Filed under the user as its actor; the intent names who else the
+	// verb affected.
+	rec := &undolog.Record{User: s.user, Session: s.id, Kind: undolog.KindOutcome, Ref: pc.intent.Seq, Outcome: out}
 	if err := s.p.log.AppendNoSync(context.Background(), rec); err != nil {
 		// The command already ran upstream; the client hears the truth,
 		// and the log shows the verb without an outcome.

@@ -80,7 +80,7 @@ type archiveLine struct {
 // interrupted by a crash is finished by running it again; records at or
 // below the base are ignored meanwhile.
 func (l *Log) Prune(ctx context.Context, before int64, archive io.Writer) (PruneStats, error) {
-	base, _, err := readBase(ctx, l.db)
+	base, baseSum, err := readBase(ctx, l.db)
 	if err != nil {
 		return PruneStats{}, err
 	}
@@ -135,6 +135,7 @@ func (l *Log) Prune(ctx context.Context, before int64, archive io.Writer) (Prune
 	if err != nil {
 		return st, fmt.Errorf("prune: read records: %w", err)
 	}
+	prevSum := baseSum
 	for rows.Next() {
 		var r Record
 		sc := scanInto(&r)
@@ -143,6 +144,11 @@ func (l *Log) Prune(ctx context.Context, before int64, archive io.Writer) (Prune
 			return st, fmt.Errorf("prune: read records: %w", err)
 		}
 		sc.finish()
+		if r.prevImplicit {
+			// The archive holds each record whole, its link included.
+			r.PrevSum = prevSum
+		}
+		prevSum = r.Sum
 		if r.Blob != "" && !keep[r.Blob] && !drop[r.Blob] {
 			drop[r.Blob] = true
 			if enc != nil {

@@ -51,6 +51,7 @@ func TestPrune(t *testing.T) {
 		t.Fatal(err)
 	}
 	var recs, blobs int
+	var prev [32]byte // record 1 links to all zeros
 	sc := bufio.NewScanner(zr)
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
@@ -58,8 +59,13 @@ func TestPrune(t *testing.T) {
 		if err := json.Unmarshal(sc.Bytes(), &line); err != nil {
 			t.Fatal(err)
 		}
-		if line.Record != nil {
+		if r := line.Record; r != nil {
 			recs++
+			// Each archived record carries its link to the one before.
+			if r.PrevSum != prev {
+				t.Errorf("archived record %d does not verify: prev_sum %x, want %x", r.Seq, r.PrevSum[:4], prev[:4])
+			}
+			prev = r.Sum
 		}
 		if line.Blob != "" {
 			blobs++
