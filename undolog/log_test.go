@@ -650,3 +650,49 @@ func TestTimesNeverGoBack(t *testing.T) {
 		}
 	}
 }
+
+// TestPrevSumNotStored: records store an empty prev_sum (the previous
+// record holds that sum), and the chain still verifies through the sums:
+// Open's tail check, Check and VerifyRange all link each record to the
+// one before.
+func TestPrevSumNotStored(t *testing.T) {
+	dir := t.TempDir()
+	l := openTest(t, dir)
+	for i := range 3 {
+		appendRec(t, l, Record{Kind: "imap.store", User: "alice", Args: json.RawMessage(fmt.Sprintf(`{"n":%d}`, i))})
+	}
+	l.Close()
+	db, err := sql.Open("sqlite3", "file:"+filepath.Join(dir, dbName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stored int
+	if err := db.QueryRow(`SELECT count(*) FROM records WHERE length(prev_sum) > 0`).Scan(&stored); err != nil || stored != 0 {
+		t.Fatalf("%d records store a prev_sum (%v), want none", stored, err)
+	}
+	db.Close()
+	checkClean(t, dir)
+	l = openTest(t, dir) // verifies the tail's link
+	if probs, err := l.VerifyRange(context.Background(), 0, 0); err != nil || len(probs) != 0 {
+		t.Fatalf("VerifyRange: %v %v", probs, err)
+	}
+	l.Close()
+	// Record 2 rewritten with its own sum recomputed against record 1:
+	// record 3, whose sum covers record 2's, no longer verifies.
+	forge(t, dir, 2)
+	if l, err := Open(dir, testOptions(t)); !errors.Is(err, ErrCorrupt) {
+		if l != nil {
+			l.Close()
+		}
+		t.Fatalf("Open after forging record 2 (the tail's predecessor): %v, want ErrCorrupt", err)
+	}
+	var found []string
+	Check(context.Background(), dir, func(p Problem) {
+		if p.Severity == Error {
+			found = append(found, p.What)
+		}
+	})
+	if len(found) != 1 || !strings.Contains(found[0], "record 3: checksum mismatch") || !strings.Contains(found[0], "record 2") {
+		t.Fatalf("Check after forging record 2: %q, want record 3 named, and record 2 as what may have changed", found)
+	}
+}
