@@ -566,9 +566,9 @@ func (s *smtpSession) deliver(blob undolog.BlobRef, hdr verb.HeaderInfo, send fu
 	// first: the intent already holds everything the sender handed over,
 	// so a power failure within undolog.SyncLag can only leave the verb's
 	// outcome unknown, never lose the message. A crash of undomail itself
-	// loses nothing: the write is in the kernel.
-	// The outcome is filed under its actor only: the intent names the
-	// recipients, and a verb's outcome is found through its intent.
+	// loses nothing: the write is in the kernel. The outcome is filed
+	// under its actor only: the intent names the recipients, and a verb's
+	// outcome is found through its intent.
 	if err := s.p.log.AppendNoSync(ctx, &undolog.Record{
 		User: s.authUser, Session: s.id, Kind: undolog.KindOutcome, Ref: seq, Outcome: outJSON,
 	}); err != nil {
