@@ -19,10 +19,10 @@ import (
 
 func itoa(i int) string { return strconv.Itoa(i) }
 
-// v1Record is a record as testdata/v1/records.json lists it: what the
+// fixtureRecord is a record as testdata/v1/records.json lists it: what the
 // first undo log code (commit 5f5be7c) returned from Records for the log
 // it wrote into testdata/v1/log (see testdata/v1/gen/main.go).
-type v1Record struct {
+type fixtureRecord struct {
 	Seq                 int64
 	Time                time.Time
 	User, Session, Kind string
@@ -33,12 +33,16 @@ type v1Record struct {
 	PrevSum, Sum        string
 }
 
-// materializeV1 builds the v1 fixture log in a new directory: the SQL dump
-// executed into undo.db, HEAD and the blob files copied as they were.
-func materializeV1(t *testing.T) string {
+// materializeV1 builds the v1 fixture log in a new directory.
+func materializeV1(t *testing.T) string { return materialize(t, "v1") }
+
+// materialize builds a fixture log (testdata/<version>/log) in a new
+// directory: the SQL dump executed into undo.db, HEAD and the blob files
+// copied as they were.
+func materialize(t *testing.T, version string) string {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "undo")
-	src := filepath.Join("testdata", "v1", "log")
+	src := filepath.Join("testdata", version, "log")
 	err := filepath.WalkDir(src, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -57,7 +61,7 @@ func materializeV1(t *testing.T) string {
 		return os.WriteFile(filepath.Join(dir, rel), b, 0o644)
 	})
 	if err != nil {
-		t.Fatalf("copy v1 fixture: %v", err)
+		t.Fatalf("copy %s fixture: %v", version, err)
 	}
 	dump, err := os.ReadFile(filepath.Join(src, "undo.sql"))
 	if err != nil {
@@ -69,18 +73,21 @@ func materializeV1(t *testing.T) string {
 	}
 	defer db.Close()
 	if _, err := db.Exec(string(dump)); err != nil {
-		t.Fatalf("load v1 dump: %v", err)
+		t.Fatalf("load %s dump: %v", version, err)
 	}
 	return dir
 }
 
-func readV1Records(t *testing.T) []v1Record {
+func readV1Records(t *testing.T) []fixtureRecord { return readFixtureRecords(t, "v1") }
+
+// readFixtureRecords returns what the fixture's own code read back from it.
+func readFixtureRecords(t *testing.T, version string) []fixtureRecord {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join("testdata", "v1", "records.json"))
+	b, err := os.ReadFile(filepath.Join("testdata", version, "records.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	var want []v1Record
+	var want []fixtureRecord
 	if err := json.Unmarshal(b, &want); err != nil {
 		t.Fatalf("parse records.json: %v", err)
 	}
@@ -132,40 +139,7 @@ func TestMigrateFromV1(t *testing.T) {
 	if v := userVersion(t, dir); v != schemaVersion {
 		t.Fatalf("user_version after Open = %d, want %d", v, schemaVersion)
 	}
-	got, err := l.Records(ctx, Filter{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(got) != len(want) {
-		t.Fatalf("%d records after migration, the v1 log had %d", len(got), len(want))
-	}
-	for i, w := range want {
-		g := got[i]
-		users := w.Users
-		if users == nil {
-			users = []string{}
-		}
-		gu := g.Users
-		if gu == nil {
-			gu = []string{}
-		}
-		if g.Seq != w.Seq || !g.Time.Equal(w.Time) || g.User != w.User || g.Session != w.Session || g.Kind != w.Kind ||
-			g.Ref != w.Ref || g.Blob != w.Blob || !slices.Equal(gu, users) || string(g.Args) != w.Args ||
-			string(g.Outcome) != w.Outcome || hex.EncodeToString(g.PrevSum[:]) != w.PrevSum || hex.EncodeToString(g.Sum[:]) != w.Sum {
-			t.Errorf("record %d changed in migration:\n got %+v\nwant %+v", w.Seq, g, w)
-		}
-		if c := g.computeSum(); hex.EncodeToString(c[:]) != w.Sum {
-			t.Errorf("record %d: today's code computes sum %x, the v1 code stored %s", w.Seq, c, w.Sum)
-		}
-		if w.Blob != "" {
-			b, err := l.ReadBlob(w.Blob)
-			if err != nil {
-				t.Errorf("record %d: blob %s: %v", w.Seq, w.Blob, err)
-			} else if s := sha256.Sum256(b); hex.EncodeToString(s[:]) != w.Blob {
-				t.Errorf("record %d: blob reads back as %x", w.Seq, s)
-			}
-		}
-	}
+	sameRecords(t, l, want)
 
 	// The index migration 3 built serves the undo-id lookup replay uses;
 	// the user index from v1 still files every record under its users.
@@ -347,5 +321,145 @@ func TestCheckUnversionedLogWithInlineBlobs(t *testing.T) {
 	sum, err := Check(context.Background(), dir, nil)
 	if err != nil || sum.OK() {
 		t.Fatalf("Check of an unversioned log with a damaged inline blob: %v %v", sum, err)
+	}
+}
+
+// sameRecords checks that l holds exactly the fixture's records, field for
+// field with their stored sums, that today's code computes the same sums,
+// and that every blob they name reads back under its name.
+func sameRecords(t *testing.T, l *Log, want []fixtureRecord) {
+	t.Helper()
+	got, err := l.Records(context.Background(), Filter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d records after migration, the old log had %d", len(got), len(want))
+	}
+	for i, w := range want {
+		g := got[i]
+		users := w.Users
+		if users == nil {
+			users = []string{}
+		}
+		gu := g.Users
+		if gu == nil {
+			gu = []string{}
+		}
+		if g.Seq != w.Seq || !g.Time.Equal(w.Time) || g.User != w.User || g.Session != w.Session || g.Kind != w.Kind ||
+			g.Ref != w.Ref || g.Blob != w.Blob || !slices.Equal(gu, users) || string(g.Args) != w.Args ||
+			string(g.Outcome) != w.Outcome || hex.EncodeToString(g.PrevSum[:]) != w.PrevSum || hex.EncodeToString(g.Sum[:]) != w.Sum {
+			t.Errorf("record %d changed in migration:\n got %+v\nwant %+v", w.Seq, g, w)
+		}
+		if c := g.computeSum(); hex.EncodeToString(c[:]) != w.Sum {
+			t.Errorf("record %d: today's code computes sum %x, the old code stored %s", w.Seq, c, w.Sum)
+		}
+		if w.Blob != "" {
+			b, err := l.ReadBlob(w.Blob)
+			if err != nil {
+				t.Errorf("record %d: blob %s: %v", w.Seq, w.Blob, err)
+			} else if s := sha256.Sum256(b); hex.EncodeToString(s[:]) != w.Blob {
+				t.Errorf("record %d: blob reads back as %x", w.Seq, s)
+			}
+		}
+	}
+}
+
+// TestMigrateFromV4 opens a log written by the schema version 4 code
+// (f88d349: inline blobs plain in a WITHOUT ROWID table, a delta blob on
+// one of them, a file blob, stored prev_sums, a time index) with today's:
+// the records come back with their sums, every blob reads back as the old
+// code stored it (checked against the fixture's own copy of the bytes),
+// and new records, stored without prev_sum and with compressed blobs,
+// continue the chain, which Check, VerifyRange and a reopen verify.
+func TestMigrateFromV4(t *testing.T) {
+	dir := materialize(t, "v4")
+	want := readFixtureRecords(t, "v4")
+	ctx := context.Background()
+	var notes []string
+	if sum, err := Check(ctx, dir, func(p Problem) { notes = append(notes, p.String()) }); err != nil || !sum.OK() {
+		t.Fatalf("Check of the v4 log before migration: %v %v\n%s", sum, err, strings.Join(notes, "\n"))
+	}
+	if !strings.Contains(strings.Join(notes, "\n"), "schema version 4; undomail serve migrates it") {
+		t.Fatalf("Check does not say the log will be migrated:\n%s", strings.Join(notes, "\n"))
+	}
+	b, err := os.ReadFile(filepath.Join("testdata", "v4", "blobs.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var blobs map[string]string
+	if err := json.Unmarshal(b, &blobs); err != nil || len(blobs) != 3 {
+		t.Fatalf("blobs.json: %d blobs, %v", len(blobs), err)
+	}
+
+	o := testOptions(t)
+	o.InlineBlobMax = 3000 // as the fixture was written
+	l, err := Open(dir, o)
+	if err != nil {
+		t.Fatalf("Open of the v4 log: %v", err)
+	}
+	defer l.Close()
+	if v := userVersion(t, dir); v != schemaVersion {
+		t.Fatalf("user_version after Open = %d, want %d", v, schemaVersion)
+	}
+	sameRecords(t, l, want)
+	for sha, content := range blobs {
+		got, err := l.ReadBlob(sha)
+		if err != nil || string(got) != content {
+			t.Errorf("blob %.12s after migration: %d bytes (%v), the old code stored %d", sha, len(got), err, len(content))
+		}
+	}
+	// The delivery's delta and its base, plain in the old table, moved.
+	var plain, deltas int
+	l.db.QueryRow(`SELECT (SELECT count(*) FROM inline_blobs WHERE codec = 0), (SELECT count(*) FROM blob_deltas)`).Scan(&plain, &deltas)
+	if plain != 1 || deltas != 1 {
+		t.Fatalf("after migration: %d plain inline blobs and %d deltas, want 1 and 1", plain, deltas)
+	}
+
+	// New records go on from the v4 tail: a compressed blob, a delta on
+	// the migrated base, an outcome, with an earlier clock than the tail.
+	last := want[len(want)-1]
+	text := mailText(2500)
+	ref, err := storeBlob(l, text)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := appendBlob(t, l, "smtp.submit", ref)
+	if hex.EncodeToString(r.PrevSum[:]) != last.Sum || !r.Time.After(last.Time) {
+		t.Fatalf("first record after migration: prev %x time %v; want prev %s, after %v", r.PrevSum, r.Time, last.Sum, last.Time)
+	}
+	var base string
+	for sha, content := range blobs {
+		if strings.HasPrefix(content, "From: bob") {
+			base = sha
+		}
+	}
+	w, _ := l.NewBlob()
+	w.Write([]byte("Received: again\r\n" + blobs[base]))
+	dref, err := w.CommitDelta(base)
+	if _, ok := dref.Delta(); err != nil || !ok {
+		t.Fatalf("a delta on a migrated blob: %v, delta %v", err, ok)
+	}
+	appendBlob(t, l, "lmtp.deliver", dref)
+	appendRec(t, l, Record{Kind: KindOutcome, Ref: r.Seq, Outcome: json.RawMessage(`{"reply":{"code":250}}`), Time: last.Time.Add(-time.Hour)})
+	if err := l.Close(); err != nil {
+		t.Fatal(err)
+	}
+	checkClean(t, dir)
+	l2, err := Open(dir, o)
+	if err != nil {
+		t.Fatalf("reopen after migration and appends: %v", err)
+	}
+	defer l2.Close()
+	if probs, err := l2.VerifyRange(ctx, 0, 0); err != nil || len(probs) != 0 {
+		t.Fatalf("VerifyRange over old and new records: %v %v", probs, err)
+	}
+	if got, err := l2.ReadBlob(dref.SHA256); err != nil || string(got) != "Received: again\r\n"+blobs[base] {
+		t.Fatalf("the new delta reads back %d bytes, %v", len(got), err)
+	}
+	// Time bounds over the old records and the new ones find both.
+	recs, err := l2.Records(ctx, Filter{Since: last.Time})
+	if err != nil || len(recs) != 4 || recs[0].Seq != last.Seq {
+		t.Fatalf("records since the v4 tail's time: %v %v, want the tail and the 3 new ones", seqsOf(recs), err)
 	}
 }
