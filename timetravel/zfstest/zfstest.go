@@ -144,8 +144,16 @@ func start() (release func(), err error) {
 	defer logf.Close()
 	// -a 0 -e 0 override the FUSE attribute/entry cache timeouts of
 	// /etc/zfs/zfsrc (3600 s): with them the kernel would keep serving
-	// stale attributes after a rollback.
-	cmd := exec.Command(daemonBin, "--no-daemon", "--no-kstat-mount", "-a", "0", "-e", "0")
+	// stale attributes after a rollback. -m 1024 overrides its ARC limit
+	// of 100 MB, which all the pools of a test binary (twenty and more)
+	// share: ZFS makes writers wait for a transaction group sync when the
+	// ARC has no room for their dirty data. In one 25-minute window file
+	// operations on the mounts stalled for minutes (a clean-clone CI run
+	// timed out after 10, and 3 of 15 runs of TestConformance did after
+	// 280 s); the larger ARC is a mitigation, not a proven cure: right
+	// after that window 14 runs with it and then 6 with 100 MB all passed
+	// in 15-19 s.
+	cmd := exec.Command(daemonBin, "--no-daemon", "--no-kstat-mount", "-a", "0", "-e", "0", "-m", "1024")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
