@@ -31,6 +31,8 @@ type IMAPRun struct {
 	Elapsed  time.Duration
 	Rate     float64 // commands per second
 	P50, P99 time.Duration
+	// Steps are the latencies per step of the cycle (imapSteps).
+	Steps [][]time.Duration
 	// CPU and Own are the machine's busy CPU time and undomail's share,
 	// per command (see Run).
 	CPU, Own time.Duration
@@ -43,6 +45,10 @@ type IMAPResult struct {
 	Direct, Proxy  float64 // median commands/s
 	Ratio          float64 // median of per-round ratios
 	AddP50, AddP99 time.Duration
+	// StepP50 are the median latencies per step of the cycle over all
+	// rounds, [step][0] direct and [step][1] through undomail: which
+	// commands the front end slows, and which dominate the cycle.
+	StepP50 [][2]time.Duration
 }
 
 // MeasureIMAP runs the mixed workload against Dovecot directly and through
@@ -84,6 +90,16 @@ func MeasureIMAP(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, w io.W
 	res.Direct, res.Proxy, res.Ratio = median(dr), median(pr), median(ratios)
 	res.AddP50 = medianDur(pp50) - medianDur(dp50)
 	res.AddP99 = medianDur(pp99) - medianDur(dp99)
+	res.StepP50 = make([][2]time.Duration, len(imapSteps))
+	for i := range imapSteps {
+		var all [2][]time.Duration
+		for j, r := range res.Runs {
+			if i < len(r.Steps) {
+				all[j%2] = append(all[j%2], r.Steps[i]...)
+			}
+		}
+		res.StepP50[i] = [2]time.Duration{medianDur(all[0]), medianDur(all[1])}
+	}
 	return res, nil
 }
 
@@ -120,6 +136,7 @@ func seedMailboxes(ctx context.Context, tb *testbed.Testbed, n int) error {
 func imapRun(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, target, addr string) (IMAPRun, error) {
 	var mu sync.Mutex
 	var lat []time.Duration
+	steps := make([][]time.Duration, len(imapSteps))
 	var firstErr error
 	var wg sync.WaitGroup
 	cpu0 := readCPU()
@@ -132,7 +149,10 @@ func imapRun(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, target, ad
 			l, err := imapCycles(addr, user.Name, user.Password, o.Cycles)
 			mu.Lock()
 			defer mu.Unlock()
-			lat = append(lat, l...)
+			for _, x := range l {
+				lat = append(lat, x.d)
+				steps[x.step] = append(steps[x.step], x.d)
+			}
 			if err != nil && firstErr == nil {
 				firstErr = fmt.Errorf("%s run, user %s: %w", target, user.Name, err)
 			}
@@ -146,7 +166,7 @@ func imapRun(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, target, ad
 	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	r := IMAPRun{Target: target, Commands: len(lat), Elapsed: elapsed, Rate: float64(len(lat)) / elapsed.Seconds(),
-		P50: lat[len(lat)/2], P99: lat[len(lat)*99/100]}
+		P50: lat[len(lat)/2], P99: lat[len(lat)*99/100], Steps: steps}
 	if cpu0.ok && cpu1.ok {
 		r.CPU = (cpu1.machine - cpu0.machine) / time.Duration(len(lat))
 		r.Own = (cpu1.own - cpu0.own) / time.Duration(len(lat))
@@ -156,20 +176,32 @@ func imapRun(ctx context.Context, tb *testbed.Testbed, o IMAPOptions, target, ad
 
 const imapLoadMessage = "From: load@example.test\r\nSubject: imap load\r\n\r\n" + "A line of an ordinary message body.\r\n"
 
+// imapSteps name the commands of a cycle, in order (imapCycles).
+var imapSteps = []string{
+	"connect + LOGIN", "SELECT INBOX", "FETCH 1:* (UID FLAGS ENVELOPE)", "FETCH n BODY.PEEK[]", "STORE n +FLAGS.SILENT (\\Seen)",
+	"APPEND", "UID STORE u +FLAGS.SILENT (\\Deleted)", "UID EXPUNGE u", "LOGOUT",
+}
+
+// timing is one command's latency and its step of the cycle.
+type timing struct {
+	step int
+	d    time.Duration
+}
+
 // imapCycles is one client: login, select, fetch the list, read a
 // message, flag it, append one, delete and expunge it, logout; timed per
 // command.
-func imapCycles(addr, user, pass string, cycles int) ([]time.Duration, error) {
-	var lat []time.Duration
-	timed := func(f func() error) error {
+func imapCycles(addr, user, pass string, cycles int) ([]timing, error) {
+	var lat []timing
+	timed := func(step int, f func() error) error {
 		t0 := time.Now()
 		err := f()
-		lat = append(lat, time.Since(t0))
+		lat = append(lat, timing{step, time.Since(t0)})
 		return err
 	}
 	for i := 0; i < cycles; i++ {
 		var c *imapclient.Client
-		if err := timed(func() (err error) {
+		if err := timed(0, func() (err error) {
 			if c, err = imapclient.DialInsecure(addr, nil); err != nil {
 				return err
 			}
@@ -178,9 +210,9 @@ func imapCycles(addr, user, pass string, cycles int) ([]time.Duration, error) {
 			return lat, err
 		}
 		var sel *imap.SelectData
-		err := timed(func() (err error) { sel, err = c.Select("INBOX", nil).Wait(); return err })
+		err := timed(1, func() (err error) { sel, err = c.Select("INBOX", nil).Wait(); return err })
 		if err == nil && sel.NumMessages > 0 {
-			err = timed(func() error {
+			err = timed(2, func() error {
 				var all imap.SeqSet
 				all.AddRange(1, 0) // 1:*
 				_, err := c.Fetch(all, &imap.FetchOptions{UID: true, Flags: true, Envelope: true}).Collect()
@@ -188,19 +220,19 @@ func imapCycles(addr, user, pass string, cycles int) ([]time.Duration, error) {
 			})
 		}
 		if err == nil && sel.NumMessages > 0 {
-			err = timed(func() error {
+			err = timed(3, func() error {
 				_, err := c.Fetch(imap.SeqSetNum(sel.NumMessages), &imap.FetchOptions{BodySection: []*imap.FetchItemBodySection{{Peek: true}}}).Collect()
 				return err
 			})
 		}
 		if err == nil && sel.NumMessages > 0 {
-			err = timed(func() error {
+			err = timed(4, func() error {
 				return c.Store(imap.SeqSetNum(sel.NumMessages), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagSeen}}, nil).Close()
 			})
 		}
 		var appended imap.UID
 		if err == nil {
-			err = timed(func() error {
+			err = timed(5, func() error {
 				ap := c.Append("INBOX", int64(len(imapLoadMessage)), nil)
 				ap.Write([]byte(imapLoadMessage))
 				ap.Close()
@@ -212,15 +244,15 @@ func imapCycles(addr, user, pass string, cycles int) ([]time.Duration, error) {
 			})
 		}
 		if err == nil && appended != 0 {
-			err = timed(func() error {
+			err = timed(6, func() error {
 				return c.Store(imap.UIDSetNum(appended), &imap.StoreFlags{Op: imap.StoreFlagsAdd, Silent: true, Flags: []imap.Flag{imap.FlagDeleted}}, nil).Close()
 			})
 		}
 		if err == nil && appended != 0 {
-			err = timed(func() error { return c.UIDExpunge(imap.UIDSetNum(appended)).Close() })
+			err = timed(7, func() error { return c.UIDExpunge(imap.UIDSetNum(appended)).Close() })
 		}
 		if err == nil {
-			err = timed(func() error { return c.Logout().Wait() })
+			err = timed(8, func() error { return c.Logout().Wait() })
 		}
 		c.Close()
 		if err != nil && !strings.Contains(err.Error(), "closed") {
@@ -247,4 +279,8 @@ func (r IMAPResult) Report(w io.Writer) {
 	fmt.Fprintf(w, "  undomail  %8.1f commands/s (median), every change durably logged\n", r.Proxy)
 	fmt.Fprintf(w, "  ratio     %8.3f (undomail / direct, median of rounds)\n", r.Ratio)
 	fmt.Fprintf(w, "  added latency per command: p50 %v, p99 %v\n", r.AddP50, r.AddP99)
+	fmt.Fprintf(w, "  median latency per command of the cycle (direct, undomail):\n")
+	for i, p := range r.StepP50 {
+		fmt.Fprintf(w, "    %-40s %10v %10v\n", imapSteps[i], p[0].Round(time.Microsecond), p[1].Round(time.Microsecond))
+	}
 }

@@ -89,6 +89,19 @@ func TestMeasureIMAPSmall(t *testing.T) {
 	if len(res.Runs) != 2 || res.Runs[0].Commands != 2*2*9 || res.Runs[1].Commands != 2*2*9 {
 		t.Fatalf("runs %+v", res.Runs)
 	}
+	// Each of the 9 steps was timed once per cycle on both paths.
+	for i, r := range res.Runs {
+		for step, lat := range r.Steps {
+			if len(lat) != 2*2 {
+				t.Errorf("run %d (%s): step %q timed %d times, want 4", i, r.Target, imapSteps[step], len(lat))
+			}
+		}
+	}
+	for step, p := range res.StepP50 {
+		if p[0] <= 0 || p[1] <= 0 {
+			t.Errorf("step %q: median latencies %v", imapSteps[step], p)
+		}
+	}
 	// 2 clients x (2 cycles + 1 warm-up cycle) appended through undomail.
 	appends, err := tb.Daemon.Log.Verbs(context.Background(), undolog.Filter{Kinds: []string{verb.KindIMAPAppend}})
 	if err != nil || len(appends) != 6 {
