@@ -100,6 +100,7 @@ latency). Needs root (it starts a private Postfix and Dovecot).`,
 	f.BoolVar(&imapLoad, "imap", false, "measure the IMAP front end against Dovecot's IMAP (mixed client workload)")
 	f.IntVar(&imapOpts.Clients, "clients", imapOpts.Clients, "IMAP: concurrent clients")
 	f.IntVar(&imapOpts.Cycles, "cycles", imapOpts.Cycles, "IMAP: work cycles per client per run")
+	f.BoolVar(&imapOpts.Stay, "stay", false, "IMAP: each client stays logged in for all its cycles of a run (as a mail client does), instead of a login per cycle")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of undomail (proxies and log) over the measurement to this file")
 	f.StringVar(&dir, "dir", "", "directory for the stack and log (default: a temporary one, removed afterwards)")
 	f.StringVar(&dataDir, "data-dir", "", "put the undo log here instead (e.g. on its own filesystem, as in production)")

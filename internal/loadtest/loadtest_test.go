@@ -107,4 +107,16 @@ func TestMeasureIMAPSmall(t *testing.T) {
 	if err != nil || len(appends) != 6 {
 		t.Fatalf("undomail logged %d APPENDs for the 6 sent through it (%v)", len(appends), err)
 	}
+
+	// Staying logged in: one LOGIN and one LOGOUT per client and run,
+	// the 7 other commands every cycle.
+	res, err = MeasureIMAP(context.Background(), tb, IMAPOptions{Clients: 2, Cycles: 3, Rounds: 1, Stay: true}, testWriter{t})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range res.Runs {
+		if r.Commands != 2*(3*7+2) || len(r.Steps[0]) != 2 || len(r.Steps[8]) != 2 || len(r.Steps[4]) != 2*3 {
+			t.Fatalf("staying logged in, %s: %d commands, %d logins, %d logouts, %d STOREs", r.Target, r.Commands, len(r.Steps[0]), len(r.Steps[8]), len(r.Steps[4]))
+		}
+	}
 }
