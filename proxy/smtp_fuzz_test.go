@@ -167,14 +167,11 @@ func checkDeliveries(subs, dels []undolog.Verb, got map[string]map[string]int, d
 		allowed[u][id] = true
 	}
 	for _, v := range subs {
-		var a verb.DeliveryArgs
-		json.Unmarshal(v.Args, &a)
-		if v.Outcome == nil {
+		a, o := decodeDelivery(v)
+		if o == nil {
 			fails = append(fails, fmt.Sprintf("submission %d (%s) has no outcome", v.Seq, a.UndoID))
 			continue
 		}
-		var o verb.DeliveryOutcome
-		json.Unmarshal(v.Outcome.Outcome, &o)
 		if o.Reply == nil || o.Reply.Code/100 != 2 {
 			continue
 		}
@@ -196,14 +193,11 @@ func checkDeliveries(subs, dels []undolog.Verb, got map[string]map[string]int, d
 		}
 	}
 	for _, v := range dels {
-		var a verb.DeliveryArgs
-		json.Unmarshal(v.Args, &a)
-		if v.Outcome == nil {
+		a, o := decodeDelivery(v)
+		if o == nil {
 			fails = append(fails, fmt.Sprintf("delivery %d (%s) has no outcome", v.Seq, a.UndoID))
 			continue
 		}
-		var o verb.DeliveryOutcome
-		json.Unmarshal(v.Outcome.Outcome, &o)
 		// A delivery from a submission carries the submission's id.
 		id := a.UndoID
 		if a.Submission != 0 && len(a.Header.PriorIDs) > 0 {
@@ -243,9 +237,8 @@ func checkDeliveries(subs, dels []undolog.Verb, got map[string]map[string]int, d
 // deliveredTo reports whether delivery v came from no submission and
 // was logged as done for user.
 func deliveredTo(v undolog.Verb, user, domain string) bool {
-	var a verb.DeliveryArgs
-	var o verb.DeliveryOutcome
-	if v.Outcome == nil || json.Unmarshal(v.Args, &a) != nil || json.Unmarshal(v.Outcome.Outcome, &o) != nil || a.Submission != 0 {
+	a, o := decodeDelivery(v)
+	if o == nil || a.Submission != 0 {
 		return false
 	}
 	for _, r := range o.Rcpts {
@@ -254,6 +247,21 @@ func deliveredTo(v undolog.Verb, user, domain string) bool {
 		}
 	}
 	return false
+}
+
+// decodeDelivery reads a delivery verb's arguments and outcome (nil when
+// none was logged or it does not decode, which the checks then report).
+func decodeDelivery(v undolog.Verb) (verb.DeliveryArgs, *verb.DeliveryOutcome) {
+	var a verb.DeliveryArgs
+	json.Unmarshal(v.Args, &a)
+	if v.Outcome == nil {
+		return a, nil
+	}
+	var o verb.DeliveryOutcome
+	if json.Unmarshal(v.Outcome.Outcome, &o) != nil {
+		return a, nil
+	}
+	return a, &o
 }
 
 // queuedAs finds Postfix's queue id in its reply to the end of a message.
@@ -301,12 +309,9 @@ func (d *differential) verbsAfter(t *testing.T, after int64, kind string) []undo
 func describeDeliveries(vs []undolog.Verb) string {
 	var b strings.Builder
 	for _, v := range vs {
-		var a verb.DeliveryArgs
-		json.Unmarshal(v.Args, &a)
+		a, o := decodeDelivery(v)
 		out := "no outcome"
-		if v.Outcome != nil {
-			var o verb.DeliveryOutcome
-			json.Unmarshal(v.Outcome.Outcome, &o)
+		if o != nil {
 			out = o.Summary()
 		}
 		fmt.Fprintf(&b, "  %d %s submission=%d prior=%v: %s\n", v.Seq, a.Summary(), a.Submission, a.Header.PriorIDs, out)
