@@ -213,19 +213,15 @@ func imapCycles(addr, user, pass string, cycles int, stay bool) ([]timing, error
 	}
 	var c *imapclient.Client
 	for i := 0; i < cycles; i++ {
-		if err := timed(0, func() (err error) {
-			if c != nil {
-				return nil
+		if c == nil { // with stay, logged in already after the first cycle
+			if err := timed(0, func() (err error) {
+				if c, err = imapclient.DialInsecure(addr, nil); err != nil {
+					return err
+				}
+				return c.Login(user, pass).Wait()
+			}); err != nil {
+				return lat, err
 			}
-			if c, err = imapclient.DialInsecure(addr, nil); err != nil {
-				return err
-			}
-			return c.Login(user, pass).Wait()
-		}); err != nil {
-			return lat, err
-		}
-		if stay && i > 0 {
-			lat = lat[:len(lat)-1] // logged in already: no LOGIN to time
 		}
 		var sel *imap.SelectData
 		err := timed(1, func() (err error) { sel, err = c.Select("INBOX", nil).Wait(); return err })
