@@ -118,6 +118,8 @@ func (d *differential) checkSMTP(t *testing.T, session []byte) {
 	select {
 	case <-read:
 	case <-time.After(d.wait):
+		conn.Close()
+		<-read // replies is the reader's until it returns
 		t.Fatalf("input %q: the front door kept the session open %v after the client's stream ended\nreplies: %q\n%s",
 			session, d.wait, clip(replies.Bytes()), d.logs.tail(4<<10))
 	}
